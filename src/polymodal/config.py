@@ -1,0 +1,303 @@
+"""The typed config tree: dataclasses, YAML presets, ``key=value`` overrides, validation, dump.
+
+Merge order: dataclass defaults < shipped preset < user YAML < command-line ``key=value``.
+Part specs (``{"name": ..., **settings}``) are checked against their registry's constructors by
+``polymodal.models.build.check_model_config`` before anything is allocated.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.resources
+import types
+import typing
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from polymodal.errors import ConfigError
+
+PRESET_PACKAGE = "polymodal.configs"
+DEFAULT_PRESET = "default"
+
+
+@dataclasses.dataclass
+class DataConfig:
+    """Where samples come from and how they are cut."""
+
+    source: str = "spoken_numbers"  # spoken_numbers (built in) | manifest
+    manifest: str | None = None  # JSONL with image/text/audio paths; needed when source=manifest
+    val_manifest: str | None = None  # optional held-out JSONL for evaluation of a manifest run
+    num_samples: int = 20000  # built-in dataset size over all splits
+    max_digits: int = 3  # built-in numbers have 1..max_digits digits
+    image_height: int = 32
+    image_width: int = 96
+    sample_rate: int = 16000
+    max_audio_seconds: float = 2.0  # longer clips are cut
+    num_mels: int = 64
+    n_fft: int = 400  # 25 ms window at 16 kHz
+    hop_length: int = 160  # 10 ms hop at 16 kHz
+    max_text_tokens: int = 24
+    vocab_size: int = 512  # BPE vocabulary trained on the training captions
+    num_workers: int = 0
+
+
+@dataclasses.dataclass
+class ModelConfig:
+    """The model's parts. Each part is ``{"name": registry name, **keyword-only settings}``."""
+
+    dim: int = 256
+    encoders: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)  # modality -> spec
+    projector: dict[str, Any] = dataclasses.field(default_factory=lambda: {"name": "linear"})
+    backbone: dict[str, Any] = dataclasses.field(default_factory=lambda: {"name": "transformer"})
+    tasks: list[str] = dataclasses.field(default_factory=lambda: ["image_to_text", "audio_to_text"])
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    """Optimisation, precision, logging and checkpoints."""
+
+    steps: int = 2000
+    batch_size: int = 64
+    grad_accum: int = 1  # micro-batches per optimiser step
+    lr: float = 1e-3
+    min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
+    weight_decay: float = 0.05
+    betas: tuple[float, float] = (0.9, 0.98)
+    warmup_steps: int = 100
+    grad_clip: float = 1.0  # max global grad norm; 0 turns clipping off
+    precision: str = "auto"  # auto (bf16 where the device runs it fast) | bf16 | fp32
+    log_every: int = 10
+    ckpt_every: int = 200
+    keep_checkpoints: int = 2
+    eval_every: int = 0  # 0: evaluate only at the end
+    progress: bool = True
+    loss_weights: dict[str, float] = dataclasses.field(default_factory=dict)  # loss name -> weight (default 1)
+
+
+@dataclasses.dataclass
+class Config:
+    """The whole run. Written resolved to ``run_dir/config.yaml``; that file alone reproduces the run."""
+
+    seed: int = 0
+    run_dir: str = "runs/default"
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    data: DataConfig = dataclasses.field(default_factory=DataConfig)
+    model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
+    train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
+
+
+PRECISIONS = ("auto", "bf16", "fp32")
+DATA_SOURCES = ("spoken_numbers", "manifest")
+
+
+# ----------------------------------------------------------------------------- presets
+
+
+def preset_names() -> list[str]:
+    """Names of the YAML presets shipped inside the package."""
+    root = importlib.resources.files(PRESET_PACKAGE)
+    return sorted(p.name[: -len(".yaml")] for p in root.iterdir() if p.name.endswith(".yaml"))
+
+
+def preset_text(name: str) -> str:
+    if name not in preset_names():
+        raise ConfigError(f"unknown preset {name!r}; valid: {', '.join(preset_names())}")
+    return importlib.resources.files(PRESET_PACKAGE).joinpath(f"{name}.yaml").read_text()
+
+
+def preset_summary(name: str) -> str:
+    """The first comment line of a preset: what it is for."""
+    for line in preset_text(name).splitlines():
+        if line.startswith("#"):
+            return line.lstrip("# ").strip()
+    return ""
+
+
+# ----------------------------------------------------------------------------- merging
+
+
+def _read_yaml(text: str, origin: str) -> dict[str, Any]:
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark else ""
+        raise ConfigError(f"{origin}{where}: not valid YAML ({getattr(exc, 'problem', exc)})") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{origin}: expected a mapping at the top level, got {type(data).__name__}")
+    return data
+
+
+def _deep_merge(base: dict[str, Any], update: Mapping[str, Any]) -> dict[str, Any]:
+    """Merge ``update`` into a copy of ``base``. Part specs whose ``name`` changes are replaced whole,
+    so settings of the old part do not leak into the new one."""
+    out = dict(base)
+    for key, value in update.items():
+        old = out.get(key)
+        if isinstance(old, dict) and isinstance(value, Mapping):
+            if "name" in value and "name" in old and value["name"] != old["name"]:
+                out[key] = dict(value)
+            else:
+                out[key] = _deep_merge(old, value)
+        else:
+            out[key] = value
+    return out
+
+
+def parse_override(item: str) -> dict[str, Any]:
+    """``"train.lr=3e-4"`` -> ``{"train": {"lr": 0.0003}}``; the value is read as YAML."""
+    if "=" not in item:
+        raise ConfigError(f"override {item!r}: expected key=value, e.g. train.steps=100")
+    key, raw = item.split("=", 1)
+    key = key.strip()
+    if not key or any(not part for part in key.split(".")):
+        raise ConfigError(f"override {item!r}: empty key; expected e.g. train.steps=100")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    nested: dict[str, Any] = {}
+    node = nested
+    parts = key.split(".")
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+    node[parts[-1]] = value
+    return nested
+
+
+def load_config(
+    preset: str | None = DEFAULT_PRESET,
+    user_yaml: str | Path | None = None,
+    overrides: Iterable[str] = (),
+) -> Config:
+    """Resolve a config: defaults < preset < user YAML < ``key=value`` overrides.
+
+    ``preset`` may also be a path to a YAML file (then it plays the preset's part).
+    """
+    merged = to_dict(Config())
+    if preset is not None:
+        path = Path(preset)
+        if preset.endswith((".yaml", ".yml")) and path.exists():
+            merged = _deep_merge(merged, _read_yaml(path.read_text(), str(path)))
+        else:
+            merged = _deep_merge(merged, _read_yaml(preset_text(preset), f"preset {preset}"))
+    if user_yaml is not None:
+        path = Path(user_yaml)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist")
+        merged = _deep_merge(merged, _read_yaml(path.read_text(), str(path)))
+    for item in overrides:
+        merged = _deep_merge(merged, parse_override(item))
+    config = from_dict(Config, merged)
+    validate(config)
+    return config
+
+
+# ----------------------------------------------------------------------------- typed conversion
+
+
+def from_dict(cls: type, data: Mapping[str, Any], where: str = "") -> Any:
+    """Build dataclass ``cls`` from a mapping, checking every key and value type."""
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"{where or 'config'}: expected a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = [k for k in data if k not in fields]
+    if unknown:
+        key = f"{where}.{unknown[0]}" if where else unknown[0]
+        raise ConfigError(f"unknown config key {key!r}; valid: {', '.join(fields)}")
+    values = {}
+    for name, value in data.items():
+        key = f"{where}.{name}" if where else name
+        values[name] = _coerce(hints[name], value, key)
+    return cls(**values)
+
+
+def _coerce(annotation: Any, value: Any, key: str) -> Any:
+    if dataclasses.is_dataclass(annotation):
+        return from_dict(annotation, value, key)
+    origin = typing.get_origin(annotation)
+    args = typing.get_args(annotation)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(inner[0], value, key)
+    if annotation is Any:
+        return value
+    if annotation is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}: expected true or false, got {value!r}")
+        return value
+    if annotation is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        return value
+    if annotation is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        return float(value)
+    if annotation is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key}: expected a string, got {value!r}")
+        return value
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)) or len(value) != len(args):
+            raise ConfigError(f"{key}: expected a list of {len(args)} values, got {value!r}")
+        return tuple(_coerce(a, v, f"{key}[{i}]") for i, (a, v) in enumerate(zip(args, value)))
+    if origin is list:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        return [_coerce(args[0], v, f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+        return {k: _coerce(args[1], v, f"{key}.{k}") for k, v in value.items()}
+    return value
+
+
+def to_dict(config: Any) -> Any:
+    """Plain dicts/lists (tuples become lists) ready for YAML."""
+    if dataclasses.is_dataclass(config):
+        return {f.name: to_dict(getattr(config, f.name)) for f in dataclasses.fields(config)}
+    if isinstance(config, (list, tuple)):
+        return [to_dict(v) for v in config]
+    if isinstance(config, dict):
+        return {k: to_dict(v) for k, v in config.items()}
+    return config
+
+
+def dump_config(config: Config, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(to_dict(config), sort_keys=False))
+
+
+def validate(config: Config) -> None:
+    """Checks of values (not of part specs, which their registries check)."""
+
+    def choice(key: str, value: str, valid: Iterable[str]) -> None:
+        valid = tuple(valid)
+        if value not in valid:
+            raise ConfigError(f"{key}: {value!r} is not valid; valid: {', '.join(valid)}")
+
+    def positive(key: str, value: float) -> None:
+        if value <= 0:
+            raise ConfigError(f"{key}: must be > 0, got {value!r}")
+
+    choice("train.precision", config.train.precision, PRECISIONS)
+    choice("data.source", config.data.source, DATA_SOURCES)
+    if config.data.source == "manifest" and not config.data.manifest:
+        raise ConfigError("data.manifest: needed when data.source=manifest (a JSONL file of samples)")
+    for key in ("steps", "batch_size", "grad_accum", "lr", "log_every", "ckpt_every"):
+        positive(f"train.{key}", getattr(config.train, key))
+    for key in ("num_samples", "max_digits", "image_height", "image_width", "sample_rate", "dim"):
+        source = config.model if key == "dim" else config.data
+        positive(f"{'model' if key == 'dim' else 'data'}.{key}", getattr(source, key))
+    if config.train.warmup_steps < 0:
+        raise ConfigError(f"train.warmup_steps: must be >= 0, got {config.train.warmup_steps}")
+    if config.device != "auto" and config.device != "cpu" and not config.device.startswith("cuda"):
+        raise ConfigError(f"device: {config.device!r} is not valid; valid: auto, cpu, cuda, cuda:N")
