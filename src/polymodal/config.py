@@ -11,7 +11,7 @@ import dataclasses
 import importlib.resources
 import types
 import typing
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -170,27 +170,40 @@ def parse_override(item: str) -> dict[str, Any]:
     return nested
 
 
-def load_config(
-    preset: str | None = DEFAULT_PRESET,
-    user_yaml: str | Path | None = None,
-    overrides: Iterable[str] = (),
-) -> Config:
-    """Resolve a config: defaults < preset < user YAML < ``key=value`` overrides.
+def load_config(configs: Sequence[str] = (), overrides: Iterable[str] = ()) -> Config:
+    """Resolve a config: defaults < shipped preset < user YAML files < ``key=value`` overrides.
 
-    ``preset`` may also be a path to a YAML file (then it plays the preset's part).
+    Args:
+        configs: preset names or YAML paths, merged in order. When none of them is a preset name,
+            the ``default`` preset goes first, so a user file only says what differs.
+        overrides: ``key=value`` strings with dotted keys, e.g. ``train.steps=100``.
     """
+    is_file = [c.endswith((".yaml", ".yml")) or Path(c).is_file() for c in configs]
+    if all(is_file):
+        configs = [DEFAULT_PRESET, *configs]
+        is_file = [False, *is_file]
     merged = to_dict(Config())
-    if preset is not None:
-        path = Path(preset)
-        if preset.endswith((".yaml", ".yml")) and path.exists():
+    for name, from_file in zip(configs, is_file):
+        if from_file:
+            path = Path(name)
+            if not path.is_file():
+                raise ConfigError(f"config file {path} does not exist; give a YAML path or a preset ({', '.join(preset_names())})")
             merged = _deep_merge(merged, _read_yaml(path.read_text(), str(path)))
         else:
-            merged = _deep_merge(merged, _read_yaml(preset_text(preset), f"preset {preset}"))
-    if user_yaml is not None:
-        path = Path(user_yaml)
-        if not path.is_file():
-            raise ConfigError(f"config file {path} does not exist")
-        merged = _deep_merge(merged, _read_yaml(path.read_text(), str(path)))
+            merged = _deep_merge(merged, _read_yaml(preset_text(name), f"preset {name}"))
+    for item in overrides:
+        merged = _deep_merge(merged, parse_override(item))
+    config = from_dict(Config, merged)
+    validate(config)
+    return config
+
+
+def load_run_config(run_dir: str | Path, overrides: Iterable[str] = ()) -> Config:
+    """The resolved config a run wrote to ``run_dir/config.yaml``, with optional ``key=value`` on top."""
+    path = Path(run_dir) / "config.yaml"
+    if not path.is_file():
+        raise ConfigError(f"{run_dir} is not a run folder: {path} is missing (train one with `polymodal train`)")
+    merged = _read_yaml(path.read_text(), str(path))
     for item in overrides:
         merged = _deep_merge(merged, parse_override(item))
     config = from_dict(Config, merged)

@@ -1,0 +1,62 @@
+"""The ``polymodal`` command: train | eval | generate | configs | data.
+
+Errors a user can fix (a bad config key, a missing file) end with one line on stderr and exit
+status 2, no traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from polymodal.errors import ConfigError, DataError
+
+EXIT_USAGE = 2
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from polymodal.cli import configs, data, eval as eval_cmd, train
+
+    parser = argparse.ArgumentParser(
+        prog="polymodal",
+        description="Build, train, diagnose and run multimodal (image, text, audio) models.",
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    commands = {
+        "train": (train, "train a model (default: the any-to-any preset on the built-in data)"),
+        "eval": (eval_cmd, "evaluate a run folder's latest checkpoint and save eval.json"),
+        "configs": (configs, "list the shipped presets, or print one"),
+        "data": (data, "build the built-in dataset, print its statistics, write sample PNG/WAVs"),
+    }
+    for name, (module, help_text) in commands.items():
+        doc = (module.__doc__ or help_text).strip()
+        sub_parser = sub.add_parser(
+            name, help=help_text, description=doc, formatter_class=argparse.RawDescriptionHelpFormatter
+        )
+        module.add_arguments(sub_parser)
+        sub_parser.set_defaults(run=module.run)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+    )
+    try:
+        return int(args.run(args) or 0)
+    except (ConfigError, DataError) as exc:
+        print(f"polymodal {args.command}: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print(f"polymodal {args.command}: interrupted; resume with --resume", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

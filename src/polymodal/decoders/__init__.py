@@ -1,0 +1,1 @@
+"""Modality decoders: backbone states -> text tokens, image codes, audio frames, embeddings."""

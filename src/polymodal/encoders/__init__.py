@@ -1,0 +1,15 @@
+"""Modality encoders: raw (preprocessed) input -> tokens (B, N, D_m).
+
+Each encoder is registered with the modality it reads (``modality`` class attribute) and takes its
+wiring positionally: image encoders ``(in_channels, image_size)``, text encoders ``(vocab_size,)``,
+audio encoders ``(num_mels,)``. Settings are keyword-only.
+"""
+
+from polymodal.registry import Registry
+
+ENCODERS: Registry = Registry("encoder")
+
+from polymodal.encoders import audio_conv, cnn, text_embedding  # noqa: E402,F401  (register parts)
+from polymodal.encoders.output import EncoderIntermediates, EncoderOutput  # noqa: E402
+
+__all__ = ["ENCODERS", "EncoderOutput", "EncoderIntermediates"]

@@ -1,0 +1,149 @@
+"""A whole training job: config -> run folder, data, tokenizer, model, fit, evaluation.
+
+The run folder holds everything needed to reproduce and use the run: ``config.yaml`` (resolved),
+``tokenizer.json``, ``checkpoints/``, ``metrics.jsonl``, ``tensorboard/`` and ``eval.json``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from polymodal.config import Config, dump_config, to_dict
+from polymodal.data.collate import build_collator
+from polymodal.data.sources import DataBundle, build_data
+from polymodal.data.text import TextTokenizer
+from polymodal.errors import ConfigError
+from polymodal.evaluation.captioning import caption_accuracy
+from polymodal.models.any_to_any import TASKS, TextSpecials
+from polymodal.models.build import DataShapes, build_model, check_model_config
+from polymodal.training.checkpoint import latest_checkpoint, load_checkpoint
+from polymodal.training.loop import fit
+
+logger = logging.getLogger(__name__)
+
+TOKENIZER_FILE = "tokenizer.json"
+EVAL_FILE = "eval.json"
+# Items scored by the periodic (in-training) evaluation: enough for a trend, cheap enough to repeat.
+PERIODIC_EVAL_ITEMS = 256
+
+
+@dataclasses.dataclass
+class Run:
+    """A built run: its config, data, tokenizer, collator and model (weights as initialised or loaded)."""
+
+    config: Config
+    run_dir: Path
+    data: DataBundle
+    tokenizer: TextTokenizer
+    collator: object
+    model: nn.Module
+
+
+def prepare(config: Config, *, run_dir: Path, train_tokenizer: bool) -> Run:
+    """Build data, tokenizer (trained, or loaded from the run folder), collator and model."""
+    check_model_config(config)  # fail on a bad part spec before building any data
+    data = build_data(config.data, seed=config.seed)
+    tokenizer_path = run_dir / TOKENIZER_FILE
+    if train_tokenizer:
+        if not data.train_texts:
+            raise ConfigError("the training data has no captions: the text tokenizer needs some (add \"text\" lines)")
+        tokenizer = TextTokenizer.train(data.train_texts, vocab_size=config.data.vocab_size)
+        tokenizer.save(tokenizer_path)
+    else:
+        tokenizer = TextTokenizer.load(tokenizer_path)
+    collator = build_collator(tokenizer, config.data)
+    shapes = DataShapes(
+        image_size=(config.data.image_height, config.data.image_width),
+        num_mels=config.data.num_mels,
+        text=TextSpecials(tokenizer.vocab_size, tokenizer.pad_id, tokenizer.bos_id, tokenizer.eos_id),
+    )
+    model = build_model(config, shapes)
+    return Run(config, run_dir, data, tokenizer, collator, model)
+
+
+def evaluate_run(run: Run, *, split: str = "test", limit: int | None = None) -> dict:
+    """Exact-match accuracy of every X -> text task on a split (and its held-out numbers)."""
+    device = next(run.model.parameters()).device
+    dataset = getattr(run.data, split)
+    results: dict = {}
+    for task in run.model.tasks:
+        source, _ = TASKS[task]
+        results[task] = caption_accuracy(
+            run.model,
+            dataset,
+            run.collator,
+            run.tokenizer,
+            source,
+            heldout_labels=run.data.heldout_labels,
+            parse_label=run.data.parse_label,
+            max_new_tokens=run.config.data.max_text_tokens,
+            device=device,
+            limit=limit,
+        )
+    return results
+
+
+def flat_figures(results: dict) -> dict[str, float]:
+    """``{"image_to_text": {"exact": .9}}`` -> ``{"image_to_text/exact": .9}`` (numbers only)."""
+    return {
+        f"{task}/{key}": float(value)
+        for task, figures in results.items()
+        for key, value in figures.items()
+        if isinstance(value, (int, float))
+    }
+
+
+def train(config: Config, *, resume: bool = False) -> Path:
+    """Train (or resume) the run ``config.run_dir`` and evaluate it; returns the run folder."""
+    run_dir = Path(config.run_dir)
+    if resume and latest_checkpoint(run_dir) is None:
+        raise ConfigError(f"--resume: {run_dir} has no checkpoint to resume from; start it without --resume")
+    if not resume and latest_checkpoint(run_dir) is not None:
+        raise ConfigError(
+            f"{run_dir} already holds a run; continue it with --resume, or pick another folder with run_dir=..."
+        )
+    run_dir.mkdir(parents=True, exist_ok=True)
+    dump_config(config, run_dir / "config.yaml")
+    torch.manual_seed(config.seed)  # model initialisation is part of the seeded run
+    run = prepare(config, run_dir=run_dir, train_tokenizer=not resume)
+    logger.info(
+        "model: %.2fM parameters; train %d / val %d / test %d samples",
+        sum(p.numel() for p in run.model.parameters()) / 1e6,
+        len(run.data.train),
+        len(run.data.val),
+        len(run.data.test),
+    )
+
+    def periodic_eval(model: nn.Module, step: int) -> dict[str, float]:
+        return flat_figures(evaluate_run(run, split="val", limit=PERIODIC_EVAL_ITEMS))
+
+    started = time.perf_counter()
+    result = fit(run.model, run.data.train, run.collator, config, run_dir, resume=resume, evaluate=periodic_eval)
+    figures = evaluate_run(run, split="test")
+    figures["train"] = {k: v for k, v in dataclasses.asdict(result).items() if isinstance(v, (int, float))}
+    write_eval(run_dir, figures, config)
+    logger.info("trained and evaluated in %.0f s; figures in %s", time.perf_counter() - started, run_dir / EVAL_FILE)
+    return run_dir
+
+
+def write_eval(run_dir: Path, figures: dict, config: Config) -> Path:
+    path = run_dir / EVAL_FILE
+    path.write_text(json.dumps({"figures": figures, "config": to_dict(config)}, indent=2))
+    return path
+
+
+def load_run(run_dir: Path, config: Config) -> Run:
+    """Rebuild a trained run from its folder: tokenizer, model and the latest checkpoint's weights."""
+    run = prepare(config, run_dir=run_dir, train_tokenizer=False)
+    checkpoint = latest_checkpoint(run_dir)
+    if checkpoint is None:
+        raise ConfigError(f"{run_dir} has no checkpoint; train it first with `polymodal train run_dir={run_dir}`")
+    load_checkpoint(checkpoint, model=run.model)
+    return run
