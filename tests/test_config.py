@@ -1,0 +1,96 @@
+"""Config tree: merge order, overrides, validation, dump/load round trip, every preset."""
+
+import pytest
+import yaml
+
+from polymodal.config import Config, dump_config, load_config, load_run_config, parse_override, preset_names, to_dict
+from polymodal.errors import ConfigError
+from polymodal.models.build import check_model_config
+
+
+def test_merge_order_default_preset_yaml_override(tmp_path):
+    user = tmp_path / "mine.yaml"
+    user.write_text("train: {steps: 7, lr: 0.5}\nseed: 3\n")
+    config = load_config(["tiny", str(user)], ["train.lr=0.25"])
+    assert config.data.num_samples == 400  # from the tiny preset
+    assert config.train.steps == 7  # user YAML beats the preset
+    assert config.train.lr == 0.25  # key=value beats the YAML
+    assert config.seed == 3
+    assert config.train.batch_size == 16  # preset value untouched by the user file
+
+
+def test_user_yaml_alone_layers_over_default_preset(tmp_path):
+    user = tmp_path / "mine.yaml"
+    user.write_text("train: {steps: 9}\n")
+    config = load_config([str(user)])
+    default = load_config(["default"])
+    assert config.train.steps == 9
+    assert config.model == default.model
+
+
+def test_changing_a_part_name_drops_the_old_parts_settings():
+    config = load_config(["tiny"], ["model.projector={name: mlp, hidden_mult: 2.0}"])
+    assert config.model.projector == {"name": "mlp", "hidden_mult": 2.0}
+    config = load_config(["tiny"], ["model.encoders.image.name=cnn", "model.encoders.image.num_stages=2"])
+    assert config.model.encoders["image"] == {"name": "cnn", "dim": 32, "num_stages": 2}
+
+
+def test_override_values_are_read_as_yaml():
+    assert parse_override("train.betas=[0.9, 0.95]") == {"train": {"betas": [0.9, 0.95]}}
+    assert parse_override("train.progress=false") == {"train": {"progress": False}}
+    assert parse_override("run_dir=runs/x") == {"run_dir": "runs/x"}
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("train.stepz=3", "unknown config key 'train.stepz'; valid: steps,"),
+        ("train.steps=many", "train.steps: expected an integer, got 'many'"),
+        ("train.precision=fp8", "train.precision: 'fp8' is not valid; valid: auto, bf16, fp32"),
+        ("data.source=imagenet", "data.source: 'imagenet' is not valid; valid: spoken_numbers, manifest"),
+        ("train.steps=0", "train.steps: must be > 0"),
+        ("steps", "expected key=value"),
+    ],
+)
+def test_bad_values_name_the_key_and_choices(override, message):
+    with pytest.raises(ConfigError) as info:
+        load_config(["tiny"], [override])
+    assert message in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("model.projector.name=mlpp", "model.projector.name: unknown projector 'mlpp'; valid: linear, mlp"),
+        ("model.encoders.image.dimm=3", "model.encoders.image.dimm: unknown setting of encoder 'cnn'"),
+        ("model.encoders.smell={name: cnn}", "model.encoders.smell: unknown modality 'smell'"),
+        ("model.encoders.image.name=audio_conv", "encodes audio, not image; valid: cnn"),
+        ("model.tasks=[image_to_smell]", "model.tasks: unknown task 'image_to_smell'; valid:"),
+    ],
+)
+def test_bad_parts_are_caught_before_building(override, message):
+    config = load_config(["tiny"], [override])
+    with pytest.raises(ConfigError) as info:
+        check_model_config(config)
+    assert message in str(info.value)
+
+
+def test_unknown_preset_lists_the_shipped_ones():
+    with pytest.raises(ConfigError, match="unknown preset 'tinyy'; valid: .*tiny"):
+        load_config(["tinyy"])
+
+
+def test_dump_then_load_reproduces_the_config(tmp_path):
+    config = load_config(["tiny"], ["train.betas=[0.8, 0.9]", f"run_dir={tmp_path}"])
+    dump_config(config, tmp_path / "config.yaml")
+    again = load_run_config(tmp_path)
+    assert again == config
+    assert isinstance(again.train.betas, tuple)
+    assert yaml.safe_load((tmp_path / "config.yaml").read_text()) == to_dict(config)
+
+
+@pytest.mark.parametrize("name", preset_names())
+def test_every_preset_loads_and_checks(name):
+    config = load_config([name])
+    assert isinstance(config, Config)
+    check_model_config(config)
