@@ -1,0 +1,186 @@
+"""Audio front end: read a clip, and turn waveforms into log-mel spectrogram frames.
+
+The mel filterbank follows Slaney's Auditory Toolbox (Slaney 1998, Technical Report #1998-010):
+the mel scale is linear below 1 kHz and logarithmic above, and each triangle is scaled to unit area
+("slaney" normalisation). These are librosa's defaults, so ``mel_filterbank`` matches
+``librosa.filters.mel`` and ``LogMel`` matches ``librosa.feature.melspectrogram`` (power 2,
+Hann window, centred frames with reflect padding) followed by a natural log.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from pathlib import Path
+
+import numpy as np
+import soundfile
+import torch
+from scipy.signal import resample_poly
+from torch import Tensor, nn
+
+from polymodal.errors import DataError
+
+logger = logging.getLogger(__name__)
+
+# Slaney mel scale: linear (200/3 Hz per mel) up to 1 kHz, then log-spaced at log(6.4)/27 per mel.
+SLANEY_HZ_PER_MEL = 200.0 / 3.0
+SLANEY_BREAK_HZ = 1000.0
+SLANEY_LOG_STEP = math.log(6.4) / 27.0
+# Smallest mel power before the log (-100 dB): exact silence would otherwise give log(0) = -inf.
+# librosa's power_to_db uses the same floor (amin=1e-10).
+LOG_FLOOR = 1e-10
+
+
+def _hz_to_mel(hz: np.ndarray) -> np.ndarray:
+    hz = np.asarray(hz, dtype=np.float64)
+    break_mel = SLANEY_BREAK_HZ / SLANEY_HZ_PER_MEL
+    log_part = break_mel + np.log(np.maximum(hz, SLANEY_BREAK_HZ) / SLANEY_BREAK_HZ) / SLANEY_LOG_STEP
+    return np.where(hz >= SLANEY_BREAK_HZ, log_part, hz / SLANEY_HZ_PER_MEL)
+
+
+def _mel_to_hz(mel: np.ndarray) -> np.ndarray:
+    mel = np.asarray(mel, dtype=np.float64)
+    break_mel = SLANEY_BREAK_HZ / SLANEY_HZ_PER_MEL
+    log_part = SLANEY_BREAK_HZ * np.exp(SLANEY_LOG_STEP * (mel - break_mel))
+    return np.where(mel >= break_mel, log_part, mel * SLANEY_HZ_PER_MEL)
+
+
+def mel_filterbank(
+    *, num_mels: int, n_fft: int, sample_rate: int, f_min: float = 0.0, f_max: float | None = None
+) -> Tensor:
+    """Triangular mel filters on the Slaney scale with unit-area (Slaney) normalisation.
+
+    Computed in float64, returned as float32.
+
+    Args:
+        num_mels: number of mel bands.
+        n_fft: FFT size; the filters act on its ``n_fft // 2 + 1`` frequency bins.
+        sample_rate: in Hz.
+        f_min: lowest band edge in Hz.
+        f_max: highest band edge in Hz; ``sample_rate / 2`` when None.
+
+    Returns:
+        (n_fft // 2 + 1, num_mels): multiply a power spectrum (..., n_fft // 2 + 1) by it.
+    """
+    f_max = sample_rate / 2.0 if f_max is None else float(f_max)
+    if not 0.0 <= f_min < f_max <= sample_rate / 2.0:
+        raise ValueError(
+            f"need 0 <= f_min < f_max <= sample_rate / 2, got f_min={f_min}, f_max={f_max}, "
+            f"sample_rate={sample_rate}"
+        )
+    fft_hz = np.linspace(0.0, sample_rate / 2.0, n_fft // 2 + 1)  # (n_fft//2+1,)
+    # num_mels + 2 edges: band i rises from edge i to its peak at edge i+1 and falls to edge i+2.
+    edges_hz = _mel_to_hz(np.linspace(_hz_to_mel(f_min), _hz_to_mel(f_max), num_mels + 2))
+    widths = np.diff(edges_hz)  # (num_mels + 1,)
+    offsets = edges_hz[:, None] - fft_hz[None, :]  # (num_mels + 2, n_fft//2+1)
+    rising = -offsets[:-2] / widths[:-1, None]  # (num_mels, n_fft//2+1)
+    falling = offsets[2:] / widths[1:, None]
+    weights = np.maximum(0.0, np.minimum(rising, falling))
+    weights *= (2.0 / (edges_hz[2:] - edges_hz[:-2]))[:, None]  # unit area per triangle
+    if np.any(weights.max(axis=1) == 0.0):
+        logger.warning("some of the %d mel bands are empty; use fewer mels or a larger n_fft", num_mels)
+    return torch.from_numpy(weights.T.copy()).float()
+
+
+class LogMel(nn.Module):
+    """Waveforms -> natural-log mel power spectrogram, centred Hann-windowed STFT frames."""
+
+    def __init__(
+        self,
+        *,
+        sample_rate: int = 16000,
+        n_fft: int = 400,
+        hop_length: int = 160,
+        num_mels: int = 64,
+        f_min: float = 0.0,
+        f_max: float | None = None,
+    ) -> None:
+        super().__init__()
+        self.sample_rate = sample_rate
+        self.n_fft = n_fft
+        self.hop_length = hop_length
+        self.num_mels = num_mels
+        # Non-persistent: derived from the settings, so they are not written into checkpoints.
+        filters = mel_filterbank(num_mels=num_mels, n_fft=n_fft, sample_rate=sample_rate, f_min=f_min, f_max=f_max)
+        self.register_buffer("filters", filters, persistent=False)  # (n_fft//2+1, num_mels)
+        # Periodic Hann, as scipy's get_window("hann", n_fft) that librosa uses.
+        self.register_buffer("window", torch.hann_window(n_fft, periodic=True), persistent=False)
+
+    def frame_lengths(self, num_samples: Tensor) -> Tensor:
+        """Frames that ``forward`` yields for clips of these lengths on their own.
+
+        With centred frames, frame t is centred on sample t * hop_length, and the clip gets
+        ``1 + num_samples // hop_length`` of them. In a zero-padded batch the frames beyond that are
+        padding; mask them.
+
+        Args:
+            num_samples: (B,) long, unpadded clip lengths.
+
+        Returns:
+            (B,) long.
+        """
+        return 1 + torch.div(num_samples, self.hop_length, rounding_mode="floor")
+
+    def forward(self, waveforms: Tensor) -> Tensor:
+        """Log-mel frames of a batch of waveforms.
+
+        Clips shorter than ``n_fft // 2 + 1`` samples are zero-padded to that length first (reflect
+        padding needs more samples than it pads).
+
+        Args:
+            waveforms: (B, T) float.
+
+        Returns:
+            (B, 1 + T // hop_length, num_mels) float32, T counted after that padding.
+        """
+        min_len = self.n_fft // 2 + 1
+        if waveforms.shape[-1] < min_len:
+            waveforms = nn.functional.pad(waveforms, (0, min_len - waveforms.shape[-1]))
+        # fp32 island: mel power spans ~10 decades and goes into a log; in bf16/fp16 the small bins
+        # round to 0 or lose all precision, and half-precision stft is unsupported on CPU anyway.
+        with torch.autocast(device_type=waveforms.device.type, enabled=False):
+            spec = torch.stft(
+                waveforms.float(),
+                n_fft=self.n_fft,
+                hop_length=self.hop_length,
+                win_length=self.n_fft,
+                window=self.window.float(),
+                center=True,
+                pad_mode="reflect",
+                return_complex=True,
+            )  # (B, n_fft//2+1, F) complex
+            power = spec.real.square() + spec.imag.square()  # (B, n_fft//2+1, F)
+            mel = torch.einsum("bkf,km->bfm", power, self.filters.float())  # (B, F, num_mels)
+            return torch.log(torch.clamp(mel, min=LOG_FLOOR))
+
+
+def load_audio(path: str | Path, *, sample_rate: int) -> Tensor:
+    """Read a WAV/FLAC (anything libsndfile reads), mix to mono, resample to ``sample_rate``.
+
+    Args:
+        path: the audio file.
+        sample_rate: the rate wanted, in Hz.
+
+    Returns:
+        (T,) float32 waveform.
+
+    Raises:
+        DataError: naming the path, when the file is missing, unreadable or has no samples.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"audio file {path} does not exist")
+    try:
+        data, file_rate = soundfile.read(str(path), dtype="float32", always_2d=True)  # (T, channels)
+    except (soundfile.LibsndfileError, RuntimeError, ValueError, TypeError) as exc:
+        raise DataError(f"audio file {path} is corrupt or not a supported format (WAV, FLAC, OGG): {exc}") from None
+    if data.shape[0] == 0:
+        raise DataError(f"audio file {path} has no samples")
+    if not np.isfinite(data).all():
+        raise DataError(f"audio file {path} has NaN or infinite samples")
+    mono = data.mean(axis=1)  # (T,)
+    if file_rate != sample_rate:
+        g = math.gcd(int(file_rate), int(sample_rate))
+        mono = resample_poly(mono, sample_rate // g, int(file_rate) // g).astype(np.float32)
+    return torch.from_numpy(np.ascontiguousarray(mono))

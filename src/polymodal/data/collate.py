@@ -1,0 +1,136 @@
+"""Collation: a list of ``Sample`` (or None for samples that failed to load) -> one ``Batch``.
+
+Images are stacked and normalised; captions become ``[bos] ids [eos]`` padded with ``pad``;
+waveforms are zero-padded and turned into log-mel frames with a frame mask. A modality that only
+some items carry is filled with zeros/pad for the others and marked absent in ``present``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from polymodal.config import DataConfig
+from polymodal.data.audio import LogMel
+from polymodal.data.batch import Batch, Sample
+from polymodal.data.image import normalize_images
+from polymodal.data.text import TextTokenizer
+from polymodal.errors import DataError
+from polymodal.modality import Modality
+
+NUM_TEXT_SPECIALS = 2  # bos + eos around every caption
+
+
+class Collator:
+    """Turns samples into a ``Batch``. Also counts the None samples it dropped (``num_skipped``).
+
+    With ``DataLoader(num_workers > 0)`` each worker holds its own copy, so ``num_skipped`` here
+    counts only batches collated in this process.
+    """
+
+    def __init__(
+        self,
+        tokenizer: TextTokenizer,
+        *,
+        sample_rate: int,
+        n_fft: int,
+        hop_length: int,
+        num_mels: int,
+        max_text_tokens: int,
+        max_audio_seconds: float,
+    ) -> None:
+        if max_text_tokens < NUM_TEXT_SPECIALS:
+            raise ValueError(f"max_text_tokens={max_text_tokens} leaves no room for <bos> and <eos>; use >= 2")
+        self.tokenizer = tokenizer
+        self.max_text_tokens = max_text_tokens
+        self.max_audio_samples = int(round(max_audio_seconds * sample_rate))
+        self.log_mel = LogMel(sample_rate=sample_rate, n_fft=n_fft, hop_length=hop_length, num_mels=num_mels)
+        self.num_skipped = 0
+
+    def __call__(self, samples: Sequence[Sample | None]) -> Batch:
+        """Collate. A batch whose samples all failed comes back with size 0 (skip it)."""
+        kept = [s for s in samples if s is not None]
+        self.num_skipped += len(samples) - len(kept)
+        inputs: dict[Modality, Tensor] = {}
+        masks: dict[Modality, Tensor] = {}
+        present: dict[Modality, Tensor] = {}
+        labels = torch.tensor([s.label for s in kept], dtype=torch.long)  # (B,)
+        if not kept:
+            return Batch(inputs, masks, present, labels)
+
+        images = [s.image for s in kept]
+        if any(x is not None for x in images):
+            present[Modality.IMAGE] = torch.tensor([x is not None for x in images])
+            inputs[Modality.IMAGE] = self._images(images)
+
+        texts = [s.text for s in kept]
+        if any(t is not None for t in texts):
+            present[Modality.TEXT] = torch.tensor([t is not None for t in texts])
+            inputs[Modality.TEXT], masks[Modality.TEXT] = self._texts(texts)
+
+        clips = [s.audio for s in kept]
+        if any(a is not None for a in clips):
+            present[Modality.AUDIO] = torch.tensor([a is not None for a in clips])
+            inputs[Modality.AUDIO], masks[Modality.AUDIO] = self._audio(clips)
+
+        return Batch(inputs, masks, present, labels)
+
+    @staticmethod
+    def _images(images: list[Tensor | None]) -> Tensor:
+        """(C, H, W) in [0, 1] or None each -> (B, C, H, W) normalised, zeros where absent."""
+        shapes = {tuple(x.shape) for x in images if x is not None}
+        if len(shapes) > 1:
+            raise DataError(f"images in one batch differ in shape {sorted(shapes)}; load them at one height/width")
+        (shape,) = shapes
+        out = torch.zeros((len(images), *shape), dtype=torch.float32)  # (B, C, H, W)
+        for i, x in enumerate(images):
+            if x is not None:
+                out[i] = normalize_images(x.to(torch.float32))
+        return out
+
+    def _texts(self, texts: list[str | None]) -> tuple[Tensor, Tensor]:
+        """Captions or None -> ids (B, L) padded with pad, mask (B, L) True on real tokens."""
+        real = [i for i, t in enumerate(texts) if t is not None]
+        encoded = self.tokenizer.encode_batch([texts[i] for i in real])
+        keep = self.max_text_tokens - NUM_TEXT_SPECIALS
+        rows: list[list[int]] = [[] for _ in texts]
+        for i, ids in zip(real, encoded):
+            # Truncation keeps <eos> last, so the model still learns where a caption stops.
+            rows[i] = [self.tokenizer.bos_id, *ids[:keep], self.tokenizer.eos_id]
+        length = max(len(r) for r in rows)
+        ids = torch.full((len(texts), length), self.tokenizer.pad_id, dtype=torch.long)  # (B, L)
+        mask = torch.zeros((len(texts), length), dtype=torch.bool)  # (B, L)
+        for i, row in enumerate(rows):
+            ids[i, : len(row)] = torch.tensor(row, dtype=torch.long)
+            mask[i, : len(row)] = True
+        return ids, mask
+
+    def _audio(self, clips: list[Tensor | None]) -> tuple[Tensor, Tensor]:
+        """(T,) waveforms or None -> log-mel (B, F, num_mels), zeros on padded frames; mask (B, F)."""
+        cut = [None if a is None else a[: self.max_audio_samples] for a in clips]
+        lengths = torch.tensor([0 if a is None else a.shape[0] for a in cut], dtype=torch.long)  # (B,)
+        waveforms = torch.zeros((len(cut), int(lengths.max())), dtype=torch.float32)  # (B, T)
+        for i, a in enumerate(cut):
+            if a is not None:
+                waveforms[i, : a.shape[0]] = a.to(torch.float32)
+        features = self.log_mel(waveforms)  # (B, F, num_mels)
+        frames = torch.arange(features.shape[1])  # (F,)
+        valid = self.log_mel.frame_lengths(lengths)  # (B,)
+        mask = (frames[None, :] < valid[:, None]) & (lengths > 0)[:, None]  # (B, F)
+        features = features.masked_fill(~mask[:, :, None], 0.0)  # padding reads as 0, as Batch documents
+        return features, mask
+
+
+def build_collator(tokenizer: TextTokenizer, data_config: DataConfig) -> Collator:
+    """A ``Collator`` with the settings of ``data_config``."""
+    return Collator(
+        tokenizer,
+        sample_rate=data_config.sample_rate,
+        n_fft=data_config.n_fft,
+        hop_length=data_config.hop_length,
+        num_mels=data_config.num_mels,
+        max_text_tokens=data_config.max_text_tokens,
+        max_audio_seconds=data_config.max_audio_seconds,
+    )
