@@ -1,0 +1,129 @@
+"""Exact resume: the data order replays from any item, metrics are not duplicated, and a run killed
+with SIGKILL mid-way and resumed ends with bitwise the same weights as an uninterrupted run."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import safetensors.torch
+import torch
+
+from polymodal.training.checkpoint import latest_checkpoint
+from polymodal.training.metrics_log import MetricsLogger
+from polymodal.training.sampler import EpochSampler, build_loader
+
+JOB = Path(__file__).with_name("resume_job.py")
+STEPS = 24  # resume_job.STEPS
+
+
+def _indices(sampler: EpochSampler, count: int) -> list[int]:
+    stream = iter(sampler)
+    return [next(stream) for _ in range(count)]
+
+
+def test_sampler_epochs_are_seeded_permutations():
+    stream = _indices(EpochSampler(7, seed=4), 21)
+    for epoch in range(3):
+        expected = torch.randperm(7, generator=torch.Generator().manual_seed(4 + epoch)).tolist()
+        assert stream[7 * epoch : 7 * (epoch + 1)] == expected
+    assert stream[:7] != stream[7:14]  # each epoch reshuffles
+
+
+def test_sampler_resumes_at_any_item():
+    full = _indices(EpochSampler(10, seed=1), 35)
+    for start in (0, 3, 10, 17, 29):
+        assert _indices(EpochSampler(10, seed=1, start=start), 35 - start) == full[start:]
+
+
+def test_loader_resumed_at_item_k_yields_the_remaining_batches():
+    data = torch.arange(13)
+    collate = torch.stack
+    full = [b for _, b in zip(range(9), build_loader(data, collate, batch_size=4, seed=2))]
+    resumed = [b for _, b in zip(range(6), build_loader(data, collate, batch_size=4, seed=2, start=12))]
+    for a, b in zip(full[3:], resumed):
+        assert torch.equal(a, b)
+
+
+def test_loader_leaves_the_global_rng_alone():
+    torch.manual_seed(0)
+    expected = torch.rand(3)
+    torch.manual_seed(0)
+    next(iter(build_loader(torch.arange(5), torch.stack, batch_size=2, seed=0)))
+    assert torch.equal(torch.rand(3), expected)
+
+
+def test_metrics_logger_drops_entries_after_the_resumed_step(tmp_path):
+    with MetricsLogger(tmp_path) as logger:
+        for step in range(1, 11):
+            logger.log(step, {"loss": 1.0 / step})
+    with open(tmp_path / "metrics.jsonl", "a") as handle:
+        handle.write('{"step": 11, "spl')  # torn by a kill
+    with MetricsLogger(tmp_path, resume_step=5) as logger:
+        logger.log(6, {"loss": 0.5})
+    steps = [json.loads(line)["step"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4, 5, 6]
+    with MetricsLogger(tmp_path) as logger:  # a fresh run starts a fresh log
+        logger.log(1, {"loss": 2.0})
+    assert len((tmp_path / "metrics.jsonl").read_text().splitlines()) == 1
+
+
+def _start(run_dir: Path, *args: str) -> subprocess.Popen:
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    log = open(run_dir.parent / f"{run_dir.name}.log", "w")
+    return subprocess.Popen([sys.executable, str(JOB), str(run_dir), *args], stdout=log, stderr=log, env=env)
+
+
+def _finish(proc: subprocess.Popen, run_dir: Path) -> None:
+    assert proc.wait(timeout=120) == 0, (run_dir.parent / f"{run_dir.name}.log").read_text()
+
+
+def _step_of(checkpoint: Path) -> int:
+    return int(checkpoint.name.removeprefix("step_"))
+
+
+def _logged_steps(run_dir: Path) -> list[int]:
+    path = run_dir / "metrics.jsonl"
+    lines = path.read_text().splitlines() if path.exists() else []
+    return [json.loads(line)["step"] for line in lines if line.endswith("}")]
+
+
+def _train_entries(run_dir: Path) -> dict[int, dict]:
+    entries = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    keys = [(e["step"], e["split"]) for e in entries]
+    assert len(keys) == len(set(keys)), "a step was logged twice"
+    volatile = ("time", "samples_per_s")
+    return {(e["step"], e["split"]): {k: v for k, v in e.items() if k not in volatile} for e in entries}
+
+
+def test_sigkill_then_resume_matches_uninterrupted_run_bitwise(tmp_path):
+    killed_dir, whole_dir = tmp_path / "killed", tmp_path / "whole"
+    whole = _start(whole_dir)
+    killed = _start(killed_dir, "--step-delay", "0.05")
+
+    # Kill once a checkpoint exists and a later step was logged, so resume must also drop that entry.
+    deadline = time.monotonic() + 120
+    while killed.poll() is None and time.monotonic() < deadline:
+        reached = latest_checkpoint(killed_dir)
+        if reached is not None and _logged_steps(killed_dir) and max(_logged_steps(killed_dir)) > _step_of(reached):
+            killed.send_signal(signal.SIGKILL)
+            break
+        time.sleep(0.01)
+    assert killed.wait(timeout=30) == -signal.SIGKILL, "the job finished before it could be killed"
+    reached = latest_checkpoint(killed_dir)
+    assert reached is not None and reached.name != f"step_{STEPS:07d}"
+
+    _finish(_start(killed_dir, "--resume"), killed_dir)
+    _finish(whole, whole_dir)
+
+    final = f"checkpoints/step_{STEPS:07d}/model.safetensors"
+    resumed_weights = safetensors.torch.load_file(killed_dir / final)
+    whole_weights = safetensors.torch.load_file(whole_dir / final)
+    assert resumed_weights.keys() == whole_weights.keys()
+    for name in whole_weights:
+        assert torch.equal(resumed_weights[name], whole_weights[name]), name
+    # Every logged figure (losses, lr, grad norm, the RNG-drawing evaluation) matches, each step once.
+    assert _train_entries(killed_dir) == _train_entries(whole_dir)
