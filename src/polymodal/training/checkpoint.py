@@ -28,6 +28,8 @@ import safetensors.torch
 import torch
 from torch import nn
 
+from polymodal.errors import DataError
+
 log = logging.getLogger(__name__)
 
 CHECKPOINT_DIR = "checkpoints"
@@ -39,7 +41,7 @@ _TMP_PREFIX = ".tmp-"
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(DataError):
     """A checkpoint is missing, incomplete or corrupt. The message names the path and what to do."""
 
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from polymodal.config import Config, dump_config, to_dict
+from polymodal.config import Config, to_dict
 from polymodal.data.collate import build_collator
 from polymodal.data.sources import DataBundle, build_data
 from polymodal.data.text import TextTokenizer
@@ -110,7 +110,6 @@ def train(config: Config, *, resume: bool = False) -> Path:
             f"{run_dir} already holds a run; continue it with --resume, or pick another folder with run_dir=..."
         )
     run_dir.mkdir(parents=True, exist_ok=True)
-    dump_config(config, run_dir / "config.yaml")
     torch.manual_seed(config.seed)  # model initialisation is part of the seeded run
     run = prepare(config, run_dir=run_dir, train_tokenizer=not resume)
     logger.info(

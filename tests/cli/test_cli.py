@@ -1,0 +1,81 @@
+"""The command line: configs, the one-line errors, and a tiny train -> eval -> resume round trip."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from polymodal.cli.main import main
+from polymodal.config import preset_names
+
+
+@pytest.fixture(autouse=True)
+def _cache(tmp_path_factory, monkeypatch):
+    # One dataset cache for the whole module keeps the built-in data build to once.
+    monkeypatch.setenv("POLYMODAL_CACHE", str(tmp_path_factory.getbasetemp() / "cache"))
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    return subprocess.run(
+        [sys.executable, "-m", "polymodal.cli.main", *args], capture_output=True, text=True, env=env, timeout=120
+    )
+
+
+def test_configs_lists_every_preset(capsys):
+    assert main(["configs"]) == 0
+    out = capsys.readouterr().out
+    for name in preset_names():
+        assert name in out
+    assert main(["configs", "tiny"]) == 0
+    assert "num_samples: 400" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["train", "--config", "tiny", "train.stepz=3"], "unknown config key 'train.stepz'; valid:"),
+        (["train", "--config", "tiny", "model.projector.name=nope"], "unknown projector 'nope'; valid: linear, mlp"),
+        (["train", "--config", "nosuch"], "unknown preset 'nosuch'; valid:"),
+        (["eval", "/nonexistent/run"], "is not a run folder"),
+    ],
+)
+def test_bad_input_is_one_line_and_exit_2(args, message):
+    result = run_cli(*args)
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0], result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_train_eval_resume_leave_a_complete_run_folder(tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    common = [f"run_dir={run_dir}", "data.num_samples=200", "train.progress=false"]
+    assert main(["train", "--config", "tiny", "train.steps=6", "train.ckpt_every=3", *common]) == 0
+
+    assert (run_dir / "config.yaml").is_file()
+    assert (run_dir / "tokenizer.json").is_file()
+    assert (run_dir / "checkpoints" / "latest").is_file()
+    assert list((run_dir / "checkpoints").glob("*/model.safetensors"))
+    assert any(p.name.startswith("events.out.tfevents") for p in run_dir.rglob("*"))
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert max(r["step"] for r in records) == 6
+    figures = json.loads((run_dir / "eval.json").read_text())["figures"]
+    assert set(figures) >= {"image_to_text", "audio_to_text"}
+    assert 0.0 <= figures["image_to_text"]["exact"] <= 1.0
+
+    # A second train into the same folder is refused rather than overwriting it.
+    assert main(["train", "--config", "tiny", *common]) == 2
+
+    # Resume extends the run from its checkpoint.
+    assert main(["train", "--resume", f"run_dir={run_dir}", "train.steps=8"]) == 0
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert max(r["step"] for r in records) == 8
+
+    capsys.readouterr()
+    assert main(["eval", str(run_dir), "--limit", "16"]) == 0
+    assert "image_to_text/exact" in capsys.readouterr().out
