@@ -1,0 +1,222 @@
+"""The shared pre-norm transformer backbone: RMSNorm, SDPA self-attention with RoPE, SwiGLU.
+
+Each block computes ``x + attn(norm(x))`` then ``x + swiglu(norm(x))``; a final RMSNorm follows
+the last block. Masks decide bidirectional, causal or prefix-LM attention (see models/masks.py).
+
+References: Vaswani et al. 2017, Attention Is All You Need, arXiv:1706.03762; the pre-norm / RMSNorm
+/ SwiGLU / RoPE recipe of Touvron et al. 2023, LLaMA, arXiv:2302.13971.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import torch
+from torch import Tensor, nn
+
+from polymodal.backbones import BACKBONES
+from polymodal.layers.attention import SelfAttention
+from polymodal.layers.kv_cache import KVCache
+from polymodal.layers.mlp import INIT_STD, SwiGLU, swiglu_hidden_dim
+from polymodal.layers.norms import RMSNorm
+from polymodal.layers.rope import RotaryAngles, RotaryEmbedding
+
+
+@dataclasses.dataclass(frozen=True)
+class BackboneIntermediates:
+    """Everything ``forward_intermediates`` returns.
+
+    Attributes:
+        output: (B, N, D) final-normed hidden states, equal to ``forward``'s result.
+        hidden: one (B, N, D) residual stream per block, after that block, before the final norm.
+    """
+
+    output: Tensor
+    hidden: list[Tensor]
+
+
+class TransformerBlock(nn.Module):
+    """One pre-norm block: ``x + attn(norm(x))``, then ``x + mlp(norm(x))``.
+
+    Args:
+        dim: token width D.
+        num_heads: attention heads.
+        dim_hidden: SwiGLU hidden width.
+        dropout: dropout on attention weights, the MLP hidden layer and both residual branches.
+        qk_norm: RMSNorm queries and keys per head.
+        bias: biases in the linear layers.
+        layer_index: this block's slot in a shared KV cache.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        *,
+        num_heads: int,
+        dim_hidden: int,
+        dropout: float = 0.0,
+        qk_norm: bool = False,
+        bias: bool = False,
+        layer_index: int = 0,
+    ) -> None:
+        super().__init__()
+        self.attn_norm = RMSNorm(dim)
+        self.attn = SelfAttention(
+            dim, num_heads=num_heads, qk_norm=qk_norm, bias=bias, dropout=dropout, layer_index=layer_index
+        )
+        self.mlp_norm = RMSNorm(dim)
+        self.mlp = SwiGLU(dim, dim_hidden, bias=bias, dropout=dropout)
+        self.residual_dropout = nn.Dropout(dropout)
+
+    def forward(
+        self, x: Tensor, *, rotary: RotaryAngles | None, mask: Tensor | None, cache: KVCache | None
+    ) -> Tensor:
+        """Run the block.
+
+        Args:
+            x: (B, N, D) residual stream.
+            rotary: RoPE angles for the N tokens, shared by every block.
+            mask: (B, 1, N, N_kv) bool, True = may attend, or None for full attention.
+            cache: shared KV cache this block appends to, or None.
+
+        Returns:
+            (B, N, D).
+        """
+        x = x + self.residual_dropout(self.attn(self.attn_norm(x), rotary=rotary, mask=mask, cache=cache))
+        return x + self.residual_dropout(self.mlp(self.mlp_norm(x)))
+
+
+@BACKBONES.register("transformer")
+class TransformerBackbone(nn.Module):
+    """A stack of pre-norm transformer blocks over already-embedded tokens.
+
+    Args:
+        dim: token width D.
+        num_layers: number of blocks.
+        num_heads: attention heads per block; ``dim / num_heads`` must be even (RoPE pairs).
+        mlp_ratio: the SwiGLU matches the parameters of a GELU MLP of hidden width
+            ``mlp_ratio * dim``: hidden = 2/3 * mlp_ratio * dim rounded up to a multiple of 8.
+        dropout: dropout probability (attention weights, MLP hidden, residual branches).
+        rope_base: RoPE wavelength base.
+        qk_norm: RMSNorm queries and keys per head.
+        bias: biases in the linear layers.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        *,
+        num_layers: int = 4,
+        num_heads: int = 4,
+        mlp_ratio: float = 4.0,
+        dropout: float = 0.0,
+        rope_base: float = 10000.0,
+        qk_norm: bool = False,
+        bias: bool = False,
+    ) -> None:
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"dim {dim} is not divisible by num_heads {num_heads}")
+        self.dim = dim
+        self.num_layers = num_layers
+        self.num_heads = num_heads
+        self.head_dim = dim // num_heads
+        self.dim_hidden = swiglu_hidden_dim(dim, mlp_ratio)
+        self.rotary = RotaryEmbedding(self.head_dim, base=rope_base)
+        self.blocks = nn.ModuleList(
+            TransformerBlock(
+                dim,
+                num_heads=num_heads,
+                dim_hidden=self.dim_hidden,
+                dropout=dropout,
+                qk_norm=qk_norm,
+                bias=bias,
+                layer_index=i,
+            )
+            for i in range(num_layers)
+        )
+        self.final_norm = RMSNorm(dim)
+        self.init_weights()
+
+    def init_weights(self) -> None:
+        """GPT-2 style: N(0, 0.02) weights, with the projections back into the residual stream
+        scaled by 1/sqrt(2 * num_layers) so the residual variance does not grow with depth
+        (Radford et al. 2019). Norm gains are one, biases zero. A no-op on the meta device."""
+        out_std = INIT_STD / math.sqrt(2 * self.num_layers)
+        for block in self.blocks:
+            block.attn_norm.init_weights()
+            block.mlp_norm.init_weights()
+            block.attn.init_weights(std=INIT_STD, out_std=out_std)
+            block.mlp.init_weights(std=INIT_STD, out_std=out_std)
+        self.final_norm.init_weights()
+
+    def new_cache(
+        self, batch_size: int, max_len: int, *, device: torch.device | str | None, dtype: torch.dtype
+    ) -> KVCache:
+        """An empty KV cache for ``batch_size`` sequences of up to ``max_len`` tokens."""
+        return KVCache(
+            self.num_layers, batch_size, self.num_heads, max_len, self.head_dim, device=device, dtype=dtype
+        )
+
+    def forward(
+        self,
+        tokens: Tensor,
+        *,
+        mask: Tensor | None = None,
+        positions: Tensor | None = None,
+        cache: KVCache | None = None,
+    ) -> Tensor:
+        """Run every block.
+
+        Args:
+            tokens: (B, N, D) embedded tokens.
+            mask: (B, 1, N, N_kv) bool, True = may attend, with N_kv = cached length + N. None
+                attends to every key (bidirectional).
+            positions: (B, N) long RoPE positions; default ``arange(N)`` offset by the cached length.
+            cache: when given, this call's keys/values are appended and its length advanced by N.
+
+        Returns:
+            (B, N, D) final-normed hidden states.
+        """
+        return self._run(tokens, mask=mask, positions=positions, cache=cache, hidden=None)
+
+    def forward_intermediates(
+        self, tokens: Tensor, *, mask: Tensor | None = None, positions: Tensor | None = None
+    ) -> BackboneIntermediates:
+        """Like ``forward`` (without a cache), also returning each block's residual stream.
+
+        Args:
+            tokens: (B, N, D).
+            mask: (B, 1, N, N) bool or None.
+            positions: (B, N) long or None.
+
+        Returns:
+            BackboneIntermediates with ``output`` (B, N, D) and ``hidden``: num_layers x (B, N, D).
+        """
+        hidden: list[Tensor] = []
+        output = self._run(tokens, mask=mask, positions=positions, cache=None, hidden=hidden)
+        return BackboneIntermediates(output=output, hidden=hidden)
+
+    def _run(
+        self,
+        tokens: Tensor,
+        *,
+        mask: Tensor | None,
+        positions: Tensor | None,
+        cache: KVCache | None,
+        hidden: list[Tensor] | None,
+    ) -> Tensor:
+        batch, n, _ = tokens.shape
+        start = cache.length if cache is not None else 0
+        if positions is None:
+            positions = torch.arange(start, start + n, device=tokens.device).expand(batch, n)  # (B, N)
+        rotary = self.rotary(positions, dtype=tokens.dtype)  # computed once, shared by every block
+        x = tokens
+        for block in self.blocks:
+            x = block(x, rotary=rotary, mask=mask, cache=cache)
+            if hidden is not None:
+                hidden.append(x)
+        if cache is not None:
+            cache.advance(n)
+        return self.final_norm(x)
