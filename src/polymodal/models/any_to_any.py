@@ -90,12 +90,12 @@ class AnyToAnyModel(nn.Module):
         """
         encoder = self.encoders[modality.value]
         out = encoder(inputs) if mask is None or modality is Modality.IMAGE else encoder(inputs, mask)
-        tokens = self.projectors[modality.value](out.tokens)
+        tokens = self.projectors[modality.value](out.tokens, out.mask)
         tokens = tokens + self.type_embedding(modality, tokens)
-        token_mask = out.mask
-        if token_mask is None:
-            token_mask = torch.ones(tokens.shape[:2], dtype=torch.bool, device=tokens.device)
-        return tokens, token_mask
+        if out.mask is not None and tokens.shape[1] == out.tokens.shape[1]:
+            return tokens, out.mask  # a per-token projector keeps the padding
+        # No padding, or learned queries that already read only the real tokens.
+        return tokens, torch.ones(tokens.shape[:2], dtype=torch.bool, device=tokens.device)
 
     def embed_text_targets(self, ids: Tensor) -> Tensor:
         tokens = self.text_embed(ids)  # (B, L, D)

@@ -16,5 +16,6 @@ class LinearProjector(nn.Module):
         super().__init__()
         self.proj = nn.Linear(dim_in, dim_out, bias=bias)
 
-    def forward(self, tokens: Tensor) -> Tensor:
+    def forward(self, tokens: Tensor, mask: Tensor | None = None) -> Tensor:
+        # Per-token: padded tokens stay padded, so the mask needs no work here.
         return self.proj(tokens)  # (B, N, dim_in) -> (B, N, dim_out)

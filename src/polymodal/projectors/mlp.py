@@ -19,5 +19,6 @@ class MLPProjector(nn.Module):
         self.act = nn.GELU()
         self.fc2 = nn.Linear(dim_hidden, dim_out)
 
-    def forward(self, tokens: Tensor) -> Tensor:
+    def forward(self, tokens: Tensor, mask: Tensor | None = None) -> Tensor:
+        # Per-token: padded tokens stay padded, so the mask needs no work here.
         return self.fc2(self.act(self.fc1(tokens)))  # (B, N, dim_in) -> (B, N, dim_out)
