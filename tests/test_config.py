@@ -61,7 +61,7 @@ def test_bad_values_name_the_key_and_choices(override, message):
 @pytest.mark.parametrize(
     ("override", "message"),
     [
-        ("model.projector.name=mlpp", "model.projector.name: unknown projector 'mlpp'; valid: linear, mlp"),
+        ("model.projector.name=mlpp", "model.projector.name: unknown projector 'mlpp'; valid: cross_attention, linear, mlp, qformer"),
         ("model.encoders.image.dimm=3", "model.encoders.image.dimm: unknown setting of encoder 'cnn'"),
         ("model.encoders.smell={name: cnn}", "model.encoders.smell: unknown modality 'smell'"),
         ("model.encoders.image.name=audio_conv", "encodes audio, not image; valid: cnn"),

@@ -39,7 +39,7 @@ def test_configs_lists_every_preset(capsys):
     ("args", "message"),
     [
         (["train", "--config", "tiny", "train.stepz=3"], "unknown config key 'train.stepz'; valid:"),
-        (["train", "--config", "tiny", "model.projector.name=nope"], "unknown projector 'nope'; valid: linear, mlp"),
+        (["train", "--config", "tiny", "model.projector.name=nope"], "unknown projector 'nope'; valid: cross_attention, linear, mlp, qformer"),
         (["train", "--config", "nosuch"], "unknown preset 'nosuch'; valid:"),
         (["eval", "/nonexistent/run"], "is not a run folder"),
     ],
