@@ -46,8 +46,14 @@ class DataConfig:
 
 @dataclasses.dataclass
 class ModelConfig:
-    """The model's parts. Each part is ``{"name": registry name, **keyword-only settings}``."""
+    """The model's parts. Each part is ``{"name": registry name, **keyword-only settings}``.
 
+    ``architecture`` picks what a run trains: ``any_to_any`` (encoders, projector, shared backbone,
+    tasks) or ``image_tokenizer`` (only ``image_tokenizer``: a VQ-VAE or VAE on the images).
+    """
+
+    architecture: str = "any_to_any"
+    image_tokenizer: dict[str, Any] = dataclasses.field(default_factory=lambda: {"name": "vqvae"})
     dim: int = 256
     encoders: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)  # modality -> spec
     projector: dict[str, Any] = dataclasses.field(default_factory=lambda: {"name": "linear"})
@@ -90,6 +96,7 @@ class Config:
 
 
 PRECISIONS = ("auto", "bf16", "fp32")
+ARCHITECTURES = ("any_to_any", "image_tokenizer")
 DATA_SOURCES = ("spoken_numbers", "manifest")
 
 
@@ -303,6 +310,7 @@ def validate(config: Config) -> None:
 
     choice("train.precision", config.train.precision, PRECISIONS)
     choice("data.source", config.data.source, DATA_SOURCES)
+    choice("model.architecture", config.model.architecture, ARCHITECTURES)
     if config.data.source == "manifest" and not config.data.manifest:
         raise ConfigError("data.manifest: needed when data.source=manifest (a JSONL file of samples)")
     for key in ("steps", "batch_size", "grad_accum", "lr", "log_every", "ckpt_every"):

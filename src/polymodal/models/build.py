@@ -16,7 +16,9 @@ from polymodal.encoders import ENCODERS
 from polymodal.errors import ConfigError
 from polymodal.modality import Modality
 from polymodal.models.any_to_any import TASKS, AnyToAnyModel, TextSpecials
+from polymodal.models.image_tokenizer import ImageTokenizerModel
 from polymodal.projectors import PROJECTORS
+from polymodal.tokenizers import IMAGE_TOKENIZERS
 
 # The built-in data and the manifest loader give grayscale images.
 IMAGE_CHANNELS = 1
@@ -34,6 +36,9 @@ class DataShapes:
 def check_model_config(config: Config) -> None:
     """Validate part names, settings and tasks; raises ConfigError naming the key and valid choices."""
     model = config.model
+    if model.architecture == "image_tokenizer":
+        IMAGE_TOKENIZERS.check(model.image_tokenizer, where="model.image_tokenizer")
+        return
     for task in model.tasks:
         if task not in TASKS:
             raise ConfigError(f"model.tasks: unknown task {task!r}; valid: {', '.join(TASKS)}")
@@ -57,9 +62,12 @@ def check_model_config(config: Config) -> None:
 
 
 def build_model(config: Config, shapes: DataShapes) -> nn.Module:
-    """Build every part named in ``config.model`` and wire them into an ``AnyToAnyModel``."""
+    """Build every part named in ``config.model``: an ``AnyToAnyModel`` or an ``ImageTokenizerModel``."""
     check_model_config(config)
     model = config.model
+    if model.architecture == "image_tokenizer":
+        spec = model.image_tokenizer
+        return ImageTokenizerModel(IMAGE_TOKENIZERS.build(spec, where="model.image_tokenizer"))
     wiring = {
         Modality.IMAGE: (IMAGE_CHANNELS, shapes.image_size),
         Modality.TEXT: (shapes.text.vocab_size,),

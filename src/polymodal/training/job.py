@@ -12,8 +12,12 @@ import logging
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
+from PIL import Image
 from torch import nn
+from torch.utils.data import Subset
+from torch.utils.tensorboard import SummaryWriter
 
 from polymodal.config import Config, to_dict
 from polymodal.data.collate import build_collator
@@ -21,15 +25,19 @@ from polymodal.data.sources import DataBundle, build_data
 from polymodal.data.text import TextTokenizer
 from polymodal.errors import ConfigError
 from polymodal.evaluation.captioning import caption_accuracy
+from polymodal.evaluation.reconstruction import image_grid, reconstruction_figures, save_png
 from polymodal.models.any_to_any import TASKS, TextSpecials
 from polymodal.models.build import DataShapes, build_model, check_model_config
+from polymodal.models.image_tokenizer import ImageTokenizerModel
 from polymodal.training.checkpoint import latest_checkpoint, load_checkpoint
 from polymodal.training.loop import fit
+from polymodal.training.metrics_log import TENSORBOARD_DIR
 
 logger = logging.getLogger(__name__)
 
 TOKENIZER_FILE = "tokenizer.json"
 EVAL_FILE = "eval.json"
+RECONSTRUCTION_FILE = "reconstructions.png"
 # Items scored by the periodic (in-training) evaluation: enough for a trend, cheap enough to repeat.
 PERIODIC_EVAL_ITEMS = 256
 
@@ -69,9 +77,16 @@ def prepare(config: Config, *, run_dir: Path, train_tokenizer: bool) -> Run:
 
 
 def evaluate_run(run: Run, *, split: str = "test", limit: int | None = None) -> dict:
-    """Exact-match accuracy of every X -> text task on a split (and its held-out numbers)."""
+    """The run's figures on a split: X -> text exact match (any-to-any), or reconstruction quality
+    and codebook usage (image tokenizer; also writes ``reconstructions.png``)."""
     device = next(run.model.parameters()).device
     dataset = getattr(run.data, split)
+    if isinstance(run.model, ImageTokenizerModel):
+        if limit is not None:
+            dataset = Subset(dataset, range(min(limit, len(dataset))))
+        figures, preview = reconstruction_figures(run.model.tokenizer, dataset, run.collator, device=device)
+        save_png(image_grid(preview), run.run_dir / RECONSTRUCTION_FILE)
+        return {"reconstruction": figures}
     results: dict = {}
     for task in run.model.tasks:
         source, _ = TASKS[task]
@@ -128,8 +143,19 @@ def train(config: Config, *, resume: bool = False) -> Path:
     figures = evaluate_run(run, split="test")
     figures["train"] = {k: v for k, v in dataclasses.asdict(result).items() if isinstance(v, (int, float))}
     write_eval(run_dir, figures, config)
+    _log_final(run_dir, figures, step=result.step)
     logger.info("trained and evaluated in %.0f s; figures in %s", time.perf_counter() - started, run_dir / EVAL_FILE)
     return run_dir
+
+
+def _log_final(run_dir: Path, figures: dict, *, step: int) -> None:
+    """Test-split figures (and the reconstruction grid, if any) into TensorBoard beside training."""
+    with SummaryWriter(run_dir / TENSORBOARD_DIR) as writer:
+        for key, value in flat_figures(figures).items():
+            writer.add_scalar(f"test/{key}", value, step)
+        grid = run_dir / RECONSTRUCTION_FILE
+        if grid.is_file():
+            writer.add_image("test/reconstructions", np.asarray(Image.open(grid)), step, dataformats="HWC")
 
 
 def write_eval(run_dir: Path, figures: dict, config: Config) -> Path:
