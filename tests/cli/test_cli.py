@@ -79,3 +79,16 @@ def test_train_eval_resume_leave_a_complete_run_folder(tmp_path, capsys):
     capsys.readouterr()
     assert main(["eval", str(run_dir), "--limit", "16"]) == 0
     assert "image_to_text/exact" in capsys.readouterr().out
+
+
+def test_train_an_image_tokenizer_leaves_reconstructions_and_codebook_figures(tmp_path):
+    from PIL import Image
+
+    run_dir = tmp_path / "vq"
+    args = [f"run_dir={run_dir}", "data.num_samples=200", "train.steps=3", "train.progress=false"]
+    assert main(["train", "--config", "vqvae", *args]) == 0
+    figures = json.loads((run_dir / "eval.json").read_text())["figures"]["reconstruction"]
+    assert figures["psnr"] > 0 and 0 < figures["code_usage"] <= 1 and figures["count"] > 0
+    grid = Image.open(run_dir / "reconstructions.png")
+    assert grid.size[0] > grid.size[1] > 0
+    assert (run_dir / "checkpoints" / "latest").is_file()
