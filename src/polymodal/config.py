@@ -49,7 +49,8 @@ class ModelConfig:
     """The model's parts. Each part is ``{"name": registry name, **keyword-only settings}``.
 
     ``architecture`` picks what a run trains: ``any_to_any`` (encoders, projector, shared backbone,
-    tasks) or ``image_tokenizer`` (only ``image_tokenizer``: a VQ-VAE or VAE on the images).
+    tasks), ``clip`` (contrastive towers: encoders, projector, shared backbone, ``contrastive``
+    settings) or ``image_tokenizer`` (only ``image_tokenizer``: a VQ-VAE or VAE on the images).
     """
 
     architecture: str = "any_to_any"
@@ -59,6 +60,7 @@ class ModelConfig:
     projector: dict[str, Any] = dataclasses.field(default_factory=lambda: {"name": "linear"})
     backbone: dict[str, Any] = dataclasses.field(default_factory=lambda: {"name": "transformer"})
     tasks: list[str] = dataclasses.field(default_factory=lambda: ["image_to_text", "audio_to_text"])
+    contrastive: dict[str, Any] = dataclasses.field(default_factory=dict)  # keyword settings of the CLIP model
 
 
 @dataclasses.dataclass
@@ -96,7 +98,7 @@ class Config:
 
 
 PRECISIONS = ("auto", "bf16", "fp32")
-ARCHITECTURES = ("any_to_any", "image_tokenizer")
+ARCHITECTURES = ("any_to_any", "clip", "image_tokenizer")
 DATA_SOURCES = ("spoken_numbers", "manifest")
 
 
