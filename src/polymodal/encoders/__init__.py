@@ -10,6 +10,7 @@ from polymodal.registry import Registry
 ENCODERS: Registry = Registry("encoder")
 
 from polymodal.encoders import audio_conv, cnn, text_embedding  # noqa: E402,F401  (register parts)
+from polymodal.encoders import vit  # noqa: E402,F401  (registers "vit")
 from polymodal.encoders import hf_text  # noqa: E402,F401  (registers "hf_text"; imports transformers lazily)
 from polymodal.encoders.output import EncoderIntermediates, EncoderOutput  # noqa: E402
 

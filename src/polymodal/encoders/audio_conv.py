@@ -1,32 +1,53 @@
-"""Audio encoder: log-mel frames -> two strided 1-D convolutions (4x fewer frames) -> tokens.
+"""Audio encoder: log-mel frames -> strided 1-D convolutions (2x fewer frames each) -> tokens,
+optionally followed by a small bidirectional transformer (off by default: the shared backbone then
+does the sequence modelling).
 
 Reference: the convolutional front end of Whisper (Radford et al. 2022, arXiv:2212.04356) and the
-conv subsampling of Conformer (Gulati et al. 2020, arXiv:2005.08100), without the transformer
-stack: the shared backbone does the sequence modelling.
+conv subsampling of Conformer (Gulati et al. 2020, arXiv:2005.08100). The optional layers are the
+library's pre-norm ``TransformerBlock``, without RoPE since sinusoidal positions are already added.
 """
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor, nn
 
+from polymodal.backbones.transformer import TransformerBlock
 from polymodal.encoders import ENCODERS
 from polymodal.encoders.output import EncoderIntermediates, EncoderOutput
+from polymodal.layers.mlp import INIT_STD, swiglu_hidden_dim
+from polymodal.layers.norms import RMSNorm
 from polymodal.layers.positional import sinusoidal_embedding
 from polymodal.modality import Modality
 
-# Two stride-2 convolutions.
+# Two stride-2 convolutions (the default num_convs).
 SUBSAMPLING = 4
+MLP_RATIO = 4.0  # the optional layers' feed-forward width, as in Vaswani et al. 2017
 
 
 @ENCODERS.register("audio_conv")
 class AudioConvEncoder(nn.Module):
-    """Log-mel (B, F, num_mels) -> tokens (B, ceil(F/4), dim), with sinusoidal positions."""
+    """Log-mel (B, F, num_mels) -> tokens (B, ceil(F / 2^num_convs), dim), with sinusoidal positions.
+
+    Args:
+        num_mels: mel bins per frame.
+        dim: token width D.
+        num_convs: stride-2 convolutions (kernel 3, padding 1), each halving the frames.
+        num_layers: transformer blocks after the convolutions; 0 returns the normed conv tokens,
+            with the parameters of the conv-only encoder.
+        num_heads: attention heads of those blocks.
+    """
 
     modality = Modality.AUDIO
 
-    def __init__(self, num_mels: int, *, dim: int = 128, num_convs: int = 2) -> None:
+    def __init__(
+        self, num_mels: int, *, dim: int = 128, num_convs: int = 2, num_layers: int = 0, num_heads: int = 4
+    ) -> None:
         super().__init__()
+        if num_layers < 0:
+            raise ValueError(f"num_layers must be >= 0, got {num_layers}")
         layers: list[nn.Module] = []
         dim_in = num_mels
         for _ in range(num_convs):
@@ -35,7 +56,34 @@ class AudioConvEncoder(nn.Module):
         self.convs = nn.Sequential(*layers)
         self.num_convs = num_convs
         self.norm = nn.LayerNorm(dim)
+        self.num_layers = num_layers
         self.dim_out = dim
+        if num_layers:  # no modules at all otherwise: conv-only checkpoints keep their keys
+            dim_hidden = swiglu_hidden_dim(dim, MLP_RATIO)
+            self.blocks = nn.ModuleList(
+                TransformerBlock(dim, num_heads=num_heads, dim_hidden=dim_hidden) for _ in range(num_layers)
+            )
+            self.final_norm = RMSNorm(dim)
+            # Only the blocks need it: the convs and LayerNorm were initialised by their constructors,
+            # and not re-drawing them keeps the conv-only encoder's seeded weights as they were.
+            self.init_weights()
+
+    def init_weights(self) -> None:
+        """Convs and LayerNorm with PyTorch's defaults (as the conv-only encoder always had); the
+        optional blocks GPT-2 style, residual outputs scaled by 1/sqrt(2 L)."""
+        for layer in self.convs:
+            if isinstance(layer, nn.Conv1d):
+                layer.reset_parameters()
+        self.norm.reset_parameters()
+        if not self.num_layers:
+            return
+        out_std = INIT_STD / math.sqrt(2 * self.num_layers)
+        for block in self.blocks:
+            block.attn_norm.init_weights()
+            block.mlp_norm.init_weights()
+            block.attn.init_weights(std=INIT_STD, out_std=out_std)
+            block.mlp.init_weights(std=INIT_STD, out_std=out_std)
+        self.final_norm.init_weights()
 
     def output_lengths(self, lengths: Tensor) -> Tensor:
         """Frames after subsampling: each stride-2 conv (k=3, p=1) maps L -> ceil(L / 2)."""
@@ -44,11 +92,33 @@ class AudioConvEncoder(nn.Module):
         return lengths
 
     def forward_intermediates(self, mels: Tensor, mask: Tensor | None = None) -> EncoderIntermediates:
+        """Subsample, add positions, normalise, then run the optional blocks.
+
+        Args:
+            mels: (B, F, num_mels) log-mel frames.
+            mask: (B, F) bool, True on real frames (padding at the end); None when all are real.
+
+        Returns:
+            EncoderIntermediates: ``output`` as ``forward`` (tokens (B, F', dim), mask (B, F') or
+            None); ``hidden``: one (B, F_i, dim) state per conv, then one (B, F', dim) residual
+            stream per block.
+        """
         x = mels.transpose(1, 2)  # (B, num_mels, F)
+        lengths = None
+        if mask is not None:
+            # Zero the padded frames before every conv, so a frame at the edge of an item reads the
+            # same zeros as the conv's own padding would give it: real outputs do not depend on
+            # how much padding (or what values in it) follows.
+            lengths = mask.sum(1)  # (B,)
+            x = x * mask[:, None, :].to(x.dtype)
         hidden = []
         for layer in self.convs:
             x = layer(x)
             if isinstance(layer, nn.GELU):
+                if lengths is not None:
+                    lengths = (lengths + 1) // 2  # ceil(L / 2), as in output_lengths
+                    valid = torch.arange(x.shape[-1], device=x.device)[None] < lengths[:, None]  # (B, F_i)
+                    x = x * valid[:, None, :].to(x.dtype)
                 hidden.append(x.transpose(1, 2))
         tokens = x.transpose(1, 2)  # (B, F', dim)
         positions = sinusoidal_embedding(
@@ -57,9 +127,21 @@ class AudioConvEncoder(nn.Module):
         tokens = self.norm(tokens + positions.to(tokens.dtype))
         out_mask = None
         if mask is not None:
-            lengths = self.output_lengths(mask.sum(1))
-            out_mask = torch.arange(tokens.shape[1], device=tokens.device)[None] < lengths[:, None]
-        return EncoderIntermediates(EncoderOutput(tokens, out_mask), hidden)
+            out_lengths = self.output_lengths(mask.sum(1))  # (B,)
+            out_mask = torch.arange(tokens.shape[1], device=tokens.device)[None] < out_lengths[:, None]  # (B, F')
+        if not self.num_layers:
+            return EncoderIntermediates(EncoderOutput(tokens, out_mask), hidden)
+        attn_mask = None
+        if out_mask is not None:
+            # Real queries never see padded keys; a padded query may attend itself, so that no
+            # softmax row is fully masked (which would give NaN).
+            self_only = torch.eye(tokens.shape[1], dtype=torch.bool, device=tokens.device)  # (F', F')
+            attn_mask = (out_mask[:, None, :] | self_only)[:, None]  # (B, 1, F', F')
+        for block in self.blocks:
+            tokens = block(tokens, rotary=None, mask=attn_mask, cache=None)
+            hidden.append(tokens)
+        return EncoderIntermediates(EncoderOutput(self.final_norm(tokens), out_mask), hidden)
 
     def forward(self, mels: Tensor, mask: Tensor | None = None) -> EncoderOutput:
+        """Log-mel (B, F, num_mels) and optional mask (B, F) -> EncoderOutput (tokens (B, F', dim))."""
         return self.forward_intermediates(mels, mask).output
