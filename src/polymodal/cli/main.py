@@ -1,4 +1,4 @@
-"""The ``polymodal`` command: train | eval | generate | configs | data.
+"""The ``polymodal`` command: train | eval | embed | search | configs | data.
 
 Errors a user can fix (a bad config key, a missing file) end with one line on stderr and exit
 status 2, no traceback.
@@ -16,7 +16,8 @@ EXIT_USAGE = 2
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from polymodal.cli import configs, data, eval as eval_cmd, train
+    from polymodal.cli import configs, data, embed, search, train
+    from polymodal.cli import eval as eval_cmd
 
     parser = argparse.ArgumentParser(
         prog="polymodal",
@@ -27,6 +28,8 @@ def build_parser() -> argparse.ArgumentParser:
     commands = {
         "train": (train, "train a model (default: the any-to-any preset on the built-in data)"),
         "eval": (eval_cmd, "evaluate a run folder's latest checkpoint and save eval.json"),
+        "embed": (embed, "embed a manifest's items of one modality with a CLIP run into a safetensors index"),
+        "search": (search, "search an embedding index with a text, image or audio query"),
         "configs": (configs, "list the shipped presets, or print one"),
         "data": (data, "build the built-in dataset, print its statistics, write sample PNG/WAVs"),
     }

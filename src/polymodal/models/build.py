@@ -16,6 +16,7 @@ from polymodal.encoders import ENCODERS
 from polymodal.errors import ConfigError
 from polymodal.modality import Modality
 from polymodal.models.any_to_any import TASKS, AnyToAnyModel, TextSpecials
+from polymodal.models.clip import build_clip, check_clip_config
 from polymodal.models.image_tokenizer import ImageTokenizerModel
 from polymodal.projectors import PROJECTORS
 from polymodal.tokenizers import IMAGE_TOKENIZERS
@@ -38,6 +39,9 @@ def check_model_config(config: Config) -> None:
     model = config.model
     if model.architecture == "image_tokenizer":
         IMAGE_TOKENIZERS.check(model.image_tokenizer, where="model.image_tokenizer")
+        return
+    if model.architecture == "clip":
+        check_clip_config(config)
         return
     for task in model.tasks:
         if task not in TASKS:
@@ -68,6 +72,8 @@ def build_model(config: Config, shapes: DataShapes) -> nn.Module:
     if model.architecture == "image_tokenizer":
         spec = model.image_tokenizer
         return ImageTokenizerModel(IMAGE_TOKENIZERS.build(spec, where="model.image_tokenizer"))
+    if model.architecture == "clip":
+        return build_clip(config, shapes)
     wiring = {
         Modality.IMAGE: (IMAGE_CHANNELS, shapes.image_size),
         Modality.TEXT: (shapes.text.vocab_size,),

@@ -26,8 +26,10 @@ from polymodal.data.text import TextTokenizer
 from polymodal.errors import ConfigError
 from polymodal.evaluation.captioning import caption_accuracy
 from polymodal.evaluation.reconstruction import image_grid, reconstruction_figures, save_png
+from polymodal.evaluation.zero_shot import clip_figures
 from polymodal.models.any_to_any import TASKS, TextSpecials
 from polymodal.models.build import DataShapes, build_model, check_model_config
+from polymodal.models.clip import ClipModel
 from polymodal.models.image_tokenizer import ImageTokenizerModel
 from polymodal.training.checkpoint import latest_checkpoint, load_checkpoint
 from polymodal.training.loop import fit
@@ -77,8 +79,9 @@ def prepare(config: Config, *, run_dir: Path, train_tokenizer: bool) -> Run:
 
 
 def evaluate_run(run: Run, *, split: str = "test", limit: int | None = None) -> dict:
-    """The run's figures on a split: X -> text exact match (any-to-any), or reconstruction quality
-    and codebook usage (image tokenizer; also writes ``reconstructions.png``)."""
+    """The run's figures on a split: X -> text exact match (any-to-any), zero-shot accuracy and
+    retrieval R@K (clip), or reconstruction quality and codebook usage (image tokenizer; also writes
+    ``reconstructions.png``)."""
     device = next(run.model.parameters()).device
     dataset = getattr(run.data, split)
     if isinstance(run.model, ImageTokenizerModel):
@@ -87,6 +90,8 @@ def evaluate_run(run: Run, *, split: str = "test", limit: int | None = None) -> 
         figures, preview = reconstruction_figures(run.model.tokenizer, dataset, run.collator, device=device)
         save_png(image_grid(preview), run.run_dir / RECONSTRUCTION_FILE)
         return {"reconstruction": figures}
+    if isinstance(run.model, ClipModel):
+        return clip_figures(run, split=split, limit=limit)
     results: dict = {}
     for task in run.model.tasks:
         source, _ = TASKS[task]

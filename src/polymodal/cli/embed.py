@@ -1,0 +1,161 @@
+"""Embed a manifest's items of one modality with a trained CLIP run and save them with their ids.
+
+  polymodal embed runs/clip --manifest photos.jsonl --modality image --out index.safetensors
+
+The towers of a CLIP model never read each other, so an index can be built once, offline, and
+searched later from any other modality (`polymodal search`). The file holds "embeddings" (N, D)
+float32 unit-norm and "ids" (N,) int64, each id the item's position among the manifest's usable
+lines; its metadata holds the manifest-relative media paths (or the texts) as a JSON list under
+"paths", and the modality, manifest and run folder.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from polymodal.modality import Modality
+
+logger = logging.getLogger(__name__)
+
+EMBEDDINGS_KEY = "embeddings"
+IDS_KEY = "ids"
+PATHS_KEY = "paths"  # metadata: JSON list of str, one per id
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("run_dir", help="a CLIP run folder written by `polymodal train --config clip`")
+    parser.add_argument("--manifest", required=True, help="JSONL manifest, one item per line")
+    parser.add_argument("--modality", required=True, choices=[m.value for m in Modality], help="which field to embed")
+    parser.add_argument("--out", required=True, help="the index file to write (.safetensors)")
+    parser.add_argument("--batch-size", type=int, default=64, help="items embedded at once (default: 64)")
+
+
+def run(args: argparse.Namespace) -> int:
+    from polymodal.config import load_run_config
+    from polymodal.training.job import load_run
+
+    run_dir = Path(args.run_dir)
+    loaded = load_run(run_dir, load_run_config(run_dir))
+    require_clip(loaded.model, run_dir)
+    index = embed_manifest(loaded, args.manifest, Modality.parse(args.modality), batch_size=args.batch_size)
+    save_index(args.out, index)
+    print(f"embedded {len(index.ids)} {args.modality} items ({index.embeddings.shape[1]} dims) -> {args.out}")
+    return 0
+
+
+@dataclasses.dataclass(frozen=True)
+class EmbeddingIndex:
+    """Embeddings with their ids, as saved to and loaded from an index file.
+
+    Attributes:
+        embeddings: (N, D) float32, unit-norm rows.
+        ids: (N,) int64, each item's position among the manifest's usable lines.
+        paths: N strings: the manifest's media path (or the text) of each item.
+        metadata: modality, manifest, run folder (str -> str).
+    """
+
+    embeddings: Tensor
+    ids: Tensor
+    paths: list[str]
+    metadata: dict[str, str]
+
+    def __post_init__(self) -> None:
+        emb, ids = self.embeddings, self.ids
+        if emb.ndim != 2 or ids.shape != emb.shape[:1] or len(self.paths) != ids.shape[0]:
+            raise ValueError(f"embeddings {tuple(emb.shape)}, ids {tuple(ids.shape)} and {len(self.paths)} paths disagree")
+
+
+def require_clip(model: Any, run_dir: Path) -> None:
+    from polymodal.errors import ConfigError
+    from polymodal.models.clip import ClipModel
+
+    if not isinstance(model, ClipModel):
+        raise ConfigError(f"{run_dir} is not a CLIP run (model.architecture must be clip); embeddings need one")
+
+
+@torch.no_grad()
+def embed_manifest(
+    run: Any, manifest: str | Path, modality: Modality, *, batch_size: int = 64, progress: bool | None = None
+) -> EmbeddingIndex:
+    """Embed every item of ``manifest`` that has ``modality``, in batches, with a progress bar.
+
+    Args:
+        run: a loaded ``polymodal.training.job.Run`` with a ``ClipModel``.
+        manifest: JSONL path; media paths are relative to its folder.
+        modality: the field to embed; items without it, or whose file fails to load, are skipped.
+        progress: show a tqdm bar; None shows it only on a terminal.
+    """
+    from tqdm import tqdm
+
+    from polymodal.data.manifest import ManifestDataset
+    from polymodal.errors import DataError
+
+    data = run.config.data
+    dataset = ManifestDataset(
+        manifest,
+        image_height=data.image_height,
+        image_width=data.image_width,
+        sample_rate=data.sample_rate,
+        max_audio_seconds=data.max_audio_seconds,
+    )
+    wanted = [i for i, entry in enumerate(dataset.entries) if entry.get(modality.value) is not None]
+    if not wanted:
+        raise DataError(f"manifest {manifest} has no item with {modality!s}")
+    model = run.model.eval()
+    device = next(model.parameters()).device
+    chunks, ids = [], []
+    starts = range(0, len(wanted), batch_size)
+    for start in tqdm(starts, desc=f"embed {modality}", unit="batch", disable=None if progress is None else not progress):
+        loaded = [(i, dataset[i]) for i in wanted[start : start + batch_size]]
+        loaded = [(i, s) for i, s in loaded if s is not None]  # media that failed to load are logged and skipped
+        if not loaded:
+            continue
+        batch = run.collator([s for _, s in loaded]).to(device)
+        mask = batch.masks.get(modality)
+        chunks.append(model.embed(modality, batch.inputs[modality], mask).float().cpu())  # (b, D)
+        ids.extend(i for i, _ in loaded)
+    if not chunks:
+        raise DataError(f"no {modality} item of {manifest} could be loaded ({len(dataset.skipped)} skipped)")
+    if dataset.skipped:
+        logger.warning("skipped %d unreadable lines or files of %s", len(dataset.skipped), manifest)
+    metadata = {"modality": modality.value, "manifest": str(manifest), "run_dir": str(run.run_dir)}
+    paths = [str(dataset.entries[i][modality.value]) for i in ids]
+    return EmbeddingIndex(torch.cat(chunks), torch.tensor(ids, dtype=torch.long), paths, metadata)
+
+
+def save_index(path: str | Path, index: EmbeddingIndex) -> Path:
+    """Write ``index`` as safetensors: tensors ``embeddings`` and ``ids``, the paths in metadata."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tensors = {EMBEDDINGS_KEY: index.embeddings.contiguous(), IDS_KEY: index.ids.contiguous()}
+    save_file(tensors, str(path), metadata={**index.metadata, PATHS_KEY: json.dumps(index.paths)})
+    return path
+
+
+def load_index(path: str | Path) -> EmbeddingIndex:
+    """Read an index written by ``save_index``."""
+    from safetensors import safe_open
+
+    from polymodal.errors import DataError
+
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"index file {path} does not exist; write one with `polymodal embed`")
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            metadata = dict(handle.metadata() or {})
+            embeddings, ids = handle.get_tensor(EMBEDDINGS_KEY), handle.get_tensor(IDS_KEY)
+    except Exception as exc:  # safetensors raises its own error types for a foreign or damaged file
+        raise DataError(f"{path} is not an index written by `polymodal embed`: {exc}") from None
+    paths = json.loads(metadata.pop(PATHS_KEY, "[]"))
+    return EmbeddingIndex(embeddings, ids, paths, metadata)
