@@ -69,6 +69,13 @@ class TransformerBlock(nn.Module):
         self.mlp = SwiGLU(dim, dim_hidden, bias=bias, dropout=dropout)
         self.residual_dropout = nn.Dropout(dropout)
 
+    def init_weights(self, *, std: float, out_std: float) -> None:
+        """Norm gains one; projections N(0, std), the two back into the residual stream N(0, out_std)."""
+        self.attn_norm.init_weights()
+        self.mlp_norm.init_weights()
+        self.attn.init_weights(std=std, out_std=out_std)
+        self.mlp.init_weights(std=std, out_std=out_std)
+
     def forward(
         self, x: Tensor, *, rotary: RotaryAngles | None, mask: Tensor | None, cache: KVCache | None
     ) -> Tensor:
@@ -143,12 +150,7 @@ class TransformerBackbone(nn.Module):
         """GPT-2 style: N(0, 0.02) weights, with the projections back into the residual stream
         scaled by 1/sqrt(2 * num_layers) so the residual variance does not grow with depth
         (Radford et al. 2019). Norm gains are one, biases zero. A no-op on the meta device."""
-        out_std = INIT_STD / math.sqrt(2 * self.num_layers)
-        for block in self.blocks:
-            block.attn_norm.init_weights()
-            block.mlp_norm.init_weights()
-            block.attn.init_weights(std=INIT_STD, out_std=out_std)
-            block.mlp.init_weights(std=INIT_STD, out_std=out_std)
+        init_blocks(self.blocks)
         self.final_norm.init_weights()
 
     def new_cache(
@@ -220,3 +222,10 @@ class TransformerBackbone(nn.Module):
         if cache is not None:
             cache.advance(n)
         return self.final_norm(x)
+
+
+def init_blocks(blocks: nn.ModuleList) -> None:
+    """GPT-2 initialisation of a stack: N(0, 0.02), residual outputs scaled by 1/sqrt(2 * depth)."""
+    out_std = INIT_STD / math.sqrt(2 * len(blocks))
+    for block in blocks:
+        block.init_weights(std=INIT_STD, out_std=out_std)

@@ -9,15 +9,14 @@ library's pre-norm ``TransformerBlock``, without RoPE since sinusoidal positions
 
 from __future__ import annotations
 
-import math
 
 import torch
 from torch import Tensor, nn
 
-from polymodal.backbones.transformer import TransformerBlock
+from polymodal.backbones.transformer import TransformerBlock, init_blocks
 from polymodal.encoders import ENCODERS
 from polymodal.encoders.output import EncoderIntermediates, EncoderOutput
-from polymodal.layers.mlp import INIT_STD, swiglu_hidden_dim
+from polymodal.layers.mlp import swiglu_hidden_dim
 from polymodal.layers.norms import RMSNorm
 from polymodal.layers.positional import sinusoidal_embedding
 from polymodal.modality import Modality
@@ -77,12 +76,7 @@ class AudioConvEncoder(nn.Module):
         self.norm.reset_parameters()
         if not self.num_layers:
             return
-        out_std = INIT_STD / math.sqrt(2 * self.num_layers)
-        for block in self.blocks:
-            block.attn_norm.init_weights()
-            block.mlp_norm.init_weights()
-            block.attn.init_weights(std=INIT_STD, out_std=out_std)
-            block.mlp.init_weights(std=INIT_STD, out_std=out_std)
+        init_blocks(self.blocks)
         self.final_norm.init_weights()
 
     def output_lengths(self, lengths: Tensor) -> Tensor:

@@ -9,12 +9,11 @@ since positions are already added to the embeddings.
 
 from __future__ import annotations
 
-import math
 
 import torch
 from torch import Tensor, nn
 
-from polymodal.backbones.transformer import TransformerBlock
+from polymodal.backbones.transformer import TransformerBlock, init_blocks
 from polymodal.encoders import ENCODERS
 from polymodal.encoders.output import EncoderIntermediates, EncoderOutput
 from polymodal.layers.mlp import INIT_STD, swiglu_hidden_dim
@@ -63,12 +62,7 @@ class TextEmbeddingEncoder(nn.Module):
         nn.init.normal_(self.embed.weight, std=INIT_STD)
         nn.init.normal_(self.pos, std=INIT_STD)
         if self.num_layers:
-            out_std = INIT_STD / math.sqrt(2 * self.num_layers)
-            for block in self.blocks:
-                block.attn_norm.init_weights()
-                block.mlp_norm.init_weights()
-                block.attn.init_weights(std=INIT_STD, out_std=out_std)
-                block.mlp.init_weights(std=INIT_STD, out_std=out_std)
+            init_blocks(self.blocks)
             self.final_norm.init_weights()
 
     def forward_intermediates(self, ids: Tensor, mask: Tensor | None = None) -> EncoderIntermediates:

@@ -10,14 +10,13 @@ positions are added to the tokens, as in the ViT paper.
 
 from __future__ import annotations
 
-import math
 
 import torch
 import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
-from polymodal.backbones.transformer import TransformerBlock
+from polymodal.backbones.transformer import TransformerBlock, init_blocks
 from polymodal.encoders import ENCODERS
 from polymodal.encoders.output import EncoderIntermediates, EncoderOutput
 from polymodal.layers.mlp import INIT_STD, swiglu_hidden_dim
@@ -120,12 +119,7 @@ class ViTEncoder(nn.Module):
             nn.init.normal_(self.cls_token, std=INIT_STD)
         if self.pos is not None:
             nn.init.trunc_normal_(self.pos, std=INIT_STD, a=-3 * INIT_STD, b=3 * INIT_STD)
-        out_std = INIT_STD / math.sqrt(2 * self.num_layers)
-        for block in self.blocks:
-            block.attn_norm.init_weights()
-            block.mlp_norm.init_weights()
-            block.attn.init_weights(std=INIT_STD, out_std=out_std)
-            block.mlp.init_weights(std=INIT_STD, out_std=out_std)
+        init_blocks(self.blocks)
         self.final_norm.init_weights()
 
     def embed(self, images: Tensor) -> Tensor:

@@ -17,26 +17,20 @@ bound in one space as in Girdhar et al. 2023, ImageBind, arXiv:2305.05665.
 from __future__ import annotations
 
 import inspect
-from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from polymodal.backbones import BACKBONES
 from polymodal.config import Config
 from polymodal.data.batch import Batch
-from polymodal.encoders import ENCODERS
 from polymodal.errors import ConfigError
 from polymodal.losses.contrastive import DEFAULT_TILED_ABOVE, info_nce
 from polymodal.losses.temperature import DEFAULT_INIT_SCALE, DEFAULT_MAX_SCALE, LogitScale
 from polymodal.modality import Modality
 from polymodal.models.any_to_any import MODALITY_INDEX
 from polymodal.models.output import StepOutput
-from polymodal.projectors import PROJECTORS
-
-if TYPE_CHECKING:
-    from polymodal.models.build import DataShapes
+from polymodal.models.parts import DataShapes, build_parts, check_parts
 
 # Order of the two modalities in a pair's name: "image_text", "audio_text", "image_audio".
 PAIR_ORDER = (Modality.IMAGE, Modality.AUDIO, Modality.TEXT)
@@ -264,19 +258,7 @@ def check_clip_config(config: Config) -> None:
             f"model.encoders: a clip model needs at least two modalities, got {', '.join(model.encoders) or 'none'}; "
             "e.g. image: {name: cnn}, text: {name: text_embedding}"
         )
-    for key, spec in model.encoders.items():
-        try:
-            modality = Modality.parse(key)
-        except ValueError as exc:
-            raise ConfigError(f"model.encoders.{key}: {exc}") from None
-        cls, _ = ENCODERS.check(spec, where=f"model.encoders.{key}")
-        if cls.modality is not modality:
-            same = [n for n in ENCODERS.names() if ENCODERS.get(n).modality is modality]
-            raise ConfigError(
-                f"model.encoders.{key}.name: {spec['name']!r} encodes {cls.modality}, not {modality}; valid: {', '.join(same)}"
-            )
-    PROJECTORS.check(model.projector, where="model.projector")
-    BACKBONES.check(model.backbone, where="model.backbone")
+    check_parts(config)
     settings = clip_settings()
     for key in model.contrastive:
         if key not in settings:
@@ -317,27 +299,11 @@ def build_clip(config: Config, shapes: DataShapes) -> ClipModel:
         config: a config with ``model.architecture: clip``.
         shapes: the data side's ``DataShapes`` (image size, mel bins, text vocabulary).
     """
-    from polymodal.models.build import IMAGE_CHANNELS  # build imports this module for clip configs
 
     check_clip_config(config)
     model = config.model
-    wiring = {
-        Modality.IMAGE: (IMAGE_CHANNELS, shapes.image_size),
-        Modality.TEXT: (shapes.text.vocab_size,),
-        Modality.AUDIO: (shapes.num_mels,),
-    }
-    encoders: dict[Modality, nn.Module] = {}
-    projectors: dict[Modality, nn.Module] = {}
-    for key, spec in model.encoders.items():
-        modality = Modality.parse(key)
-        encoders[modality] = ENCODERS.build(spec, *wiring[modality], where=f"model.encoders.{key}")
-        projectors[modality] = PROJECTORS.build(
-            model.projector, encoders[modality].dim_out, model.dim, where="model.projector"
-        )
-    backbone = BACKBONES.build(model.backbone, model.dim, where="model.backbone")
-    if hasattr(backbone, "init_weights"):  # pretrained backbones have none: their weights are loaded
-        backbone.init_weights()
+    parts = build_parts(config, shapes)
     try:
-        return ClipModel(encoders, projectors, backbone, model.dim, **model.contrastive)
+        return ClipModel(parts.encoders, parts.projectors, parts.backbone, model.dim, **model.contrastive)
     except ValueError as exc:
         raise ConfigError(f"model.contrastive: {exc}") from None
