@@ -56,14 +56,7 @@ class SelfAttention(nn.Module):
         self.k_norm = RMSNorm(self.head_dim) if qk_norm else None
 
     def init_weights(self, *, std: float = INIT_STD, out_std: float = INIT_STD) -> None:
-        """Truncated-normal weights, zero biases, unit qk-norm gains; ``out_std`` for ``o_proj``."""
-        for linear, s in ((self.q_proj, std), (self.k_proj, std), (self.v_proj, std), (self.o_proj, out_std)):
-            nn.init.trunc_normal_(linear.weight, std=s, a=-3 * s, b=3 * s)
-            if linear.bias is not None:
-                nn.init.zeros_(linear.bias)
-        for norm in (self.q_norm, self.k_norm):
-            if norm is not None:
-                norm.init_weights()
+        init_attention_weights(self, std=std, out_std=out_std)
 
     def forward(
         self,
@@ -100,3 +93,17 @@ class SelfAttention(nn.Module):
             q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0
         )  # (B, H, N, head_dim)
         return self.o_proj(rearrange(out, "b h n d -> b n (h d)"))
+
+
+def init_attention_weights(attn: nn.Module, *, std: float, out_std: float) -> None:
+    """Truncated-normal q/k/v/o weights (``out_std`` for ``o_proj``), zero biases, unit qk-norm gains.
+
+    Shared by self- and cross-attention, which name their projections alike.
+    """
+    for linear, s in ((attn.q_proj, std), (attn.k_proj, std), (attn.v_proj, std), (attn.o_proj, out_std)):
+        nn.init.trunc_normal_(linear.weight, std=s, a=-3 * s, b=3 * s)
+        if linear.bias is not None:
+            nn.init.zeros_(linear.bias)
+    for norm in (attn.q_norm, attn.k_norm):
+        if norm is not None:
+            norm.init_weights()

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
+from polymodal.layers.attention import init_attention_weights
 from polymodal.layers.norms import RMSNorm
 
 INIT_STD = 0.02  # GPT-2 (Radford et al. 2019) initialisation scale
@@ -78,14 +79,7 @@ class CrossAttention(nn.Module):
         self.k_norm = RMSNorm(self.head_dim) if qk_norm else None
 
     def init_weights(self, *, std: float = INIT_STD, out_std: float = INIT_STD) -> None:
-        """Truncated-normal weights, zero biases, unit qk-norm gains; ``out_std`` for ``o_proj``."""
-        for linear, s in ((self.q_proj, std), (self.k_proj, std), (self.v_proj, std), (self.o_proj, out_std)):
-            nn.init.trunc_normal_(linear.weight, std=s, a=-3 * s, b=3 * s)
-            if linear.bias is not None:
-                nn.init.zeros_(linear.bias)
-        for norm in (self.q_norm, self.k_norm):
-            if norm is not None:
-                norm.init_weights()
+        init_attention_weights(self, std=std, out_std=out_std)
 
     def _heads(self, queries: Tensor, context: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """Project and split into heads: q (B, H, Nq, hd), k and v (B, H, Nk, hd)."""
