@@ -61,6 +61,7 @@ class ModelConfig:
     backbone: dict[str, Any] = dataclasses.field(default_factory=lambda: {"name": "transformer"})
     tasks: list[str] = dataclasses.field(default_factory=lambda: ["image_to_text", "audio_to_text"])
     contrastive: dict[str, Any] = dataclasses.field(default_factory=dict)  # keyword settings of the CLIP model
+    audio_frames_per_token: int = 8  # text_to_audio: log-mel frames each audio query predicts
 
 
 @dataclasses.dataclass
@@ -85,6 +86,21 @@ class TrainConfig:
     loss_weights: dict[str, float] = dataclasses.field(default_factory=dict)  # loss name -> weight (default 1)
 
 
+# The VQ-VAE's own training settings (the ``vqvae`` preset's): no decay, clipping or warmup.
+TOKENIZER_TRAIN = TrainConfig(
+    steps=500,
+    batch_size=32,
+    lr=2e-3,
+    warmup_steps=0,
+    weight_decay=0.0,
+    betas=(0.9, 0.999),
+    grad_clip=0.0,
+    log_every=25,
+    ckpt_every=100,
+    loss_weights={"commitment": 0.25},
+)
+
+
 @dataclasses.dataclass
 class Config:
     """The whole run. Written resolved to ``run_dir/config.yaml``; that file alone reproduces the run."""
@@ -95,6 +111,10 @@ class Config:
     data: DataConfig = dataclasses.field(default_factory=DataConfig)
     model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
     train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
+    # The first stage of an any-to-any run with text_to_image: training ``model.image_tokenizer``.
+    tokenizer_train: TrainConfig = dataclasses.field(
+        default_factory=lambda: dataclasses.replace(TOKENIZER_TRAIN, loss_weights=dict(TOKENIZER_TRAIN.loss_weights))
+    )
 
 
 PRECISIONS = ("auto", "bf16", "fp32")
@@ -315,8 +335,10 @@ def validate(config: Config) -> None:
     choice("model.architecture", config.model.architecture, ARCHITECTURES)
     if config.data.source == "manifest" and not config.data.manifest:
         raise ConfigError("data.manifest: needed when data.source=manifest (a JSONL file of samples)")
-    for key in ("steps", "batch_size", "grad_accum", "lr", "log_every", "ckpt_every"):
-        positive(f"train.{key}", getattr(config.train, key))
+    for section in ("train", "tokenizer_train"):
+        for key in ("steps", "batch_size", "grad_accum", "lr", "log_every", "ckpt_every"):
+            positive(f"{section}.{key}", getattr(getattr(config, section), key))
+    positive("model.audio_frames_per_token", config.model.audio_frames_per_token)
     for key in ("num_samples", "max_digits", "image_height", "image_width", "sample_rate", "dim"):
         source = config.model if key == "dim" else config.data
         positive(f"{'model' if key == 'dim' else 'data'}.{key}", getattr(source, key))

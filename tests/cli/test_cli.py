@@ -65,8 +65,14 @@ def test_train_eval_resume_leave_a_complete_run_folder(tmp_path, capsys):
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert max(r["step"] for r in records) == 6
     figures = json.loads((run_dir / "eval.json").read_text())["figures"]
-    assert set(figures) >= {"image_to_text", "audio_to_text"}
+    assert set(figures) >= {"image_to_text", "audio_to_text", "text_to_image", "text_to_audio", "image_tokenizer"}
     assert 0.0 <= figures["image_to_text"]["exact"] <= 1.0
+    assert set(figures["retrieval_image_to_text"]) == {"R@1", "R@5", "R@10", "count"}
+    assert 0.0 <= figures["text_to_image"]["probe_correct"] <= 1.0
+    assert 0.0 <= figures["text_to_audio"]["judge_accuracy_on_real_test"] <= 1.0
+    # Stage 1 (the VQ-VAE) is a complete run of its own inside the run folder.
+    assert json.loads((run_dir / "image_tokenizer" / "eval.json").read_text())["figures"]["reconstruction"]["psnr"] > 0
+    assert {p.name for p in (run_dir / "samples").iterdir()} >= {"text_to_image.png", "text_to_audio_0.wav", "captions.txt"}
 
     # A second train into the same folder is refused rather than overwriting it.
     assert main(["train", "--config", "tiny", *common]) == 2
@@ -79,6 +85,27 @@ def test_train_eval_resume_leave_a_complete_run_folder(tmp_path, capsys):
     capsys.readouterr()
     assert main(["eval", str(run_dir), "--limit", "16"]) == 0
     assert "image_to_text/exact" in capsys.readouterr().out
+
+    _generate_every_route(run_dir, tmp_path, capsys)
+
+
+def _generate_every_route(run_dir, tmp_path, capsys):
+    import soundfile
+    from PIL import Image
+
+    png, wav = tmp_path / "forty_two.png", tmp_path / "forty_two.wav"
+    assert main(["generate", str(run_dir), "--from", "text", "forty two", "--to", "image", "--out", str(png)]) == 0
+    with Image.open(png) as image:
+        assert image.size == (96, 32) and image.mode == "L"
+    assert main(["generate", str(run_dir), "--from", "text", "forty two", "--to", "audio", "--out", str(wav)]) == 0
+    samples, rate = soundfile.read(str(wav))
+    assert rate == 16000 and 0 < len(samples) <= 2 * 16000 and abs(samples).max() > 0
+    for source, path, *sampling in (("image", png), ("audio", wav, "--temperature", "0.8")):
+        capsys.readouterr()
+        assert main(["generate", str(run_dir), "--from", source, str(path), "--to", "text", *sampling]) == 0
+        assert capsys.readouterr().out.count("\n") == 1  # one line of text (a 6-step model's may be empty)
+    assert main(["generate", str(run_dir), "--from", "text", "seven", "--to", "text"]) == 2
+    assert main(["generate", str(run_dir), "--from", "image", str(tmp_path / "missing.png"), "--to", "text"]) == 2
 
 
 def test_train_an_image_tokenizer_leaves_reconstructions_and_codebook_figures(tmp_path):

@@ -7,12 +7,12 @@ import torch
 from polymodal.config import load_config
 from polymodal.data.batch import Batch
 from polymodal.modality import Modality
-from polymodal.models.any_to_any import TextSpecials
+from polymodal.models.any_to_any import MEL_CENTER, MEL_SCALE, SILENCE, TextSpecials
 from polymodal.models.build import DataShapes, build_model
 
 VOCAB = 40
 SPECIALS = TextSpecials(vocab_size=VOCAB, pad_id=0, bos_id=1, eos_id=2)
-SHAPES = DataShapes(image_size=(32, 96), num_mels=16, text=SPECIALS)
+SHAPES = DataShapes(image_size=(32, 96), num_mels=16, text=SPECIALS, num_audio_frames=50)
 
 
 def tiny_model(seed: int = 0):
@@ -74,7 +74,8 @@ def test_loss_is_named_per_task_and_falls_with_training():
     batch = make_batch()
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
     first = model(batch)
-    assert set(first.losses) == {"image_to_text", "audio_to_text"}
+    pairs = {"contrastive_image_text", "contrastive_audio_text", "contrastive_image_audio"}
+    assert set(first.losses) == {"image_to_text", "audio_to_text", "text_to_image", "text_to_audio", *pairs}
     assert 0.0 <= first.metrics["image_to_text_token_acc"] <= 1.0
     for _ in range(30):
         loss = sum(model(batch).losses.values())
@@ -90,4 +91,81 @@ def test_a_batch_without_the_source_modality_skips_that_task():
     model = tiny_model()
     batch = make_batch()
     del batch.inputs[Modality.AUDIO]
-    assert set(model(batch).losses) == {"image_to_text"}
+    assert set(model(batch).losses) == {"image_to_text", "text_to_image", "contrastive_image_text"}
+
+
+def test_cached_image_generation_equals_full_recomputation_and_decodes_to_images():
+    model = tiny_model()
+    batch = make_batch()
+    ids, mask = batch.inputs[Modality.TEXT], batch.masks[Modality.TEXT]
+    cached = model.generate_image_codes(ids, mask, use_cache=True)
+    full = model.generate_image_codes(ids, mask, use_cache=False)
+    assert torch.equal(cached, full)
+    assert cached.shape == (3, 4, 12)  # 32 x 96 at 8x downsampling
+    assert 0 <= int(cached.min()) and int(cached.max()) < model.num_codes
+    images = model.generate_image(ids, mask)
+    assert images.shape == (3, 1, 32, 96) and images.abs().max() <= 1.0
+
+
+def test_sampled_image_codes_follow_the_generator():
+    model = tiny_model()
+    batch = make_batch()
+    ids, mask = batch.inputs[Modality.TEXT], batch.masks[Modality.TEXT]
+    draw = lambda seed: model.generate_image_codes(  # noqa: E731
+        ids, mask, temperature=1.0, generator=torch.Generator().manual_seed(seed)
+    )
+    assert torch.equal(draw(5), draw(5))
+    assert not torch.equal(draw(5), draw(6))
+
+
+def test_generated_audio_has_the_clip_length_and_inverts_the_target_normalisation():
+    model = tiny_model()
+    batch = make_batch()
+    ids, mask = batch.inputs[Modality.TEXT], batch.masks[Modality.TEXT]
+    mels = model.generate_audio(ids, mask)
+    assert mels.shape == (3, 50, 16) and mels.dtype == torch.float32
+    assert float(mels.min()) >= SILENCE
+    # What the head regresses: real frames, then silence, in normalised units.
+    log_mels = torch.randn(2, 5, 16)
+    frame_mask = torch.tensor([[True] * 5, [True, True, False, False, False]])
+    target = model.mel_targets(log_mels, frame_mask, 8)
+    assert target.shape == (2, 8, 16)
+    torch.testing.assert_close(target[0, :5] * MEL_SCALE + MEL_CENTER, log_mels[0])
+    torch.testing.assert_close(target[1, :2] * MEL_SCALE + MEL_CENTER, log_mels[1, :2])
+    assert torch.allclose(target[1, 2:] * MEL_SCALE + MEL_CENTER, torch.tensor(SILENCE))
+    assert torch.allclose(target[0, 5:] * MEL_SCALE + MEL_CENTER, torch.tensor(SILENCE))
+
+
+def test_contrastive_embeddings_from_task_passes_equal_a_pass_over_the_source_alone():
+    """Sources never attend targets, so the pooled source states of image->text equal embed()'s."""
+    model = tiny_model()
+    batch = make_batch()
+    captured = {}
+    original = model._project
+
+    def spy(modality, pooled):
+        captured[modality] = original(modality, pooled)
+        return captured[modality]
+
+    model._project = spy
+    with torch.no_grad():
+        model(batch)
+        for modality in (Modality.IMAGE, Modality.AUDIO, Modality.TEXT):
+            alone = model.embed(modality, batch.inputs[modality], batch.masks.get(modality))
+            torch.testing.assert_close(captured[modality], alone, atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(alone.norm(dim=-1), torch.ones(3))
+
+
+def test_the_image_tokenizer_is_frozen_and_stays_in_eval_mode():
+    model = tiny_model().train()
+    assert not model.image_tokenizer.training
+    before = {k: v.clone() for k, v in model.image_tokenizer.state_dict().items()}
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    for _ in range(3):
+        loss = sum(model(make_batch()).losses.values())
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    after = model.image_tokenizer.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)  # weights, EMA codebook and counts
+    assert not any(p.requires_grad for p in model.image_tokenizer.parameters())

@@ -36,12 +36,25 @@ class _ConvStage(nn.Module):
 
 @ENCODERS.register("cnn")
 class CNNEncoder(nn.Module):
-    """Images (B, C, H, W) -> tokens (B, H/2^s * W/2^s, dim) with learned 2-D positions."""
+    """Images (B, C, H, W) -> tokens with learned positions: one per output cell (B, h * w, dim),
+    or one per output column (B, w, dim), left to right.
+
+    Args:
+        dim: token width (and the last stage's channels).
+        num_stages: stride-2 stages; the output map is 2^num_stages times smaller.
+        tokens: ``cells`` (raster order) or ``columns``: each column's cells concatenated and
+            projected, as a CRNN reads a line of text (Shi et al. 2015, arXiv:1507.05717), so the
+            token order is the reading order and 1-D rotary positions in the backbone follow it.
+    """
 
     modality = Modality.IMAGE
 
-    def __init__(self, in_channels: int, image_size: tuple[int, int], *, dim: int = 128, num_stages: int = 3) -> None:
+    def __init__(
+        self, in_channels: int, image_size: tuple[int, int], *, dim: int = 128, num_stages: int = 3, tokens: str = "cells"
+    ) -> None:
         super().__init__()
+        if tokens not in ("cells", "columns"):
+            raise ValueError(f"tokens must be 'cells' or 'columns', got {tokens!r}")
         height, width = image_size
         scale = 2**num_stages
         if height % scale or width % scale:
@@ -52,7 +65,10 @@ class CNNEncoder(nn.Module):
             _ConvStage(c_in, c_out) for c_in, c_out in zip([in_channels, *widths[:-1]], widths)
         )
         self.grid = (height // scale, width // scale)
-        self.pos = nn.Parameter(torch.empty(1, self.grid[0] * self.grid[1], dim))
+        self.tokens = tokens
+        self.columns = nn.Linear(dim * self.grid[0], dim) if tokens == "columns" else None
+        num_tokens = self.grid[1] if tokens == "columns" else self.grid[0] * self.grid[1]
+        self.pos = nn.Parameter(torch.empty(1, num_tokens, dim))
         self.dim_out = dim
         self.init_weights()
 
@@ -65,7 +81,10 @@ class CNNEncoder(nn.Module):
         for stage in self.stages:
             x = stage(x)
             hidden.append(rearrange(x, "b d h w -> b (h w) d"))
-        tokens = hidden[-1] + self.pos  # (B, h*w, dim)
+        if self.columns is not None:
+            tokens = self.columns(rearrange(x, "b d h w -> b w (d h)")) + self.pos  # (B, w, dim)
+        else:
+            tokens = hidden[-1] + self.pos  # (B, h*w, dim)
         return EncoderIntermediates(EncoderOutput(tokens), hidden)
 
     def forward(self, images: Tensor) -> EncoderOutput:

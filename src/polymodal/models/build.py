@@ -10,11 +10,14 @@ from torch import nn
 
 from polymodal.config import Config
 from polymodal.errors import ConfigError
-from polymodal.models.any_to_any import TASKS, AnyToAnyModel, TextSpecials
+from polymodal.models.any_to_any import CONTRASTIVE, TASK_NAMES, TASKS, AnyToAnyModel, AudioTargets, TextSpecials
 from polymodal.models.clip import build_clip, check_clip_config
 from polymodal.models.image_tokenizer import ImageTokenizerModel
 from polymodal.models.parts import DataShapes, build_parts, check_parts
 from polymodal.tokenizers import IMAGE_TOKENIZERS
+
+# The settings ``model.contrastive`` may hold for an any-to-any model.
+ANY_TO_ANY_CONTRASTIVE = ("embed_dim", "unique_labels")
 
 __all__ = ["DataShapes", "TextSpecials", "build_model", "check_model_config"]
 
@@ -29,13 +32,29 @@ def check_model_config(config: Config) -> None:
         check_clip_config(config)
         return
     for task in model.tasks:
-        if task not in TASKS:
-            raise ConfigError(f"model.tasks: unknown task {task!r}; valid: {', '.join(TASKS)}")
+        if task not in TASK_NAMES:
+            raise ConfigError(f"model.tasks: unknown task {task!r}; valid: {', '.join(TASK_NAMES)}")
     check_parts(config)
     for task in model.tasks:
+        if task == CONTRASTIVE:
+            if len(model.encoders) < 2:
+                raise ConfigError(f"model.tasks: {CONTRASTIVE} aligns two or more modalities; model.encoders has {list(model.encoders)}")
+            continue
         source, _ = TASKS[task]
         if source.value not in model.encoders:
             raise ConfigError(f"model.encoders.{source}: task {task} needs a {source} encoder; add one or drop the task")
+    if "text_to_image" in model.tasks:
+        IMAGE_TOKENIZERS.check(model.image_tokenizer, where="model.image_tokenizer")
+        if model.image_tokenizer.get("name") != "vqvae":
+            raise ConfigError(
+                f"model.image_tokenizer.name: text_to_image generates discrete codes and needs 'vqvae', "
+                f"got {model.image_tokenizer.get('name')!r}"
+            )
+    unknown = set(model.contrastive) - set(ANY_TO_ANY_CONTRASTIVE)
+    if unknown:
+        raise ConfigError(
+            f"model.contrastive: unknown setting(s) {sorted(unknown)} for any_to_any; valid: {', '.join(ANY_TO_ANY_CONTRASTIVE)}"
+        )
 
 
 def build_model(config: Config, shapes: DataShapes) -> nn.Module:
@@ -48,6 +67,9 @@ def build_model(config: Config, shapes: DataShapes) -> nn.Module:
     if model.architecture == "clip":
         return build_clip(config, shapes)
     parts = build_parts(config, shapes)
+    image_tokenizer = None
+    if "text_to_image" in model.tasks:  # its weights come from the run's first stage
+        image_tokenizer = IMAGE_TOKENIZERS.build(model.image_tokenizer, where="model.image_tokenizer")
     assembled = AnyToAnyModel(
         encoders=parts.encoders,
         projectors=parts.projectors,
@@ -55,6 +77,10 @@ def build_model(config: Config, shapes: DataShapes) -> nn.Module:
         dim=model.dim,
         text=shapes.text,
         tasks=model.tasks,
+        image_tokenizer=image_tokenizer,
+        image_size=shapes.image_size,
+        audio=AudioTargets(shapes.num_mels, shapes.num_audio_frames, model.audio_frames_per_token),
+        **model.contrastive,
     )
     policy = getattr(parts.backbone, "freeze", None)
     if policy is not None:  # a pretrained LM's freezing policy also covers the encoders

@@ -25,40 +25,23 @@ from torch import Tensor, nn
 from polymodal.config import Config
 from polymodal.data.batch import Batch
 from polymodal.errors import ConfigError
-from polymodal.losses.contrastive import DEFAULT_TILED_ABOVE, info_nce
+from polymodal.losses.contrastive import DEFAULT_TILED_ABOVE
 from polymodal.losses.temperature import DEFAULT_INIT_SCALE, DEFAULT_MAX_SCALE, LogitScale
 from polymodal.modality import Modality
-from polymodal.models.any_to_any import MODALITY_INDEX
+from polymodal.models.alignment import (
+    MODALITY_INDEX,
+    PAIRS,
+    masked_mean,
+    pair_losses,
+    pair_name,
+    parse_pair,
+    source_pass,
+    type_embedding,
+)
 from polymodal.models.output import StepOutput
 from polymodal.models.parts import DataShapes, build_parts, check_parts
 
-# Order of the two modalities in a pair's name: "image_text", "audio_text", "image_audio".
-PAIR_ORDER = (Modality.IMAGE, Modality.AUDIO, Modality.TEXT)
-# Every pair, in the order the loss terms are computed and logged.
-PAIRS = (
-    (Modality.IMAGE, Modality.TEXT),
-    (Modality.AUDIO, Modality.TEXT),
-    (Modality.IMAGE, Modality.AUDIO),
-)
 LOSS_PREFIX = "clip_"
-# In-batch retrieval accuracy is logged only up to this many pairs (it needs the N x N logits).
-MAX_METRIC_BATCH = 4096
-
-
-def pair_name(a: Modality, b: Modality) -> str:
-    """``(TEXT, IMAGE)`` -> ``"image_text"``: the two modalities in ``PAIR_ORDER``."""
-    if a is b:
-        raise ValueError(f"a pair needs two different modalities, got {a} twice")
-    first, second = sorted((a, b), key=PAIR_ORDER.index)
-    return f"{first.value}_{second.value}"
-
-
-def parse_pair(name: str) -> tuple[Modality, Modality]:
-    """``"image_text"`` -> ``(IMAGE, TEXT)``; a ValueError naming the valid pairs otherwise."""
-    valid = {pair_name(a, b): (a, b) for a, b in PAIRS}
-    if name not in valid:
-        raise ValueError(f"unknown modality pair {name!r}; valid: {', '.join(valid)}")
-    return valid[name]
 
 
 class ClipModel(nn.Module):
@@ -157,21 +140,12 @@ class ClipModel(nn.Module):
         encoder = self.encoders[modality.value]
         out = encoder(inputs) if mask is None or modality is Modality.IMAGE else encoder(inputs, mask)
         tokens = self.projectors[modality.value](out.tokens, out.mask)  # (B, N', D)
-        index = torch.tensor(MODALITY_INDEX[modality], device=tokens.device)
-        tokens = tokens + self.modality_embed(index).to(tokens.dtype)  # + (D,) type embedding
+        tokens = tokens + type_embedding(self.modality_embed, modality, tokens)  # + (D,) type embedding
         if out.mask is not None and tokens.shape[1] == out.tokens.shape[1]:
             valid = out.mask  # (B, N) a per-token projector keeps the padding
         else:  # no padding, or learned queries that already read only the real tokens
             valid = torch.ones(tokens.shape[:2], dtype=torch.bool, device=tokens.device)
-        # Keys: real tokens only; every token may attend itself, so a padded row is never fully
-        # masked (an all-False softmax row is NaN) while real rows are unaffected.
-        eye = torch.eye(tokens.shape[1], dtype=torch.bool, device=tokens.device)  # (N, N)
-        attend = (valid[:, None, :] | eye)[:, None]  # (B, 1, N, N)
-        # Positions count real tokens only: padding never shifts anyone's RoPE phase.
-        positions = (valid.long().cumsum(dim=1) - 1).clamp(min=0)  # (B, N)
-        hidden = self.backbone(tokens, mask=attend, positions=positions)  # (B, N, D)
-        weights = valid.to(hidden.dtype)[:, :, None]  # (B, N, 1)
-        pooled = (hidden * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1)  # (B, D) masked mean
+        pooled = masked_mean(source_pass(self.backbone, tokens, valid), valid)  # (B, D)
         if self.heads:
             pooled = self.heads[modality.value](pooled)  # (B, embed_dim)
         # fp32 island: these vectors make the InfoNCE logits, up to 100x their cosine; under bf16
@@ -189,7 +163,6 @@ class ClipModel(nn.Module):
         """
         paired = {m for pair in self.pairs for m in pair}
         embedded: dict[Modality, Tensor] = {}
-        rank: dict[Modality, Tensor] = {}
         for modality in (m for m in self.modalities if m in paired and m in batch.inputs):  # a fixed order
             present = batch.present[modality]  # (B,)
             if not present.any():
@@ -198,40 +171,23 @@ class ClipModel(nn.Module):
             embedded[modality] = self.embed(
                 modality, batch.inputs[modality][present], None if mask is None else mask[present]
             )  # (B_m, E): only the items that carry the modality
-            rank[modality] = present.long().cumsum(0) - 1  # (B,) item -> its row in embedded[modality]
         scale = self.logit_scale()  # () shared by every pair
-        losses: dict[str, Tensor] = {}
-        metrics: dict[str, float] = {"logit_scale": float(scale.detach())}
-        for a, b in self.pairs:
-            if a not in embedded or b not in embedded:
-                continue
-            both = batch.present[a] & batch.present[b]  # (B,)
-            if self.unique_labels:  # among the items that have both, the first of each label
-                rows = both.nonzero().squeeze(1)  # (n,)
-                both = torch.zeros_like(both).index_fill_(0, rows[first_of_label(batch.labels[rows])], True)
-            if not both.any():
-                continue
-            emb_a = embedded[a][rank[a][both]]  # (n, E)
-            emb_b = embedded[b][rank[b][both]]  # (n, E), row i pairs with emb_a[i]
-            name = LOSS_PREFIX + pair_name(a, b)
-            losses[name] = info_nce(emb_a, emb_b, scale, tile_size=self.tile_size, tiled_above=self.tiled_above)
-            if emb_a.shape[0] <= MAX_METRIC_BATCH:
-                with torch.no_grad():
-                    hits = (emb_a @ emb_b.T).argmax(dim=1) == torch.arange(emb_a.shape[0], device=emb_a.device)
-                    metrics[f"{name}_acc"] = hits.float().mean().item()
+        losses, metrics = pair_losses(
+            embedded,
+            batch,
+            self.pairs,
+            scale,
+            prefix=LOSS_PREFIX,
+            unique_labels=self.unique_labels,
+            tile_size=self.tile_size,
+            tiled_above=self.tiled_above,
+        )
+        metrics = {"logit_scale": float(scale.detach()), **metrics}
         if not losses:
             trained = ", ".join(pair_name(a, b) for a, b in self.pairs)
             has = ", ".join(map(str, batch.inputs))
             raise ValueError(f"the batch has no item with both modalities of any trained pair ({trained}); it has {has}")
         return StepOutput(losses, metrics)
-
-
-def first_of_label(labels: Tensor) -> Tensor:
-    """(B,) bool: True on the first item of each label >= 0, and on every item labelled < 0."""
-    positions = torch.arange(labels.shape[0], device=labels.device)  # (B,)
-    _, group = torch.unique(labels, return_inverse=True)  # (B,) index of each item's label
-    first = torch.full_like(positions, labels.shape[0]).scatter_reduce(0, group, positions, reduce="amin")  # per label
-    return (first[group] == positions) | (labels < 0)
 
 
 # ----------------------------------------------------------------------------- assembly

@@ -26,6 +26,7 @@ class DataShapes:
     image_size: tuple[int, int]
     num_mels: int
     text: TextSpecials
+    num_audio_frames: int = 201  # log-mel frames of the longest clip (2 s at a 10 ms hop)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,0 +1,137 @@
+"""Generate with a trained any-to-any run: text from an image or a clip, an image or speech from text.
+
+  polymodal generate runs/default --from image digits.png --to text
+  polymodal generate runs/default --from audio clip.wav --to text
+  polymodal generate runs/default --from text "forty two" --to image          # writes generated.png
+  polymodal generate runs/default --from text "forty two" --to audio --out 42.wav
+
+Text is printed. An image is written as a PNG at the data's size; speech as a 16-bit WAV (the
+predicted log-mel through Griffin-Lim). Decoding is greedy unless --temperature is above 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from polymodal.modality import Modality
+
+DEFAULT_OUT = {Modality.IMAGE: "generated.png", Modality.AUDIO: "generated.wav"}
+# (source, target) -> the task a run must have been trained on.
+ROUTES = {
+    (Modality.IMAGE, Modality.TEXT): "image_to_text",
+    (Modality.AUDIO, Modality.TEXT): "audio_to_text",
+    (Modality.TEXT, Modality.IMAGE): "text_to_image",
+    (Modality.TEXT, Modality.AUDIO): "text_to_audio",
+}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("run_dir", help="an any-to-any run folder written by `polymodal train`")
+    parser.add_argument(
+        "--from",
+        dest="source",
+        nargs=2,
+        metavar=("MODALITY", "INPUT"),
+        required=True,
+        help="the source: `image PATH`, `audio PATH` or `text \"words\"`",
+    )
+    parser.add_argument("--to", dest="target", required=True, help="the target modality: text, image or audio")
+    parser.add_argument("--out", help="where to write an image (PNG) or speech (WAV); default generated.png / .wav")
+    parser.add_argument("--temperature", type=float, default=0.0, help="sampling temperature; 0 = greedy (default)")
+    parser.add_argument("--top-k", type=int, default=0, help="sample among the k likeliest tokens; 0 = all")
+    parser.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default 1.0: off)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the sampling and of Griffin-Lim's phases")
+
+
+def parse_route(source: str, target: str) -> tuple[Modality, Modality]:
+    """(``"text"``, ``"image"``) -> (TEXT, IMAGE); a ConfigError naming the valid routes otherwise."""
+    from polymodal.errors import ConfigError
+
+    valid = ", ".join(f"--from {s} --to {t}" for s, t in ROUTES)
+    try:
+        route = Modality.parse(source), Modality.parse(target)
+    except ValueError as exc:
+        raise ConfigError(f"{exc}; valid: {valid}") from None
+    if route not in ROUTES:
+        raise ConfigError(f"cannot generate {target} from {source}; valid: {valid}")
+    return route
+
+
+@torch.no_grad()
+def generate(run: Any, source: Modality, target: Modality, query: str, **sampling: Any) -> Any:
+    """Text (str), an image ((1, H, W) in [-1, 1]) or speech ((T,) waveform) from one input.
+
+    Args:
+        run: a loaded any-to-any ``polymodal.training.job.Run``.
+        query: the text, or the path of the image or audio file.
+        sampling: temperature, top_k, top_p, generator.
+    """
+    from polymodal.data.audio import load_audio
+    from polymodal.data.batch import Sample
+    from polymodal.data.image import load_image
+    from polymodal.errors import ConfigError
+
+    model = run.model.eval()
+    task = ROUTES[(source, target)]
+    if task not in model.tasks:
+        raise ConfigError(f"{run.run_dir} was not trained for {task} (its tasks: {', '.join(model.tasks)})")
+    data = run.config.data
+    if source is Modality.TEXT:
+        sample = Sample(text=query)
+    elif source is Modality.IMAGE:
+        sample = Sample(image=load_image(query, height=data.image_height, width=data.image_width))
+    else:
+        sample = Sample(audio=load_audio(query, sample_rate=data.sample_rate))
+    device = next(model.parameters()).device
+    batch = run.collator([sample]).to(device)  # prepared exactly as training data was
+    inputs, mask = batch.inputs[source], batch.masks.get(source)
+    if target is Modality.TEXT:
+        ids = model.generate_text(source, inputs, mask, max_new_tokens=data.max_text_tokens, **sampling)[0]
+        return run.tokenizer.decode(ids)
+    if target is Modality.IMAGE:
+        return model.generate_image(inputs, mask, **sampling)[0].cpu()
+    from polymodal.decoders.vocoder import GriffinLimVocoder
+    from polymodal.evaluation.generation import voiced_frames
+
+    mels = model.generate_audio(inputs, mask).cpu()  # (1, F, M)
+    vocoder = GriffinLimVocoder(sample_rate=data.sample_rate, n_fft=data.n_fft, hop_length=data.hop_length, num_mels=data.num_mels)
+    waveform = vocoder(mels, generator=sampling.get("generator"))[0]
+    return waveform[: int(voiced_frames(mels)[0]) * data.hop_length]
+
+
+def run(args: argparse.Namespace) -> int:
+    from polymodal.config import load_run_config
+    from polymodal.errors import ConfigError
+    from polymodal.training.job import load_run
+
+    source, target = parse_route(args.source[0], args.target)
+    if args.temperature < 0 or not 0 < args.top_p <= 1 or args.top_k < 0:
+        raise ConfigError("need --temperature >= 0, --top-k >= 0 and 0 < --top-p <= 1")
+    run_dir = Path(args.run_dir)
+    loaded = load_run(run_dir, load_run_config(run_dir))
+    generator = torch.Generator().manual_seed(args.seed)
+    sampling = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, generator=generator)
+    if target is Modality.AUDIO:
+        sampling = dict(generator=generator)  # one non-autoregressive pass: nothing to sample
+    result = generate(loaded, source, target, args.source[1], **sampling)
+    if target is Modality.TEXT:
+        print(result)
+        return 0
+    out = Path(args.out or DEFAULT_OUT[target])
+    if target is Modality.IMAGE:
+        from polymodal.data.image import denormalize_images
+        from PIL import Image
+
+        pixels = (denormalize_images(result[0]).clamp(0, 1) * 255).round().to(torch.uint8).numpy()  # (H, W)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(pixels).save(out)  # (H, W) uint8: grey
+    else:
+        from polymodal.decoders.vocoder import write_wav
+
+        write_wav(out, result, loaded.config.data.sample_rate)
+    print(f"wrote {out}")
+    return 0

@@ -1,0 +1,125 @@
+"""Contrastive alignment shared by the CLIP towers and the any-to-any model: modality pairs, the
+source-only backbone pass with masked mean pooling, and one symmetric InfoNCE term per pair.
+
+Reference: Radford et al. 2021, Learning Transferable Visual Models From Natural Language
+Supervision (CLIP), arXiv:2103.00020 (symmetric InfoNCE over a batch of pairs).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from polymodal.data.batch import Batch
+from polymodal.losses.contrastive import info_nce
+from polymodal.modality import Modality
+
+# Modality-type embedding rows, fixed so checkpoints stay loadable when modalities are added.
+MODALITY_INDEX = {m: i for i, m in enumerate(Modality)}
+# Order of the two modalities in a pair's name: "image_text", "audio_text", "image_audio".
+PAIR_ORDER = (Modality.IMAGE, Modality.AUDIO, Modality.TEXT)
+# Every pair, in the order the loss terms are computed and logged.
+PAIRS = (
+    (Modality.IMAGE, Modality.TEXT),
+    (Modality.AUDIO, Modality.TEXT),
+    (Modality.IMAGE, Modality.AUDIO),
+)
+# In-batch retrieval accuracy is logged only up to this many pairs (it needs the N x N logits).
+MAX_METRIC_BATCH = 4096
+
+
+def pair_name(a: Modality, b: Modality) -> str:
+    """``(TEXT, IMAGE)`` -> ``"image_text"``: the two modalities in ``PAIR_ORDER``."""
+    if a is b:
+        raise ValueError(f"a pair needs two different modalities, got {a} twice")
+    first, second = sorted((a, b), key=PAIR_ORDER.index)
+    return f"{first.value}_{second.value}"
+
+
+def parse_pair(name: str) -> tuple[Modality, Modality]:
+    """``"image_text"`` -> ``(IMAGE, TEXT)``; a ValueError naming the valid pairs otherwise."""
+    valid = {pair_name(a, b): (a, b) for a, b in PAIRS}
+    if name not in valid:
+        raise ValueError(f"unknown modality pair {name!r}; valid: {', '.join(valid)}")
+    return valid[name]
+
+
+def first_of_label(labels: Tensor) -> Tensor:
+    """(B,) bool: True on the first item of each label >= 0, and on every item labelled < 0."""
+    positions = torch.arange(labels.shape[0], device=labels.device)  # (B,)
+    _, group = torch.unique(labels, return_inverse=True)  # (B,) index of each item's label
+    first = torch.full_like(positions, labels.shape[0]).scatter_reduce(0, group, positions, reduce="amin")  # per label
+    return (first[group] == positions) | (labels < 0)
+
+
+def type_embedding(table: nn.Embedding, modality: Modality, like: Tensor) -> Tensor:
+    """(D,) the modality-type embedding row of ``modality``, in ``like``'s dtype and device."""
+    index = torch.tensor(MODALITY_INDEX[modality], device=like.device)
+    return table(index).to(like.dtype)
+
+
+def source_pass(backbone: nn.Module, tokens: Tensor, valid: Tensor) -> Tensor:
+    """The backbone over one modality's tokens alone, bidirectionally: (B, N, D) -> (B, N, D).
+
+    Keys are the real tokens only; every token may attend itself, so a padded row is never fully
+    masked (an all-False softmax row is NaN) while real rows are unaffected. Positions count real
+    tokens only, so padding never shifts anyone's RoPE phase.
+    """
+    eye = torch.eye(tokens.shape[1], dtype=torch.bool, device=tokens.device)  # (N, N)
+    attend = (valid[:, None, :] | eye)[:, None]  # (B, 1, N, N)
+    positions = (valid.long().cumsum(dim=1) - 1).clamp(min=0)  # (B, N)
+    return backbone(tokens, mask=attend, positions=positions)
+
+
+def masked_mean(hidden: Tensor, valid: Tensor) -> Tensor:
+    """(B, N, D) states, (B, N) bool -> (B, D) mean over the real tokens."""
+    weights = valid.to(hidden.dtype)[:, :, None]  # (B, N, 1)
+    return (hidden * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1)
+
+
+def pair_losses(
+    embedded: dict[Modality, Tensor],
+    batch: Batch,
+    pairs: list[tuple[Modality, Modality]],
+    scale: Tensor,
+    *,
+    prefix: str,
+    unique_labels: bool = False,
+    tile_size: int | None = None,
+    tiled_above: int | None = None,
+) -> tuple[dict[str, Tensor], dict[str, float]]:
+    """One symmetric InfoNCE term per pair, over the items that carry both modalities.
+
+    Args:
+        embedded: per modality, (B_m, E) unit-norm embeddings of the items where
+            ``batch.present[modality]`` is True, in batch order.
+        pairs: the pairs to score; a pair missing a modality in ``embedded`` is skipped.
+        scale: () the logit scale (1 / temperature).
+        prefix: loss names are ``<prefix><pair>``, e.g. ``clip_image_text``.
+        unique_labels: keep one item per label (>= 0), so two items of one class are never each
+            other's negatives.
+
+    Returns:
+        losses ``<prefix><pair>`` and metrics ``<prefix><pair>_acc`` (in-batch a -> b top-1).
+    """
+    rank = {m: batch.present[m].long().cumsum(0) - 1 for m in embedded}  # (B,) item -> its row
+    losses: dict[str, Tensor] = {}
+    metrics: dict[str, float] = {}
+    for a, b in pairs:
+        if a not in embedded or b not in embedded:
+            continue
+        both = batch.present[a] & batch.present[b]  # (B,)
+        if unique_labels:  # among the items that have both, the first of each label
+            rows = both.nonzero().squeeze(1)  # (n,)
+            both = torch.zeros_like(both).index_fill_(0, rows[first_of_label(batch.labels[rows])], True)
+        if not both.any():
+            continue
+        emb_a = embedded[a][rank[a][both]]  # (n, E)
+        emb_b = embedded[b][rank[b][both]]  # (n, E), row i pairs with emb_a[i]
+        name = prefix + pair_name(a, b)
+        losses[name] = info_nce(emb_a, emb_b, scale, tile_size=tile_size, tiled_above=tiled_above)
+        if emb_a.shape[0] <= MAX_METRIC_BATCH:
+            with torch.no_grad():
+                hits = (emb_a @ emb_b.T).argmax(dim=1) == torch.arange(emb_a.shape[0], device=emb_a.device)
+                metrics[f"{name}_acc"] = hits.float().mean().item()
+    return losses, metrics
