@@ -49,6 +49,7 @@ def test_override_values_are_read_as_yaml():
         ("train.precision=fp8", "train.precision: 'fp8' is not valid; valid: auto, bf16, fp32"),
         ("data.source=imagenet", "data.source: 'imagenet' is not valid; valid: spoken_numbers, manifest"),
         ("train.steps=0", "train.steps: must be > 0"),
+        ("tokenizer_train.steps=0", "tokenizer_train.steps: must be > 0"),
         ("steps", "expected key=value"),
     ],
 )
@@ -66,6 +67,9 @@ def test_bad_values_name_the_key_and_choices(override, message):
         ("model.encoders.smell={name: cnn}", "model.encoders.smell: unknown modality 'smell'"),
         ("model.encoders.image.name=audio_conv", "encodes audio, not image; valid: cnn"),
         ("model.tasks=[image_to_smell]", "model.tasks: unknown task 'image_to_smell'; valid:"),
+        ("model.image_tokenizer.name=vae", "model.image_tokenizer.name: text_to_image generates discrete codes and needs 'vqvae'"),
+        ("model.contrastive.tile_size=8", "model.contrastive: unknown setting(s) ['tile_size'] for any_to_any; valid: embed_dim"),
+        ("model.encoders.text.name=cnn", "model.encoders.text.name: 'cnn' encodes image, not text"),
     ],
 )
 def test_bad_parts_are_caught_before_building(override, message):

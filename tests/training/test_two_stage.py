@@ -1,0 +1,36 @@
+"""The two-stage job (VQ-VAE, then any-to-any): a run stopped between the stages resumes into the
+second without retraining the first, and the frozen tokenizer inside the model is stage 1's."""
+
+from __future__ import annotations
+
+import pytest
+import safetensors.torch
+import torch
+
+from polymodal.config import load_config
+from polymodal.errors import ConfigError
+from polymodal.training.checkpoint import latest_checkpoint
+from polymodal.training.job import TOKENIZER_STAGE_DIR, tokenizer_stage_config, train
+
+
+def test_a_run_stopped_after_stage_one_resumes_into_stage_two(tmp_path, monkeypatch):
+    monkeypatch.setenv("POLYMODAL_CACHE", str(tmp_path / "cache"))
+    run_dir = tmp_path / "run"
+    config = load_config(
+        ["tiny"],
+        [f"run_dir={run_dir}", "data.num_samples=200", "train.steps=4", "train.progress=false", "tokenizer_train.progress=false"],
+    )
+    train(tokenizer_stage_config(config))  # as if the job had been killed right after stage 1
+    stage_checkpoint = latest_checkpoint(run_dir / TOKENIZER_STAGE_DIR)
+    stage_weights = safetensors.torch.load_file(str(stage_checkpoint / "model.safetensors"))
+
+    with pytest.raises(ConfigError, match="already holds a run"):
+        train(config)  # never overwrites a started run
+    train(config, resume=True)
+
+    assert latest_checkpoint(run_dir / TOKENIZER_STAGE_DIR) == stage_checkpoint  # stage 1 not retrained
+    model_weights = safetensors.torch.load_file(str(latest_checkpoint(run_dir) / "model.safetensors"))
+    tokenizer_keys = [k for k in stage_weights if k.startswith("tokenizer.")]
+    assert tokenizer_keys
+    for key in tokenizer_keys:  # "tokenizer.X" in stage 1 is "image_tokenizer.X" in the model
+        assert torch.equal(model_weights["image_" + key], stage_weights[key]), key
