@@ -3,7 +3,7 @@
 Byte-level BPE as in GPT-2 (Radford et al. 2019, Language Models are Unsupervised Multitask
 Learners): text is read as UTF-8 bytes, each byte mapped to a printable symbol, and BPE merges
 (Sennrich et al. 2016, Neural Machine Translation of Rare Words with Subword Units,
-arXiv:1508.07909) are learnt on top. Since all 256 byte symbols are in the vocabulary, every string
+arXiv:1508.07909) are learnt on top; digits are split first, one token each. Since all 256 byte symbols are in the vocabulary, every string
 encodes without an unknown token and ``decode(encode(s)) == s`` for any valid Unicode string.
 """
 
@@ -70,8 +70,13 @@ class TextTokenizer:
                 f"({len(SPECIAL_TOKENS)} special tokens + {NUM_BYTE_SYMBOLS} byte symbols)"
             )
         tokenizer = Tokenizer(models.BPE())
+        # Every digit is its own token (as in LLaMA, Touvron et al. 2023, arXiv:2302.13971): merged
+        # digit pairs ("3" + "48", " 90" + "7") make reading a numeral a lookup per pair instead of
+        # a transcription per digit, and numbers never seen in training get unseen tokens.
         # add_prefix_space=False keeps the round trip exact (no space is invented before the text).
-        tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
+            [pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False)]
+        )
         tokenizer.decoder = decoders.ByteLevel()
         trainer = trainers.BpeTrainer(
             vocab_size=vocab_size,

@@ -157,6 +157,34 @@ def text_to_image_figures(
     return figures, Generated(captions, labels_all, images=torch.cat(images))
 
 
+@torch.no_grad()
+def reconstructed_probe_accuracy(
+    tokenizer: nn.Module,
+    judge: probes.ImageProbe,
+    dataset: Dataset,
+    collate_fn: Callable[..., Batch],
+    *,
+    batch_size: int = 250,
+    device: torch.device | str = "cpu",
+    limit: int | None = None,
+) -> float:
+    """Share of real images whose number ``judge`` still reads after ``tokenizer.reconstruct``."""
+    right = total = 0
+    for batch in DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collate_fn):
+        if Modality.IMAGE not in batch.inputs:
+            continue
+        keep = batch.present[Modality.IMAGE]
+        images, labels = batch.inputs[Modality.IMAGE][keep], batch.labels[keep]
+        if limit is not None:
+            images, labels = images[: limit - total], labels[: limit - total]
+        predicted = probes.predict_numbers(judge, tokenizer.reconstruct(images.to(device)).clamp(-1, 1)).cpu()
+        right += int((predicted == labels).sum())
+        total += len(labels)
+        if limit is not None and total >= limit:
+            break
+    return right / max(total, 1)
+
+
 def voiced_frames(log_mel: Tensor) -> Tensor:
     """(B, F, M) log-mel -> (B,) frames up to and including the last voiced one (at least 1)."""
     voiced = log_mel.amax(dim=-1) > VOICED_LEVEL  # (B, F)

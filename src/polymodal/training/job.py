@@ -27,7 +27,13 @@ from polymodal.errors import ConfigError
 from polymodal.evaluation.captioning import caption_accuracy
 from polymodal.evaluation.reconstruction import image_grid, reconstruction_figures, save_png
 from polymodal.decoders.vocoder import GriffinLimVocoder
-from polymodal.evaluation.generation import load_judges, text_to_audio_figures, text_to_image_figures, write_samples
+from polymodal.evaluation.generation import (
+    load_judges,
+    reconstructed_probe_accuracy,
+    text_to_audio_figures,
+    text_to_image_figures,
+    write_samples,
+)
 from polymodal.evaluation.retrieval import retrieval_figures
 from polymodal.evaluation.zero_shot import clip_figures, embed_dataset
 from polymodal.modality import Modality
@@ -142,6 +148,11 @@ def _generation_figures(run: Run, dataset, *, limit: int | None, device: torch.d
         figures, images = text_to_image_figures(model, dataset, run.collator, judges.image, run.tokenizer.decode, **common)
         results["text_to_image"] = {**figures, "judge_accuracy_on_real_test": judges.image_accuracy}
         tokenizer_figures, _ = reconstruction_figures(model.image_tokenizer, dataset, run.collator, device=device)
+        # The ceiling of text -> image: how often the judge reads the number in a REAL image after
+        # the VQ-VAE's round trip.
+        tokenizer_figures["probe_correct_reconstructed"] = reconstructed_probe_accuracy(
+            model.image_tokenizer, judges.image, dataset, run.collator, device=device, limit=limit
+        )
         results["image_tokenizer"] = tokenizer_figures
     if "text_to_audio" in model.tasks:
         vocoder = GriffinLimVocoder(
