@@ -41,6 +41,11 @@ def test_override_values_are_read_as_yaml():
     assert parse_override("run_dir=runs/x") == {"run_dir": "runs/x"}
 
 
+def test_exponent_notation_without_a_dot_is_a_number():
+    assert load_config(["tiny"], ["train.lr=2e-3"]).train.lr == 0.002  # YAML 1.1 alone reads a string
+    assert load_config(["tiny"], ["train.lr=1E-4"]).train.lr == 0.0001
+
+
 @pytest.mark.parametrize(
     ("override", "message"),
     [

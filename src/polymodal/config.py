@@ -8,6 +8,7 @@ Part specs (``{"name": ..., **settings}``) are checked against their registry's 
 from __future__ import annotations
 
 import dataclasses
+import re
 import importlib.resources
 import types
 import typing
@@ -260,6 +261,10 @@ def from_dict(cls: type, data: Mapping[str, Any], where: str = "") -> Any:
     return cls(**values)
 
 
+# A decimal number in exponent notation, e.g. 2e-3 or 1E4.
+_FLOAT_TEXT = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)[eE][+-]?\d+")
+
+
 def _coerce(annotation: Any, value: Any, key: str) -> Any:
     if dataclasses.is_dataclass(annotation):
         return from_dict(annotation, value, key)
@@ -281,6 +286,8 @@ def _coerce(annotation: Any, value: Any, key: str) -> Any:
             raise ConfigError(f"{key}: expected an integer, got {value!r}")
         return value
     if annotation is float:
+        if isinstance(value, str) and _FLOAT_TEXT.fullmatch(value.strip()):
+            return float(value)  # YAML 1.1 reads "2e-3" (no dot) as a string; a person means the number
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{key}: expected a number, got {value!r}")
         return float(value)
