@@ -70,9 +70,7 @@ def generate(run: Any, source: Modality, target: Modality, query: str, **samplin
         query: the text, or the path of the image or audio file.
         sampling: temperature, top_k, top_p, generator.
     """
-    from polymodal.data.audio import load_audio
-    from polymodal.data.batch import Sample
-    from polymodal.data.image import load_image
+    from polymodal.data.collate import collate_query
     from polymodal.errors import ConfigError
 
     model = run.model.eval()
@@ -80,14 +78,7 @@ def generate(run: Any, source: Modality, target: Modality, query: str, **samplin
     if task not in model.tasks:
         raise ConfigError(f"{run.run_dir} was not trained for {task} (its tasks: {', '.join(model.tasks)})")
     data = run.config.data
-    if source is Modality.TEXT:
-        sample = Sample(text=query)
-    elif source is Modality.IMAGE:
-        sample = Sample(image=load_image(query, height=data.image_height, width=data.image_width))
-    else:
-        sample = Sample(audio=load_audio(query, sample_rate=data.sample_rate))
-    device = next(model.parameters()).device
-    batch = run.collator([sample]).to(device)  # prepared exactly as training data was
+    batch = collate_query(run.collator, data, source, query).to(next(model.parameters()).device)
     inputs, mask = batch.inputs[source], batch.masks.get(source)
     if target is Modality.TEXT:
         ids = model.generate_text(source, inputs, mask, max_new_tokens=data.max_text_tokens, **sampling)[0]

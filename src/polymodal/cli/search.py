@@ -65,19 +65,10 @@ def embed_query(run: Any, modality: Modality, query: str) -> torch.Tensor:
 
     The query goes through the run's collator, so it is prepared exactly as training data was.
     """
-    from polymodal.data.audio import load_audio
-    from polymodal.data.batch import Sample
-    from polymodal.data.image import load_image
+    from polymodal.data.collate import collate_query
 
-    data = run.config.data
-    if modality is Modality.TEXT:
-        sample = Sample(text=query)
-    elif modality is Modality.IMAGE:
-        sample = Sample(image=load_image(query, height=data.image_height, width=data.image_width))
-    else:
-        sample = Sample(audio=load_audio(query, sample_rate=data.sample_rate))
     model = run.model.eval()
-    batch = run.collator([sample]).to(next(model.parameters()).device)
+    batch = collate_query(run.collator, run.config.data, modality, query).to(next(model.parameters()).device)
     return model.embed(modality, batch.inputs[modality], batch.masks.get(modality))[0].float().cpu()
 
 

@@ -13,9 +13,9 @@ import torch
 from torch import Tensor
 
 from polymodal.config import DataConfig
-from polymodal.data.audio import LogMel
+from polymodal.data.audio import LogMel, load_audio
 from polymodal.data.batch import Batch, Sample
-from polymodal.data.image import normalize_images
+from polymodal.data.image import load_image, normalize_images
 from polymodal.data.text import TextTokenizer
 from polymodal.errors import DataError
 from polymodal.modality import Modality
@@ -134,3 +134,15 @@ def build_collator(tokenizer: TextTokenizer, data_config: DataConfig) -> Collato
         max_text_tokens=data_config.max_text_tokens,
         max_audio_seconds=data_config.max_audio_seconds,
     )
+
+
+def collate_query(collator: Collator, data_config: DataConfig, modality: Modality, query: str) -> Batch:
+    """A batch of one: a text, or the image or audio file at path ``query``, read at the data's
+    size and rate and collated exactly as training data was."""
+    if modality is Modality.TEXT:
+        sample = Sample(text=query)
+    elif modality is Modality.IMAGE:
+        sample = Sample(image=load_image(query, height=data_config.image_height, width=data_config.image_width))
+    else:
+        sample = Sample(audio=load_audio(query, sample_rate=data_config.sample_rate))
+    return collator([sample])
