@@ -169,3 +169,21 @@ def test_the_image_tokenizer_is_frozen_and_stays_in_eval_mode():
     after = model.image_tokenizer.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)  # weights, EMA codebook and counts
     assert not any(p.requires_grad for p in model.image_tokenizer.parameters())
+
+
+def test_a_task_fraction_trains_that_task_on_the_first_items_only():
+    model = tiny_model()
+    model.task_fractions = {"text_to_audio": 0.5}  # ceil(0.5 * 3) = the first 2 items
+    batch = make_batch()
+    head = Batch(
+        {m: x[:2] for m, x in batch.inputs.items()},
+        {m: x[:2] for m, x in batch.masks.items()},
+        {m: x[:2] for m, x in batch.present.items()},
+        batch.labels[:2],
+    )
+    with torch.no_grad():
+        part = model(batch).losses
+        model.task_fractions = {}
+        whole, first_two = model(batch).losses, model(head).losses
+    torch.testing.assert_close(part["text_to_audio"], first_two["text_to_audio"])
+    torch.testing.assert_close(part["image_to_text"], whole["image_to_text"])  # other tasks see every item

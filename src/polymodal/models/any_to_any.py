@@ -106,6 +106,8 @@ class AnyToAnyModel(nn.Module):
         audio: the mel targets; needed by ``text_to_audio``.
         embed_dim: width of the contrastive embeddings (a bias-free linear head per modality).
         unique_labels: one item per label in each contrastive pair (no same-class negatives).
+        task_fractions: per task, the share of a batch's items it trains on (the first ones of
+            the shuffled batch; default 1): the long-sequence tasks can take fewer items per step.
     """
 
     def __init__(
@@ -122,8 +124,15 @@ class AnyToAnyModel(nn.Module):
         audio: AudioTargets | None = None,
         embed_dim: int = 128,
         unique_labels: bool = True,
+        task_fractions: dict[str, float] | None = None,
     ) -> None:
         super().__init__()
+        self.task_fractions = dict(task_fractions or {})
+        for task, fraction in self.task_fractions.items():
+            if task not in TASKS or task not in tasks:
+                raise ValueError(f"task_fractions: {task!r} is not one of this model's generation tasks {[t for t in tasks if t in TASKS]}")
+            if not 0.0 < fraction <= 1.0:
+                raise ValueError(f"task_fractions.{task}: must lie in (0, 1], got {fraction}")
         for task in tasks:
             if task not in TASK_NAMES:
                 raise ValueError(f"unknown task {task!r}; valid: {', '.join(TASK_NAMES)}")
@@ -274,6 +283,9 @@ class AnyToAnyModel(nn.Module):
             if source_modality not in batch.inputs or target_modality not in batch.inputs:
                 continue
             keep = batch.present[source_modality] & batch.present[target_modality]
+            if task in self.task_fractions:  # the first ceil(f * n) of the n usable items
+                rank = keep.long().cumsum(0)  # (B,) 1-based rank among the usable items
+                keep = keep & (rank <= math.ceil(self.task_fractions[task] * int(keep.sum())))
             if not keep.any():
                 continue
             source, source_mask = self.encode_source(

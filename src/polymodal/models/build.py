@@ -50,6 +50,11 @@ def check_model_config(config: Config) -> None:
                 f"model.image_tokenizer.name: text_to_image generates discrete codes and needs 'vqvae', "
                 f"got {model.image_tokenizer.get('name')!r}"
             )
+    for task, fraction in model.task_fractions.items():
+        if task not in model.tasks or task not in TASKS:
+            raise ConfigError(f"model.task_fractions.{task}: not a generation task of this model; valid: {', '.join(t for t in model.tasks if t in TASKS)}")
+        if not 0.0 < fraction <= 1.0:
+            raise ConfigError(f"model.task_fractions.{task}: must lie in (0, 1], got {fraction}")
     unknown = set(model.contrastive) - set(ANY_TO_ANY_CONTRASTIVE)
     if unknown:
         raise ConfigError(
@@ -80,6 +85,7 @@ def build_model(config: Config, shapes: DataShapes) -> nn.Module:
         image_tokenizer=image_tokenizer,
         image_size=shapes.image_size,
         audio=AudioTargets(shapes.num_mels, shapes.num_audio_frames, model.audio_frames_per_token),
+        task_fractions=model.task_fractions,
         **model.contrastive,
     )
     policy = getattr(parts.backbone, "freeze", None)
