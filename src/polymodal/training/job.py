@@ -28,6 +28,7 @@ from polymodal.evaluation.captioning import caption_accuracy
 from polymodal.evaluation.reconstruction import image_grid, reconstruction_figures, save_png
 from polymodal.decoders.vocoder import GriffinLimVocoder
 from polymodal.evaluation.generation import (
+    SPEECH_EVAL_ITEMS,
     load_judges,
     reconstructed_probe_accuracy,
     text_to_audio_figures,
@@ -158,8 +159,9 @@ def _generation_figures(run: Run, dataset, *, limit: int | None, device: torch.d
         vocoder = GriffinLimVocoder(
             sample_rate=data.sample_rate, n_fft=data.n_fft, hop_length=data.hop_length, num_mels=data.num_mels
         )
+        speech_common = {**common, "limit": min(limit or SPEECH_EVAL_ITEMS, SPEECH_EVAL_ITEMS)}
         figures, speech = text_to_audio_figures(
-            model, dataset, run.collator, judges.audio, vocoder, run.collator.log_mel, run.tokenizer.decode, **common
+            model, dataset, run.collator, judges.audio, vocoder, run.collator.log_mel, run.tokenizer.decode, **speech_common
         )
         results["text_to_audio"] = {**figures, "judge_accuracy_on_real_test": judges.audio_accuracy}
     write_samples(run.run_dir / SAMPLES_DIR, images, speech, sample_rate=data.sample_rate)
