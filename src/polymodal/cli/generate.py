@@ -85,12 +85,10 @@ def generate(run: Any, source: Modality, target: Modality, query: str, **samplin
         return run.tokenizer.decode(ids)
     if target is Modality.IMAGE:
         return model.generate_image(inputs, mask, **sampling)[0].cpu()
-    from polymodal.decoders.vocoder import GriffinLimVocoder
-    from polymodal.evaluation.generation import voiced_frames
+    from polymodal.evaluation.generation import vocoder_for, voiced_frames
 
     mels = model.generate_audio(inputs, mask).cpu()  # (1, F, M)
-    vocoder = GriffinLimVocoder(sample_rate=data.sample_rate, n_fft=data.n_fft, hop_length=data.hop_length, num_mels=data.num_mels)
-    waveform = vocoder(mels, generator=sampling.get("generator"))[0]
+    waveform = vocoder_for(data)(mels, generator=sampling.get("generator"))[0]
     return waveform[: int(voiced_frames(mels)[0]) * data.hop_length]
 
 

@@ -93,6 +93,11 @@ def load_judges(
     return Judges(image.eval(), audio.eval(), image_accuracy, audio_accuracy)
 
 
+def vocoder_for(data: DataConfig) -> GriffinLimVocoder:
+    """The Griffin-Lim vocoder inverting the log-mel that ``data``'s collator extracts."""
+    return GriffinLimVocoder(sample_rate=data.sample_rate, n_fft=data.n_fft, hop_length=data.hop_length, num_mels=data.num_mels)
+
+
 @dataclasses.dataclass
 class Generated:
     """Samples made from a split's captions, with what was asked for."""

@@ -91,6 +91,20 @@ class AudioTargets:
         return math.ceil(self.num_frames / self.frames_per_token)
 
 
+# Target modality -> the method computing that target's loss.
+TARGET_LOSS = {Modality.TEXT: "_text_loss", Modality.IMAGE: "_image_loss", Modality.AUDIO: "_audio_loss"}
+
+
+def check_task_fractions(task_fractions: dict[str, float], tasks: list[str]) -> None:
+    """Each fraction names one of ``tasks``' generation tasks and lies in (0, 1]; a ValueError otherwise."""
+    for task, fraction in task_fractions.items():
+        if task not in TASKS or task not in tasks:
+            valid = ", ".join(t for t in tasks if t in TASKS)
+            raise ValueError(f"task_fractions.{task}: not a generation task of this model; valid: {valid}")
+        if not 0.0 < fraction <= 1.0:
+            raise ValueError(f"task_fractions.{task}: must lie in (0, 1], got {fraction}")
+
+
 class AnyToAnyModel(nn.Module):
     """Wiring only: takes built parts (see ``polymodal.models.build``).
 
@@ -128,11 +142,7 @@ class AnyToAnyModel(nn.Module):
     ) -> None:
         super().__init__()
         self.task_fractions = dict(task_fractions or {})
-        for task, fraction in self.task_fractions.items():
-            if task not in TASKS or task not in tasks:
-                raise ValueError(f"task_fractions: {task!r} is not one of this model's generation tasks {[t for t in tasks if t in TASKS]}")
-            if not 0.0 < fraction <= 1.0:
-                raise ValueError(f"task_fractions.{task}: must lie in (0, 1], got {fraction}")
+        check_task_fractions(self.task_fractions, tasks)
         for task in tasks:
             if task not in TASK_NAMES:
                 raise ValueError(f"unknown task {task!r}; valid: {', '.join(TASK_NAMES)}")
@@ -293,8 +303,8 @@ class AnyToAnyModel(nn.Module):
             )
             target = batch.inputs[target_modality][keep]
             target_mask = _mask_of(batch, target_modality, keep)
-            loss_fn = {Modality.TEXT: self._text_loss, Modality.IMAGE: self._image_loss, Modality.AUDIO: self._audio_loss}
-            hidden, losses[task], task_metrics = loss_fn[target_modality](source, source_mask, target, target_mask)
+            loss_fn = getattr(self, TARGET_LOSS[target_modality])
+            hidden, losses[task], task_metrics = loss_fn(source, source_mask, target, target_mask)
             metrics.update({f"{task}_{k}": v for k, v in task_metrics.items()})
             if self.pairs and source_modality not in pooled and bool((keep == batch.present[source_modality]).all()):
                 pooled[source_modality] = masked_mean(hidden[:, : source.shape[1]], source_mask)

@@ -10,7 +10,15 @@ from torch import nn
 
 from polymodal.config import Config
 from polymodal.errors import ConfigError
-from polymodal.models.any_to_any import CONTRASTIVE, TASK_NAMES, TASKS, AnyToAnyModel, AudioTargets, TextSpecials
+from polymodal.models.any_to_any import (
+    CONTRASTIVE,
+    TASK_NAMES,
+    TASKS,
+    AnyToAnyModel,
+    AudioTargets,
+    TextSpecials,
+    check_task_fractions,
+)
 from polymodal.models.clip import build_clip, check_clip_config
 from polymodal.models.image_tokenizer import ImageTokenizerModel
 from polymodal.models.parts import DataShapes, build_parts, check_parts
@@ -50,11 +58,10 @@ def check_model_config(config: Config) -> None:
                 f"model.image_tokenizer.name: text_to_image generates discrete codes and needs 'vqvae', "
                 f"got {model.image_tokenizer.get('name')!r}"
             )
-    for task, fraction in model.task_fractions.items():
-        if task not in model.tasks or task not in TASKS:
-            raise ConfigError(f"model.task_fractions.{task}: not a generation task of this model; valid: {', '.join(t for t in model.tasks if t in TASKS)}")
-        if not 0.0 < fraction <= 1.0:
-            raise ConfigError(f"model.task_fractions.{task}: must lie in (0, 1], got {fraction}")
+    try:
+        check_task_fractions(model.task_fractions, model.tasks)
+    except ValueError as exc:
+        raise ConfigError(f"model.{exc}") from None
     unknown = set(model.contrastive) - set(ANY_TO_ANY_CONTRASTIVE)
     if unknown:
         raise ConfigError(

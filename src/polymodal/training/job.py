@@ -26,13 +26,13 @@ from polymodal.data.text import TextTokenizer
 from polymodal.errors import ConfigError
 from polymodal.evaluation.captioning import caption_accuracy
 from polymodal.evaluation.reconstruction import image_grid, reconstruction_figures, save_png
-from polymodal.decoders.vocoder import GriffinLimVocoder
 from polymodal.evaluation.generation import (
     SPEECH_EVAL_ITEMS,
     load_judges,
     reconstructed_probe_accuracy,
     text_to_audio_figures,
     text_to_image_figures,
+    vocoder_for,
     write_samples,
 )
 from polymodal.evaluation.retrieval import retrieval_figures
@@ -156,9 +156,7 @@ def _generation_figures(run: Run, dataset, *, limit: int | None, device: torch.d
         )
         results["image_tokenizer"] = tokenizer_figures
     if "text_to_audio" in model.tasks:
-        vocoder = GriffinLimVocoder(
-            sample_rate=data.sample_rate, n_fft=data.n_fft, hop_length=data.hop_length, num_mels=data.num_mels
-        )
+        vocoder = vocoder_for(data)
         speech_common = {**common, "limit": min(limit or SPEECH_EVAL_ITEMS, SPEECH_EVAL_ITEMS)}
         figures, speech = text_to_audio_figures(
             model, dataset, run.collator, judges.audio, vocoder, run.collator.log_mel, run.tokenizer.decode, **speech_common
