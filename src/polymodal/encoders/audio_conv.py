@@ -19,7 +19,6 @@ from polymodal.encoders.output import EncoderIntermediates, EncoderOutput
 from polymodal.layers.mlp import swiglu_hidden_dim
 from polymodal.layers.norms import RMSNorm
 from polymodal.layers.positional import sinusoidal_embedding
-from polymodal.layers.spec_augment import SpecAugment
 from polymodal.modality import Modality
 
 # Two stride-2 convolutions (the default num_convs).
@@ -38,29 +37,14 @@ class AudioConvEncoder(nn.Module):
         num_layers: transformer blocks after the convolutions; 0 returns the normed conv tokens,
             with the parameters of the conv-only encoder.
         num_heads: attention heads of those blocks.
-        freq_masks, freq_mask_width, time_masks, time_mask_width: SpecAugment while training
-            (``layers.spec_augment``); no masks by default.
     """
 
     modality = Modality.AUDIO
 
     def __init__(
-        self,
-        num_mels: int,
-        *,
-        dim: int = 128,
-        num_convs: int = 2,
-        num_layers: int = 0,
-        num_heads: int = 4,
-        freq_masks: int = 0,
-        freq_mask_width: int = 8,
-        time_masks: int = 0,
-        time_mask_width: int = 8,
+        self, num_mels: int, *, dim: int = 128, num_convs: int = 2, num_layers: int = 0, num_heads: int = 4
     ) -> None:
         super().__init__()
-        self.augment = SpecAugment(
-            freq_masks=freq_masks, freq_mask_width=freq_mask_width, time_masks=time_masks, time_mask_width=time_mask_width
-        )
         if num_layers < 0:
             raise ValueError(f"num_layers must be >= 0, got {num_layers}")
         layers: list[nn.Module] = []
@@ -113,7 +97,7 @@ class AudioConvEncoder(nn.Module):
             None); ``hidden``: one (B, F_i, dim) state per conv, then one (B, F', dim) residual
             stream per block.
         """
-        x = self.augment(mels, mask).transpose(1, 2)  # (B, num_mels, F); masked bands/spans when training
+        x = mels.transpose(1, 2)  # (B, num_mels, F)
         lengths = None
         if mask is not None:
             # Zero the padded frames before every conv, so a frame at the edge of an item reads the
