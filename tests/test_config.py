@@ -84,6 +84,12 @@ def test_bad_parts_are_caught_before_building(override, message):
     assert message in str(info.value)
 
 
+def test_text_to_audio_on_a_manifest_is_refused_before_building():
+    config = load_config(["tiny"], ["data.source=manifest", "data.manifest=a.jsonl"])
+    with pytest.raises(ConfigError, match="text_to_audio learns from word-aligned reference speech, which only the built-in"):
+        check_model_config(config)
+
+
 def test_unknown_preset_lists_the_shipped_ones():
     with pytest.raises(ConfigError, match="unknown preset 'tinyy'; valid: .*tiny"):
         load_config(["tinyy"])

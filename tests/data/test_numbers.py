@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from polymodal.data.numbers import CAPTION_TEMPLATES, MAX_NUMBER, make_caption, number_to_words, parse_number
+from polymodal.data.numbers import CAPTION_TEMPLATES, MAX_NUMBER, make_caption, number_to_words, parse_number, spoken_words
 
 
 @pytest.mark.parametrize(
@@ -65,3 +65,11 @@ def test_caption_follows_rng():
 def test_parse_without_number():
     assert parse_number("a handwritten digit") is None
     assert parse_number("") is None
+
+
+def test_spoken_words_say_the_number_a_caption_names():
+    rng = np.random.default_rng(0)
+    for n in [0, 7, 42, 105, 999, 1007, 999_999]:
+        assert spoken_words(make_caption(n, rng)) == number_to_words(n)
+    assert spoken_words("  Hello There ") == "hello there"  # no number: the text itself
+    assert spoken_words("1000000") == "1000000"  # beyond the words this module knows

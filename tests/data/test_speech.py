@@ -81,3 +81,14 @@ def test_longer_numbers_take_longer():
     short = [synthesize(str(n), voice=speech.random_voice(rng)).size for n in rng.integers(0, 10, 6)]
     long = [synthesize(str(n), voice=speech.random_voice(rng)).size for n in rng.integers(100, 1000, 6)]
     assert np.mean(long) > 1.5 * np.mean(short)
+
+
+def test_timed_synthesis_gives_the_same_waveform_and_one_start_per_word():
+    texts = ["forty two", "three hundred and seventy seven", "seven"]
+    for text in texts:
+        ((wave, starts),) = speech.synthesize_words([text])  # one fresh engine, as synthesize has
+        np.testing.assert_array_equal(wave, speech.synthesize(text))  # word events change nothing
+        assert len(starts) == len(text.split())
+        assert starts[0] < 0.05 * 16000  # the first word starts right after the trimmed silence
+        assert (np.diff(starts) > 0.05 * 16000).all()  # each word lasts more than 50 ms
+        assert starts[-1] < len(wave)

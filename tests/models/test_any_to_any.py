@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from polymodal.config import load_config
-from polymodal.data.batch import Batch
+from polymodal.data.batch import Batch, SpeechTargets
 from polymodal.modality import Modality
-from polymodal.models.any_to_any import MEL_CENTER, MEL_SCALE, SILENCE, TextSpecials
+from polymodal.models.any_to_any import MEL_CENTER, MEL_SCALE, PHASE_BUCKETS, SILENCE, TextSpecials, align_frames
 from polymodal.models.build import DataShapes, build_model
 
 VOCAB = 40
@@ -31,6 +33,21 @@ def make_batch(batch_size: int = 3, text_len: int = 6, frames: int = 30) -> Batc
     audio_mask = torch.ones(batch_size, frames, dtype=torch.bool)
     audio_mask[1, 20:] = False
     present = {m: torch.ones(batch_size, dtype=torch.bool) for m in (Modality.IMAGE, Modality.TEXT, Modality.AUDIO)}
+    # Reference speech: the same ids as words, 3-5 frames per content token, 0 on bos/eos/padding.
+    durations = torch.randint(3, 6, (batch_size, text_len), generator=g).float()
+    durations[:, 0] = 0.0
+    durations[:, -1] = 0.0
+    durations[~text_mask] = 0.0
+    speech_frames = int(durations.sum(1).max())
+    speech_mask = torch.arange(speech_frames)[None, :] < durations.sum(1)[:, None]
+    speech = SpeechTargets(
+        ids=ids,
+        mask=text_mask,
+        durations=durations,
+        log_mels=torch.randn(batch_size, speech_frames, 16, generator=g).masked_fill(~speech_mask[:, :, None], 0.0),
+        frame_mask=speech_mask,
+        present=torch.ones(batch_size, dtype=torch.bool),
+    )
     return Batch(
         inputs={
             Modality.IMAGE: torch.randn(batch_size, 1, 32, 96, generator=g),
@@ -40,6 +57,7 @@ def make_batch(batch_size: int = 3, text_len: int = 6, frames: int = 30) -> Batc
         masks={Modality.TEXT: text_mask, Modality.AUDIO: audio_mask},
         present=present,
         labels=torch.arange(batch_size),
+        speech=speech,
     )
 
 
@@ -75,7 +93,8 @@ def test_loss_is_named_per_task_and_falls_with_training():
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
     first = model(batch)
     pairs = {"contrastive_image_text", "contrastive_audio_text", "contrastive_image_audio"}
-    assert set(first.losses) == {"image_to_text", "audio_to_text", "text_to_image", "text_to_audio", *pairs}
+    tasks = {"image_to_text", "audio_to_text", "text_to_image", "text_to_audio", "text_to_audio_duration"}
+    assert set(first.losses) == {*tasks, *pairs}
     assert 0.0 <= first.metrics["image_to_text_token_acc"] <= 1.0
     for _ in range(30):
         loss = sum(model(batch).losses.values())
@@ -91,6 +110,7 @@ def test_a_batch_without_the_source_modality_skips_that_task():
     model = tiny_model()
     batch = make_batch()
     del batch.inputs[Modality.AUDIO]
+    batch.speech = None
     assert set(model(batch).losses) == {"image_to_text", "text_to_image", "contrastive_image_text"}
 
 
@@ -118,13 +138,21 @@ def test_sampled_image_codes_follow_the_generator():
     assert not torch.equal(draw(5), draw(6))
 
 
-def test_generated_audio_has_the_clip_length_and_inverts_the_target_normalisation():
+def test_generated_audio_is_silent_after_the_predicted_durations_and_inverts_the_normalisation():
     model = tiny_model()
     batch = make_batch()
-    ids, mask = batch.inputs[Modality.TEXT], batch.masks[Modality.TEXT]
+    with torch.no_grad():  # e - 1 frames for every real token
+        model.duration_head.weight.zero_()
+        model.duration_head.bias.fill_(1.0)
+    ids, mask = batch.speech.ids, batch.speech.mask
     mels = model.generate_audio(ids, mask)
-    assert mels.shape == (3, 50, 16) and mels.dtype == torch.float32
+    lengths = (torch.e - 1) * mask.sum(1)  # (B,) predicted frames
+    frames_per_token = model.audio.frames_per_token
+    tokens = math.ceil(float(lengths.max()) / frames_per_token)
+    assert mels.shape == (3, tokens * frames_per_token, 16) and mels.dtype == torch.float32
     assert float(mels.min()) >= SILENCE
+    after = torch.arange(mels.shape[1])[None, :] >= lengths[:, None]
+    assert bool((mels[after] == SILENCE).all())
     # What the head regresses: real frames, then silence, in normalised units.
     log_mels = torch.randn(2, 5, 16)
     frame_mask = torch.tensor([[True] * 5, [True, True, False, False, False]])
@@ -134,6 +162,57 @@ def test_generated_audio_has_the_clip_length_and_inverts_the_target_normalisatio
     torch.testing.assert_close(target[1, :2] * MEL_SCALE + MEL_CENTER, log_mels[1, :2])
     assert torch.allclose(target[1, 2:] * MEL_SCALE + MEL_CENTER, torch.tensor(SILENCE))
     assert torch.allclose(target[0, 5:] * MEL_SCALE + MEL_CENTER, torch.tensor(SILENCE))
+
+
+def _align_by_loop(durations: list[float], r: int) -> list[tuple[int, int]]:
+    """The length regulator the slow way: walk the frames, one token span at a time."""
+    out, start = [], 0.0
+    spans = []
+    for i, d in enumerate(durations):
+        spans.append((i, start, start + d))
+        start += d
+    j = 0
+    while (j + 0.5) * r < start:
+        centre = (j + 0.5) * r
+        i, begin, end = next(span for span in spans if span[1] <= centre < span[2])
+        out.append((i, min(int((centre - begin) / (end - begin) * PHASE_BUCKETS), PHASE_BUCKETS - 1)))
+        j += 1
+    return out
+
+
+def test_the_length_regulator_matches_a_frame_by_frame_walk():
+    g = torch.Generator().manual_seed(3)
+    durations = torch.rand(4, 7, generator=g) * 12
+    durations[:, 0] = 0.0  # bos
+    durations[1, 3] = 0.0  # a silent token inside
+    durations[2, 5:] = 0.0  # padding
+    for r in (1, 4, 8):
+        index, phase, mask = align_frames(durations, r, max_tokens=1000)
+        for b in range(4):
+            expected = _align_by_loop(durations[b].tolist(), r)
+            got = list(zip(index[b][mask[b]].tolist(), phase[b][mask[b]].tolist()))
+            assert got == expected or (not expected and len(got) == 1)
+        assert 0 not in index[mask].tolist() and 3 not in index[1][mask[1]].tolist()  # zero length: never read
+    # The cap on the clip length.
+    assert align_frames(durations, 1, max_tokens=5)[0].shape == (4, 5)
+
+
+def test_the_duration_loss_trains_the_duration_head_towards_log_frames():
+    model = tiny_model().train()
+    batch = make_batch()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    for _ in range(40):
+        loss = model(batch).losses["text_to_audio_duration"]
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    with torch.no_grad():
+        source, source_mask = model.encode_source(Modality.TEXT, batch.speech.ids, batch.speech.mask)
+        from polymodal.models.alignment import source_pass
+
+        predicted = torch.expm1(model.duration_head(source_pass(model.backbone, source, source_mask)).squeeze(-1))
+    real = batch.speech.mask
+    assert float((predicted[real] - batch.speech.durations[real]).abs().mean()) < 1.0
 
 
 def test_contrastive_embeddings_from_task_passes_equal_a_pass_over_the_source_alone():
@@ -180,6 +259,7 @@ def test_a_task_fraction_trains_that_task_on_the_first_items_only():
         {m: x[:2] for m, x in batch.masks.items()},
         {m: x[:2] for m, x in batch.present.items()},
         batch.labels[:2],
+        batch.speech.select(torch.tensor([True, True, False])),
     )
     with torch.no_grad():
         part = model(batch).losses

@@ -87,7 +87,8 @@ def generate(run: Any, source: Modality, target: Modality, query: str, **samplin
         return model.generate_image(inputs, mask, **sampling)[0].cpu()
     from polymodal.evaluation.generation import vocoder_for, voiced_frames
 
-    mels = model.generate_audio(inputs, mask).cpu()  # (1, F, M)
+    ids, mask = run.collator.spoken_texts([query])  # "the number 42" -> the words "forty two"
+    mels = model.generate_audio(ids.to(inputs.device), mask.to(inputs.device)).cpu()  # (1, F, M)
     waveform = vocoder_for(data)(mels, generator=sampling.get("generator"))[0]
     return waveform[: int(voiced_frames(mels)[0]) * data.hop_length]
 

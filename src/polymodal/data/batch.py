@@ -28,6 +28,33 @@ class Sample:
 
 
 @dataclasses.dataclass
+class SpeechTargets:
+    """What text -> audio learns from (``aligned_speech.py``): per item, the words of its number
+    read in the reference voice, and how many log-mel frames each of their tokens lasts.
+
+    Attributes:
+        ids: (B, L) token ids of the words, ``[bos] ... [eos]``, padded; mask (B, L) True on real ids.
+        durations: (B, L) float32 frames per token, 0 on bos, eos and padding.
+        log_mels: (B, F, num_mels) the reference clip's log-mel; frame_mask (B, F) True on real frames.
+        present: (B,) bool, False where the item's number has no reference clip (never in training).
+    """
+
+    ids: Tensor
+    mask: Tensor
+    durations: Tensor
+    log_mels: Tensor
+    frame_mask: Tensor
+    present: Tensor
+
+    def select(self, keep: Tensor) -> "SpeechTargets":
+        """The items where ``keep`` (B,) is True."""
+        return SpeechTargets(*(field[keep] for field in dataclasses.astuple(self)))
+
+    def to(self, device: torch.device | str) -> "SpeechTargets":
+        return SpeechTargets(*(field.to(device, non_blocking=True) for field in dataclasses.astuple(self)))
+
+
+@dataclasses.dataclass
 class Batch:
     """A collated batch; any subset of modalities.
 
@@ -39,12 +66,14 @@ class Batch:
         present: per modality, (B,) bool: which items carry that modality at all (a manifest line may
             have only an image and a caption).
         labels: (B,) long, -1 when unknown.
+        speech: text -> audio targets, when the collator has reference speech (built-in data).
     """
 
     inputs: dict[Modality, Tensor]
     masks: dict[Modality, Tensor]
     present: dict[Modality, Tensor]
     labels: Tensor
+    speech: SpeechTargets | None = None
 
     @property
     def size(self) -> int:
@@ -52,4 +81,5 @@ class Batch:
 
     def to(self, device: torch.device | str) -> "Batch":
         move = lambda d: {k: v.to(device, non_blocking=True) for k, v in d.items()}  # noqa: E731
-        return Batch(move(self.inputs), move(self.masks), move(self.present), self.labels.to(device))
+        speech = None if self.speech is None else self.speech.to(device)
+        return Batch(move(self.inputs), move(self.masks), move(self.present), self.labels.to(device), speech)

@@ -2,7 +2,8 @@
 
 Images are stacked and normalised; captions become ``[bos] ids [eos]`` padded with ``pad``;
 waveforms are zero-padded and turned into log-mel frames with a frame mask. A modality that only
-some items carry is filled with zeros/pad for the others and marked absent in ``present``.
+some items carry is filled with zeros/pad for the others and marked absent in ``present``. Given
+reference speech (``aligned_speech.py``), a batch also carries each item's text -> audio targets.
 """
 
 from __future__ import annotations
@@ -13,9 +14,11 @@ import torch
 from torch import Tensor
 
 from polymodal.config import DataConfig
+from polymodal.data.aligned_speech import ReferenceClip, token_durations
 from polymodal.data.audio import LogMel, load_audio
-from polymodal.data.batch import Batch, Sample
+from polymodal.data.batch import Batch, Sample, SpeechTargets
 from polymodal.data.image import load_image, normalize_images
+from polymodal.data.numbers import spoken_words
 from polymodal.data.text import TextTokenizer
 from polymodal.errors import DataError
 from polymodal.modality import Modality
@@ -40,6 +43,7 @@ class Collator:
         num_mels: int,
         max_text_tokens: int,
         max_audio_seconds: float,
+        reference: dict[int, ReferenceClip] | None = None,
     ) -> None:
         if max_text_tokens < NUM_TEXT_SPECIALS:
             raise ValueError(f"max_text_tokens={max_text_tokens} leaves no room for <bos> and <eos>; use >= 2")
@@ -47,6 +51,7 @@ class Collator:
         self.max_text_tokens = max_text_tokens
         self.max_audio_samples = int(round(max_audio_seconds * sample_rate))
         self.log_mel = LogMel(sample_rate=sample_rate, n_fft=n_fft, hop_length=hop_length, num_mels=num_mels)
+        self.reference = reference
         self.num_skipped = 0
 
     def __call__(self, samples: Sequence[Sample | None]) -> Batch:
@@ -75,7 +80,8 @@ class Collator:
             present[Modality.AUDIO] = torch.tensor([a is not None for a in clips])
             inputs[Modality.AUDIO], masks[Modality.AUDIO] = self._audio(clips)
 
-        return Batch(inputs, masks, present, labels)
+        speech = None if self.reference is None else self._speech(labels.tolist())
+        return Batch(inputs, masks, present, labels, speech)
 
     @staticmethod
     def _images(images: list[Tensor | None]) -> Tensor:
@@ -123,8 +129,35 @@ class Collator:
         return features, mask
 
 
-def build_collator(tokenizer: TextTokenizer, data_config: DataConfig) -> Collator:
-    """A ``Collator`` with the settings of ``data_config``."""
+    def _speech(self, labels: list[int]) -> SpeechTargets | None:
+        """Each labelled item's reference clip as text -> audio targets; None if no item has one."""
+        clips = [self.reference.get(label) for label in labels]
+        if all(clip is None for clip in clips):
+            return None
+        ids, mask = self._texts([None if clip is None else clip.text for clip in clips])
+        durations = torch.zeros(ids.shape, dtype=torch.float32)  # (B, L)
+        hop = self.log_mel.hop_length
+        for i, clip in enumerate(clips):
+            if clip is None:
+                continue
+            _, offsets = self.tokenizer.encode_with_offsets(clip.text)
+            content = int(mask[i].sum()) - NUM_TEXT_SPECIALS  # tokens kept after truncation
+            kept = min(len(clip.waveform), self.max_audio_samples)  # the collator cuts longer clips
+            frames = token_durations(clip.text, offsets, clip.word_starts.clip(max=kept), kept, hop)
+            durations[i, 1 : 1 + content] = torch.from_numpy(frames[:content]).float()  # after <bos>
+        log_mels, frame_mask = self._audio([None if clip is None else torch.from_numpy(clip.waveform) for clip in clips])
+        present = torch.tensor([clip is not None for clip in clips])
+        return SpeechTargets(ids, mask, durations, log_mels, frame_mask, present)
+
+    def spoken_texts(self, texts: list[str | None]) -> tuple[Tensor, Tensor]:
+        """What text -> audio reads for each text (``numbers.spoken_words``): ids (B, L) and mask (B, L)."""
+        return self._texts([None if text is None else spoken_words(text) for text in texts])
+
+
+def build_collator(
+    tokenizer: TextTokenizer, data_config: DataConfig, *, reference: dict[int, ReferenceClip] | None = None
+) -> Collator:
+    """A ``Collator`` with the settings of ``data_config`` (and ``reference`` speech for text -> audio)."""
     return Collator(
         tokenizer,
         sample_rate=data_config.sample_rate,
@@ -133,6 +166,7 @@ def build_collator(tokenizer: TextTokenizer, data_config: DataConfig) -> Collato
         num_mels=data_config.num_mels,
         max_text_tokens=data_config.max_text_tokens,
         max_audio_seconds=data_config.max_audio_seconds,
+        reference=reference,
     )
 
 

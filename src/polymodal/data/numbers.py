@@ -115,3 +115,13 @@ def parse_number(text: str) -> int | None:
         elif run:
             break
     return _words_value(run) if run else None
+
+
+def spoken_words(text: str) -> str:
+    """What a speaker says for ``text``: the words of the number it names ("the number 42" ->
+    "forty two"), as a speech synthesiser's front end expands numerals; the text itself, lower-cased
+    and stripped, when it names no number or one beyond ``MAX_NUMBER``."""
+    n = parse_number(text)
+    if n is None or n > MAX_NUMBER:
+        return text.strip().lower()
+    return number_to_words(n)

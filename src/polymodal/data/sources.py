@@ -22,6 +22,7 @@ class DataBundle:
         heldout_labels: labels that never occur in training (compositional zero-shot); empty for
             manifests.
         parse_label: maps generated text back to a label (built-in data), or None (compare text).
+        train_labels: the labels of the training split (built-in data; empty for manifests).
     """
 
     train: Dataset
@@ -30,6 +31,7 @@ class DataBundle:
     train_texts: list[str]
     heldout_labels: frozenset[int]
     parse_label: object | None = None
+    train_labels: frozenset[int] = frozenset()
 
 
 def build_data(config: DataConfig, *, seed: int) -> DataBundle:
@@ -58,6 +60,7 @@ def _spoken_numbers(config: DataConfig, seed: int) -> DataBundle:
         train_texts=texts,
         heldout_labels=frozenset(int(n) for n in data.heldout_numbers),
         parse_label=parse_number,
+        train_labels=frozenset(int(data.labels[i]) for i in data.split_indices("train")),
     )
 
 

@@ -73,6 +73,23 @@ _EE_OK = 0
 _BUFFER_MS = 1000  # one callback per utterance instead of one per 60 ms (~10% faster)
 _ENGINE_LOCK = threading.Lock()  # libc's rand() is shared by every engine in the process
 _SYNTH_CALLBACK = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.POINTER(ctypes.c_short), ctypes.c_int, ctypes.c_void_p)
+_EVENT_LIST_TERMINATED = 0
+_EVENT_WORD = 1
+
+
+class _Event(ctypes.Structure):
+    """espeak_EVENT of speak_lib.h: the events array a synth callback gets ends with type 0."""
+
+    _fields_ = [
+        ("type", ctypes.c_int),
+        ("unique_identifier", ctypes.c_uint),
+        ("text_position", ctypes.c_int),
+        ("length", ctypes.c_int),
+        ("audio_position", ctypes.c_int),  # ms
+        ("sample", ctypes.c_int),  # native samples since the start of the utterance
+        ("user_data", ctypes.c_void_p),
+        ("id", ctypes.c_char * 8),
+    ]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -151,6 +168,7 @@ class EspeakEngine:
         if self.native_rate <= 0:
             raise DataError(f"espeak-ng failed to start with data {loader.get_data_path()}; reinstall espeakng-loader")
         self._chunks: list[np.ndarray] = []
+        self._word_starts: list[int] | None = None  # collected only by synthesize_timed
         # The ctypes callback must outlive every espeak_Synth call: keep it on the engine.
         self._callback = _SYNTH_CALLBACK(self._collect)
         lib.espeak_SetSynthCallback(self._callback)
@@ -177,7 +195,28 @@ class EspeakEngine:
     def _collect(self, wav, num_samples: int, events) -> int:
         if num_samples > 0 and wav:
             self._chunks.append(np.ctypeslib.as_array(wav, (num_samples,)).copy())
+        if self._word_starts is not None and events:
+            event = ctypes.cast(events, ctypes.POINTER(_Event))
+            i = 0
+            while event[i].type != _EVENT_LIST_TERMINATED:
+                if event[i].type == _EVENT_WORD:
+                    self._word_starts.append(int(event[i].sample))
+                i += 1
         return 0  # 0: go on synthesising
+
+    def synthesize_timed(self, text: str, config: VoiceConfig, *, seed: int) -> tuple[np.ndarray, np.ndarray]:
+        """``synthesize``, and where each spoken word starts.
+
+        Returns:
+            (T,) int16 at ``self.native_rate``, and (W,) int64 native sample index of each word's
+            start, one per word espeak reads (a numeral such as "42" is one word to espeak).
+        """
+        self._word_starts = []
+        try:
+            wave = self.synthesize(text, config, seed=seed)
+            return wave, np.asarray(self._word_starts, dtype=np.int64)
+        finally:
+            self._word_starts = None
 
     def synthesize(self, text: str, config: VoiceConfig, *, seed: int) -> np.ndarray:
         """Speak ``text`` at the native rate.
@@ -233,14 +272,19 @@ def _resample_filter(up: int, down: int) -> np.ndarray:
     return scipy.signal.firwin(2 * half_len + 1, 1.0 / max_rate, window=("kaiser", 5.0))
 
 
-def _postprocess(wave: np.ndarray, native_rate: int, sample_rate: int) -> np.ndarray:
-    """Trim silent ends, resample, scale to PEAK_LEVEL. (T_native,) int16 -> (T,) float32."""
-    x = wave.astype(np.float32) / INT16_SCALE
-    loud = np.flatnonzero(np.abs(x) > SILENCE_LEVEL)
+def _speech_span(wave: np.ndarray, native_rate: int) -> tuple[int, int]:
+    """[start, stop) of ``wave`` (native int16) with its silent ends trimmed, EDGE_MARGIN_S kept."""
+    loud = np.flatnonzero(np.abs(wave.astype(np.float32) / INT16_SCALE) > SILENCE_LEVEL)
     if loud.size == 0:
         raise RuntimeError("espeak-ng produced silence")
     margin = int(EDGE_MARGIN_S * native_rate)
-    x = x[max(0, loud[0] - margin) : loud[-1] + 1 + margin]
+    return max(0, int(loud[0]) - margin), int(loud[-1]) + 1 + margin
+
+
+def _postprocess(wave: np.ndarray, native_rate: int, sample_rate: int) -> np.ndarray:
+    """Trim silent ends, resample, scale to PEAK_LEVEL. (T_native,) int16 -> (T,) float32."""
+    start, stop = _speech_span(wave, native_rate)
+    x = wave[start:stop].astype(np.float32) / INT16_SCALE
     if sample_rate != native_rate:
         g = math.gcd(sample_rate, native_rate)
         up, down = sample_rate // g, native_rate // g
@@ -262,6 +306,26 @@ def synthesize(text: str, *, voice: VoiceConfig = VoiceConfig(), sample_rate: in
     with _ENGINE_LOCK, EspeakEngine() as engine:
         wave = engine.synthesize(text, voice, seed=seed)
         return _postprocess(wave, engine.native_rate, sample_rate)
+
+
+def synthesize_words(
+    texts: Sequence[str], *, voice: VoiceConfig = VoiceConfig(), sample_rate: int = 16000, seed: int = 0
+) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Speak each text with one fresh engine, and say where its words start (espeak's word events).
+
+    Returns:
+        per text: (T,) float32 waveform as ``synthesize`` makes it, and (W,) int64 sample index (at
+        ``sample_rate``, in the trimmed waveform, clipped to [0, T)) of each word's start.
+    """
+    out = []
+    with _ENGINE_LOCK, EspeakEngine() as engine:
+        for text in texts:
+            raw, starts = engine.synthesize_timed(text, voice, seed=seed)
+            begin, _ = _speech_span(raw, engine.native_rate)
+            wave = _postprocess(raw, engine.native_rate, sample_rate)
+            starts = np.round((starts - begin) * (sample_rate / engine.native_rate)).astype(np.int64)
+            out.append((wave, np.clip(starts, 0, max(len(wave) - 1, 0))))
+    return out
 
 
 @functools.lru_cache(maxsize=1)

@@ -131,6 +131,11 @@ class TextTokenizer:
         """Content token ids of ``text`` (no bos/eos)."""
         return self._tokenizer.encode(text, add_special_tokens=False).ids
 
+    def encode_with_offsets(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
+        """``encode``, and each token's [start, end) characters in ``text``."""
+        encoding = self._tokenizer.encode(text, add_special_tokens=False)
+        return encoding.ids, list(encoding.offsets)
+
     def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
         """``encode`` over many texts, in parallel inside ``tokenizers``."""
         return [e.ids for e in self._tokenizer.encode_batch(list(texts), add_special_tokens=False)]

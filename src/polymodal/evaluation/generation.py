@@ -216,9 +216,11 @@ def text_to_audio_figures(
     limit: int | None = None,
     seed: int = 0,
 ) -> tuple[dict[str, float], Generated]:
-    """Generate speech from every caption, vocode it, and let ``judge`` read the waveform's log-mel.
+    """Speak every caption's number (``Collator.spoken_texts``), vocode it, and let ``judge`` read
+    the waveform's log-mel.
 
     Args:
+        collate_fn: a ``Collator`` (its ``spoken_texts`` makes the model's input).
         log_mel: the collator's ``LogMel`` (waveforms (B, T) -> (B, F, M)).
 
     Returns:
@@ -229,6 +231,8 @@ def text_to_audio_figures(
     generator = torch.Generator(device="cpu").manual_seed(seed)  # Griffin-Lim's start phases
     waveforms, labels, predicted, captions = [], [], [], []
     for ids, mask, batch_labels in _caption_batches(dataset, collate_fn, batch_size, limit):
+        captions += [decode(row) for row in ids.tolist()]
+        ids, mask = collate_fn.spoken_texts(captions[-len(ids) :])  # what the captions say aloud
         mels = model.generate_audio(ids.to(device), mask.to(device)).cpu()  # (B, F, M)
         frames = voiced_frames(mels)  # (B,)
         audio = vocoder(mels, generator=generator)  # (B, T)
@@ -238,7 +242,6 @@ def text_to_audio_figures(
         samples = frames * vocoder.hop_length
         waveforms += [clip[: int(n)] for clip, n in zip(audio, samples)]
         labels.append(batch_labels)
-        captions += [decode(row) for row in ids.tolist()]
     model.train(was_training)
     labels_all = torch.cat(labels)
     figures = _score(torch.cat(predicted), labels_all, heldout_labels)

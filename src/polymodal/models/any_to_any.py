@@ -13,9 +13,13 @@ One sequence per task and item:  [source tokens] [target tokens ...]
 bidirectional over the source, causal over the target, sources never see targets. Targets:
   * text:  BOS + caption ids, next-token cross-entropy (LM head tied to the target embedding);
   * image: BOS + the frozen VQ-VAE's codes in raster order, next-code cross-entropy;
-  * audio: ``num_audio_tokens`` learned queries, each regressing ``frames_per_token`` log-mel frames
-    at once (non-autoregressive: one pass makes the whole clip; frames past the clip's end are
-    silence, so the model also learns where speech stops).
+  * audio: FastSpeech-style (Ren et al. 2019, arXiv:1905.09263). The source is the words of the
+    number (``numbers.spoken_words``), the target the reference voice reading them, aligned word
+    by word (``data/aligned_speech.py``). A duration head on the source states predicts each
+    token's length in frames; the length regulator turns the durations into frame-group tokens,
+    each a copy of the source token it falls in plus an embedding of where in that token it lies,
+    and each regresses ``frames_per_token`` log-mel frames (non-autoregressive: one pass makes the
+    whole clip). Training uses the true durations, generation the predicted ones.
 Because sources never attend targets, the source positions of any task's sequence hold exactly
 what a pass over the source alone would: the contrastive embedding of a modality is their masked
 mean, shared with the generation tasks at no extra backbone cost.
@@ -32,7 +36,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from polymodal.data.audio import LOG_FLOOR
-from polymodal.data.batch import Batch
+from polymodal.data.batch import Batch, SpeechTargets
 from polymodal.decoders.mel_head import MelFrameHead
 from polymodal.decoders.sampling import sample_next
 from polymodal.losses.mel import mel_loss
@@ -66,6 +70,8 @@ CONTRASTIVE_PREFIX = "contrastive_"
 MEL_CENTER = -8.0
 MEL_SCALE = 6.0
 SILENCE = math.log(LOG_FLOOR)  # the log-mel of silence: the target past a clip's end
+# Where in its source token a frame-group token lies, in this many equal parts of the token.
+PHASE_BUCKETS = 8
 
 
 @dataclasses.dataclass(frozen=True)
@@ -80,7 +86,8 @@ class TextSpecials:
 
 @dataclasses.dataclass(frozen=True)
 class AudioTargets:
-    """What the mel head predicts: ``num_frames`` frames of ``num_mels`` bands, ``frames_per_token`` per query."""
+    """What the mel head predicts: up to ``num_frames`` frames of ``num_mels`` bands,
+    ``frames_per_token`` per frame-group token."""
 
     num_mels: int
     num_frames: int
@@ -89,6 +96,36 @@ class AudioTargets:
     @property
     def num_tokens(self) -> int:
         return math.ceil(self.num_frames / self.frames_per_token)
+
+
+def align_frames(durations: Tensor, frames_per_token: int, max_tokens: int) -> tuple[Tensor, Tensor, Tensor]:
+    """The length regulator: which source token each frame-group token reads, and where in it.
+
+    Frame-group token j covers frames [j r, (j + 1) r) and reads the source token whose span of
+    frames holds its centre (j + 1/2) r; tokens of zero duration are never read.
+
+    Args:
+        durations: (B, L) frames per source token, >= 0 (0 on padding).
+        frames_per_token: r.
+        max_tokens: the most frame-group tokens to make (the longest clip).
+
+    Returns:
+        index (B, J) long into L; phase (B, J) long in [0, PHASE_BUCKETS): the part of its source
+        token the centre falls in; mask (B, J) True on tokens before the item's end (token 0 always).
+        J = ceil(longest total / r), between 1 and ``max_tokens``.
+    """
+    ends = durations.float().cumsum(dim=1)  # (B, L) where each token's span ends
+    totals = ends[:, -1]  # (B,)
+    num = min(max(math.ceil(float(totals.max()) / frames_per_token), 1), max_tokens)
+    centres = (torch.arange(num, device=durations.device, dtype=ends.dtype) + 0.5) * frames_per_token  # (J,)
+    index = torch.searchsorted(ends.contiguous(), centres.expand(len(ends), -1).contiguous(), right=True)
+    index = index.clamp(max=durations.shape[1] - 1)  # (B, J)
+    length = durations.float().gather(1, index)
+    start = ends.gather(1, index) - length
+    phase = ((centres - start) / length.clamp(min=1e-6) * PHASE_BUCKETS).floor().long().clamp(0, PHASE_BUCKETS - 1)
+    mask = centres[None, :] < totals[:, None]
+    mask[:, 0] = True
+    return index, phase, mask
 
 
 # Target modality -> the method computing that target's loss.
@@ -174,7 +211,8 @@ class AnyToAnyModel(nn.Module):
         if "text_to_audio" in tasks:
             if audio is None:
                 raise ValueError("text_to_audio needs the AudioTargets (mel bands and clip length)")
-            self.audio_queries = nn.Parameter(torch.empty(audio.num_tokens, dim))
+            self.phase_embed = nn.Embedding(PHASE_BUCKETS, dim)
+            self.duration_head = nn.Linear(dim, 1)  # log(1 + frames) per source token
             self.mel_head = MelFrameHead(dim, audio.num_mels, frames_per_token=audio.frames_per_token)
 
         self.pairs: list[tuple[Modality, Modality]] = []
@@ -195,7 +233,9 @@ class AnyToAnyModel(nn.Module):
             nn.init.normal_(self.code_embed.weight, std=0.02)
             nn.init.normal_(self.code_head.weight, std=0.02)
         if "text_to_audio" in self.tasks:
-            nn.init.normal_(self.audio_queries, std=0.02)
+            nn.init.normal_(self.phase_embed.weight, std=0.02)
+            nn.init.normal_(self.duration_head.weight, std=0.02)
+            nn.init.zeros_(self.duration_head.bias)
             self.mel_head.init_weights()
         if self.pairs:
             for head in self.embed_heads.values():
@@ -238,9 +278,10 @@ class AnyToAnyModel(nn.Module):
         tokens = self.code_embed(codes)
         return tokens + type_embedding(self.modality_embed, Modality.IMAGE, tokens)
 
-    def audio_query_tokens(self, batch_size: int) -> Tensor:
-        queries = self.audio_queries + type_embedding(self.modality_embed, Modality.AUDIO, self.audio_queries)
-        return queries.unsqueeze(0).expand(batch_size, -1, -1)  # (B, Na, D)
+    def frame_tokens(self, source: Tensor, index: Tensor, phase: Tensor) -> Tensor:
+        """Frame-group tokens (B, J, D) from ``align_frames``: the source token read, plus where in it."""
+        tokens = source.gather(1, index[:, :, None].expand(-1, -1, source.shape[-1])) + self.phase_embed(phase)
+        return tokens + type_embedding(self.modality_embed, Modality.AUDIO, tokens)
 
     def run(self, source: Tensor, source_mask: Tensor, target: Tensor, target_mask: Tensor, *, cache=None) -> Tensor:
         """The backbone over ``[source][target]`` in the prefix-LM layout.
@@ -290,23 +331,39 @@ class AnyToAnyModel(nn.Module):
             if task == CONTRASTIVE:
                 continue
             source_modality, target_modality = TASKS[task]
-            if source_modality not in batch.inputs or target_modality not in batch.inputs:
+            if target_modality is Modality.AUDIO:  # the reference speech, not the item's own (see above)
+                if batch.speech is None:
+                    continue
+                keep = batch.speech.present
+                source_inputs, source_masks = batch.speech.ids, batch.speech.mask
+            elif source_modality in batch.inputs and target_modality in batch.inputs:
+                keep = batch.present[source_modality] & batch.present[target_modality]
+                source_inputs, source_masks = batch.inputs[source_modality], batch.masks.get(source_modality)
+            else:
                 continue
-            keep = batch.present[source_modality] & batch.present[target_modality]
             if task in self.task_fractions:  # the first ceil(f * n) of the n usable items
                 rank = keep.long().cumsum(0)  # (B,) 1-based rank among the usable items
                 keep = keep & (rank <= math.ceil(self.task_fractions[task] * int(keep.sum())))
             if not keep.any():
                 continue
             source, source_mask = self.encode_source(
-                source_modality, batch.inputs[source_modality][keep], _mask_of(batch, source_modality, keep)
+                source_modality, source_inputs[keep], None if source_masks is None else source_masks[keep]
             )
-            target = batch.inputs[target_modality][keep]
-            target_mask = _mask_of(batch, target_modality, keep)
+            if target_modality is Modality.AUDIO:
+                target, target_mask = batch.speech.select(keep), None
+            else:
+                target, target_mask = batch.inputs[target_modality][keep], _mask_of(batch, target_modality, keep)
             loss_fn = getattr(self, TARGET_LOSS[target_modality])
-            hidden, losses[task], task_metrics = loss_fn(source, source_mask, target, target_mask)
+            hidden, task_losses, task_metrics = loss_fn(source, source_mask, target, target_mask)
+            losses.update({task if not k else f"{task}_{k}": v for k, v in task_losses.items()})
             metrics.update({f"{task}_{k}": v for k, v in task_metrics.items()})
-            if self.pairs and source_modality not in pooled and bool((keep == batch.present[source_modality]).all()):
+            from_items = target_modality is not Modality.AUDIO  # the items' own source inputs
+            if (
+                self.pairs
+                and from_items
+                and source_modality not in pooled
+                and bool((keep == batch.present[source_modality]).all())
+            ):
                 pooled[source_modality] = masked_mean(hidden[:, : source.shape[1]], source_mask)
         if self.pairs:
             self._contrastive(batch, pooled, losses, metrics)
@@ -318,7 +375,8 @@ class AnyToAnyModel(nn.Module):
         hidden = self.run(source, source_mask, self.embed_text_targets(ids[:, :-1]), mask[:, :-1])
         logits = self.lm_head(hidden[:, source.shape[1] :])  # (B, Lt - 1, V)
         labels = ids[:, 1:].masked_fill(~mask[:, 1:], -100)  # -100: ignored by cross_entropy
-        return (hidden, *_token_loss(logits, labels))
+        loss, metrics = _token_loss(logits, labels)
+        return hidden, {"": loss}, metrics
 
     def _image_loss(self, source: Tensor, source_mask: Tensor, images: Tensor, _: Tensor | None):
         codes = self.image_tokenizer.encode(images).flatten(1)  # (B, h * w) raster order
@@ -326,16 +384,23 @@ class AnyToAnyModel(nn.Module):
         inputs = torch.cat([bos, codes[:, :-1]], dim=1)  # (B, h * w)
         hidden = self.run(source, source_mask, self.embed_code_targets(inputs), torch.ones_like(inputs, dtype=torch.bool))
         logits = self.code_head(hidden[:, source.shape[1] :])  # (B, h * w, K)
-        return (hidden, *_token_loss(logits, codes))
+        loss, metrics = _token_loss(logits, codes)
+        return hidden, {"": loss}, metrics
 
-    def _audio_loss(self, source: Tensor, source_mask: Tensor, log_mels: Tensor, frame_mask: Tensor):
-        queries = self.audio_query_tokens(source.shape[0])
-        ones = torch.ones(queries.shape[:2], dtype=torch.bool, device=queries.device)
-        hidden = self.run(source, source_mask, queries, ones)
-        predicted = self.mel_head(hidden[:, source.shape[1] :])  # (B, Na * r, M), normalised units
-        target = self.mel_targets(log_mels, frame_mask, predicted.shape[1])
-        every = torch.ones(predicted.shape[:2], dtype=torch.bool, device=predicted.device)
-        return hidden, mel_loss(predicted, target, every), {}
+    def _audio_loss(self, source: Tensor, source_mask: Tensor, speech: SpeechTargets, _: None):
+        """Mel frames through the length regulator with the true durations, and the durations."""
+        index, phase, token_mask = align_frames(speech.durations, self.audio.frames_per_token, self.audio.num_tokens)
+        hidden = self.run(source, source_mask, self.frame_tokens(source, index, phase), token_mask)
+        predicted = self.mel_head(hidden[:, source.shape[1] :])  # (B, J * r, M), normalised units
+        target = self.mel_targets(speech.log_mels, speech.frame_mask, predicted.shape[1])
+        frame_mask = torch.zeros(predicted.shape[:2], dtype=torch.bool, device=predicted.device)
+        real = speech.frame_mask[:, : predicted.shape[1]]
+        frame_mask[:, : real.shape[1]] = real
+        # fp32 island: a squared log-duration error, averaged over the real source tokens.
+        log_durations = self.duration_head(hidden[:, : source.shape[1]]).squeeze(-1).float()  # (B, Ns)
+        error = (log_durations - torch.log1p(speech.durations.float())).square().where(source_mask, 0.0)
+        duration = error.sum() / source_mask.sum().clamp(min=1)
+        return hidden, {"": mel_loss(predicted, target, frame_mask), "duration": duration}, {}
 
     def mel_targets(self, log_mels: Tensor, frame_mask: Tensor, num_frames: int) -> Tensor:
         """Collated log-mels (B, F, M) -> normalised targets (B, num_frames, M): the real frames,
@@ -500,16 +565,20 @@ class AnyToAnyModel(nn.Module):
 
     @torch.no_grad()
     def generate_audio(self, ids: Tensor, mask: Tensor | None = None) -> Tensor:
-        """Log-mel frames (B, num_frames, num_mels), natural log of power as ``LogMel`` makes them,
-        for captions ``ids`` (B, L): one non-autoregressive pass."""
+        """Log-mel frames (B, F, num_mels), natural log of power as ``LogMel`` makes them, silence
+        after each item's predicted end, for ``ids`` (B, L): the words to say, ``[bos] ... [eos]``
+        as ``Collator.spoken_texts`` makes them. Durations first, then one pass for every frame."""
         if "text_to_audio" not in self.tasks:
             raise ValueError(f"this model was not trained for text_to_audio (its tasks: {', '.join(self.tasks)})")
         source, source_mask = self.encode_source(Modality.TEXT, ids, mask)
-        queries = self.audio_query_tokens(source.shape[0])
-        ones = torch.ones(queries.shape[:2], dtype=torch.bool, device=queries.device)
-        hidden = self.run(source, source_mask, queries, ones)
-        frames = self.mel_head(hidden[:, source.shape[1] :])[:, : self.audio.num_frames]
-        return (frames.float() * MEL_SCALE + MEL_CENTER).clamp(min=SILENCE)
+        log_durations = self.duration_head(source_pass(self.backbone, source, source_mask)).squeeze(-1).float()
+        durations = torch.expm1(log_durations).clamp(min=0.0).where(source_mask, 0.0)  # (B, Ns) frames
+        index, phase, token_mask = align_frames(durations, self.audio.frames_per_token, self.audio.num_tokens)
+        hidden = self.run(source, source_mask, self.frame_tokens(source, index, phase), token_mask)
+        frames = self.mel_head(hidden[:, source.shape[1] :])[:, : self.audio.num_frames].float()  # (B, F, M)
+        log_mel = (frames * MEL_SCALE + MEL_CENTER).clamp(min=SILENCE)
+        after_end = torch.arange(log_mel.shape[1], device=log_mel.device)[None, :] >= durations.sum(1, keepdim=True)
+        return log_mel.masked_fill(after_end[:, :, None], SILENCE)
 
 
 def _token_loss(logits: Tensor, labels: Tensor) -> tuple[Tensor, dict[str, float]]:

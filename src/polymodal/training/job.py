@@ -20,6 +20,7 @@ from torch.utils.data import Subset
 from torch.utils.tensorboard import SummaryWriter
 
 from polymodal.config import Config, to_dict
+from polymodal.data.aligned_speech import build_reference_speech
 from polymodal.data.collate import build_collator
 from polymodal.data.sources import DataBundle, build_data
 from polymodal.data.text import TextTokenizer
@@ -82,7 +83,10 @@ def prepare(config: Config, *, run_dir: Path, train_tokenizer: bool) -> Run:
         tokenizer.save(tokenizer_path)
     else:
         tokenizer = TextTokenizer.load(tokenizer_path)
-    collator = build_collator(tokenizer, config.data)
+    reference = None
+    if config.model.architecture == "any_to_any" and "text_to_audio" in config.model.tasks:
+        reference = build_reference_speech(data.train_labels, sample_rate=config.data.sample_rate)
+    collator = build_collator(tokenizer, config.data, reference=reference)
     shapes = DataShapes(
         image_size=(config.data.image_height, config.data.image_width),
         num_mels=config.data.num_mels,
