@@ -84,9 +84,9 @@ def test_bad_parts_are_caught_before_building(override, message):
     assert message in str(info.value)
 
 
-def test_text_to_audio_on_a_manifest_is_refused_before_building():
+def test_generation_from_text_on_a_manifest_is_refused_before_building():
     config = load_config(["tiny"], ["data.source=manifest", "data.manifest=a.jsonl"])
-    with pytest.raises(ConfigError, match="text_to_audio learns from word-aligned reference speech, which only the built-in"):
+    with pytest.raises(ConfigError, match="text_to_image, text_to_audio learn.s. from aligned references, which only"):
         check_model_config(config)
 
 

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from polymodal.data.numbers import CAPTION_TEMPLATES, MAX_NUMBER, make_caption, number_to_words, parse_number, spoken_words
+from polymodal.data.numbers import CAPTION_TEMPLATES, MAX_NUMBER, make_caption, number_to_words, parse_number, spoken_words, written_digits
 
 
 @pytest.mark.parametrize(
@@ -67,9 +67,11 @@ def test_parse_without_number():
     assert parse_number("") is None
 
 
-def test_spoken_words_say_the_number_a_caption_names():
+def test_spoken_words_and_written_digits_give_the_number_a_caption_names():
     rng = np.random.default_rng(0)
     for n in [0, 7, 42, 105, 999, 1007, 999_999]:
         assert spoken_words(make_caption(n, rng)) == number_to_words(n)
+        assert written_digits(make_caption(n, rng)) == str(n)
+    assert written_digits(" No Number ") == "no number"
     assert spoken_words("  Hello There ") == "hello there"  # no number: the text itself
     assert spoken_words("1000000") == "1000000"  # beyond the words this module knows

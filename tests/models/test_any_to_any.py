@@ -7,7 +7,7 @@ import math
 import torch
 
 from polymodal.config import load_config
-from polymodal.data.batch import Batch, SpeechTargets
+from polymodal.data.batch import AlignedTargets, Batch
 from polymodal.modality import Modality
 from polymodal.models.any_to_any import MEL_CENTER, MEL_SCALE, PHASE_BUCKETS, SILENCE, TextSpecials, align_frames
 from polymodal.models.build import DataShapes, build_model
@@ -33,20 +33,31 @@ def make_batch(batch_size: int = 3, text_len: int = 6, frames: int = 30) -> Batc
     audio_mask = torch.ones(batch_size, frames, dtype=torch.bool)
     audio_mask[1, 20:] = False
     present = {m: torch.ones(batch_size, dtype=torch.bool) for m in (Modality.IMAGE, Modality.TEXT, Modality.AUDIO)}
-    # Reference speech: the same ids as words, 3-5 frames per content token, 0 on bos/eos/padding.
+    # References: the same ids as their source text; audio 3-5 frames per content token, 0 on bos,
+    # eos and padding; images 96 pixel columns shared among the real tokens.
     durations = torch.randint(3, 6, (batch_size, text_len), generator=g).float()
     durations[:, 0] = 0.0
     durations[:, -1] = 0.0
     durations[~text_mask] = 0.0
     speech_frames = int(durations.sum(1).max())
     speech_mask = torch.arange(speech_frames)[None, :] < durations.sum(1)[:, None]
-    speech = SpeechTargets(
+    every = torch.ones(batch_size, dtype=torch.bool)
+    speech = AlignedTargets(
         ids=ids,
         mask=text_mask,
         durations=durations,
-        log_mels=torch.randn(batch_size, speech_frames, 16, generator=g).masked_fill(~speech_mask[:, :, None], 0.0),
-        frame_mask=speech_mask,
-        present=torch.ones(batch_size, dtype=torch.bool),
+        values=torch.randn(batch_size, speech_frames, 16, generator=g).masked_fill(~speech_mask[:, :, None], 0.0),
+        value_mask=speech_mask,
+        present=every,
+    )
+    widths = text_mask.float() * torch.rand(batch_size, text_len, generator=g)
+    drawing = AlignedTargets(
+        ids=ids,
+        mask=text_mask,
+        durations=96 * widths / widths.sum(1, keepdim=True),
+        values=torch.rand(batch_size, 1, 32, 96, generator=g) * 2 - 1,
+        value_mask=torch.ones(batch_size, 96, dtype=torch.bool),
+        present=every,
     )
     return Batch(
         inputs={
@@ -57,7 +68,7 @@ def make_batch(batch_size: int = 3, text_len: int = 6, frames: int = 30) -> Batc
         masks={Modality.TEXT: text_mask, Modality.AUDIO: audio_mask},
         present=present,
         labels=torch.arange(batch_size),
-        speech=speech,
+        references={Modality.AUDIO: speech, Modality.IMAGE: drawing},
     )
 
 
@@ -93,10 +104,11 @@ def test_loss_is_named_per_task_and_falls_with_training():
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
     first = model(batch)
     pairs = {"contrastive_image_text", "contrastive_audio_text", "contrastive_image_audio"}
-    tasks = {"image_to_text", "audio_to_text", "text_to_image", "text_to_audio", "text_to_audio_duration"}
+    tasks = {"image_to_text", "audio_to_text", "text_to_image", "text_to_audio"}
+    tasks |= {"text_to_image_width", "text_to_audio_duration"}
     assert set(first.losses) == {*tasks, *pairs}
     assert 0.0 <= first.metrics["image_to_text_token_acc"] <= 1.0
-    for _ in range(30):
+    for _ in range(50):
         loss = sum(model(batch).losses.values())
         optimizer.zero_grad()
         loss.backward()
@@ -110,19 +122,27 @@ def test_a_batch_without_the_source_modality_skips_that_task():
     model = tiny_model()
     batch = make_batch()
     del batch.inputs[Modality.AUDIO]
-    batch.speech = None
-    assert set(model(batch).losses) == {"image_to_text", "text_to_image", "contrastive_image_text"}
+    del batch.references[Modality.AUDIO]
+    assert set(model(batch).losses) == {"image_to_text", "text_to_image", "text_to_image_width", "contrastive_image_text"}
 
 
-def test_cached_image_generation_equals_full_recomputation_and_decodes_to_images():
+def test_image_codes_come_from_one_pass_and_decode_to_images():
     model = tiny_model()
     batch = make_batch()
-    ids, mask = batch.inputs[Modality.TEXT], batch.masks[Modality.TEXT]
-    cached = model.generate_image_codes(ids, mask, use_cache=True)
-    full = model.generate_image_codes(ids, mask, use_cache=False)
-    assert torch.equal(cached, full)
-    assert cached.shape == (3, 4, 12)  # 32 x 96 at 8x downsampling
-    assert 0 <= int(cached.min()) and int(cached.max()) < model.num_codes
+    ids, mask = batch.references[Modality.IMAGE].ids, batch.references[Modality.IMAGE].mask
+    codes = model.generate_image_codes(ids, mask)
+    assert codes.shape == (3, 4, 12)  # 32 x 96 at 8x downsampling
+    assert 0 <= int(codes.min()) and int(codes.max()) < model.num_codes
+    # The same codes as the most likely ones of the training pass, given the widths it predicted.
+    with torch.no_grad():
+        source, source_mask = model.encode_source(Modality.TEXT, ids, mask)
+        from polymodal.models.any_to_any import _predicted_durations
+
+        widths = _predicted_durations(model.width_head, model.backbone, source, source_mask)
+        tokens = model.code_tokens(source, widths)
+        hidden = model.run(source, source_mask, tokens, torch.ones(tokens.shape[:2], dtype=torch.bool))
+        expected = model.code_head(hidden[:, source.shape[1] :]).argmax(-1).reshape(3, 4, 12)
+    assert torch.equal(codes, expected)
     images = model.generate_image(ids, mask)
     assert images.shape == (3, 1, 32, 96) and images.abs().max() <= 1.0
 
@@ -138,13 +158,27 @@ def test_sampled_image_codes_follow_the_generator():
     assert not torch.equal(draw(5), draw(6))
 
 
+def test_a_code_token_reads_the_source_token_of_its_column():
+    model = tiny_model()
+    source = torch.randn(1, 4, 64)
+    widths = torch.tensor([[16.0, 32.0, 48.0, 0.0]])  # columns 0-1, 2-5, 6-11 (8 pixels each)
+    tokens = model.code_tokens(source, widths).reshape(1, 4, 12, 64)
+    reads = [0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 2, 2]
+    # Column centres 4, 12, ... 92 pixels, in eighths of their token's span.
+    phases = [2, 6, 1, 3, 5, 7, 0, 2, 3, 4, 6, 7]
+    with torch.no_grad():
+        rest = tokens[0] - source[0, reads][None] - model.column_phase_embed.weight[phases][None]  # (4, 12, 64)
+        rest = rest - model.row_embed.weight[:, None, :]
+    torch.testing.assert_close(rest, rest[0, 0].expand(4, 12, -1))  # what is left: the image type embedding
+
+
 def test_generated_audio_is_silent_after_the_predicted_durations_and_inverts_the_normalisation():
     model = tiny_model()
     batch = make_batch()
     with torch.no_grad():  # e - 1 frames for every real token
         model.duration_head.weight.zero_()
         model.duration_head.bias.fill_(1.0)
-    ids, mask = batch.speech.ids, batch.speech.mask
+    ids, mask = batch.references[Modality.AUDIO].ids, batch.references[Modality.AUDIO].mask
     mels = model.generate_audio(ids, mask)
     lengths = (torch.e - 1) * mask.sum(1)  # (B,) predicted frames
     frames_per_token = model.audio.frames_per_token
@@ -187,14 +221,17 @@ def test_the_length_regulator_matches_a_frame_by_frame_walk():
     durations[1, 3] = 0.0  # a silent token inside
     durations[2, 5:] = 0.0  # padding
     for r in (1, 4, 8):
-        index, phase, mask = align_frames(durations, r, max_tokens=1000)
+        count = math.ceil(float(durations.sum(1).max()) / r)
+        index, phase, inside = align_frames(durations, r, count)
         for b in range(4):
             expected = _align_by_loop(durations[b].tolist(), r)
-            got = list(zip(index[b][mask[b]].tolist(), phase[b][mask[b]].tolist()))
-            assert got == expected or (not expected and len(got) == 1)
-        assert 0 not in index[mask].tolist() and 3 not in index[1][mask[1]].tolist()  # zero length: never read
-    # The cap on the clip length.
-    assert align_frames(durations, 1, max_tokens=5)[0].shape == (4, 5)
+            got = list(zip(index[b][inside[b]].tolist(), phase[b][inside[b]].tolist()))
+            assert got == expected
+            # Past the item's end: its last token of nonzero duration, in its last part.
+            last = max(i for i, d in enumerate(durations[b].tolist()) if d > 0)
+            assert set(index[b][~inside[b]].tolist()) <= {last}
+            assert set(phase[b][~inside[b]].tolist()) <= {PHASE_BUCKETS - 1}
+        assert 0 not in index.tolist() and 3 not in index[1].tolist()  # zero length: never read
 
 
 def test_the_duration_loss_trains_the_duration_head_towards_log_frames():
@@ -207,12 +244,13 @@ def test_the_duration_loss_trains_the_duration_head_towards_log_frames():
         loss.backward()
         optimizer.step()
     with torch.no_grad():
-        source, source_mask = model.encode_source(Modality.TEXT, batch.speech.ids, batch.speech.mask)
+        speech = batch.references[Modality.AUDIO]
+        source, source_mask = model.encode_source(Modality.TEXT, speech.ids, speech.mask)
         from polymodal.models.alignment import source_pass
 
         predicted = torch.expm1(model.duration_head(source_pass(model.backbone, source, source_mask)).squeeze(-1))
-    real = batch.speech.mask
-    assert float((predicted[real] - batch.speech.durations[real]).abs().mean()) < 1.0
+    real = speech.mask
+    assert float((predicted[real] - speech.durations[real]).abs().mean()) < 1.0
 
 
 def test_contrastive_embeddings_from_task_passes_equal_a_pass_over_the_source_alone():
@@ -259,7 +297,7 @@ def test_a_task_fraction_trains_that_task_on_the_first_items_only():
         {m: x[:2] for m, x in batch.masks.items()},
         {m: x[:2] for m, x in batch.present.items()},
         batch.labels[:2],
-        batch.speech.select(torch.tensor([True, True, False])),
+        {m: x.select(torch.tensor([True, True, False])) for m, x in batch.references.items()},
     )
     with torch.no_grad():
         part = model(batch).losses

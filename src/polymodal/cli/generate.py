@@ -83,12 +83,13 @@ def generate(run: Any, source: Modality, target: Modality, query: str, **samplin
     if target is Modality.TEXT:
         ids = model.generate_text(source, inputs, mask, max_new_tokens=data.max_text_tokens, **sampling)[0]
         return run.tokenizer.decode(ids)
+    # "the number 42" -> the digits "42" to draw, or the words "forty two" to say
+    ids, mask = (t.to(inputs.device) for t in run.collator.source_texts(target, [query]))
     if target is Modality.IMAGE:
-        return model.generate_image(inputs, mask, **sampling)[0].cpu()
+        return model.generate_image(ids, mask, **sampling)[0].cpu()
     from polymodal.evaluation.generation import vocoder_for, voiced_frames
 
-    ids, mask = run.collator.spoken_texts([query])  # "the number 42" -> the words "forty two"
-    mels = model.generate_audio(ids.to(inputs.device), mask.to(inputs.device)).cpu()  # (1, F, M)
+    mels = model.generate_audio(ids, mask).cpu()  # (1, F, M)
     waveform = vocoder_for(data)(mels, generator=sampling.get("generator"))[0]
     return waveform[: int(voiced_frames(mels)[0]) * data.hop_length]
 

@@ -28,30 +28,32 @@ class Sample:
 
 
 @dataclasses.dataclass
-class SpeechTargets:
-    """What text -> audio learns from (``aligned_speech.py``): per item, the words of its number
-    read in the reference voice, and how many log-mel frames each of their tokens lasts.
+class AlignedTargets:
+    """What text -> audio or text -> image learns from (``references.py``): per item, its number in
+    the reference voice or handwriting, and how much of it each source token covers.
 
     Attributes:
-        ids: (B, L) token ids of the words, ``[bos] ... [eos]``, padded; mask (B, L) True on real ids.
-        durations: (B, L) float32 frames per token, 0 on bos, eos and padding.
-        log_mels: (B, F, num_mels) the reference clip's log-mel; frame_mask (B, F) True on real frames.
-        present: (B,) bool, False where the item's number has no reference clip (never in training).
+        ids: (B, L) the source text's token ids, ``[bos] ... [eos]``, padded; mask (B, L) True on real ids.
+        durations: (B, L) float32, per token the log-mel frames (audio) or pixel columns (image) it
+            covers; 0 on padding.
+        values: the target: log-mel frames (B, F, num_mels), or images (B, 1, H, W) normalised.
+        value_mask: (B, F) True on real frames; (B, W) all True for images.
+        present: (B,) bool, False where the item's number has no reference (never in training).
     """
 
     ids: Tensor
     mask: Tensor
     durations: Tensor
-    log_mels: Tensor
-    frame_mask: Tensor
+    values: Tensor
+    value_mask: Tensor
     present: Tensor
 
-    def select(self, keep: Tensor) -> "SpeechTargets":
+    def select(self, keep: Tensor) -> "AlignedTargets":
         """The items where ``keep`` (B,) is True."""
-        return SpeechTargets(*(field[keep] for field in dataclasses.astuple(self)))
+        return AlignedTargets(*(field[keep] for field in dataclasses.astuple(self)))
 
-    def to(self, device: torch.device | str) -> "SpeechTargets":
-        return SpeechTargets(*(field.to(device, non_blocking=True) for field in dataclasses.astuple(self)))
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> "AlignedTargets":
+        return AlignedTargets(*(field.to(device, non_blocking=non_blocking) for field in dataclasses.astuple(self)))
 
 
 @dataclasses.dataclass
@@ -66,14 +68,15 @@ class Batch:
         present: per modality, (B,) bool: which items carry that modality at all (a manifest line may
             have only an image and a caption).
         labels: (B,) long, -1 when unknown.
-        speech: text -> audio targets, when the collator has reference speech (built-in data).
+        references: per target modality (AUDIO, IMAGE), the text -> audio / text -> image targets,
+            when the collator has references (built-in data).
     """
 
     inputs: dict[Modality, Tensor]
     masks: dict[Modality, Tensor]
     present: dict[Modality, Tensor]
     labels: Tensor
-    speech: SpeechTargets | None = None
+    references: dict[Modality, AlignedTargets] = dataclasses.field(default_factory=dict)
 
     @property
     def size(self) -> int:
@@ -81,5 +84,6 @@ class Batch:
 
     def to(self, device: torch.device | str) -> "Batch":
         move = lambda d: {k: v.to(device, non_blocking=True) for k, v in d.items()}  # noqa: E731
-        speech = None if self.speech is None else self.speech.to(device)
-        return Batch(move(self.inputs), move(self.masks), move(self.present), self.labels.to(device), speech)
+        return Batch(
+            move(self.inputs), move(self.masks), move(self.present), self.labels.to(device), move(self.references)
+        )

@@ -3,7 +3,8 @@
 Images are stacked and normalised; captions become ``[bos] ids [eos]`` padded with ``pad``;
 waveforms are zero-padded and turned into log-mel frames with a frame mask. A modality that only
 some items carry is filled with zeros/pad for the others and marked absent in ``present``. Given
-reference speech (``aligned_speech.py``), a batch also carries each item's text -> audio targets.
+references (``references.py``), a batch also carries each item's text -> audio and text -> image
+targets.
 """
 
 from __future__ import annotations
@@ -14,11 +15,11 @@ import torch
 from torch import Tensor
 
 from polymodal.config import DataConfig
-from polymodal.data.aligned_speech import ReferenceClip, token_durations
 from polymodal.data.audio import LogMel, load_audio
-from polymodal.data.batch import Batch, Sample, SpeechTargets
+from polymodal.data.batch import AlignedTargets, Batch, Sample
 from polymodal.data.image import load_image, normalize_images
-from polymodal.data.numbers import spoken_words
+from polymodal.data.numbers import spoken_words, written_digits
+from polymodal.data.references import Reference, token_durations
 from polymodal.data.text import TextTokenizer
 from polymodal.errors import DataError
 from polymodal.modality import Modality
@@ -43,7 +44,7 @@ class Collator:
         num_mels: int,
         max_text_tokens: int,
         max_audio_seconds: float,
-        reference: dict[int, ReferenceClip] | None = None,
+        references: dict[Modality, dict[int, Reference]] | None = None,
     ) -> None:
         if max_text_tokens < NUM_TEXT_SPECIALS:
             raise ValueError(f"max_text_tokens={max_text_tokens} leaves no room for <bos> and <eos>; use >= 2")
@@ -51,7 +52,7 @@ class Collator:
         self.max_text_tokens = max_text_tokens
         self.max_audio_samples = int(round(max_audio_seconds * sample_rate))
         self.log_mel = LogMel(sample_rate=sample_rate, n_fft=n_fft, hop_length=hop_length, num_mels=num_mels)
-        self.reference = reference
+        self.references = dict(references or {})  # target modality -> label -> its reference
         self.num_skipped = 0
 
     def __call__(self, samples: Sequence[Sample | None]) -> Batch:
@@ -80,8 +81,7 @@ class Collator:
             present[Modality.AUDIO] = torch.tensor([a is not None for a in clips])
             inputs[Modality.AUDIO], masks[Modality.AUDIO] = self._audio(clips)
 
-        speech = None if self.reference is None else self._speech(labels.tolist())
-        return Batch(inputs, masks, present, labels, speech)
+        return Batch(inputs, masks, present, labels, self._aligned(labels.tolist()))
 
     @staticmethod
     def _images(images: list[Tensor | None]) -> Tensor:
@@ -129,35 +129,55 @@ class Collator:
         return features, mask
 
 
-    def _speech(self, labels: list[int]) -> SpeechTargets | None:
-        """Each labelled item's reference clip as text -> audio targets; None if no item has one."""
-        clips = [self.reference.get(label) for label in labels]
-        if all(clip is None for clip in clips):
-            return None
-        ids, mask = self._texts([None if clip is None else clip.text for clip in clips])
-        durations = torch.zeros(ids.shape, dtype=torch.float32)  # (B, L)
-        hop = self.log_mel.hop_length
-        for i, clip in enumerate(clips):
-            if clip is None:
+    def _aligned(self, labels: list[int]) -> dict[Modality, AlignedTargets]:
+        """Each labelled item's references as aligned targets, per modality that has any."""
+        out = {}
+        for modality, table in self.references.items():
+            found = [table.get(label) for label in labels]
+            if all(ref is None for ref in found):
                 continue
-            _, offsets = self.tokenizer.encode_with_offsets(clip.text)
-            content = int(mask[i].sum()) - NUM_TEXT_SPECIALS  # tokens kept after truncation
-            kept = min(len(clip.waveform), self.max_audio_samples)  # the collator cuts longer clips
-            frames = token_durations(clip.text, offsets, clip.word_starts.clip(max=kept), kept, hop)
-            durations[i, 1 : 1 + content] = torch.from_numpy(frames[:content]).float()  # after <bos>
-        log_mels, frame_mask = self._audio([None if clip is None else torch.from_numpy(clip.waveform) for clip in clips])
-        present = torch.tensor([clip is not None for clip in clips])
-        return SpeechTargets(ids, mask, durations, log_mels, frame_mask, present)
+            ids, mask = self._texts([None if ref is None else ref.text for ref in found])
+            durations = torch.zeros(ids.shape, dtype=torch.float32)  # (B, L)
+            if modality is Modality.AUDIO:
+                clips = [None if ref is None else torch.from_numpy(ref.value[: self.max_audio_samples]) for ref in found]
+                values, value_mask = self._audio(clips)
+                scale = self.log_mel.hop_length
+            else:
+                pixels = [None if ref is None else torch.from_numpy(ref.value)[None].float() / 255.0 for ref in found]
+                values = self._images(pixels)  # (B, 1, H, W) normalised
+                value_mask = torch.ones(len(found), values.shape[-1], dtype=torch.bool)
+                scale = 1.0
+            for i, ref in enumerate(found):
+                if ref is None:
+                    continue
+                if modality is Modality.AUDIO and ref.length > self.max_audio_samples:
+                    ref = _cut(ref, self.max_audio_samples)  # as the collator cuts the clip itself
+                _, offsets = self.tokenizer.encode_with_offsets(ref.text)
+                content = int(mask[i].sum()) - NUM_TEXT_SPECIALS  # tokens kept after truncation
+                lead, frames, trail = token_durations(ref, offsets[:content], scale)
+                durations[i, : content + 2] = torch.tensor([lead, *frames, trail], dtype=torch.float32)
+            present = torch.tensor([ref is not None for ref in found])
+            out[modality] = AlignedTargets(ids, mask, durations, values, value_mask, present)
+        return out
 
-    def spoken_texts(self, texts: list[str | None]) -> tuple[Tensor, Tensor]:
-        """What text -> audio reads for each text (``numbers.spoken_words``): ids (B, L) and mask (B, L)."""
-        return self._texts([None if text is None else spoken_words(text) for text in texts])
+    def source_texts(self, modality: Modality, texts: list[str | None]) -> tuple[Tensor, Tensor]:
+        """What text -> ``modality`` reads for each text: the words it says aloud (audio,
+        ``numbers.spoken_words``) or the digits it writes (image, ``numbers.written_digits``);
+        ids (B, L) and mask (B, L)."""
+        normalise = spoken_words if modality is Modality.AUDIO else written_digits
+        return self._texts([None if text is None else normalise(text) for text in texts])
+
+
+def _cut(reference: Reference, length: int) -> Reference:
+    """``reference`` with its extent cut to ``length`` (units past it become empty)."""
+    return Reference(reference.text, reference.value, reference.units, reference.bounds.clip(max=length), length)
 
 
 def build_collator(
-    tokenizer: TextTokenizer, data_config: DataConfig, *, reference: dict[int, ReferenceClip] | None = None
+    tokenizer: TextTokenizer, data_config: DataConfig, *, references: dict[Modality, dict[int, Reference]] | None = None
 ) -> Collator:
-    """A ``Collator`` with the settings of ``data_config`` (and ``reference`` speech for text -> audio)."""
+    """A ``Collator`` with the settings of ``data_config`` (and the ``references`` of text -> audio
+    and text -> image, per target modality)."""
     return Collator(
         tokenizer,
         sample_rate=data_config.sample_rate,
@@ -166,7 +186,7 @@ def build_collator(
         num_mels=data_config.num_mels,
         max_text_tokens=data_config.max_text_tokens,
         max_audio_seconds=data_config.max_audio_seconds,
-        reference=reference,
+        references=references,
     )
 
 

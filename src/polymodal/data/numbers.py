@@ -125,3 +125,10 @@ def spoken_words(text: str) -> str:
     if n is None or n > MAX_NUMBER:
         return text.strip().lower()
     return number_to_words(n)
+
+
+def written_digits(text: str) -> str:
+    """What a writer writes for ``text``: the numeral of the number it names ("forty two" -> "42");
+    the text itself, lower-cased and stripped, when it names none."""
+    n = parse_number(text)
+    return text.strip().lower() if n is None else str(n)

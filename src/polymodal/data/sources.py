@@ -23,6 +23,7 @@ class DataBundle:
             manifests.
         parse_label: maps generated text back to a label (built-in data), or None (compare text).
         train_labels: the labels of the training split (built-in data; empty for manifests).
+        glyphs: (10, 28, 28) uint8, the reference handwriting's digits (built-in data; else None).
     """
 
     train: Dataset
@@ -32,6 +33,7 @@ class DataBundle:
     heldout_labels: frozenset[int]
     parse_label: object | None = None
     train_labels: frozenset[int] = frozenset()
+    glyphs: object | None = None
 
 
 def build_data(config: DataConfig, *, seed: int) -> DataBundle:
@@ -42,7 +44,7 @@ def build_data(config: DataConfig, *, seed: int) -> DataBundle:
 
 def _spoken_numbers(config: DataConfig, seed: int) -> DataBundle:
     from polymodal.data.numbers import parse_number
-    from polymodal.data.spoken_numbers import build_spoken_numbers
+    from polymodal.data.spoken_numbers import build_spoken_numbers, reference_glyphs
 
     data = build_spoken_numbers(
         num_samples=config.num_samples,
@@ -61,6 +63,7 @@ def _spoken_numbers(config: DataConfig, seed: int) -> DataBundle:
         heldout_labels=frozenset(int(n) for n in data.heldout_numbers),
         parse_label=parse_number,
         train_labels=frozenset(int(data.labels[i]) for i in data.split_indices("train")),
+        glyphs=reference_glyphs(data),
     )
 
 

@@ -405,29 +405,78 @@ def _compose_chunk(job: tuple[np.ndarray, dict[str, np.ndarray], int, int]) -> n
     sources, layout, height, width = job
     mnist_images, _ = load_mnist()
     images = np.zeros((sources.shape[0], height, width), dtype=np.uint8)
-    room = width - 2 * MARGIN
     for i, row in enumerate(sources):
         glyphs = [_crop_to_ink(mnist_images[index]) for index in row[row >= 0]]
-        count = len(glyphs)
-        boxes = layout["boxes"][i, :count] * height  # px
-        gaps = layout["gaps"][i, : count - 1] * height  # px
-        glyph_h = np.array([g.shape[0] for g in glyphs]) * boxes / MNIST_BOX
-        glyph_w = np.array([g.shape[1] for g in glyphs]) * boxes / MNIST_BOX
-        shrink = min(1.0, room / (glyph_w.sum() + gaps.sum()))  # too wide: shrink all alike
-        glyph_h = np.clip(np.floor(glyph_h * shrink), 1, height - 2 * MARGIN).astype(int)
-        glyph_w = np.clip(np.floor(glyph_w * shrink), 1, room).astype(int)
-        gaps_px = np.floor(gaps * shrink).astype(int)
-        free_x = room - glyph_w.sum() - gaps_px.sum()
-        x = MARGIN + int(layout["x"][i] * (free_x + 1))
-        for k, glyph in enumerate(glyphs):
-            y = MARGIN + int(layout["y"][i, k] * (height - 2 * MARGIN - glyph_h[k] + 1))
-            scaled = np.asarray(
-                Image.fromarray(glyph).resize((int(glyph_w[k]), int(glyph_h[k])), Image.Resampling.BILINEAR)
-            )
-            region = images[i, y : y + glyph_h[k], x : x + glyph_w[k]]
-            np.maximum(region, scaled, out=region)  # overlapping strokes stay white, none erased
-            x += glyph_w[k] + (gaps_px[k] if k < count - 1 else 0)
+        _draw_digits(images[i], glyphs, {k: v[i] for k, v in layout.items()})
     return images
+
+
+def _draw_digits(canvas: np.ndarray, glyphs: list[np.ndarray], layout: dict[str, np.ndarray]) -> np.ndarray:
+    """Draw ink-cropped ``glyphs`` left to right into ``canvas`` (H, W) uint8, in place.
+
+    Args:
+        layout: one row of ``_draw_layouts`` (boxes, gaps, y per digit; x).
+
+    Returns:
+        (len(glyphs), 2) int64: each digit's first column and width in pixels.
+    """
+    height, width = canvas.shape
+    room = width - 2 * MARGIN
+    count = len(glyphs)
+    boxes = layout["boxes"][:count] * height  # px
+    gaps = layout["gaps"][: count - 1] * height  # px
+    glyph_h = np.array([g.shape[0] for g in glyphs]) * boxes / MNIST_BOX
+    glyph_w = np.array([g.shape[1] for g in glyphs]) * boxes / MNIST_BOX
+    shrink = min(1.0, room / (glyph_w.sum() + gaps.sum()))  # too wide: shrink all alike
+    glyph_h = np.clip(np.floor(glyph_h * shrink), 1, height - 2 * MARGIN).astype(int)
+    glyph_w = np.clip(np.floor(glyph_w * shrink), 1, room).astype(int)
+    gaps_px = np.floor(gaps * shrink).astype(int)
+    free_x = room - glyph_w.sum() - gaps_px.sum()
+    x = MARGIN + int(layout["x"] * (free_x + 1))
+    spans = np.zeros((count, 2), dtype=np.int64)
+    for k, glyph in enumerate(glyphs):
+        y = MARGIN + int(layout["y"][k] * (height - 2 * MARGIN - glyph_h[k] + 1))
+        scaled = np.asarray(Image.fromarray(glyph).resize((int(glyph_w[k]), int(glyph_h[k])), Image.Resampling.BILINEAR))
+        region = canvas[y : y + glyph_h[k], x : x + glyph_w[k]]
+        np.maximum(region, scaled, out=region)  # overlapping strokes stay white, none erased
+        spans[k] = x, glyph_w[k]
+        x += glyph_w[k] + (gaps_px[k] if k < count - 1 else 0)
+    return spans
+
+
+# The reference handwriting of text -> image: every layout draw at the middle of its range, so a
+# number's digits sit centred, at 0.75 of the height, 0.07 of the height apart.
+REFERENCE_LAYOUT = {"boxes": 0.75, "gaps": 0.07, "x": 0.5, "y": 0.5}
+
+
+def reference_glyphs(data: SpokenNumbers) -> np.ndarray:
+    """(10, 28, 28) uint8: per digit, the training split's most typical MNIST image (nearest, in
+    pixels, to the mean of that digit's training images): the glyphs of ``draw_reference``."""
+    mnist_images, mnist_labels = load_mnist()
+    pool = np.unique(data.digit_sources[data.splits == _split_code("train")])
+    pool = pool[pool >= 0]
+    glyphs = np.zeros((10, *mnist_images.shape[1:]), dtype=np.uint8)
+    for digit in range(10):
+        members = pool[mnist_labels[pool] == digit]
+        if members.size == 0:
+            raise ValueError(f"the training split draws no image of the digit {digit}; build more samples")
+        pixels = mnist_images[members].reshape(members.size, -1).astype(np.float64)
+        glyphs[digit] = mnist_images[members[np.argmin(((pixels - pixels.mean(0)) ** 2).sum(1))]]
+    return glyphs
+
+
+def draw_reference(number: int, glyphs: np.ndarray, *, height: int, width: int) -> tuple[np.ndarray, np.ndarray]:
+    """``number`` in the reference handwriting: ``glyphs`` (from ``reference_glyphs``) placed by
+    ``REFERENCE_LAYOUT``.
+
+    Returns:
+        (H, W) uint8 image, and (D, 2) int64 first column and width of each of its D digits.
+    """
+    digits = [int(c) for c in str(int(number))]
+    layout = {k: np.full(len(digits), v) if k != "x" else v for k, v in REFERENCE_LAYOUT.items()}
+    canvas = np.zeros((height, width), dtype=np.uint8)
+    spans = _draw_digits(canvas, [_crop_to_ink(glyphs[d]) for d in digits], layout)
+    return canvas, spans
 
 
 # ----------------------------------------------------------------------------- cache entries

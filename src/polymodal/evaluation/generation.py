@@ -145,7 +145,11 @@ def text_to_image_figures(
     device: torch.device | str = "cpu",
     limit: int | None = None,
 ) -> tuple[dict[str, float], Generated]:
-    """Generate an image from every caption of ``dataset`` (greedy codes) and let ``judge`` read it.
+    """Draw every caption's number (``Collator.source_texts``; the most likely codes) and let
+    ``judge`` read it.
+
+    Args:
+        collate_fn: a ``Collator`` (its ``source_texts`` makes the model's input).
 
     Returns:
         ``{"probe_correct", "count", "heldout_probe_correct", "heldout_count"}`` and the samples.
@@ -154,11 +158,12 @@ def text_to_image_figures(
     model.eval()
     images, labels, predicted, captions = [], [], [], []
     for ids, mask, batch_labels in _caption_batches(dataset, collate_fn, batch_size, limit):
+        captions += [decode(row) for row in ids.tolist()]
+        ids, mask = collate_fn.source_texts(Modality.IMAGE, captions[-len(ids) :])  # the digits to draw
         made = model.generate_image(ids.to(device), mask.to(device))  # (B, 1, H, W)
         predicted.append(probes.predict_numbers(judge, made).cpu())
         images.append(made.cpu())
         labels.append(batch_labels)
-        captions += [decode(row) for row in ids.tolist()]
     model.train(was_training)
     labels_all = torch.cat(labels)
     figures = _score(torch.cat(predicted), labels_all, heldout_labels)
@@ -193,6 +198,29 @@ def reconstructed_probe_accuracy(
     return right / max(total, 1)
 
 
+@torch.no_grad()
+def reference_round_trip_accuracy(
+    tokenizer: nn.Module,
+    judge: probes.ImageProbe,
+    references: dict,
+    *,
+    batch_size: int = 250,
+    device: torch.device | str = "cpu",
+) -> float:
+    """Share of reference images (``references.reference_images``: label -> Reference) whose
+    number ``judge`` still reads after ``tokenizer.reconstruct``: the ceiling of text -> image."""
+    from polymodal.data.image import normalize_images
+
+    labels = sorted(references)
+    right = 0
+    for start in range(0, len(labels), batch_size):
+        chunk = labels[start : start + batch_size]
+        pixels = torch.stack([torch.from_numpy(references[n].value) for n in chunk])[:, None].float() / 255.0
+        images = tokenizer.reconstruct(normalize_images(pixels).to(device)).clamp(-1, 1)
+        right += int((probes.predict_numbers(judge, images).cpu() == torch.tensor(chunk)).sum())
+    return right / max(len(labels), 1)
+
+
 def voiced_frames(log_mel: Tensor) -> Tensor:
     """(B, F, M) log-mel -> (B,) frames up to and including the last voiced one (at least 1)."""
     voiced = log_mel.amax(dim=-1) > VOICED_LEVEL  # (B, F)
@@ -216,11 +244,11 @@ def text_to_audio_figures(
     limit: int | None = None,
     seed: int = 0,
 ) -> tuple[dict[str, float], Generated]:
-    """Speak every caption's number (``Collator.spoken_texts``), vocode it, and let ``judge`` read
+    """Speak every caption's number (``Collator.source_texts``), vocode it, and let ``judge`` read
     the waveform's log-mel.
 
     Args:
-        collate_fn: a ``Collator`` (its ``spoken_texts`` makes the model's input).
+        collate_fn: a ``Collator`` (its ``source_texts`` makes the model's input).
         log_mel: the collator's ``LogMel`` (waveforms (B, T) -> (B, F, M)).
 
     Returns:
@@ -232,7 +260,7 @@ def text_to_audio_figures(
     waveforms, labels, predicted, captions = [], [], [], []
     for ids, mask, batch_labels in _caption_batches(dataset, collate_fn, batch_size, limit):
         captions += [decode(row) for row in ids.tolist()]
-        ids, mask = collate_fn.spoken_texts(captions[-len(ids) :])  # what the captions say aloud
+        ids, mask = collate_fn.source_texts(Modality.AUDIO, captions[-len(ids) :])  # what they say aloud
         mels = model.generate_audio(ids.to(device), mask.to(device)).cpu()  # (B, F, M)
         frames = voiced_frames(mels)  # (B,)
         audio = vocoder(mels, generator=generator)  # (B, T)

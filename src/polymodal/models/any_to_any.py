@@ -5,21 +5,24 @@ plus pooled, normalised per-modality embeddings for contrastive alignment.
 
 Reference: seed 000 (modality encoders + shared backbone + modality decoders); the prefix-LM layout
 of Raffel et al. 2019, T5, arXiv:1910.10683 (section 3.2.1); LLaVA-style projection of encoder
-tokens into the backbone width, Liu et al. 2023, arXiv:2304.08485; images as autoregressive VQ
-codes, Ramesh et al. 2021, DALL-E, arXiv:2102.12092; mel frames with a reduction factor, Tacotron,
-arXiv:1703.10135; CLIP's symmetric InfoNCE, arXiv:2103.00020.
+tokens into the backbone width, Liu et al. 2023, arXiv:2304.08485; images as VQ codes, Ramesh et
+al. 2021, DALL-E, arXiv:2102.12092 (here predicted in parallel, not autoregressively); mel frames
+with a reduction factor, Tacotron, arXiv:1703.10135; durations and a length regulator, FastSpeech,
+arXiv:1905.09263; CLIP's symmetric InfoNCE, arXiv:2103.00020.
 
 One sequence per task and item:  [source tokens] [target tokens ...]
 bidirectional over the source, causal over the target, sources never see targets. Targets:
   * text:  BOS + caption ids, next-token cross-entropy (LM head tied to the target embedding);
-  * image: BOS + the frozen VQ-VAE's codes in raster order, next-code cross-entropy;
-  * audio: FastSpeech-style (Ren et al. 2019, arXiv:1905.09263). The source is the words of the
-    number (``numbers.spoken_words``), the target the reference voice reading them, aligned word
-    by word (``data/aligned_speech.py``). A duration head on the source states predicts each
-    token's length in frames; the length regulator turns the durations into frame-group tokens,
-    each a copy of the source token it falls in plus an embedding of where in that token it lies,
-    and each regresses ``frames_per_token`` log-mel frames (non-autoregressive: one pass makes the
-    whole clip). Training uses the true durations, generation the predicted ones.
+  * image and audio: FastSpeech-style (Ren et al. 2019, arXiv:1905.09263), non-autoregressive.
+    The source is the number as a writer writes it (its digits) or a speaker says it (its words);
+    the target is its reference rendering (one handwriting, one voice), aligned token by token
+    (``data/references.py``). A duration head on the source states predicts how much of the
+    target each token covers (pixel columns, log-mel frames); the length regulator turns the
+    durations into target tokens, each a copy of the source token it falls in plus an embedding
+    of where in that token it lies. An image has one target token per VQ code (a column's tokens
+    differ by a row embedding), each classifying the frozen VQ-VAE's code there; audio has one
+    per ``frames_per_token`` log-mel frames, each regressing them. One pass makes the whole
+    target. Training uses the true durations, generation the predicted ones.
 Because sources never attend targets, the source positions of any task's sequence hold exactly
 what a pass over the source alone would: the contrastive embedding of a modality is their masked
 mean, shared with the generation tasks at no extra backbone cost.
@@ -36,7 +39,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from polymodal.data.audio import LOG_FLOOR
-from polymodal.data.batch import Batch, SpeechTargets
+from polymodal.data.batch import AlignedTargets, Batch
 from polymodal.decoders.mel_head import MelFrameHead
 from polymodal.decoders.sampling import sample_next
 from polymodal.losses.mel import mel_loss
@@ -70,7 +73,7 @@ CONTRASTIVE_PREFIX = "contrastive_"
 MEL_CENTER = -8.0
 MEL_SCALE = 6.0
 SILENCE = math.log(LOG_FLOOR)  # the log-mel of silence: the target past a clip's end
-# Where in its source token a frame-group token lies, in this many equal parts of the token.
+# Where in its source token a target token lies, in this many equal parts of the token.
 PHASE_BUCKETS = 8
 
 
@@ -98,34 +101,36 @@ class AudioTargets:
         return math.ceil(self.num_frames / self.frames_per_token)
 
 
-def align_frames(durations: Tensor, frames_per_token: int, max_tokens: int) -> tuple[Tensor, Tensor, Tensor]:
-    """The length regulator: which source token each frame-group token reads, and where in it.
+def align_frames(durations: Tensor, step: float, count: int) -> tuple[Tensor, Tensor, Tensor]:
+    """The length regulator: which source token each target token reads, and where in it.
 
-    Frame-group token j covers frames [j r, (j + 1) r) and reads the source token whose span of
-    frames holds its centre (j + 1/2) r; tokens of zero duration are never read.
+    Target token j covers [j step, (j + 1) step) of the target and reads the source token whose
+    span holds its centre (j + 1/2) step; tokens of zero duration are never read, and a target
+    token past an item's end reads that item's last token of nonzero duration.
 
     Args:
-        durations: (B, L) frames per source token, >= 0 (0 on padding).
-        frames_per_token: r.
-        max_tokens: the most frame-group tokens to make (the longest clip).
+        durations: (B, L) per source token, >= 0 (0 on padding), in the target's units.
+        step: the target's units per target token (log-mel frames, or pixel columns).
+        count: J, the target tokens to make.
 
     Returns:
         index (B, J) long into L; phase (B, J) long in [0, PHASE_BUCKETS): the part of its source
-        token the centre falls in; mask (B, J) True on tokens before the item's end (token 0 always).
-        J = ceil(longest total / r), between 1 and ``max_tokens``.
+        token the centre falls in; inside (B, J): True before the item's end (token 0 always).
     """
-    ends = durations.float().cumsum(dim=1)  # (B, L) where each token's span ends
+    durations = durations.float()
+    ends = durations.cumsum(dim=1)  # (B, L) where each token's span ends
     totals = ends[:, -1]  # (B,)
-    num = min(max(math.ceil(float(totals.max()) / frames_per_token), 1), max_tokens)
-    centres = (torch.arange(num, device=durations.device, dtype=ends.dtype) + 0.5) * frames_per_token  # (J,)
+    centres = (torch.arange(count, device=durations.device, dtype=ends.dtype) + 0.5) * step  # (J,)
     index = torch.searchsorted(ends.contiguous(), centres.expand(len(ends), -1).contiguous(), right=True)
-    index = index.clamp(max=durations.shape[1] - 1)  # (B, J)
-    length = durations.float().gather(1, index)
+    positions = torch.arange(durations.shape[1], device=durations.device)
+    last = ((durations > 0) * positions).amax(dim=1, keepdim=True)  # (B, 1)
+    index = torch.minimum(index, last)  # (B, J)
+    length = durations.gather(1, index)
     start = ends.gather(1, index) - length
     phase = ((centres - start) / length.clamp(min=1e-6) * PHASE_BUCKETS).floor().long().clamp(0, PHASE_BUCKETS - 1)
-    mask = centres[None, :] < totals[:, None]
-    mask[:, 0] = True
-    return index, phase, mask
+    inside = centres[None, :] < totals[:, None]
+    inside[:, 0] = True
+    return index, phase, inside
 
 
 # Target modality -> the method computing that target's loss.
@@ -203,8 +208,11 @@ class AnyToAnyModel(nn.Module):
             image_tokenizer.requires_grad_(False)
             self.image_tokenizer = image_tokenizer.eval()
             self.code_grid = image_tokenizer.token_grid(*image_size)  # (h, w)
+            self.column_pixels = image_size[1] / self.code_grid[1]
             self.num_codes = image_tokenizer.num_codes
-            self.code_embed = nn.Embedding(self.num_codes + 1, dim)  # the last row is the image BOS
+            self.column_phase_embed = nn.Embedding(PHASE_BUCKETS, dim)
+            self.row_embed = nn.Embedding(self.code_grid[0], dim)
+            self.width_head = nn.Linear(dim, 1)  # log(1 + pixel columns) per source token
             self.code_head = nn.Linear(dim, self.num_codes, bias=False)
 
         self.audio = audio
@@ -230,8 +238,10 @@ class AnyToAnyModel(nn.Module):
         nn.init.normal_(self.modality_embed.weight, std=0.02)
         nn.init.normal_(self.text_embed.weight, std=0.02)
         if self.image_tokenizer is not None:
-            nn.init.normal_(self.code_embed.weight, std=0.02)
-            nn.init.normal_(self.code_head.weight, std=0.02)
+            for table in (self.column_phase_embed, self.row_embed, self.code_head):
+                nn.init.normal_(table.weight, std=0.02)
+            nn.init.normal_(self.width_head.weight, std=0.02)
+            nn.init.zeros_(self.width_head.bias)
         if "text_to_audio" in self.tasks:
             nn.init.normal_(self.phase_embed.weight, std=0.02)
             nn.init.normal_(self.duration_head.weight, std=0.02)
@@ -273,15 +283,23 @@ class AnyToAnyModel(nn.Module):
         tokens = self.text_embed(ids)  # (B, L, D)
         return tokens + type_embedding(self.modality_embed, Modality.TEXT, tokens)
 
-    def embed_code_targets(self, codes: Tensor) -> Tensor:
-        """(B, L) code ids (``num_codes`` = image BOS) -> (B, L, D)."""
-        tokens = self.code_embed(codes)
+    def code_tokens(self, source: Tensor, widths: Tensor) -> Tensor:
+        """One target token per VQ code (B, h * w, D), raster order, from the source tokens'
+        ``widths`` (B, Ns) in pixel columns: the source token its column reads, where in it, its row."""
+        height, width = self.code_grid
+        index, phase, _ = align_frames(widths, self.column_pixels, width)  # (B, w)
+        columns = _gather(source, index) + self.column_phase_embed(phase)  # (B, w, D)
+        tokens = (columns[:, None, :, :] + self.row_embed.weight[None, :, None, :]).flatten(1, 2)  # (B, h * w, D)
         return tokens + type_embedding(self.modality_embed, Modality.IMAGE, tokens)
 
-    def frame_tokens(self, source: Tensor, index: Tensor, phase: Tensor) -> Tensor:
-        """Frame-group tokens (B, J, D) from ``align_frames``: the source token read, plus where in it."""
-        tokens = source.gather(1, index[:, :, None].expand(-1, -1, source.shape[-1])) + self.phase_embed(phase)
-        return tokens + type_embedding(self.modality_embed, Modality.AUDIO, tokens)
+    def frame_tokens(self, source: Tensor, durations: Tensor) -> tuple[Tensor, Tensor]:
+        """Frame-group tokens (B, J, D) and their mask (B, J) from the source tokens' ``durations``
+        (B, Ns) in log-mel frames: the source token each reads, and where in it."""
+        step = self.audio.frames_per_token
+        count = min(max(math.ceil(float(durations.sum(1).max()) / step), 1), self.audio.num_tokens)
+        index, phase, inside = align_frames(durations, step, count)
+        tokens = _gather(source, index) + self.phase_embed(phase)
+        return tokens + type_embedding(self.modality_embed, Modality.AUDIO, tokens), inside
 
     def run(self, source: Tensor, source_mask: Tensor, target: Tensor, target_mask: Tensor, *, cache=None) -> Tensor:
         """The backbone over ``[source][target]`` in the prefix-LM layout.
@@ -331,11 +349,12 @@ class AnyToAnyModel(nn.Module):
             if task == CONTRASTIVE:
                 continue
             source_modality, target_modality = TASKS[task]
-            if target_modality is Modality.AUDIO:  # the reference speech, not the item's own (see above)
-                if batch.speech is None:
+            aligned = batch.references.get(target_modality) if target_modality is not Modality.TEXT else None
+            if target_modality is not Modality.TEXT:  # the item's reference rendering (see above)
+                if aligned is None:
                     continue
-                keep = batch.speech.present
-                source_inputs, source_masks = batch.speech.ids, batch.speech.mask
+                keep = aligned.present
+                source_inputs, source_masks = aligned.ids, aligned.mask
             elif source_modality in batch.inputs and target_modality in batch.inputs:
                 keep = batch.present[source_modality] & batch.present[target_modality]
                 source_inputs, source_masks = batch.inputs[source_modality], batch.masks.get(source_modality)
@@ -349,18 +368,17 @@ class AnyToAnyModel(nn.Module):
             source, source_mask = self.encode_source(
                 source_modality, source_inputs[keep], None if source_masks is None else source_masks[keep]
             )
-            if target_modality is Modality.AUDIO:
-                target, target_mask = batch.speech.select(keep), None
+            if aligned is not None:
+                target, target_mask = aligned.select(keep), None
             else:
                 target, target_mask = batch.inputs[target_modality][keep], _mask_of(batch, target_modality, keep)
             loss_fn = getattr(self, TARGET_LOSS[target_modality])
             hidden, task_losses, task_metrics = loss_fn(source, source_mask, target, target_mask)
             losses.update({task if not k else f"{task}_{k}": v for k, v in task_losses.items()})
             metrics.update({f"{task}_{k}": v for k, v in task_metrics.items()})
-            from_items = target_modality is not Modality.AUDIO  # the items' own source inputs
             if (
                 self.pairs
-                and from_items
+                and aligned is None  # the source is the items' own input
                 and source_modality not in pooled
                 and bool((keep == batch.present[source_modality]).all())
             ):
@@ -378,29 +396,26 @@ class AnyToAnyModel(nn.Module):
         loss, metrics = _token_loss(logits, labels)
         return hidden, {"": loss}, metrics
 
-    def _image_loss(self, source: Tensor, source_mask: Tensor, images: Tensor, _: Tensor | None):
-        codes = self.image_tokenizer.encode(images).flatten(1)  # (B, h * w) raster order
-        bos = torch.full_like(codes[:, :1], self.num_codes)
-        inputs = torch.cat([bos, codes[:, :-1]], dim=1)  # (B, h * w)
-        hidden = self.run(source, source_mask, self.embed_code_targets(inputs), torch.ones_like(inputs, dtype=torch.bool))
-        logits = self.code_head(hidden[:, source.shape[1] :])  # (B, h * w, K)
-        loss, metrics = _token_loss(logits, codes)
-        return hidden, {"": loss}, metrics
+    def _image_loss(self, source: Tensor, source_mask: Tensor, target: AlignedTargets, _: None):
+        """Every VQ code at once, through the length regulator with the true widths; and the widths."""
+        codes = self.image_tokenizer.encode(target.values).flatten(1)  # (B, h * w) raster order
+        tokens = self.code_tokens(source, target.durations)
+        hidden = self.run(source, source_mask, tokens, torch.ones(tokens.shape[:2], dtype=torch.bool, device=tokens.device))
+        loss, metrics = _token_loss(self.code_head(hidden[:, source.shape[1] :]), codes)
+        width = _duration_loss(self.width_head, hidden[:, : source.shape[1]], source_mask, target.durations)
+        return hidden, {"": loss, "width": width}, metrics
 
-    def _audio_loss(self, source: Tensor, source_mask: Tensor, speech: SpeechTargets, _: None):
-        """Mel frames through the length regulator with the true durations, and the durations."""
-        index, phase, token_mask = align_frames(speech.durations, self.audio.frames_per_token, self.audio.num_tokens)
-        hidden = self.run(source, source_mask, self.frame_tokens(source, index, phase), token_mask)
+    def _audio_loss(self, source: Tensor, source_mask: Tensor, target: AlignedTargets, _: None):
+        """Mel frames through the length regulator with the true durations; and the durations."""
+        tokens, token_mask = self.frame_tokens(source, target.durations)
+        hidden = self.run(source, source_mask, tokens, token_mask)
         predicted = self.mel_head(hidden[:, source.shape[1] :])  # (B, J * r, M), normalised units
-        target = self.mel_targets(speech.log_mels, speech.frame_mask, predicted.shape[1])
+        mels = self.mel_targets(target.values, target.value_mask, predicted.shape[1])
         frame_mask = torch.zeros(predicted.shape[:2], dtype=torch.bool, device=predicted.device)
-        real = speech.frame_mask[:, : predicted.shape[1]]
+        real = target.value_mask[:, : predicted.shape[1]]
         frame_mask[:, : real.shape[1]] = real
-        # fp32 island: a squared log-duration error, averaged over the real source tokens.
-        log_durations = self.duration_head(hidden[:, : source.shape[1]]).squeeze(-1).float()  # (B, Ns)
-        error = (log_durations - torch.log1p(speech.durations.float())).square().where(source_mask, 0.0)
-        duration = error.sum() / source_mask.sum().clamp(min=1)
-        return hidden, {"": mel_loss(predicted, target, frame_mask), "duration": duration}, {}
+        duration = _duration_loss(self.duration_head, hidden[:, : source.shape[1]], source_mask, target.durations)
+        return hidden, {"": mel_loss(predicted, mels, frame_mask), "duration": duration}, {}
 
     def mel_targets(self, log_mels: Tensor, frame_mask: Tensor, num_frames: int) -> Tensor:
         """Collated log-mels (B, F, M) -> normalised targets (B, num_frames, M): the real frames,
@@ -531,30 +546,20 @@ class AnyToAnyModel(nn.Module):
         temperature: float = 0.0,
         top_k: int = 0,
         top_p: float = 1.0,
-        use_cache: bool = True,
         generator: torch.Generator | None = None,
     ) -> Tensor:
-        """VQ codes (B, h, w) for captions ``ids`` (B, L) as the collator makes them (BOS ... EOS)."""
+        """VQ codes (B, h, w) for ``ids`` (B, L): the digits to draw, ``[bos] ... [eos]`` as
+        ``Collator.source_texts`` makes them. Widths first, then one pass for every code; each
+        code is the most likely one (temperature 0) or drawn as ``sample_next`` draws."""
         if self.image_tokenizer is None:
             raise ValueError(f"this model was not trained for text_to_image (its tasks: {', '.join(self.tasks)})")
         source, source_mask = self.encode_source(Modality.TEXT, ids, mask)
-        height, width = self.code_grid
-        codes = self._generate_tokens(
-            source,
-            source_mask,
-            bos_id=self.num_codes,
-            embed=self.embed_code_targets,
-            head=self.code_head,
-            num_tokens=height * width,
-            eos_id=None,
-            pad_id=0,
-            temperature=temperature,
-            top_k=top_k,
-            top_p=top_p,
-            use_cache=use_cache,
-            generator=generator,
-        )
-        return codes[:, 1:].reshape(-1, height, width)
+        widths = _predicted_durations(self.width_head, self.backbone, source, source_mask)
+        tokens = self.code_tokens(source, widths)
+        hidden = self.run(source, source_mask, tokens, torch.ones(tokens.shape[:2], dtype=torch.bool, device=tokens.device))
+        logits = self.code_head(hidden[:, source.shape[1] :]).float()  # (B, h * w, K)
+        codes = sample_next(logits.flatten(0, 1), temperature=temperature, top_k=top_k, top_p=top_p, generator=generator)
+        return codes.reshape(-1, *self.code_grid)
 
     @torch.no_grad()
     def generate_image(self, ids: Tensor, mask: Tensor | None = None, **sampling) -> Tensor:
@@ -567,18 +572,35 @@ class AnyToAnyModel(nn.Module):
     def generate_audio(self, ids: Tensor, mask: Tensor | None = None) -> Tensor:
         """Log-mel frames (B, F, num_mels), natural log of power as ``LogMel`` makes them, silence
         after each item's predicted end, for ``ids`` (B, L): the words to say, ``[bos] ... [eos]``
-        as ``Collator.spoken_texts`` makes them. Durations first, then one pass for every frame."""
+        as ``Collator.source_texts`` makes them. Durations first, then one pass for every frame."""
         if "text_to_audio" not in self.tasks:
             raise ValueError(f"this model was not trained for text_to_audio (its tasks: {', '.join(self.tasks)})")
         source, source_mask = self.encode_source(Modality.TEXT, ids, mask)
-        log_durations = self.duration_head(source_pass(self.backbone, source, source_mask)).squeeze(-1).float()
-        durations = torch.expm1(log_durations).clamp(min=0.0).where(source_mask, 0.0)  # (B, Ns) frames
-        index, phase, token_mask = align_frames(durations, self.audio.frames_per_token, self.audio.num_tokens)
-        hidden = self.run(source, source_mask, self.frame_tokens(source, index, phase), token_mask)
+        durations = _predicted_durations(self.duration_head, self.backbone, source, source_mask)  # (B, Ns) frames
+        tokens, token_mask = self.frame_tokens(source, durations)
+        hidden = self.run(source, source_mask, tokens, token_mask)
         frames = self.mel_head(hidden[:, source.shape[1] :])[:, : self.audio.num_frames].float()  # (B, F, M)
         log_mel = (frames * MEL_SCALE + MEL_CENTER).clamp(min=SILENCE)
         after_end = torch.arange(log_mel.shape[1], device=log_mel.device)[None, :] >= durations.sum(1, keepdim=True)
         return log_mel.masked_fill(after_end[:, :, None], SILENCE)
+
+
+def _gather(source: Tensor, index: Tensor) -> Tensor:
+    """(B, N, D) tokens at (B, J) indices -> (B, J, D)."""
+    return source.gather(1, index[:, :, None].expand(-1, -1, source.shape[-1]))
+
+
+def _duration_loss(head: nn.Module, states: Tensor, mask: Tensor, durations: Tensor) -> Tensor:
+    """Squared error of ``head``'s log(1 + duration) over the real source tokens (an fp32 island)."""
+    error = (head(states).squeeze(-1).float() - torch.log1p(durations.float())).square().where(mask, 0.0)
+    return error.sum() / mask.sum().clamp(min=1)
+
+
+def _predicted_durations(head: nn.Module, backbone: nn.Module, source: Tensor, source_mask: Tensor) -> Tensor:
+    """(B, Ns) durations from ``head`` over a pass of the backbone over the source alone (the states
+    the training pass gives the source), 0 on padding."""
+    log_durations = head(source_pass(backbone, source, source_mask)).squeeze(-1).float()
+    return torch.expm1(log_durations).clamp(min=0.0).where(source_mask, 0.0)
 
 
 def _token_loss(logits: Tensor, labels: Tensor) -> tuple[Tensor, dict[str, float]]:

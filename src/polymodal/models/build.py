@@ -51,10 +51,11 @@ def check_model_config(config: Config) -> None:
         source, _ = TASKS[task]
         if source.value not in model.encoders:
             raise ConfigError(f"model.encoders.{source}: task {task} needs a {source} encoder; add one or drop the task")
-    if "text_to_audio" in model.tasks and config.data.source != "spoken_numbers":
+    generating = [task for task in ("text_to_image", "text_to_audio") if task in model.tasks]
+    if generating and config.data.source != "spoken_numbers":
         raise ConfigError(
-            "model.tasks: text_to_audio learns from word-aligned reference speech, which only the built-in "
-            "data makes (data.source: spoken_numbers); drop text_to_audio for manifest data"
+            f"model.tasks: {', '.join(generating)} learn(s) from aligned references, which only the built-in "
+            "data makes (data.source: spoken_numbers); drop them for manifest data"
         )
     if "text_to_image" in model.tasks:
         IMAGE_TOKENIZERS.check(model.image_tokenizer, where="model.image_tokenizer")

@@ -20,7 +20,7 @@ from torch.utils.data import Subset
 from torch.utils.tensorboard import SummaryWriter
 
 from polymodal.config import Config, to_dict
-from polymodal.data.aligned_speech import build_reference_speech
+from polymodal.data.references import reference_images, reference_speech
 from polymodal.data.collate import build_collator
 from polymodal.data.sources import DataBundle, build_data
 from polymodal.data.text import TextTokenizer
@@ -31,6 +31,7 @@ from polymodal.evaluation.generation import (
     SPEECH_EVAL_ITEMS,
     load_judges,
     reconstructed_probe_accuracy,
+    reference_round_trip_accuracy,
     text_to_audio_figures,
     text_to_image_figures,
     vocoder_for,
@@ -83,10 +84,15 @@ def prepare(config: Config, *, run_dir: Path, train_tokenizer: bool) -> Run:
         tokenizer.save(tokenizer_path)
     else:
         tokenizer = TextTokenizer.load(tokenizer_path)
-    reference = None
-    if config.model.architecture == "any_to_any" and "text_to_audio" in config.model.tasks:
-        reference = build_reference_speech(data.train_labels, sample_rate=config.data.sample_rate)
-    collator = build_collator(tokenizer, config.data, reference=reference)
+    references = {}  # what text -> audio and text -> image learn from (data/references.py)
+    tasks = config.model.tasks if config.model.architecture == "any_to_any" else []
+    if "text_to_audio" in tasks:
+        references[Modality.AUDIO] = reference_speech(data.train_labels, sample_rate=config.data.sample_rate)
+    if "text_to_image" in tasks:
+        references[Modality.IMAGE] = reference_images(
+            data.train_labels, data.glyphs, height=config.data.image_height, width=config.data.image_width
+        )
+    collator = build_collator(tokenizer, config.data, references=references)
     shapes = DataShapes(
         image_size=(config.data.image_height, config.data.image_width),
         num_mels=config.data.num_mels,
@@ -157,6 +163,12 @@ def _generation_figures(run: Run, dataset, *, limit: int | None, device: torch.d
         # the VQ-VAE's round trip.
         tokenizer_figures["probe_correct_reconstructed"] = reconstructed_probe_accuracy(
             model.image_tokenizer, judges.image, dataset, run.collator, device=device, limit=limit
+        )
+        # The ceiling of what text -> image learns: the reference drawing of each test number.
+        test_labels = {int(dataset[i].label) for i in range(len(dataset) if limit is None else min(limit, len(dataset)))}
+        references = reference_images(test_labels, run.data.glyphs, height=data.image_height, width=data.image_width)
+        results["text_to_image"]["judge_accuracy_on_reference_round_trip"] = reference_round_trip_accuracy(
+            model.image_tokenizer, judges.image, references, device=device
         )
         results["image_tokenizer"] = tokenizer_figures
     if "text_to_audio" in model.tasks:
