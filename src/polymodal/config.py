@@ -62,7 +62,7 @@ class ModelConfig:
     backbone: dict[str, Any] = dataclasses.field(default_factory=lambda: {"name": "transformer"})
     tasks: list[str] = dataclasses.field(default_factory=lambda: ["image_to_text", "audio_to_text"])
     contrastive: dict[str, Any] = dataclasses.field(default_factory=dict)  # keyword settings of the CLIP model
-    audio_frames_per_token: int = 8  # text_to_audio: log-mel frames each audio query predicts
+    audio_frames_per_token: int = 8  # text_to_audio: log-mel frames each target token predicts
     task_fractions: dict[str, float] = dataclasses.field(default_factory=dict)  # task -> share of each batch
 
 

@@ -6,7 +6,9 @@
   polymodal generate runs/default --from text "forty two" --to audio --out 42.wav
 
 Text is printed. An image is written as a PNG at the data's size; speech as a 16-bit WAV (the
-predicted log-mel through Griffin-Lim). Decoding is greedy unless --temperature is above 0.
+predicted log-mel through Griffin-Lim). Text to image draws the digits of the number the text
+names, text to audio says its words. Text and image codes are the most likely ones unless
+--temperature is above 0.
 """
 
 from __future__ import annotations
