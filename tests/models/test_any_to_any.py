@@ -9,7 +9,8 @@ import torch
 from polymodal.config import load_config
 from polymodal.data.batch import AlignedTargets, Batch
 from polymodal.modality import Modality
-from polymodal.models.any_to_any import MEL_CENTER, MEL_SCALE, PHASE_BUCKETS, SILENCE, TextSpecials, align_frames
+from polymodal.models.any_to_any import MEL_CENTER, MEL_SCALE, SILENCE, TextSpecials
+from polymodal.models.length_regulator import PHASE_BUCKETS, align_frames, predicted_durations
 from polymodal.models.build import DataShapes, build_model
 
 VOCAB = 40
@@ -136,9 +137,7 @@ def test_image_codes_come_from_one_pass_and_decode_to_images():
     # The same codes as the most likely ones of the training pass, given the widths it predicted.
     with torch.no_grad():
         source, source_mask = model.encode_source(Modality.TEXT, ids, mask)
-        from polymodal.models.any_to_any import _predicted_durations
-
-        widths = _predicted_durations(model.width_head, model.backbone, source, source_mask)
+        widths = predicted_durations(model.width_head, model.backbone, source, source_mask)
         tokens = model.code_tokens(source, widths)
         hidden = model.run(source, source_mask, tokens, torch.ones(tokens.shape[:2], dtype=torch.bool))
         expected = model.code_head(hidden[:, source.shape[1] :]).argmax(-1).reshape(3, 4, 12)

@@ -53,6 +53,13 @@ from polymodal.models.alignment import (
     source_pass,
     type_embedding,
 )
+from polymodal.models.length_regulator import (
+    PHASE_BUCKETS,
+    align_frames,
+    duration_loss,
+    gather_tokens,
+    predicted_durations,
+)
 from polymodal.models.masks import prefix_lm_mask
 from polymodal.models.output import StepOutput
 
@@ -73,8 +80,6 @@ CONTRASTIVE_PREFIX = "contrastive_"
 MEL_CENTER = -8.0
 MEL_SCALE = 6.0
 SILENCE = math.log(LOG_FLOOR)  # the log-mel of silence: the target past a clip's end
-# Where in its source token a target token lies, in this many equal parts of the token.
-PHASE_BUCKETS = 8
 
 
 @dataclasses.dataclass(frozen=True)
@@ -99,38 +104,6 @@ class AudioTargets:
     @property
     def num_tokens(self) -> int:
         return math.ceil(self.num_frames / self.frames_per_token)
-
-
-def align_frames(durations: Tensor, step: float, count: int) -> tuple[Tensor, Tensor, Tensor]:
-    """The length regulator: which source token each target token reads, and where in it.
-
-    Target token j covers [j step, (j + 1) step) of the target and reads the source token whose
-    span holds its centre (j + 1/2) step; tokens of zero duration are never read, and a target
-    token past an item's end reads that item's last token of nonzero duration.
-
-    Args:
-        durations: (B, L) per source token, >= 0 (0 on padding), in the target's units.
-        step: the target's units per target token (log-mel frames, or pixel columns).
-        count: J, the target tokens to make.
-
-    Returns:
-        index (B, J) long into L; phase (B, J) long in [0, PHASE_BUCKETS): the part of its source
-        token the centre falls in; inside (B, J): True before the item's end (token 0 always).
-    """
-    durations = durations.float()
-    ends = durations.cumsum(dim=1)  # (B, L) where each token's span ends
-    totals = ends[:, -1]  # (B,)
-    centres = (torch.arange(count, device=durations.device, dtype=ends.dtype) + 0.5) * step  # (J,)
-    index = torch.searchsorted(ends.contiguous(), centres.expand(len(ends), -1).contiguous(), right=True)
-    positions = torch.arange(durations.shape[1], device=durations.device)
-    last = ((durations > 0) * positions).amax(dim=1, keepdim=True)  # (B, 1)
-    index = torch.minimum(index, last)  # (B, J)
-    length = durations.gather(1, index)
-    start = ends.gather(1, index) - length
-    phase = ((centres - start) / length.clamp(min=1e-6) * PHASE_BUCKETS).floor().long().clamp(0, PHASE_BUCKETS - 1)
-    inside = centres[None, :] < totals[:, None]
-    inside[:, 0] = True
-    return index, phase, inside
 
 
 # Target modality -> the method computing that target's loss.
@@ -288,7 +261,7 @@ class AnyToAnyModel(nn.Module):
         ``widths`` (B, Ns) in pixel columns: the source token its column reads, where in it, its row."""
         height, width = self.code_grid
         index, phase, _ = align_frames(widths, self.column_pixels, width)  # (B, w)
-        columns = _gather(source, index) + self.column_phase_embed(phase)  # (B, w, D)
+        columns = gather_tokens(source, index) + self.column_phase_embed(phase)  # (B, w, D)
         tokens = (columns[:, None, :, :] + self.row_embed.weight[None, :, None, :]).flatten(1, 2)  # (B, h * w, D)
         return tokens + type_embedding(self.modality_embed, Modality.IMAGE, tokens)
 
@@ -298,7 +271,7 @@ class AnyToAnyModel(nn.Module):
         step = self.audio.frames_per_token
         count = min(max(math.ceil(float(durations.sum(1).max()) / step), 1), self.audio.num_tokens)
         index, phase, inside = align_frames(durations, step, count)
-        tokens = _gather(source, index) + self.phase_embed(phase)
+        tokens = gather_tokens(source, index) + self.phase_embed(phase)
         return tokens + type_embedding(self.modality_embed, Modality.AUDIO, tokens), inside
 
     def run(self, source: Tensor, source_mask: Tensor, target: Tensor, target_mask: Tensor, *, cache=None) -> Tensor:
@@ -402,7 +375,7 @@ class AnyToAnyModel(nn.Module):
         tokens = self.code_tokens(source, target.durations)
         hidden = self.run(source, source_mask, tokens, torch.ones(tokens.shape[:2], dtype=torch.bool, device=tokens.device))
         loss, metrics = _token_loss(self.code_head(hidden[:, source.shape[1] :]), codes)
-        width = _duration_loss(self.width_head, hidden[:, : source.shape[1]], source_mask, target.durations)
+        width = duration_loss(self.width_head, hidden[:, : source.shape[1]], source_mask, target.durations)
         return hidden, {"": loss, "width": width}, metrics
 
     def _audio_loss(self, source: Tensor, source_mask: Tensor, target: AlignedTargets, _: None):
@@ -414,7 +387,7 @@ class AnyToAnyModel(nn.Module):
         frame_mask = torch.zeros(predicted.shape[:2], dtype=torch.bool, device=predicted.device)
         real = target.value_mask[:, : predicted.shape[1]]
         frame_mask[:, : real.shape[1]] = real
-        duration = _duration_loss(self.duration_head, hidden[:, : source.shape[1]], source_mask, target.durations)
+        duration = duration_loss(self.duration_head, hidden[:, : source.shape[1]], source_mask, target.durations)
         return hidden, {"": mel_loss(predicted, mels, frame_mask), "duration": duration}, {}
 
     def mel_targets(self, log_mels: Tensor, frame_mask: Tensor, num_frames: int) -> Tensor:
@@ -554,7 +527,7 @@ class AnyToAnyModel(nn.Module):
         if self.image_tokenizer is None:
             raise ValueError(f"this model was not trained for text_to_image (its tasks: {', '.join(self.tasks)})")
         source, source_mask = self.encode_source(Modality.TEXT, ids, mask)
-        widths = _predicted_durations(self.width_head, self.backbone, source, source_mask)
+        widths = predicted_durations(self.width_head, self.backbone, source, source_mask)
         tokens = self.code_tokens(source, widths)
         hidden = self.run(source, source_mask, tokens, torch.ones(tokens.shape[:2], dtype=torch.bool, device=tokens.device))
         logits = self.code_head(hidden[:, source.shape[1] :]).float()  # (B, h * w, K)
@@ -576,31 +549,13 @@ class AnyToAnyModel(nn.Module):
         if "text_to_audio" not in self.tasks:
             raise ValueError(f"this model was not trained for text_to_audio (its tasks: {', '.join(self.tasks)})")
         source, source_mask = self.encode_source(Modality.TEXT, ids, mask)
-        durations = _predicted_durations(self.duration_head, self.backbone, source, source_mask)  # (B, Ns) frames
+        durations = predicted_durations(self.duration_head, self.backbone, source, source_mask)  # (B, Ns) frames
         tokens, token_mask = self.frame_tokens(source, durations)
         hidden = self.run(source, source_mask, tokens, token_mask)
         frames = self.mel_head(hidden[:, source.shape[1] :])[:, : self.audio.num_frames].float()  # (B, F, M)
         log_mel = (frames * MEL_SCALE + MEL_CENTER).clamp(min=SILENCE)
         after_end = torch.arange(log_mel.shape[1], device=log_mel.device)[None, :] >= durations.sum(1, keepdim=True)
         return log_mel.masked_fill(after_end[:, :, None], SILENCE)
-
-
-def _gather(source: Tensor, index: Tensor) -> Tensor:
-    """(B, N, D) tokens at (B, J) indices -> (B, J, D)."""
-    return source.gather(1, index[:, :, None].expand(-1, -1, source.shape[-1]))
-
-
-def _duration_loss(head: nn.Module, states: Tensor, mask: Tensor, durations: Tensor) -> Tensor:
-    """Squared error of ``head``'s log(1 + duration) over the real source tokens (an fp32 island)."""
-    error = (head(states).squeeze(-1).float() - torch.log1p(durations.float())).square().where(mask, 0.0)
-    return error.sum() / mask.sum().clamp(min=1)
-
-
-def _predicted_durations(head: nn.Module, backbone: nn.Module, source: Tensor, source_mask: Tensor) -> Tensor:
-    """(B, Ns) durations from ``head`` over a pass of the backbone over the source alone (the states
-    the training pass gives the source), 0 on padding."""
-    log_durations = head(source_pass(backbone, source, source_mask)).squeeze(-1).float()
-    return torch.expm1(log_durations).clamp(min=0.0).where(source_mask, 0.0)
 
 
 def _token_loss(logits: Tensor, labels: Tensor) -> tuple[Tensor, dict[str, float]]:
