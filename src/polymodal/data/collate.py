@@ -139,8 +139,7 @@ class Collator:
             ids, mask = self._texts([None if ref is None else ref.text for ref in found])
             durations = torch.zeros(ids.shape, dtype=torch.float32)  # (B, L)
             if modality is Modality.AUDIO:
-                clips = [None if ref is None else torch.from_numpy(ref.value[: self.max_audio_samples]) for ref in found]
-                values, value_mask = self._audio(clips)
+                values, value_mask = self._audio([None if ref is None else torch.from_numpy(ref.value) for ref in found])
                 scale = self.log_mel.hop_length
             else:
                 pixels = [None if ref is None else torch.from_numpy(ref.value)[None].float() / 255.0 for ref in found]

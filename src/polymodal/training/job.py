@@ -165,8 +165,8 @@ def _generation_figures(run: Run, dataset, *, limit: int | None, device: torch.d
             model.image_tokenizer, judges.image, dataset, run.collator, device=device, limit=limit
         )
         # The ceiling of what text -> image learns: the reference drawing of each test number.
-        test_labels = {int(dataset[i].label) for i in range(len(dataset) if limit is None else min(limit, len(dataset)))}
-        references = reference_images(test_labels, run.data.glyphs, height=data.image_height, width=data.image_width)
+        asked = set(images.labels.tolist())  # the numbers text -> image was just asked for
+        references = reference_images(asked, run.data.glyphs, height=data.image_height, width=data.image_width)
         results["text_to_image"]["judge_accuracy_on_reference_round_trip"] = reference_round_trip_accuracy(
             model.image_tokenizer, judges.image, references, device=device
         )
