@@ -123,6 +123,14 @@ def test_total_loss_is_the_weighted_sum_of_terms(tmp_path):
         assert entry["loss"] == pytest.approx(2.0 * entry["loss/mse"] + 0.5 * entry["loss/l1"], rel=1e-6)
 
 
+def test_a_loss_weight_naming_no_loss_is_warned_about_once(tmp_path, caplog):
+    config = _config(steps=3, log_every=1, loss_weights={"mse": 2.0, "l2": 0.5})  # "l2": a typo of "l1"
+    with caplog.at_level("WARNING", logger="polymodal.training.loop"):
+        fit(_model(), ToyData(), ToyCollate(), config, tmp_path)
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 1 and "'l2'" in warnings[0] and "l1, mse" in warnings[0]
+
+
 def test_accumulated_gradient_equals_one_big_batch():
     data, collate = ToyData(32), ToyCollate()
     big = collate([data[i] for i in range(32)])

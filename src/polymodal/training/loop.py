@@ -118,6 +118,19 @@ def accumulate_gradients(
     return AccumulatedStep(total, terms, metrics, num_samples)
 
 
+def warn_unused_loss_weights(loss_weights: Mapping[str, float], names: Iterable[str]) -> list[str]:
+    """Log a warning for each ``train.loss_weights`` key the model's first step did not produce (a
+    misspelt name would otherwise leave its loss at weight 1 without a word); return those keys.
+    A warning, not an error: a loss can be missing from one step (a task whose modality a batch
+    lacks) and present in the next.
+    """
+    names = sorted(names)
+    unused = sorted(set(loss_weights) - set(names))
+    for name in unused:
+        log.warning("train.loss_weights names %r, which the first step did not produce; its losses: %s", name, ", ".join(names))
+    return unused
+
+
 def fit(
     model: nn.Module,
     dataset: Dataset,
@@ -188,6 +201,8 @@ def fit(
                 loss_weights=train.loss_weights,
             )
             terms = {name: term.item() for name, term in out.terms.items()}
+            if not last:  # this process's first step: the loss names are known now
+                warn_unused_loss_weights(train.loss_weights, terms)
             last = {**terms, "loss": out.total.item()}
             if not math.isfinite(last["loss"]):
                 listed = ", ".join(f"{name}={value:.4g}" for name, value in terms.items())
