@@ -118,17 +118,15 @@ def accumulate_gradients(
     return AccumulatedStep(total, terms, metrics, num_samples)
 
 
-def warn_unused_loss_weights(loss_weights: Mapping[str, float], names: Iterable[str]) -> list[str]:
+def warn_unused_loss_weights(loss_weights: Mapping[str, float], names: Iterable[str]) -> None:
     """Log a warning for each ``train.loss_weights`` key the model's first step did not produce (a
-    misspelt name would otherwise leave its loss at weight 1 without a word); return those keys.
-    A warning, not an error: a loss can be missing from one step (a task whose modality a batch
-    lacks) and present in the next.
+    misspelt name would otherwise leave its loss at weight 1 without a word). A warning, not an
+    error: a loss can be missing from one step (a task whose modality a batch lacks) and present in
+    the next.
     """
     names = sorted(names)
-    unused = sorted(set(loss_weights) - set(names))
-    for name in unused:
+    for name in sorted(set(loss_weights) - set(names)):
         log.warning("train.loss_weights names %r, which the first step did not produce; its losses: %s", name, ", ".join(names))
-    return unused
 
 
 def fit(
