@@ -53,6 +53,12 @@ class Collator:
         self.max_audio_samples = int(round(max_audio_seconds * sample_rate))
         self.log_mel = LogMel(sample_rate=sample_rate, n_fft=n_fft, hop_length=hop_length, num_mels=num_mels)
         self.references = dict(references or {})  # target modality -> label -> its reference
+        # Per target modality and label, the (L,) durations of [bos] tokens [eos]: fixed by the
+        # reference, so worked out once here rather than in every batch.
+        self.durations = {
+            modality: {label: self._durations(modality, ref) for label, ref in table.items()}
+            for modality, table in self.references.items()
+        }
         self.num_skipped = 0
 
     def __call__(self, samples: Sequence[Sample | None]) -> Batch:
@@ -128,7 +134,6 @@ class Collator:
         features = features.masked_fill(~mask[:, :, None], 0.0)  # padding reads as 0, as Batch documents
         return features, mask
 
-
     def _aligned(self, labels: list[int]) -> dict[Modality, AlignedTargets]:
         """Each labelled item's references as aligned targets, per modality that has any."""
         out = {}
@@ -138,26 +143,32 @@ class Collator:
                 continue
             ids, mask = self._texts([None if ref is None else ref.text for ref in found])
             durations = torch.zeros(ids.shape, dtype=torch.float32)  # (B, L)
+            for i, label in enumerate(labels):
+                if found[i] is not None:
+                    row = self.durations[modality][label]
+                    durations[i, : row.shape[0]] = row
             if modality is Modality.AUDIO:
                 values, value_mask = self._audio([None if ref is None else torch.from_numpy(ref.value) for ref in found])
-                scale = self.log_mel.hop_length
             else:
                 pixels = [None if ref is None else torch.from_numpy(ref.value)[None].float() / 255.0 for ref in found]
                 values = self._images(pixels)  # (B, 1, H, W) normalised
                 value_mask = torch.ones(len(found), values.shape[-1], dtype=torch.bool)
-                scale = 1.0
-            for i, ref in enumerate(found):
-                if ref is None:
-                    continue
-                if modality is Modality.AUDIO and ref.length > self.max_audio_samples:
-                    ref = _cut(ref, self.max_audio_samples)  # as the collator cuts the clip itself
-                _, offsets = self.tokenizer.encode_with_offsets(ref.text)
-                content = int(mask[i].sum()) - NUM_TEXT_SPECIALS  # tokens kept after truncation
-                lead, frames, trail = token_durations(ref, offsets[:content], scale)
-                durations[i, : content + 2] = torch.tensor([lead, *frames, trail], dtype=torch.float32)
             present = torch.tensor([ref is not None for ref in found])
             out[modality] = AlignedTargets(ids, mask, durations, values, value_mask, present)
         return out
+
+    def _durations(self, modality: Modality, ref: Reference) -> Tensor:
+        """(L,) float32 durations of ``ref``'s ``[bos] tokens [eos]``, its text truncated as
+        ``_texts`` truncates it: log-mel frames (audio, the clip cut as ``_audio`` cuts it) or
+        pixel columns (image)."""
+        scale = 1.0
+        if modality is Modality.AUDIO:
+            scale = self.log_mel.hop_length
+            if ref.length > self.max_audio_samples:
+                ref = _cut(ref, self.max_audio_samples)
+        _, offsets = self.tokenizer.encode_with_offsets(ref.text)
+        lead, frames, trail = token_durations(ref, offsets[: self.max_text_tokens - NUM_TEXT_SPECIALS], scale)
+        return torch.tensor([lead, *frames, trail], dtype=torch.float32)
 
     def source_texts(self, modality: Modality, texts: list[str | None]) -> tuple[Tensor, Tensor]:
         """What text -> ``modality`` reads for each text: the words it says aloud (audio,

@@ -536,7 +536,7 @@ class AnyToAnyModel(nn.Module):
 
     @torch.no_grad()
     def generate_image(self, ids: Tensor, mask: Tensor | None = None, **sampling) -> Tensor:
-        """Images (B, 1, H, W) in [-1, 1] for captions ``ids``: codes, decoded by the VQ-VAE.
+        """Images (B, 1, H, W) in [-1, 1] for ``ids``, the digits to draw: codes, decoded by the VQ-VAE.
         ``sampling``: as ``generate_image_codes``."""
         codes = self.generate_image_codes(ids, mask, **sampling)
         return self.image_tokenizer.decode(codes).clamp(-1.0, 1.0)
