@@ -12,7 +12,7 @@ import math
 import random
 import sys
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +22,7 @@ from torch import Tensor, nn
 from torch.utils.data import Dataset
 from tqdm import tqdm
 
-from polymodal.config import Config, dump_config
+from polymodal.config import Config, TrainConfig, dump_config
 from polymodal.errors import ConfigError
 from polymodal.training.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint, save_checkpoint
 from polymodal.training.metrics_log import MetricsLogger
@@ -129,6 +129,101 @@ def warn_unused_loss_weights(loss_weights: Mapping[str, float], names: Iterable[
         log.warning("train.loss_weights names %r, which the first step did not produce; its losses: %s", name, ", ".join(names))
 
 
+@dataclasses.dataclass
+class TrainState:
+    """Where a :func:`fit` call stands: the optimiser, its schedule, and how far training went.
+
+    Attributes:
+        step: optimiser steps taken.
+        position: items consumed from the data stream (the sampler resumes there).
+    """
+
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    device: torch.device
+    dtype: torch.dtype | None  # autocast dtype; None: fp32
+    step: int = 0
+    position: int = 0
+
+    def save(self, run_dir: Path, model: nn.Module, *, keep: int) -> Path:
+        """A checkpoint of the model and of this state (the data position with it)."""
+        return save_checkpoint(
+            run_dir, step=self.step, model=model, optimizer=self.optimizer, scheduler=self.scheduler,
+            extra_state={"data_position": self.position}, keep=keep,
+        )
+
+
+def start_state(model: nn.Module, config: Config, run_dir: Path, *, resume: bool) -> TrainState:
+    """Seed everything and move ``model`` to its device; a fresh optimiser and schedule, or those of
+    the latest checkpoint (with the RNGs) on resume. The resolved config goes to ``run_dir/config.yaml``."""
+    device = resolve_device(config.device)
+    seed_everything(config.seed)
+    model.to(device)  # master weights stay fp32; autocast runs eligible forward ops in bf16
+    optimizer = build_optimizer(model, config.train)
+    state = TrainState(
+        optimizer, build_scheduler(optimizer, config.train), device, resolve_precision(config.train.precision, device)
+    )
+    if resume:
+        found = latest_checkpoint(run_dir)
+        if found is None:
+            raise CheckpointError(f"resume: no checkpoint in {run_dir / 'checkpoints'}; start without resuming")
+        saved = load_checkpoint(found, model=model, optimizer=optimizer, scheduler=state.scheduler, restore_rng=True)
+        state.step = saved["step"]
+        state.position = saved.get("data_position", state.step * config.train.batch_size * config.train.grad_accum)
+    elif latest_checkpoint(run_dir) is not None:
+        raise CheckpointError(f"{run_dir} already holds checkpoints; resume it, or train into a new run folder")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    dump_config(config, run_dir / "config.yaml")
+    return state
+
+
+def optimizer_step(
+    model: nn.Module, state: TrainState, batches: Iterator[Any], train: TrainConfig
+) -> tuple[AccumulatedStep, dict[str, float], float]:
+    """One optimiser step over ``train.grad_accum`` micro-batches: gradients, clipping, update.
+
+    Returns:
+        the accumulated step, the losses by name (``loss`` the weighted total) and the gradient
+        norm before clipping.
+
+    Raises:
+        FloatingPointError: the loss is not finite (nothing is updated).
+    """
+    out = accumulate_gradients(
+        model, batches, num_batches=train.grad_accum, device=state.device, dtype=state.dtype,
+        loss_weights=train.loss_weights,
+    )
+    terms = {name: term.item() for name, term in out.terms.items()}
+    losses = {**terms, "loss": out.total.item()}
+    if not math.isfinite(losses["loss"]):
+        listed = ", ".join(f"{name}={value:.4g}" for name, value in terms.items())
+        raise FloatingPointError(
+            f"non-finite loss at step {state.step + 1}: loss={losses['loss']} ({listed}); lower train.lr, "
+            "check the data, or set train.precision=fp32"
+        )
+    max_norm = train.grad_clip if train.grad_clip > 0 else math.inf  # inf: measure the norm, never clip
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm).item()
+    state.optimizer.step()
+    state.scheduler.step()
+    state.optimizer.zero_grad(set_to_none=True)
+    state.step += 1
+    state.position += train.batch_size * train.grad_accum
+    return out, losses, grad_norm
+
+
+def step_values(
+    out: AccumulatedStep, losses: dict[str, float], *, lr: float, grad_norm: float, samples_per_s: float, collate_fn: Any
+) -> dict[str, float]:
+    """What a logged step records: the total and every term, the model's metrics, lr, grad norm,
+    throughput and (when the collator counts them) the damaged samples skipped so far."""
+    values = {"loss": losses["loss"], **{f"loss/{name}": v for name, v in losses.items() if name != "loss"}}
+    values.update(out.metrics)
+    values.update(lr=lr, grad_norm=grad_norm, samples_per_s=samples_per_s)
+    if hasattr(collate_fn, "num_skipped"):
+        values["skipped_samples"] = float(collate_fn.num_skipped)
+    return values
+
+
 def fit(
     model: nn.Module,
     dataset: Dataset,
@@ -144,9 +239,8 @@ def fit(
     Args:
         model: ``forward(batch)`` returns a :class:`polymodal.models.output.StepOutput`.
         dataset: items for ``collate_fn``; visited in a seeded order, one permutation per epoch.
-        collate_fn: list of items -> a batch with ``.to(device)`` and ``.size``. A ``num_skipped``
-            attribute (damaged samples dropped) is logged when present (counted in this process
-            only, so with ``data.num_workers=0``).
+        collate_fn: list of items -> a batch with ``.to(device)`` and ``.size``; its ``num_skipped``
+            (damaged samples dropped in this process) is logged when it has one.
         config: reads ``seed``, ``device``, ``data.num_workers`` and ``train``.
         run_dir: the run folder: ``config.yaml``, ``metrics.jsonl``, ``tensorboard/``, ``checkpoints/``.
         resume: continue exactly from the latest checkpoint in ``run_dir`` (weights, optimiser,
@@ -155,93 +249,71 @@ def fit(
             every ``train.eval_every`` steps (if > 0) and at the end; logged with split ``val``.
     """
     train, run_dir = config.train, Path(run_dir)
-    device = resolve_device(config.device)
-    dtype = resolve_precision(train.precision, device)
-    seed_everything(config.seed)
-    model.to(device)  # master weights stay fp32; autocast runs eligible forward ops in bf16
-    optimizer = build_optimizer(model, train)
-    scheduler = build_scheduler(optimizer, train)
-    items_per_step = train.batch_size * train.grad_accum
-
-    step, position = 0, 0
-    if resume:
-        found = latest_checkpoint(run_dir)
-        if found is None:
-            raise CheckpointError(f"resume: no checkpoint in {run_dir / 'checkpoints'}; start without resuming")
-        state = load_checkpoint(found, model=model, optimizer=optimizer, scheduler=scheduler, restore_rng=True)
-        step = state["step"]
-        position = state.get("data_position", step * items_per_step)
-    elif latest_checkpoint(run_dir) is not None:
-        raise CheckpointError(f"{run_dir} already holds checkpoints; resume it, or train into a new run folder")
-    run_dir.mkdir(parents=True, exist_ok=True)
-    dump_config(config, run_dir / "config.yaml")
-    log.info("training on %s, autocast %s, from step %d of %d", device, dtype or "off (fp32)", step, train.steps)
-
+    state = start_state(model, config, run_dir, resume=resume)
+    log.info("training on %s, autocast %s, from step %d of %d", state.device, state.dtype or "off (fp32)", state.step, train.steps)
     loader = build_loader(
-        dataset, collate_fn, batch_size=train.batch_size, seed=config.seed, start=position,
-        num_workers=config.data.num_workers, pin_memory=device.type == "cuda",
+        dataset, collate_fn, batch_size=train.batch_size, seed=config.seed, start=state.position,
+        num_workers=config.data.num_workers, pin_memory=state.device.type == "cuda",
     )
-    batches = iter(loader)
-    logger = MetricsLogger(run_dir, resume_step=step if resume else None)
-    bar = tqdm(
-        total=train.steps, initial=step, disable=not train.progress, file=sys.stderr, unit="step", dynamic_ncols=True
-    )
-    max_norm = train.grad_clip if train.grad_clip > 0 else math.inf  # inf: measure the norm, never clip
-    start = window_start = time.perf_counter()
-    samples = window_samples = 0
-    last: dict[str, float] = {}
+    batches, logger = iter(loader), MetricsLogger(run_dir, resume_step=state.step if resume else None)
+    bar = tqdm(total=train.steps, initial=state.step, disable=not train.progress, file=sys.stderr, unit="step",
+               dynamic_ncols=True)  # fmt: skip
+    meter = Throughput()
+    losses: dict[str, float] = {}
     model.train()
     try:
-        while step < train.steps:
-            lr = optimizer.param_groups[0]["lr"]  # the rate this step uses
-            out = accumulate_gradients(
-                model, batches, num_batches=train.grad_accum, device=device, dtype=dtype,
-                loss_weights=train.loss_weights,
-            )
-            terms = {name: term.item() for name, term in out.terms.items()}
-            if not last:  # this process's first step: the loss names are known now
-                warn_unused_loss_weights(train.loss_weights, terms)
-            last = {**terms, "loss": out.total.item()}
-            if not math.isfinite(last["loss"]):
-                listed = ", ".join(f"{name}={value:.4g}" for name, value in terms.items())
-                raise FloatingPointError(
-                    f"non-finite loss at step {step + 1}: loss={last['loss']} ({listed}); lower train.lr, "
-                    "check the data, or set train.precision=fp32"
-                )
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            step += 1
-            position += items_per_step
-            samples += out.num_samples
-            window_samples += out.num_samples
+        while state.step < train.steps:
+            lr = state.optimizer.param_groups[0]["lr"]  # the rate this step uses
+            first = not losses
+            out, losses, grad_norm = optimizer_step(model, state, batches, train)
+            if first:  # this process's first step: the loss names are known now
+                warn_unused_loss_weights(train.loss_weights, out.terms)
+            meter.add(out.num_samples)
             bar.update(1)
-            bar.set_postfix(loss=f"{last['loss']:.4f}", samples_s=f"{samples / (time.perf_counter() - start):.0f}")
-
-            if step % train.log_every == 0 or step == train.steps:
-                now = time.perf_counter()
-                values = {"loss": last["loss"], **{f"loss/{name}": value for name, value in terms.items()}}
-                values.update(out.metrics)
-                values.update(lr=lr, grad_norm=grad_norm.item(), samples_per_s=window_samples / (now - window_start))
-                if hasattr(collate_fn, "num_skipped"):
-                    values["skipped_samples"] = float(collate_fn.num_skipped)
-                logger.log(step, values)
-                window_start, window_samples = now, 0
-            eval_due = (train.eval_every > 0 and step % train.eval_every == 0) or step == train.steps
-            if evaluate is not None and eval_due:
-                model.eval()
-                with torch.no_grad():
-                    logger.log(step, dict(evaluate(model, step)), prefix="val")
-                model.train()
+            bar.set_postfix(loss=f"{losses['loss']:.4f}", samples_s=f"{meter.overall():.0f}")
+            done = state.step == train.steps
+            if state.step % train.log_every == 0 or done:
+                rate = meter.window()
+                logger.log(state.step, step_values(out, losses, lr=lr, grad_norm=grad_norm, samples_per_s=rate, collate_fn=collate_fn))
+            if evaluate is not None and ((train.eval_every > 0 and state.step % train.eval_every == 0) or done):
+                run_evaluation(model, evaluate, logger, state.step)
             # After logging and evaluation, so the saved RNG state is the one the next step starts from.
-            if step % train.ckpt_every == 0 or step == train.steps:
-                save_checkpoint(
-                    run_dir, step=step, model=model, optimizer=optimizer, scheduler=scheduler,
-                    extra_state={"data_position": position}, keep=train.keep_checkpoints,
-                )
+            if state.step % train.ckpt_every == 0 or done:
+                state.save(run_dir, model, keep=train.keep_checkpoints)
     finally:
         bar.close()
         logger.close()
-    wall = time.perf_counter() - start
-    return FitResult(step=step, losses=last, wall_seconds=wall, samples_per_second=samples / max(wall, 1e-9))
+    return FitResult(step=state.step, losses=losses, wall_seconds=meter.seconds(), samples_per_second=meter.overall())
+
+
+class Throughput:
+    """Items per second since the start of a :func:`fit` call, and since the last logged step."""
+
+    def __init__(self) -> None:
+        self.start = self.window_start = time.perf_counter()
+        self.samples = self.window_samples = 0
+
+    def add(self, samples: int) -> None:
+        self.samples += samples
+        self.window_samples += samples
+
+    def seconds(self) -> float:
+        return time.perf_counter() - self.start
+
+    def overall(self) -> float:
+        return self.samples / max(self.seconds(), 1e-9)
+
+    def window(self) -> float:
+        """The rate since the previous call (or the start), and a new window from now."""
+        now = time.perf_counter()
+        rate = self.window_samples / max(now - self.window_start, 1e-9)
+        self.window_start, self.window_samples = now, 0
+        return rate
+
+
+def run_evaluation(model: nn.Module, evaluate: Evaluate, logger: MetricsLogger, step: int) -> None:
+    """``evaluate(model, step)`` in eval mode without gradients, logged under ``val``."""
+    model.eval()
+    with torch.no_grad():
+        logger.log(step, dict(evaluate(model, step)), prefix="val")
+    model.train()
