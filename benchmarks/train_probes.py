@@ -5,7 +5,7 @@ Claim (issue 4): a probe reads the number of a real held-out image with >= 95% a
 held-out speech with >= 90%, and trains in well under a minute on 2 CPU cores.
 
 Rows:
-  * image, train+val -> test: the recommended judge (see ``polymodal/evaluation/probes.py``): the
+  * image, train+val -> test: the recommended judge (see ``polymodal/datasets/spoken_numbers/probes.py``): the
     test split's handwriting and voices are never seen in training;
   * image, test 80% -> test 20%: the issue's literal set-up (a probe trained on test-split images),
     scored on a seeded fifth of the test split that it did not train on; that fifth shares its
@@ -31,9 +31,9 @@ from torch.utils.data import ConcatDataset
 
 from polymodal.config import DataConfig
 from polymodal.data.collate import build_collator
-from polymodal.data.sources import build_data
 from polymodal.data.text import TextTokenizer
-from polymodal.evaluation import probes
+from polymodal.datasets.spoken_numbers import probe_training as probes
+from polymodal.datasets.spoken_numbers.source import SpokenNumbersSource
 
 TEST_HOLDOUT = 0.2  # the issue's set-up: train on 80% of the test split, score on the other 20%
 
@@ -57,8 +57,8 @@ def main() -> None:
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
 
-    config = DataConfig(num_samples=args.num_samples)
-    data = build_data(config, seed=args.seed)
+    config = DataConfig()
+    data = SpokenNumbersSource(config, args.seed, num_samples=args.num_samples).load()
     collator = build_collator(TextTokenizer.train(data.train_texts, vocab_size=config.vocab_size), config)
     train_val = ConcatDataset([data.train, data.val])
     settings = dict(batch_size=args.batch_size, seed=args.seed)

@@ -5,14 +5,14 @@ import yaml
 
 from polymodal.config import Config, dump_config, load_config, load_run_config, parse_override, preset_names, to_dict
 from polymodal.errors import ConfigError
-from polymodal.models.build import check_model_config
+from polymodal.models.architectures import check_model
 
 
 def test_merge_order_default_preset_yaml_override(tmp_path):
     user = tmp_path / "mine.yaml"
     user.write_text("train: {steps: 7, lr: 0.5}\nseed: 3\n")
     config = load_config(["tiny", str(user)], ["train.lr=0.25"])
-    assert config.data.num_samples == 400  # from the tiny preset
+    assert config.data.options == {"num_samples": 400}  # from the tiny preset
     assert config.train.steps == 7  # user YAML beats the preset
     assert config.train.lr == 0.25  # key=value beats the YAML
     assert config.seed == 3
@@ -52,7 +52,8 @@ def test_exponent_notation_without_a_dot_is_a_number():
         ("train.stepz=3", "unknown config key 'train.stepz'; valid: steps,"),
         ("train.steps=many", "train.steps: expected an integer, got 'many'"),
         ("train.precision=fp8", "train.precision: 'fp8' is not valid; valid: auto, bf16, fp32"),
-        ("data.source=imagenet", "data.source: 'imagenet' is not valid; valid: spoken_numbers, manifest"),
+        ("data.source=imagenet", "data.source: 'imagenet' is not valid; valid: manifest, spoken_numbers"),
+        ("data.options.num_smaples=9", "data.options.num_smaples: unknown setting of dataset 'spoken_numbers'; valid: max_digits, num_samples"),
         ("train.steps=0", "train.steps: must be > 0"),
         ("tokenizer_train.steps=0", "tokenizer_train.steps: must be > 0"),
         ("steps", "expected key=value"),
@@ -71,23 +72,37 @@ def test_bad_values_name_the_key_and_choices(override, message):
         ("model.encoders.image.dimm=3", "model.encoders.image.dimm: unknown setting of encoder 'cnn'"),
         ("model.encoders.smell={name: cnn}", "model.encoders.smell: unknown modality 'smell'"),
         ("model.encoders.image.name=audio_conv", "encodes audio, not image; valid: cnn"),
-        ("model.tasks=[image_to_smell]", "model.tasks: unknown task 'image_to_smell'; valid:"),
-        ("model.image_tokenizer.name=vae", "model.image_tokenizer.name: text_to_image generates discrete codes and needs 'vqvae'"),
-        ("model.contrastive.tile_size=8", "model.contrastive: unknown setting(s) ['tile_size'] for any_to_any; valid: embed_dim"),
+        ("model.tasks=[image_to_smell]", "model.tasks[0].name: unknown task 'image_to_smell'; valid:"),
+        ("model.image_tokenizer.name=vae", "model.heads.image: the aligned_vq head needs a trained VQ image tokenizer"),
+        ("model.contrastive.temperature=0.1", "model.contrastive.temperature: unknown setting of task 'contrastive'; valid: embed_dim"),
+        ("model.task_fractions.contrastive=0.5", "model.task_fractions.contrastive: not a generation task of this model"),
+        ("model.task_fractions.text_to_audio=2", "model.task_fractions.text_to_audio: fraction must lie in (0, 1], got 2"),
+        ("model.heads.audio={name: lm}", "model.heads.audio.name: 'lm' makes text, not audio; valid: aligned_mel"),
         ("model.encoders.text.name=cnn", "model.encoders.text.name: 'cnn' encodes image, not text"),
+        ("model.backbone.num_heads=3", "model.backbone: dim 64 is not divisible by num_heads 3"),
     ],
 )
-def test_bad_parts_are_caught_before_building(override, message):
-    config = load_config(["tiny"], [override])
+def test_bad_parts_are_caught_when_the_config_loads(override, message):
     with pytest.raises(ConfigError) as info:
-        check_model_config(config)
+        load_config(["tiny"], [override])
     assert message in str(info.value)
 
 
-def test_generation_from_text_on_a_manifest_is_refused_before_building():
-    config = load_config(["tiny"], ["data.source=manifest", "data.manifest=a.jsonl"])
-    with pytest.raises(ConfigError, match="text_to_image, text_to_audio learn.s. from aligned references, which only"):
-        check_model_config(config)
+def test_a_task_without_its_source_encoder_names_both():
+    config = load_config(["tiny"])
+    del config.model.encoders["audio"]
+    with pytest.raises(ConfigError, match=r"model.tasks\[1\]: audio_to_text needs a audio encoder; add model.encoders.audio"):
+        check_model(config)
+
+
+def test_generation_from_references_on_a_manifest_is_refused_when_the_config_loads():
+    with pytest.raises(ConfigError, match="model.heads.image: the aligned_vq head learns from aligned references, which data.source=manifest"):
+        load_config(["tiny"], ["data.source=manifest", "data.manifest=a.jsonl"])
+
+
+def test_a_new_source_drops_the_old_sources_options():
+    config = load_config(["tiny"], ["data.source=manifest", "data.manifest=a.jsonl", "model.tasks=[image_to_text]"])
+    assert config.data.options == {}
 
 
 def test_unknown_preset_lists_the_shipped_ones():
@@ -105,7 +120,8 @@ def test_dump_then_load_reproduces_the_config(tmp_path):
 
 
 @pytest.mark.parametrize("name", preset_names())
-def test_every_preset_loads_and_checks(name):
+def test_every_preset_loads_and_builds_on_the_meta_device(name):
     config = load_config([name])
     assert isinstance(config, Config)
-    check_model_config(config)
+    model = check_model(config)
+    assert all(p.is_meta for p in model.parameters()) and sum(p.numel() for p in model.parameters()) > 0

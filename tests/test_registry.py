@@ -56,3 +56,36 @@ def test_wiring_arguments_are_not_settings():
     # `dim` is positional wiring: a config may not set it.
     with pytest.raises(ConfigError, match="unknown setting"):
         PARTS.check({"name": "scaler", "dim": 4})
+
+
+def test_one_class_serves_several_names_with_bound_wiring():
+    import functools
+
+    class Pair(nn.Module):
+        def __init__(self, left: str, right: str, dim: int, *, scale: float = 1.0) -> None:
+            super().__init__()
+            self.left, self.right, self.dim, self.scale = left, right, dim, scale
+
+    registry: Registry = Registry("pair")
+    registry.add("a_to_b", functools.partial(Pair, "a", "b"))
+    registry.add("b_to_a", functools.partial(Pair, "b", "a"))
+    assert list(registry.settings("a_to_b")) == ["scale"]  # bound wiring is not a setting
+    built = registry.build({"name": "b_to_a", "scale": 2}, 8)
+    assert (built.left, built.right, built.dim, built.scale) == ("b", "a", 8, 2)
+    with pytest.raises(ConfigError, match="b_to_a.scale: 'x' is not a valid float"):
+        registry.check({"name": "b_to_a", "scale": "x"}, where="b_to_a")
+    with pytest.raises(ValueError, match="already registered by test_one_class"):
+        registry.add("a_to_b", Pair)
+
+
+def test_a_constructors_value_error_names_the_key():
+    registry: Registry = Registry("thing")
+
+    @registry.register("positive")
+    class Positive:
+        def __init__(self, *, size: int = 1) -> None:
+            if size < 1:
+                raise ValueError(f"size must be >= 1, got {size}")
+
+    with pytest.raises(ConfigError, match=r"^model.thing: size must be >= 1, got 0$"):
+        registry.build({"name": "positive", "size": 0}, where="model.thing")

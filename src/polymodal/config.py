@@ -2,7 +2,7 @@
 
 Merge order: dataclass defaults < shipped preset < user YAML < command-line ``key=value``.
 Part specs (``{"name": ..., **settings}``) are checked against their registry's constructors by
-``polymodal.models.build.check_model_config`` before anything is allocated.
+``polymodal.validation.check_parts`` before anything is allocated.
 """
 
 from __future__ import annotations
@@ -28,13 +28,13 @@ DEFAULT_PRESET = "default"
 class DataConfig:
     """Where samples come from and how they are cut."""
 
-    source: str = "spoken_numbers"  # spoken_numbers (built in) | manifest
+    source: str = "manifest"  # a dataset plug-in (polymodal.datasets): manifest, or a built-in dataset
+    options: dict[str, Any] = dataclasses.field(default_factory=dict)  # the plug-in's own settings
     manifest: str | None = None  # JSONL with image/text/audio paths; needed when source=manifest
     val_manifest: str | None = None  # optional held-out JSONL for evaluation of a manifest run
-    num_samples: int = 20000  # built-in dataset size over all splits
-    max_digits: int = 3  # built-in numbers have 1..max_digits digits
     image_height: int = 32
     image_width: int = 96
+    image_channels: int = 1  # 1: grey (the images are converted on load), 3: RGB
     sample_rate: int = 16000
     max_audio_seconds: float = 2.0  # longer clips are cut
     num_mels: int = 64
@@ -61,9 +61,9 @@ class ModelConfig:
     projector: dict[str, Any] = dataclasses.field(default_factory=lambda: {"name": "linear"})
     backbone: dict[str, Any] = dataclasses.field(default_factory=lambda: {"name": "transformer"})
     tasks: list[str] = dataclasses.field(default_factory=lambda: ["image_to_text", "audio_to_text"])
-    contrastive: dict[str, Any] = dataclasses.field(default_factory=dict)  # keyword settings of the CLIP model
-    audio_frames_per_token: int = 8  # text_to_audio: log-mel frames each target token predicts
+    contrastive: dict[str, Any] = dataclasses.field(default_factory=dict)  # settings of the contrastive task
     task_fractions: dict[str, float] = dataclasses.field(default_factory=dict)  # task -> share of each batch
+    heads: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)  # target modality -> head spec
 
 
 @dataclasses.dataclass
@@ -120,8 +120,6 @@ class Config:
 
 
 PRECISIONS = ("auto", "bf16", "fp32")
-ARCHITECTURES = ("any_to_any", "clip", "image_tokenizer")
-DATA_SOURCES = ("spoken_numbers", "manifest")
 
 
 # ----------------------------------------------------------------------------- presets
@@ -164,10 +162,19 @@ def _read_yaml(text: str, origin: str) -> dict[str, Any]:
     return data
 
 
+# A key whose value names a part, and the key holding that part's settings beside it: when the
+# part changes, its old settings go (``data.source`` and ``data.options``).
+SETTINGS_OF = {"source": "options"}
+
+
 def _deep_merge(base: dict[str, Any], update: Mapping[str, Any]) -> dict[str, Any]:
     """Merge ``update`` into a copy of ``base``. Part specs whose ``name`` changes are replaced whole,
-    so settings of the old part do not leak into the new one."""
+    and a ``source`` that changes drops the old ``options``, so settings of the old part do not leak
+    into the new one."""
     out = dict(base)
+    for key, settings in SETTINGS_OF.items():
+        if key in update and key in out and update[key] != out[key]:
+            out.pop(settings, None)
     for key, value in update.items():
         old = out.get(key)
         if isinstance(old, dict) and isinstance(value, Mapping):
@@ -327,7 +334,8 @@ def dump_config(config: Config, path: str | Path) -> None:
 
 
 def validate(config: Config) -> None:
-    """Checks of values (not of part specs, which their registries check)."""
+    """The one validation path of a config: the values of the tree here, then every part spec and
+    the dataset plug-in through their registries (``polymodal.validation``), before anything is built."""
 
     def choice(key: str, value: str, valid: Iterable[str]) -> None:
         valid = tuple(valid)
@@ -339,18 +347,17 @@ def validate(config: Config) -> None:
             raise ConfigError(f"{key}: must be > 0, got {value!r}")
 
     choice("train.precision", config.train.precision, PRECISIONS)
-    choice("data.source", config.data.source, DATA_SOURCES)
-    choice("model.architecture", config.model.architecture, ARCHITECTURES)
-    if config.data.source == "manifest" and not config.data.manifest:
-        raise ConfigError("data.manifest: needed when data.source=manifest (a JSONL file of samples)")
     for section in ("train", "tokenizer_train"):
         for key in ("steps", "batch_size", "grad_accum", "lr", "log_every", "ckpt_every"):
             positive(f"{section}.{key}", getattr(getattr(config, section), key))
-    positive("model.audio_frames_per_token", config.model.audio_frames_per_token)
-    for key in ("num_samples", "max_digits", "image_height", "image_width", "sample_rate", "dim"):
-        source = config.model if key == "dim" else config.data
-        positive(f"{'model' if key == 'dim' else 'data'}.{key}", getattr(source, key))
+    for key in ("image_height", "image_width", "image_channels", "sample_rate", "num_mels", "hop_length", "vocab_size"):
+        positive(f"data.{key}", getattr(config.data, key))
+    positive("data.max_audio_seconds", config.data.max_audio_seconds)
+    positive("model.dim", config.model.dim)
     if config.train.warmup_steps < 0:
         raise ConfigError(f"train.warmup_steps: must be >= 0, got {config.train.warmup_steps}")
     if config.device != "auto" and config.device != "cpu" and not config.device.startswith("cuda"):
         raise ConfigError(f"device: {config.device!r} is not valid; valid: auto, cpu, cuda, cuda:N")
+    from polymodal.validation import check_parts
+
+    check_parts(config)

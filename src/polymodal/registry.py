@@ -2,11 +2,13 @@
 
 The constructor is the schema (see STYLE.md): positional arguments are wiring the assembler passes
 (``dim_in``, ``dim_out``), keyword-only arguments are settings a config may change. ``check`` reads
-the signature, so a wrong name or key fails before any tensor is allocated.
+the signature, so a wrong name or key fails before any tensor is allocated. One class may serve
+several names with part of its wiring bound (``add("image_to_text", partial(Task, IMAGE, TEXT))``).
 """
 
 from __future__ import annotations
 
+import functools
 import inspect
 import typing
 from collections.abc import Callable, Mapping
@@ -48,19 +50,23 @@ class Registry(Generic[T]):
 
     def __init__(self, kind: str) -> None:
         self.kind = kind
-        self._parts: dict[str, type[T]] = {}
+        self._parts: dict[str, Callable[..., T]] = {}
 
     def register(self, name: str) -> Callable[[type[T]], type[T]]:
         """Class decorator: ``@ENCODERS.register("vit")``."""
 
         def decorate(cls: type[T]) -> type[T]:
-            if name in self._parts:
-                raise ValueError(f"{self.kind} {name!r} is already registered by {self._parts[name].__qualname__}")
-            self._parts[name] = cls
+            self.add(name, cls)
             cls.registry_name = name  # type: ignore[attr-defined]
             return cls
 
         return decorate
+
+    def add(self, name: str, factory: Callable[..., T]) -> None:
+        """Register a class, or a ``functools.partial`` of one that binds part of its wiring."""
+        if name in self._parts:
+            raise ValueError(f"{self.kind} {name!r} is already registered by {_qualname(self._parts[name])}")
+        self._parts[name] = factory
 
     def names(self) -> list[str]:
         return sorted(self._parts)
@@ -75,7 +81,7 @@ class Registry(Generic[T]):
 
     def settings(self, name: str) -> dict[str, inspect.Parameter]:
         """The keyword-only constructor parameters of a part: what a config may set."""
-        params = inspect.signature(self.get(name).__init__).parameters
+        params = inspect.signature(self.get(name)).parameters
         return {k: p for k, p in params.items() if p.kind is inspect.Parameter.KEYWORD_ONLY}
 
     def check(self, spec: Mapping[str, Any], where: str = "") -> tuple[type[T], dict[str, Any]]:
@@ -102,16 +108,31 @@ class Registry(Generic[T]):
         return cls, kwargs
 
     def build(self, spec: Mapping[str, Any], *wiring: Any, where: str = "", **named_wiring: Any) -> T:
-        """Check ``spec`` then construct the part with the assembler's wiring arguments."""
+        """Check ``spec`` then construct the part with the assembler's wiring arguments. A
+        ValueError the constructor raises about its settings becomes a ConfigError naming ``where``."""
         cls, kwargs = self.check(spec, where)
-        return cls(*wiring, **named_wiring, **kwargs)
+        try:
+            return cls(*wiring, **named_wiring, **kwargs)
+        except ConfigError:
+            raise
+        except ValueError as exc:
+            raise ConfigError(f"{where or self.kind}: {exc}") from None
 
 
-def _resolve_annotation(cls: type, key: str, annotation: Any) -> Any:
+def _qualname(factory: Any) -> str:
+    return _class_of(factory).__qualname__
+
+
+def _class_of(factory: Any) -> Any:
+    """The class behind a registered factory (a class, or a partial of one)."""
+    return factory.func if isinstance(factory, functools.partial) else factory
+
+
+def _resolve_annotation(cls: Any, key: str, annotation: Any) -> Any:
     """Annotations are strings under ``from __future__ import annotations``; resolve them if we can."""
     if isinstance(annotation, str):
         try:
-            return typing.get_type_hints(cls.__init__).get(key, inspect.Parameter.empty)
+            return typing.get_type_hints(_class_of(cls).__init__).get(key, inspect.Parameter.empty)
         except Exception:  # an unresolvable forward reference: accept any value rather than guess
             return inspect.Parameter.empty
     return annotation

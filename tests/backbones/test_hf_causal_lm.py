@@ -20,8 +20,9 @@ from polymodal.config import load_config  # noqa: E402
 from polymodal.data.batch import Batch  # noqa: E402
 from polymodal.errors import ConfigError  # noqa: E402
 from polymodal.modality import Modality  # noqa: E402
-from polymodal.models.any_to_any import TextSpecials  # noqa: E402
-from polymodal.models.build import DataShapes, build_model  # noqa: E402
+from polymodal.models.shapes import TextSpecials  # noqa: E402
+from polymodal.models.architectures import build_model  # noqa: E402
+from polymodal.models.shapes import DataShapes  # noqa: E402
 from polymodal.models.masks import causal_mask, prefix_lm_mask  # noqa: E402
 
 DIM = 64
@@ -170,8 +171,8 @@ def test_cached_generation_equals_full_recomputation(lm_folders, arch):
     model = _model(lm_folders[arch]).eval()
     images = _image_text_batch().inputs[Modality.IMAGE][:3]
     kwargs = dict(max_new_tokens=8, temperature=0.0)
-    cached = model.generate_text(Modality.IMAGE, images, use_cache=True, **kwargs)
-    full = model.generate_text(Modality.IMAGE, images, use_cache=False, **kwargs)
+    cached = model.generate(Modality.IMAGE, Modality.TEXT, images, use_cache=True, **kwargs)
+    full = model.generate(Modality.IMAGE, Modality.TEXT, images, use_cache=False, **kwargs)
     assert cached == full
     assert all(len(ids) > 0 for ids in cached)
 
@@ -182,9 +183,10 @@ def test_padding_a_batch_does_not_change_an_items_logits(lm_folders, arch):
     batch = _image_text_batch()
     ids, text_mask = batch.inputs[Modality.TEXT], batch.masks[Modality.TEXT]
     with torch.no_grad():
-        source, source_mask = model.encode_source(Modality.IMAGE, batch.inputs[Modality.IMAGE], None)
-        batched = model.text_logits(source, source_mask, ids, text_mask)
-        alone = model.text_logits(source[:1], source_mask[:1], ids[:1, :4], text_mask[:1, :4])
+        source, source_mask = model.encode(Modality.IMAGE, batch.inputs[Modality.IMAGE], None)
+        head = model.head(Modality.TEXT)
+        batched = head.logits(model, source, source_mask, ids, text_mask)
+        alone = head.logits(model, source[:1], source_mask[:1], ids[:1, :4], text_mask[:1, :4])
     torch.testing.assert_close(batched[:1, :4], alone, atol=1e-5, rtol=1e-5)
 
 
@@ -196,7 +198,7 @@ def _allowed(name: str, policy: str) -> bool:
         return True
     if policy == "frozen":
         return not name.startswith("backbone.")
-    return not name.startswith(("backbone.", "encoders."))  # projector_only: projectors and model glue
+    return not name.startswith(("backbone.", "inputs.encoders."))  # projector_only: projectors and model glue
 
 
 @pytest.mark.parametrize("policy", FREEZE_POLICIES)
@@ -222,7 +224,7 @@ def test_training_lowers_the_loss_and_changes_only_what_the_policy_allows(lm_fol
     changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
     expected = {n for n in before if _allowed(n, policy)}
     assert changed == expected, (sorted(changed - expected), sorted(expected - changed))
-    assert any(n.startswith("projectors.") for n in changed)
+    assert any(n.startswith("inputs.projectors.") for n in changed)
 
 
 def test_policy_keeps_a_self_frozen_encoder_frozen():
@@ -230,18 +232,20 @@ def test_policy_keeps_a_self_frozen_encoder_frozen():
         freeze = True
 
     model = nn.Module()
-    model.encoders = nn.ModuleDict({"text": Frozen(3, 3), "image": nn.Linear(3, 3)})
-    model.projectors = nn.ModuleDict({"text": nn.Linear(3, 4)})
+    model.inputs = nn.Module()
+    model.inputs.encoders = nn.ModuleDict({"text": Frozen(3, 3), "image": nn.Linear(3, 3)})
+    model.inputs.projectors = nn.ModuleDict({"text": nn.Linear(3, 4)})
     model.backbone = nn.Linear(4, 4)
     model.head = nn.Linear(4, 2)  # model glue (like AnyToAnyModel's text embedding / LM head)
+    model.tokenizer = nn.Linear(2, 2).requires_grad_(False)  # frozen by its owner (a head's image tokenizer)
     head = {"head.weight", "head.bias"}
     for policy in FREEZE_POLICIES:
         apply_freeze_policy(model, policy)
-        trains = {n.split(".")[0] + "." + n.split(".")[1] for n, p in model.named_parameters() if p.requires_grad}
+        trains = {n.rsplit(".", 1)[0] if n.startswith("inputs.") else n for n, p in model.named_parameters() if p.requires_grad}
         expected = {
-            "full": {"encoders.image", "projectors.text", "backbone.weight", "backbone.bias", *head},
-            "frozen": {"encoders.image", "projectors.text", *head},
-            "projector_only": {"projectors.text", *head},
+            "full": {"inputs.encoders.image", "inputs.projectors.text", "backbone.weight", "backbone.bias", *head},
+            "frozen": {"inputs.encoders.image", "inputs.projectors.text", *head},
+            "projector_only": {"inputs.projectors.text", *head},
         }[policy]
         assert trains == expected, policy
 

@@ -54,7 +54,7 @@ def test_bad_input_is_one_line_and_exit_2(args, message):
 
 def test_train_eval_resume_leave_a_complete_run_folder(tmp_path, capsys):
     run_dir = tmp_path / "run"
-    common = [f"run_dir={run_dir}", "data.num_samples=200", "train.progress=false"]
+    common = [f"run_dir={run_dir}", "data.options.num_samples=200", "train.progress=false"]
     assert main(["train", "--config", "tiny", "train.steps=6", "train.ckpt_every=3", *common]) == 0
 
     assert (run_dir / "config.yaml").is_file()
@@ -112,7 +112,7 @@ def test_train_an_image_tokenizer_leaves_reconstructions_and_codebook_figures(tm
     from PIL import Image
 
     run_dir = tmp_path / "vq"
-    args = [f"run_dir={run_dir}", "data.num_samples=200", "train.steps=3", "train.progress=false"]
+    args = [f"run_dir={run_dir}", "data.options.num_samples=200", "train.steps=3", "train.progress=false"]
     assert main(["train", "--config", "vqvae", *args]) == 0
     figures = json.loads((run_dir / "eval.json").read_text())["figures"]["reconstruction"]
     assert figures["psnr"] > 0 and 0 < figures["code_usage"] <= 1 and figures["count"] > 0

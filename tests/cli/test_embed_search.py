@@ -19,10 +19,10 @@ from polymodal.config import load_config
 from polymodal.data.collate import build_collator
 from polymodal.data.text import TextTokenizer
 from polymodal.modality import Modality
-from polymodal.models.any_to_any import TextSpecials
-from polymodal.models.build import DataShapes
-from polymodal.models.clip import build_clip
-from polymodal.training.job import Run
+from polymodal.datasets.base import build_source
+from polymodal.models.architectures import build_model
+from polymodal.models.shapes import DataShapes, TextSpecials
+from polymodal.training.run import Run
 
 NUM_ITEMS = 7
 TINY = ["model.dim=32", "model.backbone.num_layers=1", "model.backbone.num_heads=2", "model.encoders.image.num_stages=3"]
@@ -53,8 +53,8 @@ def tiny_run(manifest, run_dir) -> Run:
     tokenizer = TextTokenizer.train(texts, vocab_size=300)
     specials = TextSpecials(tokenizer.vocab_size, tokenizer.pad_id, tokenizer.bos_id, tokenizer.eos_id)
     shapes = DataShapes(image_size=(32, 96), num_mels=config.data.num_mels, text=specials)
-    model = build_clip(config, shapes)
-    return Run(config, run_dir, None, tokenizer, build_collator(tokenizer, config.data), model)  # type: ignore[arg-type]
+    model = build_model(config, shapes)
+    return Run(config, run_dir, build_source(config.data, config.seed), tokenizer, build_collator(tokenizer, config.data), model)
 
 
 def test_embed_save_load_search_round_trip(manifest, tmp_path):

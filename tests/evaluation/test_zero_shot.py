@@ -12,11 +12,11 @@ import torch.nn.functional as F
 from polymodal.config import DataConfig, load_config
 from polymodal.data.batch import Sample
 from polymodal.data.collate import build_collator
-from polymodal.data.numbers import number_to_words
 from polymodal.data.text import TextTokenizer
+from polymodal.datasets.spoken_numbers.numbers import number_to_words
+from polymodal.datasets.spoken_numbers.source import class_prompts
 from polymodal.evaluation.zero_shot import (
     class_embeddings,
-    class_prompts,
     embed_dataset,
     embed_texts,
     encode_texts,
@@ -24,9 +24,8 @@ from polymodal.evaluation.zero_shot import (
     zero_shot_from_embeddings,
 )
 from polymodal.modality import Modality
-from polymodal.models.any_to_any import TextSpecials
-from polymodal.models.build import DataShapes
-from polymodal.models.clip import build_clip
+from polymodal.models.architectures import build_model
+from polymodal.models.shapes import DataShapes, TextSpecials
 
 CLASSES = (1, 2, 3, 4, 5)
 TRAIN_TEMPLATES = ("{words}", "{digits}", "the number {words}", "the number {digits}")
@@ -61,7 +60,7 @@ def tiny_clip(tokenizer: TextTokenizer, seed: int = 0):
     )
     del config.model.encoders["audio"]
     specials = TextSpecials(tokenizer.vocab_size, tokenizer.pad_id, tokenizer.bos_id, tokenizer.eos_id)
-    return build_clip(config, DataShapes(image_size=(HEIGHT, WIDTH), num_mels=16, text=specials))
+    return build_model(config, DataShapes(image_size=(HEIGHT, WIDTH), num_mels=16, text=specials))
 
 
 def test_prompt_ids_equal_the_collators(tokenizer):
@@ -77,7 +76,7 @@ def test_class_vector_is_the_normalised_mean_of_its_prompts(tokenizer):
     model = tiny_clip(tokenizer).eval()
     templates = ("{words}", "the number {digits}", "a photo of the number {words}")
     assert class_prompts(42, templates) == ["forty two", "the number 42", "a photo of the number forty two"]
-    got = class_embeddings(model, tokenizer, [3, 42], templates)
+    got = class_embeddings(model, tokenizer, [3, 42], lambda label: class_prompts(label, templates))
     for row, label in enumerate([3, 42]):
         singles = torch.stack([embed_texts(model, [p], tokenizer)[0] for p in class_prompts(label, templates)])
         torch.testing.assert_close(got[row], F.normalize(singles.mean(0), dim=0), rtol=1e-5, atol=1e-6)
@@ -106,19 +105,19 @@ def test_tiny_trained_model_classifies_above_chance(tokenizer):
         optimizer.step()
     test_rng = np.random.default_rng(2)
     test_set = [toy_sample(label, test_rng) for label in CLASSES * 8]
-    kwargs = dict(prompt_templates=("{words}", "the number {digits}"), heldout_labels={3})
-    got = zero_shot_accuracy(model, test_set, collator, tokenizer, Modality.IMAGE, **kwargs)
+    prompts = lambda label: class_prompts(label, ("{words}", "the number {digits}"))  # noqa: E731
+    got = zero_shot_accuracy(model, test_set, collator, tokenizer, Modality.IMAGE, prompts, heldout_labels={3})
     assert got["count"] == 40 and got["num_classes"] == len(CLASSES) and got["heldout_count"] == 8
     chance = 1 / len(CLASSES)
     assert got["accuracy"] >= 3.5 * chance, got
     # The same figure from precomputed embeddings, and limit/class_labels respected.
     emb, labels = embed_dataset(model, test_set, collator, [Modality.IMAGE])[Modality.IMAGE]
-    class_emb = class_embeddings(model, tokenizer, list(CLASSES), kwargs["prompt_templates"])
+    class_emb = class_embeddings(model, tokenizer, list(CLASSES), prompts)
     assert zero_shot_from_embeddings(emb, labels, class_emb, CLASSES, heldout_labels={3}) == got
-    few = zero_shot_accuracy(model, test_set, collator, tokenizer, Modality.IMAGE, class_labels=[1, 2], limit=7, batch_size=4)
+    few = zero_shot_accuracy(model, test_set, collator, tokenizer, Modality.IMAGE, prompts, class_labels=[1, 2], limit=7, batch_size=4)
     assert few["count"] == 7 and few["num_classes"] == 2
     # An untrained model (same architecture) sits near chance on the same items.
-    untrained = zero_shot_accuracy(tiny_clip(tokenizer, seed=3), test_set, collator, tokenizer, Modality.IMAGE, **kwargs)
+    untrained = zero_shot_accuracy(tiny_clip(tokenizer, seed=3), test_set, collator, tokenizer, Modality.IMAGE, prompts, heldout_labels={3})
     assert untrained["accuracy"] < got["accuracy"]
 
 
@@ -133,20 +132,23 @@ def test_unlabelled_items_get_labels_of_their_own(tokenizer):
 
 
 def test_clip_figures_agree_with_the_separate_evaluations(tokenizer):
-    from polymodal.data.sources import DataBundle
+    from polymodal.datasets.base import Splits, build_source
+    from polymodal.datasets.spoken_numbers.source import PROMPT_TEMPLATES
     from polymodal.evaluation.retrieval import recall_at_k
-    from polymodal.evaluation.zero_shot import PROMPT_TEMPLATES, clip_figures
-    from polymodal.training.job import Run
+    from polymodal.evaluation.zero_shot import clip_figures
+    from polymodal.training.run import Run
 
     model = tiny_clip(tokenizer)
     config = load_config(["clip"])
     collator = build_collator(tokenizer, config.data)
     rng = np.random.default_rng(4)
     test_set = [toy_sample(label, rng) for label in CLASSES * 3]
-    data = DataBundle(train=[], val=[], test=test_set, train_texts=[], heldout_labels=frozenset({2}))
-    figures = clip_figures(Run(config, None, data, tokenizer, collator, model), "test")  # type: ignore[arg-type]
+    splits = Splits(train=[], val=[], test=test_set, train_texts=[], heldout_labels=frozenset({2}))
+    source = build_source(config.data, config.seed)  # the built-in data's prompts, nothing read
+    figures = clip_figures(Run(config, None, source, tokenizer, collator, model, splits), "test")  # type: ignore[arg-type]
     assert set(figures) == {"zero_shot_image", "retrieval_image_to_text", "retrieval_text_to_image"}
-    expected = zero_shot_accuracy(model, test_set, collator, tokenizer, Modality.IMAGE, heldout_labels={2})
+    main = lambda label: class_prompts(label, PROMPT_TEMPLATES[Modality.IMAGE])  # noqa: E731
+    expected = zero_shot_accuracy(model, test_set, collator, tokenizer, Modality.IMAGE, main, heldout_labels={2})
     assert {k: figures["zero_shot_image"][k] for k in expected} == expected
     assert 0.0 <= figures["zero_shot_image"]["unseen_prompts_accuracy"] <= 1.0
     embedded = embed_dataset(model, test_set, collator, [Modality.IMAGE, Modality.TEXT])

@@ -9,13 +9,17 @@ import torch
 from polymodal.config import load_config
 from polymodal.data.batch import AlignedTargets, Batch
 from polymodal.modality import Modality
-from polymodal.models.any_to_any import MEL_CENTER, MEL_SCALE, SILENCE, TextSpecials
-from polymodal.models.length_regulator import PHASE_BUCKETS, align_frames, predicted_durations
-from polymodal.models.build import DataShapes, build_model
+from polymodal.heads.aligned_mel import SILENCE
+from polymodal.heads.length_regulator import PHASE_BUCKETS, align_frames, predicted_durations
+from polymodal.models.architectures import build_model
+from polymodal.models.shapes import DataShapes, TextSpecials
 
 VOCAB = 40
 SPECIALS = TextSpecials(vocab_size=VOCAB, pad_id=0, bos_id=1, eos_id=2)
-SHAPES = DataShapes(image_size=(32, 96), num_mels=16, text=SPECIALS, num_audio_frames=50)
+MEL_CENTER, MEL_SCALE = -8.0, 6.0
+SHAPES = DataShapes(
+    image_size=(32, 96), num_mels=16, text=SPECIALS, num_audio_frames=50, log_mel_center=MEL_CENTER, log_mel_scale=MEL_SCALE
+)
 
 
 def tiny_model(seed: int = 0):
@@ -79,8 +83,8 @@ def test_cached_generation_equals_full_recomputation():
     for modality in (Modality.IMAGE, Modality.AUDIO):
         mask = batch.masks.get(modality)
         kwargs = dict(max_new_tokens=12, temperature=0.0)
-        cached = model.generate_text(modality, batch.inputs[modality], mask, use_cache=True, **kwargs)
-        full = model.generate_text(modality, batch.inputs[modality], mask, use_cache=False, **kwargs)
+        cached = model.generate(modality, Modality.TEXT, batch.inputs[modality], mask, use_cache=True, **kwargs)
+        full = model.generate(modality, Modality.TEXT, batch.inputs[modality], mask, use_cache=False, **kwargs)
         assert cached == full
         assert all(len(ids) > 0 for ids in cached)
 
@@ -90,12 +94,13 @@ def test_padding_a_batch_does_not_change_an_items_logits():
     batch = make_batch()
     audio, audio_mask = batch.inputs[Modality.AUDIO], batch.masks[Modality.AUDIO]
     ids, text_mask = batch.inputs[Modality.TEXT], batch.masks[Modality.TEXT]
+    head = model.head(Modality.TEXT)
     with torch.no_grad():
-        source, source_mask = model.encode_source(Modality.AUDIO, audio, audio_mask)
-        batched = model.text_logits(source, source_mask, ids, text_mask)
+        source, source_mask = model.encode(Modality.AUDIO, audio, audio_mask)
+        batched = head.logits(model, source, source_mask, ids, text_mask)
         # Item 1 alone, cut to its 20 real frames (no padding at all).
-        alone_source, alone_mask = model.encode_source(Modality.AUDIO, audio[1:2, :20], audio_mask[1:2, :20])
-        alone = model.text_logits(alone_source, alone_mask, ids[1:2], text_mask[1:2])
+        alone_source, alone_mask = model.encode(Modality.AUDIO, audio[1:2, :20], audio_mask[1:2, :20])
+        alone = head.logits(model, alone_source, alone_mask, ids[1:2], text_mask[1:2])
     torch.testing.assert_close(batched[1:2], alone, atol=1e-5, rtol=1e-5)
 
 
@@ -131,18 +136,19 @@ def test_image_codes_come_from_one_pass_and_decode_to_images():
     model = tiny_model()
     batch = make_batch()
     ids, mask = batch.references[Modality.IMAGE].ids, batch.references[Modality.IMAGE].mask
-    codes = model.generate_image_codes(ids, mask)
+    head = model.head(Modality.IMAGE)
+    source, source_mask = model.encode(Modality.TEXT, ids, mask)
+    codes = head.generate_codes(model, source, source_mask)
     assert codes.shape == (3, 4, 12)  # 32 x 96 at 8x downsampling
-    assert 0 <= int(codes.min()) and int(codes.max()) < model.num_codes
+    assert 0 <= int(codes.min()) and int(codes.max()) < head.num_codes
     # The same codes as the most likely ones of the training pass, given the widths it predicted.
     with torch.no_grad():
-        source, source_mask = model.encode_source(Modality.TEXT, ids, mask)
-        widths = predicted_durations(model.width_head, model.backbone, source, source_mask)
-        tokens = model.code_tokens(source, widths)
+        widths = predicted_durations(head.width_head, model.backbone, source, source_mask)
+        tokens = head.code_tokens(model, source, widths)
         hidden = model.run(source, source_mask, tokens, torch.ones(tokens.shape[:2], dtype=torch.bool))
-        expected = model.code_head(hidden[:, source.shape[1] :]).argmax(-1).reshape(3, 4, 12)
+        expected = head.code_head(hidden[:, source.shape[1] :]).argmax(-1).reshape(3, 4, 12)
     assert torch.equal(codes, expected)
-    images = model.generate_image(ids, mask)
+    images = model.generate(Modality.TEXT, Modality.IMAGE, ids, mask)
     assert images.shape == (3, 1, 32, 96) and images.abs().max() <= 1.0
 
 
@@ -150,8 +156,9 @@ def test_sampled_image_codes_follow_the_generator():
     model = tiny_model()
     batch = make_batch()
     ids, mask = batch.inputs[Modality.TEXT], batch.masks[Modality.TEXT]
-    draw = lambda seed: model.generate_image_codes(  # noqa: E731
-        ids, mask, temperature=1.0, generator=torch.Generator().manual_seed(seed)
+    source, source_mask = model.encode(Modality.TEXT, ids, mask)
+    draw = lambda seed: model.head(Modality.IMAGE).generate_codes(  # noqa: E731
+        model, source, source_mask, temperature=1.0, generator=torch.Generator().manual_seed(seed)
     )
     assert torch.equal(draw(5), draw(5))
     assert not torch.equal(draw(5), draw(6))
@@ -161,26 +168,28 @@ def test_a_code_token_reads_the_source_token_of_its_column():
     model = tiny_model()
     source = torch.randn(1, 4, 64)
     widths = torch.tensor([[16.0, 32.0, 48.0, 0.0]])  # columns 0-1, 2-5, 6-11 (8 pixels each)
-    tokens = model.code_tokens(source, widths).reshape(1, 4, 12, 64)
+    head = model.head(Modality.IMAGE)
+    tokens = head.code_tokens(model, source, widths).reshape(1, 4, 12, 64)
     reads = [0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 2, 2]
     # Column centres 4, 12, ... 92 pixels, in eighths of their token's span.
     phases = [2, 6, 1, 3, 5, 7, 0, 2, 3, 4, 6, 7]
     with torch.no_grad():
-        rest = tokens[0] - source[0, reads][None] - model.column_phase_embed.weight[phases][None]  # (4, 12, 64)
-        rest = rest - model.row_embed.weight[:, None, :]
+        rest = tokens[0] - source[0, reads][None] - head.column_phase_embed.weight[phases][None]  # (4, 12, 64)
+        rest = rest - head.row_embed.weight[:, None, :]
     torch.testing.assert_close(rest, rest[0, 0].expand(4, 12, -1))  # what is left: the image type embedding
 
 
 def test_generated_audio_is_silent_after_the_predicted_durations_and_inverts_the_normalisation():
     model = tiny_model()
     batch = make_batch()
+    head = model.head(Modality.AUDIO)
     with torch.no_grad():  # e - 1 frames for every real token
-        model.duration_head.weight.zero_()
-        model.duration_head.bias.fill_(1.0)
+        head.duration_head.weight.zero_()
+        head.duration_head.bias.fill_(1.0)
     ids, mask = batch.references[Modality.AUDIO].ids, batch.references[Modality.AUDIO].mask
-    mels = model.generate_audio(ids, mask)
+    mels = model.generate(Modality.TEXT, Modality.AUDIO, ids, mask)
     lengths = (torch.e - 1) * mask.sum(1)  # (B,) predicted frames
-    frames_per_token = model.audio.frames_per_token
+    frames_per_token = head.frames_per_token
     tokens = math.ceil(float(lengths.max()) / frames_per_token)
     assert mels.shape == (3, tokens * frames_per_token, 16) and mels.dtype == torch.float32
     assert float(mels.min()) >= SILENCE
@@ -189,7 +198,7 @@ def test_generated_audio_is_silent_after_the_predicted_durations_and_inverts_the
     # What the head regresses: real frames, then silence, in normalised units.
     log_mels = torch.randn(2, 5, 16)
     frame_mask = torch.tensor([[True] * 5, [True, True, False, False, False]])
-    target = model.mel_targets(log_mels, frame_mask, 8)
+    target = head.mel_targets(log_mels, frame_mask, 8)
     assert target.shape == (2, 8, 16)
     torch.testing.assert_close(target[0, :5] * MEL_SCALE + MEL_CENTER, log_mels[0])
     torch.testing.assert_close(target[1, :2] * MEL_SCALE + MEL_CENTER, log_mels[1, :2])
@@ -244,10 +253,9 @@ def test_the_duration_loss_trains_the_duration_head_towards_log_frames():
         optimizer.step()
     with torch.no_grad():
         speech = batch.references[Modality.AUDIO]
-        source, source_mask = model.encode_source(Modality.TEXT, speech.ids, speech.mask)
-        from polymodal.models.alignment import source_pass
-
-        predicted = torch.expm1(model.duration_head(source_pass(model.backbone, source, source_mask)).squeeze(-1))
+        source, source_mask = model.encode(Modality.TEXT, speech.ids, speech.mask)
+        states = model.source_states(source, source_mask)
+        predicted = torch.expm1(model.head(Modality.AUDIO).duration_head(states).squeeze(-1))
     real = speech.mask
     assert float((predicted[real] - speech.durations[real]).abs().mean()) < 1.0
 
@@ -257,13 +265,13 @@ def test_contrastive_embeddings_from_task_passes_equal_a_pass_over_the_source_al
     model = tiny_model()
     batch = make_batch()
     captured = {}
-    original = model._project
+    original = model.contrastive.project
 
     def spy(modality, pooled):
         captured[modality] = original(modality, pooled)
         return captured[modality]
 
-    model._project = spy
+    model.contrastive.project = spy
     with torch.no_grad():
         model(batch)
         for modality in (Modality.IMAGE, Modality.AUDIO, Modality.TEXT):
@@ -289,7 +297,7 @@ def test_the_image_tokenizer_is_frozen_and_stays_in_eval_mode():
 
 def test_a_task_fraction_trains_that_task_on_the_first_items_only():
     model = tiny_model()
-    model.task_fractions = {"text_to_audio": 0.5}  # ceil(0.5 * 3) = the first 2 items
+    model.tasks["text_to_audio"].fraction = 0.5  # ceil(0.5 * 3) = the first 2 items
     batch = make_batch()
     head = Batch(
         {m: x[:2] for m, x in batch.inputs.items()},
@@ -300,7 +308,7 @@ def test_a_task_fraction_trains_that_task_on_the_first_items_only():
     )
     with torch.no_grad():
         part = model(batch).losses
-        model.task_fractions = {}
+        model.tasks["text_to_audio"].fraction = 1.0
         whole, first_two = model(batch).losses, model(head).losses
     torch.testing.assert_close(part["text_to_audio"], first_two["text_to_audio"])
     torch.testing.assert_close(part["image_to_text"], whole["image_to_text"])  # other tasks see every item

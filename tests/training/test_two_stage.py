@@ -10,7 +10,7 @@ import torch
 from polymodal.config import load_config
 from polymodal.errors import ConfigError
 from polymodal.training.checkpoint import latest_checkpoint
-from polymodal.training.job import TOKENIZER_STAGE_DIR, tokenizer_stage_config, train
+from polymodal.training.job import TOKENIZER_STAGE_DIR, plan_stages, train, train_stage
 
 
 def test_a_run_stopped_after_stage_one_resumes_into_stage_two(tmp_path, monkeypatch):
@@ -18,9 +18,11 @@ def test_a_run_stopped_after_stage_one_resumes_into_stage_two(tmp_path, monkeypa
     run_dir = tmp_path / "run"
     config = load_config(
         ["tiny"],
-        [f"run_dir={run_dir}", "data.num_samples=200", "train.steps=4", "train.progress=false", "tokenizer_train.progress=false"],
+        [f"run_dir={run_dir}", "data.options.num_samples=200", "train.steps=4", "train.progress=false", "tokenizer_train.progress=false"],
     )
-    train(tokenizer_stage_config(config))  # as if the job had been killed right after stage 1
+    first, second = plan_stages(config)
+    assert first.run_dir == run_dir / TOKENIZER_STAGE_DIR and second.config == config
+    train_stage(first, None)  # as if the job had been killed right after stage 1
     stage_checkpoint = latest_checkpoint(run_dir / TOKENIZER_STAGE_DIR)
     stage_weights = safetensors.torch.load_file(str(stage_checkpoint / "model.safetensors"))
 
@@ -32,5 +34,5 @@ def test_a_run_stopped_after_stage_one_resumes_into_stage_two(tmp_path, monkeypa
     model_weights = safetensors.torch.load_file(str(latest_checkpoint(run_dir) / "model.safetensors"))
     tokenizer_keys = [k for k in stage_weights if k.startswith("tokenizer.")]
     assert tokenizer_keys
-    for key in tokenizer_keys:  # "tokenizer.X" in stage 1 is "image_tokenizer.X" in the model
-        assert torch.equal(model_weights["image_" + key], stage_weights[key]), key
+    for key in tokenizer_keys:  # "tokenizer.X" in stage 1 is the image head's "tokenizer.X" in the model
+        assert torch.equal(model_weights["heads.image." + key], stage_weights[key]), key

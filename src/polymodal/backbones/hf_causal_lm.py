@@ -177,20 +177,21 @@ class HFCausalLMBackbone(nn.Module):
 
 
 def apply_freeze_policy(model: nn.Module, policy: str) -> None:
-    """Set ``requires_grad`` on an assembled model (``encoders``, ``projectors``, ``backbone``, glue).
+    """Set ``requires_grad`` on an assembled model's encoders, projectors and backbone.
 
     ``full``: every parameter trains; ``frozen``: all but the backbone train; ``projector_only``:
     all but the backbone and the encoders train (projectors and the model's own embeddings / head,
     see the module docstring). Two exceptions hold under every policy: an encoder built with
     ``freeze=True`` (a pretrained encoder's own setting) stays frozen, and parameters a backbone
-    reports as unused (``unused_parameters()``) stay frozen. Works with any backbone.
+    reports as unused (``unused_parameters()``) stay frozen. Parts that froze themselves elsewhere
+    (a head's trained image tokenizer) are left as they are. Works with any backbone.
 
     Args:
-        model: an ``AnyToAnyModel`` or anything with ``encoders``, ``projectors`` and ``backbone``.
+        model: an ``AnyToAnyModel`` (``inputs``: encoders and projectors, and ``backbone``).
         policy: one of ``FREEZE_POLICIES``.
     """
     _check_policy(policy, "freezing policy")
-    for p in model.parameters():
+    for p in model.inputs.parameters():
         p.requires_grad_(True)
     backbone = model.backbone
     if hasattr(backbone, "set_trainable"):
@@ -198,7 +199,7 @@ def apply_freeze_policy(model: nn.Module, policy: str) -> None:
     else:
         for p in backbone.parameters():
             p.requires_grad_(policy == "full")
-    for encoder in model.encoders.values():
+    for encoder in model.inputs.encoders.values():
         if policy == "projector_only" or getattr(encoder, "freeze", False) is True:
             for p in encoder.parameters():
                 p.requires_grad_(False)

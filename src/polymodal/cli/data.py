@@ -1,8 +1,9 @@
-"""Build (or load from the cache) the built-in spoken-numbers data, print its statistics and build
-time, and write a preview: a PNG grid of samples with their captions and a few WAVs named by number.
+"""Build (or load from its cache) a config's dataset, print its statistics and how long it took, and
+write a preview a person can look at and listen to (a PNG grid of samples, a few WAVs).
 
-Example:
-    polymodal data --num-samples 2000 --out data_preview
+  polymodal data                                       # the default preset's data (the built-in set)
+  polymodal data data.options.num_samples=2000 --out data_preview
+  polymodal data data.source=manifest data.manifest=my.jsonl
 """
 
 from __future__ import annotations
@@ -11,113 +12,25 @@ import argparse
 import time
 from pathlib import Path
 
-import numpy as np
-import soundfile
-from PIL import Image, ImageDraw, ImageFont
-
-from polymodal.data.spoken_numbers import SPLIT_NAMES, SpokenNumbers, build_spoken_numbers
-
-GRID_SAMPLES = 32
-GRID_COLUMNS = 4
-NUM_WAVS = 6
-ZOOM = 2  # preview pixels per image pixel
-CAPTION_LINES = 2  # caption, then number / split / voice
-LINE_HEIGHT = 12  # pixels per caption line with Pillow's default bitmap font
-CELL_PAD = 6
-CAPTION_CHARS = 46  # the longest caption, "a picture of seven hundred and seventy seven", fits
-CHAR_WIDTH = 5  # pixels per character of Pillow's default font (about 4.7)
-
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--num-samples", type=int, default=20000, help="samples over all splits (default 20000)")
-    parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
-    parser.add_argument("--max-digits", type=int, default=3, help="numbers have 1..N digits (default 3)")
-    parser.add_argument("--image-height", type=int, default=32, help="image height in pixels (default 32)")
-    parser.add_argument("--image-width", type=int, default=96, help="image width in pixels (default 96)")
-    parser.add_argument("--out", default="data_preview", help="folder for the preview PNG and WAVs")
     parser.add_argument(
-        "--cache-dir", default=None, help="cache folder (default $POLYMODAL_CACHE, else ~/.cache/polymodal)"
+        "--config", action="append", default=[], metavar="PRESET|FILE", help="a preset or YAML file (default: 'default')"
     )
+    parser.add_argument("--out", default="data_preview", help="folder for the preview (default: data_preview)")
+    parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. data.options.num_samples=2000")
 
 
 def run(args: argparse.Namespace) -> int:
+    from polymodal.config import load_config
+    from polymodal.datasets.base import build_source
+
+    config = load_config(args.config, args.overrides)
+    source = build_source(config.data, config.seed)
     start = time.perf_counter()
-    data = build_spoken_numbers(
-        num_samples=args.num_samples,
-        seed=args.seed,
-        max_digits=args.max_digits,
-        image_height=args.image_height,
-        image_width=args.image_width,
-        cache_dir=args.cache_dir,
-    )
-    seconds = time.perf_counter() - start
-    print(format_stats(data, seconds))
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    picks = _preview_indices(data, GRID_SAMPLES)
-    grid_path = out / "samples.png"
-    preview_grid(data, picks).save(grid_path)
-    wav_paths = write_wavs(data, picks[:NUM_WAVS], out)
-    print(f"wrote {grid_path} and {len(wav_paths)} WAVs to {out}/")
+    splits = source.load()
+    print(source.describe(splits))
+    print(f"{config.data.source}: ready in {time.perf_counter() - start:.1f} s")
+    written = source.write_preview(splits, Path(args.out))
+    print(f"wrote {len(written)} files to {args.out}/")
     return 0
-
-
-def format_stats(data: SpokenNumbers, seconds: float) -> str:
-    """The statistics as a small text table."""
-    stats = data.stats()
-    audio = stats["audio_seconds"]
-    lengths = ", ".join(f"{d} digits: {n}" for d, n in stats["digit_lengths"].items())
-    lines = [
-        f"spoken numbers: {stats['samples']} samples, images {stats['image_shape'][0]}x{stats['image_shape'][1]}, "
-        f"audio {stats['sample_rate']} Hz; ready in {seconds:.1f} s",
-        f"digit lengths: {lengths}",
-        f"held-out numbers (never in train): {stats['heldout_numbers']}",
-        f"{'split':<6} {'samples':>8} {'held-out':>9} {'distinct':>9}   digit lengths",
-    ]
-    for name in SPLIT_NAMES:
-        split = stats["splits"][name]
-        hist = " ".join(f"{d}:{n}" for d, n in split["digit_lengths"].items())
-        counts = f"{split['samples']:>8} {split['heldout_samples']:>9} {split['distinct_numbers']:>9}"
-        lines.append(f"{name:<6} {counts}   {hist}")
-    lines.append(
-        f"audio seconds: mean {audio['mean']:.2f}, min {audio['min']:.2f}, max {audio['max']:.2f}, "
-        f"total {audio['total'] / 3600:.2f} h"
-    )
-    return "\n".join(lines)
-
-
-def _preview_indices(data: SpokenNumbers, count: int) -> np.ndarray:
-    """``count`` samples spread over the whole set (so every split shows), without repeats."""
-    return np.unique(np.linspace(0, len(data) - 1, num=min(count, len(data))).round().astype(np.int64))
-
-
-def preview_grid(data: SpokenNumbers, indices: np.ndarray) -> Image.Image:
-    """A grid of images, each above its caption and a line with number, split and voice."""
-    height, width = data.images.shape[1:]
-    cell_w = max(width * ZOOM, CAPTION_CHARS * CHAR_WIDTH) + CELL_PAD
-    cell_h = height * ZOOM + CAPTION_LINES * LINE_HEIGHT + CELL_PAD
-    rows = -(-len(indices) // GRID_COLUMNS)
-    sheet = Image.new("L", (GRID_COLUMNS * cell_w, rows * cell_h), color=255)
-    draw = ImageDraw.Draw(sheet)
-    font = ImageFont.load_default()
-    heldout = set(data.heldout_numbers.tolist())
-    for slot, index in enumerate(indices):
-        left, top = (slot % GRID_COLUMNS) * cell_w, (slot // GRID_COLUMNS) * cell_h
-        image = Image.fromarray(data.images[index]).resize((width * ZOOM, height * ZOOM), Image.Resampling.NEAREST)
-        sheet.paste(image, (left, top))
-        number = int(data.labels[index])
-        split = SPLIT_NAMES[data.splits[index]] + (" held-out" if number in heldout else "")
-        tag = f"{number} {split} {data.voices[index]}"
-        draw.text((left, top + height * ZOOM + 1), data.captions[index][:CAPTION_CHARS], fill=0, font=font)
-        draw.text((left, top + height * ZOOM + 1 + LINE_HEIGHT), tag[:CAPTION_CHARS], fill=96, font=font)
-    return sheet
-
-
-def write_wavs(data: SpokenNumbers, indices: np.ndarray, out: Path) -> list[Path]:
-    """One 16-bit WAV per sample, named ``<number>_<split>_<index>.wav``."""
-    paths = []
-    for index in indices:
-        path = out / f"{int(data.labels[index])}_{SPLIT_NAMES[data.splits[index]]}_{int(index)}.wav"
-        soundfile.write(path, data.speech(int(index)), data.sample_rate, subtype="PCM_16")
-        paths.append(path)
-    return paths

@@ -39,11 +39,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from polymodal.config import load_run_config
-    from polymodal.training.job import load_run
+    from polymodal.training.run import load_run
 
     run_dir = Path(args.run_dir)
-    loaded = load_run(run_dir, load_run_config(run_dir))
+    loaded = load_run(run_dir)
     require_clip(loaded.model, run_dir)
     index = embed_manifest(loaded, args.manifest, Modality.parse(args.modality), batch_size=args.batch_size)
     save_index(args.out, index)
@@ -88,7 +87,7 @@ def embed_manifest(
     """Embed every item of ``manifest`` that has ``modality``, in batches, with a progress bar.
 
     Args:
-        run: a loaded ``polymodal.training.job.Run`` with a ``ClipModel``.
+        run: a loaded ``polymodal.training.run.Run`` with a ``ClipModel``.
         manifest: JSONL path; media paths are relative to its folder.
         modality: the field to embed; items without it, or whose file fails to load, are skipped.
         progress: show a tqdm bar; None shows it only on a terminal.
@@ -103,6 +102,7 @@ def embed_manifest(
         manifest,
         image_height=data.image_height,
         image_width=data.image_width,
+        channels=data.image_channels,
         sample_rate=data.sample_rate,
         max_audio_seconds=data.max_audio_seconds,
     )

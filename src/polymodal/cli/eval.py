@@ -17,14 +17,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from polymodal.config import load_run_config
-    from polymodal.training.job import flat_figures, evaluate_run, load_run, write_eval
+    from polymodal.evaluation.run import evaluate_run, flat_figures, write_eval
+    from polymodal.training.run import load_run
 
     run_dir = Path(args.run_dir)
-    config = load_run_config(run_dir)
-    loaded = load_run(run_dir, config)
+    loaded = load_run(run_dir)
     figures = evaluate_run(loaded, split=args.split, limit=args.limit)
-    path = write_eval(run_dir, figures, config)
+    path = write_eval(run_dir, figures, loaded.config)
     for key, value in flat_figures(figures).items():
         print(f"{key:32s} {value:.4f}" if isinstance(value, float) and not value.is_integer() else f"{key:32s} {value:g}")
     for task, result in figures.items():

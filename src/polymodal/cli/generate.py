@@ -6,9 +6,9 @@
   polymodal generate runs/default --from text "forty two" --to audio --out 42.wav
 
 Text is printed. An image is written as a PNG at the data's size; speech as a 16-bit WAV (the
-predicted log-mel through Griffin-Lim). Text to image draws the digits of the number the text
-names, text to audio says its words. Text and image codes are the most likely ones unless
---temperature is above 0.
+predicted log-mel through Griffin-Lim). A generator reads the text as the run's dataset prepares it
+(the built-in data: the digits of the number a text names for an image, its words for speech).
+Text and image codes are the most likely ones unless --temperature is above 0.
 """
 
 from __future__ import annotations
@@ -22,13 +22,8 @@ import torch
 from polymodal.modality import Modality
 
 DEFAULT_OUT = {Modality.IMAGE: "generated.png", Modality.AUDIO: "generated.wav"}
-# (source, target) -> the task a run must have been trained on.
-ROUTES = {
-    (Modality.IMAGE, Modality.TEXT): "image_to_text",
-    (Modality.AUDIO, Modality.TEXT): "audio_to_text",
-    (Modality.TEXT, Modality.IMAGE): "text_to_image",
-    (Modality.TEXT, Modality.AUDIO): "text_to_audio",
-}
+# (source, target) pairs the command knows; a run must have been trained for the one asked.
+ROUTES = ((Modality.IMAGE, Modality.TEXT), (Modality.AUDIO, Modality.TEXT), (Modality.TEXT, Modality.IMAGE), (Modality.TEXT, Modality.AUDIO))
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -65,47 +60,46 @@ def parse_route(source: str, target: str) -> tuple[Modality, Modality]:
 
 @torch.no_grad()
 def generate(run: Any, source: Modality, target: Modality, query: str, **sampling: Any) -> Any:
-    """Text (str), an image ((1, H, W) in [-1, 1]) or speech ((T,) waveform) from one input.
+    """Text (str), an image ((C, H, W) in [-1, 1]) or speech ((T,) waveform) from one input.
 
     Args:
-        run: a loaded any-to-any ``polymodal.training.job.Run``.
+        run: a loaded any-to-any run (``polymodal.training.run.load_run``).
         query: the text, or the path of the image or audio file.
-        sampling: temperature, top_k, top_p, generator.
+        sampling: the target head's options (temperature, top_k, top_p, generator).
     """
     from polymodal.data.collate import collate_query
     from polymodal.errors import ConfigError
 
     model = run.model.eval()
-    task = ROUTES[(source, target)]
-    if task not in model.tasks:
-        raise ConfigError(f"{run.run_dir} was not trained for {task} (its tasks: {', '.join(model.tasks)})")
+    trained = {(t.source, t.target) for t in getattr(model, "generation_tasks", {}).values()}
+    if (source, target) not in trained:
+        tasks = ", ".join(getattr(model, "tasks", {})) or "none: it is not an any-to-any run"
+        raise ConfigError(f"{run.run_dir} was not trained for {source}_to_{target} (its tasks: {tasks})")
     data = run.config.data
-    batch = collate_query(run.collator, data, source, query).to(next(model.parameters()).device)
-    inputs, mask = batch.inputs[source], batch.masks.get(source)
+    device = next(model.parameters()).device
     if target is Modality.TEXT:
-        ids = model.generate_text(source, inputs, mask, max_new_tokens=data.max_text_tokens, **sampling)[0]
+        batch = collate_query(run.collator, data, source, query).to(device)
+        ids = model.generate(source, target, batch.inputs[source], batch.masks.get(source), max_new_tokens=data.max_text_tokens, **sampling)[0]
         return run.tokenizer.decode(ids)
-    # "the number 42" -> the digits "42" to draw, or the words "forty two" to say
-    ids, mask = (t.to(inputs.device) for t in run.collator.source_texts(target, [query]))
+    ids, mask = (t.to(device) for t in run.collator.source_texts(target, [query]))  # what the generator reads
     if target is Modality.IMAGE:
-        return model.generate_image(ids, mask, **sampling)[0].cpu()
-    from polymodal.evaluation.generation import vocoder_for, voiced_frames
+        return model.generate(source, target, ids, mask, **sampling)[0].cpu()
+    from polymodal.evaluation.samples import vocoder_for, voiced_frames
 
-    mels = model.generate_audio(ids, mask).cpu()  # (1, F, M)
+    mels = model.generate(source, target, ids, mask).cpu()  # (1, F, M)
     waveform = vocoder_for(data)(mels, generator=sampling.get("generator"))[0]
     return waveform[: int(voiced_frames(mels)[0]) * data.hop_length]
 
 
 def run(args: argparse.Namespace) -> int:
-    from polymodal.config import load_run_config
     from polymodal.errors import ConfigError
-    from polymodal.training.job import load_run
+    from polymodal.training.run import load_run
 
     source, target = parse_route(args.source[0], args.target)
     if args.temperature < 0 or not 0 < args.top_p <= 1 or args.top_k < 0:
         raise ConfigError("need --temperature >= 0, --top-k >= 0 and 0 < --top-p <= 1")
     run_dir = Path(args.run_dir)
-    loaded = load_run(run_dir, load_run_config(run_dir))
+    loaded = load_run(run_dir)
     generator = torch.Generator().manual_seed(args.seed)
     sampling = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, generator=generator)
     if target is Modality.AUDIO:
@@ -119,9 +113,9 @@ def run(args: argparse.Namespace) -> int:
         from polymodal.data.image import denormalize_images
         from PIL import Image
 
-        pixels = (denormalize_images(result[0]).clamp(0, 1) * 255).round().to(torch.uint8).numpy()  # (H, W)
+        pixels = (denormalize_images(result).clamp(0, 1) * 255).round().to(torch.uint8)  # (C, H, W)
         out.parent.mkdir(parents=True, exist_ok=True)
-        Image.fromarray(pixels).save(out)  # (H, W) uint8: grey
+        Image.fromarray(pixels[0].numpy() if len(pixels) == 1 else pixels.permute(1, 2, 0).numpy()).save(out)
     else:
         from polymodal.decoders.vocoder import write_wav
 

@@ -32,7 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
         "embed": (embed, "embed a manifest's items of one modality with a CLIP run into a safetensors index"),
         "search": (search, "search an embedding index with a text, image or audio query"),
         "configs": (configs, "list the shipped presets, or print one"),
-        "data": (data, "build the built-in dataset, print its statistics, write sample PNG/WAVs"),
+        "data": (data, "build a config's dataset, print its statistics, write sample PNG/WAVs"),
     }
     for name, (module, help_text) in commands.items():
         doc = (module.__doc__ or help_text).strip()

@@ -40,15 +40,14 @@ class Hit:
 
 def run(args: argparse.Namespace) -> int:
     from polymodal.cli.embed import load_index, require_clip
-    from polymodal.config import load_run_config
     from polymodal.errors import ConfigError
-    from polymodal.training.job import load_run
+    from polymodal.training.run import load_run
 
     if args.top_k < 1:
         raise ConfigError(f"--top-k must be at least 1, got {args.top_k}")
     index = load_index(args.index)  # before the run, so a wrong index path fails fast
     run_dir = Path(args.run_dir)
-    loaded = load_run(run_dir, load_run_config(run_dir))
+    loaded = load_run(run_dir)
     require_clip(loaded.model, run_dir)
     modality, query = next((m, getattr(args, m.value)) for m in Modality if getattr(args, m.value) is not None)
     hits = search_index(loaded, index, modality, query, top_k=args.top_k)
@@ -76,7 +75,7 @@ def search_index(run: Any, index: Any, modality: Modality, query: str, *, top_k:
     """The ``top_k`` items of ``index`` most similar (cosine) to the query, best first.
 
     Args:
-        run: a loaded ``polymodal.training.job.Run`` with a ``ClipModel``.
+        run: a loaded ``polymodal.training.run.Run`` with a ``ClipModel``.
         index: an ``EmbeddingIndex`` (``polymodal.cli.embed.load_index``).
         modality: the query's modality; ``query`` is the text, or a file path for image/audio.
     """

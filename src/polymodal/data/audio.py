@@ -16,7 +16,6 @@ from pathlib import Path
 import numpy as np
 import soundfile
 import torch
-from scipy.signal import resample_poly
 from torch import Tensor, nn
 
 from polymodal.errors import DataError
@@ -182,5 +181,6 @@ def load_audio(path: str | Path, *, sample_rate: int) -> Tensor:
     mono = data.mean(axis=1)  # (T,)
     if file_rate != sample_rate:
         g = math.gcd(int(file_rate), int(sample_rate))
+        from scipy.signal import resample_poly  # imported here: scipy.signal takes a second to load
         mono = resample_poly(mono, sample_rate // g, int(file_rate) // g).astype(np.float32)
     return torch.from_numpy(np.ascontiguousarray(mono))

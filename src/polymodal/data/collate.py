@@ -2,14 +2,14 @@
 
 Images are stacked and normalised; captions become ``[bos] ids [eos]`` padded with ``pad``;
 waveforms are zero-padded and turned into log-mel frames with a frame mask. A modality that only
-some items carry is filled with zeros/pad for the others and marked absent in ``present``. Given
-references (``references.py``), a batch also carries each item's text -> audio and text -> image
-targets.
+some items carry is filled with zeros/pad for the others and marked absent in ``present``. Given a
+dataset's aligned references (``references.py``), a batch also carries each labelled item's
+reference targets, for heads that learn from them.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor
@@ -18,13 +18,19 @@ from polymodal.config import DataConfig
 from polymodal.data.audio import LogMel, load_audio
 from polymodal.data.batch import AlignedTargets, Batch, Sample
 from polymodal.data.image import load_image, normalize_images
-from polymodal.data.numbers import spoken_words, written_digits
 from polymodal.data.references import Reference, token_durations
 from polymodal.data.text import TextTokenizer
 from polymodal.errors import DataError
 from polymodal.modality import Modality
 
 NUM_TEXT_SPECIALS = 2  # bos + eos around every caption
+# What a generator reads for a text: (target modality, text) -> text (a dataset's front end).
+FrontEnd = Callable[[Modality, str], str]
+
+
+def as_written(target: Modality, text: str) -> str:
+    """The front end of data that knows no better: the text itself."""
+    return text
 
 
 class Collator:
@@ -45,6 +51,7 @@ class Collator:
         max_text_tokens: int,
         max_audio_seconds: float,
         references: dict[Modality, dict[int, Reference]] | None = None,
+        front_end: FrontEnd = as_written,
     ) -> None:
         if max_text_tokens < NUM_TEXT_SPECIALS:
             raise ValueError(f"max_text_tokens={max_text_tokens} leaves no room for <bos> and <eos>; use >= 2")
@@ -53,6 +60,7 @@ class Collator:
         self.max_audio_samples = int(round(max_audio_seconds * sample_rate))
         self.log_mel = LogMel(sample_rate=sample_rate, n_fft=n_fft, hop_length=hop_length, num_mels=num_mels)
         self.references = dict(references or {})  # target modality -> label -> its reference
+        self.front_end = front_end
         # Per target modality and label, the (L,) durations of [bos] tokens [eos]: fixed by the
         # reference, so worked out once here rather than in every batch.
         self.durations = {
@@ -170,12 +178,11 @@ class Collator:
         lead, frames, trail = token_durations(ref, offsets[: self.max_text_tokens - NUM_TEXT_SPECIALS], scale)
         return torch.tensor([lead, *frames, trail], dtype=torch.float32)
 
-    def source_texts(self, modality: Modality, texts: list[str | None]) -> tuple[Tensor, Tensor]:
-        """What text -> ``modality`` reads for each text: the words it says aloud (audio,
-        ``numbers.spoken_words``) or the digits it writes (image, ``numbers.written_digits``);
-        ids (B, L) and mask (B, L)."""
-        normalise = spoken_words if modality is Modality.AUDIO else written_digits
-        return self._texts([None if text is None else normalise(text) for text in texts])
+    def source_texts(self, target: Modality, texts: list[str | None]) -> tuple[Tensor, Tensor]:
+        """What a generator of ``target`` reads for each text, as the dataset's front end says
+        (the built-in data: the words a speaker says, the digits a writer writes); ids (B, L) and
+        mask (B, L)."""
+        return self._texts([None if text is None else self.front_end(target, text) for text in texts])
 
 
 def _cut(reference: Reference, length: int) -> Reference:
@@ -184,10 +191,14 @@ def _cut(reference: Reference, length: int) -> Reference:
 
 
 def build_collator(
-    tokenizer: TextTokenizer, data_config: DataConfig, *, references: dict[Modality, dict[int, Reference]] | None = None
+    tokenizer: TextTokenizer,
+    data_config: DataConfig,
+    *,
+    references: dict[Modality, dict[int, Reference]] | None = None,
+    front_end: FrontEnd = as_written,
 ) -> Collator:
-    """A ``Collator`` with the settings of ``data_config`` (and the ``references`` of text -> audio
-    and text -> image, per target modality)."""
+    """A ``Collator`` with the settings of ``data_config``, a dataset's ``references`` per target
+    modality and its ``front_end``."""
     return Collator(
         tokenizer,
         sample_rate=data_config.sample_rate,
@@ -197,6 +208,7 @@ def build_collator(
         max_text_tokens=data_config.max_text_tokens,
         max_audio_seconds=data_config.max_audio_seconds,
         references=references,
+        front_end=front_end,
     )
 
 
@@ -206,7 +218,9 @@ def collate_query(collator: Collator, data_config: DataConfig, modality: Modalit
     if modality is Modality.TEXT:
         sample = Sample(text=query)
     elif modality is Modality.IMAGE:
-        sample = Sample(image=load_image(query, height=data_config.image_height, width=data_config.image_width))
+        sample = Sample(
+            image=load_image(query, height=data_config.image_height, width=data_config.image_width, channels=data_config.image_channels)
+        )
     else:
         sample = Sample(audio=load_audio(query, sample_rate=data_config.sample_rate))
     return collator([sample])

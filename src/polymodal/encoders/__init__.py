@@ -2,7 +2,9 @@
 
 Each encoder is registered with the modality it reads (``modality`` class attribute) and takes its
 wiring positionally: image encoders ``(in_channels, image_size)``, text encoders ``(vocab_size,)``,
-audio encoders ``(num_mels,)``. Settings are keyword-only.
+audio encoders ``(num_mels,)``. Settings are keyword-only. Every encoder has one interface,
+``forward(inputs, mask=None) -> EncoderOutput`` and ``forward_intermediates(inputs, mask=None)``,
+whatever its modality (an image encoder accepts the mask and ignores it: images have no padding).
 """
 
 from polymodal.registry import Registry

@@ -75,7 +75,9 @@ class CNNEncoder(nn.Module):
     def init_weights(self) -> None:
         nn.init.normal_(self.pos, std=0.02)
 
-    def forward_intermediates(self, images: Tensor) -> EncoderIntermediates:
+    def forward_intermediates(self, images: Tensor, mask: Tensor | None = None) -> EncoderIntermediates:
+        """Every stage's cells and the tokens; ``mask`` is accepted like every encoder's and unused
+        (images have no padding)."""
         hidden = []
         x = images
         for stage in self.stages:
@@ -87,5 +89,6 @@ class CNNEncoder(nn.Module):
             tokens = hidden[-1] + self.pos  # (B, h*w, dim)
         return EncoderIntermediates(EncoderOutput(tokens), hidden)
 
-    def forward(self, images: Tensor) -> EncoderOutput:
+    def forward(self, images: Tensor, mask: Tensor | None = None) -> EncoderOutput:
+        """Images (B, C, H, W) -> EncoderOutput with tokens (B, N, dim); ``mask`` is unused."""
         return self.forward_intermediates(images).output

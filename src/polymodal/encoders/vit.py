@@ -144,11 +144,12 @@ class ViTEncoder(nn.Module):
         grid_pos = F.pad(grid_pos, (0, 0, self.num_prefix, 0))  # (num_tokens, dim): CLS gets 0
         return patches + grid_pos.to(patches.dtype)
 
-    def forward_intermediates(self, images: Tensor) -> EncoderIntermediates:
+    def forward_intermediates(self, images: Tensor, mask: Tensor | None = None) -> EncoderIntermediates:
         """Run the encoder, keeping every block's output.
 
         Args:
             images: (B, C, H, W).
+            mask: accepted like every encoder's and unused (images have no padding).
 
         Returns:
             EncoderIntermediates: ``output.tokens`` (B, num_tokens, dim) final-normed, as ``forward``;
@@ -161,6 +162,7 @@ class ViTEncoder(nn.Module):
             hidden.append(x)
         return EncoderIntermediates(EncoderOutput(self.final_norm(x)), hidden)
 
-    def forward(self, images: Tensor) -> EncoderOutput:
-        """Images (B, C, H, W) -> EncoderOutput with tokens (B, num_tokens, dim), CLS first."""
+    def forward(self, images: Tensor, mask: Tensor | None = None) -> EncoderOutput:
+        """Images (B, C, H, W) -> EncoderOutput with tokens (B, num_tokens, dim), CLS first; ``mask``
+        is unused."""
         return self.forward_intermediates(images).output

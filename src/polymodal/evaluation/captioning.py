@@ -1,8 +1,9 @@
 """X -> text accuracy: generate a caption for every item and compare it with the reference.
 
-For the built-in data a caption is right when it names the right number (any template: "42",
-"forty two", "the number forty two"); for a manifest it must equal the reference text exactly.
-Items whose label is a held-out number (never seen in training) are also scored apart.
+When the dataset can read a label back from a caption (``DataSource.label_parser``: the built-in
+data's "42", "forty two" and "the number forty two" all name 42), a caption is right when it names
+the item's label; otherwise it must equal the reference text exactly. Items whose label never
+occurs in training are also scored apart.
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ from torch.utils.data import DataLoader, Dataset
 
 from polymodal.data.text import TextTokenizer
 from polymodal.modality import Modality
+
+EXAMPLES_KEPT = 8
 
 
 @torch.no_grad()
@@ -35,47 +38,33 @@ def caption_accuracy(
     """Exact-match accuracy of ``modality`` -> text, overall and on held-out labels.
 
     Returns:
-        ``{"exact": ..., "count": ..., "heldout_exact": ..., "heldout_count": ...}`` (heldout keys
-        only when some item has a held-out label), plus ``examples``: a few (reference, generated).
+        ``{"exact", "count"}`` (and ``heldout_exact``, ``heldout_count`` when some item has a
+        held-out label), plus ``examples``: a few (reference, generated) pairs.
     """
     was_training = model.training
     model.eval()
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collate_fn)
-    hits = total = heldout_hits = heldout_total = 0
-    examples: list[tuple[str, str]] = []
-    for batch in loader:
+    rows: list[tuple[str, str, int]] = []  # (reference, generated, label)
+    for batch in DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collate_fn):
         if modality not in batch.inputs or Modality.TEXT not in batch.inputs:
             continue
         batch = batch.to(device)
         keep = batch.present[modality] & batch.present[Modality.TEXT]
         mask = batch.masks.get(modality)
-        generated = model.generate_text(
-            modality,
-            batch.inputs[modality][keep],
-            None if mask is None else mask[keep],
-            max_new_tokens=max_new_tokens,
-        )
+        inputs, mask = batch.inputs[modality][keep], None if mask is None else mask[keep]
+        generated = model.generate(modality, Modality.TEXT, inputs, mask, max_new_tokens=max_new_tokens)
         references = batch.inputs[Modality.TEXT][keep].tolist()
-        labels = batch.labels[keep].tolist()
-        for ids, ref_ids, label in zip(generated, references, labels):
-            text = tokenizer.decode(ids)
-            reference = tokenizer.decode(ref_ids)
-            if parse_label is not None:
-                right = parse_label(text) == label
-            else:
-                right = text.strip() == reference.strip()
-            hits += right
-            total += 1
-            if label in heldout_labels:
-                heldout_hits += right
-                heldout_total += 1
-            if len(examples) < 8:
-                examples.append((reference, text))
-        if limit is not None and total >= limit:
+        rows += [(tokenizer.decode(r), tokenizer.decode(g), y) for r, g, y in zip(references, generated, batch.labels[keep].tolist())]
+        if limit is not None and len(rows) >= limit:
             break
     model.train(was_training)
-    out: dict[str, float] = {"exact": hits / max(total, 1), "count": total}
-    if heldout_total:
-        out.update(heldout_exact=heldout_hits / heldout_total, heldout_count=heldout_total)
-    out["examples"] = examples  # type: ignore[assignment]
+    return _score(rows, heldout_labels, parse_label)
+
+
+def _score(rows: list[tuple[str, str, int]], heldout: frozenset[int], parse_label) -> dict[str, float]:
+    right = [parse_label(text) == label if parse_label else text.strip() == ref.strip() for ref, text, label in rows]
+    held = [ok for ok, (_, _, label) in zip(right, rows) if label in heldout]
+    out: dict[str, float] = {"exact": sum(right) / max(len(rows), 1), "count": len(rows)}
+    if held:
+        out.update(heldout_exact=sum(held) / len(held), heldout_count=len(held))
+    out["examples"] = [(ref, text) for ref, text, _ in rows[:EXAMPLES_KEPT]]  # type: ignore[assignment]
     return out

@@ -1,11 +1,11 @@
-"""Zero-shot classification with a contrastive model: embed a prompt per class, pick the nearest.
+"""Zero-shot classification with a contrastive model: embed prompts per class, pick the nearest.
 
-Each class (a number of the split) is written into several prompt templates, in words and in
-numerals ("the number forty two", "a handwritten 42"); the unit embeddings of its prompts are
+A dataset that can name its labels in text (``DataSource.prompt_sets``) gives each class several
+prompts ("the number forty two", "a handwritten 42"); the unit embeddings of its prompts are
 averaged and re-normalised into one class vector (CLIP's prompt ensembling, section 3.1.4). An item
 is classified as the class whose vector has the largest cosine with the item's embedding. No
-classifier is trained: the classes are named in text only, so held-out numbers (never in training)
-are classified from their names alone, and are also scored apart.
+classifier is trained: classes are named in text only, so labels never seen in training are
+classified from their names alone, and are also scored apart.
 
 Reference: Radford et al. 2021, Learning Transferable Visual Models From Natural Language
 Supervision (CLIP), arXiv:2103.00020, sections 3.1.2-3.1.4.
@@ -21,7 +21,6 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
-from polymodal.data.numbers import number_to_words
 from polymodal.data.text import TextTokenizer
 from polymodal.evaluation.retrieval import retrieval_figures
 from polymodal.modality import Modality
@@ -29,31 +28,8 @@ from polymodal.modality import Modality
 logger = logging.getLogger(__name__)
 
 NUM_TEXT_SPECIALS = 2  # <bos> and <eos> around every prompt, as the collator does
-# {words}: "forty two", {digits}: "42": each class in words and in numerals, in phrasings of the
-# training captions (numbers.CAPTION_TEMPLATES). Phrasings training never shows ("a photo of the
-# number {}", "{} spoken aloud") are ``UNSEEN_TEMPLATES``: the small byte-level BPE spells their
-# new words byte by byte, and measured on a 1000-step run they scored 0.3-0.5% alone and halved
-# the ensemble's accuracy (20% -> 9% from images), so they are offered, not used by default.
-PROMPT_TEMPLATES: dict[Modality, tuple[str, ...]] = {
-    Modality.IMAGE: (
-        "{words}",
-        "{digits}",
-        "the number {words}",
-        "the number {digits}",
-        "a picture of {words}",
-        "a handwritten {digits}",
-    ),
-    Modality.AUDIO: (
-        "{words}",
-        "{digits}",
-        "the number {words}",
-        "the number {digits}",
-    ),
-}
-UNSEEN_TEMPLATES: dict[Modality, tuple[str, ...]] = {
-    Modality.IMAGE: ("a photo of the number {words}", "a photo of the number {digits}"),
-    Modality.AUDIO: ("{words} spoken aloud", "{digits} spoken aloud"),
-}
+# A label -> the prompts that name it.
+Prompts = Callable[[int], list[str]]
 DEFAULT_TEXT_TOKENS = 24
 
 
@@ -94,17 +70,12 @@ def embed_texts(
     return torch.cat(out)
 
 
-def class_prompts(label: int, templates: Iterable[str], *, words: Callable[[int], str] = number_to_words) -> list[str]:
-    """``42`` -> ``["forty two", "42", "the number forty two", ...]``."""
-    return [t.format(words=words(label), digits=str(label)) for t in templates]
-
-
 @torch.no_grad()
 def class_embeddings(
     model: nn.Module,
     tokenizer: TextTokenizer,
     class_labels: Sequence[int],
-    prompt_templates: Sequence[str],
+    prompts: Prompts,
     *,
     max_tokens: int = DEFAULT_TEXT_TOKENS,
     device: torch.device | str = "cpu",
@@ -114,9 +85,12 @@ def class_embeddings(
     Returns:
         (C, E) float32 unit-norm, row c for ``class_labels[c]``.
     """
-    prompts = [p for label in class_labels for p in class_prompts(label, prompt_templates)]
-    emb = embed_texts(model, prompts, tokenizer, max_tokens=max_tokens, device=device)  # (C * T, E)
-    emb = emb.view(len(class_labels), len(prompt_templates), -1).mean(dim=1)  # (C, T, E) -> (C, E)
+    named = [prompts(label) for label in class_labels]
+    per_class = {len(texts) for texts in named}
+    if len(per_class) != 1:
+        raise ValueError(f"every class needs as many prompts; got {sorted(per_class)}")
+    emb = embed_texts(model, [p for texts in named for p in texts], tokenizer, max_tokens=max_tokens, device=device)  # (C * T, E)
+    emb = emb.view(len(class_labels), per_class.pop(), -1).mean(dim=1)  # (C, T, E) -> (C, E)
     return torch.nn.functional.normalize(emb, dim=-1)
 
 
@@ -216,9 +190,9 @@ def zero_shot_accuracy(
     collate_fn: Callable,
     tokenizer: TextTokenizer,
     modality: Modality,
+    prompts: Prompts,
     *,
     class_labels: Sequence[int] | None = None,
-    prompt_templates: Sequence[str] | None = None,
     heldout_labels: Iterable[int] = frozenset(),
     max_text_tokens: int = DEFAULT_TEXT_TOKENS,
     batch_size: int = 128,
@@ -229,9 +203,8 @@ def zero_shot_accuracy(
 
     Args:
         model: a ``ClipModel`` (anything with ``embed(modality, inputs, mask)``).
+        prompts: a label -> the texts that name it (the same number of texts for every label).
         class_labels: the candidate classes; None: every label (>= 0) among the items scored.
-        prompt_templates: templates with ``{words}`` / ``{digits}``; None: ``PROMPT_TEMPLATES``
-            of the modality.
         heldout_labels: labels never seen in training, also scored apart.
         max_text_tokens: prompt length cap, as ``data.max_text_tokens``.
         limit: score at most this many items.
@@ -239,32 +212,36 @@ def zero_shot_accuracy(
     Returns:
         as ``zero_shot_from_embeddings``.
     """
-    templates = prompt_templates or PROMPT_TEMPLATES.get(modality, PROMPT_TEMPLATES[Modality.IMAGE])
     embedded = embed_dataset(model, dataset, collate_fn, [modality], batch_size=batch_size, device=device, limit=limit)
     if modality not in embedded:
         raise ValueError(f"no item of the dataset carries {modality}")
     item_emb, item_labels = embedded[modality]
-    return _score(model, tokenizer, item_emb, item_labels, class_labels, templates, heldout_labels, max_text_tokens, device)
+    return score_embeddings(
+        model, tokenizer, item_emb, item_labels, prompts, class_labels=class_labels, heldout_labels=heldout_labels,
+        max_text_tokens=max_text_tokens, device=device,
+    )  # fmt: skip
 
 
-def _score(
+def score_embeddings(
     model: nn.Module,
     tokenizer: TextTokenizer,
     item_emb: Tensor,
     item_labels: Tensor,
-    class_labels: Sequence[int] | None,
-    templates: Sequence[str],
-    heldout_labels: Iterable[int],
-    max_text_tokens: int,
-    device: torch.device | str,
+    prompts: Prompts,
+    *,
+    class_labels: Sequence[int] | None = None,
+    heldout_labels: Iterable[int] = frozenset(),
+    max_text_tokens: int = DEFAULT_TEXT_TOKENS,
+    device: torch.device | str = "cpu",
 ) -> dict[str, float]:
+    """``zero_shot_from_embeddings`` of precomputed item embeddings, the class vectors made here."""
     if class_labels is None:
         class_labels = sorted({int(y) for y in item_labels.tolist() if y >= 0})
     if not class_labels:
         raise ValueError("zero-shot classification needs labelled items or class_labels")
     was_training = model.training
     model.eval()
-    class_emb = class_embeddings(model, tokenizer, class_labels, templates, max_tokens=max_text_tokens, device=device)
+    class_emb = class_embeddings(model, tokenizer, class_labels, prompts, max_tokens=max_text_tokens, device=device)
     model.train(was_training)
     return zero_shot_from_embeddings(item_emb, item_labels, class_emb, class_labels, heldout_labels=heldout_labels)
 
@@ -273,34 +250,31 @@ def clip_figures(run: Any, split: str = "test", limit: int | None = None) -> dic
     """A CLIP run's figures on a split: zero-shot per non-text modality, retrieval for every pair.
 
     Args:
-        run: a ``polymodal.training.job.Run`` whose model is a ``ClipModel``.
+        run: a loaded run (``polymodal.training.run.Run``) whose model is a ``ClipModel``.
         split: ``val`` or ``test``.
         limit: use at most this many items of the split.
 
     Returns:
-        ``{"zero_shot_image": {"accuracy", "heldout_accuracy", "unseen_prompts_accuracy", ...},
-        "zero_shot_audio": {...},
-        "retrieval_image_to_text": {"R@1", "R@5", "R@10", "count"}, ...}``; zero-shot needs a
-        text tower and the built-in data, whose labels are numbers that prompts can name.
+        ``{"zero_shot_image": {"accuracy", "heldout_accuracy", "<set>_accuracy", ...}, ...,
+        "retrieval_image_to_text": {"R@1", "R@5", "R@10", "count"}, ...}``; zero-shot needs a text
+        tower and a dataset whose labels prompts can name (``DataSource.prompt_sets``), one figure
+        per prompt set.
     """
     model = run.model
     device = next(model.parameters()).device
-    dataset = getattr(run.data, split)
-    embedded = embed_dataset(model, dataset, run.collator, model.modalities, device=device, limit=limit)
+    embedded = embed_dataset(model, getattr(run.splits, split), run.collator, model.modalities, device=device, limit=limit)
     figures: dict[str, dict[str, float]] = {}
-    # Class prompts name numbers: only the built-in data's labels are numbers with names.
-    if Modality.TEXT in embedded and run.config.data.source == "spoken_numbers":
-        for modality, (emb, labels) in embedded.items():
-            if modality is Modality.TEXT or not (labels >= 0).any():
-                continue
-            common = (run.data.heldout_labels, run.config.data.max_text_tokens, device)
-            figures[f"zero_shot_{modality}"] = result = _score(
-                model, run.tokenizer, emb, labels, None, PROMPT_TEMPLATES[modality], *common
-            )
-            # The same classes named only in phrasings training never showed: how far prompts transfer.
-            unseen = _score(model, run.tokenizer, emb, labels, None, UNSEEN_TEMPLATES[modality], *common)
-            result["unseen_prompts_accuracy"] = unseen["accuracy"]
+    for modality, (emb, labels) in embedded.items():
+        prompt_sets = run.source.prompt_sets(modality)
+        if modality is Modality.TEXT or Modality.TEXT not in embedded or not prompt_sets or not (labels >= 0).any():
+            continue
+        common = dict(heldout_labels=run.splits.heldout_labels, max_text_tokens=run.config.data.max_text_tokens, device=device)
+        for name, prompts in prompt_sets.items():
+            result = score_embeddings(model, run.tokenizer, emb, labels, prompts, **common)
+            if not name:
+                figures[f"zero_shot_{modality}"] = result
+            else:  # the same classes named by another set (e.g. phrasings training never showed)
+                figures[f"zero_shot_{modality}"][f"{name}_accuracy"] = result["accuracy"]
     for name, recall in retrieval_figures(embedded).items():
         figures[f"retrieval_{name}"] = recall
     return figures
-

@@ -1,5 +1,5 @@
-"""Contrastive alignment shared by the CLIP towers and the any-to-any model: modality pairs, the
-source-only backbone pass with masked mean pooling, and one symmetric InfoNCE term per pair.
+"""Contrastive alignment's bookkeeping: modality pairs, their names, and one symmetric InfoNCE term
+per pair over the items of a batch that carry both (``tasks/contrastive.py`` trains it).
 
 Reference: Radford et al. 2021, Learning Transferable Visual Models From Natural Language
 Supervision (CLIP), arXiv:2103.00020 (symmetric InfoNCE over a batch of pairs).
@@ -8,14 +8,12 @@ Supervision (CLIP), arXiv:2103.00020 (symmetric InfoNCE over a batch of pairs).
 from __future__ import annotations
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from polymodal.data.batch import Batch
 from polymodal.losses.contrastive import info_nce
 from polymodal.modality import Modality
 
-# Modality-type embedding rows, fixed so checkpoints stay loadable when modalities are added.
-MODALITY_INDEX = {m: i for i, m in enumerate(Modality)}
 # Order of the two modalities in a pair's name: "image_text", "audio_text", "image_audio".
 PAIR_ORDER = (Modality.IMAGE, Modality.AUDIO, Modality.TEXT)
 # Every pair, in the order the loss terms are computed and logged.
@@ -50,31 +48,6 @@ def first_of_label(labels: Tensor) -> Tensor:
     _, group = torch.unique(labels, return_inverse=True)  # (B,) index of each item's label
     first = torch.full_like(positions, labels.shape[0]).scatter_reduce(0, group, positions, reduce="amin")  # per label
     return (first[group] == positions) | (labels < 0)
-
-
-def type_embedding(table: nn.Embedding, modality: Modality, like: Tensor) -> Tensor:
-    """(D,) the modality-type embedding row of ``modality``, in ``like``'s dtype and device."""
-    index = torch.tensor(MODALITY_INDEX[modality], device=like.device)
-    return table(index).to(like.dtype)
-
-
-def source_pass(backbone: nn.Module, tokens: Tensor, valid: Tensor) -> Tensor:
-    """The backbone over one modality's tokens alone, bidirectionally: (B, N, D) -> (B, N, D).
-
-    Keys are the real tokens only; every token may attend itself, so a padded row is never fully
-    masked (an all-False softmax row is NaN) while real rows are unaffected. Positions count real
-    tokens only, so padding never shifts anyone's RoPE phase.
-    """
-    eye = torch.eye(tokens.shape[1], dtype=torch.bool, device=tokens.device)  # (N, N)
-    attend = (valid[:, None, :] | eye)[:, None]  # (B, 1, N, N)
-    positions = (valid.long().cumsum(dim=1) - 1).clamp(min=0)  # (B, N)
-    return backbone(tokens, mask=attend, positions=positions)
-
-
-def masked_mean(hidden: Tensor, valid: Tensor) -> Tensor:
-    """(B, N, D) states, (B, N) bool -> (B, D) mean over the real tokens."""
-    weights = valid.to(hidden.dtype)[:, :, None]  # (B, N, 1)
-    return (hidden * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1)
 
 
 def pair_losses(

@@ -2,7 +2,7 @@
 
 Each sample is a number of 1..max_digits digits (the digit count uniform, then the number uniform
 among numbers of that length; no leading zeros, "0" is the only number starting with 0). Its image
-is composed from real MNIST digits (LeCun et al. 1998, ``mnist.py``): one MNIST image per digit,
+is composed from real MNIST digits (LeCun et al. 1998, ``mnist.py``; ``drawing.py``): one MNIST image per digit,
 cropped to its ink, scaled (MNIST fits each digit in a 20x20 box; that box becomes 60..90% of the
 image height) and placed left to right with jittered gaps and heights, always whole and inside the
 canvas. The caption comes from ``numbers.CAPTION_TEMPLATES`` (words or numerals). The speech is
@@ -22,7 +22,7 @@ resampling, i.e. ~31 s of CPU for 20,000 utterances. That fits two cores, so eve
 own utterance (its own voice draw): no waveform is shared between samples, hence none between
 splits, and no prosody is lost to concatenated word units. Images cost 0.2 ms of CPU each (one
 Pillow resize per digit). Speech and image chunks run in one fork pool. Measured for the whole
-``polymodal data --num-samples 20000`` command: 37 s of CPU (user + system, workers included);
+``polymodal data`` command (20,000 samples): 37 s of CPU (user + system, workers included);
 55 s of wall time on the 2 cores while other jobs kept the load average near 5, so about 20 s on
 two idle cores. Everything random comes from independent streams spawned from the seed, so a
 seed gives byte-identical arrays, whatever the number of workers.
@@ -41,13 +41,21 @@ from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image
 from torch.utils.data import Dataset
 
-from polymodal.data import cache, speech
+from polymodal.data import cache
 from polymodal.data.batch import Sample
-from polymodal.data.mnist import load_mnist
-from polymodal.data.numbers import MAX_NUMBER, make_caption
+from polymodal.datasets.spoken_numbers import speech
+from polymodal.datasets.spoken_numbers.drawing import (
+    BOX_HEIGHT_RANGE,
+    GAP_RANGE,
+    MARGIN,
+    MIN_BOX,
+    compose_chunk,
+    draw_layouts,
+)
+from polymodal.datasets.spoken_numbers.mnist import load_mnist
+from polymodal.datasets.spoken_numbers.numbers import MAX_NUMBER, make_caption
 
 logger = logging.getLogger(__name__)
 
@@ -59,12 +67,6 @@ TEST_FRACTION = 0.1
 HELDOUT_FRACTION = 0.05  # of the numbers of each length >= 2
 HELDOUT_SHARE = 0.15  # of val and of test: samples whose number is held out
 MAX_DIGITS_LIMIT = len(str(MAX_NUMBER))  # words exist up to 999,999
-MNIST_BOX = 20  # MNIST digits were size-normalised to fit a 20x20 box (LeCun et al. 1998)
-BOX_HEIGHT_RANGE = (0.6, 0.9)  # that box's side as a fraction of the image height
-GAP_RANGE = (0.02, 0.12)  # horizontal gap between digits, fraction of the image height
-MARGIN = 1  # pixels kept clear on every side
-MIN_BOX = 12  # pixels: below this, digits stop being legible
-INK_LEVEL = 0  # a pixel above this is ink (for cropping)
 MIN_SAMPLES = 10  # so that every split gets at least one sample
 IMAGE_CHUNK = 1024  # images per pool job
 
@@ -273,7 +275,7 @@ def _generate(params: dict[str, Any], *, num_workers: int | None) -> SpokenNumbe
 
     _, mnist_labels = load_mnist()  # loaded before the fork, so workers inherit it
     sources = _pick_sources(rng_pools, rng_picks, labels_all, splits_all, mnist_labels, max_digits)
-    layouts = _draw_layouts(rng_layout, num_samples, max_digits)
+    layouts = draw_layouts(rng_layout, num_samples, max_digits)
     captions = [make_caption(int(n), rng_captions) for n in labels_all]
     voice_configs = [speech.random_voice(rng_voices) for _ in range(num_samples)]
     noise_seeds = rng_voices.integers(0, 2**31 - 1, size=num_samples)
@@ -288,11 +290,11 @@ def _generate(params: dict[str, Any], *, num_workers: int | None) -> SpokenNumbe
     pool = speech.worker_pool(min(num_workers or speech.default_workers(), len(speech_jobs) + len(image_jobs)))
     if pool is None:
         audio, offsets = speech.join_chunks([speech.synth_chunk(job) for job in speech_jobs])
-        images = np.concatenate([_compose_chunk(job) for job in image_jobs])
+        images = np.concatenate([compose_chunk(job) for job in image_jobs])
     else:
         with pool:  # speech first: its chunks are the long ones, images fill the gaps
             speech_results = pool.map_async(speech.synth_chunk, speech_jobs, chunksize=1)
-            image_results = pool.map_async(_compose_chunk, image_jobs, chunksize=1)
+            image_results = pool.map_async(compose_chunk, image_jobs, chunksize=1)
             audio, offsets = speech.join_chunks(speech_results.get())
             images = np.concatenate(image_results.get())
     return SpokenNumbers(
@@ -366,117 +368,6 @@ def _pick_sources(
             rows, cols = np.nonzero((digits == cls) & (splits[:, None] == code))
             sources[rows, cols] = pool[rng_picks.integers(0, pool.size, size=rows.size)]
     return sources
-
-
-def _crop_to_ink(image: np.ndarray) -> np.ndarray:
-    """(28, 28) -> (h, w) the bounding box of the ink."""
-    rows = np.flatnonzero((image > INK_LEVEL).any(axis=1))
-    cols = np.flatnonzero((image > INK_LEVEL).any(axis=0))
-    return image[rows[0] : rows[-1] + 1, cols[0] : cols[-1] + 1]
-
-
-def _draw_layouts(rng: np.random.Generator, count: int, max_digits: int) -> dict[str, np.ndarray]:
-    """Every random number of the image layout, drawn at once (the layout itself is arithmetic).
-
-    Returns:
-        boxes: (count, max_digits) side of each digit's 20x20 MNIST box, fraction of the height.
-        gaps: (count, max_digits) gap after each digit, fraction of the height (last one unused).
-        x: (count,) where the row of digits starts within the free width, 0..1.
-        y: (count, max_digits) where each digit sits within the free height, 0..1.
-    """
-    return {
-        "boxes": rng.uniform(*BOX_HEIGHT_RANGE, size=(count, max_digits)),
-        "gaps": rng.uniform(*GAP_RANGE, size=(count, max_digits)),
-        "x": rng.random(count),
-        "y": rng.random((count, max_digits)),
-    }
-
-
-def _compose_chunk(job: tuple[np.ndarray, dict[str, np.ndarray], int, int]) -> np.ndarray:
-    """Draw one chunk of images; runs in a pool worker.
-
-    Args:
-        job: sources (n, max_digits) MNIST indices (-1 padding), layouts from ``_draw_layouts``
-            (n rows), image height, image width.
-
-    Returns:
-        (n, H, W) uint8, the digits left to right, each whole and inside the canvas.
-    """
-    sources, layout, height, width = job
-    mnist_images, _ = load_mnist()
-    images = np.zeros((sources.shape[0], height, width), dtype=np.uint8)
-    for i, row in enumerate(sources):
-        glyphs = [_crop_to_ink(mnist_images[index]) for index in row[row >= 0]]
-        _draw_digits(images[i], glyphs, {k: v[i] for k, v in layout.items()})
-    return images
-
-
-def _draw_digits(canvas: np.ndarray, glyphs: list[np.ndarray], layout: dict[str, np.ndarray]) -> np.ndarray:
-    """Draw ink-cropped ``glyphs`` left to right into ``canvas`` (H, W) uint8, in place.
-
-    Args:
-        layout: one row of ``_draw_layouts`` (boxes, gaps, y per digit; x).
-
-    Returns:
-        (len(glyphs), 2) int64: each digit's first column and width in pixels.
-    """
-    height, width = canvas.shape
-    room = width - 2 * MARGIN
-    count = len(glyphs)
-    boxes = layout["boxes"][:count] * height  # px
-    gaps = layout["gaps"][: count - 1] * height  # px
-    glyph_h = np.array([g.shape[0] for g in glyphs]) * boxes / MNIST_BOX
-    glyph_w = np.array([g.shape[1] for g in glyphs]) * boxes / MNIST_BOX
-    shrink = min(1.0, room / (glyph_w.sum() + gaps.sum()))  # too wide: shrink all alike
-    glyph_h = np.clip(np.floor(glyph_h * shrink), 1, height - 2 * MARGIN).astype(int)
-    glyph_w = np.clip(np.floor(glyph_w * shrink), 1, room).astype(int)
-    gaps_px = np.floor(gaps * shrink).astype(int)
-    free_x = room - glyph_w.sum() - gaps_px.sum()
-    x = MARGIN + int(layout["x"] * (free_x + 1))
-    spans = np.zeros((count, 2), dtype=np.int64)
-    for k, glyph in enumerate(glyphs):
-        y = MARGIN + int(layout["y"][k] * (height - 2 * MARGIN - glyph_h[k] + 1))
-        scaled = np.asarray(Image.fromarray(glyph).resize((int(glyph_w[k]), int(glyph_h[k])), Image.Resampling.BILINEAR))
-        region = canvas[y : y + glyph_h[k], x : x + glyph_w[k]]
-        np.maximum(region, scaled, out=region)  # overlapping strokes stay white, none erased
-        spans[k] = x, glyph_w[k]
-        x += glyph_w[k] + (gaps_px[k] if k < count - 1 else 0)
-    return spans
-
-
-# The reference handwriting of text -> image: every layout draw at the middle of its range, so a
-# number's digits sit centred, at 0.75 of the height, 0.07 of the height apart.
-REFERENCE_LAYOUT = {"boxes": 0.75, "gaps": 0.07, "x": 0.5, "y": 0.5}
-
-
-def reference_glyphs(data: SpokenNumbers) -> np.ndarray:
-    """(10, 28, 28) uint8: per digit, the training split's most typical MNIST image (nearest, in
-    pixels, to the mean of that digit's training images): the glyphs of ``draw_reference``."""
-    mnist_images, mnist_labels = load_mnist()
-    pool = np.unique(data.digit_sources[data.splits == _split_code("train")])
-    pool = pool[pool >= 0]
-    glyphs = np.zeros((10, *mnist_images.shape[1:]), dtype=np.uint8)
-    for digit in range(10):
-        members = pool[mnist_labels[pool] == digit]
-        if members.size == 0:
-            raise ValueError(f"the training split draws no image of the digit {digit}; build more samples")
-        pixels = mnist_images[members].reshape(members.size, -1).astype(np.float64)
-        glyphs[digit] = mnist_images[members[np.argmin(((pixels - pixels.mean(0)) ** 2).sum(1))]]
-    return glyphs
-
-
-def draw_reference(number: int, glyphs: np.ndarray, *, height: int, width: int) -> tuple[np.ndarray, np.ndarray]:
-    """``number`` in the reference handwriting: ``glyphs`` (from ``reference_glyphs``) placed by
-    ``REFERENCE_LAYOUT``.
-
-    Returns:
-        (H, W) uint8 image, and (D, 2) int64 first column and width of each of its D digits.
-    """
-    digits = [int(c) for c in str(int(number))]
-    layout = {k: np.full(len(digits), v) if k != "x" else v for k, v in REFERENCE_LAYOUT.items()}
-    canvas = np.zeros((height, width), dtype=np.uint8)
-    spans = _draw_digits(canvas, [_crop_to_ink(glyphs[d]) for d in digits], layout)
-    return canvas, spans
 
 
 # ----------------------------------------------------------------------------- cache entries

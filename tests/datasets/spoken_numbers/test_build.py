@@ -9,9 +9,9 @@ import soundfile
 from PIL import Image
 
 from polymodal.cli import data as data_cli
-from polymodal.data.mnist import load_mnist
-from polymodal.data.numbers import parse_number
-from polymodal.data.spoken_numbers import SPLIT_NAMES, build_spoken_numbers
+from polymodal.datasets.spoken_numbers.mnist import load_mnist
+from polymodal.datasets.spoken_numbers.numbers import parse_number
+from polymodal.datasets.spoken_numbers.build import SPLIT_NAMES, build_spoken_numbers
 
 NUM = 200
 
@@ -205,12 +205,12 @@ def test_stats(data):
     assert audio["min"] <= audio["mean"] <= audio["max"]
 
 
-def test_cli_writes_preview(tmp_path, capsys):
+def test_cli_writes_preview(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("POLYMODAL_CACHE", str(tmp_path / "cache"))
     parser = argparse.ArgumentParser()
     data_cli.add_arguments(parser)
     out = tmp_path / "preview"
-    argv = ["--num-samples", "100", "--seed", "0", "--out", str(out), "--cache-dir", str(tmp_path / "cache")]
-    args = parser.parse_args(argv)
+    args = parser.parse_args(["data.options.num_samples=100", "seed=0", "--out", str(out)])
     assert data_cli.run(args) == 0
     printed = capsys.readouterr().out
     assert "100 samples" in printed and "held-out" in printed and "ready in" in printed

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from polymodal.data.numbers import CAPTION_TEMPLATES, MAX_NUMBER, make_caption, number_to_words, parse_number, spoken_words, written_digits
+from polymodal.datasets.spoken_numbers.numbers import CAPTION_TEMPLATES, MAX_NUMBER, make_caption, number_to_words, parse_number, spoken_words, written_digits
 
 
 @pytest.mark.parametrize(

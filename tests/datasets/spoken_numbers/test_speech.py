@@ -3,8 +3,8 @@
 import numpy as np
 import pytest
 
-from polymodal.data import speech
-from polymodal.data.speech import ACCENTS, VoiceConfig, synthesize, synthesize_many
+from polymodal.datasets.spoken_numbers import speech
+from polymodal.datasets.spoken_numbers.speech import ACCENTS, VoiceConfig, synthesize, synthesize_many
 
 
 def test_format_and_level():

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from polymodal.models.alignment import source_pass
+from polymodal.models.sequence import source_pass
 
 # Where in its source token a target token lies, in this many equal parts of the token.
 PHASE_BUCKETS = 8

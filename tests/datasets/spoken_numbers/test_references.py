@@ -11,10 +11,13 @@ import torch
 from polymodal.config import DataConfig
 from polymodal.data.batch import Sample
 from polymodal.data.collate import build_collator
-from polymodal.data.numbers import make_caption
-from polymodal.data.references import Reference, reference_images, reference_speech, token_durations
-from polymodal.data.spoken_numbers import build_spoken_numbers, draw_reference, reference_glyphs
+from polymodal.data.references import Reference, token_durations
 from polymodal.data.text import TextTokenizer
+from polymodal.datasets.spoken_numbers.build import build_spoken_numbers
+from polymodal.datasets.spoken_numbers.drawing import draw_reference
+from polymodal.datasets.spoken_numbers.numbers import make_caption
+from polymodal.datasets.spoken_numbers.references import reference_glyphs, reference_images, reference_speech
+from polymodal.datasets.spoken_numbers.source import SpokenNumbersSource
 from polymodal.modality import Modality
 
 HOP = 160
@@ -55,7 +58,8 @@ def test_speech_references_collate_as_aligned_targets(tokenizer):
     config = DataConfig(num_mels=32)
     references = reference_speech([42, 105, 7], sample_rate=config.sample_rate)
     assert references[105].text == "one hundred and five" and len(references[105].units) == 4
-    collator = build_collator(tokenizer, config, references={Modality.AUDIO: references})
+    front_end = SpokenNumbersSource(config, 0).source_text  # what a speaker says for a text
+    collator = build_collator(tokenizer, config, references={Modality.AUDIO: references}, front_end=front_end)
     plain = build_collator(tokenizer, config)
     samples = [Sample(text="the number 42", label=42), Sample(text="9", label=9), Sample(text="105", label=105)]
     speech = collator(samples).references[Modality.AUDIO]
@@ -78,7 +82,8 @@ def test_speech_references_collate_as_aligned_targets(tokenizer):
 def test_image_references_collate_as_aligned_targets(tokenizer, glyphs):
     config = DataConfig()
     references = reference_images([42, 7], glyphs, height=32, width=96)
-    collator = build_collator(tokenizer, config, references={Modality.IMAGE: references})
+    front_end = SpokenNumbersSource(config, 0).source_text  # what a writer writes for a text
+    collator = build_collator(tokenizer, config, references={Modality.IMAGE: references}, front_end=front_end)
     drawing = collator([Sample(text="forty two", label=42), Sample(text="9", label=9)]).references[Modality.IMAGE]
     assert drawing.present.tolist() == [True, False]
     picture = torch.from_numpy(references[42].value)[None].float() / 255.0

@@ -1,0 +1,113 @@
+"""The user's own data as a plug-in: a JSONL manifest (``polymodal.data.manifest``), one sample per
+line, any subset of modalities, with an optional second manifest for evaluation.
+
+A manifest knows nothing beyond its lines: captions are scored as text (exact match), generators
+read the text as written, and it has no aligned references or zero-shot prompts. Its log-mel
+statistics are measured on its own training clips.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+from torch.utils.data import Dataset, Subset
+
+from polymodal.config import DataConfig
+from polymodal.data.manifest import ManifestDataset
+from polymodal.data.references import Reference
+from polymodal.datasets import DATASETS
+from polymodal.datasets.base import Splits, identity_text, measure_log_mel_statistics
+from polymodal.errors import ConfigError
+from polymodal.modality import Modality
+
+# Share of a single manifest kept apart for validation/test when no val_manifest is given.
+MANIFEST_HOLDOUT = 0.1
+
+
+@DATASETS.register("manifest")
+class ManifestSource:
+    """``data.manifest`` (and ``data.val_manifest``) as splits.
+
+    Args:
+        data: the data config: the manifest paths and how images and audio are read.
+        seed: draws the held-out share when there is no ``val_manifest``.
+        holdout: the share of ``data.manifest`` kept apart for validation and test when
+            ``data.val_manifest`` is not given.
+    """
+
+    references_for: ClassVar[frozenset[Modality]] = frozenset()
+    label_parser = None
+
+    def __init__(self, data: DataConfig, seed: int, *, holdout: float = MANIFEST_HOLDOUT) -> None:
+        if not data.manifest:
+            raise ConfigError("data.manifest: needed when data.source=manifest (a JSONL file of samples)")
+        if not 0.0 < holdout < 1.0:
+            raise ValueError(f"holdout must lie in (0, 1), got {holdout}")
+        self.data, self.seed, self.holdout = data, seed, holdout
+
+    def _read(self, path: str) -> ManifestDataset:
+        data = self.data
+        return ManifestDataset(
+            path,
+            image_height=data.image_height,
+            image_width=data.image_width,
+            channels=data.image_channels,
+            sample_rate=data.sample_rate,
+            max_audio_seconds=data.max_audio_seconds,
+        )
+
+    def load(self) -> Splits:
+        full = self._read(self.data.manifest)
+        if self.data.val_manifest:
+            train, held = full, self._read(self.data.val_manifest)
+            train_entries = full.entries
+        else:  # a deterministic split of one manifest
+            order = np.random.default_rng(self.seed).permutation(len(full))
+            num_held = max(1, int(len(full) * self.holdout))
+            train, held = Subset(full, order[num_held:].tolist()), Subset(full, order[:num_held].tolist())
+            train_entries = [full.entries[i] for i in order[num_held:]]
+        texts = [e["text"] for e in train_entries if isinstance(e.get("text"), str)]
+        labels = frozenset(int(e["label"]) for e in train_entries if isinstance(e.get("label"), int) and e["label"] >= 0)
+        return Splits(train=train, val=held, test=held, train_texts=texts, train_labels=labels)
+
+    def source_text(self, target: Modality, text: str) -> str:
+        return identity_text(target, text)
+
+    def references(self, splits: Splits, targets) -> dict[Modality, dict[int, Reference]]:
+        targets = ", ".join(map(str, targets))
+        raise ConfigError(
+            f"model.heads: the {targets} head(s) learn from aligned references, which a manifest does not have; "
+            "pick heads that learn from the items themselves"
+        )
+
+    def log_mel_statistics(self, splits: Splits, collator: Any) -> tuple[float, float]:
+        return measure_log_mel_statistics(splits.train, collator)
+
+    def prompt_sets(self, modality: Modality) -> dict:
+        return {}
+
+    def evaluate_generation(self, run: Any, dataset: Dataset, generated: dict[str, Any], *, limit: int | None = None) -> dict[str, dict]:
+        return {}
+
+    def describe(self, splits: Splits) -> str:
+        lines = [f"manifest {self.data.manifest}" + (f", evaluation manifest {self.data.val_manifest}" if self.data.val_manifest else "")]
+        for name in ("train", "val"):
+            split = getattr(splits, name)
+            counts = Counter(m for i in range(len(split)) for m in _modalities(split, i))
+            have = ", ".join(f"{m}: {n}" for m, n in sorted(counts.items())) or "no readable item"
+            lines.append(f"{name}: {len(split)} lines ({have})")
+        return "\n".join(lines)
+
+    def write_preview(self, splits: Splits, out: Path) -> list[Path]:
+        from polymodal.evaluation.samples import write_dataset_preview
+
+        return write_dataset_preview(splits.train, out, sample_rate=self.data.sample_rate)
+
+
+def _modalities(split: Dataset, index: int) -> list[str]:
+    """The modalities a manifest line names (read from the entry, no media loaded)."""
+    dataset, row = (split.dataset, split.indices[index]) if isinstance(split, Subset) else (split, index)
+    return [m.value for m in Modality if dataset.entries[row].get(m.value) is not None]

@@ -1,0 +1,224 @@
+"""Speech of the built-in data: espeak-ng (``espeak.py``) reading each number with a random accent,
+voice variant, rate and pitch, trimmed and resampled to the dataset's rate, spread over a pool.
+
+Output is at espeak's native rate (22,050 Hz), brought to the requested rate by polyphase
+resampling (``scipy.signal.resample_poly``) with a filter designed once per rate pair.
+``synthesize`` uses a fresh engine per call (a pure function, ~1.5 ms to set up);
+``synthesize_many`` uses a fresh engine per fixed chunk of ``SYNTH_CHUNK`` requests, so the output
+depends only on the requests, not on the number of workers or the process history.
+
+Speed, measured on this project's 2-core machine: ~1.6 ms of synthesis and ~0.4 ms of resampling
+per utterance of ~1.3 s (about 600x real time per core). ``synthesize_many`` spreads chunks over a
+fork process pool in which every chunk gets its own engine.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import math
+import multiprocessing
+import multiprocessing.pool
+import os
+from collections.abc import Sequence
+
+import numpy as np
+
+from polymodal.datasets.spoken_numbers.espeak import ENGINE_LOCK
+from polymodal.datasets.spoken_numbers.espeak import ACCENTS, EspeakEngine, VoiceConfig, data_path
+from polymodal.errors import DataError
+
+logger = logging.getLogger(__name__)
+
+RATE_RANGE = (175, 250)
+PITCH_RANGE = (25, 75)  # espeak's 0..100 scale, inclusive; default 50
+PEAK_LEVEL = 0.9  # every utterance is scaled to this peak: espeak's raw level varies 10x by variant
+SILENCE_LEVEL = 1e-3  # |x| below this (of full scale) at either end counts as silence
+EDGE_MARGIN_S = 0.01  # silence kept before and after the speech when trimming
+SYNTH_CHUNK = 256  # requests per fresh engine in synthesize_many (part of the output's definition)
+INT16_SCALE = 32768.0
+
+@functools.lru_cache(maxsize=1)
+def voice_variants() -> tuple[str, ...]:
+    """Names of the voice variants (the files of espeak-ng-data/voices/!v), sorted."""
+    folder = data_path() / "voices" / "!v"
+    names = tuple(sorted(p.name for p in folder.iterdir() if p.is_file()))
+    if not names:
+        raise DataError(f"no voice variants in {folder}; reinstall espeakng-loader")
+    return names
+
+
+def random_voice(rng: np.random.Generator) -> VoiceConfig:
+    """A voice with uniformly drawn accent, variant, rate and pitch (four draws from ``rng``)."""
+    variants = voice_variants()
+    accent = ACCENTS[int(rng.integers(len(ACCENTS)))]
+    variant = variants[int(rng.integers(len(variants)))]
+    rate = int(rng.integers(RATE_RANGE[0], RATE_RANGE[1] + 1))
+    pitch = int(rng.integers(PITCH_RANGE[0], PITCH_RANGE[1] + 1))
+    return VoiceConfig(voice=f"{accent}+{variant}", rate=rate, pitch=pitch)
+
+
+@functools.lru_cache(maxsize=8)
+def _resample_filter(up: int, down: int) -> np.ndarray:
+    """The Kaiser-windowed low-pass that resample_poly would design on each call (designed once)."""
+    max_rate = max(up, down)
+    half_len = 10 * max_rate  # scipy's default filter length for resample_poly
+    import scipy.signal  # imported here: it takes a second to load, and only synthesis needs it
+
+    return scipy.signal.firwin(2 * half_len + 1, 1.0 / max_rate, window=("kaiser", 5.0))
+
+
+def _speech_span(wave: np.ndarray, native_rate: int) -> tuple[int, int]:
+    """[start, stop) of ``wave`` (native int16) with its silent ends trimmed, EDGE_MARGIN_S kept."""
+    loud = np.flatnonzero(np.abs(wave.astype(np.float32) / INT16_SCALE) > SILENCE_LEVEL)
+    if loud.size == 0:
+        raise RuntimeError("espeak-ng produced silence")
+    margin = int(EDGE_MARGIN_S * native_rate)
+    return max(0, int(loud[0]) - margin), int(loud[-1]) + 1 + margin
+
+
+def _postprocess(wave: np.ndarray, native_rate: int, sample_rate: int) -> np.ndarray:
+    """Trim silent ends, resample, scale to PEAK_LEVEL. (T_native,) int16 -> (T,) float32."""
+    start, stop = _speech_span(wave, native_rate)
+    x = wave[start:stop].astype(np.float32) / INT16_SCALE
+    if sample_rate != native_rate:
+        g = math.gcd(sample_rate, native_rate)
+        up, down = sample_rate // g, native_rate // g
+        import scipy.signal
+
+        x = scipy.signal.resample_poly(x, up, down, window=_resample_filter(up, down)).astype(np.float32)
+    return x * np.float32(PEAK_LEVEL / max(float(np.abs(x).max()), 1e-6))
+
+
+def to_int16(x: np.ndarray) -> np.ndarray:
+    """(T,) float in [-1, 1] -> (T,) int16."""
+    return np.clip(np.round(x * INT16_SCALE), -32768, 32767).astype(np.int16)
+
+
+def synthesize(text: str, *, voice: VoiceConfig = VoiceConfig(), sample_rate: int = 16000, seed: int = 0) -> np.ndarray:
+    """Speak ``text`` with a fresh engine: the result depends on the arguments only.
+
+    Returns:
+        (T,) float32 in [-1, 1] at ``sample_rate``, silent ends trimmed, peak PEAK_LEVEL.
+    """
+    with ENGINE_LOCK, EspeakEngine() as engine:
+        wave = engine.synthesize(text, voice, seed=seed)
+        return _postprocess(wave, engine.native_rate, sample_rate)
+
+
+def synthesize_words(
+    texts: Sequence[str], *, voice: VoiceConfig = VoiceConfig(), sample_rate: int = 16000, seed: int = 0
+) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Speak each text with one fresh engine, and say where its words start (espeak's word events).
+
+    Returns:
+        per text: (T,) float32 waveform as ``synthesize`` makes it, and (W,) int64 sample index (at
+        ``sample_rate``, in the trimmed waveform, clipped to [0, T)) of each word's start.
+    """
+    out = []
+    with ENGINE_LOCK, EspeakEngine() as engine:
+        for text in texts:
+            raw, starts = engine.synthesize_timed(text, voice, seed=seed)
+            begin, _ = _speech_span(raw, engine.native_rate)
+            wave = _postprocess(raw, engine.native_rate, sample_rate)
+            starts = np.round((starts - begin) * (sample_rate / engine.native_rate)).astype(np.int64)
+            out.append((wave, np.clip(starts, 0, max(len(wave) - 1, 0))))
+    return out
+
+
+@functools.lru_cache(maxsize=1)
+def espeak_version() -> str:
+    """The espeak-ng library version (part of the built-in data's cache key)."""
+    with EspeakEngine() as engine:
+        return engine.version
+
+
+def synth_chunk(job: tuple[list[str], list[VoiceConfig], list[int], int]) -> tuple[np.ndarray, np.ndarray]:
+    """Speak one chunk (from ``chunk_jobs``) with one fresh engine; runs in a pool worker.
+
+    Returns:
+        audio: (sum T_i,) int16 at the job's sample rate.
+        lengths: (n,) int64 samples per utterance.
+    """
+    texts, voices, seeds, sample_rate = job
+    waves = []
+    with ENGINE_LOCK, EspeakEngine() as engine:
+        for text, voice, seed in zip(texts, voices, seeds):
+            raw = engine.synthesize(text, voice, seed=seed)
+            waves.append(to_int16(_postprocess(raw, engine.native_rate, sample_rate)))
+    lengths = np.array([len(w) for w in waves], dtype=np.int64)
+    return (np.concatenate(waves) if waves else np.zeros(0, np.int16)), lengths
+
+
+def chunk_jobs(
+    texts: Sequence[str], voices: Sequence[VoiceConfig], seeds: Sequence[int], *, sample_rate: int
+) -> list[tuple[list[str], list[VoiceConfig], list[int], int]]:
+    """Cut N requests into jobs of SYNTH_CHUNK for ``synth_chunk``. The cut is fixed (it decides
+    where fresh engines start), so the audio does not depend on how the jobs are scheduled."""
+    if not len(texts) == len(voices) == len(seeds):
+        raise ValueError(f"texts, voices and seeds differ in length: {len(texts)}, {len(voices)}, {len(seeds)}")
+    return [
+        (
+            list(texts[i : i + SYNTH_CHUNK]),
+            list(voices[i : i + SYNTH_CHUNK]),
+            [int(s) for s in seeds[i : i + SYNTH_CHUNK]],
+            sample_rate,
+        )
+        for i in range(0, len(texts), SYNTH_CHUNK)
+    ]
+
+
+def join_chunks(results: Sequence[tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray, np.ndarray]:
+    """``synth_chunk`` results in job order -> audio (sum T_i,) int16 and offsets (N + 1,) int64."""
+    lengths = np.concatenate([r[1] for r in results]) if results else np.zeros(0, np.int64)
+    offsets = np.zeros(lengths.size + 1, dtype=np.int64)
+    np.cumsum(lengths, out=offsets[1:])
+    audio = np.concatenate([r[0] for r in results]) if results else np.zeros(0, np.int16)
+    return audio, offsets
+
+
+def default_workers() -> int:
+    """CPU cores this process may use."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on macOS / Windows
+        return os.cpu_count() or 1
+
+
+def worker_pool(num_workers: int | None) -> multiprocessing.pool.Pool | None:
+    """A fork process pool of ``num_workers`` (None: every core), or None when one worker will do
+    or fork is unavailable. Fork: workers start in milliseconds and inherit loaded modules and data;
+    each synthesis chunk still opens its own private engine, so no espeak state is inherited."""
+    workers = num_workers or default_workers()
+    if workers <= 1 or "fork" not in multiprocessing.get_all_start_methods():
+        return None
+    return multiprocessing.get_context("fork").Pool(workers)
+
+
+def synthesize_many(
+    texts: Sequence[str],
+    voices: Sequence[VoiceConfig],
+    seeds: Sequence[int],
+    *,
+    sample_rate: int = 16000,
+    num_workers: int | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Speak many texts, in chunks of SYNTH_CHUNK spread over a fork process pool.
+
+    Args:
+        texts: N texts.
+        voices: N voice configs.
+        seeds: N noise seeds.
+        sample_rate: output rate in Hz.
+        num_workers: processes; None uses every core this process may use. Does not change the output.
+
+    Returns:
+        audio: (sum T_i,) int16, the utterances one after another.
+        offsets: (N + 1,) int64; utterance i is ``audio[offsets[i]:offsets[i + 1]]``.
+    """
+    jobs = chunk_jobs(texts, voices, seeds, sample_rate=sample_rate)
+    pool = worker_pool(min(num_workers or default_workers(), len(jobs)))
+    if pool is None:
+        return join_chunks([synth_chunk(job) for job in jobs])
+    with pool:
+        return join_chunks(pool.map(synth_chunk, jobs, chunksize=1))

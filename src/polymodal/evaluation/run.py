@@ -1,0 +1,103 @@
+"""A run's figures on a split, by architecture (``models.architectures`` picks the evaluator), and
+``eval.json``.
+
+Any-to-any: X -> text exact match for every captioning task, retrieval R@K for every pair (with
+``contrastive``), the image tokenizer's reconstruction figures and, when asked, samples generated
+from the split's captions, judged by the dataset's own evaluators and written to ``samples/``.
+CLIP: zero-shot accuracy and retrieval. Image tokenizer: reconstruction quality and code usage.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.utils.data import Subset
+
+from polymodal.config import Config, to_dict
+from polymodal.evaluation.captioning import caption_accuracy
+from polymodal.evaluation.reconstruction import image_grid, reconstruction_figures, save_png
+from polymodal.evaluation.retrieval import retrieval_figures
+from polymodal.evaluation.samples import generate_from_captions, write_samples
+from polymodal.evaluation.zero_shot import clip_figures, embed_dataset
+from polymodal.modality import Modality
+
+EVAL_FILE = "eval.json"
+RECONSTRUCTION_FILE = "reconstructions.png"
+SAMPLES_DIR = "samples"
+
+
+def evaluate_run(run: Any, *, split: str = "test", limit: int | None = None, generate: bool = True) -> dict:
+    """The figures of a loaded run (``training.run.Run``) on ``split`` (val | test), at most
+    ``limit`` items per figure; ``generate`` also makes and judges samples (any-to-any)."""
+    from polymodal.models.architectures import ARCHITECTURES
+
+    return ARCHITECTURES.get(run.config.model.architecture).evaluate(run, split=split, limit=limit, generate=generate)
+
+
+def evaluate_any_to_any(run: Any, *, split: str, limit: int | None, generate: bool) -> dict:
+    model, dataset = run.model, getattr(run.splits, split)
+    device = next(model.parameters()).device
+    results: dict = {}
+    for name, task in model.generation_tasks.items():
+        if task.target is Modality.TEXT:
+            results[name] = caption_accuracy(
+                model, dataset, run.collator, run.tokenizer, task.source, heldout_labels=run.splits.heldout_labels,
+                parse_label=run.source.label_parser, max_new_tokens=run.config.data.max_text_tokens, device=device, limit=limit,
+            )  # fmt: skip
+    if model.contrastive is not None:
+        embedded = embed_dataset(model, dataset, run.collator, model.contrastive.modalities, device=device, limit=limit)
+        results.update({f"retrieval_{name}": recall for name, recall in retrieval_figures(embedded).items()})
+    if generate:
+        results.update(_generation_figures(run, dataset, limit=limit, device=device))
+    return results
+
+
+def _generation_figures(run: Any, dataset, *, limit: int | None, device: torch.device) -> dict:
+    """Samples from the split's captions for every text -> X task, the dataset's judgement of
+    them, the image tokenizer's figures; the first samples go to ``samples/``."""
+    model = run.model
+    tasks = {name: t.target for name, t in model.generation_tasks.items() if t.source is Modality.TEXT and t.target is not Modality.TEXT}
+    if not tasks:
+        return {}
+    generated = {name: generate_from_captions(run, dataset, target, limit=limit, device=device) for name, target in tasks.items()}
+    results: dict = {}
+    if model.image_tokenizer is not None:
+        results["image_tokenizer"], _ = reconstruction_figures(model.image_tokenizer, dataset, run.collator, device=device)
+    for section, figures in run.source.evaluate_generation(run, dataset, generated, limit=limit).items():
+        results.setdefault(section, {}).update(figures)
+    by_target = {tasks[name]: samples for name, samples in generated.items()}
+    write_samples(run.run_dir / SAMPLES_DIR, by_target, sample_rate=run.config.data.sample_rate)
+    return results
+
+
+def evaluate_clip(run: Any, *, split: str, limit: int | None, generate: bool) -> dict:
+    return clip_figures(run, split=split, limit=limit)
+
+
+def evaluate_image_tokenizer(run: Any, *, split: str, limit: int | None, generate: bool) -> dict:
+    dataset = getattr(run.splits, split)
+    if limit is not None:
+        dataset = Subset(dataset, range(min(limit, len(dataset))))
+    device = next(run.model.parameters()).device
+    figures, preview = reconstruction_figures(run.model.tokenizer, dataset, run.collator, device=device)
+    save_png(image_grid(preview), run.run_dir / RECONSTRUCTION_FILE)
+    return {"reconstruction": figures}
+
+
+def flat_figures(results: dict) -> dict[str, float]:
+    """``{"image_to_text": {"exact": .9}}`` -> ``{"image_to_text/exact": .9}`` (numbers only)."""
+    return {
+        f"{task}/{key}": float(value)
+        for task, figures in results.items()
+        for key, value in figures.items()
+        if isinstance(value, (int, float))
+    }
+
+
+def write_eval(run_dir: Path, figures: dict, config: Config) -> Path:
+    path = Path(run_dir) / EVAL_FILE
+    path.write_text(json.dumps({"figures": figures, "config": to_dict(config)}, indent=2))
+    return path

@@ -1,0 +1,120 @@
+"""The text head: an LM head tied to the target-side token embedding, trained by next-token
+cross-entropy after the source (teacher forcing), generating autoregressively with a KV cache.
+
+Reference: the prefix-LM of Raffel et al. 2019, T5, arXiv:1910.10683 (section 3.2.1); tied input
+and output embeddings, Press & Wolf 2016, arXiv:1608.05859; the KV cache of autoregressive
+transformers, Pope et al. 2022, arXiv:2211.05102.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from polymodal.decoders.sampling import sample_next
+from polymodal.heads import HEADS, HeadOutput, HeadWiring, Targets
+from polymodal.modality import Modality
+
+EMBED_INIT_STD = 0.02  # GPT-2 (Radford et al. 2019) initialisation scale
+IGNORE_INDEX = -100  # F.cross_entropy's default: labels on padding
+
+
+@HEADS.register("lm")
+class LanguageModelHead(nn.Module):
+    """Target token embedding + tied LM head over the tokenizer's vocabulary.
+
+    Args:
+        wiring: the vocabulary and special ids come from ``wiring.shapes.text``.
+    """
+
+    target = Modality.TEXT
+    reads_references = False
+    needs_image_tokenizer = False
+
+    def __init__(self, wiring: HeadWiring) -> None:
+        super().__init__()
+        self.specials = wiring.shapes.text
+        self.embed = nn.Embedding(self.specials.vocab_size, wiring.dim)
+        self.lm_head = nn.Linear(wiring.dim, self.specials.vocab_size, bias=False)
+        self.lm_head.weight = self.embed.weight  # tied
+        self.init_weights()
+
+    def init_weights(self) -> None:
+        nn.init.normal_(self.embed.weight, std=EMBED_INIT_STD)
+
+    def embed_targets(self, trunk, ids: Tensor) -> Tensor:
+        """(B, L) ids -> (B, L, D) target tokens with the text type embedding."""
+        tokens = self.embed(ids)
+        return tokens + trunk.type_embedding(Modality.TEXT, tokens)
+
+    def logits(self, trunk, source: Tensor, source_mask: Tensor, ids: Tensor, mask: Tensor) -> Tensor:
+        """Teacher-forced logits (B, Lt, V) over the target positions; position t predicts token t + 1."""
+        hidden = trunk.run(source, source_mask, self.embed_targets(trunk, ids), mask)
+        return self.lm_head(hidden[:, source.shape[1] :])
+
+    def loss(self, trunk, source: Tensor, source_mask: Tensor, target: Targets) -> HeadOutput:
+        """Next-token cross-entropy over the caption ``[bos] ids [eos]`` (B, L) after the source."""
+        ids, mask = target.values, target.mask
+        hidden = trunk.run(source, source_mask, self.embed_targets(trunk, ids[:, :-1]), mask[:, :-1])
+        logits = self.lm_head(hidden[:, source.shape[1] :])  # (B, Lt - 1, V)
+        labels = ids[:, 1:].masked_fill(~mask[:, 1:], IGNORE_INDEX)
+        loss, metrics = token_loss(logits, labels)
+        return HeadOutput(hidden, {"": loss}, metrics)
+
+    @torch.no_grad()
+    def generate(
+        self,
+        trunk,
+        source: Tensor,
+        source_mask: Tensor,
+        *,
+        max_new_tokens: int = 24,
+        temperature: float = 0.0,
+        top_k: int = 0,
+        top_p: float = 1.0,
+        use_cache: bool = True,
+        generator: torch.Generator | None = None,
+    ) -> list[list[int]]:
+        """Autoregressive text after the source: per item, the ids after ``[bos]``, cut at (and
+        without) ``[eos]``; greedy at temperature 0, else drawn as ``sample_next`` draws."""
+        batch_size, num_source = source_mask.shape
+        ids = torch.full((batch_size, 1), self.specials.bos_id, dtype=torch.long, device=source.device)
+        finished = torch.zeros(batch_size, dtype=torch.bool, device=source.device)
+        cache = None
+        if use_cache:
+            cache = trunk.backbone.new_cache(batch_size, num_source + max_new_tokens + 1, device=source.device, dtype=source.dtype)
+        for step in range(max_new_tokens):
+            if cache is None or step == 0:  # recompute everything (the reference), or prefill source + BOS
+                hidden = trunk.run(source, source_mask, self.embed_targets(trunk, ids), torch.ones_like(ids, dtype=torch.bool), cache=cache)
+            else:
+                hidden = self._cached_step(trunk, ids, source_mask, step, cache)
+            next_ids = sample_next(self.lm_head(hidden[:, -1]), temperature=temperature, top_k=top_k, top_p=top_p, generator=generator)
+            next_ids = next_ids.masked_fill(finished, self.specials.pad_id)
+            ids = torch.cat([ids, next_ids[:, None]], dim=1)
+            finished |= next_ids == self.specials.eos_id
+            if finished.all():
+                break
+        eos = self.specials.eos_id
+        return [row[: row.index(eos)] if eos in row else row for row in ids[:, 1:].tolist()]
+
+    def _cached_step(self, trunk, ids: Tensor, source_mask: Tensor, step: int, cache) -> Tensor:
+        """The newest token through the backbone, reading the cache: (B, 1, D)."""
+        batch_size = ids.shape[0]
+        keys_valid = torch.cat(
+            [source_mask, torch.ones(batch_size, step + 1, dtype=torch.bool, device=ids.device)], dim=1
+        )  # (B, Ns + step + 1)
+        positions = (source_mask.sum(1) + step)[:, None]  # (B, 1): target index `step` after the source
+        token = self.embed_targets(trunk, ids[:, -1:])  # (B, 1, D)
+        return trunk.backbone(token, mask=keys_valid[:, None, None, :], positions=positions, cache=cache)
+
+
+def token_loss(logits: Tensor, labels: Tensor) -> tuple[Tensor, dict[str, float]]:
+    """Cross-entropy over (B, L, V) logits against (B, L) labels (-100 ignored) and token accuracy."""
+    # fp32 island: log-softmax over the vocabulary under bf16 autocast loses precision.
+    loss = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX)
+    with torch.no_grad():
+        counted = labels != IGNORE_INDEX
+        correct = (logits.argmax(-1) == labels) & counted
+        accuracy = (correct.sum() / counted.sum().clamp(min=1)).item()
+    return loss, {"token_acc": accuracy}

@@ -1,0 +1,99 @@
+"""A run: its config, folder, dataset plug-in, tokenizer, collator and model, prepared for training
+(data read, tokenizer trained, references made) or loaded from its folder for use (no data read:
+the splits load on first use, so ``generate`` starts in about a second plus the checkpoint load).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from polymodal.config import Config, load_run_config
+from polymodal.data.collate import Collator, build_collator
+from polymodal.data.text import TextTokenizer
+from polymodal.datasets.base import DataSource, Splits, build_source
+from polymodal.errors import ConfigError
+from polymodal.modality import Modality
+from polymodal.models.architectures import build_model, check_model
+from polymodal.models.shapes import DataShapes, TextSpecials
+from polymodal.training.checkpoint import latest_checkpoint, load_checkpoint
+
+logger = logging.getLogger(__name__)
+
+TOKENIZER_FILE = "tokenizer.json"
+
+
+@dataclasses.dataclass
+class Run:
+    """A built run (weights as initialised or loaded); ``splits`` reads the data on first use."""
+
+    config: Config
+    run_dir: Path
+    source: DataSource
+    tokenizer: TextTokenizer
+    collator: Collator
+    model: nn.Module
+    loaded_splits: Splits | None = None
+
+    @property
+    def splits(self) -> Splits:
+        if self.loaded_splits is None:
+            self.loaded_splits = self.source.load()
+        return self.loaded_splits
+
+
+def data_shapes(config: Config, tokenizer: TextTokenizer, collator: Collator, log_mel: tuple[float, float] = (0.0, 1.0)) -> DataShapes:
+    """The sizes the model is wired with: the data config's, the tokenizer's and the collator's."""
+    data = config.data
+    return DataShapes(
+        image_size=(data.image_height, data.image_width),
+        num_mels=data.num_mels,
+        text=TextSpecials(tokenizer.vocab_size, tokenizer.pad_id, tokenizer.bos_id, tokenizer.eos_id),
+        image_channels=data.image_channels,
+        num_audio_frames=int(collator.log_mel.frame_lengths(torch.tensor(collator.max_audio_samples))),
+        log_mel_center=log_mel[0],
+        log_mel_scale=log_mel[1],
+    )
+
+
+def prepare_run(config: Config, run_dir: Path, *, resume: bool) -> Run:
+    """Everything a training stage needs: the data, the tokenizer (trained on the training captions,
+    or the run's own on resume), the dataset's references for heads that learn from them, its
+    log-mel statistics, and the model (weights as initialised)."""
+    source = build_source(config.data, config.seed)
+    splits = source.load()
+    tokenizer_path = run_dir / TOKENIZER_FILE
+    if resume:
+        tokenizer = TextTokenizer.load(tokenizer_path)
+    else:
+        if not splits.train_texts:
+            raise ConfigError('the training data has no captions: the text tokenizer needs some (add "text" lines)')
+        tokenizer = TextTokenizer.train(splits.train_texts, vocab_size=config.data.vocab_size)
+        tokenizer.save(tokenizer_path)
+    heads = dict(getattr(check_model(config), "heads", {}))  # built on meta: which targets need what
+    targets = [Modality(key) for key, head in heads.items() if head.reads_references]
+    references = source.references(splits, targets) if targets else {}
+    collator = build_collator(tokenizer, config.data, references=references, front_end=source.source_text)
+    log_mel = source.log_mel_statistics(splits, collator) if Modality.AUDIO.value in heads else (0.0, 1.0)
+    model = build_model(config, data_shapes(config, tokenizer, collator, log_mel))
+    return Run(config, run_dir, source, tokenizer, collator, model, splits)
+
+
+def load_run(run_dir: str | Path, config: Config | None = None) -> Run:
+    """A trained run rebuilt from its folder: ``config.yaml`` (or ``config``), the tokenizer and the
+    latest checkpoint's weights. Reads no data."""
+    run_dir = Path(run_dir)
+    config = config or load_run_config(run_dir)
+    checkpoint = latest_checkpoint(run_dir)
+    if checkpoint is None:
+        raise ConfigError(f"{run_dir} has no checkpoint; train it first with `polymodal train run_dir={run_dir}`")
+    source = build_source(config.data, config.seed)
+    tokenizer = TextTokenizer.load(run_dir / TOKENIZER_FILE)
+    collator = build_collator(tokenizer, config.data, front_end=source.source_text)
+    model = build_model(config, data_shapes(config, tokenizer, collator))  # statistics come with the weights
+    load_checkpoint(checkpoint, model=model)
+    return Run(config, run_dir, source, tokenizer, collator, model)

@@ -1,0 +1,30 @@
+"""Every part of a config checked through its registry, once, before any data or weights exist.
+
+``config.validate`` checks the tree's values, then calls ``check_parts``: the dataset plug-in is
+built with its options (cheap: it reads nothing), the model is built on the meta device (every part
+spec meets its registry's signature, every constructor's own checks run, nothing is allocated),
+and the two are checked against each other (a head that learns from aligned references needs a
+dataset that has them). Any failure is a ConfigError naming the key and the valid choices.
+"""
+
+from __future__ import annotations
+
+from polymodal.config import Config
+from polymodal.errors import ConfigError
+
+
+def check_parts(config: Config) -> None:
+    from polymodal.datasets import DATASETS
+    from polymodal.datasets.base import build_source
+    from polymodal.models.architectures import check_model
+
+    if config.data.source not in DATASETS:
+        raise ConfigError(f"data.source: {config.data.source!r} is not valid; valid: {', '.join(DATASETS.names())}")
+    provided = {m.value for m in type(build_source(config.data, config.seed)).references_for}
+    heads = getattr(check_model(config), "heads", {})
+    missing = [key for key, head in heads.items() if getattr(head, "reads_references", False) and key not in provided]
+    if missing:
+        raise ConfigError(
+            f"model.heads.{missing[0]}: the {heads[missing[0]].registry_name} head learns from aligned references, "
+            f"which data.source={config.data.source} does not have; pick another head for {missing[0]} or drop the task"
+        )

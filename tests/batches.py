@@ -1,0 +1,64 @@
+"""Synthetic inputs shared by tests: the shapes of a small any-to-any model and a seeded batch of
+every modality with padding and aligned references (``make_batch``; the golden outputs are defined
+on it, so it must not change)."""
+
+from __future__ import annotations
+
+import torch
+
+from polymodal.data.batch import AlignedTargets, Batch
+from polymodal.modality import Modality
+from polymodal.models.shapes import DataShapes, TextSpecials
+
+BATCH, TEXT_LEN, FRAMES, NUM_MELS, VOCAB = 4, 7, 40, 16, 40
+IMAGE_SIZE = (32, 96)
+SPECIALS = TextSpecials(vocab_size=VOCAB, pad_id=0, bos_id=1, eos_id=2)
+# The built-in speech's log-mel statistics, which the mel head held as constants when the files were written.
+SHAPES = DataShapes(
+    image_size=IMAGE_SIZE, num_mels=NUM_MELS, text=SPECIALS, num_audio_frames=FRAMES, log_mel_center=-8.0, log_mel_scale=6.0
+)
+
+
+def make_batch() -> Batch:
+    """A batch of every modality with padding and aligned references, from a seeded generator."""
+    g = torch.Generator().manual_seed(7)
+    ids = torch.randint(3, VOCAB, (BATCH, TEXT_LEN), generator=g)
+    ids[:, 0] = SPECIALS.bos_id
+    text_mask = torch.ones(BATCH, TEXT_LEN, dtype=torch.bool)
+    text_mask[0, 5:] = False
+    ids[0, 5:] = SPECIALS.pad_id
+    ids[0, 4] = ids[1:, -1] = SPECIALS.eos_id
+    audio_mask = torch.ones(BATCH, FRAMES, dtype=torch.bool)
+    audio_mask[1, 25:] = False
+    every = torch.ones(BATCH, dtype=torch.bool)
+    durations = torch.randint(2, 6, (BATCH, TEXT_LEN), generator=g).float().masked_fill(~text_mask, 0.0)
+    speech_frames = int(durations.sum(1).max())
+    speech_mask = torch.arange(speech_frames)[None, :] < durations.sum(1)[:, None]
+    speech = AlignedTargets(
+        ids=ids,
+        mask=text_mask,
+        durations=durations,
+        values=(torch.randn(BATCH, speech_frames, NUM_MELS, generator=g) * 4 - 8).masked_fill(~speech_mask[:, :, None], 0.0),
+        value_mask=speech_mask,
+        present=every,
+    )
+    widths = text_mask.float() * torch.rand(BATCH, TEXT_LEN, generator=g)
+    drawing = AlignedTargets(
+        ids=ids,
+        mask=text_mask,
+        durations=IMAGE_SIZE[1] * widths / widths.sum(1, keepdim=True),
+        values=torch.rand(BATCH, 1, *IMAGE_SIZE, generator=g) * 2 - 1,
+        value_mask=torch.ones(BATCH, IMAGE_SIZE[1], dtype=torch.bool),
+        present=every,
+    )
+    return Batch(
+        inputs={
+            Modality.IMAGE: torch.rand(BATCH, 1, *IMAGE_SIZE, generator=g) * 2 - 1,
+            Modality.TEXT: ids,
+            Modality.AUDIO: torch.randn(BATCH, FRAMES, NUM_MELS, generator=g).masked_fill(~audio_mask[:, :, None], 0.0),
+        },
+        masks={Modality.TEXT: text_mask, Modality.AUDIO: audio_mask},
+        present={m: every.clone() for m in Modality},
+        labels=torch.tensor([3, 3, 5, 8]),
+        references={Modality.AUDIO: speech, Modality.IMAGE: drawing},
+    )
