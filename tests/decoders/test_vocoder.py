@@ -151,15 +151,20 @@ def test_output_length_and_frame_count(num_samples: int) -> None:
 
 
 def test_level_is_kept() -> None:
-    # Log-mel carries absolute power; a clip 20 dB quieter must come back 20 dB quieter.
+    # Log-mel carries absolute power; a clip 20 dB quieter must come back 20 dB quieter. Plain
+    # Griffin-Lim is exactly scale-equivariant, so the two agree to float32 rounding; with momentum
+    # 0.99 the rounding is amplified over the iterations by a factor that depends on the CPU's
+    # kernels (0.5% on one machine, 0.7% on another), so its level is checked by the RMS alone.
     wave = _voiced_clip()
-    vocoder = GriffinLimVocoder(**SETTINGS, random_phase=False)
-    loud = vocoder(LogMel(**SETTINGS)(torch.from_numpy(wave)[None]))
-    quiet = vocoder(LogMel(**SETTINGS)(torch.from_numpy(0.1 * wave)[None]))
-    # Equal up to float32 rounding, which momentum amplifies (see the zero-phase test above).
-    assert torch.linalg.norm(quiet - 0.1 * loud) < 5e-3 * torch.linalg.norm(0.1 * loud)
-    rms_ratio = (loud.square().mean().sqrt() / torch.from_numpy(wave).square().mean().sqrt()).item()
-    assert 0.8 < rms_ratio < 1.25
+    plain = GriffinLimVocoder(**SETTINGS, random_phase=False, momentum=0.0)
+    loud = plain(LogMel(**SETTINGS)(torch.from_numpy(wave)[None]))
+    quiet = plain(LogMel(**SETTINGS)(torch.from_numpy(0.1 * wave)[None]))
+    assert torch.linalg.norm(quiet - 0.1 * loud) < 1e-3 * torch.linalg.norm(0.1 * loud)
+    fast = GriffinLimVocoder(**SETTINGS, random_phase=False)
+    for scale in (1.0, 0.1):
+        out = fast(LogMel(**SETTINGS)(torch.from_numpy(scale * wave)[None]))
+        rms_ratio = (out.square().mean().sqrt() / (scale * torch.from_numpy(wave)).square().mean().sqrt()).item()
+        assert 0.8 < rms_ratio < 1.25, (scale, rms_ratio)
 
 
 def _mel_band_spacing_hz(freq_hz: float) -> float:
