@@ -15,8 +15,7 @@ Linear CKA is computed in feature space (``hsic.feature_hsic``): ||Y^T X||_F^2 /
 kernel and for widths above n, where it is the cheaper one. ``cka_matrix`` fills the (L1, L2)
 table a heatmap of layers or modalities needs, preparing each representation once.
 
-Costs at a probe batch of n = 256 items, d = 512 (float64, CPU): linear about 1 ms per pair, RBF
-a few ms per pair.
+At a probe batch (n = 256) every measure here is a few small matrix products.
 """
 
 from __future__ import annotations
@@ -26,7 +25,8 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import Tensor
 
-from polymodal.diagnostics.hsic import MIN_ITEMS_UNBIASED, centered_features, feature_hsic, gram_hsic
+from polymodal.diagnostics._common import float64
+from polymodal.diagnostics.hsic import MIN_ITEMS_UNBIASED, center_gram, centered_features, feature_hsic, gram_hsic
 from polymodal.diagnostics.kernels import DEFAULT_BANDWIDTH_FRACTION, linear_gram, rbf_gram
 
 KERNELS = ("linear", "rbf")
@@ -59,7 +59,8 @@ def cka(
 
 def gram_cka(k: Tensor, l: Tensor, *, unbiased: bool = False) -> float:
     """CKA from two (n, n) Gram matrices (any kernel); the O(n^2)-memory reference form."""
-    hsic = _gram_pair(unbiased)
+    prepare, hsic = _gram_estimator(unbiased)
+    k, l = prepare(k), prepare(l)
     return _normalise(hsic(k, l), hsic(k, k), hsic(l, l))
 
 
@@ -114,26 +115,32 @@ def _estimator(
         raise ValueError(f"unknown CKA kernel {kernel!r}; valid: {', '.join(KERNELS)}")
     if not reps:
         raise ValueError("no representations given: pass a non-empty list of (n, d) tensors")
+    for x in reps:
+        if x.ndim < 2:
+            raise ValueError(f"each representation must be (n, d) items x features, got shape {tuple(x.shape)}")
     num_items = {x.shape[0] for x in reps}
     if len(num_items) != 1:
         raise ValueError(f"all representations must hold the same examples, got item counts {sorted(num_items)}")
     n = num_items.pop()
     if unbiased and n < MIN_ITEMS_UNBIASED:
         raise ValueError(f"unbiased CKA needs at least {MIN_ITEMS_UNBIASED} examples, got {n}")
-    if kernel == "rbf":
-        return (lambda x: rbf_gram(x, bandwidth_fraction=bandwidth_fraction)), _gram_pair(unbiased)
     widest = max(x[0].numel() for x in reps)
-    if widest <= n:  # O(n d^2) in feature space beats O(n^2 d) for the Gram matrices
+    if kernel == "linear" and widest <= n:  # O(n d^2) in feature space beats O(n^2 d) for the Grams
         return (lambda x: centered_features(x)), _feature_pair(unbiased)
-    return linear_gram, _gram_pair(unbiased)
+    gram = linear_gram if kernel == "linear" else (lambda x: rbf_gram(x, bandwidth_fraction=bandwidth_fraction))
+    prepare, hsic = _gram_estimator(unbiased)
+    return (lambda x: prepare(gram(x))), hsic
 
 
 def _feature_pair(unbiased: bool) -> Callable[[Tensor, Tensor], Tensor]:
     return lambda x, y: feature_hsic(x, y, unbiased=unbiased, centered=True)
 
 
-def _gram_pair(unbiased: bool) -> Callable[[Tensor, Tensor], Tensor]:
-    return lambda k, l: gram_hsic(k, l, unbiased=unbiased)
+def _gram_estimator(unbiased: bool) -> tuple[Callable[[Tensor], Tensor], Callable[[Tensor, Tensor], Tensor]]:
+    """(prepare a Gram matrix, HSIC of two prepared ones): the biased HSIC centres each Gram once."""
+    if unbiased:
+        return float64, lambda k, l: gram_hsic(k, l, unbiased=True)
+    return center_gram, lambda k, l: gram_hsic(k, l, centered=True)
 
 
 def _normalise(cross: Tensor, self_x: Tensor, self_y: Tensor) -> float:
