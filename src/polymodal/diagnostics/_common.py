@@ -22,7 +22,10 @@ MODALITY_ORDER: tuple[Modality, ...] = tuple(Modality)
 
 
 def float64(x: Tensor) -> Tensor:
-    """A detached float64 copy of ``x`` on a device that has float64 (MPS does not: the CPU)."""
+    """``x`` detached, as float64, on a device that has float64 (MPS does not: the CPU).
+
+    A float64 input comes back as the same storage, so callers never modify the result in place.
+    """
     device = torch.device("cpu") if x.device.type == "mps" else x.device
     return x.detach().to(device=device, dtype=torch.float64)
 

@@ -126,7 +126,7 @@ def _estimator(
         raise ValueError(f"unbiased CKA needs at least {MIN_ITEMS_UNBIASED} examples, got {n}")
     widest = max(x[0].numel() for x in reps)
     if kernel == "linear" and widest <= n:  # O(n d^2) in feature space beats O(n^2 d) for the Grams
-        return (lambda x: centered_features(x)), _feature_pair(unbiased)
+        return centered_features, _feature_pair(unbiased)
     gram = linear_gram if kernel == "linear" else (lambda x: rbf_gram(x, bandwidth_fraction=bandwidth_fraction))
     prepare, hsic = _gram_estimator(unbiased)
     return (lambda x: prepare(gram(x))), hsic

@@ -40,8 +40,9 @@ def median_distance(sq_dist: Tensor) -> Tensor:
     n = sq_dist.shape[0]
     if n < 2:
         raise ValueError(f"the median distance needs at least 2 examples, got {n}")
-    rows, cols = torch.triu_indices(n, n, offset=1, device=sq_dist.device)
-    dist = sq_dist[rows, cols].sqrt()  # (n(n-1)/2,)
+    # A boolean mask (n^2 bytes) rather than triu_indices (16 n^2 bytes of int64 indices).
+    above_diagonal = torch.ones(n, n, dtype=torch.bool, device=sq_dist.device).triu_(diagonal=1)
+    dist = sq_dist[above_diagonal].sqrt()  # (n(n-1)/2,)
     count = dist.numel()
     # kthvalue is 1-based and O(count); a full sort of n^2/2 values is not needed.
     upper = dist.kthvalue(count // 2 + 1).values
