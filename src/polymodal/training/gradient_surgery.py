@@ -23,9 +23,10 @@ Multitask Networks, arXiv:1711.02257): learned weights w_i multiply the terms. W
 G_i = |w_i g_i| on the shared parameters, r_i = (L_i / L_i(0)) / mean_j (L_j / L_j(0)) the relative
 inverse training rate, the weights descend L_grad = sum_i |G_i - mean(G) r_i^alpha| (the target
 held constant, as in the paper) with their own Adam, then are renormalised to sum to the number of
-terms. G_i is linear in w_i, so dL_grad/dw_i = sign(G_i - target_i) |g_i| needs no second backward.
-L_i(0) is a term's loss the first step it is active. The weights, initial losses and Adam state are
-checkpointed. W is every shared parameter here, not the paper's last shared layer, because a
+terms (of the terms active this step, so a term a schedule has not opened yet keeps its weight and
+does not count). G_i is linear in w_i, so dL_grad/dw_i = sign(G_i - target_i) |g_i| needs no second
+backward. L_i(0) is a term's loss the first step it is active. The weights, initial losses and Adam
+state are checkpointed. W is every shared parameter here, not the paper's last shared layer, because a
 generic model does not name one; the per-term gradients are computed anyway.
 """
 
@@ -260,9 +261,9 @@ class GradNorm:
     def backward(self, terms: Mapping[str, Tensor], weights: Mapping[str, float], *, scale: float) -> None:
         self.collected.add(terms, weights, scale)
 
-    def _register(self, name: str, weight: float, initial_loss: Tensor) -> None:
-        """A new term: its weight (a scalar parameter in a new Adam group) and its L_i(0)."""
-        param = nn.Parameter(torch.tensor(weight))
+    def _register(self, name: str, weight: Tensor, initial_loss: Tensor) -> None:
+        """A new term: its () weight (a parameter in a new Adam group) and its () L_i(0)."""
+        param = nn.Parameter(weight.detach().float().cpu().clone())
         if self.optimizer is None:
             self.optimizer = torch.optim.Adam([param], lr=self.lr)
         else:
@@ -276,7 +277,7 @@ class GradNorm:
         collected, names = self.collected, sorted(self.collected.grads)
         for name in names:
             if name not in self.weights:
-                self._register(name, 1.0, collected.values[name])
+                self._register(name, torch.ones(()), collected.values[name])
         weights = {name: self.weights[name].detach().to(collected.params[0].device) for name in names}
         per_param = [
             _sum_present(weights[name] * grads[i] if grads[i] is not None else None for name, grads in collected.grads.items())
@@ -324,6 +325,6 @@ class GradNorm:
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         self.names, self.weights, self.initial_losses, self.optimizer = [], {}, {}, None
         for name, weight, initial in zip(state["names"], state["weights"], state["initial_losses"]):
-            self._register(name, float(weight), initial)
+            self._register(name, weight, initial)
         if self.optimizer is not None:
             self.optimizer.load_state_dict(state["optimizer"])
