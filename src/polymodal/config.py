@@ -88,10 +88,11 @@ class TrainConfig:
     ``gradient_surgery``: ``{"name": "none" | "pcgrad" | "gradnorm", **settings}``:
     ``none`` one backward of the weighted sum; ``pcgrad`` (settings ``seed``, ``losses``)
     projects each term's gradient off those it conflicts with; ``gradnorm`` (settings ``alpha``,
-    ``lr``, ``losses``) learns extra per-term weights that equalise the terms' training rates
-    (logged as ``gradnorm/<name>``). ``losses`` lists the terms the surgery acts on (default all;
-    others are added plainly). Both cost one backward pass per term. See
-    :mod:`polymodal.training.gradient_surgery`.
+    ``lr``, ``losses``, ``layer``) learns extra per-term weights that equalise the terms' training
+    rates (logged as ``gradnorm/<name>``). ``losses`` lists the terms the surgery acts on (default
+    all; others are added plainly). Both cost one backward pass per term (about 3x the step with
+    four terms), except ``gradnorm`` with ``layer`` (the last shared layer's parameter prefix, e.g.
+    ``backbone.final_norm``), which costs about 1.1x. See :mod:`polymodal.training.gradient_surgery`.
     """
 
     steps: int = 2000

@@ -81,7 +81,7 @@ def test_pcgrad_step_equals_libmtl(peer_module, two_task, seed, conflict):
     model = two_task.model()
     peer_model = copy.deepcopy(model)
     batch = _batch(two_task, 32, seed=seed)
-    surgery = PCGrad(list(model.parameters()))
+    surgery = PCGrad(model)
     out = accumulate_gradients(model, iter([batch]), num_batches=1, device=CPU, dtype=None, loss_weights={}, surgery=surgery)
     ours = [p.grad.clone() for p in model.parameters()]
     theirs = _libmtl_pcgrad_grads(peer_module, peer_model, batch)
@@ -125,7 +125,7 @@ class _PaperToy(nn.Module):
         return StepOutput(losses=errors)
 
 
-def _train_paper_toy(surgery_name: str, *, steps: int = 400, seed: int = 0) -> tuple[torch.Tensor, dict[str, float]]:
+def _train_paper_toy(spec: dict, *, steps: int = 400, seed: int = 0) -> tuple[torch.Tensor, dict[str, float]]:
     """Train with SGD; return each task's held-out loss relative to its initial loss, and the last metrics."""
     gen = torch.Generator().manual_seed(seed)
     scales = torch.tensor([1.0, math.sqrt(10)])  # the second loss is 10x the first
@@ -140,7 +140,7 @@ def _train_paper_toy(surgery_name: str, *, steps: int = 400, seed: int = 0) -> t
     torch.manual_seed(seed)
     model = _PaperToy(len(scales))
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-    surgery = build_gradient_surgery({"name": surgery_name}, model)
+    surgery = build_gradient_surgery(spec, model)
 
     def held_out_losses() -> torch.Tensor:
         with torch.no_grad():
@@ -154,9 +154,14 @@ def _train_paper_toy(surgery_name: str, *, steps: int = 400, seed: int = 0) -> t
     return held_out_losses() / initial, out.metrics
 
 
-def test_gradnorm_equalises_the_training_rates_of_tasks_10x_apart():
-    plain_rates, _ = _train_paper_toy("none")
-    gradnorm_rates, metrics = _train_paper_toy("gradnorm")
+@pytest.fixture(scope="module")
+def plain_rates() -> torch.Tensor:
+    return _train_paper_toy({"name": "none"})[0]
+
+
+@pytest.mark.parametrize("layer", [None, "trunk.4"], ids=["all-shared", "last-shared-layer"])
+def test_gradnorm_equalises_the_training_rates_of_tasks_10x_apart(plain_rates, layer):
+    gradnorm_rates, metrics = _train_paper_toy({"name": "gradnorm", "layer": layer})
     # L_i(t) / L_i(0): without GradNorm the large task trains faster, 1.5x apart; GradNorm evens them.
     assert plain_rates.max() / plain_rates.min() > 1.4
     assert gradnorm_rates.max() / gradnorm_rates.min() < 1.1
@@ -165,7 +170,11 @@ def test_gradnorm_equalises_the_training_rates_of_tasks_10x_apart():
     assert weights[0] > 3 * weights[1]  # the small task's gradient is scaled up to match
 
 
-@pytest.mark.parametrize("spec", [{"name": "pcgrad"}, {"name": "gradnorm", "alpha": 1.0, "lr": 0.5}], ids=["pcgrad", "gradnorm"])
+SPECS = [{"name": "pcgrad"}, {"name": "gradnorm", "alpha": 1.0, "lr": 0.5}, {"name": "gradnorm", "lr": 0.5, "layer": "trunk.0"}]
+SPEC_IDS = ["pcgrad", "gradnorm", "gradnorm-layer"]
+
+
+@pytest.mark.parametrize("spec", SPECS, ids=SPEC_IDS)
 def test_accumulated_2x16_equals_1x32_with_surgery(two_task, spec):
     whole = _batch(two_task, 32, seed=1)
     halves = [two_task.batch(whole.x[:16], whole.y[:16]), two_task.batch(whole.x[16:], whole.y[16:])]
@@ -184,7 +193,6 @@ def test_accumulated_2x16_equals_1x32_with_surgery(two_task, spec):
         torch.testing.assert_close(one, two, rtol=1e-5, atol=1e-6)
     if spec["name"] == "gradnorm":
         torch.testing.assert_close(states[0]["weights"], states[1]["weights"], rtol=1e-5, atol=1e-6)
-        assert not torch.allclose(states[0]["weights"], torch.ones(2))  # the weights did move
     # The check has teeth: the first half alone gives other gradients.
     torch.manual_seed(1)
     model = two_task.model()
@@ -297,3 +305,31 @@ def test_a_term_weighted_0_is_left_out_of_the_surgery(two_task):
     plain.zero_grad(set_to_none=True)
     accumulate_gradients(plain, iter([_batch(two_task, 16)]), num_batches=1, device=CPU, dtype=None, loss_weights={"first": 0.0})
     torch.testing.assert_close(plain.trunk[0].weight.grad, model.trunk[0].weight.grad)
+
+
+@pytest.mark.parametrize("spec", SPECS[1:], ids=SPEC_IDS[1:])
+def test_gradnorm_gradient_is_the_sum_weighted_by_its_learned_weights(two_task, spec):
+    # After one step the weights have moved; the second step's gradient must equal the plain
+    # path's with those weights as loss weights (times the static weight of "second").
+    batch = _batch(two_task, 16, seed=3)
+    torch.manual_seed(2)
+    model = two_task.model()
+    plain = copy.deepcopy(model)
+    surgery = build_gradient_surgery(spec, model)
+    static = {"second": 0.5}
+    for _ in range(2):
+        model.zero_grad(set_to_none=True)
+        learned = dict(zip(surgery.names, surgery.state_dict()["weights"].tolist()))
+        accumulate_gradients(model, iter([batch]), num_batches=1, device=CPU, dtype=None, loss_weights=static, surgery=surgery)
+    assert learned["first"] != 1.0
+    combined = {name: learned[name] * static.get(name, 1.0) for name in learned}
+    accumulate_gradients(plain, iter([batch]), num_batches=1, device=CPU, dtype=None, loss_weights=combined)
+    for ours, reference in zip(model.parameters(), plain.parameters()):
+        torch.testing.assert_close(ours.grad, reference.grad, rtol=1e-5, atol=1e-7)
+
+
+def test_gradnorm_layer_must_name_parameters(two_task):
+    with pytest.raises(ConfigError, match=r"no trainable parameter is named 'trunk.9'.*e.g. "):
+        build_gradient_surgery({"name": "gradnorm", "layer": "trunk.9"}, two_task.model())
+    trunk_only = build_gradient_surgery({"name": "gradnorm", "layer": "trunk"}, two_task.model())
+    assert len(trunk_only.collected.params) == 2  # everything under trunk: trunk.0.weight, trunk.0.bias

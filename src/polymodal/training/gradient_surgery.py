@@ -20,14 +20,16 @@ checkpointed, so a resumed run draws the same orders.
 
 GradNorm (Chen et al. 2018, GradNorm: Gradient Normalization for Adaptive Loss Balancing in Deep
 Multitask Networks, arXiv:1711.02257): learned weights w_i multiply the terms. With
-G_i = |w_i g_i| on the shared parameters, r_i = (L_i / L_i(0)) / mean_j (L_j / L_j(0)) the relative
+G_i = |w_i g_i| on parameters W, r_i = (L_i / L_i(0)) / mean_j (L_j / L_j(0)) the relative
 inverse training rate, the weights descend L_grad = sum_i |G_i - mean(G) r_i^alpha| (the target
 held constant, as in the paper) with their own Adam, then are renormalised to sum to the number of
 terms (of the terms active this step, so a term a schedule has not opened yet keeps its weight and
 does not count). G_i is linear in w_i, so dL_grad/dw_i = sign(G_i - target_i) |g_i| needs no second
 backward. L_i(0) is a term's loss the first step it is active. The weights, initial losses and Adam
-state are checkpointed. W is every shared parameter here, not the paper's last shared layer, because a
-generic model does not name one; the per-term gradients are computed anyway.
+state are checkpointed. W, where the norms are taken, is the ``layer`` setting (the paper's last
+shared layer): each term is then differentiated only down to W and the model by one backward pass
+of the weighted sum, so GradNorm costs little more than the plain sum. Without ``layer``, W is
+every shared parameter and GradNorm costs what PCGrad does.
 """
 
 from __future__ import annotations
@@ -80,8 +82,18 @@ def build_gradient_surgery(spec: Mapping[str, Any], model: nn.Module) -> Gradien
     check_gradient_surgery(spec)
     if spec["name"] == NO_SURGERY:
         return None
-    params = [p for p in model.parameters() if p.requires_grad]
-    return GRADIENT_SURGERIES.build(spec, params, where="train.gradient_surgery")
+    return GRADIENT_SURGERIES.build(spec, model, where="train.gradient_surgery")
+
+
+def trainable(model: nn.Module, prefix: str | None = None) -> list[nn.Parameter]:
+    """The parameters of ``model`` that require a gradient; only those under ``prefix`` when given."""
+    if prefix is None:
+        return [p for p in model.parameters() if p.requires_grad]
+    found = [p for n, p in model.named_parameters() if p.requires_grad and (n == prefix or n.startswith(prefix + "."))]
+    if not found:
+        names = sorted({n.rsplit(".", 1)[0] for n, _ in model.named_parameters()})[:8]  # owning modules
+        raise ConfigError(f"gradient surgery: no trainable parameter is named {prefix!r} or under it; e.g. {', '.join(names)}")
+    return found
 
 
 class PerLossGradients:
@@ -104,10 +116,16 @@ class PerLossGradients:
         self.values: dict[str, Tensor] = {}
         self.rest: list[Tensor | None] = [None] * len(self.params)
 
-    def add(self, terms: Mapping[str, Tensor], weights: Mapping[str, float], scale: float) -> None:
+    def add(
+        self, terms: Mapping[str, Tensor], weights: Mapping[str, float], scale: float, *, keep_graph: bool = False
+    ) -> dict[str | None, Tensor]:
         """Differentiate ``scale * weight * term`` for each term of one micro-batch into its buffer.
 
         Terms of weight 0 are skipped; terms outside ``losses`` are summed and differentiated once.
+
+        Returns:
+            the () weighted terms by name (None: the sum of those outside ``losses``), their graph
+            kept when ``keep_graph`` (for a backward pass of their sum).
         """
         groups: dict[str | None, Tensor] = {}  # None: the terms outside ``losses``
         for name, term in terms.items():
@@ -122,11 +140,13 @@ class PerLossGradients:
                 self.values[name] = value if name not in self.values else self.values[name] + value
         keys = [key for key, loss in groups.items() if loss.requires_grad]
         for i, key in enumerate(keys):
-            grads = torch.autograd.grad(groups[key], self.params, retain_graph=i < len(keys) - 1, allow_unused=True)
+            keep = keep_graph or i < len(keys) - 1
+            grads = torch.autograd.grad(groups[key], self.params, retain_graph=keep, allow_unused=True)
             buffer = self.rest if key is None else self.grads.setdefault(key, [None] * len(self.params))
             for index, grad in enumerate(grads):
                 if grad is not None:
                     buffer[index] = grad if buffer[index] is None else buffer[index] + grad
+        return groups
 
     def shared(self) -> list[int]:
         """Indices of the parameters two or more named terms reached."""
@@ -193,13 +213,13 @@ class PCGrad:
     """Projecting conflicting gradients (see the module docstring).
 
     Args:
-        params: the trainable parameters.
+        model: the model whose trainable parameters it acts on.
         seed: seeds the random order of the projections.
         losses: the terms the surgery acts on; None: every term. Others are added plainly.
     """
 
-    def __init__(self, params: Sequence[nn.Parameter], *, seed: int = 0, losses: list[str] | None = None) -> None:
-        self.collected = PerLossGradients(params, losses=losses)
+    def __init__(self, model: nn.Module, *, seed: int = 0, losses: list[str] | None = None) -> None:
+        self.collected = PerLossGradients(trainable(model), losses=losses)
         self.generator = torch.Generator().manual_seed(seed)  # CPU: the orders are drawn on the host
 
     def backward(self, terms: Mapping[str, Tensor], weights: Mapping[str, float], *, scale: float) -> None:
@@ -240,26 +260,44 @@ class GradNorm:
     """Learned loss weights that equalise the terms' relative training rates (see the module docstring).
 
     Args:
-        params: the trainable parameters.
+        model: the model whose trainable parameters it acts on.
         alpha: the paper's restoring force towards a common training rate (0: equal gradient norms).
         lr: the learning rate of the weights' own Adam; a weight moves by about ``lr`` per step.
         losses: the terms that get learned weights; None: every term. Others are added plainly.
+        layer: the paper's W, a parameter name or module prefix (e.g. ``backbone.blocks.3``): the
+            norms |g_i| are taken there only, so each term is differentiated down to that layer
+            and the model once, by one backward pass of the weighted sum. None: W is every shared
+            parameter, and each term is differentiated through the whole model.
     """
 
     def __init__(
-        self, params: Sequence[nn.Parameter], *, alpha: float = 1.5, lr: float = 0.025, losses: list[str] | None = None
-    ) -> None:
+        self, model: nn.Module, *, alpha: float = 1.5, lr: float = 0.025, losses: list[str] | None = None,
+        layer: str | None = None,
+    ) -> None:  # fmt: skip
         if alpha < 0 or lr <= 0:
             raise ConfigError(f"gradnorm: needs alpha >= 0 and lr > 0, got alpha={alpha}, lr={lr}")
-        self.collected = PerLossGradients(params, losses=losses)
-        self.alpha, self.lr = alpha, lr
+        self.collected = PerLossGradients(trainable(model, layer), losses=losses)
+        self.alpha, self.lr, self.layer = alpha, lr, layer
         self.names: list[str] = []
         self.weights: dict[str, nn.Parameter] = {}
         self.initial_losses: dict[str, Tensor] = {}
         self.optimizer: torch.optim.Adam | None = None
 
     def backward(self, terms: Mapping[str, Tensor], weights: Mapping[str, float], *, scale: float) -> None:
-        self.collected.add(terms, weights, scale)
+        groups = self.collected.add(terms, weights, scale, keep_graph=self.layer is not None)
+        if self.layer is not None:  # the update's gradient: one backward of sum_i w_i * term_i
+            total = sum(self._weight(name, loss) * loss for name, loss in groups.items() if loss.requires_grad)
+            if isinstance(total, Tensor):
+                total.backward()
+
+    def _weight(self, name: str | None, like: Tensor) -> Tensor | float:
+        """The current weight of ``name``: 1 for a term not seen before or outside ``losses`` (None)."""
+        return self.weights[name].detach().to(like.device) if name in self.weights else 1.0
+
+    def _weighted_sum(self, index: int) -> Tensor | None:
+        """sum_i w_i g_i on parameter ``index``, over the terms that reached it."""
+        grads = [(name, grads[index]) for name, grads in self.collected.grads.items() if grads[index] is not None]
+        return _sum_present(self._weight(name, grad) * grad for name, grad in grads)
 
     def _register(self, name: str, weight: Tensor, initial_loss: Tensor) -> None:
         """A new term: its () weight (a parameter in a new Adam group) and its () L_i(0)."""
@@ -273,22 +311,19 @@ class GradNorm:
         self.initial_losses[name] = initial_loss.detach().cpu().clone()
 
     def apply(self) -> dict[str, float]:
-        """Write sum_i w_i g_i into ``.grad``, then take one step on the weights."""
+        """Write sum_i w_i g_i into ``.grad`` (with a ``layer``, backward did), then step the weights."""
         collected, names = self.collected, sorted(self.collected.grads)
+        per_param = None if self.layer is not None else [self._weighted_sum(i) for i in range(len(collected.params))]
         for name in names:
             if name not in self.weights:
                 self._register(name, torch.ones(()), collected.values[name])
-        weights = {name: self.weights[name].detach().to(collected.params[0].device) for name in names}
-        per_param = [
-            _sum_present(weights[name] * grads[i] if grads[i] is not None else None for name, grads in collected.grads.items())
-            for i in range(len(collected.params))
-        ]  # fmt: skip
-        shared = collected.shared()
-        if len(names) >= 2 and shared:
-            norms = collected.flat(names, shared).norm(dim=1)  # (T,) |g_i| on the shared parameters
+        at = collected.shared() if self.layer is None else list(range(len(collected.params)))
+        if len(names) >= 2 and at:
+            norms = collected.flat(names, at).norm(dim=1)  # (T,) |g_i| on W
             losses = torch.stack([collected.values[name] for name in names])  # (T,)
             self._update(names, norms.cpu(), losses.cpu())
-        collected.write(per_param)
+        if per_param is not None:
+            collected.write(per_param)
         collected.reset()
         return {f"gradnorm/{name}": self.weights[name].item() for name in names}
 
