@@ -19,6 +19,8 @@ from typing import Any
 import yaml
 
 from polymodal.errors import ConfigError
+from polymodal.training.gradient_surgery import check_gradient_surgery
+from polymodal.training.schedules import check_loss_schedules
 
 PRESET_PACKAGE = "polymodal.configs"
 DEFAULT_PRESET = "default"
@@ -68,7 +70,30 @@ class ModelConfig:
 
 @dataclasses.dataclass
 class TrainConfig:
-    """Optimisation, precision, logging and checkpoints."""
+    """Optimisation, precision, logging, checkpoints, and how named loss terms are combined.
+
+    A model returns named, unweighted loss terms; the loop sums them weighted. Three keys say how:
+
+    ``loss_weights``: ``{name: weight}``, a constant weight per term (default 1).
+
+    ``loss_schedules``: ``{name: [[progress, weight], ...]}``, a piecewise-linear weight over the
+    fraction of ``steps`` done (0 at the first step), constant before the first point and after the
+    last, points sorted by progress in [0, 1] (two points at one progress make a step change),
+    weights >= 0. A schedule multiplies the term's ``loss_weights`` entry. E.g. a shared bridge
+    opened after 30% of training and at full weight by 60%:
+    ``contrastive_image_text: [[0, 0], [0.3, 0], [0.6, 1]]``. The weight of every term at each
+    logged step is in ``metrics.jsonl`` / TensorBoard as ``weight/<name>``. The same fraction is
+    given to every sub-module of the model that defines ``set_progress(fraction)``, before each step.
+
+    ``gradient_surgery``: ``{"name": "none" | "pcgrad" | "gradnorm", **settings}``:
+    ``none`` one backward of the weighted sum; ``pcgrad`` (settings ``seed``, ``losses``)
+    projects each term's gradient off those it conflicts with; ``gradnorm`` (settings ``alpha``,
+    ``lr``, ``losses``, ``layer``) learns extra per-term weights that equalise the terms' training
+    rates (logged as ``gradnorm/<name>``). ``losses`` lists the terms the surgery acts on (default
+    all; others are added plainly). Both cost one backward pass per term (about 3x the step with
+    four terms), except ``gradnorm`` with ``layer`` (the last shared layer's parameter prefix, e.g.
+    ``backbone.final_norm``), which costs about 1.1x. See :mod:`polymodal.training.gradient_surgery`.
+    """
 
     steps: int = 2000
     batch_size: int = 64
@@ -86,6 +111,8 @@ class TrainConfig:
     eval_every: int = 0  # 0: evaluate only at the end
     progress: bool = True
     loss_weights: dict[str, float] = dataclasses.field(default_factory=dict)  # loss name -> weight (default 1)
+    loss_schedules: dict[str, Any] = dataclasses.field(default_factory=dict)  # name -> [[progress, weight], ...]
+    gradient_surgery: dict[str, Any] = dataclasses.field(default_factory=lambda: {"name": "none"})
 
 
 # The VQ-VAE's own training settings (the ``vqvae`` preset's): no decay, clipping or warmup.
@@ -350,6 +377,8 @@ def validate(config: Config) -> None:
     for section in ("train", "tokenizer_train"):
         for key in ("steps", "batch_size", "grad_accum", "lr", "log_every", "ckpt_every"):
             positive(f"{section}.{key}", getattr(getattr(config, section), key))
+        check_loss_schedules(getattr(config, section).loss_schedules, f"{section}.loss_schedules")
+        check_gradient_surgery(getattr(config, section).gradient_surgery, f"{section}.gradient_surgery")
     for key in ("image_height", "image_width", "image_channels", "sample_rate", "num_mels", "hop_length", "vocab_size"):
         positive(f"data.{key}", getattr(config.data, key))
     positive("data.max_audio_seconds", config.data.max_audio_seconds)

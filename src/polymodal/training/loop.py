@@ -25,10 +25,12 @@ from tqdm import tqdm
 from polymodal.config import Config, TrainConfig, dump_config
 from polymodal.errors import ConfigError
 from polymodal.training.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint, save_checkpoint
+from polymodal.training.gradient_surgery import GradientSurgery, build_gradient_surgery
 from polymodal.training.metrics_log import MetricsLogger
 from polymodal.training.optim import build_optimizer, build_scheduler
 from polymodal.training.precision import autocast, resolve_precision
 from polymodal.training.sampler import build_loader
+from polymodal.training.schedules import effective_loss_weights, set_model_progress, training_progress
 
 log = logging.getLogger(__name__)
 
@@ -59,14 +61,16 @@ class AccumulatedStep:
     Attributes:
         total: () the weighted sum of the terms, whose gradient now sits in ``.grad``.
         terms: each unweighted () loss term by name.
-        metrics: the model's metrics by name.
+        metrics: the model's metrics by name (and the gradient surgery's, when one is on).
         num_samples: items in the micro-batches.
+        weights: the weight each term had in ``total`` (static weight times schedule).
     """
 
     total: Tensor
     terms: dict[str, Tensor]
     metrics: dict[str, float]
     num_samples: int
+    weights: dict[str, float] = dataclasses.field(default_factory=dict)
 
 
 def seed_everything(seed: int) -> None:
@@ -93,10 +97,13 @@ def accumulate_gradients(
     device: torch.device,
     dtype: torch.dtype | None,
     loss_weights: Mapping[str, float],
+    surgery: GradientSurgery | None = None,
 ) -> AccumulatedStep:
     """Forward and backward over ``num_batches`` micro-batches, leaving in ``.grad`` the gradient of
     the mean over micro-batches of ``sum(loss_weights.get(name, 1) * term)``: with mean-reduced
-    losses, 2 micro-batches of 16 give the gradient of one batch of 32.
+    losses, 2 micro-batches of 16 give the gradient of one batch of 32. With a ``surgery``, each
+    weighted term is differentiated on its own and the surgery combines the step's per-term
+    gradients into ``.grad`` (see :mod:`polymodal.training.gradient_surgery`).
     """
     total, terms, metrics, num_samples = torch.zeros((), device=device), {}, {}, 0
     for batch in itertools.islice(batches, num_batches):
@@ -109,24 +116,33 @@ def accumulate_gradients(
                 f"{type(model).__name__}.forward returned no losses; StepOutput.losses must name at least one"
             )
         loss = sum(loss_weights.get(name, 1.0) * term.float() for name, term in out.losses.items())
-        (loss / num_batches).backward()
+        if surgery is None:
+            (loss / num_batches).backward()
+        else:
+            surgery.backward(out.losses, loss_weights, scale=1.0 / num_batches)
         total = total + loss.detach() / num_batches
         for name, term in out.losses.items():
             terms[name] = terms.get(name, 0.0) + term.detach().float() / num_batches
         for name, value in out.metrics.items():
             metrics[name] = metrics.get(name, 0.0) + float(value) / num_batches
-    return AccumulatedStep(total, terms, metrics, num_samples)
+    if surgery is not None:
+        metrics.update(surgery.apply())
+    weights = {name: float(loss_weights.get(name, 1.0)) for name in terms}
+    return AccumulatedStep(total, terms, metrics, num_samples, weights)
 
 
 def warn_unused_loss_weights(loss_weights: Mapping[str, float], names: Iterable[str]) -> None:
-    """Log a warning for each ``train.loss_weights`` key the model's first step did not produce (a
-    misspelt name would otherwise leave its loss at weight 1 without a word). A warning, not an
-    error: a loss can be missing from one step (a task whose modality a batch lacks) and present in
-    the next.
+    """Log a warning for each ``train.loss_weights`` or ``loss_schedules`` key the model's first step
+    did not produce (a misspelt name would otherwise leave its loss at weight 1 without a word). A
+    warning, not an error: a loss can be missing from one step (a task whose modality a batch lacks)
+    and present in the next.
     """
     names = sorted(names)
     for name in sorted(set(loss_weights) - set(names)):
-        log.warning("train.loss_weights names %r, which the first step did not produce; its losses: %s", name, ", ".join(names))
+        log.warning(
+            "train.loss_weights/loss_schedules name %r, which the first step did not produce; its losses: %s",
+            name, ", ".join(names),
+        )
 
 
 @dataclasses.dataclass
@@ -136,6 +152,7 @@ class TrainState:
     Attributes:
         step: optimiser steps taken.
         position: items consumed from the data stream (the sampler resumes there).
+        surgery: the gradient surgery (its state is checkpointed), or None for the plain sum.
     """
 
     optimizer: torch.optim.Optimizer
@@ -144,12 +161,16 @@ class TrainState:
     dtype: torch.dtype | None  # autocast dtype; None: fp32
     step: int = 0
     position: int = 0
+    surgery: GradientSurgery | None = None
 
     def save(self, run_dir: Path, model: nn.Module, *, keep: int) -> Path:
         """A checkpoint of the model and of this state (the data position with it)."""
+        extra = {"data_position": self.position}
+        if self.surgery is not None:
+            extra["gradient_surgery"] = self.surgery.state_dict()
         return save_checkpoint(
             run_dir, step=self.step, model=model, optimizer=self.optimizer, scheduler=self.scheduler,
-            extra_state={"data_position": self.position}, keep=keep,
+            extra_state=extra, keep=keep,
         )
 
 
@@ -161,7 +182,8 @@ def start_state(model: nn.Module, config: Config, run_dir: Path, *, resume: bool
     model.to(device)  # master weights stay fp32; autocast runs eligible forward ops in bf16
     optimizer = build_optimizer(model, config.train)
     state = TrainState(
-        optimizer, build_scheduler(optimizer, config.train), device, resolve_precision(config.train.precision, device)
+        optimizer, build_scheduler(optimizer, config.train), device, resolve_precision(config.train.precision, device),
+        surgery=build_gradient_surgery(config.train.gradient_surgery, model),
     )
     if resume:
         found = latest_checkpoint(run_dir)
@@ -170,6 +192,10 @@ def start_state(model: nn.Module, config: Config, run_dir: Path, *, resume: bool
         saved = load_checkpoint(found, model=model, optimizer=optimizer, scheduler=state.scheduler, restore_rng=True)
         state.step = saved["step"]
         state.position = saved.get("data_position", state.step * config.train.batch_size * config.train.grad_accum)
+        if state.surgery is not None:
+            if "gradient_surgery" not in saved:
+                raise CheckpointError(f"{found} was saved without gradient surgery; resume with the run's own config")
+            state.surgery.load_state_dict(saved["gradient_surgery"])
     elif latest_checkpoint(run_dir) is not None:
         raise CheckpointError(f"{run_dir} already holds checkpoints; resume it, or train into a new run folder")
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -181,6 +207,8 @@ def optimizer_step(
     model: nn.Module, state: TrainState, batches: Iterator[Any], train: TrainConfig
 ) -> tuple[AccumulatedStep, dict[str, float], float]:
     """One optimiser step over ``train.grad_accum`` micro-batches: gradients, clipping, update.
+    Before it, every sub-module of ``model`` that defines ``set_progress(fraction)`` is called with
+    the fraction of ``train.steps`` done (0 at the first step), which also drives the loss schedules.
 
     Returns:
         the accumulated step, the losses by name (``loss`` the weighted total) and the gradient
@@ -189,9 +217,11 @@ def optimizer_step(
     Raises:
         FloatingPointError: the loss is not finite (nothing is updated).
     """
+    progress = training_progress(state.step, train.steps)
+    set_model_progress(model, progress)
     out = accumulate_gradients(
         model, batches, num_batches=train.grad_accum, device=state.device, dtype=state.dtype,
-        loss_weights=train.loss_weights,
+        loss_weights=effective_loss_weights(train.loss_weights, train.loss_schedules, progress), surgery=state.surgery,
     )
     terms = {name: term.item() for name, term in out.terms.items()}
     losses = {**terms, "loss": out.total.item()}
@@ -214,9 +244,10 @@ def optimizer_step(
 def step_values(
     out: AccumulatedStep, losses: dict[str, float], *, lr: float, grad_norm: float, samples_per_s: float, collate_fn: Any
 ) -> dict[str, float]:
-    """What a logged step records: the total and every term, the model's metrics, lr, grad norm,
-    throughput and (when the collator counts them) the damaged samples skipped so far."""
+    """What a logged step records: the total and every term with its weight, the model's metrics, lr,
+    grad norm, throughput and (when the collator counts them) the damaged samples skipped so far."""
     values = {"loss": losses["loss"], **{f"loss/{name}": v for name, v in losses.items() if name != "loss"}}
+    values.update({f"weight/{name}": weight for name, weight in out.weights.items()})
     values.update(out.metrics)
     values.update(lr=lr, grad_norm=grad_norm, samples_per_s=samples_per_s)
     if hasattr(collate_fn, "num_skipped"):
@@ -244,7 +275,7 @@ def fit(
         config: reads ``seed``, ``device``, ``data.num_workers`` and ``train``.
         run_dir: the run folder: ``config.yaml``, ``metrics.jsonl``, ``tensorboard/``, ``checkpoints/``.
         resume: continue exactly from the latest checkpoint in ``run_dir`` (weights, optimiser,
-            scheduler, RNGs, data position).
+            scheduler, RNGs, data position, gradient surgery state).
         evaluate: ``evaluate(model, step) -> {name: value}``, called under ``no_grad`` in eval mode
             every ``train.eval_every`` steps (if > 0) and at the end; logged with split ``val``.
     """
@@ -267,7 +298,7 @@ def fit(
             first = not losses
             out, losses, grad_norm = optimizer_step(model, state, batches, train)
             if first:  # this process's first step: the loss names are known now
-                warn_unused_loss_weights(train.loss_weights, out.terms)
+                warn_unused_loss_weights({**train.loss_weights, **train.loss_schedules}, out.terms)
             meter.add(out.num_samples)
             bar.update(1)
             bar.set_postfix(loss=f"{losses['loss']:.4f}", samples_s=f"{meter.overall():.0f}")
