@@ -34,7 +34,7 @@ def grouped(moe: ModalityMoE, tokens: Tensor) -> Tensor:
 def masked_loop(moe: ModalityMoE, tokens: Tensor) -> Tensor:
     """The simple path: every expert on all T tokens, weighted by that expert's gate (zero where unchosen)."""
     rows = torch.full((tokens.shape[0],), NO_MODALITY, dtype=torch.long)
-    routing = moe.route(tokens, moe._modality_rows(rows, tokens))
+    routing = moe.route(tokens, moe.modality_rows(rows, tokens))
     out = torch.zeros_like(tokens)
     for e, expert in enumerate(moe.experts):
         weight = (routing.gates * (routing.expert == e)).sum(dim=1)  # (T,) zero for tokens not routed to e
@@ -59,7 +59,7 @@ def check_equal(moe: ModalityMoE, tokens: Tensor, upstream: Tensor) -> tuple[flo
         tokens.grad = None
         out = forward(moe, tokens)
         (out * upstream).sum().backward()
-        grads = [tokens.grad.clone()] + [p.grad.clone() if p.grad is not None else torch.zeros_like(p) for p in moe.parameters()]
+        grads = [tokens.grad.clone()] + [torch.zeros_like(p) if p.grad is None else p.grad.clone() for p in moe.parameters()]
         results.append((out.detach(), grads))
     (out_a, grads_a), (out_b, grads_b) = results
     output_diff = (out_a - out_b).abs().max().item()

@@ -151,7 +151,8 @@ def _check_conforms(build, run) -> None:
     torch.manual_seed(0)
     part = build()
     outputs = run(part)
-    assert all(torch.isfinite(v).all() for v in outputs.values()), [k for k, v in outputs.items() if not torch.isfinite(v).all()]
+    not_finite = [name for name, value in outputs.items() if not torch.isfinite(value).all()]
+    assert not not_finite, f"NaN or inf in {not_finite}"
 
     # A gradient reaches every parameter.
     sum(v.float().pow(2).mean() for v in outputs.values() if v.requires_grad).backward()

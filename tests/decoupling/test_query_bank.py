@@ -16,7 +16,8 @@ MODALITIES = (Modality.IMAGE, Modality.TEXT, Modality.AUDIO)
 
 def _bank(**settings):
     torch.manual_seed(0)
-    return DECOUPLERS.build({"name": "query_bank", "num_private_queries": 3, "num_shared_queries": 2, **settings}, DIM, MODALITIES).double()
+    spec = {"name": "query_bank", "num_private_queries": 3, "num_shared_queries": 2, **settings}
+    return DECOUPLERS.build(spec, DIM, MODALITIES).double()
 
 
 def _inputs(batch: int = 6, seed: int = 1):
@@ -47,8 +48,8 @@ def test_private_queries_never_see_another_modality(progress):
     assert (out.private[Modality.TEXT] - base.private[Modality.TEXT]).abs().amax(dim=-1).min() > 1e-6
     # And the private attention puts exactly zero weight on other modalities' keys.
     private = base.attention["private"]
-    foreign = private.key_modality[:, None, :] != private.query_type[None, :, None]
-    assert torch.equal(private.weights[foreign.expand_as(private.weights)], torch.zeros(int(foreign.expand_as(private.weights).sum()), dtype=torch.float64))
+    foreign = (private.key_modality[:, None, :] != private.query_type[None, :, None]).expand_as(private.weights)
+    assert foreign.any() and torch.equal(private.weights[foreign], torch.zeros_like(private.weights[foreign]))
     assert all(base.stats[f"leakage_{m}"] == 0.0 for m in MODALITIES)
 
 
@@ -97,11 +98,17 @@ def test_private_losses_equal_a_dense_reference(private_loss):
             off = cov.square().sum() - cov.diagonal().square().sum()
             hinge = torch.relu(1 - torch.sqrt(rows.var(dim=0) + 1e-4)).mean()
             expected = 25.0 * hinge + off / DIM
-            torch.testing.assert_close(out.losses[f"private_{m}"], vicreg(rows, rows, invariance_weight=0.0, covariance_weight=0.5))
+            library = vicreg(rows, rows, invariance_weight=0.0, covariance_weight=0.5)
+            torch.testing.assert_close(out.losses[f"private_{m}"], library)
         else:
             expected = barlow_twins(rows, rows)
         torch.testing.assert_close(out.losses[f"private_{m}"], expected)
-    for a, b, name in [(Modality.IMAGE, Modality.TEXT, "image_text"), (Modality.IMAGE, Modality.AUDIO, "image_audio"), (Modality.TEXT, Modality.AUDIO, "audio_text")]:
+    pairs = [
+        (Modality.IMAGE, Modality.TEXT, "image_text"),
+        (Modality.IMAGE, Modality.AUDIO, "image_audio"),
+        (Modality.TEXT, Modality.AUDIO, "audio_text"),
+    ]
+    for a, b, name in pairs:
         both = holds[a] & holds[b]
         x, y = out.private[a][both], out.private[b][both]
         cross = (x - x.mean(dim=0)).T @ (y - y.mean(dim=0)) / (x.shape[0] - 1)  # (D, D) cross-covariance

@@ -67,7 +67,8 @@ def test_leakage_equals_a_hand_computation_on_the_assignment():
     own = (assignment[:, text_slots, text_keys] * masks[Modality.TEXT][:, None, :4]).sum()
     assert out.stats["leakage_text"] == pytest.approx((foreign / (foreign + own)).item(), rel=1e-10)
     assert 0.05 < out.stats["leakage_image"] < 0.95  # a real, non-trivial quantity
-    torch.testing.assert_close(out.losses["leakage"], torch.tensor((out.stats["leakage_image"] + out.stats["leakage_text"]) / 2, dtype=torch.float64))
+    mean = (out.stats["leakage_image"] + out.stats["leakage_text"]) / 2
+    torch.testing.assert_close(out.losses["leakage"], torch.tensor(mean, dtype=torch.float64))
     # Each real token's assignment over all slots sums to one; padding gets none.
     key_real = out.attention["slots"].key_modality >= 0
     torch.testing.assert_close(assignment.sum(dim=1), key_real.double())
@@ -80,7 +81,8 @@ def test_shared_slots_are_closed_in_the_private_phase():
     module.set_progress(0.1)
     out = module(states, masks)
     shared = module.slot_type == -1
-    assert torch.equal(out.attention["slots"].weights[:, shared], torch.zeros_like(out.attention["slots"].weights[:, shared]))
+    won = out.attention["slots"].weights[:, shared]  # (B, S_shared, N)
+    assert torch.equal(won, torch.zeros_like(won))
     initial = module.initial_slots()[shared]
     torch.testing.assert_close(out.token_sets["shared_text"], initial.expand(4, -1, -1), rtol=0, atol=0)
     assert not out.shared[Modality.TEXT].requires_grad

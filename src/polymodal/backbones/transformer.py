@@ -311,7 +311,9 @@ def check_moe(moe: Any, *, num_layers: int, where: str) -> tuple[frozenset[int],
         or not layers
         or any(isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < num_layers for i in layers)
     ):
-        raise ConfigError(f"{where}.layers: expected a non-empty list of block indices in [0, {num_layers}), got {layers!r}")
+        raise ConfigError(
+            f"{where}.layers: expected a non-empty list of block indices in [0, {num_layers}), got {layers!r}"
+        )
     settings = {k: moe[k] for k in valid if k in moe}
     defaults = {k: p.default for k, p in inspect.signature(ModalityMoE).parameters.items() if k in valid}
     try:

@@ -22,7 +22,7 @@ from __future__ import annotations
 import dataclasses
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from polymodal.models.alignment import MODALITY_INDEX
 from polymodal.modality import Modality
@@ -96,6 +96,39 @@ class OpeningGate:
             self.value = 1.0
         else:
             self.value = (fraction - self.start) / (self.end - self.start)
+
+
+class GatedSummaries:
+    """Per-modality summaries of a private and a shared token set under the opening gate g:
+    private = mean of the private set, shared = mean of the shared set (without gradient while g
+    is 0: the closed shared branch must not train), pooled = norm(private + g * shared).
+
+    Args:
+        gate: the gate's current value.
+        norm: the (B, D) -> (B, D) norm applied to the pooled state.
+    """
+
+    def __init__(self, gate: float, norm: nn.Module) -> None:
+        self.gate = gate
+        self.norm = norm
+        self.pooled: dict[Modality, Tensor] = {}
+        self.shared: dict[Modality, Tensor] = {}
+        self.private: dict[Modality, Tensor] = {}
+        self.token_sets: dict[str, Tensor] = {}
+
+    def add(self, modality: Modality, own: Tensor, common: Tensor) -> None:
+        """Summarise one modality's private (B, Q_p, D) and shared (B, Q_s, D) token sets."""
+        if self.gate == 0:
+            common = common.detach()
+        self.private[modality], self.shared[modality] = own.mean(dim=1), common.mean(dim=1)  # (B, D) each
+        self.pooled[modality] = self.norm(self.private[modality] + self.gate * self.shared[modality])
+        self.token_sets[f"private_{modality}"], self.token_sets[f"shared_{modality}"] = own, common
+
+    def output(
+        self, attention: dict[str, AttentionMap], losses: dict[str, Tensor], stats: dict[str, float]
+    ) -> DecouplerOutput:
+        """The decoupler's output: these summaries with the given maps, losses and stats."""
+        return DecouplerOutput(self.pooled, self.shared, self.private, self.token_sets, attention, losses, stats)
 
 
 def leakage_ratios(attention: AttentionMap) -> dict[Modality, Tensor]:

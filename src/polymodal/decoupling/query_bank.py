@@ -49,6 +49,7 @@ from polymodal.decoupling.common import (
     SHARED_TYPE,
     AttentionMap,
     DecouplerOutput,
+    GatedSummaries,
     OpeningGate,
     both_present,
     check_inputs,
@@ -111,7 +112,12 @@ class QueryBankDecoupler(nn.Module):
             {m.value: nn.Parameter(torch.empty(num_private_queries, dim)) for m in self.modalities}
         )
         self.shared_queries = nn.Parameter(torch.empty(num_shared_queries, dim))
-        settings = {"num_heads": num_heads, "dim_hidden": int(mlp_ratio * dim), "self_attention": False, "qk_norm": qk_norm}
+        settings = {
+            "num_heads": num_heads,
+            "dim_hidden": int(mlp_ratio * dim),
+            "self_attention": False,  # queries read independently: no bank output mixes its neighbours
+            "qk_norm": qk_norm,
+        }
         self.private_blocks = nn.ModuleDict({m.value: QFormerBlock(dim, dim, **settings) for m in self.modalities})
         self.shared_block = QFormerBlock(dim, dim, **settings)
         self.out_norm = RMSNorm(dim)
@@ -145,26 +151,22 @@ class QueryBankDecoupler(nn.Module):
         """
         check_inputs(states, masks, self.modalities, self.dim)
         present = [m for m in self.modalities if m in states]
-        gate = self.gate.value
-        pooled, shared, private, token_sets, attention = {}, {}, {}, {}, {}
+        summaries = GatedSummaries(self.gate.value, self.out_norm)
+        attention: dict[str, AttentionMap] = {}
         private_maps = []
         for modality in present:
-            own, own_map = self._read(self.private_blocks[modality.value], self.private_queries[modality.value], states[modality], masks[modality])
-            common, common_map = self._read(self.shared_block, self.shared_queries, states[modality], masks[modality])
-            if gate == 0:
-                common = common.detach()  # the shared bank is closed: nothing may train through it
-            private[modality], shared[modality] = own.mean(dim=1), common.mean(dim=1)
-            pooled[modality] = self.out_norm(private[modality] + gate * shared[modality])
-            token_sets[f"private_{modality}"], token_sets[f"shared_{modality}"] = own, common
-            key_modality = torch.where(masks[modality], MODALITY_INDEX[modality], PADDING)  # (B, N_m)
+            tokens, mask = states[modality], masks[modality]
+            own, own_map = self._read(self.private_blocks[modality.value], self.private_queries[modality.value], tokens, mask)
+            common, common_map = self._read(self.shared_block, self.shared_queries, tokens, mask)
+            summaries.add(modality, own, common)
+            key_modality = torch.where(mask, MODALITY_INDEX[modality], PADDING)  # (B, N_m)
             query_type = torch.full((common.shape[1],), SHARED_TYPE, device=common.device)
             attention[f"shared_{modality}"] = AttentionMap(common_map, query_type, key_modality)
             private_maps.append((modality, own_map, key_modality))
         attention["private"] = _block_diagonal(private_maps)
         ratios = leakage_ratios(attention["private"])
-        stats = {"gate": gate, **{f"leakage_{m}": r.item() for m, r in ratios.items()}}
-        losses = self._private_losses(private, masks)
-        return DecouplerOutput(pooled, shared, private, token_sets, attention, losses, stats)
+        stats = {"gate": summaries.gate, **{f"leakage_{m}": r.item() for m, r in ratios.items()}}
+        return summaries.output(attention, self._private_losses(summaries.private, masks), stats)
 
     def _read(self, block: QFormerBlock, queries: Tensor, tokens: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
         """One bank over one modality: outputs (B, Q, D) and head-averaged attention (B, Q, N)."""
@@ -188,7 +190,8 @@ class QueryBankDecoupler(nn.Module):
         for a, b in itertools.combinations(private, 2):
             both = both_present(masks, a, b)
             if int(both.sum()) >= MIN_ROWS:
-                losses[f"private_decorrelation_{pair_name(a, b)}"] = cross_covariance_penalty(private[a][both], private[b][both])
+                penalty = cross_covariance_penalty(private[a][both], private[b][both])
+                losses[f"private_decorrelation_{pair_name(a, b)}"] = penalty
         return losses
 
 

@@ -140,7 +140,8 @@ class SharedPrivateDecoupler(nn.Module):
                 recon = self.reconstruct[modality.value](both[holds])
                 losses[f"reconstruction_{modality}"] = F.mse_loss(recon, hidden[holds].detach())
             if int(holds.sum()) >= MIN_ROWS[self.independence]:
-                losses[f"independence_{modality}"] = self._independence(private[modality][holds], shared[modality][holds])
+                dependence = self._independence(private[modality][holds], shared[modality][holds])
+                losses[f"independence_{modality}"] = dependence
         stats: dict[str, float] = {}
         for a, b in itertools.combinations(present, 2):
             rows = both_present(masks, a, b)

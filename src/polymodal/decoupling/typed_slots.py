@@ -41,6 +41,7 @@ from polymodal.decoupling.common import (
     SHARED_TYPE,
     AttentionMap,
     DecouplerOutput,
+    GatedSummaries,
     OpeningGate,
     check_inputs,
     leakage_ratios,
@@ -83,7 +84,9 @@ class TypedSlotDecoupler(nn.Module):
     ) -> None:
         super().__init__()
         if num_private_slots < 1 or num_shared_slots < 1:
-            raise ValueError(f"need at least one private and one shared slot, got {num_private_slots} and {num_shared_slots}")
+            raise ValueError(
+                f"need at least one private and one shared slot, got {num_private_slots} and {num_shared_slots}"
+            )
         self.dim = dim
         self.modalities = tuple(sorted(set(modalities), key=MODALITY_INDEX.__getitem__))
         self.gate = OpeningGate(open_start, open_end)
@@ -93,7 +96,8 @@ class TypedSlotDecoupler(nn.Module):
         self.slots = nn.Parameter(torch.empty(len(types), dim))  # (S, D) learned initial states
         self.type_embed = nn.Parameter(torch.empty(len(self.modalities) + 1, dim))  # one row per type, shared last
         rows = [i for i in range(len(self.modalities)) for _ in range(num_private_slots)]
-        self.register_buffer("type_row", torch.tensor(rows + [len(self.modalities)] * num_shared_slots), persistent=False)
+        rows += [len(self.modalities)] * num_shared_slots
+        self.register_buffer("type_row", torch.tensor(rows), persistent=False)  # (S,) each slot's type_embed row
         self.slot_attention = SlotAttention(dim, int(mlp_ratio * dim), num_iterations=num_iterations)
         self.out_norm = RMSNorm(dim)
         self.init_weights()
@@ -144,35 +148,23 @@ class TypedSlotDecoupler(nn.Module):
         slots = rearrange(out.slots, "(p b) s d -> p b s d", b=batch)
         assignment = rearrange(out.assignment, "(p b) s n -> b s (p n)", b=batch)  # keys of every pass side by side
         key_modality = torch.cat(
-            [F.pad(torch.where(masks[m], MODALITY_INDEX[m], PADDING), (0, width - masks[m].shape[1]), value=PADDING) for m in present],
+            [
+                F.pad(torch.where(masks[m], MODALITY_INDEX[m], PADDING), (0, width - masks[m].shape[1]), value=PADDING)
+                for m in present
+            ],
             dim=1,
-        )  # (B, P * N)
+        )  # (B, P * N), the keys side by side as in ``assignment``
         attention = AttentionMap(weights=assignment, query_type=self.slot_type, key_modality=key_modality)
         return self._output(present, slots, attention, gate)
 
     def _output(self, present: list[Modality], slots: Tensor, attention: AttentionMap, gate: float) -> DecouplerOutput:
         """Summaries, token sets, leakage loss and stats from the (P, B, S, D) slots of each pass."""
-        shared_rows = self.slot_type == SHARED_TYPE
-        pooled, shared, private, token_sets = {}, {}, {}, {}
+        summaries = GatedSummaries(gate, self.out_norm)
         for p, modality in enumerate(present):
             own = slots[p][:, self.slot_type == MODALITY_INDEX[modality]]  # (B, S_m, D)
-            common = slots[p][:, shared_rows]  # (B, S_s, D)
-            if gate == 0:
-                common = common.detach()  # the shared slots are closed: nothing may train through them
-            private[modality], shared[modality] = own.mean(dim=1), common.mean(dim=1)
-            pooled[modality] = self.out_norm(private[modality] + gate * shared[modality])
-            token_sets[f"private_{modality}"], token_sets[f"shared_{modality}"] = own, common
+            summaries.add(modality, own, slots[p][:, self.slot_type == SHARED_TYPE])
         ratios = leakage_ratios(attention)
         stats = {"gate": gate, **{f"leakage_{m}": r.item() for m, r in ratios.items()}}
         # No ratio at all when no item holds any real token: then there is nothing to leak.
         leakage = torch.stack(list(ratios.values())).mean() if ratios else slots.new_zeros(())
-        losses = {"leakage": leakage}
-        return DecouplerOutput(
-            pooled=pooled,
-            shared=shared,
-            private=private,
-            token_sets=token_sets,
-            attention={"slots": attention},
-            losses=losses,
-            stats=stats,
-        )
+        return summaries.output({"slots": attention}, {"leakage": leakage}, stats)

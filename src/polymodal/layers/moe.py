@@ -32,7 +32,6 @@ back per token. Compute is k/E of running every expert on every token.
 from __future__ import annotations
 
 import dataclasses
-import math
 
 import torch
 import torch.nn.functional as F
@@ -227,14 +226,14 @@ class ModalityMoE(nn.Module):
             (..., D); a token whose every assignment was dropped gets zeros.
         """
         tokens = x.reshape(-1, x.shape[-1])  # (..., D) -> (T, D)
-        rows = self._modality_rows(modality_ids, x)  # (T,) in [0, M], M = no modality
+        rows = self.modality_rows(modality_ids, x)  # (T,) in [0, M], M = no modality
         routing = self.route(tokens, rows)
         out, kept = self.dispatch(tokens, routing, rows)
         if aux is not None:
             aux.add(self._record(routing, rows, kept))
         return out.reshape(x.shape)
 
-    def _modality_rows(self, modality_ids: Tensor | None, x: Tensor) -> Tensor:
+    def modality_rows(self, modality_ids: Tensor | None, x: Tensor) -> Tensor:
         """(T,) long: the modality id per token, with -1 mapped to row M (the no-modality row)."""
         if modality_ids is None:
             return torch.full((x[..., 0].numel(),), len(MODALITIES), dtype=torch.long, device=x.device)
