@@ -119,7 +119,7 @@ def test_decoupler_conforms(name):
         summaries = {f"{kind}_{m}": getattr(out, kind)[m] for kind in ("pooled", "shared", "private") for m in MODALITIES}
         return {**summaries, **{f"loss_{k}": v for k, v in out.losses.items()}}
 
-    _check_conforms(build, run)
+    _check_conforms(build, run, from_meta=True)
 
 
 def test_moe_backbone_conforms():
@@ -137,16 +137,18 @@ def test_moe_backbone_conforms():
         aux_losses.update(aux.losses())
         return {"tokens": out, **aux.losses()}
 
-    _check_conforms(build, run)
+    _check_conforms(build, run, from_meta=True)
     assert set(aux_losses) == {"moe_load_balance", "moe_router_z"}
 
 
-def _check_conforms(build, run) -> None:
+def _check_conforms(build, run, *, from_meta: bool = False) -> None:
     """Finite outputs, a gradient on every parameter, meta construction, an exact state-dict round trip.
 
     Args:
         build: makes the part (the same way each call).
         run: calls it and returns its named output tensors.
+        from_meta: also load the state dict into the meta-built part after ``to_empty`` and compare
+            (the new parts keep no non-persistent buffers; hf_text's transformers model does).
     """
     torch.manual_seed(0)
     part = build()
@@ -173,6 +175,12 @@ def _check_conforms(build, run) -> None:
     with torch.no_grad():
         ours, theirs = run(part), run(clone)
     assert all(torch.equal(ours[k], theirs[k]) for k in ours)
+    if from_meta:  # also into the meta-built part, given storage: to_empty leaves garbage outside the state dict
+        meta_part.to_empty(device="cpu")
+        meta_part.load_state_dict(part.state_dict())
+        with torch.no_grad():
+            loaded = run(meta_part.eval())
+        assert all(torch.equal(ours[k], loaded[k]) for k in ours)
 
 
 def test_every_encoder_has_forward_intermediates():

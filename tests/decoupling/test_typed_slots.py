@@ -80,7 +80,7 @@ def test_shared_slots_are_closed_in_the_private_phase():
     states, masks = _inputs()
     module.set_progress(0.1)
     out = module(states, masks)
-    shared = module.slot_type == -1
+    shared = module.slot_type(torch.device("cpu")) == -1
     won = out.attention["slots"].weights[:, shared]  # (B, S_shared, N)
     assert torch.equal(won, torch.zeros_like(won))
     initial = module.initial_slots()[shared]

@@ -90,14 +90,14 @@ class TypedSlotDecoupler(nn.Module):
         self.dim = dim
         self.modalities = tuple(sorted(set(modalities), key=MODALITY_INDEX.__getitem__))
         self.gate = OpeningGate(open_start, open_end)
-        types = [MODALITY_INDEX[m] for m in self.modalities for _ in range(num_private_slots)]
-        types += [SHARED_TYPE] * num_shared_slots
-        self.register_buffer("slot_type", torch.tensor(types), persistent=False)  # (S,)
-        self.slots = nn.Parameter(torch.empty(len(types), dim))  # (S, D) learned initial states
+        # Plain lists, made into tensors where used: buffers would hold garbage after a meta-device
+        # construction and ``to_empty``.
+        self.types = [MODALITY_INDEX[m] for m in self.modalities for _ in range(num_private_slots)]
+        self.types += [SHARED_TYPE] * num_shared_slots
+        self.type_rows = [i for i in range(len(self.modalities)) for _ in range(num_private_slots)]
+        self.type_rows += [len(self.modalities)] * num_shared_slots
+        self.slots = nn.Parameter(torch.empty(len(self.types), dim))  # (S, D) learned initial states
         self.type_embed = nn.Parameter(torch.empty(len(self.modalities) + 1, dim))  # one row per type, shared last
-        rows = [i for i in range(len(self.modalities)) for _ in range(num_private_slots)]
-        rows += [len(self.modalities)] * num_shared_slots
-        self.register_buffer("type_row", torch.tensor(rows), persistent=False)  # (S,) each slot's type_embed row
         self.slot_attention = SlotAttention(dim, int(mlp_ratio * dim), num_iterations=num_iterations)
         self.out_norm = RMSNorm(dim)
         self.init_weights()
@@ -114,7 +114,11 @@ class TypedSlotDecoupler(nn.Module):
 
     def initial_slots(self) -> Tensor:
         """(S, D) each slot's initial state: its learned vector plus its type's embedding."""
-        return self.slots + self.type_embed[self.type_row]
+        return self.slots + self.type_embed[torch.tensor(self.type_rows, device=self.slots.device)]
+
+    def slot_type(self, device: torch.device) -> Tensor:
+        """(S,) long: each slot's type, the ``MODALITY_INDEX`` row of its modality or -1 (shared)."""
+        return torch.tensor(self.types, device=device)
 
     def forward(self, states: dict[Modality, Tensor], masks: dict[Modality, Tensor]) -> DecouplerOutput:
         """Slot attention over each modality's tokens.
@@ -135,7 +139,8 @@ class TypedSlotDecoupler(nn.Module):
         tokens = torch.cat([F.pad(states[m], (0, 0, 0, width - states[m].shape[1])) for m in present])  # (P*B, N, D)
         mask = torch.cat([F.pad(masks[m], (0, width - masks[m].shape[1])) for m in present])  # (P*B, N)
         gate = self.gate.value
-        shared = self.slot_type == SHARED_TYPE  # (S,)
+        slot_type = self.slot_type(tokens.device)
+        shared = slot_type == SHARED_TYPE  # (S,)
         bias = torch.where(shared, math.log(gate) if gate > 0 else float("-inf"), 0.0)  # (S,)
         initial = self.initial_slots().to(tokens.dtype)
         out = self.slot_attention(
@@ -154,15 +159,16 @@ class TypedSlotDecoupler(nn.Module):
             ],
             dim=1,
         )  # (B, P * N), the keys side by side as in ``assignment``
-        attention = AttentionMap(weights=assignment, query_type=self.slot_type, key_modality=key_modality)
+        attention = AttentionMap(weights=assignment, query_type=slot_type, key_modality=key_modality)
         return self._output(present, slots, attention, gate)
 
     def _output(self, present: list[Modality], slots: Tensor, attention: AttentionMap, gate: float) -> DecouplerOutput:
         """Summaries, token sets, leakage loss and stats from the (P, B, S, D) slots of each pass."""
         summaries = GatedSummaries(gate, self.out_norm)
+        slot_type = attention.query_type  # (S,)
         for p, modality in enumerate(present):
-            own = slots[p][:, self.slot_type == MODALITY_INDEX[modality]]  # (B, S_m, D)
-            summaries.add(modality, own, slots[p][:, self.slot_type == SHARED_TYPE])
+            own = slots[p][:, slot_type == MODALITY_INDEX[modality]]  # (B, S_m, D)
+            summaries.add(modality, own, slots[p][:, slot_type == SHARED_TYPE])
         ratios = leakage_ratios(attention)
         stats = {"gate": gate, **{f"leakage_{m}": r.item() for m, r in ratios.items()}}
         # No ratio at all when no item holds any real token: then there is nothing to leak.

@@ -186,6 +186,8 @@ class ModalityMoE(nn.Module):
             top_k=top_k,
             capacity_factor=capacity_factor,
         )
+        self.num_shared_experts = num_shared_experts
+        self.num_private_experts = num_private_experts
         self.num_experts = num_shared_experts + num_private_experts * len(MODALITIES)
         self.top_k = top_k
         self.capacity_factor = capacity_factor
@@ -195,16 +197,6 @@ class ModalityMoE(nn.Module):
         )
         self.router = nn.Linear(dim, self.num_experts, bias=False)
         self.modality_embed = nn.Embedding(len(MODALITIES), dim)
-        # allowed[m, e]: may a token of modality m (row M: no modality) use expert e.
-        expert_group = torch.arange(self.num_experts)  # (E,)
-        group = torch.where(
-            expert_group < num_shared_experts,
-            -1,
-            (expert_group - num_shared_experts) // max(num_private_experts, 1),
-        )  # (E,) -1 = shared, else the modality id of a private expert
-        rows = torch.tensor([*range(len(MODALITIES)), NO_MODALITY])  # (M + 1,)
-        allowed = (group[None, :] == -1) | (group[None, :] == rows[:, None])  # (M + 1, E)
-        self.register_buffer("allowed", allowed, persistent=False)
 
     def init_weights(self, *, std: float = INIT_STD, out_std: float = INIT_STD) -> None:
         """Experts as the dense SwiGLU; router and modality embedding N(0, std)."""
@@ -212,6 +204,18 @@ class ModalityMoE(nn.Module):
             expert.init_weights(std=std, out_std=out_std)
         nn.init.trunc_normal_(self.router.weight, std=std, a=-3 * std, b=3 * std)
         nn.init.trunc_normal_(self.modality_embed.weight, std=std, a=-3 * std, b=3 * std)
+
+    def allowed(self, device: torch.device) -> Tensor:
+        """(M + 1, E) bool: may a token of modality row m (row M: no modality) use expert e.
+
+        Built on each call rather than kept as a buffer: a buffer would hold garbage after a
+        meta-device construction and ``to_empty``, and this costs two tiny kernels.
+        """
+        expert = torch.arange(self.num_experts, device=device)  # (E,)
+        private_of = (expert - self.num_shared_experts) // max(self.num_private_experts, 1)  # (E,) modality row
+        group = torch.where(expert < self.num_shared_experts, NO_MODALITY, private_of)  # (E,) -1 = shared
+        rows = torch.arange(len(MODALITIES) + 1, device=device)  # (M + 1,)
+        return (group[None, :] == NO_MODALITY) | (group[None, :] == rows[:, None])
 
     def forward(self, x: Tensor, *, modality_ids: Tensor | None = None, aux: MoEAux | None = None) -> Tensor:
         """Route every token to its top-k experts and sum their gated outputs.
@@ -252,7 +256,7 @@ class ModalityMoE(nn.Module):
         with torch.autocast(device_type=tokens.device.type, enabled=False):
             embed = F.pad(self.modality_embed.weight, (0, 0, 0, 1)).to(compute)  # (M + 1, D), last row zero
             logits = F.linear(tokens.to(compute) + embed[rows], self.router.weight.to(compute))  # (T, E)
-            logits = logits.masked_fill(~self.allowed[rows], float("-inf"))
+            logits = logits.masked_fill(~self.allowed(tokens.device)[rows], float("-inf"))
             probs = logits.softmax(dim=-1)  # (T, E), exactly zero on forbidden experts
             # Top-k of the logits, not the probabilities: a probability may underflow to the zero of
             # a forbidden expert, a finite logit never ties with -inf.
@@ -264,7 +268,7 @@ class ModalityMoE(nn.Module):
     def capacity(self, rows: Tensor) -> Tensor:
         """(E,) long: how many assignments each expert may process for tokens of modality ``rows`` (T,)."""
         counts = torch.bincount(rows, minlength=len(MODALITIES) + 1).double()  # (M + 1,) tokens per row
-        allowed = self.allowed.double()  # (M + 1, E)
+        allowed = self.allowed(rows.device).double()  # (M + 1, E)
         uniform_load = self.top_k * (counts[:, None] * allowed / allowed.sum(dim=1, keepdim=True)).sum(dim=0)  # (E,)
         # The small slack keeps an exact integer load (e.g. 2.0 * 4 tokens = 8.0) from ceiling to 9.
         return torch.ceil(self.capacity_factor * uniform_load - 1e-9).long()
