@@ -23,13 +23,25 @@ class NeedsDepth(nn.Module):
         self.depth = depth
 
 
+@PARTS.register("nested")
+class Nested(nn.Module):
+    def __init__(self, *, inner: dict | None = None) -> None:
+        super().__init__()
+        self.inner = inner
+
+    @classmethod
+    def check_settings(cls, settings, where):
+        if settings.get("inner") is not None and "size" not in settings["inner"]:
+            raise ConfigError(f"{where}.inner: needs a size")
+
+
 def test_build_passes_wiring_and_settings():
     part = PARTS.build({"name": "scaler", "factor": 3}, 8)
     assert (part.dim, part.factor, part.bias) == (8, 3, False)
 
 
 def test_names_and_duplicate_registration():
-    assert PARTS.names() == ["needs_depth", "scaler"]
+    assert PARTS.names() == ["needs_depth", "nested", "scaler"]
     with pytest.raises(ValueError, match="already registered"):
         PARTS.register("scaler")(Scaler)
 
@@ -37,7 +49,7 @@ def test_names_and_duplicate_registration():
 @pytest.mark.parametrize(
     ("spec", "message"),
     [
-        ({"name": "scalar"}, "unknown widget 'scalar'; valid: needs_depth, scaler"),
+        ({"name": "scalar"}, "unknown widget 'scalar'; valid: needs_depth, nested, scaler"),
         ({"name": "scaler", "facter": 1.0}, "unknown setting of widget 'scaler'; valid: bias, factor, name_tag"),
         ({"name": "scaler", "factor": "big"}, "'big' is not a valid float"),
         ({"name": "scaler", "bias": 1}, "1 is not a valid bool"),
@@ -89,3 +101,10 @@ def test_a_constructors_value_error_names_the_key():
 
     with pytest.raises(ConfigError, match=r"^model.thing: size must be >= 1, got 0$"):
         registry.build({"name": "positive", "size": 0}, where="model.thing")
+
+
+def test_nested_settings_are_checked_by_the_part():
+    PARTS.check({"name": "nested", "inner": {"size": 3}})
+    PARTS.check({"name": "nested"})
+    with pytest.raises(ConfigError, match=r"^model.widget.inner: needs a size$"):
+        PARTS.check({"name": "nested", "inner": {}}, where="model.widget")

@@ -30,3 +30,8 @@ class Modality(str, enum.Enum):
         except ValueError:
             valid = ", ".join(m.value for m in cls)
             raise ValueError(f"unknown modality {name!r}; valid: {valid}") from None
+
+
+# Each modality's row in type embeddings and its id in per-token modality ids, fixed so checkpoints
+# stay loadable when modalities are added.
+MODALITY_INDEX = {m: i for i, m in enumerate(Modality)}

@@ -4,6 +4,9 @@ The constructor is the schema (see STYLE.md): positional arguments are wiring th
 (``dim_in``, ``dim_out``), keyword-only arguments are settings a config may change. ``check`` reads
 the signature, so a wrong name or key fails before any tensor is allocated. One class may serve
 several names with part of its wiring bound (``add("image_to_text", partial(Task, IMAGE, TEXT))``).
+A part whose settings nest (a mapping inside a setting) checks them in a classmethod
+``check_settings(settings, where)`` that raises ConfigError; ``check`` calls it after the signature
+checks.
 """
 
 from __future__ import annotations
@@ -105,6 +108,9 @@ class Registry(Generic[T]):
         missing = [k for k, p in settings.items() if p.default is inspect.Parameter.empty and k not in kwargs]
         if missing:
             raise ConfigError(f"{where}: {self.kind} {name!r} needs {', '.join(missing)}")
+        check_nested = getattr(cls, "check_settings", None)
+        if check_nested is not None:  # a part whose settings nest (e.g. a backbone's moe mapping)
+            check_nested(kwargs, where)
         return cls, kwargs
 
     def build(self, spec: Mapping[str, Any], *wiring: Any, where: str = "", **named_wiring: Any) -> T:

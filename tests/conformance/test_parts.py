@@ -1,5 +1,6 @@
-"""Every registered encoder, projector and backbone: shape, finite output, a gradient on every
-parameter, construction on the meta device, and a state-dict round trip."""
+"""Every registered encoder, projector, backbone and decoupler, and a mixture-of-experts backbone:
+shape, finite output, a gradient on every parameter, construction on the meta device, and a
+state-dict round trip."""
 
 from __future__ import annotations
 
@@ -8,7 +9,9 @@ import torch
 from torch import nn
 
 from polymodal.backbones import BACKBONES
+from polymodal.decoupling import DECOUPLERS
 from polymodal.encoders import ENCODERS
+from polymodal.layers.moe import MoEAux
 from polymodal.modality import Modality
 from polymodal.projectors import PROJECTORS
 
@@ -71,30 +74,113 @@ def _tokens(out) -> torch.Tensor:
 
 @pytest.mark.parametrize(("registry", "name", "wiring", "inputs"), list(_cases()))
 def test_part_conforms(registry, name, wiring, inputs):
+    def build() -> nn.Module:
+        return _build(registry, name, wiring)
+
+    def run(part: nn.Module) -> dict[str, torch.Tensor]:
+        tokens = _tokens(part(*inputs))
+        assert tokens.ndim == 3 and tokens.shape[0] == BATCH
+        return {"tokens": tokens}
+
+    _check_conforms(build, run)
+
+
+MODALITIES = (Modality.IMAGE, Modality.TEXT, Modality.AUDIO)
+DECOUPLE_BATCH = 6  # the unbiased HSIC needs four items holding a modality
+
+
+def _decoupler_inputs() -> tuple[dict, dict]:
+    """States of three modalities with padding, one item without audio and one without image."""
+    generator = torch.Generator().manual_seed(0)
+    sizes = {Modality.IMAGE: 5, Modality.TEXT: 4, Modality.AUDIO: 6}
+    states = {m: torch.randn(DECOUPLE_BATCH, n, DIM, generator=generator) for m, n in sizes.items()}
+    masks = {m: torch.ones(DECOUPLE_BATCH, n, dtype=torch.bool) for m, n in sizes.items()}
+    masks[Modality.TEXT][1, 2:] = False
+    masks[Modality.AUDIO][2] = False
+    masks[Modality.IMAGE][3] = False
+    return states, masks
+
+
+@pytest.mark.parametrize("name", DECOUPLERS.names())
+def test_decoupler_conforms(name):
+    states, masks = _decoupler_inputs()
+
+    def build() -> nn.Module:
+        part = DECOUPLERS.build({"name": name}, DIM, MODALITIES)
+        part.set_progress(1.0)  # shared branches open, so every parameter takes part
+        return part
+
+    def run(part: nn.Module) -> dict[str, torch.Tensor]:
+        out = part(states, masks)
+        assert set(out.pooled) == set(MODALITIES)
+        assert all(out.pooled[m].shape == (DECOUPLE_BATCH, DIM) for m in MODALITIES)
+        assert out.losses and all(v.ndim == 0 for v in out.losses.values())
+        assert all(isinstance(v, float) for v in out.stats.values())
+        summaries = {f"{kind}_{m}": getattr(out, kind)[m] for kind in ("pooled", "shared", "private") for m in MODALITIES}
+        return {**summaries, **{f"loss_{k}": v for k, v in out.losses.items()}}
+
+    _check_conforms(build, run, from_meta=True)
+
+
+def test_moe_backbone_conforms():
+    moe = {"layers": [1], "num_shared_experts": 2, "num_private_experts": 1, "top_k": 2}
+    tokens = torch.randn(BATCH, 12, DIM, generator=torch.Generator().manual_seed(0))
+    modality_ids = torch.arange(-1, 3).repeat(BATCH, 3)  # (B, 12): every modality, and none
+    aux_losses: dict[str, torch.Tensor] = {}
+
+    def build() -> nn.Module:
+        return BACKBONES.build({"name": "transformer", "num_layers": 2, "moe": moe}, DIM)
+
+    def run(part: nn.Module) -> dict[str, torch.Tensor]:
+        aux = MoEAux()
+        out = part(tokens, modality_ids=modality_ids, aux=aux)
+        aux_losses.update(aux.losses())
+        return {"tokens": out, **aux.losses()}
+
+    _check_conforms(build, run, from_meta=True)
+    assert set(aux_losses) == {"moe_load_balance", "moe_router_z"}
+
+
+def _check_conforms(build, run, *, from_meta: bool = False) -> None:
+    """Finite outputs, a gradient on every parameter, meta construction, an exact state-dict round trip.
+
+    Args:
+        build: makes the part (the same way each call).
+        run: calls it and returns its named output tensors.
+        from_meta: also load the state dict into the meta-built part after ``to_empty`` and compare
+            (the new parts keep no non-persistent buffers; hf_text's transformers model does).
+    """
     torch.manual_seed(0)
-    part = _build(registry, name, wiring)
-    tokens = _tokens(part(*inputs))
-    assert tokens.ndim == 3 and tokens.shape[0] == BATCH
-    assert torch.isfinite(tokens).all()
+    part = build()
+    outputs = run(part)
+    not_finite = [name for name, value in outputs.items() if not torch.isfinite(value).all()]
+    assert not not_finite, f"NaN or inf in {not_finite}"
 
     # A gradient reaches every parameter.
-    (tokens.float() ** 2).mean().backward()
+    sum(v.float().pow(2).mean() for v in outputs.values() if v.requires_grad).backward()
     missing = [n for n, p in part.named_parameters() if p.requires_grad and (p.grad is None or not p.grad.abs().sum())]
     assert not missing, f"no gradient reaches {missing}"
 
     # Construction on the meta device allocates nothing and has the same parameter shapes.
     with torch.device("meta"):
-        meta_part = _build(registry, name, wiring)
+        meta_part = build()
     assert all(p.is_meta for p in meta_part.parameters())
     assert {n: p.shape for n, p in meta_part.named_parameters()} == {n: p.shape for n, p in part.named_parameters()}
 
-    # A state-dict round trip reproduces the output exactly.
+    # A state-dict round trip reproduces the outputs exactly.
     torch.manual_seed(1)
-    clone = _build(registry, name, wiring)
+    clone = build()
     clone.load_state_dict(part.state_dict())
     part.eval(), clone.eval()
     with torch.no_grad():
-        assert torch.equal(_tokens(part(*inputs)), _tokens(clone(*inputs)))
+        ours, theirs = run(part), run(clone)
+    assert all(torch.equal(ours[k], theirs[k]) for k in ours)
+    if from_meta:  # also into the meta-built part, given storage: to_empty leaves garbage outside the state dict
+        meta_part.to_empty(device="cpu")
+        meta_part.load_state_dict(part.state_dict())
+        with torch.no_grad():
+            loaded = run(meta_part.eval())
+        assert all(torch.equal(ours[k], loaded[k]) for k in ours)
 
 
 def test_every_encoder_has_forward_intermediates():

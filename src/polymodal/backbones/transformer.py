@@ -3,6 +3,13 @@
 Each block computes ``x + attn(norm(x))`` then ``x + swiglu(norm(x))``; a final RMSNorm follows
 the last block. Masks decide bidirectional, causal or prefix-LM attention (see models/masks.py).
 
+With ``moe={layers: [...], ...}`` the feed-forward of the listed blocks is a modality-aware mixture
+of experts (``layers/moe.py``). Such a backbone takes ``modality_ids`` (B, N) (rows of
+``MODALITY_INDEX``, -1 for none) in ``forward``, and hands its auxiliary losses and routing
+statistics out through an ``aux=MoEAux()`` collector the caller passes (as it passes a KV cache):
+the return value and the module's state stay as they are, so every existing caller is unchanged
+and nothing is left behind between steps. Without ``moe`` both arguments are accepted and ignored.
+
 References: Vaswani et al. 2017, Attention Is All You Need, arXiv:1706.03762; the pre-norm / RMSNorm
 / SwiGLU / RoPE recipe of Touvron et al. 2023, LLaMA, arXiv:2302.13971.
 """
@@ -10,15 +17,20 @@ References: Vaswani et al. 2017, Attention Is All You Need, arXiv:1706.03762; th
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import math
+from collections.abc import Mapping
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from polymodal.backbones import BACKBONES
+from polymodal.errors import ConfigError
 from polymodal.layers.attention import SelfAttention
 from polymodal.layers.kv_cache import KVCache
 from polymodal.layers.mlp import INIT_STD, SwiGLU, swiglu_hidden_dim
+from polymodal.layers.moe import MoEAux, ModalityMoE, check_moe_settings
 from polymodal.layers.norms import RMSNorm
 from polymodal.layers.rope import RotaryAngles, RotaryEmbedding
 
@@ -47,6 +59,7 @@ class TransformerBlock(nn.Module):
         qk_norm: RMSNorm queries and keys per head.
         bias: biases in the linear layers.
         layer_index: this block's slot in a shared KV cache.
+        moe: ``ModalityMoE`` settings when the feed-forward is a mixture of experts, else None.
     """
 
     def __init__(
@@ -59,6 +72,7 @@ class TransformerBlock(nn.Module):
         qk_norm: bool = False,
         bias: bool = False,
         layer_index: int = 0,
+        moe: Mapping[str, Any] | None = None,
     ) -> None:
         super().__init__()
         self.attn_norm = RMSNorm(dim)
@@ -66,7 +80,11 @@ class TransformerBlock(nn.Module):
             dim, num_heads=num_heads, qk_norm=qk_norm, bias=bias, dropout=dropout, layer_index=layer_index
         )
         self.mlp_norm = RMSNorm(dim)
-        self.mlp = SwiGLU(dim, dim_hidden, bias=bias, dropout=dropout)
+        self.mlp: SwiGLU | ModalityMoE = (
+            SwiGLU(dim, dim_hidden, bias=bias, dropout=dropout)
+            if moe is None
+            else ModalityMoE(dim, dim_hidden, bias=bias, dropout=dropout, layer_index=layer_index, **moe)
+        )
         self.residual_dropout = nn.Dropout(dropout)
 
     def init_weights(self, *, std: float, out_std: float) -> None:
@@ -77,7 +95,14 @@ class TransformerBlock(nn.Module):
         self.mlp.init_weights(std=std, out_std=out_std)
 
     def forward(
-        self, x: Tensor, *, rotary: RotaryAngles | None, mask: Tensor | None, cache: KVCache | None
+        self,
+        x: Tensor,
+        *,
+        rotary: RotaryAngles | None,
+        mask: Tensor | None,
+        cache: KVCache | None,
+        modality_ids: Tensor | None = None,
+        aux: MoEAux | None = None,
     ) -> Tensor:
         """Run the block.
 
@@ -86,12 +111,17 @@ class TransformerBlock(nn.Module):
             rotary: RoPE angles for the N tokens, shared by every block.
             mask: (B, 1, N, N_kv) bool, True = may attend, or None for full attention.
             cache: shared KV cache this block appends to, or None.
+            modality_ids: (B, N) long, for a mixture-of-experts feed-forward; ignored otherwise.
+            aux: collector of the mixture of experts' losses and counts; ignored otherwise.
 
         Returns:
             (B, N, D).
         """
         x = x + self.residual_dropout(self.attn(self.attn_norm(x), rotary=rotary, mask=mask, cache=cache))
-        return x + self.residual_dropout(self.mlp(self.mlp_norm(x)))
+        normed = self.mlp_norm(x)
+        if isinstance(self.mlp, ModalityMoE):
+            return x + self.residual_dropout(self.mlp(normed, modality_ids=modality_ids, aux=aux))
+        return x + self.residual_dropout(self.mlp(normed))
 
 
 @BACKBONES.register("transformer")
@@ -108,6 +138,9 @@ class TransformerBackbone(nn.Module):
         rope_base: RoPE wavelength base.
         qk_norm: RMSNorm queries and keys per head.
         bias: biases in the linear layers.
+        moe: a mixture of experts in place of some blocks' feed-forward: ``{layers: [1, 3]}`` plus
+            any of ``ModalityMoE``'s settings (num_shared_experts, num_private_experts, top_k,
+            capacity_factor); None keeps every block dense.
     """
 
     def __init__(
@@ -121,10 +154,12 @@ class TransformerBackbone(nn.Module):
         rope_base: float = 10000.0,
         qk_norm: bool = False,
         bias: bool = False,
+        moe: dict[str, Any] | None = None,
     ) -> None:
         super().__init__()
         if dim % num_heads:
             raise ValueError(f"dim {dim} is not divisible by num_heads {num_heads}")
+        self.moe_layers, moe_settings = check_moe(moe, num_layers=num_layers, where="moe")
         self.dim = dim
         self.num_layers = num_layers
         self.num_heads = num_heads
@@ -140,11 +175,18 @@ class TransformerBackbone(nn.Module):
                 qk_norm=qk_norm,
                 bias=bias,
                 layer_index=i,
+                moe=moe_settings if i in self.moe_layers else None,
             )
             for i in range(num_layers)
         )
         self.final_norm = RMSNorm(dim)
         self.init_weights()
+
+    @classmethod
+    def check_settings(cls, settings: Mapping[str, Any], where: str) -> None:
+        """Check the nested ``moe`` mapping at config load (called by ``Registry.check``)."""
+        num_layers = settings.get("num_layers", inspect.signature(cls).parameters["num_layers"].default)
+        check_moe(settings.get("moe"), num_layers=num_layers, where=f"{where}.moe")
 
     def init_weights(self) -> None:
         """GPT-2 style: N(0, 0.02) weights, with the projections back into the residual stream
@@ -168,6 +210,8 @@ class TransformerBackbone(nn.Module):
         mask: Tensor | None = None,
         positions: Tensor | None = None,
         cache: KVCache | None = None,
+        modality_ids: Tensor | None = None,
+        aux: MoEAux | None = None,
     ) -> Tensor:
         """Run every block.
 
@@ -177,14 +221,24 @@ class TransformerBackbone(nn.Module):
                 attends to every key (bidirectional).
             positions: (B, N) long RoPE positions; default ``arange(N)`` offset by the cached length.
             cache: when given, this call's keys/values are appended and its length advanced by N.
+            modality_ids: (B, N) long, each token's ``MODALITY_INDEX`` row, -1 for none (specials,
+                padding); read by the mixture-of-experts layers only. None = no modality.
+            aux: a ``MoEAux`` the mixture-of-experts layers add their losses and counts to.
 
         Returns:
             (B, N, D) final-normed hidden states.
         """
-        return self._run(tokens, mask=mask, positions=positions, cache=cache, hidden=None)
+        routing = {"modality_ids": modality_ids, "aux": aux}
+        return self._run(tokens, mask=mask, positions=positions, cache=cache, hidden=None, **routing)
 
     def forward_intermediates(
-        self, tokens: Tensor, *, mask: Tensor | None = None, positions: Tensor | None = None
+        self,
+        tokens: Tensor,
+        *,
+        mask: Tensor | None = None,
+        positions: Tensor | None = None,
+        modality_ids: Tensor | None = None,
+        aux: MoEAux | None = None,
     ) -> BackboneIntermediates:
         """Like ``forward`` (without a cache), also returning each block's residual stream.
 
@@ -192,12 +246,15 @@ class TransformerBackbone(nn.Module):
             tokens: (B, N, D).
             mask: (B, 1, N, N) bool or None.
             positions: (B, N) long or None.
+            modality_ids: (B, N) long or None, as in ``forward``.
+            aux: a ``MoEAux`` or None, as in ``forward``.
 
         Returns:
             BackboneIntermediates with ``output`` (B, N, D) and ``hidden``: num_layers x (B, N, D).
         """
         hidden: list[Tensor] = []
-        output = self._run(tokens, mask=mask, positions=positions, cache=None, hidden=hidden)
+        routing = {"modality_ids": modality_ids, "aux": aux}
+        output = self._run(tokens, mask=mask, positions=positions, cache=None, hidden=hidden, **routing)
         return BackboneIntermediates(output=output, hidden=hidden)
 
     def _run(
@@ -208,6 +265,8 @@ class TransformerBackbone(nn.Module):
         positions: Tensor | None,
         cache: KVCache | None,
         hidden: list[Tensor] | None,
+        modality_ids: Tensor | None,
+        aux: MoEAux | None,
     ) -> Tensor:
         batch, n, _ = tokens.shape
         start = cache.length if cache is not None else 0
@@ -216,7 +275,7 @@ class TransformerBackbone(nn.Module):
         rotary = self.rotary(positions, dtype=tokens.dtype)  # computed once, shared by every block
         x = tokens
         for block in self.blocks:
-            x = block(x, rotary=rotary, mask=mask, cache=cache)
+            x = block(x, rotary=rotary, mask=mask, cache=cache, modality_ids=modality_ids, aux=aux)
             if hidden is not None:
                 hidden.append(x)
         if cache is not None:
@@ -229,3 +288,36 @@ def init_blocks(blocks: nn.ModuleList) -> None:
     out_std = INIT_STD / math.sqrt(2 * len(blocks))
     for block in blocks:
         block.init_weights(std=INIT_STD, out_std=out_std)
+
+
+def check_moe(moe: Any, *, num_layers: int, where: str) -> tuple[frozenset[int], dict[str, Any]]:
+    """Validate a backbone's ``moe`` setting; return (the block indices, the ``ModalityMoE`` settings).
+
+    Raises:
+        ConfigError: naming the bad key (``<where>.top_k: ...``) and what is valid.
+    """
+    if moe is None:
+        return frozenset(), {}
+    example = "{layers: [1, 3], num_shared_experts: 8, top_k: 2}"
+    if not isinstance(moe, Mapping):
+        raise ConfigError(f"{where}: expected a mapping such as {example}, or null; got {moe!r}")
+    valid = [p.name for p in inspect.signature(check_moe_settings).parameters.values()]
+    unknown = sorted(set(moe) - {"layers", *valid})
+    if unknown:
+        raise ConfigError(f"{where}.{unknown[0]}: unknown setting; valid: layers, {', '.join(valid)}")
+    layers = moe.get("layers")
+    if (
+        not isinstance(layers, (list, tuple))
+        or not layers
+        or any(isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < num_layers for i in layers)
+    ):
+        raise ConfigError(
+            f"{where}.layers: expected a non-empty list of block indices in [0, {num_layers}), got {layers!r}"
+        )
+    settings = {k: moe[k] for k in valid if k in moe}
+    defaults = {k: p.default for k, p in inspect.signature(ModalityMoE).parameters.items() if k in valid}
+    try:
+        check_moe_settings(**{**defaults, **settings})
+    except ValueError as exc:
+        raise ConfigError(f"{where}.{exc}") from None
+    return frozenset(layers), settings

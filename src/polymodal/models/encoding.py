@@ -11,10 +11,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from polymodal.modality import Modality
+from polymodal.modality import MODALITY_INDEX, Modality
 
-# Modality-type embedding rows, fixed so checkpoints stay loadable when modalities are added.
-MODALITY_INDEX = {m: i for i, m in enumerate(Modality)}
 TYPE_INIT_STD = 0.02  # GPT-2 (Radford et al. 2019) initialisation scale
 
 
