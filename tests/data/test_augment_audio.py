@@ -91,7 +91,8 @@ def test_pink_noise_slope_is_minus_one_white_is_flat_as_audiomentations_colours_
     audiomentations = pytest.importorskip("audiomentations")
     pink_db_per_octave = -10 * math.log10(2)  # 1/f is -3.01 dB per octave
     colour = audiomentations.AddColorNoise(
-        min_snr_db=0.0, max_snr_db=0.0, min_f_decay=pink_db_per_octave, max_f_decay=pink_db_per_octave, p=1.0, n_fft=4096
+        min_snr_db=0.0, max_snr_db=0.0, min_f_decay=pink_db_per_octave, max_f_decay=pink_db_per_octave,
+        p=1.0, n_fft=4096,
     )
     np.random.seed(0)  # audiomentations draws from numpy's global generator
     silence_plus_pink = colour(np.full(8 * RATE, 1e-3, dtype=np.float32), sample_rate=RATE) - 1e-3
@@ -159,7 +160,8 @@ def test_gain_scales_the_rms_as_audiomentations_gain():
 
 def test_a_clip_driven_past_full_scale_is_scaled_to_peak_one_not_clipped():
     loud = torch.from_numpy(_tone(500.0, amplitude=0.9).astype(np.float32))
-    out = augment_waveform(loud, AudioAugmentSettings(gain_p=1.0, gain_db=(6.0, 6.0)), np.random.default_rng(0), sample_rate=RATE)
+    settings = AudioAugmentSettings(gain_p=1.0, gain_db=(6.0, 6.0))
+    out = augment_waveform(loud, settings, np.random.default_rng(0), sample_rate=RATE)
     assert math.isclose(float(out.abs().max()), 1.0, rel_tol=1e-6)
     np.testing.assert_allclose(out.numpy(), loud.numpy() / 0.9, rtol=1e-5, atol=1e-6)  # same shape, not flattened
 
@@ -199,7 +201,8 @@ def test_clip_noise_loops_a_short_clip_and_needs_clips():
     with pytest.raises(ConfigError, match="no noise clips"):
         augment_waveform(torch.zeros(100) + 0.1, settings, np.random.default_rng(0), sample_rate=RATE)
     clips = [torch.from_numpy(0.1 * _tone(2000.0, seconds=0.1).astype(np.float32))]
-    out = augment_waveform(torch.zeros(RATE) + 0.1, settings, np.random.default_rng(0), sample_rate=RATE, noise_clips=clips)
+    rng = np.random.default_rng(0)
+    out = augment_waveform(torch.zeros(RATE) + 0.1, settings, rng, sample_rate=RATE, noise_clips=clips)
     assert not torch.equal(out, torch.zeros(RATE) + 0.1)
 
 

@@ -73,7 +73,8 @@ def test_whole_pixel_shift_and_quarter_turn_by_hand():
     torch.testing.assert_close(shifted, expected, atol=1e-5, rtol=0)
     square = _digits(32, 32)
     # +90 degrees with y pointing down turns the content clockwise on screen.
-    torch.testing.assert_close(affine(square, rotation_degrees=90.0), torch.rot90(square, k=-1, dims=(1, 2)), atol=1e-5, rtol=0)
+    quarter = torch.rot90(square, k=-1, dims=(1, 2))
+    torch.testing.assert_close(affine(square, rotation_degrees=90.0), quarter, atol=1e-5, rtol=0)
 
 
 def test_zero_strength_elastic_is_identity_and_warp_equals_scipy_map_coordinates():
@@ -95,8 +96,9 @@ def test_dilation_and_erosion_equal_scipy_grey_morphology_and_are_ordered(kernel
     torch.manual_seed(0)
     image = torch.rand(2, 20, 30)
     thick, thin = dilate(image, kernel), erode(image, kernel)
-    np.testing.assert_array_equal(thick.numpy(), ndimage.grey_dilation(image.numpy(), size=(1, kernel, kernel), mode="nearest"))
-    np.testing.assert_array_equal(thin.numpy(), ndimage.grey_erosion(image.numpy(), size=(1, kernel, kernel), mode="nearest"))
+    size = (1, kernel, kernel)
+    np.testing.assert_array_equal(thick.numpy(), ndimage.grey_dilation(image.numpy(), size=size, mode="nearest"))
+    np.testing.assert_array_equal(thin.numpy(), ndimage.grey_erosion(image.numpy(), size=size, mode="nearest"))
     assert torch.all(thick >= image) and torch.all(thin <= image)
 
 

@@ -46,7 +46,10 @@ def _families():
             t.Wav2Vec2FeatureExtractor(return_attention_mask=True),
         ),
         "hubert": (t.HubertModel(t.HubertConfig(**CTC)), t.Wav2Vec2FeatureExtractor()),
-        "whisper": (t.WhisperModel(t.WhisperConfig(**WHISPER)), t.WhisperFeatureExtractor(feature_size=8, chunk_length=1)),
+        "whisper": (
+            t.WhisperModel(t.WhisperConfig(**WHISPER)),
+            t.WhisperFeatureExtractor(feature_size=8, chunk_length=1),
+        ),
     }
 
 
@@ -153,6 +156,21 @@ def test_a_clips_tokens_do_not_depend_on_its_batch(folders, family):
     torch.testing.assert_close(batch.tokens[1, :real], alone.tokens[0], atol=2e-5, rtol=1e-4)
 
 
+def test_batch_padding_is_the_zero_padded_batch_without_a_mask(folders):
+    encoder = HFAudioEncoder(NUM_MELS, path=folders["wav2vec2"], batch_padding=True).eval()
+    extractor = transformers.AutoFeatureExtractor.from_pretrained(folders["wav2vec2"], local_files_only=True)
+    model = transformers.AutoModel.from_pretrained(folders["wav2vec2"], local_files_only=True).eval()
+    waveforms, mask = _batch()
+    values = torch.zeros(waveforms.shape)
+    for b, n in enumerate(LENGTHS):  # each clip normalised alone, then zero padded
+        values[b, :n] = extractor(waveforms[b, :n].numpy(), sampling_rate=RATE, return_tensors="pt")["input_values"][0]
+    with torch.no_grad():
+        ours = encoder(waveforms, mask)
+        theirs = model(input_values=values).last_hidden_state
+    torch.testing.assert_close(ours.tokens, theirs, atol=2e-5, rtol=1e-4)
+    assert "batch_padding=True" in encoder.cache_identity()
+
+
 @pytest.mark.parametrize("family", ["wav2vec2", "wav2vec2_large", "whisper"])
 def test_an_absent_clip_gives_no_real_tokens(folders, family):
     encoder = HFAudioEncoder(NUM_MELS, path=folders[family]).eval()
@@ -193,7 +211,8 @@ def test_errors_name_the_problem(folders, tmp_path):
         encoder(torch.randn(2, 40, NUM_MELS))
     with pytest.raises(ValueError, match="exceeds Whisper's 16000-sample window"):
         encoder(torch.randn(1, 16001))
-    transformers.ViTModel(transformers.ViTConfig(hidden_size=16, num_hidden_layers=1, num_attention_heads=2)).save_pretrained(tmp_path)
+    vit = transformers.ViTConfig(hidden_size=16, num_hidden_layers=1, num_attention_heads=2)
+    transformers.ViTModel(vit).save_pretrained(tmp_path)
     transformers.Wav2Vec2FeatureExtractor().save_pretrained(tmp_path)
     with pytest.raises(ConfigError, match="holds a 'vit' model"):
         HFAudioEncoder(NUM_MELS, path=str(tmp_path))

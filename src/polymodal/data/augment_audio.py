@@ -232,7 +232,8 @@ def augment_waveform(
         x = change_speed(x, _uniform(rngs["speed"], settings.speed_range))
     if fires["reverb"]:
         r = rngs["reverb"]
-        ir = synthetic_impulse_response(sample_rate, _uniform(r, settings.reverb_rt60), _uniform(r, settings.reverb_drr_db), r)
+        rt60, drr_db = _uniform(r, settings.reverb_rt60), _uniform(r, settings.reverb_drr_db)
+        ir = synthetic_impulse_response(sample_rate, rt60, drr_db, r)
         x = reverberate(x, ir)
     if fires["noise"]:
         clips = [np.asarray(c, dtype=np.float64) for c in noise_clips]

@@ -122,7 +122,9 @@ def affine(
     return F.grid_sample(image[None], grid, mode="bilinear", padding_mode="zeros", align_corners=False)[0]
 
 
-def elastic_displacement(height: int, width: int, *, alpha: float, sigma: float, rng: np.random.Generator) -> np.ndarray:
+def elastic_displacement(
+    height: int, width: int, *, alpha: float, sigma: float, rng: np.random.Generator
+) -> np.ndarray:
     """Simard et al.'s field: (2, H, W) float64 displacements in pixels, (dx, dy)."""
     noise = rng.uniform(-1.0, 1.0, size=(2, height, width))
     smooth = np.stack([gaussian_filter(axis, sigma) for axis in noise])  # (2, H, W)
@@ -172,7 +174,8 @@ def augment_image(image: Tensor, settings: ImageAugmentSettings, rng: np.random.
         x = dilate(x, settings.stroke_kernel) if rngs["stroke"].random() < 0.5 else erode(x, settings.stroke_kernel)
     if fires["elastic"]:
         r = rngs["elastic"]
-        x = displace(x, elastic_displacement(height, width, alpha=settings.elastic_alpha, sigma=settings.elastic_sigma, rng=r))
+        field = elastic_displacement(height, width, alpha=settings.elastic_alpha, sigma=settings.elastic_sigma, rng=r)
+        x = displace(x, field)
     if fires["affine"]:
         r = rngs["affine"]
         shift = settings.translate_fraction * np.array([width, height]) * r.uniform(-1.0, 1.0, size=2)

@@ -12,7 +12,8 @@ killed mid-write leaves no half file) and reused by later runs. Only ``forward``
 cached, not ``forward_intermediates``.
 
 Cached and freshly computed features are equal for encoders whose per-item output does not depend
-on the rest of the batch (all of ``hf_image`` and ``hf_audio``: see their padding handling).
+on the rest of the batch: ``hf_image``, and ``hf_audio`` unless ``batch_padding=True`` (see its
+padding handling). Otherwise an item keeps the features of the batch it was first seen in.
 
 Reference: the safetensors format (Hugging Face, https://github.com/huggingface/safetensors).
 """

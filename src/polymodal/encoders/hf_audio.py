@@ -12,7 +12,9 @@ mask at ``sample_rate``, which must be the model's rate (16 kHz for all three fa
   ones). The group-norm base models were trained without one, and in a padded batch their group
   norm and attention would read the padding (Hugging Face feeds them zero padding and accepts
   the shift); here they run one clip at a time at its own length instead, so a clip's tokens are
-  the same in any batch (B model calls per batch: the cost of exactness). The CNN's frame count
+  the same in any batch. That costs B model calls per batch: 1.5-1.8x the batched call on CPU
+  (benchmarks/bench_hf_audio_per_clip.py), likely more on a GPU; ``batch_padding=True`` takes
+  Hugging Face's batched zero-padded call instead. The CNN's frame count
   per conv, floor((L - kernel) / stride) + 1, gives the output mask (20 ms frames at 16 kHz).
   Hugging Face's own SpecAugment-style masking inside the model is switched off: it draws from
   numpy's global generator, so a resumed run would not replay it (``data/augment.py`` is ours).
@@ -38,7 +40,13 @@ from torch import Tensor, nn
 
 from polymodal.backbones.hf_common import import_transformers, load_pretrained, resolve_local_folder
 from polymodal.encoders import ENCODERS
-from polymodal.encoders.hf_trunk import TrunkLayout, apply_freeze, prepare_trunk, read_preprocessor_config, set_train_mode
+from polymodal.encoders.hf_trunk import (
+    TrunkLayout,
+    apply_freeze,
+    prepare_trunk,
+    read_preprocessor_config,
+    set_train_mode,
+)
 from polymodal.encoders.output import EncoderIntermediates, EncoderOutput
 from polymodal.errors import ConfigError
 from polymodal.modality import Modality
@@ -94,13 +102,24 @@ class HFAudioEncoder(nn.Module):
         layer: whose hidden states the tokens are: -1 the last layer (with the model's final norm),
             k or -k a block's raw output (``hidden_states[k]`` of the model).
         sample_rate: the waveforms' rate in Hz (``data.sample_rate``); must be the model's.
+        batch_padding: run a group-norm wav2vec 2.0 / HuBERT model on the zero-padded batch, without
+            a mask (Hugging Face's recipe: one call, but a clip's tokens shift with its batch's
+            padding), instead of one clip at a time. Models with an attention mask ignore it.
     """
 
     modality = Modality.AUDIO
     input_kind = "waveform"
 
     def __init__(
-        self, num_mels: int, *, path: str, freeze: str = "frozen", last_n: int = 1, layer: int = -1, sample_rate: int = 16000
+        self,
+        num_mels: int,
+        *,
+        path: str,
+        freeze: str = "frozen",
+        last_n: int = 1,
+        layer: int = -1,
+        sample_rate: int = 16000,
+        batch_padding: bool = False,
     ) -> None:
         super().__init__()
         folder = resolve_local_folder(path, what=f"{WHERE}.path")
@@ -111,7 +130,8 @@ class HFAudioEncoder(nn.Module):
             model = model.get_encoder()  # the decoder is dropped with ``model``
         self.kind = model.config.model_type
         if self.kind not in (*CTC_FAMILIES, "whisper"):
-            raise ConfigError(f"{WHERE}: {folder} holds a {self.kind!r} model; hf_audio reads wav2vec2, hubert, whisper")
+            families = ", ".join((*CTC_FAMILIES, "whisper"))
+            raise ConfigError(f"{WHERE}: {folder} holds a {self.kind!r} model; hf_audio reads {families}")
         model_rate = int(extractor.get("sampling_rate", 16000))
         if sample_rate != model_rate:
             raise ConfigError(
@@ -127,6 +147,7 @@ class HFAudioEncoder(nn.Module):
         self.dim_out = model.config.hidden_size
         self.normalize = bool(extractor.get("do_normalize", True))
         self.pass_mask = bool(extractor.get("return_attention_mask", False))
+        self.batch_padding = batch_padding
         if self.kind == "whisper":
             self._init_whisper(transformers, folder, extractor)
         self.train(self.training)
@@ -156,7 +177,7 @@ class HFAudioEncoder(nn.Module):
 
     def cache_identity(self) -> str:
         """Everything that decides this encoder's output, for ``feature_cache`` keys."""
-        return f"hf_audio|{self.path}|layer={self.layer}|rate={self.sample_rate}"
+        return f"hf_audio|{self.path}|layer={self.layer}|rate={self.sample_rate}|batch_padding={self.batch_padding}"
 
     def output_lengths(self, num_samples: Tensor) -> Tensor:
         """Tokens per clip of ``num_samples`` (B,) real samples. (B,) long."""
@@ -183,7 +204,9 @@ class HFAudioEncoder(nn.Module):
         x = (waveforms.float() * mask)[:, : self.window_samples]
         x = nn.functional.pad(x, (0, self.window_samples - x.shape[1]))  # the 30 s window
         with torch.autocast(device_type=x.device.type, enabled=False):
-            spec = torch.stft(x, self.n_fft, self.hop_length, window=self.window, center=True, pad_mode="reflect", return_complex=True)
+            spec = torch.stft(
+                x, self.n_fft, self.hop_length, window=self.window, center=True, pad_mode="reflect", return_complex=True
+            )  # (B, n_fft//2+1, frames + 1)
             power = spec[..., :-1].abs().square()  # (B, n_fft//2+1, frames): the last frame is dropped, as Whisper does
             mel = torch.einsum("kf,bkt->bft", self.mel_filters, power)  # (B, mels, frames)
             log_mel = torch.log10(mel.clamp(min=WHISPER_LOG_FLOOR))
@@ -204,8 +227,9 @@ class HFAudioEncoder(nn.Module):
                 continue
             out = self.model(input_values=values[b : b + 1, :n], output_hidden_states=with_hidden, return_dict=True)
             states.append([out.last_hidden_state, *(out.hidden_states if with_hidden else ())])
-        # Each (1, N_b, D) -> (B, num_tokens, D), zero padded at the end.
-        stacked = [torch.cat([nn.functional.pad(s[i], (0, 0, 0, num_tokens - s[i].shape[1])) for s in states]) for i in range(len(states[0]))]
+        # Per output, each clip's (1, N_b, D) -> (B, num_tokens, D), zero padded at the end.
+        pad = lambda h: nn.functional.pad(h, (0, 0, 0, num_tokens - h.shape[1]))  # noqa: E731
+        stacked = [torch.cat([pad(clip[i]) for clip in states]) for i in range(len(states[0]))]
         return ModelOutput(stacked[0], stacked[1:] if with_hidden else None)
 
     def forward_intermediates(self, waveforms: Tensor, mask: Tensor | None = None) -> EncoderIntermediates:
@@ -231,7 +255,9 @@ class HFAudioEncoder(nn.Module):
 
     def _run(self, waveforms: Tensor, mask: Tensor | None, *, with_hidden: bool):
         if waveforms.ndim != 2:
-            raise ValueError(f"hf_audio reads waveforms (B, T), got {tuple(waveforms.shape)}; is a log-mel batch fed to it?")
+            raise ValueError(
+                f"hf_audio reads waveforms (B, T), got {tuple(waveforms.shape)}; is a log-mel batch fed to it?"
+            )
         if mask is None:
             mask = torch.ones(waveforms.shape, dtype=torch.bool, device=waveforms.device)
         lengths = mask.sum(1)  # (B,)
@@ -241,11 +267,15 @@ class HFAudioEncoder(nn.Module):
                     f"a clip of {int(lengths.max())} samples exceeds Whisper's {self.window_samples}-sample window; "
                     f"cut clips shorter (data.max_audio_seconds)"
                 )
-            out = self.model(input_features=self.whisper_log_mel(waveforms, mask), output_hidden_states=with_hidden, return_dict=True)
+            flags = dict(output_hidden_states=with_hidden, return_dict=True)
+            out = self.model(input_features=self.whisper_log_mel(waveforms, mask), **flags)
         else:
             values = self.normalize_waveforms(waveforms, mask) if self.normalize else waveforms.float() * mask
+            flags = dict(output_hidden_states=with_hidden, return_dict=True)
             if self.pass_mask:
-                out = self.model(input_values=values, attention_mask=mask.long(), output_hidden_states=with_hidden, return_dict=True)
+                out = self.model(input_values=values, attention_mask=mask.long(), **flags)
+            elif self.batch_padding:
+                out = self.model(input_values=values, **flags)
             else:
                 out = self._run_per_clip(values, lengths, with_hidden=with_hidden)
         token_lengths = self.output_lengths(lengths)

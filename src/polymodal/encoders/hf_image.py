@@ -34,7 +34,13 @@ from torch import Tensor, nn
 from polymodal.backbones.hf_common import import_transformers, load_pretrained, resolve_local_folder
 from polymodal.data.image import denormalize_images
 from polymodal.encoders import ENCODERS
-from polymodal.encoders.hf_trunk import TrunkLayout, apply_freeze, prepare_trunk, read_preprocessor_config, set_train_mode
+from polymodal.encoders.hf_trunk import (
+    TrunkLayout,
+    apply_freeze,
+    prepare_trunk,
+    read_preprocessor_config,
+    set_train_mode,
+)
 from polymodal.encoders.output import EncoderIntermediates, EncoderOutput
 from polymodal.errors import ConfigError
 from polymodal.modality import Modality
@@ -163,6 +169,8 @@ class HFImageEncoder(nn.Module):
         if model_type not in FAMILIES:
             raise ConfigError(f"{WHERE}: {folder} holds a {model_type!r} model; hf_image reads {', '.join(FAMILIES)}")
         layout, has_cls = FAMILIES[model_type]
+        if in_channels not in (1, model.config.num_channels):
+            raise ConfigError(f"{WHERE}: {in_channels}-channel images for a {model.config.num_channels}-channel model")
         self.model = model
         self.trunk = prepare_trunk(model, layout, layer=layer, freeze=freeze, last_n=last_n, where=WHERE)
         self.num_prefix = has_cls + getattr(model.config, "num_register_tokens", 0)
@@ -197,13 +205,11 @@ class HFImageEncoder(nn.Module):
         each pass clamped to [0, 1] (Pillow resizes 8-bit images, which saturate where bicubic
         overshoots). Antialiased, so shrinking widens the filter as Pillow does."""
         height, width = self.processing.resized_shape(*pixels.shape[-2:])
-        mode = self.processing.mode
+        settings = dict(mode=self.processing.mode, align_corners=False, antialias=True)
         if pixels.shape[-1] != width:
-            pixels = F.interpolate(pixels, size=(pixels.shape[-2], width), mode=mode, align_corners=False, antialias=True)
-            pixels = pixels.clamp(0.0, 1.0)
+            pixels = F.interpolate(pixels, size=(pixels.shape[-2], width), **settings).clamp(0.0, 1.0)
         if pixels.shape[-2] != height:
-            pixels = F.interpolate(pixels, size=(height, width), mode=mode, align_corners=False, antialias=True)
-            pixels = pixels.clamp(0.0, 1.0)
+            pixels = F.interpolate(pixels, size=(height, width), **settings).clamp(0.0, 1.0)
         return pixels
 
     def preprocess(self, images: Tensor) -> Tensor:
@@ -231,7 +237,8 @@ class HFImageEncoder(nn.Module):
         """
         out = self._run(images, with_hidden=True)
         skip = 0 if self.cls_token else self.num_prefix
-        return EncoderIntermediates(EncoderOutput(out.last_hidden_state[:, skip:]), [h[:, skip:] for h in out.hidden_states[1:]])
+        hidden = [h[:, skip:] for h in out.hidden_states[1:]]
+        return EncoderIntermediates(EncoderOutput(out.last_hidden_state[:, skip:]), hidden)
 
     def forward(self, images: Tensor) -> EncoderOutput:
         """(B, C, H, W) in [-1, 1] -> tokens (B, N, hidden size); every token is real (mask None)."""
@@ -242,4 +249,5 @@ class HFImageEncoder(nn.Module):
         if images.shape[1] != self.in_channels:
             raise ValueError(f"hf_image was built for {self.in_channels}-channel images, got {tuple(images.shape)}")
         kwargs = {"interpolate_pos_encoding": True} if self._interpolate else {}
-        return self.model(pixel_values=self.preprocess(images), output_hidden_states=with_hidden, return_dict=True, **kwargs)
+        pixels = self.preprocess(images)
+        return self.model(pixel_values=pixels, output_hidden_states=with_hidden, return_dict=True, **kwargs)

@@ -84,14 +84,16 @@ def find_blocks(trunk: nn.Module) -> str:
     for path in BLOCK_PATHS:
         if isinstance(_get(trunk, path), nn.ModuleList):
             return path
-    raise ConfigError(f"cannot find the transformer blocks of {type(trunk).__name__} (looked at {', '.join(BLOCK_PATHS)})")
+    looked = ", ".join(BLOCK_PATHS)
+    raise ConfigError(f"cannot find the transformer blocks of {type(trunk).__name__} (looked at {looked})")
 
 
 def resolve_layer(layer: int, num_layers: int, where: str) -> int:
     """``layer`` (1..L, or -1..-L counting from the last) -> blocks to keep, 1..L."""
     kept = layer if layer > 0 else num_layers + 1 + layer
     if not 1 <= kept <= num_layers:
-        raise ConfigError(f"{where}={layer}: the model has {num_layers} layers; use 1..{num_layers} or -1..-{num_layers}")
+        choices = f"1..{num_layers} or -1..-{num_layers}"
+        raise ConfigError(f"{where}={layer}: the model has {num_layers} layers; use {choices}")
     return kept
 
 
