@@ -63,3 +63,19 @@ def test_nothing_configured_changes_nothing_and_absent_modalities_stay_absent():
     assert torch.equal(same.image, sample.image) and torch.equal(same.audio, sample.audio)
     text_only = augment_sample(Sample(text="seven", label=7), ON, seed=0, epoch=0, index=0, sample_rate=RATE)
     assert text_only == Sample(text="seven", label=7)
+
+
+def test_the_settings_load_and_dump_through_the_config_machinery():
+    """The lead nests AugmentSettings in the config tree as ``data.augment``: YAML-shaped dicts in,
+    the same dicts out, bad values named by their key."""
+    from polymodal.config import from_dict, to_dict
+    from polymodal.errors import ConfigError
+
+    raw = {"audio": {"speed_p": 0.5, "noise_snr_db": [0, 15], "noise_weights": [1, 0, 2]}, "image": {"affine_p": 1}}
+    settings = from_dict(AugmentSettings, raw, "data.augment")
+    assert settings.audio.noise_snr_db == (0.0, 15.0) and settings.image.affine_p == 1.0
+    assert from_dict(AugmentSettings, to_dict(settings), "data.augment") == settings
+    with pytest.raises(ConfigError, match=r"data\.augment\.audio\.speed_range"):
+        from_dict(AugmentSettings, {"audio": {"speed_range": [0.9]}}, "data.augment")
+    with pytest.raises(ConfigError, match="unknown config key 'data.augment.image.blur_p'"):
+        from_dict(AugmentSettings, {"image": {"blur_p": 0.5}}, "data.augment")

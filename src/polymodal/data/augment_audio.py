@@ -69,6 +69,8 @@ class AudioAugmentSettings:
     gain_db: tuple[float, float] = (-6.0, 6.0)
     # SpecAugment, Park et al. 2019, Table 1's SwitchBoard "mild" policy (SM): F=15, m_F=2, T=70,
     # p=0.2, m_T=2. Applied to log-mel frames by ``spec_augment``, not by ``augment_waveform``.
+    # On the built-in spoken numbers even narrower masks hurt (BENCHMARKS.md, the clip preset):
+    # a one-digit clip is ~0.4 s, and one masked span can hide the only difference between two.
     spec_augment_p: float = 0.0
     freq_masks: int = 2
     freq_mask_width: int = 15  # F: each mask covers up to this many mel bins
