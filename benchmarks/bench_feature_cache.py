@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import argparse
 import tempfile
-import time
+import timeit
 from pathlib import Path
 
 import torch
@@ -32,17 +32,6 @@ def _encoder(folder: Path) -> HFImageEncoder:
     transformers.ViTModel(config).save_pretrained(folder)
     transformers.ViTImageProcessor(size={"height": 224, "width": 224}).save_pretrained(folder)
     return HFImageEncoder(1, IMAGE, path=str(folder)).eval()
-
-
-def _best(fns: list, repeats: int) -> list[float]:
-    """Best time of each function over ``repeats`` rounds (the functions interleaved in a round)."""
-    best = [float("inf")] * len(fns)
-    for _ in range(repeats):
-        for i, fn in enumerate(fns):
-            start = time.perf_counter()
-            fn()
-            best[i] = min(best[i], time.perf_counter() - start)
-    return best
 
 
 def main() -> None:
@@ -65,7 +54,7 @@ def main() -> None:
             paths = [lambda: encoder(images), lambda: memory(indices, images), lambda: disk(indices, images)]
             # Each path timed on its own: right after a seconds-long encoder call a loaded machine
             # deschedules the process, which would bill the next millisecond-long read for it.
-            times = [_best([path], args.repeats)[0] for path in paths]
+            times = [min(timeit.repeat(path, number=1, repeat=args.repeats)) for path in paths]
         rows = list(zip(("encoder (uncached)", "cache, in memory", "cache, safetensors on disk"), times))
     base = rows[0][1]
     print(f"batch {args.batch} images {IMAGE} -> ViT 224/16, 384 wide, 6 blocks; {torch.get_num_threads()} threads")

@@ -32,6 +32,8 @@ PIL_FILTERS = {2: Image.Resampling.BILINEAR, 3: Image.Resampling.BICUBIC}
 def _families():
     t = transformers
     vit_like = dict(TOWER, intermediate_size=32)
+    text = dict(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32, vocab_size=50,
+                bos_token_id=0, eos_token_id=1, pad_token_id=1)
     return {
         "vit": (t.ViTModel(t.ViTConfig(**vit_like)), t.ViTImageProcessor(size={"height": 16, "width": 16})),
         "dinov2": (
@@ -45,8 +47,7 @@ def _families():
         "clip": (  # a full CLIP checkpoint: the encoder keeps its vision tower
             t.CLIPModel(
                 t.CLIPConfig(
-                    text_config=dict(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
-                                     vocab_size=50, bos_token_id=0, eos_token_id=1, pad_token_id=1),
+                    text_config=text,
                     vision_config=vit_like,
                     projection_dim=8,
                 )
@@ -57,10 +58,14 @@ def _families():
             t.SiglipVisionModel(t.SiglipVisionConfig(**vit_like)),
             t.SiglipImageProcessor(size={"height": 16, "width": 16}),
         ),
+        "siglip_full": (  # a full SigLIP checkpoint: its vision tower, without the pooling head
+            t.SiglipModel(t.SiglipConfig(text_config=text, vision_config=vit_like)),
+            t.SiglipImageProcessor(size={"height": 16, "width": 16}),
+        ),
     }
 
 
-PREFIX = {"vit": 1, "dinov2": 1, "dinov2_registers": 3, "clip": 1, "siglip": 0}
+PREFIX = {"vit": 1, "dinov2": 1, "dinov2_registers": 3, "clip": 1, "siglip": 0, "siglip_full": 0}
 
 
 @pytest.fixture(scope="module")

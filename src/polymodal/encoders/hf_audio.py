@@ -40,13 +40,8 @@ from torch import Tensor, nn
 
 from polymodal.backbones.hf_common import import_transformers, load_pretrained, resolve_local_folder
 from polymodal.encoders import ENCODERS
-from polymodal.encoders.hf_trunk import (
-    TrunkLayout,
-    apply_freeze,
-    prepare_trunk,
-    read_preprocessor_config,
-    set_train_mode,
-)
+from polymodal.encoders.hf_trunk import TrunkLayout, encoder_apply_freeze, encoder_train, prepare_trunk
+from polymodal.encoders.hf_trunk import read_preprocessor_config
 from polymodal.encoders.output import EncoderIntermediates, EncoderOutput
 from polymodal.errors import ConfigError
 from polymodal.modality import Modality
@@ -166,14 +161,8 @@ class HFAudioEncoder(nn.Module):
         self.register_buffer("mel_filters", torch.tensor(fe.mel_filters, dtype=torch.float32), persistent=False)
         self.register_buffer("window", torch.hann_window(self.n_fft, periodic=True), persistent=False)
 
-    def apply_freeze(self) -> None:
-        """Re-apply this encoder's own freezing policy (after something reset ``requires_grad``)."""
-        apply_freeze(self.model, self.trunk)
-
-    def train(self, mode: bool = True) -> HFAudioEncoder:
-        super().train(mode)
-        set_train_mode(self.model, self.trunk, mode)
-        return self
+    train = encoder_train  # frozen parts stay in eval mode
+    apply_freeze = encoder_apply_freeze
 
     def cache_identity(self) -> str:
         """Everything that decides this encoder's output, for ``feature_cache`` keys."""

@@ -36,10 +36,10 @@ from polymodal.data.image import denormalize_images
 from polymodal.encoders import ENCODERS
 from polymodal.encoders.hf_trunk import (
     TrunkLayout,
-    apply_freeze,
+    encoder_apply_freeze,
+    encoder_train,
     prepare_trunk,
     read_preprocessor_config,
-    set_train_mode,
 )
 from polymodal.encoders.output import EncoderIntermediates, EncoderOutput
 from polymodal.errors import ConfigError
@@ -187,14 +187,8 @@ class HFImageEncoder(nn.Module):
         self.train(self.training)
         logger.info("loaded %s from %s (layer %d, %s)", type(model).__name__, folder, self.trunk.num_layers, freeze)
 
-    def apply_freeze(self) -> None:
-        """Re-apply this encoder's own freezing policy (after something reset ``requires_grad``)."""
-        apply_freeze(self.model, self.trunk)
-
-    def train(self, mode: bool = True) -> HFImageEncoder:
-        super().train(mode)
-        set_train_mode(self.model, self.trunk, mode)
-        return self
+    train = encoder_train  # frozen parts stay in eval mode
+    apply_freeze = encoder_apply_freeze
 
     def cache_identity(self) -> str:
         """Everything that decides this encoder's output, for ``feature_cache`` keys."""

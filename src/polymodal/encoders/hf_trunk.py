@@ -158,6 +158,20 @@ def set_train_mode(trunk: nn.Module, prepared: Trunk, mode: bool) -> None:
         module.train(mode)
 
 
+def encoder_train(encoder: nn.Module, mode: bool = True) -> nn.Module:
+    """``train`` for an encoder holding the Hugging Face ``model`` and its prepared ``trunk``
+    (``hf_image``, ``hf_audio`` bind it as their method): only the trainable parts train."""
+    nn.Module.train(encoder, mode)
+    set_train_mode(encoder.model, encoder.trunk, mode)
+    return encoder
+
+
+def encoder_apply_freeze(encoder: nn.Module) -> None:
+    """Re-apply the encoder's own freezing policy, after something reset ``requires_grad`` (the
+    model-wide ``apply_freeze_policy`` calls it)."""
+    apply_freeze(encoder.model, encoder.trunk)
+
+
 def read_preprocessor_config(folder: Path, where: str) -> dict:
     """The folder's ``preprocessor_config.json`` (image processor or feature extractor settings)."""
     path = folder / PREPROCESSOR_FILE
