@@ -144,11 +144,12 @@ class HFAudioEncoder(nn.Module):
         self.pass_mask = bool(extractor.get("return_attention_mask", False))
         self.batch_padding = batch_padding
         if self.kind == "whisper":
-            self._init_whisper(transformers, folder, extractor)
+            self._init_whisper(transformers, folder)
         self.train(self.training)
         logger.info("loaded %s from %s (layer %d, %s)", type(model).__name__, folder, self.trunk.num_layers, freeze)
 
-    def _init_whisper(self, transformers, folder, extractor: dict) -> None:
+    def _init_whisper(self, transformers, folder) -> None:
+        """The log-mel settings and filters of the folder's WhisperFeatureExtractor."""
         fe = transformers.WhisperFeatureExtractor.from_pretrained(folder, local_files_only=True)
         self.n_fft, self.hop_length, self.window_samples = fe.n_fft, fe.hop_length, fe.n_samples
         expected = self.model.config.max_source_positions * WHISPER_CONV_STRIDE
