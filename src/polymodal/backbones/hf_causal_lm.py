@@ -181,8 +181,9 @@ def apply_freeze_policy(model: nn.Module, policy: str) -> None:
 
     ``full``: every parameter trains; ``frozen``: all but the backbone train; ``projector_only``:
     all but the backbone and the encoders train (projectors and the model's own embeddings / head,
-    see the module docstring). Two exceptions hold under every policy: an encoder built with
-    ``freeze=True`` (a pretrained encoder's own setting) stays frozen, and parameters a backbone
+    see the module docstring). Exceptions that hold under every policy: an encoder built with
+    ``freeze=True`` (a pretrained encoder's own setting) stays frozen, an encoder with its own
+    freezing policy (``apply_freeze()``) keeps it outside ``projector_only``, and parameters a backbone
     reports as unused (``unused_parameters()``) stay frozen. Parts that froze themselves elsewhere
     (a head's trained image tokenizer) are left as they are. Works with any backbone.
 
@@ -203,6 +204,8 @@ def apply_freeze_policy(model: nn.Module, policy: str) -> None:
         if policy == "projector_only" or getattr(encoder, "freeze", False) is True:
             for p in encoder.parameters():
                 p.requires_grad_(False)
+        elif hasattr(encoder, "apply_freeze"):
+            encoder.apply_freeze()  # its own policy (hf_image / hf_audio: frozen, last_n or full)
     if hasattr(backbone, "freeze"):
         backbone.freeze = policy
     model.train(model.training)  # re-apply train/eval so newly frozen pretrained parts drop dropout

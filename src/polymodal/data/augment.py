@@ -1,0 +1,97 @@
+"""Per-sample data augmentation, deterministic per (seed, epoch, item index), off unless configured.
+
+A run that stops and resumes must see the same augmented samples it would have seen without
+stopping. So nothing here reads a global random state: each item's draws come from a generator
+built by ``sample_rng(seed, epoch, index, stream=...)`` from numpy's ``SeedSequence`` (the seed as
+entropy; stream, epoch and index as the spawn key, which gives statistically independent streams
+for distinct keys). The same key always gives the same augmentation, whatever the batch, worker or
+order the item is loaded in.
+
+The transforms live in ``augment_audio`` (waveform chain and SpecAugment, with their papers) and
+``augment_image``; ``augment_sample`` applies both to one raw ``Sample``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+
+import numpy as np
+from torch import Tensor
+
+from polymodal.data.augment_audio import AudioAugmentSettings, augment_waveform, spec_augment
+from polymodal.data.augment_image import ImageAugmentSettings, augment_image
+from polymodal.data.batch import Sample
+
+# Independent draws per use of one (seed, epoch, index): the audio chain, the image chain, and
+# SpecAugment (applied later, on the collated log-mel frames). Appending is safe; reordering is not.
+STREAMS = ("audio", "image", "spec_augment")
+
+__all__ = [
+    "AugmentSettings",
+    "AudioAugmentSettings",
+    "ImageAugmentSettings",
+    "STREAMS",
+    "augment_sample",
+    "sample_rng",
+    "spec_augment",
+]
+
+
+@dataclasses.dataclass(frozen=True)
+class AugmentSettings:
+    """The ``data.augment`` settings: one block per modality, everything off by default."""
+
+    audio: AudioAugmentSettings = dataclasses.field(default_factory=AudioAugmentSettings)
+    image: ImageAugmentSettings = dataclasses.field(default_factory=ImageAugmentSettings)
+
+
+def sample_rng(seed: int, epoch: int, index: int, *, stream: str) -> np.random.Generator:
+    """The generator for one item's augmentation.
+
+    Args:
+        seed: the run's seed.
+        epoch: passes over the data so far (so an item is augmented afresh each epoch).
+        index: the item's index in its dataset.
+        stream: one of ``STREAMS``.
+
+    Returns:
+        A new generator; equal arguments give generators that draw equal numbers.
+    """
+    if stream not in STREAMS:
+        raise ValueError(f"unknown augmentation stream {stream!r}; valid: {', '.join(STREAMS)}")
+    if min(seed, epoch, index) < 0:
+        raise ValueError(f"seed, epoch and index must be >= 0, got {seed}, {epoch}, {index}")
+    key = np.random.SeedSequence(seed, spawn_key=(STREAMS.index(stream), epoch, index))
+    return np.random.default_rng(key)
+
+
+def augment_sample(
+    sample: Sample,
+    settings: AugmentSettings,
+    *,
+    seed: int,
+    epoch: int,
+    index: int,
+    sample_rate: int,
+    noise_clips: Sequence[np.ndarray | Tensor] = (),
+) -> Sample:
+    """One raw sample, its image and waveform augmented (text and label untouched).
+
+    Args:
+        sample: image (C, H, W) in [0, 1] and/or audio (T,) in [-1, 1].
+        settings: the ``data.augment`` block.
+        seed, epoch, index: the item's key (see ``sample_rng``).
+        sample_rate: the waveform's rate in Hz.
+        noise_clips: (T_i,) noise recordings at ``sample_rate``, for clip noise.
+
+    Returns:
+        A new Sample; the input is not modified. An absent modality stays None.
+    """
+    image, audio = sample.image, sample.audio
+    if image is not None and settings.image.active:
+        image = augment_image(image, settings.image, sample_rng(seed, epoch, index, stream="image"))
+    if audio is not None and settings.audio.active:
+        rng = sample_rng(seed, epoch, index, stream="audio")
+        audio = augment_waveform(audio, settings.audio, rng, sample_rate=sample_rate, noise_clips=noise_clips)
+    return dataclasses.replace(sample, image=image, audio=audio)
