@@ -20,6 +20,7 @@ import yaml
 
 from polymodal.errors import ConfigError
 from polymodal.training.gradient_surgery import check_gradient_surgery
+from polymodal.training.probe import diagnostics_settings
 from polymodal.training.schedules import check_loss_schedules
 
 PRESET_PACKAGE = "polymodal.configs"
@@ -113,6 +114,8 @@ class TrainConfig:
     loss_weights: dict[str, float] = dataclasses.field(default_factory=dict)  # loss name -> weight (default 1)
     loss_schedules: dict[str, Any] = dataclasses.field(default_factory=dict)  # name -> [[progress, weight], ...]
     gradient_surgery: dict[str, Any] = dataclasses.field(default_factory=lambda: {"name": "none"})
+    # {every: N, items: 256, conflict_items: 32}: the live diagnostics (polymodal.training.probe); every 0 is off
+    diagnostics: dict[str, Any] = dataclasses.field(default_factory=dict)
 
 
 # The VQ-VAE's own training settings (the ``vqvae`` preset's): no decay, clipping or warmup.
@@ -379,6 +382,7 @@ def validate(config: Config) -> None:
             positive(f"{section}.{key}", getattr(getattr(config, section), key))
         check_loss_schedules(getattr(config, section).loss_schedules, f"{section}.loss_schedules")
         check_gradient_surgery(getattr(config, section).gradient_surgery, f"{section}.gradient_surgery")
+        diagnostics_settings(getattr(config, section).diagnostics, f"{section}.diagnostics")
     for key in ("image_height", "image_width", "image_channels", "sample_rate", "num_mels", "hop_length", "vocab_size"):
         positive(f"data.{key}", getattr(config.data, key))
     positive("data.max_audio_seconds", config.data.max_audio_seconds)

@@ -1,4 +1,4 @@
-"""The ``polymodal`` command: train | eval | generate | embed | search | configs | data.
+"""The ``polymodal`` command: train | eval | report | generate | embed | search | configs | data.
 
 Errors a user can fix (a bad config key, a missing file) end with one line on stderr and exit
 status 2, no traceback.
@@ -16,7 +16,7 @@ EXIT_USAGE = 2
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from polymodal.cli import configs, data, embed, generate, search, train
+    from polymodal.cli import configs, data, embed, generate, report, search, train
     from polymodal.cli import eval as eval_cmd
 
     parser = argparse.ArgumentParser(
@@ -28,6 +28,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands = {
         "train": (train, "train a model (default: the any-to-any preset on the built-in data)"),
         "eval": (eval_cmd, "evaluate a run folder's latest checkpoint and save eval.json"),
+        "report": (report, "write a run's report (or two runs' side by side) as one self-contained HTML page"),
         "generate": (generate, "generate text, an image (PNG) or speech (WAV) with an any-to-any run"),
         "embed": (embed, "embed a manifest's items of one modality with a CLIP run into a safetensors index"),
         "search": (search, "search an embedding index with a text, image or audio query"),

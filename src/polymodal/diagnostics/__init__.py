@@ -14,7 +14,7 @@ batch of a few hundred items during training:
 from polymodal.diagnostics._common import MODALITY_ORDER, modality_ids
 from polymodal.diagnostics.cca import CCAResult, cca, pwcca, svcca
 from polymodal.diagnostics.cka import cka, cka_matrix, feature_cka, gram_cka
-from polymodal.diagnostics.experts import ExpertUsage, expert_usage
+from polymodal.diagnostics.experts import ExpertUsage, expert_usage, usage_from_counts
 from polymodal.diagnostics.gradients import GradientConflict, gradient_conflict, gradient_cosine
 from polymodal.diagnostics.hsic import feature_hsic, gram_hsic
 from polymodal.diagnostics.kernels import linear_gram, rbf_gram
@@ -63,4 +63,5 @@ __all__ = [
     "rbf_gram",
     "slot_similarity",
     "svcca",
+    "usage_from_counts",
 ]

@@ -77,7 +77,23 @@ def expert_usage(
     # Flat index modality * E + expert, so one bincount fills the (M, E) table.
     flat = ids[..., None].expand(*lead, top_k) * num_experts + expert_ids.long()  # (..., k)
     counts = torch.bincount(flat.flatten(), weights.flatten(), minlength=len(MODALITY_ORDER) * num_experts)
-    counts = counts.reshape(len(MODALITY_ORDER), num_experts)  # (M_all * E,) -> (M_all, E)
+    return usage_from_counts(counts.reshape(len(MODALITY_ORDER), num_experts))  # (M_all * E,) -> (M_all, E)
+
+
+def usage_from_counts(counts: Tensor) -> ExpertUsage:
+    """The ``ExpertUsage`` of an already counted routing table, e.g. a MoE layer's own record.
+
+    Args:
+        counts: (M_all, E) routing assignments (or gate weights) per modality row of
+            ``MODALITY_ORDER`` and expert; rows with no assignment are left out of the result.
+
+    Returns:
+        An ``ExpertUsage`` over the modalities whose row is not empty.
+    """
+    if counts.ndim != 2 or counts.shape[0] != len(MODALITY_ORDER):
+        raise ValueError(f"counts must be (M, E) with one row per modality of MODALITY_ORDER, got {tuple(counts.shape)}")
+    counts = float64(counts)
+    num_experts = counts.shape[1]
     present = counts.sum(dim=1) > 0  # (M_all,)
     counts = counts[present]  # (M, E)
     share = counts / counts.sum(dim=1, keepdim=True)

@@ -47,9 +47,13 @@ def source_pass(backbone: nn.Module, tokens: Tensor, valid: Tensor) -> Tensor:
     masked (an all-False softmax row is NaN) while real rows are unaffected. Because sources never
     attend targets in ``prefix_lm_pass``, its source positions hold exactly these states.
     """
-    eye = torch.eye(tokens.shape[1], dtype=torch.bool, device=tokens.device)  # (N, N)
-    attend = (valid[:, None, :] | eye)[:, None]  # (B, 1, N, N)
-    return backbone(tokens, mask=attend, positions=real_positions(valid))
+    return backbone(tokens, mask=source_attention(valid), positions=real_positions(valid))
+
+
+def source_attention(valid: Tensor) -> Tensor:
+    """(B, N) bool -> (B, 1, N, N) the mask of ``source_pass``: real keys, and every token itself."""
+    eye = torch.eye(valid.shape[1], dtype=torch.bool, device=valid.device)  # (N, N)
+    return (valid[:, None, :] | eye)[:, None]  # (B, 1, N, N)
 
 
 def masked_mean(hidden: Tensor, valid: Tensor) -> Tensor:

@@ -20,6 +20,7 @@ from torch import nn
 from torch.utils.tensorboard import SummaryWriter
 
 from polymodal.config import Config
+from polymodal.diagnostics.live_hook import live_diagnostics
 from polymodal.errors import ConfigError
 from polymodal.evaluation.run import EVAL_FILE, RECONSTRUCTION_FILE, evaluate_run, flat_figures, write_eval
 from polymodal.models.architectures import ARCHITECTURES
@@ -100,7 +101,8 @@ def train_stage(stage: Stage, previous: Stage | None) -> None:
         return flat_figures(evaluate_run(run, split="val", limit=PERIODIC_EVAL_ITEMS, generate=False))
 
     started = time.perf_counter()
-    result = fit(run.model, splits.train, run.collator, config, run_dir, resume=resume, evaluate=periodic_eval)
+    diagnose = live_diagnostics(run, config.train)  # None unless train.diagnostics.every > 0
+    result = fit(run.model, splits.train, run.collator, config, run_dir, resume=resume, evaluate=periodic_eval, diagnose=diagnose)
     figures = evaluate_run(run, split="test")
     figures["train"] = {k: v for k, v in dataclasses.asdict(result).items() if isinstance(v, (int, float))}
     write_eval(run_dir, figures, config)

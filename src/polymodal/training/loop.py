@@ -264,6 +264,7 @@ def fit(
     *,
     resume: bool = False,
     evaluate: Evaluate | None = None,
+    diagnose: Callable[[nn.Module, int, MetricsLogger], None] | None = None,
 ) -> FitResult:
     """Train ``model`` for ``config.train.steps`` optimiser steps, writing logs and checkpoints to ``run_dir``.
 
@@ -278,6 +279,8 @@ def fit(
             scheduler, RNGs, data position, gradient surgery state).
         evaluate: ``evaluate(model, step) -> {name: value}``, called under ``no_grad`` in eval mode
             every ``train.eval_every`` steps (if > 0) and at the end; logged with split ``val``.
+        diagnose: ``diagnose(model, step, logger)`` after every step (and evaluation), e.g. the live
+            diagnostics (:mod:`polymodal.diagnostics.live_hook`); it must leave the RNGs as it found them.
     """
     train, run_dir = config.train, Path(run_dir)
     state = start_state(model, config, run_dir, resume=resume)
@@ -308,6 +311,8 @@ def fit(
                 logger.log(state.step, step_values(out, losses, lr=lr, grad_norm=grad_norm, samples_per_s=rate, collate_fn=collate_fn))
             if evaluate is not None and ((train.eval_every > 0 and state.step % train.eval_every == 0) or done):
                 run_evaluation(model, evaluate, logger, state.step)
+            if diagnose is not None:
+                diagnose(model, state.step, logger)
             # After logging and evaluation, so the saved RNG state is the one the next step starts from.
             if state.step % train.ckpt_every == 0 or done:
                 state.save(run_dir, model, keep=train.keep_checkpoints)

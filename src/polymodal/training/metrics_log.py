@@ -25,7 +25,7 @@ TENSORBOARD_DIR = "tensorboard"
 RESERVED_KEYS = ("step", "split", "time")
 
 
-def _truncate_after(path: Path, step: int) -> int:
+def truncate_after(path: Path, step: int) -> int:
     """Drop the entries of ``path`` logged after ``step`` (and a torn last line). Returns how many."""
     kept, dropped = [], 0
     for line in path.read_text().splitlines():
@@ -62,7 +62,7 @@ class MetricsLogger:
         if resume_step is None:
             self.path.unlink(missing_ok=True)
         elif self.path.exists():
-            dropped = _truncate_after(self.path, resume_step)
+            dropped = truncate_after(self.path, resume_step)
             if dropped:
                 log.info("removed %d entries after step %d from %s", dropped, resume_step, self.path)
         # Line-buffered: every event is on disk before the next step, even if the process is killed.
