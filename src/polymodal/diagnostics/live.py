@@ -163,7 +163,7 @@ def measure(model: nn.Module, probe: Batch, conflict_batch: Batch | None = None)
         modalities = tuple(states.pooled)
         reps = [layer for m in modalities for layer in states.pooled[m]]
         cka = cka_matrix(reps, unbiased=True)
-        ranks = {m: effective_rank(states.pooled[m][-1], center=True) for m in modalities}
+        ranks = {m: effective_rank(masked_mean(states.final[m], states.masks[m]), center=True) for m in modalities}
         experts = {block: usage_from_counts(counts[: len(MODALITY_ORDER)]) for block, counts in states.routing.items()}
         leakage = decoupler_leakage(model, states)
     conflict = None

@@ -78,7 +78,7 @@ def losses(runs: Sequence[RunData]) -> Section:
             Panel("learning rate", [Series("lr", *run.series("train", "lr"))]),
             Panel("gradient norm before clipping", [Series("grad_norm", *run.series("train", "grad_norm"))], log_y=True),
         ]
-        columns.append(figure_img(curves_figure(panels), f"{run.name}: losses and learning rate"))
+        columns.append(figure_img(curves_figure(panels, columns=grid(runs, panels)), f"{run.name}: losses and learning rate"))
     intro = note("Each named loss term as the model returns it (unweighted), the total the optimiser minimised, the learning rate and the gradient norm, per logged step.")
     return Section("losses", "Losses and learning rate", intro, columns)
 
@@ -94,7 +94,7 @@ def figures(runs: Sequence[RunData], lines: Sequence[Sequence[Line]]) -> Section
             if run.series("val", line.figure)[0]
         ]
         if panels:
-            parts.append(figure_img(curves_figure(panels, columns=2), f"{run.name}: validation figures against their lines"))
+            parts.append(figure_img(curves_figure(panels, columns=grid(runs, panels)), f"{run.name}: validation figures against their lines"))
         elif run_lines:
             parts.append(note("no periodic validation figures logged (train.eval_every)"))
         columns.append("".join(parts) or note("no lines for this preset; all test figures are listed below"))
@@ -110,6 +110,11 @@ def figures(runs: Sequence[RunData], lines: Sequence[Sequence[Line]]) -> Section
     footer += f"<details><summary>all {len(keys)} test figures</summary>{everything}</details>" if keys else ""
     intro = note("Test-split figures (eval.json) against the lines of the run's preset; above, the periodic validation figures over training with the line dashed.")
     return Section("figures", "Evaluation against the lines", intro, columns, footer)
+
+
+def grid(runs: Sequence[RunData], panels: Sequence[Panel]) -> int:
+    """Panels per row: three across a page of one run, two in each of two runs' columns."""
+    return max(1, min(len(panels), 3 if len(runs) == 1 else 2))
 
 
 def _flat(run: RunData, line: Line) -> tuple[list[int], list[float]]:
@@ -132,7 +137,7 @@ def cka(runs: Sequence[RunData]) -> Section:
         chosen = spread(run.diagnostics, HEATMAPS_OVER_TRAINING)
         heatmaps = drawings.cka_figure([(f"step {r['step']}", r) for r in chosen])
         columns.append(
-            figure_img(curves_figure(panels), f"{run.name}: cross-modal CKA per layer")
+            figure_img(curves_figure(panels, columns=grid(runs, panels)), f"{run.name}: cross-modal CKA per layer")
             + figure_img(heatmaps, f"{run.name}: CKA between every modality and layer over training")
         )
     intro = note(
