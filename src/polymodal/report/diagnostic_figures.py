@@ -18,6 +18,7 @@ from polymodal.modality import Modality
 from polymodal.report.figures import SIGNED_COLORS, heatmap_figure
 
 Record = Mapping[str, Any]
+CKA_RANGE = (-0.1, 1.0)  # unbiased CKA can dip just below 0
 
 
 def as_matrix(rows: Sequence[Sequence[float | None]]) -> np.ndarray:
@@ -30,13 +31,13 @@ def cka_labels(record: Record) -> list[str]:
     return [f"{m} {layer}" for m in record["modalities"] for layer in record["layers"]]
 
 
-def cka_figure(records: Sequence[tuple[str, Record]]) -> Figure | None:
+def cka_figure(records: Sequence[tuple[str, Record]], per_row: int | None = None) -> Figure | None:
     """The CKA matrix between every (modality, layer) of each titled record, on one scale."""
     records = [(title, r) for title, r in records if r.get("cka")]
     if not records:
         return None
     labels = cka_labels(records[0][1])
-    return heatmap_figure([(title, as_matrix(r["cka"])) for title, r in records], labels, labels)
+    return heatmap_figure([(title, as_matrix(r["cka"])) for title, r in records], labels, labels, value_range=CKA_RANGE, per_row=per_row)
 
 
 def conflict_figure(record: Record, title: str = "gradient cosine") -> Figure | None:

@@ -93,19 +93,26 @@ def heatmap_figure(
     *,
     value_range: tuple[float, float] = (0.0, 1.0),
     colors: str = SIMILARITY_COLORS,
+    per_row: int | None = None,
 ) -> Figure:
-    """One heatmap per (title, matrix), side by side on one colour scale (a matrix over time).
+    """One heatmap per (title, matrix), on one colour scale (a matrix over time).
 
     Args:
         matrices: (title, (R, C) values); NaN cells are drawn blank.
         row_labels, col_labels: R and C tick labels.
         value_range: the colour scale's (low, high), shared by every panel.
         colors: a matplotlib colormap name.
+        per_row: heatmaps per row (default: all in one row).
     """
     rows, cols = len(row_labels), len(col_labels)
+    per_row = min(per_row or len(matrices), len(matrices))
+    grid_rows = math.ceil(len(matrices) / per_row)
     side = max(HEATMAP_MIN_INCHES, HEATMAP_INCHES_PER_ROW * max(rows, cols) + 1.2)
-    fig = Figure(figsize=(side * len(matrices) + 0.8, side), dpi=DPI, layout="constrained")
-    axes = fig.subplots(1, len(matrices), squeeze=False)[0]
+    fig = Figure(figsize=(side * per_row + 0.8, side * grid_rows), dpi=DPI, layout="constrained")
+    grid = fig.subplots(grid_rows, per_row, squeeze=False).flatten()
+    for unused in grid[len(matrices) :]:
+        unused.set_axis_off()
+    axes = grid[: len(matrices)]
     image = None
     for ax, (title, matrix) in zip(axes, matrices):
         values = np.asarray(matrix, dtype=float)

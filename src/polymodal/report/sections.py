@@ -16,13 +16,14 @@ from collections.abc import Sequence
 from typing import Any
 
 from polymodal.report import diagnostic_figures as drawings
+from polymodal.report.diagnostic_figures import CKA_RANGE
 from polymodal.report.figures import Panel, Series, curves_figure
 from polymodal.report.html import Section, audio_player, esc, figure_img, note, number_cell, png_img, table
 from polymodal.report.lines import Line, lines_for
 from polymodal.report.runs import RunData, finite
 
 HEATMAPS_OVER_TRAINING = 4  # CKA matrices drawn per run: the first, the last and evenly between
-CKA_RANGE = (-0.1, 1.0)  # unbiased CKA can dip just below 0
+HEATMAPS_PER_ROW = 2  # two CKA matrices of 15 rows fit across a run's column with readable labels
 TIMING_KEYS = ("train/wall_seconds", "train/samples_per_second")
 
 
@@ -135,7 +136,7 @@ def cka(runs: Sequence[RunData]) -> Section:
                 pairs.setdefault(pair, []).append(Series(layer, *run.series("diag", name)))
         panels = [Panel(f"CKA {pair.replace('-', ' vs ')}", series, y_range=CKA_RANGE) for pair, series in pairs.items()]
         chosen = spread(run.diagnostics, HEATMAPS_OVER_TRAINING)
-        heatmaps = drawings.cka_figure([(f"step {r['step']}", r) for r in chosen])
+        heatmaps = drawings.cka_figure([(f"step {r['step']}", r) for r in chosen], per_row=HEATMAPS_PER_ROW)
         columns.append(
             figure_img(curves_figure(panels, columns=grid(runs, panels)), f"{run.name}: cross-modal CKA per layer")
             + figure_img(heatmaps, f"{run.name}: CKA between every modality and layer over training")
