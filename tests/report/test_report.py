@@ -192,3 +192,24 @@ def test_the_page_opens_in_a_real_browser(reports, tmp_path):
         assert all(clip["ready"] >= 1 and clip["error"] is None and clip["duration"] == pytest.approx(0.2) for clip in seen.audio)
         shot = Image.open(io.BytesIO(seen.screenshot))
         assert shot.size == (1400, seen.height) and np.asarray(shot.convert("L")).std() > 10  # a drawn page, not blank
+
+
+@pytest.mark.slow
+def test_a_trained_run_with_live_diagnostics_reports_its_cross_modal_cka(tmp_path, monkeypatch):
+    """The whole path: `polymodal train` with diagnostics on, `polymodal report`, Chromium."""
+    monkeypatch.setenv("POLYMODAL_CACHE", str(tmp_path / "cache"))
+    run_dir = tmp_path / "run"
+    args = [f"run_dir={run_dir}", "data.options.num_samples=200", "train.steps=10", "train.diagnostics.every=5",
+            "train.progress=false", "tokenizer_train.progress=false"]  # fmt: skip
+    assert main(["train", "--config", "tiny", *args]) == 0
+    records = [json.loads(line) for line in (run_dir / "diagnostics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [5, 10] and records[0]["layers"] == ["L0", "L1", "L2"]
+    assert main(["report", str(run_dir)]) == 0
+    page = (run_dir / "report.html").read_text()
+    assert Elements(page).sections == SECTIONS and 'alt="run: cross-modal CKA per layer"' in page
+    chromium = find_chromium()
+    if chromium is None:
+        pytest.skip("no Chromium to open the report in: apt-get install -y chromium (Debian's package)")
+    seen = open_page(run_dir / "report.html", chromium)
+    assert seen.errors == [] and seen.sections == SECTIONS and all(image["decoded"] for image in seen.images)
+    assert len(seen.audio) == 8 and all(clip["error"] is None for clip in seen.audio)

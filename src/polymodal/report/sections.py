@@ -12,7 +12,7 @@ Curves over training come from ``metrics.jsonl`` (``train``: losses, ``lr``, ``g
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from polymodal.report import diagnostic_figures as drawings
@@ -124,29 +124,38 @@ def _flat(run: RunData, line: Line) -> tuple[list[int], list[float]]:
 
 
 def cka(runs: Sequence[RunData]) -> Section:
-    columns = []
-    for run in runs:
-        if not run.diagnostics:
-            columns.append(note("no live diagnostics in this run (train.diagnostics.every=N turns them on)"))
-            continue
+    def draw(run: RunData, records: list[dict]) -> str:
         pairs: dict[str, list[Series]] = {}
         for name in run.names("diag"):
             if name.startswith("cka/"):
                 _, pair, layer = name.split("/")
                 pairs.setdefault(pair, []).append(Series(layer, *run.series("diag", name)))
         panels = [Panel(f"CKA {pair.replace('-', ' vs ')}", series, y_range=CKA_RANGE) for pair, series in pairs.items()]
-        chosen = spread(run.diagnostics, HEATMAPS_OVER_TRAINING)
+        chosen = spread(records, HEATMAPS_OVER_TRAINING)
         heatmaps = drawings.cka_figure([(f"step {r['step']}", r) for r in chosen], per_row=HEATMAPS_PER_ROW)
-        columns.append(
+        return (
             figure_img(curves_figure(panels, columns=grid(runs, panels)), f"{run.name}: cross-modal CKA per layer")
             + figure_img(heatmaps, f"{run.name}: CKA between every modality and layer over training")
         )
+
+    columns = per_run(runs, lambda r: r.get("cka"), "no live diagnostics in this run (train.diagnostics.every=N turns them on)", draw)
     intro = note(
         "Unbiased linear CKA between the pooled backbone states of the same validation items in two modalities, per "
         "layer (L0: what enters the backbone; Lk: after block k), over training; then the CKA between every "
         "(modality, layer) at a few steps. Higher in the shared layers than at L0 means the backbone brings the modalities together."
     )
     return Section("cka", "Cross-modal CKA", intro, columns)
+
+
+def diag_curves(run: RunData, names: Sequence[str] | str, title: str, *, y_range: tuple[float, float] | None = None) -> str:
+    """One panel of live-diagnostics scalars over training (the ``names``, or every name starting
+    with the prefix ``names``), each labelled by its name past the kind (``experts/block1/text/entropy``
+    -> ``block1/text``)."""
+    if isinstance(names, str):
+        names = [n for n in run.names("diag") if n.startswith(names)]
+    label = lambda name: name.split("/", 1)[1].removesuffix("/entropy")  # noqa: E731
+    series = [Series(label(n), *run.series("diag", n)) for n in names]
+    return figure_img(curves_figure([Panel(title, series, y_range=y_range)]), f"{run.name}: {title}")
 
 
 def spread(records: Sequence[Any], count: int) -> list[Any]:
@@ -156,57 +165,50 @@ def spread(records: Sequence[Any], count: int) -> list[Any]:
     return [records[round(i * (len(records) - 1) / (count - 1))] for i in range(count)]
 
 
-def conflict(runs: Sequence[RunData]) -> Section:
+def per_run(runs: Sequence[RunData], has: Callable[[dict], Any], missing: str, draw: Callable[[RunData, list[dict]], str]) -> list[str]:
+    """One column per run: ``draw(run, records)`` over its diagnostics records that ``has``
+    accepts, or the note ``missing`` when it has none."""
     columns = []
     for run in runs:
-        measured = [r for r in run.diagnostics if r.get("gradient_conflict")]
-        if not measured:
-            columns.append(note("no gradient conflict measured in this run"))
-            continue
-        curves = [Series(n.removeprefix("conflict/"), *run.series("diag", n)) for n in ("conflict/min", "conflict/mean")]
-        columns.append(
-            figure_img(drawings.conflict_figure(measured[-1], f"gradient cosine, step {measured[-1]['step']}"), f"{run.name}: gradient conflict")
-            + figure_img(curves_figure([Panel("cosine between loss terms' gradients", curves, y_range=(-1.0, 1.0))]), f"{run.name}: conflict over training")
-        )
+        measured = [r for r in run.diagnostics if has(r)]
+        columns.append(draw(run, measured) if measured else note(missing))
+    return columns
+
+
+def conflict(runs: Sequence[RunData]) -> Section:
+    def draw(run: RunData, measured: list[dict]) -> str:
+        heatmap = drawings.conflict_figure(measured[-1], f"gradient cosine, step {measured[-1]['step']}")
+        curves = diag_curves(run, ["conflict/min", "conflict/mean"], "cosine between loss terms' gradients", y_range=(-1.0, 1.0))
+        return figure_img(heatmap, f"{run.name}: gradient conflict") + curves
+
+    columns = per_run(runs, lambda r: r.get("gradient_conflict"), "no gradient conflict measured in this run", draw)
     intro = note("Cosine between the gradients each loss term sends to the shared backbone on the probe items; below 0 the terms pull against each other (PCGrad's conflict).")
     return Section("conflict", "Gradient conflict", intro, columns)
 
 
 def experts(runs: Sequence[RunData]) -> Section:
-    columns = []
-    for run in runs:
-        routed = [r for r in run.diagnostics if r.get("experts")]
-        if not routed:
-            columns.append(note("no mixture-of-experts block in this run's backbone (or no diagnostics)"))
-            continue
-        names = [n for n in run.names("diag") if n.startswith("experts/")]
-        curves = [Series(n.removeprefix("experts/").removesuffix("/entropy"), *run.series("diag", n)) for n in names]
-        columns.append(
-            figure_img(drawings.experts_figure(routed[-1]), f"{run.name}: expert usage at step {routed[-1]['step']}")
-            + figure_img(curves_figure([Panel("routing entropy / log E per modality", curves, y_range=(0.0, 1.05))]), f"{run.name}: routing entropy")
-        )
+    def draw(run: RunData, routed: list[dict]) -> str:
+        usage = figure_img(drawings.experts_figure(routed[-1]), f"{run.name}: expert usage at step {routed[-1]['step']}")
+        return usage + diag_curves(run, "experts/", "routing entropy / log E per modality", y_range=(0.0, 1.05))
+
+    missing = "no mixture-of-experts block in this run's backbone (or no diagnostics)"
+    columns = per_run(runs, lambda r: r.get("experts"), missing, draw)
     intro = note("Share of each modality's routing assignments per expert at the last measurement, and how spread the routing stays (1: even over the experts, 0: one expert).")
     return Section("experts", "Expert usage", intro, columns)
 
 
 def leakage(runs: Sequence[RunData]) -> Section:
-    columns, last = [], []
-    for run in runs:
-        leaking = [r for r in run.diagnostics if drawings.leakage_matrix(r) is not None]
-        last.append(leaking[-1] if leaking else None)
-        if not leaking:
-            columns.append(note("no decoupler with private queries or slots in this run (or no diagnostics)"))
-            continue
-        curves = [Series(n.removeprefix("leakage/"), *run.series("diag", n)) for n in run.names("diag") if n.startswith("leakage/")]
-        columns.append(
-            figure_img(curves_figure([Panel("leakage ratio of private queries", curves, y_range=(0.0, 1.0))]), f"{run.name}: leakage over training")
-            + figure_img(drawings.leakage_figure(leaking[-1]), f"{run.name}: leakage at step {leaking[-1]['step']}")
-        )
+    def draw(run: RunData, leaking: list[dict]) -> str:
+        curves = diag_curves(run, "leakage/", "leakage ratio of private queries", y_range=(0.0, 1.0))
+        return curves + figure_img(drawings.leakage_figure(leaking[-1]), f"{run.name}: leakage at step {leaking[-1]['step']}")
+
+    leaks = lambda r: drawings.leakage_matrix(r) is not None  # noqa: E731
+    columns = per_run(runs, leaks, "no decoupler with private queries or slots in this run (or no diagnostics)", draw)
+    last = [next((drawings.leakage_matrix(r) for r in reversed(run.diagnostics) if leaks(r)), None) for run in runs]
+    keys = sorted({(name, m) for found in last if found for name in found[0] for m in found[1]})
     footer = ""
-    found = [drawings.leakage_matrix(r) if r is not None else None for r in last]
-    keys = sorted({(name, m) for f in found if f for name in f[0] for m in f[1]})
     if keys:
-        rows = [[esc(f"{name} / {m}"), *(number_cell(_leak(f, name, m)) for f in found)] for name, m in keys]
+        rows = [[esc(f"{name} / {m}"), *(number_cell(_leak(found, name, m)) for found in last)] for name, m in keys]
         footer = table(["map / private type (last measurement)", *(r.name for r in runs)], rows)
     intro = note("Share of a private query's or slot's attention on other modalities' tokens (0: it reads only its own), per decoupler attention map.")
     return Section("leakage", "Leakage", intro, columns, footer)
@@ -220,14 +222,8 @@ def _leak(found: Any, name: str, modality: str) -> float | None:
 
 
 def rank(runs: Sequence[RunData]) -> Section:
-    columns = []
-    for run in runs:
-        names = [n for n in run.names("diag") if n.startswith("effective_rank/")]
-        if not names:
-            columns.append(note("no live diagnostics in this run"))
-            continue
-        curves = [Series(n.removeprefix("effective_rank/"), *run.series("diag", n)) for n in names]
-        columns.append(figure_img(curves_figure([Panel("effective rank of pooled final states", curves)]), f"{run.name}: effective rank"))
+    title = "effective rank of pooled final states"
+    columns = per_run(runs, lambda r: r.get("effective_rank"), "no live diagnostics in this run", lambda run, _: diag_curves(run, "effective_rank/", title))
     intro = note("Effective rank (exp of the singular values' entropy) of each modality's pooled backbone output on the probe: a fall warns of collapse.")
     return Section("rank", "Effective rank", intro, columns)
 
