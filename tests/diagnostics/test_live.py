@@ -6,8 +6,10 @@ resumed with them on ends bitwise like an uninterrupted one."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
+import types
 
 import numpy as np
 import pytest
@@ -21,7 +23,7 @@ from polymodal.data.text import TextTokenizer
 from polymodal.decoupling import DECOUPLERS
 from polymodal.diagnostics import effective_rank, gradient_conflict, leakage_ratio
 from polymodal.diagnostics.live import measure, typed_attention
-from polymodal.diagnostics.live_hook import DIAGNOSTICS_FILE, LiveDiagnostics
+from polymodal.diagnostics.live_hook import DIAGNOSTICS_FILE, LiveDiagnostics, live_diagnostics
 from polymodal.errors import ConfigError
 from polymodal.modality import Modality
 from polymodal.models.architectures import build_model
@@ -242,3 +244,15 @@ def test_settings_are_checked_at_config_load():
     ):
         with pytest.raises(ConfigError, match=message.replace("[", r"\[")):
             load_config(["tiny"], [override])
+
+
+def test_the_hook_is_made_only_when_on_and_for_a_model_with_a_shared_backbone(toy, tmp_path, caplog):
+    config, _, val, collator, _ = toy
+    run = types.SimpleNamespace(model=make_model(toy), splits=types.SimpleNamespace(val=val), collator=collator, config=config, run_dir=tmp_path)
+    assert live_diagnostics(run, config.train) is None  # off unless asked for
+    train = dataclasses.replace(config.train, diagnostics={"every": 3})
+    hook = live_diagnostics(run, train)
+    assert [s for s in range(1, train.steps + 1) if hook.due(s)] == [3, 6, 9, 12, 15, 18, 20]  # and the last
+    run.model = torch.nn.Linear(2, 2)  # e.g. an image tokenizer stage: nothing shared to measure
+    assert live_diagnostics(run, train) is None
+    assert "has no shared backbone to measure" in caplog.text

@@ -155,7 +155,7 @@ def live_diagnostics(run: Any, train: Any) -> LiveDiagnostics | None:
         return None
     model = run.model
     backbone = getattr(model, "backbone", None)
-    if not hasattr(model, "encode") or not hasattr(backbone, "forward_intermediates"):
+    if not hasattr(model, "encode") or not hasattr(model, "inputs") or not hasattr(backbone, "forward_intermediates"):
         log.warning("train.diagnostics: the %s has no shared backbone to measure; off for this stage", type(model).__name__)
         return None
     return LiveDiagnostics(
