@@ -9,6 +9,9 @@ batch of a few hundred items during training:
   of exchangeable slots (``match_slots``, ``match_slots_to_modalities``);
 - optimisation and routing: ``gradient_conflict`` between losses, ``expert_usage`` per modality;
 - collapse: ``effective_rank``.
+
+``live.py`` measures a model's probe batch with these during training (``live_hook.py``, the
+``train.diagnostics`` setting); it is imported on its own, as it reads models and layers.
 """
 
 from polymodal.diagnostics._common import MODALITY_ORDER, modality_ids

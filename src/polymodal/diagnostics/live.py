@@ -194,13 +194,12 @@ def probe_states(model: nn.Module, probe: Batch) -> ProbeStates:
     for modality in modalities:
         mask = probe.masks.get(modality)
         tokens, valid = model.encode(modality, probe.inputs[modality][keep], None if mask is None else mask[keep])
-        extra: dict[str, Any] = {}
-        if routed:
-            extra = {"modality_ids": torch.where(valid, MODALITY_INDEX[modality], NO_MODALITY), "aux": MoEAux()}
+        aux = MoEAux()
+        extra = {"modality_ids": torch.where(valid, MODALITY_INDEX[modality], NO_MODALITY), "aux": aux} if routed else {}
         out = backbone.forward_intermediates(tokens, mask=source_attention(valid), positions=real_positions(valid), **extra)
         pooled[modality] = [masked_mean(h, valid) for h in (tokens, *out.hidden)]  # (n, D) per layer
         final[modality], masks[modality] = out.output, valid
-        for record in extra["aux"].records if routed else ():
+        for record in aux.records:  # none without mixture-of-experts blocks
             routing[record.layer] = routing.get(record.layer, 0) + record.routed
     return ProbeStates(pooled, final, masks, routing)
 
