@@ -217,6 +217,7 @@ def _fit(toy, run_dir, *, diagnostics: bool, resume: bool = False, crash_at: int
     return safetensors.torch.load_file(latest_checkpoint(run_dir) / "model.safetensors")
 
 
+@pytest.mark.slow
 def test_training_with_diagnostics_is_bitwise_training_without_and_resumes_exactly(toy, tmp_path):
     plain = _fit(toy, tmp_path / "plain", diagnostics=False)
     measured = _fit(toy, tmp_path / "measured", diagnostics=True)
