@@ -66,6 +66,7 @@ class ModelConfig:
     contrastive: dict[str, Any] = dataclasses.field(default_factory=dict)  # settings of the contrastive task
     task_fractions: dict[str, float] = dataclasses.field(default_factory=dict)  # task -> share of each batch
     heads: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)  # target modality -> head spec
+    decoupler: dict[str, Any] = dataclasses.field(default_factory=dict)  # a decoupler spec; {} for none
 
 
 @dataclasses.dataclass
