@@ -86,6 +86,8 @@ class TrainConfig:
     eval_every: int = 0  # 0: evaluate only at the end
     progress: bool = True
     loss_weights: dict[str, float] = dataclasses.field(default_factory=dict)  # loss name -> weight (default 1)
+    # A step with a non-finite loss or gradient is skipped (no update); this many in a row stop the run.
+    max_nonfinite_steps: int = 10
 
 
 # The VQ-VAE's own training settings (the ``vqvae`` preset's): no decay, clipping or warmup.
@@ -344,7 +346,7 @@ def validate(config: Config) -> None:
     if config.data.source == "manifest" and not config.data.manifest:
         raise ConfigError("data.manifest: needed when data.source=manifest (a JSONL file of samples)")
     for section in ("train", "tokenizer_train"):
-        for key in ("steps", "batch_size", "grad_accum", "lr", "log_every", "ckpt_every"):
+        for key in ("steps", "batch_size", "grad_accum", "lr", "log_every", "ckpt_every", "max_nonfinite_steps"):
             positive(f"{section}.{key}", getattr(getattr(config, section), key))
     positive("model.audio_frames_per_token", config.model.audio_frames_per_token)
     for key in ("num_samples", "max_digits", "image_height", "image_width", "sample_rate", "dim"):

@@ -1,12 +1,14 @@
 """A small training run for test_resume.py: dropout, shuffled data, frequent checkpoints.
 
-Usage: python resume_job.py RUN_DIR [--resume] [--step-delay SECONDS]
+Usage: python resume_job.py RUN_DIR [--resume] [--step-delay SECONDS] [--steps N]
 The delay slows the data pipeline only (it changes no number), so the test can kill the run mid-way.
+A run stopped by SIGINT or SIGTERM exits with the CLI's status for it (128 + the signal number).
 """
 
 import argparse
 import dataclasses
 import logging
+import sys
 import time
 
 import torch
@@ -14,6 +16,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from polymodal.config import Config, TrainConfig
+from polymodal.errors import RunInterrupted
 from polymodal.models.output import StepOutput
 from polymodal.training.loop import fit
 
@@ -74,17 +77,22 @@ def main() -> None:
     parser.add_argument("run_dir")
     parser.add_argument("--resume", action="store_true")
     parser.add_argument("--step-delay", type=float, default=0.0)
+    parser.add_argument("--steps", type=int, default=STEPS)
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO)
     torch.set_num_threads(1)
     train = TrainConfig(
-        steps=STEPS, batch_size=6, grad_accum=2, lr=3e-2, warmup_steps=3, log_every=2, ckpt_every=4,
+        steps=args.steps, batch_size=6, grad_accum=2, lr=3e-2, warmup_steps=3, log_every=2, ckpt_every=4,
         keep_checkpoints=2, eval_every=6, precision="fp32", progress=False,
     )
     config = Config(seed=3, device="cpu", train=train)
     torch.manual_seed(11)
     collate = SlowCollate(args.step_delay)
-    fit(DropoutMLP(), Points(), collate, config, args.run_dir, resume=args.resume, evaluate=evaluate)
+    try:
+        fit(DropoutMLP(), Points(), collate, config, args.run_dir, resume=args.resume, evaluate=evaluate)
+    except RunInterrupted as exc:
+        logging.getLogger(__name__).warning("%s", exc)
+        sys.exit(exc.exit_status)
 
 
 if __name__ == "__main__":

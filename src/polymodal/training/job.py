@@ -47,6 +47,7 @@ from polymodal.models.image_tokenizer import ImageTokenizerModel
 from polymodal.training.checkpoint import latest_checkpoint, load_checkpoint
 from polymodal.training.loop import fit
 from polymodal.training.metrics_log import TENSORBOARD_DIR
+from polymodal.training.run_lock import RunLock
 
 logger = logging.getLogger(__name__)
 
@@ -194,6 +195,11 @@ def flat_figures(results: dict) -> dict[str, float]:
 
 def train(config: Config, *, resume: bool = False) -> Path:
     """Train (or resume) the run ``config.run_dir`` and evaluate it; returns the run folder."""
+    with RunLock(config.run_dir):  # one training process per run folder; a second one fails at once
+        return _train(config, resume=resume)
+
+
+def _train(config: Config, *, resume: bool) -> Path:
     check_model_config(config)  # a bad part spec fails before either stage starts
     run_dir = Path(config.run_dir)
     stage_dir = run_dir / TOKENIZER_STAGE_DIR if needs_tokenizer_stage(config) else None

@@ -1,0 +1,138 @@
+"""SIGINT and SIGTERM during training: the step under way finishes, a checkpoint of it is written,
+the run ends with RunInterrupted (exit status 130 / 143), and resuming ends with bitwise the same
+weights and metrics as a run never interrupted; in-process and for a subprocess signalled from
+outside, as test_resume.py does for SIGKILL."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import safetensors.torch
+import torch
+
+from polymodal.errors import RunInterrupted
+from polymodal.training.checkpoint import latest_checkpoint
+from polymodal.training.interrupt import StopOnSignal
+from polymodal.training.loop import fit
+
+sys.path.insert(0, str(Path(__file__).parent))
+from test_nonfinite import Points, Regression, _config, collate  # noqa: E402  (the same toy run)
+
+JOB = Path(__file__).with_name("resume_job.py")
+STEPS = 24  # resume_job.STEPS
+
+
+class SignalAt:
+    """A collate function that sends ``signum`` to this process while collating its ``at``-th batch
+    (twice with ``again``)."""
+
+    def __init__(self, at: int, signum: int, *, again: bool = False) -> None:
+        self.calls, self.at, self.signum, self.again = 0, at, signum, again
+
+    def __call__(self, items):
+        self.calls += 1
+        if self.calls == self.at:
+            os.kill(os.getpid(), self.signum)
+            if self.again:
+                os.kill(os.getpid(), self.signum)
+        return collate(items)
+
+
+def _model() -> Regression:
+    torch.manual_seed(0)
+    return Regression()
+
+
+def _entries(run_dir: Path) -> list[dict]:
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    return [{k: v for k, v in json.loads(line).items() if k not in ("time", "samples_per_s")} for line in lines]
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_signal_saves_the_step_and_resume_matches_an_uninterrupted_run(tmp_path, signum):
+    config = _config(steps=14, ckpt_every=5)  # poisoned items: some steps are skipped on both sides
+    whole = _model()
+    fit(whole, Points(), collate, config, tmp_path / "whole")
+
+    before = signal.getsignal(signum)
+    with pytest.raises(RunInterrupted) as caught:
+        fit(_model(), Points(), SignalAt(7, signum), config, tmp_path / "cut")
+    assert signal.getsignal(signum) is before  # the handlers are put back
+    assert caught.value.exit_status == 128 + signum
+    assert f"stopped by {signal.Signals(signum).name} after step 7" in str(caught.value)
+    assert latest_checkpoint(tmp_path / "cut").name == "step_0000007"  # not a multiple of ckpt_every
+
+    resumed = _model()
+    fit(resumed, Points(), collate, config, tmp_path / "cut", resume=True)
+    for name, tensor in whole.state_dict().items():
+        assert torch.equal(resumed.state_dict()[name], tensor), name
+    assert _entries(tmp_path / "cut") == _entries(tmp_path / "whole")  # skipped_steps included
+    assert _entries(tmp_path / "whole")[-1]["skipped_steps"] > 0
+
+
+def test_a_second_signal_stops_at_once(tmp_path):
+    with pytest.raises(RunInterrupted, match="stopped at once by a second SIGTERM") as caught:
+        fit(_model(), Points(), SignalAt(3, signal.SIGTERM, again=True), _config(steps=10, ckpt_every=100), tmp_path)
+    assert caught.value.exit_status == 143
+    assert latest_checkpoint(tmp_path) is None  # stopped inside step 3, before any checkpoint
+
+
+def test_outside_the_main_thread_nothing_is_installed():
+    import threading
+
+    seen = {}
+
+    def enter():
+        with StopOnSignal() as stop:
+            seen["handler"] = signal.getsignal(signal.SIGTERM)
+            seen["requested"] = stop.requested
+
+    thread = threading.Thread(target=enter)
+    thread.start()
+    thread.join()
+    assert seen == {"handler": signal.getsignal(signal.SIGTERM), "requested": False}
+
+
+def _start(run_dir: Path, *args: str) -> subprocess.Popen:
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    log = open(run_dir.parent / f"{run_dir.name}.log", "a")
+    return subprocess.Popen([sys.executable, str(JOB), str(run_dir), *args], stdout=log, stderr=log, env=env)
+
+
+def _logged_steps(run_dir: Path) -> list[int]:
+    path = run_dir / "metrics.jsonl"
+    lines = path.read_text().splitlines() if path.exists() else []
+    return [json.loads(line)["step"] for line in lines if line.endswith("}")]
+
+
+@pytest.mark.slow  # three Python processes: about 20 s on two busy cores
+def test_sigterm_to_a_subprocess_then_resume_matches_bitwise(tmp_path):
+    cut_dir, whole_dir = tmp_path / "cut", tmp_path / "whole"
+    whole = _start(whole_dir)
+    cut = _start(cut_dir, "--step-delay", "0.05")
+    deadline = time.monotonic() + 120
+    while cut.poll() is None and time.monotonic() < deadline:
+        if _logged_steps(cut_dir) and max(_logged_steps(cut_dir)) >= 6:
+            cut.send_signal(signal.SIGTERM)
+            break
+        time.sleep(0.01)
+    assert cut.wait(timeout=60) == 143, (tmp_path / "cut.log").read_text()
+    log = (tmp_path / "cut.log").read_text()
+    assert "SIGTERM received: finishing this step" in log and "checkpoint" in log
+    reached = latest_checkpoint(cut_dir)
+    assert reached is not None and reached.name != f"step_{STEPS:07d}"
+
+    assert _start(cut_dir, "--resume").wait(timeout=120) == 0, (tmp_path / "cut.log").read_text()
+    assert whole.wait(timeout=120) == 0
+    final = f"checkpoints/step_{STEPS:07d}/model.safetensors"
+    resumed, uninterrupted = (safetensors.torch.load_file(d / final) for d in (cut_dir, whole_dir))
+    assert resumed.keys() == uninterrupted.keys()
+    for name in uninterrupted:
+        assert torch.equal(resumed[name], uninterrupted[name]), name
