@@ -22,8 +22,8 @@ from polymodal.training.checkpoint import latest_checkpoint
 from polymodal.training.interrupt import StopOnSignal
 from polymodal.training.loop import fit
 
-sys.path.insert(0, str(Path(__file__).parent))
-from test_nonfinite import Points, Regression, _config, collate  # noqa: E402  (the same toy run)
+sys.path.insert(0, str(Path(__file__).parent))  # the toy run beside this file
+from toy import Points, collate, toy_config, toy_model  # noqa: E402
 
 JOB = Path(__file__).with_name("resume_job.py")
 STEPS = 24  # resume_job.STEPS
@@ -45,11 +45,6 @@ class SignalAt:
         return collate(items)
 
 
-def _model() -> Regression:
-    torch.manual_seed(0)
-    return Regression()
-
-
 def _entries(run_dir: Path) -> list[dict]:
     lines = (run_dir / "metrics.jsonl").read_text().splitlines()
     return [{k: v for k, v in json.loads(line).items() if k not in ("time", "samples_per_s")} for line in lines]
@@ -57,19 +52,19 @@ def _entries(run_dir: Path) -> list[dict]:
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
 def test_signal_saves_the_step_and_resume_matches_an_uninterrupted_run(tmp_path, signum):
-    config = _config(steps=14, ckpt_every=5)  # poisoned items: some steps are skipped on both sides
-    whole = _model()
+    config = toy_config(steps=14, ckpt_every=5)  # poisoned items: some steps are skipped on both sides
+    whole = toy_model()
     fit(whole, Points(), collate, config, tmp_path / "whole")
 
     before = signal.getsignal(signum)
     with pytest.raises(RunInterrupted) as caught:
-        fit(_model(), Points(), SignalAt(7, signum), config, tmp_path / "cut")
+        fit(toy_model(), Points(), SignalAt(7, signum), config, tmp_path / "cut")
     assert signal.getsignal(signum) is before  # the handlers are put back
     assert caught.value.exit_status == 128 + signum
     assert f"stopped by {signal.Signals(signum).name} after step 7" in str(caught.value)
     assert latest_checkpoint(tmp_path / "cut").name == "step_0000007"  # not a multiple of ckpt_every
 
-    resumed = _model()
+    resumed = toy_model()
     fit(resumed, Points(), collate, config, tmp_path / "cut", resume=True)
     for name, tensor in whole.state_dict().items():
         assert torch.equal(resumed.state_dict()[name], tensor), name
@@ -79,7 +74,7 @@ def test_signal_saves_the_step_and_resume_matches_an_uninterrupted_run(tmp_path,
 
 def test_a_second_signal_stops_at_once(tmp_path):
     with pytest.raises(RunInterrupted, match="stopped at once by a second SIGTERM") as caught:
-        fit(_model(), Points(), SignalAt(3, signal.SIGTERM, again=True), _config(steps=10, ckpt_every=100), tmp_path)
+        fit(toy_model(), Points(), SignalAt(3, signal.SIGTERM, again=True), toy_config(steps=10, ckpt_every=100), tmp_path)
     assert caught.value.exit_status == 143
     assert latest_checkpoint(tmp_path) is None  # stopped inside step 3, before any checkpoint
 

@@ -6,16 +6,16 @@ with one line and the last checkpoint intact; weights that are not finite are ne
 from __future__ import annotations
 
 import copy
-import dataclasses
 import json
 import math
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 from torch import nn
-from torch.utils.data import Dataset
 
-from polymodal.config import Config, TrainConfig
+from polymodal.config import Config
 from polymodal.errors import RunError
 from polymodal.models.output import StepOutput
 from polymodal.training.checkpoint import latest_checkpoint, load_checkpoint
@@ -23,62 +23,8 @@ from polymodal.training.loop import fit, optimizer_step, start_state
 from polymodal.training.optim import build_optimizer, build_scheduler
 from polymodal.training.sampler import build_loader
 
-NUM_ITEMS = 48
-POISONED = (5, 30)  # items whose input is NaN: any batch holding one has a NaN loss
-
-
-@dataclasses.dataclass
-class Batch:
-    x: torch.Tensor  # (B, 4)
-    y: torch.Tensor  # (B,)
-
-    @property
-    def size(self) -> int:
-        return int(self.x.shape[0])
-
-    def to(self, device):
-        return Batch(self.x.to(device), self.y.to(device))
-
-
-class Points(Dataset):
-    def __init__(self, poisoned=POISONED) -> None:
-        gen = torch.Generator().manual_seed(5)
-        self.x = torch.randn(NUM_ITEMS, 4, generator=gen)
-        self.y = self.x @ torch.tensor([1.0, -1.0, 2.0, 0.5])
-        self.x[list(poisoned)] = float("nan")
-
-    def __len__(self) -> int:
-        return NUM_ITEMS
-
-    def __getitem__(self, i):
-        return self.x[i], self.y[i]
-
-
-def collate(items) -> Batch:
-    return Batch(torch.stack([x for x, _ in items]), torch.stack([y for _, y in items]))
-
-
-class Regression(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.linear = nn.Linear(4, 1)
-
-    def forward(self, batch: Batch) -> StepOutput:
-        err = self.linear(batch.x).squeeze(-1) - batch.y  # (B, 4) -> (B,)
-        return StepOutput(losses={"mse": err.square().mean(), "l1": err.abs().mean()})
-
-
-def _config(**train) -> Config:
-    settings = dict(steps=12, batch_size=8, lr=0.05, warmup_steps=2, log_every=1, ckpt_every=4, precision="fp32",
-                    progress=False)  # fmt: skip
-    settings.update(train)
-    return Config(seed=2, device="cpu", train=TrainConfig(**settings))
-
-
-def _model() -> Regression:
-    torch.manual_seed(0)
-    return Regression()
-
+sys.path.insert(0, str(Path(__file__).parent))  # the toy run beside this file
+from toy import Batch, Points, Regression, collate, toy_config, toy_model  # noqa: E402
 
 def _metrics(run_dir) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
@@ -95,8 +41,8 @@ def _same(a, b) -> bool:
 
 
 def test_a_skipped_step_changes_no_weight_and_no_optimiser_state(tmp_path):
-    config = _config(steps=6, warmup_steps=4)
-    model = _model()
+    config = toy_config(steps=6, warmup_steps=4)
+    model = toy_model()
     state = start_state(model, config, tmp_path, resume=False)
     clean = collate([Points(poisoned=())[i] for i in range(8)])
     poisoned = collate([Points()[i] for i in range(8)])  # holds item 5
@@ -112,7 +58,7 @@ def test_a_skipped_step_changes_no_weight_and_no_optimiser_state(tmp_path):
     assert all(p.grad is None for p in model.parameters())
     assert (state.step, state.guard.skipped, state.guard.consecutive) == (2, 1, 1)
     # The schedule advanced: step 3's rate is the one a run without the skip would use.
-    reference_optimizer = build_optimizer(_model(), config.train)
+    reference_optimizer = build_optimizer(toy_model(), config.train)
     reference = build_scheduler(reference_optimizer, config.train)
     for _ in range(2):
         reference_optimizer.step()
@@ -125,7 +71,7 @@ def test_a_skipped_step_changes_no_weight_and_no_optimiser_state(tmp_path):
 def _plain_loop(config: Config) -> tuple[Regression, int]:
     """The same training written out simply: a step whose loss or gradient norm is not finite is
     skipped, the schedule steps regardless."""
-    model, train = _model(), config.train
+    model, train = toy_model(), config.train
     optimizer, skipped = build_optimizer(model, train), 0
     scheduler = build_scheduler(optimizer, train)
     loader = iter(build_loader(Points(), collate, batch_size=train.batch_size, seed=config.seed))
@@ -144,8 +90,8 @@ def _plain_loop(config: Config) -> tuple[Regression, int]:
 
 
 def test_fit_with_skips_matches_a_plain_loop_that_skips(tmp_path, caplog):
-    config = _config()
-    model = _model()
+    config = toy_config()
+    model = toy_model()
     with caplog.at_level("WARNING", logger="polymodal.training.nonfinite"):
         fit(model, Points(), collate, config, tmp_path)
     reference, skipped = _plain_loop(config)
@@ -179,7 +125,7 @@ def test_a_non_finite_gradient_is_named_and_skipped(tmp_path, caplog):
     model = InfiniteGradient()
     before = copy.deepcopy(model.state_dict())
     with caplog.at_level("WARNING", logger="polymodal.training.nonfinite"), pytest.raises(RunError) as caught:
-        fit(model, Points(poisoned=()), collate, _config(max_nonfinite_steps=3), tmp_path)
+        fit(model, Points(poisoned=()), collate, toy_config(max_nonfinite_steps=3), tmp_path)
     assert "non-finite gradient (norm inf) in gate" in caplog.records[0].getMessage()
     assert "steps 1-3: 3 in a row" in str(caught.value) and "no checkpoint was written" in str(caught.value)
     assert _same(model.state_dict(), before)
@@ -205,7 +151,7 @@ def test_k_skips_in_a_row_stop_the_run_with_the_last_checkpoint_intact(tmp_path)
     torch.manual_seed(0)
     model = FailsFrom(fail_from=6)
     with pytest.raises(RunError) as caught:
-        fit(model, Points(poisoned=()), collate, _config(max_nonfinite_steps=4, ckpt_every=4), tmp_path)
+        fit(model, Points(poisoned=()), collate, toy_config(max_nonfinite_steps=4, ckpt_every=4), tmp_path)
     message = str(caught.value)
     assert "\n" not in message
     assert "steps 6-9: 4 in a row with a non-finite loss or gradient (train.max_nonfinite_steps=4" in message
@@ -224,7 +170,7 @@ def test_weights_that_are_not_finite_are_never_saved(tmp_path):
         return {}
 
     with pytest.raises(RunError, match=r"step 8: the weights are not finite \(linear.bias\)") as caught:
-        fit(_model(), Points(poisoned=()), collate, _config(eval_every=4), tmp_path, evaluate=corrupt)
+        fit(toy_model(), Points(poisoned=()), collate, toy_config(eval_every=4), tmp_path, evaluate=corrupt)
     assert str(caught.value).count("step_0000004, is intact") == 1
     assert latest_checkpoint(tmp_path).name == "step_0000004"
     assert sorted(p.name for p in (tmp_path / "checkpoints").glob("step_*")) == ["step_0000004"]

@@ -18,8 +18,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from polymodal.config import load_run_config
+    from polymodal.errors import ConfigError
     from polymodal.training.job import flat_figures, evaluate_run, load_run, write_eval
 
+    if args.limit is not None and args.limit < 1:
+        raise ConfigError(f"--limit must be at least 1, got {args.limit}")
     run_dir = Path(args.run_dir)
     config = load_run_config(run_dir)
     loaded = load_run(run_dir, config)

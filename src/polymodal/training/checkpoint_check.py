@@ -23,6 +23,7 @@ import safetensors
 
 from polymodal.training.checkpoint import (
     CHECKPOINT_DIR,
+    LATEST_FILE,
     MODEL_FILE,
     STATE_FILE,
     CheckpointError,
@@ -102,5 +103,7 @@ def resumable_checkpoint(run_dir: str | Path) -> Path | None:
         except OSError as exc:
             raise CheckpointError(f"{problem}; it cannot be moved aside ({exc}): remove {found} to resume") from None
         moved = True
+        with contextlib.suppress(OSError):  # `latest` named it; the next whole one is named below
+            (ckpt_dir / LATEST_FILE).unlink()
         log.warning("%s; moved %s to %s, resuming from the newest whole checkpoint instead", problem, found, aside)
     return None

@@ -103,10 +103,13 @@ def accumulate_gradients(
 ) -> AccumulatedStep:
     """Forward and backward over ``num_batches`` micro-batches, leaving in ``.grad`` the gradient of
     the mean over micro-batches of ``sum(loss_weights.get(name, 1) * term)``: with mean-reduced
-    losses, 2 micro-batches of 16 give the gradient of one batch of 32.
+    losses, 2 micro-batches of 16 give the gradient of one batch of 32. An empty micro-batch (all its
+    samples failed to load) adds nothing; when all are empty the total is NaN and no gradient exists.
     """
     total, terms, metrics, num_samples = torch.zeros((), device=device), {}, {}, 0
     for batch in itertools.islice(batches, num_batches):
+        if batch.size == 0:  # every sample failed to load (the collator counted them): nothing to learn
+            continue
         num_samples += batch.size
         batch = batch.to(device)
         with autocast(device, dtype):
@@ -122,6 +125,8 @@ def accumulate_gradients(
             terms[name] = terms.get(name, 0.0) + term.detach().float() / num_batches
         for name, value in out.metrics.items():
             metrics[name] = metrics.get(name, 0.0) + float(value) / num_batches
+    if num_samples == 0:  # no loss at all: a NaN total makes the guard skip the update and say why
+        total = torch.full((), math.nan, device=device)
     return AccumulatedStep(total, terms, metrics, num_samples)
 
 

@@ -91,6 +91,8 @@ class NonFiniteGuard:
     @staticmethod
     def _cause(losses: Mapping[str, float], grad_norm: float, model: nn.Module) -> str:
         bad = {name: value for name, value in losses.items() if not math.isfinite(value)}
+        if list(losses) == ["loss"]:  # no term at all: accumulate_gradients saw only empty batches
+            return "no sample of the step's batches could be loaded (skipped_samples counts them)"
         if bad:
             terms = ", ".join(f"{name}={value}" for name, value in bad.items() if name != "loss")
             return f"non-finite loss {terms or 'loss=' + str(bad['loss']) + ' (the weighted sum of finite terms)'}"
