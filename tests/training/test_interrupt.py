@@ -8,13 +8,11 @@ from __future__ import annotations
 import json
 import os
 import signal
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
-import safetensors.torch
 import torch
 
 from polymodal.errors import RunInterrupted
@@ -22,11 +20,9 @@ from polymodal.training.checkpoint import latest_checkpoint
 from polymodal.training.interrupt import StopOnSignal
 from polymodal.training.loop import fit
 
-sys.path.insert(0, str(Path(__file__).parent))  # the toy run beside this file
+sys.path.insert(0, str(Path(__file__).parent))  # the toy run and resume_job.py beside this file
+from resume_job import STEPS, assert_same_weights, logged_steps, start  # noqa: E402
 from toy import Points, collate, toy_config, toy_model  # noqa: E402
-
-JOB = Path(__file__).with_name("resume_job.py")
-STEPS = 24  # resume_job.STEPS
 
 
 class SignalAt:
@@ -95,26 +91,14 @@ def test_outside_the_main_thread_nothing_is_installed():
     assert seen == {"handler": signal.getsignal(signal.SIGTERM), "requested": False}
 
 
-def _start(run_dir: Path, *args: str) -> subprocess.Popen:
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    log = open(run_dir.parent / f"{run_dir.name}.log", "a")
-    return subprocess.Popen([sys.executable, str(JOB), str(run_dir), *args], stdout=log, stderr=log, env=env)
-
-
-def _logged_steps(run_dir: Path) -> list[int]:
-    path = run_dir / "metrics.jsonl"
-    lines = path.read_text().splitlines() if path.exists() else []
-    return [json.loads(line)["step"] for line in lines if line.endswith("}")]
-
-
 @pytest.mark.slow  # three Python processes: about 20 s on two busy cores
 def test_sigterm_to_a_subprocess_then_resume_matches_bitwise(tmp_path):
     cut_dir, whole_dir = tmp_path / "cut", tmp_path / "whole"
-    whole = _start(whole_dir)
-    cut = _start(cut_dir, "--step-delay", "0.05")
+    whole = start(whole_dir)
+    cut = start(cut_dir, "--step-delay", "0.05")
     deadline = time.monotonic() + 120
     while cut.poll() is None and time.monotonic() < deadline:
-        if _logged_steps(cut_dir) and max(_logged_steps(cut_dir)) >= 6:
+        if logged_steps(cut_dir) and max(logged_steps(cut_dir)) >= 6:
             cut.send_signal(signal.SIGTERM)
             break
         time.sleep(0.01)
@@ -124,10 +108,6 @@ def test_sigterm_to_a_subprocess_then_resume_matches_bitwise(tmp_path):
     reached = latest_checkpoint(cut_dir)
     assert reached is not None and reached.name != f"step_{STEPS:07d}"
 
-    assert _start(cut_dir, "--resume").wait(timeout=120) == 0, (tmp_path / "cut.log").read_text()
+    assert start(cut_dir, "--resume").wait(timeout=120) == 0, (tmp_path / "cut.log").read_text()
     assert whole.wait(timeout=120) == 0
-    final = f"checkpoints/step_{STEPS:07d}/model.safetensors"
-    resumed, uninterrupted = (safetensors.torch.load_file(d / final) for d in (cut_dir, whole_dir))
-    assert resumed.keys() == uninterrupted.keys()
-    for name in uninterrupted:
-        assert torch.equal(resumed[name], uninterrupted[name]), name
+    assert_same_weights(cut_dir, whole_dir, STEPS)

@@ -1,8 +1,9 @@
 """The training loop on a toy regression: it learns, leaves a complete run folder, accumulates
 gradients like one large batch, weights loss terms, fails clearly; and the precision policy."""
 
-import dataclasses
 import json
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -17,20 +18,10 @@ from polymodal.training.loop import FitResult, accumulate_gradients, fit
 from polymodal.training.metrics_log import MetricsLogger
 from polymodal.training.precision import autocast, cpu_runs_bf16_fast, resolve_precision
 
+sys.path.insert(0, str(Path(__file__).parent))  # toy.py beside this file
+from toy import Batch as ToyBatch  # noqa: E402
+
 CPU = torch.device("cpu")
-
-
-@dataclasses.dataclass
-class ToyBatch:
-    x: torch.Tensor  # (B, 4)
-    y: torch.Tensor  # (B,)
-
-    @property
-    def size(self) -> int:
-        return int(self.x.shape[0])
-
-    def to(self, device):
-        return ToyBatch(self.x.to(device), self.y.to(device))
 
 
 class ToyData(Dataset):

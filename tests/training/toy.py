@@ -18,8 +18,10 @@ POISONED = (5, 30)  # items whose input is NaN: any batch holding one has a NaN 
 
 @dataclasses.dataclass
 class Batch:
-    x: torch.Tensor  # (B, 4)
-    y: torch.Tensor  # (B,)
+    """Inputs and targets; what the training loop needs of a batch: ``size`` and ``to``."""
+
+    x: torch.Tensor  # (B, D_in)
+    y: torch.Tensor  # (B,) or (B, D_out)
 
     @property
     def size(self) -> int:
