@@ -40,6 +40,16 @@ def start(run_dir: Path, *args: str) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, str(JOB), str(run_dir), *args], stdout=log, stderr=log, env=env)
 
 
+def signal_when(proc: subprocess.Popen, signum: int, ready, *, timeout: float = 120) -> None:
+    """Send ``signum`` to ``proc`` as soon as ``ready()`` holds (polled), unless ``proc`` ends first."""
+    deadline = time.monotonic() + timeout
+    while proc.poll() is None and time.monotonic() < deadline:
+        if ready():
+            proc.send_signal(signum)
+            return
+        time.sleep(0.01)
+
+
 def logged_steps(run_dir: Path) -> list[int]:
     """The steps in ``metrics.jsonl`` so far (a line torn by a kill is left out)."""
     path = run_dir / "metrics.jsonl"

@@ -9,7 +9,6 @@ import json
 import os
 import signal
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -21,7 +20,7 @@ from polymodal.training.interrupt import StopOnSignal
 from polymodal.training.loop import fit
 
 sys.path.insert(0, str(Path(__file__).parent))  # the toy run and resume_job.py beside this file
-from resume_job import STEPS, assert_same_weights, logged_steps, start  # noqa: E402
+from resume_job import STEPS, assert_same_weights, logged_steps, signal_when, start  # noqa: E402
 from toy import Points, collate, toy_config, toy_model  # noqa: E402
 
 
@@ -96,12 +95,7 @@ def test_sigterm_to_a_subprocess_then_resume_matches_bitwise(tmp_path):
     cut_dir, whole_dir = tmp_path / "cut", tmp_path / "whole"
     whole = start(whole_dir)
     cut = start(cut_dir, "--step-delay", "0.05")
-    deadline = time.monotonic() + 120
-    while cut.poll() is None and time.monotonic() < deadline:
-        if logged_steps(cut_dir) and max(logged_steps(cut_dir)) >= 6:
-            cut.send_signal(signal.SIGTERM)
-            break
-        time.sleep(0.01)
+    signal_when(cut, signal.SIGTERM, lambda: max(logged_steps(cut_dir), default=0) >= 6)
     assert cut.wait(timeout=60) == 143, (tmp_path / "cut.log").read_text()
     log = (tmp_path / "cut.log").read_text()
     assert "SIGTERM received: finishing this step" in log and "checkpoint" in log

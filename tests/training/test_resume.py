@@ -4,7 +4,6 @@ with SIGKILL mid-way and resumed ends with bitwise the same weights as an uninte
 import json
 import signal
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -14,7 +13,7 @@ from polymodal.training.metrics_log import MetricsLogger
 from polymodal.training.sampler import EpochSampler, build_loader
 
 sys.path.insert(0, str(Path(__file__).parent))  # resume_job.py beside this file
-from resume_job import STEPS, assert_same_weights, logged_entries, logged_steps, start  # noqa: E402
+from resume_job import STEPS, assert_same_weights, logged_entries, logged_steps, signal_when, start  # noqa: E402
 
 
 def _indices(sampler: EpochSampler, count: int) -> list[int]:
@@ -82,13 +81,11 @@ def test_sigkill_then_resume_matches_uninterrupted_run_bitwise(tmp_path):
     killed = start(killed_dir, "--step-delay", "0.05")
 
     # Kill once a checkpoint exists and a later step was logged, so resume must also drop that entry.
-    deadline = time.monotonic() + 120
-    while killed.poll() is None and time.monotonic() < deadline:
+    def ready() -> bool:
         reached = latest_checkpoint(killed_dir)
-        if reached is not None and logged_steps(killed_dir) and max(logged_steps(killed_dir)) > _step_of(reached):
-            killed.send_signal(signal.SIGKILL)
-            break
-        time.sleep(0.01)
+        return reached is not None and max(logged_steps(killed_dir), default=0) > _step_of(reached)
+
+    signal_when(killed, signal.SIGKILL, ready)
     assert killed.wait(timeout=30) == -signal.SIGKILL, "the job finished before it could be killed"
     reached = latest_checkpoint(killed_dir)
     assert reached is not None and reached.name != f"step_{STEPS:07d}"
