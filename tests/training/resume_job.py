@@ -1,7 +1,7 @@
 """A small training run for the resume, signal and soak tests: dropout, shuffled data, frequent
 checkpoints; and the helpers those tests drive it with.
 
-Usage: python resume_job.py RUN_DIR [--resume] [--step-delay SECONDS] [--steps N]
+Usage: python resume_job.py RUN_DIR [--resume] [--step-delay SECONDS] [--steps N] [--workers N]
 The delay slows the data pipeline only (it changes no number), so the test can kill the run mid-way.
 A run stopped by SIGINT or SIGTERM exits with the CLI's status for it (128 + the signal number).
 """
@@ -20,7 +20,7 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from polymodal.config import Config, TrainConfig
+from polymodal.config import Config, DataConfig, TrainConfig
 from polymodal.errors import RunInterrupted
 from polymodal.models.output import StepOutput
 from polymodal.training.loop import fit
@@ -33,19 +33,23 @@ JOB = Path(__file__)
 VOLATILE = ("time", "samples_per_s")  # logged figures that differ between two identical runs
 
 
-def start(run_dir: Path, *args: str) -> subprocess.Popen:
-    """This job on ``run_dir`` in a subprocess on one thread, its output appended to ``<run_dir>.log``."""
+def start(run_dir: Path, *args: str, new_session: bool = False) -> subprocess.Popen:
+    """This job on ``run_dir`` in a subprocess on one thread, its output appended to ``<run_dir>.log``;
+    with ``new_session``, in a process group of its own (its pid is the group's id), as a terminal
+    would start it."""
     env = dict(os.environ, OMP_NUM_THREADS="1")
     log = open(run_dir.parent / f"{run_dir.name}.log", "a")
-    return subprocess.Popen([sys.executable, str(JOB), str(run_dir), *args], stdout=log, stderr=log, env=env)
+    return subprocess.Popen([sys.executable, str(JOB), str(run_dir), *args], stdout=log, stderr=log, env=env,
+                            start_new_session=new_session)  # fmt: skip
 
 
-def signal_when(proc: subprocess.Popen, signum: int, ready, *, timeout: float = 120) -> None:
-    """Send ``signum`` to ``proc`` as soon as ``ready()`` holds (polled), unless ``proc`` ends first."""
+def signal_when(proc: subprocess.Popen, signum: int, ready, *, timeout: float = 120, group: bool = False) -> None:
+    """Send ``signum`` to ``proc`` (to its whole process group with ``group``, as Ctrl-C at a
+    terminal does) as soon as ``ready()`` holds (polled), unless ``proc`` ends first."""
     deadline = time.monotonic() + timeout
     while proc.poll() is None and time.monotonic() < deadline:
         if ready():
-            proc.send_signal(signum)
+            os.killpg(proc.pid, signum) if group else proc.send_signal(signum)
             return
         time.sleep(0.01)
 
@@ -116,6 +120,7 @@ def main() -> None:
     parser.add_argument("--resume", action="store_true")
     parser.add_argument("--step-delay", type=float, default=0.0)
     parser.add_argument("--steps", type=int, default=STEPS)
+    parser.add_argument("--workers", type=int, default=0, help="DataLoader worker processes")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO)
     torch.set_num_threads(1)
@@ -123,7 +128,7 @@ def main() -> None:
         steps=args.steps, batch_size=6, grad_accum=2, lr=3e-2, warmup_steps=3, log_every=2, ckpt_every=4,
         keep_checkpoints=2, eval_every=6, precision="fp32", progress=False,
     )
-    config = Config(seed=3, device="cpu", train=train)
+    config = Config(seed=3, device="cpu", data=DataConfig(num_workers=args.workers), train=train)
     torch.manual_seed(11)
     collate = SlowCollate(args.step_delay)
     try:

@@ -105,3 +105,17 @@ def test_sigterm_to_a_subprocess_then_resume_matches_bitwise(tmp_path):
     assert start(cut_dir, "--resume").wait(timeout=120) == 0, (tmp_path / "cut.log").read_text()
     assert whole.wait(timeout=120) == 0
     assert_same_weights(cut_dir, whole_dir, STEPS)
+
+
+@pytest.mark.slow  # three Python processes, two of them with DataLoader workers
+def test_ctrl_c_to_the_process_group_with_dataloader_workers(tmp_path):
+    # A terminal's Ctrl-C reaches the workers too; they must leave it to the main process.
+    cut_dir, whole_dir = tmp_path / "cut", tmp_path / "whole"
+    whole = start(whole_dir)
+    cut = start(cut_dir, "--step-delay", "0.05", "--workers", "2", new_session=True)
+    signal_when(cut, signal.SIGINT, lambda: max(logged_steps(cut_dir), default=0) >= 6, group=True)
+    assert cut.wait(timeout=60) == 130, (tmp_path / "cut.log").read_text()
+    assert "exited unexpectedly" not in (tmp_path / "cut.log").read_text()
+    assert start(cut_dir, "--resume", "--workers", "2").wait(timeout=120) == 0, (tmp_path / "cut.log").read_text()
+    assert whole.wait(timeout=120) == 0
+    assert_same_weights(cut_dir, whole_dir, STEPS)  # workers or not, the same batches

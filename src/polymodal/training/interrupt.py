@@ -23,6 +23,17 @@ log = logging.getLogger(__name__)
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
+def ignore_stop_signals(worker_id: int) -> None:
+    """A DataLoader ``worker_init_fn``: workers leave SIGINT and SIGTERM to the main process.
+
+    Ctrl-C at a terminal reaches every process of the group; a worker that died of it would make
+    the main process's next batch fail ("DataLoader worker exited unexpectedly") instead of letting
+    it finish the step and checkpoint. The main process ends its workers itself.
+    """
+    for signum in STOP_SIGNALS:
+        signal.signal(signum, signal.SIG_IGN)
+
+
 class StopOnSignal:
     """Within a ``with`` block, SIGINT and SIGTERM set :attr:`requested` instead of stopping at once.
 
