@@ -142,9 +142,8 @@ def embed_manifest(
 
 def save_index(path: str | Path, index: EmbeddingIndex) -> Path:
     """Write ``index`` as safetensors: tensors ``embeddings`` and ``ids``, the paths in metadata."""
-    from safetensors.torch import save_file
-
     from safetensors import SafetensorError
+    from safetensors.torch import save_file
 
     from polymodal.errors import DataError
 

@@ -33,6 +33,7 @@ LABEL_KEY = "label"
 UNKNOWN_LABEL = -1
 LABEL_RANGE = (-(2**63), 2**63 - 1)  # labels become an int64 tensor
 UTF8_BOM = "\ufeff"
+MAX_SHOWN_CHARS = 60  # a bad value quoted in a skip reason, cut to this
 
 
 class ManifestDataset(Dataset):
@@ -183,9 +184,6 @@ class ManifestDataset(Dataset):
     def scan(self) -> int:
         """Load every sample once so ``skipped`` lists every bad file. Returns the number loadable."""
         return sum(self[i] is not None for i in range(len(self)))
-
-
-MAX_SHOWN_CHARS = 60  # a bad value quoted in a skip reason, cut to this
 
 
 def _short(value: Any) -> str:
