@@ -114,6 +114,8 @@ class TrainConfig:
     loss_weights: dict[str, float] = dataclasses.field(default_factory=dict)  # loss name -> weight (default 1)
     loss_schedules: dict[str, Any] = dataclasses.field(default_factory=dict)  # name -> [[progress, weight], ...]
     gradient_surgery: dict[str, Any] = dataclasses.field(default_factory=lambda: {"name": "none"})
+    # A step with a non-finite loss or gradient is skipped (no update); this many in a row stop the run.
+    max_nonfinite_steps: int = 10
 
 
 # The VQ-VAE's own training settings (the ``vqvae`` preset's): no decay, clipping or warmup.
@@ -376,7 +378,7 @@ def validate(config: Config) -> None:
 
     choice("train.precision", config.train.precision, PRECISIONS)
     for section in ("train", "tokenizer_train"):
-        for key in ("steps", "batch_size", "grad_accum", "lr", "log_every", "ckpt_every"):
+        for key in ("steps", "batch_size", "grad_accum", "lr", "log_every", "ckpt_every", "max_nonfinite_steps"):
             positive(f"{section}.{key}", getattr(getattr(config, section), key))
         check_loss_schedules(getattr(config, section).loss_schedules, f"{section}.loss_schedules")
         check_gradient_surgery(getattr(config, section).gradient_surgery, f"{section}.gradient_surgery")
