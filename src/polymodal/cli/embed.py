@@ -102,43 +102,41 @@ def embed_manifest(
         modality: the field to embed; items without it, or whose file fails to load, are skipped.
         progress: show a tqdm bar; None shows it only on a terminal.
     """
-    from tqdm import tqdm
-
     from polymodal.data.manifest import ManifestDataset
     from polymodal.errors import DataError
+    from polymodal.evaluation.zero_shot import embed_dataset
 
-    data = run.config.data
-    dataset = ManifestDataset(
-        manifest,
-        image_height=data.image_height,
-        image_width=data.image_width,
-        channels=data.image_channels,
-        sample_rate=data.sample_rate,
-        max_audio_seconds=data.max_audio_seconds,
-    )
+    dataset = ManifestDataset.from_config(manifest, run.config.data)
     wanted = [i for i, entry in enumerate(dataset.entries) if entry.get(modality.value) is not None]
     if not wanted:
         raise DataError(f"manifest {manifest} has no item with {modality!s}")
-    model = run.model.eval()
-    device = next(model.parameters()).device
-    chunks, ids = [], []
-    starts = range(0, len(wanted), batch_size)
-    for start in tqdm(starts, desc=f"embed {modality}", unit="batch", disable=None if progress is None else not progress):
-        loaded = [(i, dataset[i]) for i in wanted[start : start + batch_size]]
-        loaded = [(i, s) for i, s in loaded if s is not None]  # media that failed to load are logged and skipped
-        if not loaded:
-            continue
-        batch = run.collator([s for _, s in loaded]).to(device)
-        mask = batch.masks.get(modality)
-        chunks.append(model.embed(modality, batch.inputs[modality], mask).float().cpu())  # (b, D)
-        ids.extend(i for i, _ in loaded)
-    if not chunks:
+    device = next(run.model.parameters()).device
+    embedded = embed_dataset(
+        run.model, _ByLine(dataset, wanted), run.collator, [modality], batch_size=batch_size, device=device, progress=progress
+    ).get(modality)  # media that fail to load are logged and skipped
+    if embedded is None:
         raise DataError(f"no {modality} item of {manifest} could be loaded ({len(dataset.skipped)} skipped)")
     if dataset.skipped:
         logger.warning("skipped %d unreadable lines or files of %s", len(dataset.skipped), manifest)
+    embeddings, ids = embedded
     metadata = {"modality": modality.value, "manifest": str(manifest), "run_dir": str(run.run_dir)}
-    paths = [str(dataset.entries[i][modality.value]) for i in ids]
-    return EmbeddingIndex(torch.cat(chunks), torch.tensor(ids, dtype=torch.long), paths, metadata)
+    paths = [str(dataset.entries[i][modality.value]) for i in ids.tolist()]
+    return EmbeddingIndex(embeddings, ids, paths, metadata)
+
+
+class _ByLine(torch.utils.data.Dataset):
+    """The manifest lines ``lines`` as samples labelled by their line's position, so an embedding
+    keeps the id of the line it came from (a line that fails to load is None: skipped)."""
+
+    def __init__(self, dataset, lines: list[int]) -> None:
+        self.dataset, self.lines = dataset, lines
+
+    def __len__(self) -> int:
+        return len(self.lines)
+
+    def __getitem__(self, i: int):
+        sample = self.dataset[self.lines[i]]
+        return None if sample is None else dataclasses.replace(sample, label=self.lines[i])
 
 
 def save_index(path: str | Path, index: EmbeddingIndex) -> Path:

@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from torch.utils.data import Dataset
 
@@ -24,6 +24,9 @@ from polymodal.data.batch import Sample
 from polymodal.data.image import load_image
 from polymodal.errors import DataError
 from polymodal.modality import Modality
+
+if TYPE_CHECKING:
+    from polymodal.config import DataConfig
 
 logger = logging.getLogger(__name__)
 
@@ -73,6 +76,15 @@ class ManifestDataset(Dataset):
                 f"manifest {self.path} has no usable line ({len(self.skipped)} skipped); each line needs "
                 f'one of {", ".join(MODALITY_KEYS)}, e.g. {{"image": "a.png", "text": "a cat"}}'
             )
+
+    @classmethod
+    def from_config(cls, path: str | Path, data: "DataConfig") -> "ManifestDataset":
+        """The manifest at ``path``, its media read as ``data`` (a ``DataConfig``) says: image size
+        and channels, sample rate, the audio cut."""
+        return cls(
+            path, image_height=data.image_height, image_width=data.image_width, channels=data.image_channels,
+            sample_rate=data.sample_rate, max_audio_seconds=data.max_audio_seconds,
+        )  # fmt: skip
 
     @property
     def num_skipped(self) -> int:
