@@ -20,7 +20,6 @@ from polymodal.config import load_config
 from polymodal.data.batch import Sample
 from polymodal.data.collate import build_collator
 from polymodal.data.text import TextTokenizer
-from polymodal.decoupling import DECOUPLERS
 from polymodal.diagnostics import effective_rank, gradient_conflict, leakage_ratio
 from polymodal.diagnostics.live import measure, typed_attention
 from polymodal.diagnostics.live_hook import DIAGNOSTICS_FILE, LiveDiagnostics, live_diagnostics
@@ -127,10 +126,7 @@ def test_scalars_and_record_say_the_same_as_the_measurement(toy):
 def test_expert_usage_and_leakage_come_from_the_models_own_parts(toy):
     _, _, val, collator, _ = toy
     moe = "model.backbone.moe={layers: [1], num_shared_experts: 2, num_private_experts: 1, top_k: 1}"
-    model = make_model(toy, overrides=[moe])
-    torch.manual_seed(3)
-    model.decoupler = DECOUPLERS.build({"name": "query_bank"}, 64, list(Modality)).eval()
-    model.slots = DECOUPLERS.build({"name": "typed_slots"}, 64, list(Modality)).eval()
+    model = make_model(toy, overrides=[moe, "model.decoupler={name: typed_slots}"])
     probe = collator(val[:12])
     result = measure(model, probe)
     usage = result.experts[1]
@@ -140,18 +136,20 @@ def test_expert_usage_and_leakage_come_from_the_models_own_parts(toy):
     for row in range(3):
         others = [2 + k for k in range(3) if k != row]
         assert usage.share[row, others].sum().item() == 0.0
-    assert result.leakage["decoupler.private"].per_type == {m: 0.0 for m in Modality}  # a private bank reads its own keys only
     assert result.conflict is None and "experts/block1/text/entropy" in result.scalars()
     with torch.no_grad():  # the slots' leakage, recomputed from the decoupler run on states made here
         states, masks = {}, {}
         for m in Modality:
             tokens, valid = model.encode(m, probe.inputs[m], probe.masks.get(m))
-            states[m], masks[m] = model.source_states(tokens, valid), valid
-        expected = leakage_ratio(typed_attention(model.slots(states, masks).attention["slots"]))
-    got = result.leakage["slots.slots"]
+            with model.routing.of(m):
+                states[m], masks[m] = model.source_states(tokens, valid), valid
+        expected = leakage_ratio(typed_attention(model.contrastive.decoupler(states, masks).attention["slots"]))
+    got = result.leakage["slots"]
     assert set(got.per_type) == set(Modality) and all(0.0 < v < 1.0 for v in got.per_type.values())
     for m, value in expected.per_type.items():
         assert got.per_type[m] == pytest.approx(value, abs=1e-5)
+    banks = measure(make_model(toy, overrides=["model.decoupler={name: query_bank}"]), probe).leakage
+    assert banks["private"].per_type == {m: 0.0 for m in Modality}  # a private bank reads its own keys only
 
 
 def test_the_probe_is_the_same_items_every_time(toy):

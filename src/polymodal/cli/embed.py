@@ -39,12 +39,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from polymodal.errors import ConfigError
     from polymodal.training.run import load_run
 
+    if args.batch_size < 1:
+        raise ConfigError(f"--batch-size must be at least 1, got {args.batch_size}")
+    if Path(args.out).is_dir():
+        raise ConfigError(f"--out {args.out} is a folder; give a file name such as {Path(args.out) / 'index.safetensors'}")
     run_dir = Path(args.run_dir)
     loaded = load_run(run_dir)
-    require_clip(loaded.model, run_dir)
-    index = embed_manifest(loaded, args.manifest, Modality.parse(args.modality), batch_size=args.batch_size)
+    modality = Modality.parse(args.modality)
+    require_clip(loaded.model, run_dir, modality)
+    index = embed_manifest(loaded, args.manifest, modality, batch_size=args.batch_size)
     save_index(args.out, index)
     print(f"embedded {len(index.ids)} {args.modality} items ({index.embeddings.shape[1]} dims) -> {args.out}")
     return 0
@@ -72,12 +78,16 @@ class EmbeddingIndex:
             raise ValueError(f"embeddings {tuple(emb.shape)}, ids {tuple(ids.shape)} and {len(self.paths)} paths disagree")
 
 
-def require_clip(model: Any, run_dir: Path) -> None:
+def require_clip(model: Any, run_dir: Path, modality: Modality | None = None) -> None:
+    """A ConfigError unless ``model`` is a CLIP model (with a tower for ``modality``, when given)."""
     from polymodal.errors import ConfigError
     from polymodal.models.clip import ClipModel
 
     if not isinstance(model, ClipModel):
         raise ConfigError(f"{run_dir} is not a CLIP run (model.architecture must be clip); embeddings need one")
+    if modality is not None and modality not in model.modalities:
+        towers = ", ".join(sorted(m.value for m in model.modalities))
+        raise ConfigError(f"{run_dir} has no {modality} tower (its towers: {towers})")
 
 
 @torch.no_grad()
@@ -92,58 +102,67 @@ def embed_manifest(
         modality: the field to embed; items without it, or whose file fails to load, are skipped.
         progress: show a tqdm bar; None shows it only on a terminal.
     """
-    from tqdm import tqdm
-
     from polymodal.data.manifest import ManifestDataset
     from polymodal.errors import DataError
+    from polymodal.evaluation.zero_shot import embed_dataset
 
-    data = run.config.data
-    dataset = ManifestDataset(
-        manifest,
-        image_height=data.image_height,
-        image_width=data.image_width,
-        channels=data.image_channels,
-        sample_rate=data.sample_rate,
-        max_audio_seconds=data.max_audio_seconds,
-    )
+    dataset = ManifestDataset.from_config(manifest, run.config.data)
     wanted = [i for i, entry in enumerate(dataset.entries) if entry.get(modality.value) is not None]
     if not wanted:
         raise DataError(f"manifest {manifest} has no item with {modality!s}")
-    model = run.model.eval()
-    device = next(model.parameters()).device
-    chunks, ids = [], []
-    starts = range(0, len(wanted), batch_size)
-    for start in tqdm(starts, desc=f"embed {modality}", unit="batch", disable=None if progress is None else not progress):
-        loaded = [(i, dataset[i]) for i in wanted[start : start + batch_size]]
-        loaded = [(i, s) for i, s in loaded if s is not None]  # media that failed to load are logged and skipped
-        if not loaded:
-            continue
-        batch = run.collator([s for _, s in loaded]).to(device)
-        mask = batch.masks.get(modality)
-        chunks.append(model.embed(modality, batch.inputs[modality], mask).float().cpu())  # (b, D)
-        ids.extend(i for i, _ in loaded)
-    if not chunks:
+    device = next(run.model.parameters()).device
+    embedded = embed_dataset(
+        run.model, _ByLine(dataset, wanted), run.collator, [modality], batch_size=batch_size, device=device, progress=progress
+    ).get(modality)  # media that fail to load are logged and skipped
+    if embedded is None:
         raise DataError(f"no {modality} item of {manifest} could be loaded ({len(dataset.skipped)} skipped)")
     if dataset.skipped:
         logger.warning("skipped %d unreadable lines or files of %s", len(dataset.skipped), manifest)
+    embeddings, ids = embedded
     metadata = {"modality": modality.value, "manifest": str(manifest), "run_dir": str(run.run_dir)}
-    paths = [str(dataset.entries[i][modality.value]) for i in ids]
-    return EmbeddingIndex(torch.cat(chunks), torch.tensor(ids, dtype=torch.long), paths, metadata)
+    paths = [str(dataset.entries[i][modality.value]) for i in ids.tolist()]
+    return EmbeddingIndex(embeddings, ids, paths, metadata)
+
+
+class _ByLine(torch.utils.data.Dataset):
+    """The manifest lines ``lines`` as samples labelled by their line's position, so an embedding
+    keeps the id of the line it came from (a line that fails to load is None: skipped)."""
+
+    def __init__(self, dataset, lines: list[int]) -> None:
+        self.dataset, self.lines = dataset, lines
+
+    def __len__(self) -> int:
+        return len(self.lines)
+
+    def __getitem__(self, i: int):
+        sample = self.dataset[self.lines[i]]
+        return None if sample is None else dataclasses.replace(sample, label=self.lines[i])
 
 
 def save_index(path: str | Path, index: EmbeddingIndex) -> Path:
     """Write ``index`` as safetensors: tensors ``embeddings`` and ``ids``, the paths in metadata."""
+    from safetensors import SafetensorError
     from safetensors.torch import save_file
 
+    from polymodal.errors import DataError
+
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     tensors = {EMBEDDINGS_KEY: index.embeddings.contiguous(), IDS_KEY: index.ids.contiguous()}
-    save_file(tensors, str(path), metadata={**index.metadata, PATHS_KEY: json.dumps(index.paths)})
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_file(tensors, str(path), metadata={**index.metadata, PATHS_KEY: json.dumps(index.paths)})
+    except (OSError, SafetensorError) as exc:  # a folder in the way, a full disk, a read-only folder
+        raise DataError(f"cannot write the index {path}: {exc}") from None
     return path
 
 
 def load_index(path: str | Path) -> EmbeddingIndex:
-    """Read an index written by ``save_index``."""
+    """Read an index written by ``save_index``: through safetensors only, which holds tensors and
+    strings and never runs code from the file (a pickle is not an index, whatever its name).
+
+    Raises:
+        DataError: naming the file, when it is missing, not a safetensors file, or not an index.
+    """
     from safetensors import safe_open
 
     from polymodal.errors import DataError
@@ -151,11 +170,14 @@ def load_index(path: str | Path) -> EmbeddingIndex:
     path = Path(path)
     if not path.is_file():
         raise DataError(f"index file {path} does not exist; write one with `polymodal embed`")
+    not_an_index = f"{path} is not an index written by `polymodal embed`"
     try:
         with safe_open(str(path), framework="pt") as handle:
             metadata = dict(handle.metadata() or {})
             embeddings, ids = handle.get_tensor(EMBEDDINGS_KEY), handle.get_tensor(IDS_KEY)
+        paths = json.loads(metadata.pop(PATHS_KEY, "[]"))
+        if not isinstance(paths, list) or not embeddings.is_floating_point() or ids.is_floating_point():
+            raise ValueError(f"{PATHS_KEY!r} is not a list, or the tensors have the wrong types")
+        return EmbeddingIndex(embeddings, ids, [str(p) for p in paths], metadata)
     except Exception as exc:  # safetensors raises its own error types for a foreign or damaged file
-        raise DataError(f"{path} is not an index written by `polymodal embed`: {exc}") from None
-    paths = json.loads(metadata.pop(PATHS_KEY, "[]"))
-    return EmbeddingIndex(embeddings, ids, paths, metadata)
+        raise DataError(f"{not_an_index}: {exc}") from None

@@ -17,9 +17,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from polymodal.errors import ConfigError
     from polymodal.evaluation.run import evaluate_run, flat_figures, write_eval
     from polymodal.training.run import load_run
 
+    if args.limit is not None and args.limit < 1:
+        raise ConfigError(f"--limit must be at least 1, got {args.limit}")
     run_dir = Path(args.run_dir)
     loaded = load_run(run_dir)
     figures = evaluate_run(loaded, split=args.split, limit=args.limit)

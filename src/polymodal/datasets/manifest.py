@@ -48,21 +48,10 @@ class ManifestSource:
             raise ValueError(f"holdout must lie in (0, 1), got {holdout}")
         self.data, self.seed, self.holdout = data, seed, holdout
 
-    def _read(self, path: str) -> ManifestDataset:
-        data = self.data
-        return ManifestDataset(
-            path,
-            image_height=data.image_height,
-            image_width=data.image_width,
-            channels=data.image_channels,
-            sample_rate=data.sample_rate,
-            max_audio_seconds=data.max_audio_seconds,
-        )
-
     def load(self) -> Splits:
-        full = self._read(self.data.manifest)
+        full = ManifestDataset.from_config(self.data.manifest, self.data)
         if self.data.val_manifest:
-            train, held = full, self._read(self.data.val_manifest)
+            train, held = full, ManifestDataset.from_config(self.data.val_manifest, self.data)
             train_entries = full.entries
         else:  # a deterministic split of one manifest
             order = np.random.default_rng(self.seed).permutation(len(full))

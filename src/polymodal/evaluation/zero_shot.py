@@ -20,6 +20,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
 
 from polymodal.data.text import TextTokenizer
 from polymodal.evaluation.retrieval import retrieval_figures
@@ -104,11 +105,13 @@ def embed_dataset(
     batch_size: int = 128,
     device: torch.device | str = "cpu",
     limit: int | None = None,
+    progress: bool | None = False,
 ) -> dict[Modality, tuple[Tensor, Tensor]]:
     """Embed every item of ``dataset`` in each modality it carries.
 
     Args:
         limit: stop after this many items (in dataset order).
+        progress: a tqdm bar over the batches; None shows it only on a terminal.
 
     Returns:
         per modality, ((N_m, E) float32 unit-norm embeddings, (N_m,) long labels), on the CPU.
@@ -120,7 +123,8 @@ def embed_dataset(
     model.eval()
     found: dict[Modality, tuple[list[Tensor], list[Tensor]]] = {m: ([], []) for m in modalities}
     seen = 0
-    for batch in DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collate_fn):
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collate_fn)
+    for batch in tqdm(loader, desc="embed", unit="batch", disable=None if progress is None else not progress):
         if batch.size == 0:
             continue
         if limit is not None and seen + batch.size > limit:

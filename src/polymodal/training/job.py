@@ -29,6 +29,7 @@ from polymodal.training.checkpoint import latest_checkpoint, load_checkpoint
 from polymodal.training.loop import fit
 from polymodal.training.metrics_log import TENSORBOARD_DIR
 from polymodal.training.run import prepare_run
+from polymodal.training.run_lock import RunLock
 
 logger = logging.getLogger(__name__)
 
@@ -64,6 +65,11 @@ def plan_stages(config: Config) -> list[Stage]:
 
 def train(config: Config, *, resume: bool = False) -> Path:
     """Train (or resume) the run ``config.run_dir`` stage by stage and evaluate it; returns its folder."""
+    with RunLock(config.run_dir):  # one training process per run folder; a second one fails at once
+        return _train_stages(config, resume=resume)
+
+
+def _train_stages(config: Config, *, resume: bool) -> Path:
     stages = plan_stages(config)
     started_before = any(latest_checkpoint(stage.run_dir) is not None for stage in stages)
     if resume and not started_before:

@@ -16,12 +16,11 @@ from polymodal.config import DataConfig
 from polymodal.data.references import Reference
 from polymodal.datasets import DATASETS
 from polymodal.datasets.base import Splits
-from polymodal.datasets.spoken_numbers import judges, preview
-from polymodal.datasets.spoken_numbers.build import SpokenNumbers, build_spoken_numbers
 from polymodal.datasets.spoken_numbers.numbers import number_to_words, parse_number, spoken_words, written_digits
-from polymodal.datasets.spoken_numbers.probe_training import predict_numbers
-from polymodal.datasets.spoken_numbers.references import reference_glyphs, reference_images, reference_speech
 from polymodal.modality import Modality
+
+# Building, references, judges and the preview are imported where used: a run loaded for
+# generation needs none of them (nor the seconds their imports take).
 
 # The built-in speech's real frames have median -8.1 and interquartile range 6.5 (natural log of
 # power), measured once; mel heads regress (x - center) / scale, which starts near their zero output.
@@ -67,10 +66,13 @@ class SpokenNumbersSource:
             raise ValueError(f"need num_samples >= 1 and max_digits in 1..6, got {num_samples} and {max_digits}")
         self.data, self.seed = data, seed
         self.num_samples, self.max_digits = num_samples, max_digits
-        self._built: SpokenNumbers | None = None
+        self._built = None
 
     @property
-    def built(self) -> SpokenNumbers:
+    def built(self):
+        """The built data (``build.SpokenNumbers``), made or read from the cache on first use."""
+        from polymodal.datasets.spoken_numbers.build import build_spoken_numbers
+
         if self._built is None:
             data = self.data
             self._built = build_spoken_numbers(
@@ -100,6 +102,8 @@ class SpokenNumbersSource:
         return text.strip()
 
     def references(self, splits: Splits, targets: Iterable[Modality]) -> dict[Modality, dict[int, Reference]]:
+        from polymodal.datasets.spoken_numbers.references import reference_speech
+
         out = {}
         for target in targets:
             if target is Modality.AUDIO:
@@ -109,6 +113,8 @@ class SpokenNumbersSource:
         return out
 
     def reference_images(self, numbers: Iterable[int]) -> dict[int, Reference]:
+        from polymodal.datasets.spoken_numbers.references import reference_glyphs, reference_images
+
         data = self.data
         return reference_images(numbers, reference_glyphs(self.built), height=data.image_height, width=data.image_width)
 
@@ -122,6 +128,9 @@ class SpokenNumbersSource:
 
     def evaluate_generation(self, run: Any, dataset: Dataset, generated: dict[str, Any], *, limit: int | None = None) -> dict[str, dict]:
         """The judges' reading of generated images and speech, each with its ceilings."""
+        from polymodal.datasets.spoken_numbers import judges
+        from polymodal.datasets.spoken_numbers.probe_training import predict_numbers
+
         splits, device = run.splits, next(run.model.parameters()).device
         found = judges.load_judges(self.data, self.seed, splits.train, splits.test, run.collator, max_digits=self.max_digits)
         results: dict[str, dict] = {}
@@ -142,7 +151,11 @@ class SpokenNumbersSource:
         return results
 
     def describe(self, splits: Splits) -> str:
-        return preview.format_stats(self.built)
+        from polymodal.datasets.spoken_numbers.preview import format_stats
+
+        return format_stats(self.built)
 
     def write_preview(self, splits: Splits, out: Path) -> list[Path]:
-        return preview.write_preview(self.built, out)
+        from polymodal.datasets.spoken_numbers.preview import write_preview
+
+        return write_preview(self.built, out)
