@@ -99,7 +99,7 @@ def test_fit_learns_and_leaves_a_complete_run_folder(tmp_path):
     assert [e["step"] for e in train] == list(range(5, 41, 5))
     assert train[-1]["loss"] < 0.05 * train[0]["loss"]
     assert result.losses["loss"] == pytest.approx(train[-1]["loss"])
-    assert {"loss/mse", "loss/l1", "bias", "lr", "grad_norm", "samples_per_s", "skipped_samples"} <= set(train[0])
+    assert {"loss/mse", "loss/l1", "bias", "lr", "grad_norm", "samples_per_s", "mfu", "skipped_samples"} <= set(train[0])
     assert [(e["step"], e["split"]) for e in entries if e["split"] == "val"] == [(20, "val"), (40, "val")]
     assert evaluated == [(20, False, False), (40, False, False)]  # eval mode, no grad
 

@@ -95,7 +95,7 @@ def _train_entries(run_dir: Path) -> dict[int, dict]:
     entries = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     keys = [(e["step"], e["split"]) for e in entries]
     assert len(keys) == len(set(keys)), "a step was logged twice"
-    volatile = ("time", "samples_per_s")
+    volatile = ("time", "samples_per_s", "mfu")  # timings
     return {(e["step"], e["split"]): {k: v for k, v in e.items() if k not in volatile} for e in entries}
 
 

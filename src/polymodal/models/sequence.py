@@ -2,6 +2,11 @@
 one pass over ``[source][target]`` in the prefix-LM layout, one pass over a source alone, and the
 masked mean that pools a source's states.
 
+Both passes tell a backbone that can skip padding (``skips_padding = True``, as the transformer
+does) which tokens are needed: the real source tokens and every target position (heads read the
+states of padded target positions, which attend only themselves), but not the source's padding,
+which no other token attends and whose states are only ever read through ``source_mask``.
+
 Reference: the prefix-LM layout of Raffel et al. 2019, T5, arXiv:1910.10683 (section 3.2.1).
 """
 
@@ -37,7 +42,10 @@ def prefix_lm_pass(
     valid = torch.cat([source_mask, target_mask], dim=1)
     is_target = torch.zeros_like(valid)
     is_target[:, source.shape[1] :] = True
-    return backbone(tokens, mask=prefix_lm_mask(is_target, valid), positions=real_positions(valid), cache=cache)
+    mask, positions = prefix_lm_mask(is_target, valid), real_positions(valid)
+    if cache is not None:
+        return backbone(tokens, mask=mask, positions=positions, cache=cache)
+    return backbone(tokens, mask=mask, positions=positions, **needed_tokens(backbone, valid | is_target))
 
 
 def source_pass(backbone: nn.Module, tokens: Tensor, valid: Tensor) -> Tensor:
@@ -49,7 +57,12 @@ def source_pass(backbone: nn.Module, tokens: Tensor, valid: Tensor) -> Tensor:
     """
     eye = torch.eye(tokens.shape[1], dtype=torch.bool, device=tokens.device)  # (N, N)
     attend = (valid[:, None, :] | eye)[:, None]  # (B, 1, N, N)
-    return backbone(tokens, mask=attend, positions=real_positions(valid))
+    return backbone(tokens, mask=attend, positions=real_positions(valid), **needed_tokens(backbone, valid))
+
+
+def needed_tokens(backbone: nn.Module, needed: Tensor) -> dict[str, Tensor]:
+    """``{"needed": needed}`` for a backbone that skips padding (``skips_padding``), else nothing."""
+    return {"needed": needed} if getattr(backbone, "skips_padding", False) else {}
 
 
 def masked_mean(hidden: Tensor, valid: Tensor) -> Tensor:

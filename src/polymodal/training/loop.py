@@ -27,9 +27,10 @@ from polymodal.errors import ConfigError
 from polymodal.training.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint, save_checkpoint
 from polymodal.training.gradient_surgery import GradientSurgery, build_gradient_surgery
 from polymodal.training.metrics_log import MetricsLogger
+from polymodal.training.mfu import MFUMeter, counting, matmul_peak
 from polymodal.training.optim import build_optimizer, build_scheduler
 from polymodal.training.precision import autocast, resolve_precision
-from polymodal.training.sampler import build_loader
+from polymodal.training.sampler import CountedCollate, Prefetcher, build_loader
 from polymodal.training.schedules import effective_loss_weights, set_model_progress, training_progress
 
 log = logging.getLogger(__name__)
@@ -46,12 +47,14 @@ class FitResult:
         losses: the last step's ``loss`` (weighted total) and each unweighted term by name.
         wall_seconds: time spent in this call.
         samples_per_second: items trained per second in this call.
+        mfu: model FLOPs utilisation over this call (see :mod:`polymodal.training.mfu`).
     """
 
     step: int
     losses: dict[str, float]
     wall_seconds: float
     samples_per_second: float
+    mfu: float = 0.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -242,16 +245,17 @@ def optimizer_step(
 
 
 def step_values(
-    out: AccumulatedStep, losses: dict[str, float], *, lr: float, grad_norm: float, samples_per_s: float, collate_fn: Any
+    out: AccumulatedStep, losses: dict[str, float], *, lr: float, grad_norm: float, samples_per_s: float,
+    mfu: float, skipped: int | None,
 ) -> dict[str, float]:
     """What a logged step records: the total and every term with its weight, the model's metrics, lr,
-    grad norm, throughput and (when the collator counts them) the damaged samples skipped so far."""
+    grad norm, throughput, MFU and (when the collator counts them) the damaged samples skipped so far."""
     values = {"loss": losses["loss"], **{f"loss/{name}": v for name, v in losses.items() if name != "loss"}}
     values.update({f"weight/{name}": weight for name, weight in out.weights.items()})
     values.update(out.metrics)
-    values.update(lr=lr, grad_norm=grad_norm, samples_per_s=samples_per_s)
-    if hasattr(collate_fn, "num_skipped"):
-        values["skipped_samples"] = float(collate_fn.num_skipped)
+    values.update(lr=lr, grad_norm=grad_norm, samples_per_s=samples_per_s, mfu=mfu)
+    if skipped is not None:
+        values["skipped_samples"] = float(skipped)
     return values
 
 
@@ -271,7 +275,8 @@ def fit(
         model: ``forward(batch)`` returns a :class:`polymodal.models.output.StepOutput`.
         dataset: items for ``collate_fn``; visited in a seeded order, one permutation per epoch.
         collate_fn: list of items -> a batch with ``.to(device)`` and ``.size``; its ``num_skipped``
-            (damaged samples dropped in this process) is logged when it has one.
+            (damaged samples dropped) is logged when it has one. Batches are collated
+            ``train.prefetch`` ahead in a background thread.
         config: reads ``seed``, ``device``, ``data.num_workers`` and ``train``.
         run_dir: the run folder: ``config.yaml``, ``metrics.jsonl``, ``tensorboard/``, ``checkpoints/``.
         resume: continue exactly from the latest checkpoint in ``run_dir`` (weights, optimiser,
@@ -283,38 +288,49 @@ def fit(
     state = start_state(model, config, run_dir, resume=resume)
     log.info("training on %s, autocast %s, from step %d of %d", state.device, state.dtype or "off (fp32)", state.step, train.steps)
     loader = build_loader(
-        dataset, collate_fn, batch_size=train.batch_size, seed=config.seed, start=state.position,
+        dataset, CountedCollate(collate_fn), batch_size=train.batch_size, seed=config.seed, start=state.position,
         num_workers=config.data.num_workers, pin_memory=state.device.type == "cuda",
     )
-    batches, logger = iter(loader), MetricsLogger(run_dir, resume_step=state.step if resume else None)
+    batches, logger = Prefetcher(iter(loader), depth=train.prefetch), MetricsLogger(run_dir, resume_step=state.step if resume else None)
     bar = tqdm(total=train.steps, initial=state.step, disable=not train.progress, file=sys.stderr, unit="step",
                dynamic_ncols=True)  # fmt: skip
-    meter = Throughput()
+    meter, mfu = Throughput(), MFUMeter(matmul_peak(state.dtype or torch.float32, str(state.device)))
+    skipped = (lambda: batches.num_skipped) if hasattr(collate_fn, "num_skipped") else (lambda: None)
     losses: dict[str, float] = {}
     model.train()
     try:
         while state.step < train.steps:
             lr = state.optimizer.param_groups[0]["lr"]  # the rate this step uses
             first = not losses
-            out, losses, grad_norm = optimizer_step(model, state, batches, train)
-            if first:  # this process's first step: the loss names are known now
+            with counting(enabled=first) as flops:  # this process's first step: its FLOPs, for MFU
+                out, losses, grad_norm = optimizer_step(model, state, batches, train)
+            if first:  # the loss names are known now
                 warn_unused_loss_weights({**train.loss_weights, **train.loss_schedules}, out.terms)
+                mfu.record(flops.total, out.num_samples)
             meter.add(out.num_samples)
             bar.update(1)
             bar.set_postfix(loss=f"{losses['loss']:.4f}", samples_s=f"{meter.overall():.0f}")
             done = state.step == train.steps
             if state.step % train.log_every == 0 or done:
                 rate = meter.window()
-                logger.log(state.step, step_values(out, losses, lr=lr, grad_norm=grad_norm, samples_per_s=rate, collate_fn=collate_fn))
+                values = step_values(out, losses, lr=lr, grad_norm=grad_norm, samples_per_s=rate, mfu=mfu.mfu(rate), skipped=skipped())
+                logger.log(state.step, values)
             if evaluate is not None and ((train.eval_every > 0 and state.step % train.eval_every == 0) or done):
                 run_evaluation(model, evaluate, logger, state.step)
             # After logging and evaluation, so the saved RNG state is the one the next step starts from.
             if state.step % train.ckpt_every == 0 or done:
                 state.save(run_dir, model, keep=train.keep_checkpoints)
     finally:
+        batches.close()
         bar.close()
         logger.close()
-    return FitResult(step=state.step, losses=losses, wall_seconds=meter.seconds(), samples_per_second=meter.overall())
+    result = FitResult(state.step, losses, meter.seconds(), meter.overall(), mfu.mfu(meter.overall()))
+    log.info(
+        "at step %d after %.0f s: %.1f samples/s, MFU %.1f%% (%.2f GFLOP per sample, peak %.1f GFLOP/s)",
+        state.step, result.wall_seconds, result.samples_per_second, 100 * result.mfu, mfu.flops_per_sample / 1e9,
+        mfu.peak / 1e9,
+    )
+    return result
 
 
 class Throughput:
