@@ -67,6 +67,8 @@ class TransformerBlock(nn.Module):
         moe: ``ModalityMoE`` settings when the feed-forward is a mixture of experts, else None.
     """
 
+    compile_unit = True  # train.compile compiles each block (training/compile.py)
+
     def __init__(
         self,
         dim: int,

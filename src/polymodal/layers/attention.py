@@ -205,11 +205,15 @@ class SelfAttention(nn.Module):
         qkv = F.linear(x, weight, bias)  # (B, N, 3D) or (T, 3D)
         if layout is not None:
             qkv = layout.unpack(qkv)  # (T, 3D) -> (B, N, 3D), zeros where left out
-        q, k, v = rearrange(qkv, "b n (three h d) -> three b h n d", three=3, h=self.num_heads)
+        width = qkv.shape[-1] // 3
+        qk = rearrange(qkv[..., : 2 * width], "b n (two h d) -> b (two h) n d", two=2, h=self.num_heads)
+        v = rearrange(qkv[..., 2 * width :], "b n (h d) -> b h n d", h=self.num_heads)
         if self.q_norm is not None and self.k_norm is not None:
-            q, k = self.q_norm(q), self.k_norm(k)
+            q, k = qk.chunk(2, dim=1)
+            qk = torch.cat([self.q_norm(q), self.k_norm(k)], dim=1)
         if rotary is not None:
-            q, k = rotary.rotate(q), rotary.rotate(k)
+            qk = rotary.rotate(qk)  # queries and keys in one call (half the element-wise kernels)
+        q, k = qk.chunk(2, dim=1)  # (B, H, N, head_dim) each
         if cache is not None:
             kv = cache.update(self.layer_index, k, v)  # (B, H, N_kv, head_dim), cache dtype
             k, v = kv.keys.to(q.dtype), kv.values.to(q.dtype)

@@ -25,6 +25,7 @@ from tqdm import tqdm
 from polymodal.config import Config, TrainConfig, dump_config
 from polymodal.errors import ConfigError
 from polymodal.training.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint, save_checkpoint
+from polymodal.training.compile import compiled_blocks
 from polymodal.training.gradient_surgery import GradientSurgery, build_gradient_surgery
 from polymodal.training.metrics_log import MetricsLogger
 from polymodal.training.mfu import MFUMeter, counting, matmul_peak
@@ -291,46 +292,82 @@ def fit(
         dataset, CountedCollate(collate_fn), batch_size=train.batch_size, seed=config.seed, start=state.position,
         num_workers=config.data.num_workers, pin_memory=state.device.type == "cuda",
     )
-    batches, logger = Prefetcher(iter(loader), depth=train.prefetch), MetricsLogger(run_dir, resume_step=state.step if resume else None)
-    bar = tqdm(total=train.steps, initial=state.step, disable=not train.progress, file=sys.stderr, unit="step",
-               dynamic_ncols=True)  # fmt: skip
-    meter, mfu = Throughput(), MFUMeter(matmul_peak(state.dtype or torch.float32, str(state.device)))
-    skipped = (lambda: batches.num_skipped) if hasattr(collate_fn, "num_skipped") else (lambda: None)
+    batches = Prefetcher(iter(loader), depth=train.prefetch)
+    record = StepRecorder.start(run_dir, state, train, resume=resume, counts_skips=hasattr(collate_fn, "num_skipped"))
     losses: dict[str, float] = {}
     model.train()
     try:
-        while state.step < train.steps:
-            lr = state.optimizer.param_groups[0]["lr"]  # the rate this step uses
-            first = not losses
-            with counting(enabled=first) as flops:  # this process's first step: its FLOPs, for MFU
-                out, losses, grad_norm = optimizer_step(model, state, batches, train)
-            if first:  # the loss names are known now
-                warn_unused_loss_weights({**train.loss_weights, **train.loss_schedules}, out.terms)
-                mfu.record(flops.total, out.num_samples)
-            meter.add(out.num_samples)
-            bar.update(1)
-            bar.set_postfix(loss=f"{losses['loss']:.4f}", samples_s=f"{meter.overall():.0f}")
-            done = state.step == train.steps
-            if state.step % train.log_every == 0 or done:
-                rate = meter.window()
-                values = step_values(out, losses, lr=lr, grad_norm=grad_norm, samples_per_s=rate, mfu=mfu.mfu(rate), skipped=skipped())
-                logger.log(state.step, values)
-            if evaluate is not None and ((train.eval_every > 0 and state.step % train.eval_every == 0) or done):
-                run_evaluation(model, evaluate, logger, state.step)
-            # After logging and evaluation, so the saved RNG state is the one the next step starts from.
-            if state.step % train.ckpt_every == 0 or done:
-                state.save(run_dir, model, keep=train.keep_checkpoints)
+        with compiled_blocks(model, enabled=train.compile):
+            while state.step < train.steps:
+                lr = state.optimizer.param_groups[0]["lr"]  # the rate this step uses
+                first = not losses
+                with counting(enabled=first) as flops:  # this process's first step: its FLOPs, for MFU
+                    out, losses, grad_norm = optimizer_step(model, state, batches, train)
+                if first:  # the loss names are known now
+                    warn_unused_loss_weights({**train.loss_weights, **train.loss_schedules}, out.terms)
+                    record.mfu.record(flops.total, out.num_samples)
+                done = state.step == train.steps
+                logged = state.step % train.log_every == 0 or done
+                record.step(state.step, out, losses, lr=lr, grad_norm=grad_norm, skipped=batches.num_skipped, log=logged)
+                if evaluate is not None and ((train.eval_every > 0 and state.step % train.eval_every == 0) or done):
+                    run_evaluation(model, evaluate, record.logger, state.step)
+                # After logging and evaluation, so the saved RNG state is the one the next step starts from.
+                if state.step % train.ckpt_every == 0 or done:
+                    state.save(run_dir, model, keep=train.keep_checkpoints)
     finally:
         batches.close()
-        bar.close()
-        logger.close()
-    result = FitResult(state.step, losses, meter.seconds(), meter.overall(), mfu.mfu(meter.overall()))
-    log.info(
-        "at step %d after %.0f s: %.1f samples/s, MFU %.1f%% (%.2f GFLOP per sample, peak %.1f GFLOP/s)",
-        state.step, result.wall_seconds, result.samples_per_second, 100 * result.mfu, mfu.flops_per_sample / 1e9,
-        mfu.peak / 1e9,
-    )
-    return result
+        record.close()
+    return record.result(state.step, losses)
+
+
+@dataclasses.dataclass
+class StepRecorder:
+    """What a :func:`fit` call measures and writes after each step: the progress bar, throughput,
+    MFU and the logged values (``metrics.jsonl`` / TensorBoard)."""
+
+    logger: MetricsLogger
+    bar: tqdm
+    throughput: Throughput
+    mfu: MFUMeter
+    counts_skips: bool
+
+    @classmethod
+    def start(cls, run_dir: Path, state: TrainState, train: TrainConfig, *, resume: bool, counts_skips: bool) -> StepRecorder:
+        bar = tqdm(total=train.steps, initial=state.step, disable=not train.progress, file=sys.stderr, unit="step",
+                   dynamic_ncols=True)  # fmt: skip
+        peak = matmul_peak(state.dtype or torch.float32, str(state.device))
+        logger = MetricsLogger(run_dir, resume_step=state.step if resume else None)
+        return cls(logger, bar, Throughput(), MFUMeter(peak), counts_skips)
+
+    def step(
+        self, step: int, out: AccumulatedStep, losses: dict[str, float], *, lr: float, grad_norm: float, skipped: int,
+        log: bool,
+    ) -> None:
+        """Count the step; when ``log``, write its values (the window's samples/s and MFU)."""
+        self.throughput.add(out.num_samples)
+        self.bar.update(1)
+        self.bar.set_postfix(loss=f"{losses['loss']:.4f}", samples_s=f"{self.throughput.overall():.0f}")
+        if log:
+            rate = self.throughput.window()
+            values = step_values(
+                out, losses, lr=lr, grad_norm=grad_norm, samples_per_s=rate, mfu=self.mfu.mfu(rate),
+                skipped=skipped if self.counts_skips else None,
+            )
+            self.logger.log(step, values)
+
+    def close(self) -> None:
+        self.bar.close()
+        self.logger.close()
+
+    def result(self, step: int, losses: dict[str, float]) -> FitResult:
+        """The call's result; its throughput and MFU also go to the log."""
+        rate = self.throughput.overall()
+        result = FitResult(step, losses, self.throughput.seconds(), rate, self.mfu.mfu(rate))
+        log.info(
+            "at step %d after %.0f s: %.1f samples/s, MFU %.1f%% (%.2f GFLOP per sample, peak %.1f GFLOP/s)",
+            step, result.wall_seconds, rate, 100 * result.mfu, self.mfu.flops_per_sample / 1e9, self.mfu.peak / 1e9,
+        )
+        return result
 
 
 class Throughput:
@@ -359,8 +396,9 @@ class Throughput:
 
 
 def run_evaluation(model: nn.Module, evaluate: Evaluate, logger: MetricsLogger, step: int) -> None:
-    """``evaluate(model, step)`` in eval mode without gradients, logged under ``val``."""
+    """``evaluate(model, step)`` in eval mode without gradients, logged under ``val``; blocks compiled
+    for training run eagerly here (decoding's changing cache lengths would recompile them)."""
     model.eval()
-    with torch.no_grad():
+    with torch.no_grad(), torch.compiler.set_stance("force_eager"):
         logger.log(step, dict(evaluate(model, step)), prefix="val")
     model.train()
