@@ -112,6 +112,8 @@ class TrainConfig:
     keep_checkpoints: int = 2
     eval_every: int = 0  # 0: evaluate only at the end
     progress: bool = True
+    prefetch: int = 2  # batches collated ahead in a background thread while a step runs; 0: none
+    compile: bool = False  # torch.compile the model's repeated blocks (BENCHMARKS.md: slower to start)
     loss_weights: dict[str, float] = dataclasses.field(default_factory=dict)  # loss name -> weight (default 1)
     loss_schedules: dict[str, Any] = dataclasses.field(default_factory=dict)  # name -> [[progress, weight], ...]
     gradient_surgery: dict[str, Any] = dataclasses.field(default_factory=lambda: {"name": "none"})
@@ -390,8 +392,11 @@ def validate(config: Config) -> None:
         positive(f"data.{key}", getattr(config.data, key))
     positive("data.max_audio_seconds", config.data.max_audio_seconds)
     positive("model.dim", config.model.dim)
-    if config.train.warmup_steps < 0:
-        raise ConfigError(f"train.warmup_steps: must be >= 0, got {config.train.warmup_steps}")
+    for section in ("train", "tokenizer_train"):
+        for key in ("warmup_steps", "prefetch"):
+            value = getattr(getattr(config, section), key)
+            if value < 0:
+                raise ConfigError(f"{section}.{key}: must be >= 0, got {value}")
     if config.device != "auto" and config.device != "cpu" and not config.device.startswith("cuda"):
         raise ConfigError(f"device: {config.device!r} is not valid; valid: auto, cpu, cuda, cuda:N")
     from polymodal.validation import check_parts

@@ -1,5 +1,6 @@
 """The shared transformer backbone: cached vs uncached decoding, prefix-LM visibility checked through
-outputs, padding invariance, meta-device construction, forward_intermediates vs forward."""
+outputs, padding invariance, skipping padded tokens vs computing them, meta-device construction,
+forward_intermediates vs forward."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import pytest
 import torch
 
 from polymodal.backbones import BACKBONES, BackboneIntermediates, TransformerBackbone
+from polymodal.backbones.transformer import MIN_SKIPPED, skip_padding
 from polymodal.errors import ConfigError
 from polymodal.models.masks import causal_mask, prefix_lm_mask
 
@@ -104,6 +106,51 @@ def test_padding_does_not_change_unpadded_outputs():
     assert torch.isfinite(out).all()  # padded query rows attend themselves, no NaN
     for i, length in enumerate(lengths):
         torch.testing.assert_close(out[i, :length], alone[i][0], rtol=1e-10, atol=1e-10)
+
+
+def _padded_prefix_batch(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """[source][target] tokens of 3 items with padded sources (junk in the padding), the prefix-LM
+    mask, RoPE positions counting real tokens, and which tokens are needed (all but source padding)."""
+    generator = torch.Generator().manual_seed(seed)
+    num_sources, num_targets = 6, 4
+    source_valid = torch.arange(num_sources)[None] < torch.tensor([6, 2, 4])[:, None]
+    valid = torch.cat([source_valid, torch.ones(3, num_targets, dtype=torch.bool)], dim=1)
+    is_target = (torch.arange(num_sources + num_targets) >= num_sources).expand(3, -1)
+    tokens = torch.randn(3, num_sources + num_targets, DIM, generator=generator, dtype=torch.float64)
+    positions = (valid.long().cumsum(1) - 1).clamp(min=0)
+    return tokens, prefix_lm_mask(is_target, valid), positions, valid | is_target
+
+
+def test_skipping_padding_matches_computing_it():
+    """Per-token layers over the needed tokens only give those tokens the same states and every
+    weight the same gradient as the whole padded grid; skipped tokens come back as zeros."""
+    model = _backbone(qk_norm=True, bias=True).train()
+    tokens, mask, positions, needed = _padded_prefix_batch()
+    states = []
+    for given in (None, needed):
+        model.zero_grad()
+        out = model(tokens, mask=mask, positions=positions, needed=given)
+        (out[needed] ** 2).sum().backward()
+        states.append((out, [p.grad.clone() for p in model.parameters()]))
+    (full, full_grads), (skipped, skipped_grads) = states
+    torch.testing.assert_close(skipped[needed], full[needed], rtol=1e-10, atol=1e-10)
+    assert bool((skipped[~needed] == 0).all())
+    for got, expected in zip(skipped_grads, full_grads):
+        torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-10)
+
+
+def test_skipping_padding_applies_only_where_it_pays_and_never_with_a_cache():
+    assert skip_padding(torch.ones(2, 10, dtype=torch.bool)) is None  # nothing to skip
+    almost = torch.ones(2, 100, dtype=torch.bool)
+    almost[0, : int(200 * MIN_SKIPPED) - 1] = False  # just under MIN_SKIPPED of the grid
+    assert skip_padding(almost) is None
+    almost[0, : int(200 * MIN_SKIPPED)] = False
+    assert skip_padding(almost) is not None
+    model = _backbone()
+    tokens, mask, positions, needed = _padded_prefix_batch(seed=1)
+    cache = model.new_cache(3, 10, device="cpu", dtype=torch.float64)
+    cached = model(tokens, mask=mask, positions=positions, cache=cache, needed=needed)
+    torch.testing.assert_close(cached, model(tokens, mask=mask, positions=positions), rtol=1e-10, atol=1e-10)
 
 
 def test_builds_on_meta_then_init_weights():

@@ -208,7 +208,7 @@ class _Interrupt(Exception):
 
 
 def _read_entries(run_dir) -> list[dict]:
-    volatile = ("time", "samples_per_s")
+    volatile = ("time", "samples_per_s", "mfu")  # timings
     lines = (run_dir / "metrics.jsonl").read_text().splitlines()
     return [{k: v for k, v in json.loads(line).items() if k not in volatile} for line in lines]
 

@@ -42,12 +42,14 @@ class SignalAt:
 
 def _entries(run_dir: Path) -> list[dict]:
     lines = (run_dir / "metrics.jsonl").read_text().splitlines()
-    return [{k: v for k, v in json.loads(line).items() if k not in ("time", "samples_per_s")} for line in lines]
+    return [{k: v for k, v in json.loads(line).items() if k not in ("time", "samples_per_s", "mfu")} for line in lines]
 
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
 def test_signal_saves_the_step_and_resume_matches_an_uninterrupted_run(tmp_path, signum):
-    config = toy_config(steps=14, ckpt_every=5)  # poisoned items: some steps are skipped on both sides
+    # Poisoned items: some steps are skipped on both sides. Batches are collated in step (no
+    # prefetching thread), so the signal sent while collating batch 7 arrives during step 7.
+    config = toy_config(steps=14, ckpt_every=5, prefetch=0)
     whole = toy_model()
     fit(whole, Points(), collate, config, tmp_path / "whole")
 
@@ -69,7 +71,7 @@ def test_signal_saves_the_step_and_resume_matches_an_uninterrupted_run(tmp_path,
 
 def test_a_second_signal_stops_at_once(tmp_path):
     with pytest.raises(RunInterrupted, match="stopped at once by a second SIGTERM") as caught:
-        fit(toy_model(), Points(), SignalAt(3, signal.SIGTERM, again=True), toy_config(steps=10, ckpt_every=100), tmp_path)
+        fit(toy_model(), Points(), SignalAt(3, signal.SIGTERM, again=True), toy_config(steps=10, ckpt_every=100, prefetch=0), tmp_path)
     assert caught.value.exit_status == 143
     assert latest_checkpoint(tmp_path) is None  # stopped inside step 3, before any checkpoint
 

@@ -1,5 +1,6 @@
 """The training loop on a toy regression: it learns, leaves a complete run folder, accumulates
-gradients like one large batch, weights loss terms, fails clearly; and the precision policy."""
+gradients like one large batch, weights loss terms, fails clearly, logs MFU from the counted first
+step; and the precision policy."""
 
 import json
 import sys
@@ -16,6 +17,7 @@ from polymodal.models.output import StepOutput
 from polymodal.training.checkpoint import CheckpointError
 from polymodal.training.loop import FitResult, accumulate_gradients, fit
 from polymodal.training.metrics_log import MetricsLogger
+from polymodal.training.mfu import matmul_peak
 from polymodal.training.precision import autocast, cpu_runs_bf16_fast, resolve_precision
 
 sys.path.insert(0, str(Path(__file__).parent))  # toy.py beside this file
@@ -90,7 +92,7 @@ def test_fit_learns_and_leaves_a_complete_run_folder(tmp_path):
     assert [e["step"] for e in train] == list(range(5, 41, 5))
     assert train[-1]["loss"] < 0.05 * train[0]["loss"]
     assert result.losses["loss"] == pytest.approx(train[-1]["loss"])
-    assert {"loss/mse", "loss/l1", "bias", "lr", "grad_norm", "samples_per_s", "skipped_samples"} <= set(train[0])
+    assert {"loss/mse", "loss/l1", "bias", "lr", "grad_norm", "samples_per_s", "mfu", "skipped_samples"} <= set(train[0])
     assert [(e["step"], e["split"]) for e in entries if e["split"] == "val"] == [(20, "val"), (40, "val")]
     assert evaluated == [(20, False, False), (40, False, False)]  # eval mode, no grad
 
@@ -194,3 +196,15 @@ def test_metrics_logger_images_and_reserved_names(tmp_path):
     events.Reload()
     (stored,) = events.Images("val/sample")
     assert (stored.step, stored.height, stored.width) == (3, 5, 7)
+
+
+def test_fit_logs_mfu_from_the_counted_first_step(tmp_path):
+    """Every logged MFU is the first step's counted FLOPs per sample times that window's samples/s
+    over the fp32 peak: the toy model's Linear(4, 1) costs 2·4 FLOPs per sample forward and 2·4 for
+    its weight gradient (its input needs none)."""
+    result = fit(_model(), ToyData(), ToyCollate(), _config(steps=10, log_every=2), tmp_path)
+    peak = matmul_peak(torch.float32, "cpu")
+    entries = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    for entry in entries:
+        assert entry["mfu"] == pytest.approx(16 * entry["samples_per_s"] / peak, rel=1e-9)
+    assert result.mfu == pytest.approx(16 * result.samples_per_second / peak, rel=1e-9)

@@ -27,12 +27,17 @@ from torch import Tensor, nn
 
 from polymodal.backbones import BACKBONES
 from polymodal.errors import ConfigError
-from polymodal.layers.attention import SelfAttention
+from polymodal.layers.attention import SelfAttention, TokenLayout, attention_bias
 from polymodal.layers.kv_cache import KVCache
 from polymodal.layers.mlp import INIT_STD, SwiGLU, swiglu_hidden_dim
 from polymodal.layers.moe import MoEAux, ModalityMoE, check_moe_settings
 from polymodal.layers.norms import RMSNorm
 from polymodal.layers.rope import RotaryAngles, RotaryEmbedding
+
+# Per-token layers skip padding only when at least this share of the (B, N) grid is padding: the
+# gathers and scatters around each attention cost about as much as this share of the matmuls saves
+# (measured, BENCHMARKS.md "Training throughput").
+MIN_SKIPPED = 0.1
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,6 +66,8 @@ class TransformerBlock(nn.Module):
         layer_index: this block's slot in a shared KV cache.
         moe: ``ModalityMoE`` settings when the feed-forward is a mixture of experts, else None.
     """
+
+    compile_unit = True  # train.compile compiles each block (training/compile.py)
 
     def __init__(
         self,
@@ -103,21 +110,24 @@ class TransformerBlock(nn.Module):
         cache: KVCache | None,
         modality_ids: Tensor | None = None,
         aux: MoEAux | None = None,
+        layout: TokenLayout | None = None,
     ) -> Tensor:
         """Run the block.
 
         Args:
-            x: (B, N, D) residual stream.
+            x: (B, N, D) residual stream, or (T, D) with a ``layout``.
             rotary: RoPE angles for the N tokens, shared by every block.
             mask: (B, 1, N, N_kv) bool, True = may attend, or None for full attention.
             cache: shared KV cache this block appends to, or None.
             modality_ids: (B, N) long, for a mixture-of-experts feed-forward; ignored otherwise.
             aux: collector of the mixture of experts' losses and counts; ignored otherwise.
+            layout: where the T tokens of ``x`` sit in the (B, N) grid the attention sees.
 
         Returns:
-            (B, N, D).
+            (B, N, D), or (T, D) with a layout.
         """
-        x = x + self.residual_dropout(self.attn(self.attn_norm(x), rotary=rotary, mask=mask, cache=cache))
+        attended = self.attn(self.attn_norm(x), rotary=rotary, mask=mask, cache=cache, layout=layout)
+        x = x + self.residual_dropout(attended)
         normed = self.mlp_norm(x)
         if isinstance(self.mlp, ModalityMoE):
             return x + self.residual_dropout(self.mlp(normed, modality_ids=modality_ids, aux=aux))
@@ -127,6 +137,9 @@ class TransformerBlock(nn.Module):
 @BACKBONES.register("transformer")
 class TransformerBackbone(nn.Module):
     """A stack of pre-norm transformer blocks over already-embedded tokens.
+
+    ``forward`` takes ``needed``, the tokens whose states matter (``skips_padding``): its per-token
+    layers then run on those only.
 
     Args:
         dim: token width D.
@@ -142,6 +155,8 @@ class TransformerBackbone(nn.Module):
             any of ``ModalityMoE``'s settings (num_shared_experts, num_private_experts, top_k,
             capacity_factor); None keeps every block dense.
     """
+
+    skips_padding = True  # forward takes `needed` (see models/sequence.py)
 
     def __init__(
         self,
@@ -212,6 +227,7 @@ class TransformerBackbone(nn.Module):
         cache: KVCache | None = None,
         modality_ids: Tensor | None = None,
         aux: MoEAux | None = None,
+        needed: Tensor | None = None,
     ) -> Tensor:
         """Run every block.
 
@@ -224,12 +240,19 @@ class TransformerBackbone(nn.Module):
             modality_ids: (B, N) long, each token's ``MODALITY_INDEX`` row, -1 for none (specials,
                 padding); read by the mixture-of-experts layers only. None = no modality.
             aux: a ``MoEAux`` the mixture-of-experts layers add their losses and counts to.
+            needed: (B, N) bool, the tokens whose states the caller reads or others attend; the
+                rest (padding) must be attended by no token but themselves. Without a cache or
+                mixture of experts, the per-token layers then skip the rest (``skip_padding``),
+                whose states come back as zeros. None: every token is needed.
 
         Returns:
             (B, N, D) final-normed hidden states.
         """
         routing = {"modality_ids": modality_ids, "aux": aux}
-        return self._run(tokens, mask=mask, positions=positions, cache=cache, hidden=None, **routing)
+        layout = None
+        if needed is not None and cache is None and not self.moe_layers:
+            layout = skip_padding(needed)
+        return self._run(tokens, mask=mask, positions=positions, cache=cache, hidden=None, layout=layout, **routing)
 
     def forward_intermediates(
         self,
@@ -254,7 +277,7 @@ class TransformerBackbone(nn.Module):
         """
         hidden: list[Tensor] = []
         routing = {"modality_ids": modality_ids, "aux": aux}
-        output = self._run(tokens, mask=mask, positions=positions, cache=None, hidden=hidden, **routing)
+        output = self._run(tokens, mask=mask, positions=positions, cache=None, hidden=hidden, layout=None, **routing)
         return BackboneIntermediates(output=output, hidden=hidden)
 
     def _run(
@@ -265,6 +288,7 @@ class TransformerBackbone(nn.Module):
         positions: Tensor | None,
         cache: KVCache | None,
         hidden: list[Tensor] | None,
+        layout: TokenLayout | None,
         modality_ids: Tensor | None,
         aux: MoEAux | None,
     ) -> Tensor:
@@ -273,14 +297,23 @@ class TransformerBackbone(nn.Module):
         if positions is None:
             positions = torch.arange(start, start + n, device=tokens.device).expand(batch, n)  # (B, N)
         rotary = self.rotary(positions, dtype=tokens.dtype)  # computed once, shared by every block
-        x = tokens
+        mask = attention_bias(mask)  # likewise: one additive bias, not a conversion per layer
+        x = tokens if layout is None else layout.pack(tokens)  # (B, N, D) or (T, D)
         for block in self.blocks:
-            x = block(x, rotary=rotary, mask=mask, cache=cache, modality_ids=modality_ids, aux=aux)
+            x = block(x, rotary=rotary, mask=mask, cache=cache, modality_ids=modality_ids, aux=aux, layout=layout)
             if hidden is not None:
                 hidden.append(x)
         if cache is not None:
             cache.advance(n)
-        return self.final_norm(x)
+        x = self.final_norm(x)
+        return x if layout is None else layout.unpack(x)
+
+
+def skip_padding(needed: Tensor) -> TokenLayout | None:
+    """The layout that runs per-token layers on the ``needed`` (B, N) tokens only, or None when
+    that would skip under ``MIN_SKIPPED`` of the grid (gathering then costs more than it saves)."""
+    layout = TokenLayout.of(needed)
+    return layout if layout.fraction <= 1.0 - MIN_SKIPPED else None
 
 
 def init_blocks(blocks: nn.ModuleList) -> None:

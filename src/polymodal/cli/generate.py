@@ -117,7 +117,6 @@ def check_options(args: argparse.Namespace, target: Modality) -> Path | None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from polymodal.errors import ConfigError
     from polymodal.training.run import load_run
 
     source, target = parse_route(args.source[0], args.target)

@@ -1,5 +1,16 @@
-"""Multi-head self-attention through ``F.scaled_dot_product_attention``, with RoPE, optional
-query-key normalisation and an optional key/value cache.
+"""Multi-head self-attention with RoPE, optional query-key normalisation and an optional key/value
+cache, and the attention kernel it runs, chosen per shape.
+
+The kernel (``attend``): ``F.scaled_dot_product_attention`` (SDPA), except for short sequences in
+bf16/fp16 on a CPU, where an explicit matmul-softmax runs in fp32. Measured on a 2-core AVX-512 BF16
+CPU (``benchmarks/bench_train_step.py``, BENCHMARKS.md "Training throughput"): on the presets'
+masked sequences of 10-53 tokens (head width 48), SDPA's CPU flash kernel takes 5-20x longer for
+forward + backward in bf16 than the explicit path, whose two small matmuls cost little even in
+fp32; in fp32 SDPA is as fast as the explicit path or faster, so it keeps SDPA. Both compute the
+same function (tests/layers/test_attention.py: outputs and gradients within 1e-5 in fp32).
+
+A boolean mask is turned into an additive float bias once per forward by the caller
+(``attention_bias``), so the layers of a backbone share one bias instead of converting the mask each.
 
 References: Vaswani et al. 2017, Attention Is All You Need, arXiv:1706.03762; query-key
 normalisation as in Dehghani et al. 2023, Scaling Vision Transformers to 22 Billion Parameters,
@@ -8,6 +19,9 @@ arXiv:2302.05442 (RMSNorm over each head's queries and keys before the dot produ
 
 from __future__ import annotations
 
+import dataclasses
+
+import torch
 import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
@@ -17,6 +31,108 @@ from polymodal.layers.norms import RMSNorm
 from polymodal.layers.rope import RotaryAngles
 
 INIT_STD = 0.02  # GPT-2 (Radford et al. 2019) initialisation scale
+# The explicit path serves at most this many keys: beyond it its (N, N_kv) fp32 scores stop being
+# cheap against SDPA's tiled kernel (measured crossover, BENCHMARKS.md "Training throughput").
+EXPLICIT_MAX_KEYS = 256
+REDUCED_PRECISION = (torch.bfloat16, torch.float16)
+
+
+def attention_bias(mask: Tensor | None) -> Tensor | None:
+    """A boolean mask (True = may attend) as an additive float32 bias: 0 where allowed, -inf elsewhere.
+
+    Built once per forward and shared by every layer; a float mask (already a bias) or None passes
+    through unchanged.
+
+    Args:
+        mask: (B, 1, N, N_kv) or broadcastable, bool or float; or None.
+
+    Returns:
+        The same shape, float (float32 for a boolean mask), or None.
+    """
+    if mask is None or mask.is_floating_point():
+        return mask
+    return torch.zeros(mask.shape, dtype=torch.float32, device=mask.device).masked_fill_(~mask, float("-inf"))
+
+
+def uses_explicit_attention(query: Tensor, num_keys: int) -> bool:
+    """Whether ``attend`` takes the explicit fp32 path for this query (see the module docstring)."""
+    return query.device.type == "cpu" and query.dtype in REDUCED_PRECISION and num_keys <= EXPLICIT_MAX_KEYS
+
+
+def explicit_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, *, dropout: float = 0.0) -> Tensor:
+    """``softmax(q k^T / sqrt(head_dim) + bias) v`` written out, computed in float32.
+
+    Args:
+        q: (B, H, N, head_dim); k, v: (B, H, N_kv, head_dim).
+        mask: (B, 1, N, N_kv) or broadcastable, bool (True = may attend) or an additive float bias;
+            or None.
+        dropout: dropout probability on the attention weights (0 outside training).
+
+    Returns:
+        (B, H, N, head_dim) in the dtype of ``q``.
+    """
+    # fp32 island: bf16 scores (8 significant bits) would shift attention weights by percents; on
+    # short sequences the fp32 matmuls cost little. Autocast is off so they stay fp32.
+    with torch.autocast(q.device.type, enabled=False):
+        scores = (q.float() * q.shape[-1] ** -0.5) @ k.float().transpose(-1, -2)  # (B, H, N, N_kv)
+        if mask is not None:
+            scores = scores + mask if mask.is_floating_point() else scores.masked_fill(~mask, float("-inf"))
+        weights = scores.softmax(dim=-1)
+        if dropout > 0.0:
+            weights = F.dropout(weights, dropout)
+        return (weights @ v.float()).to(q.dtype)  # (B, H, N, head_dim)
+
+
+def attend(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, *, dropout: float = 0.0) -> Tensor:
+    """Scaled dot-product attention through the kernel chosen for this shape and dtype.
+
+    Args:
+        q: (B, H, N, head_dim); k, v: (B, H, N_kv, head_dim).
+        mask: (B, 1, N, N_kv) or broadcastable, bool (True = may attend) or an additive float bias;
+            or None.
+        dropout: dropout probability on the attention weights (0 outside training).
+
+    Returns:
+        (B, H, N, head_dim).
+    """
+    if uses_explicit_attention(q, k.shape[-2]):
+        return explicit_attention(q, k, v, mask, dropout=dropout)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)
+
+
+@dataclasses.dataclass(frozen=True)
+class TokenLayout:
+    """Where the tokens a pass keeps sit in its padded (B, N) grid, so that per-token layers
+    (projections, norms, feed-forward) run on those T tokens only and just attention sees the grid.
+
+    Attributes:
+        index: (T,) long, row-major positions ``b * N + n`` of the kept tokens.
+        batch: B.
+        length: N.
+    """
+
+    index: Tensor
+    batch: int
+    length: int
+
+    @classmethod
+    def of(cls, keep: Tensor) -> TokenLayout:
+        """The layout of the True entries of ``keep`` (B, N) bool."""
+        return cls(keep.flatten().nonzero().squeeze(1), keep.shape[0], keep.shape[1])
+
+    @property
+    def fraction(self) -> float:
+        """T / (B N): the share of the grid kept."""
+        return self.index.numel() / max(self.batch * self.length, 1)
+
+    def pack(self, grid: Tensor) -> Tensor:
+        """(B, N, ...) -> (T, ...): the kept tokens, row-major."""
+        return grid.flatten(0, 1).index_select(0, self.index)
+
+    def unpack(self, tokens: Tensor) -> Tensor:
+        """(T, ...) -> (B, N, ...): the tokens in their places, zeros elsewhere."""
+        grid = tokens.new_zeros((self.batch * self.length, *tokens.shape[1:]))  # (B N, ...)
+        return grid.index_copy(0, self.index, tokens).unflatten(0, (self.batch, self.length))
 
 
 class SelfAttention(nn.Module):
@@ -65,34 +181,45 @@ class SelfAttention(nn.Module):
         rotary: RotaryAngles | None = None,
         mask: Tensor | None = None,
         cache: KVCache | None = None,
+        layout: TokenLayout | None = None,
     ) -> Tensor:
         """Attend from every token of ``x`` to the cached tokens and to ``x`` itself.
 
         Args:
-            x: (B, N, D) tokens.
-            rotary: angles for the N new tokens' positions; no rotation when None.
-            mask: (B, 1, N, N_kv) or broadcastable, bool, True = may attend; N_kv is the cached
-                length plus N. None attends to every key.
+            x: (B, N, D) tokens, or (T, D) with a ``layout``: the tokens it keeps of a (B, N) grid.
+            rotary: angles for the N new tokens' positions (B, 1, N, head_dim / 2); no rotation
+                when None.
+            mask: (B, 1, N, N_kv) or broadcastable, bool (True = may attend) or an additive float
+                bias (``attention_bias``); N_kv is the cached length plus N. None attends to every key.
             cache: when given, this call's keys/values are appended at ``cache.length``
                 (the caller advances the length once all layers ran).
+            layout: where the T tokens of ``x`` sit in the (B, N) grid; the tokens it leaves out
+                read as zeros and their outputs are dropped, so none may be attended by another.
 
         Returns:
-            (B, N, D).
+            (B, N, D), or (T, D) with a layout.
         """
-        q = rearrange(self.q_proj(x), "b n (h d) -> b h n d", h=self.num_heads)
-        k = rearrange(self.k_proj(x), "b n (h d) -> b h n d", h=self.num_heads)
-        v = rearrange(self.v_proj(x), "b n (h d) -> b h n d", h=self.num_heads)
+        # One (D -> 3D) matmul for q, k and v: fewer, larger kernels in both directions.
+        weight = torch.cat([self.q_proj.weight, self.k_proj.weight, self.v_proj.weight])  # (3D, D)
+        bias = None if self.q_proj.bias is None else torch.cat([self.q_proj.bias, self.k_proj.bias, self.v_proj.bias])
+        qkv = F.linear(x, weight, bias)  # (B, N, 3D) or (T, 3D)
+        if layout is not None:
+            qkv = layout.unpack(qkv)  # (T, 3D) -> (B, N, 3D), zeros where left out
+        width = qkv.shape[-1] // 3
+        qk = rearrange(qkv[..., : 2 * width], "b n (two h d) -> b (two h) n d", two=2, h=self.num_heads)
+        v = rearrange(qkv[..., 2 * width :], "b n (h d) -> b h n d", h=self.num_heads)
         if self.q_norm is not None and self.k_norm is not None:
-            q, k = self.q_norm(q), self.k_norm(k)
+            q, k = qk.chunk(2, dim=1)
+            qk = torch.cat([self.q_norm(q), self.k_norm(k)], dim=1)
         if rotary is not None:
-            q, k = rotary.rotate(q), rotary.rotate(k)
+            qk = rotary.rotate(qk)  # queries and keys in one call (half the element-wise kernels)
+        q, k = qk.chunk(2, dim=1)  # (B, H, N, head_dim) each
         if cache is not None:
             kv = cache.update(self.layer_index, k, v)  # (B, H, N_kv, head_dim), cache dtype
             k, v = kv.keys.to(q.dtype), kv.values.to(q.dtype)
-        out = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0
-        )  # (B, H, N, head_dim)
-        return self.o_proj(rearrange(out, "b h n d -> b n (h d)"))
+        out = attend(q, k, v, mask, dropout=self.dropout if self.training else 0.0)  # (B, H, N, head_dim)
+        out = rearrange(out, "b h n d -> b n (h d)")
+        return self.o_proj(out if layout is None else layout.pack(out))
 
 
 def init_attention_weights(attn: nn.Module, *, std: float, out_std: float) -> None:

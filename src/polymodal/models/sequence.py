@@ -2,6 +2,11 @@
 one pass over ``[source][target]`` in the prefix-LM layout, one pass over a source alone, and the
 masked mean that pools a source's states.
 
+Both passes tell a backbone that can skip padding (``skips_padding = True``, as the transformer
+does) which tokens are needed: the real source tokens and every target position (heads read the
+states of padded target positions, which attend only themselves), but not the source's padding,
+which no other token attends and whose states are only ever read through ``source_mask``.
+
 Reference: the prefix-LM layout of Raffel et al. 2019, T5, arXiv:1910.10683 (section 3.2.1).
 """
 
@@ -46,8 +51,10 @@ def prefix_lm_pass(
     valid = torch.cat([source_mask, target_mask], dim=1)
     is_target = torch.zeros_like(valid)
     is_target[:, source.shape[1] :] = True
-    mask = prefix_lm_mask(is_target, valid)
-    return backbone(tokens, mask=mask, positions=real_positions(valid), cache=cache, **(routing or {}))
+    mask, positions, routing = prefix_lm_mask(is_target, valid), real_positions(valid), routing or {}
+    if cache is not None:
+        return backbone(tokens, mask=mask, positions=positions, cache=cache, **routing)
+    return backbone(tokens, mask=mask, positions=positions, **routing, **needed_tokens(backbone, valid | is_target))
 
 
 def source_pass(backbone: nn.Module, tokens: Tensor, valid: Tensor, *, routing: dict | None = None) -> Tensor:
@@ -57,13 +64,21 @@ def source_pass(backbone: nn.Module, tokens: Tensor, valid: Tensor, *, routing: 
     masked (an all-False softmax row is NaN) while real rows are unaffected. Because sources never
     attend targets in ``prefix_lm_pass``, its source positions hold exactly these states.
     """
-    return backbone(tokens, mask=source_attention(valid), positions=real_positions(valid), **(routing or {}))
+    return backbone(
+        tokens, mask=source_attention(valid), positions=real_positions(valid), **(routing or {}),
+        **needed_tokens(backbone, valid),
+    )
 
 
 def source_attention(valid: Tensor) -> Tensor:
     """(B, N) bool -> (B, 1, N, N) the mask of ``source_pass``: real keys, and every token itself."""
     eye = torch.eye(valid.shape[1], dtype=torch.bool, device=valid.device)  # (N, N)
     return (valid[:, None, :] | eye)[:, None]  # (B, 1, N, N)
+
+
+def needed_tokens(backbone: nn.Module, needed: Tensor) -> dict[str, Tensor]:
+    """``{"needed": needed}`` for a backbone that skips padding (``skips_padding``), else nothing."""
+    return {"needed": needed} if getattr(backbone, "skips_padding", False) else {}
 
 
 def masked_mean(hidden: Tensor, valid: Tensor) -> Tensor:

@@ -8,7 +8,6 @@ end the run after a checkpoint of the step under way (``interrupt.py``).
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import itertools
 import logging
@@ -30,13 +29,15 @@ from polymodal.config import Config, TrainConfig, dump_config
 from polymodal.errors import ConfigError
 from polymodal.training.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint, save_checkpoint
 from polymodal.training.checkpoint_check import resumable_checkpoint
+from polymodal.training.compile import compiled_blocks
 from polymodal.training.gradient_surgery import GradientSurgery, build_gradient_surgery
 from polymodal.training.interrupt import StopOnSignal
 from polymodal.training.metrics_log import MetricsLogger
+from polymodal.training.mfu import MFUMeter, counting, matmul_peak
 from polymodal.training.nonfinite import NonFiniteGuard
 from polymodal.training.optim import build_optimizer, build_scheduler
 from polymodal.training.precision import autocast, resolve_precision
-from polymodal.training.sampler import build_loader
+from polymodal.training.sampler import CountedCollate, Prefetcher, build_loader
 from polymodal.training.schedules import effective_loss_weights, set_model_progress, training_progress
 
 log = logging.getLogger(__name__)
@@ -53,12 +54,14 @@ class FitResult:
         losses: the last step's ``loss`` (weighted total) and each unweighted term by name.
         wall_seconds: time spent in this call.
         samples_per_second: items trained per second in this call.
+        mfu: model FLOPs utilisation over this call (see :mod:`polymodal.training.mfu`).
     """
 
     step: int
     losses: dict[str, float]
     wall_seconds: float
     samples_per_second: float
+    mfu: float = 0.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -264,28 +267,30 @@ def optimizer_step(
 
 
 def step_values(
-    out: AccumulatedStep, losses: dict[str, float], *, lr: float, grad_norm: float, samples_per_s: float, collate_fn: Any
+    out: AccumulatedStep, losses: dict[str, float], *, lr: float, grad_norm: float, samples_per_s: float,
+    mfu: float, skipped: int | None,
 ) -> dict[str, float]:
     """What a logged step records: the total and every term with its weight, the model's metrics, lr,
-    grad norm, throughput and (when the collator counts them) the damaged samples skipped so far."""
+    grad norm, throughput, MFU and (when the collator counts them) the damaged samples skipped so far."""
     values = {"loss": losses["loss"], **{f"loss/{name}": v for name, v in losses.items() if name != "loss"}}
     values.update({f"weight/{name}": weight for name, weight in out.weights.items()})
     values.update(out.metrics)
-    values.update(lr=lr, grad_norm=grad_norm, samples_per_s=samples_per_s)
-    if hasattr(collate_fn, "num_skipped"):
-        values["skipped_samples"] = float(collate_fn.num_skipped)
+    values.update(lr=lr, grad_norm=grad_norm, samples_per_s=samples_per_s, mfu=mfu)
+    if skipped is not None:
+        values["skipped_samples"] = float(skipped)
     return values
 
 
 def data_stream(
     dataset: Dataset, collate_fn: Callable[[list[Any]], Any], config: Config, state: TrainState
-) -> Iterator[Any]:
-    """Batches in the run's seeded order from the item ``state`` reached (exact resume)."""
+) -> Prefetcher:
+    """Batches in the run's seeded order from the item ``state`` reached (exact resume), collated
+    ``train.prefetch`` ahead in a background thread; its ``num_skipped`` counts damaged samples."""
     loader = build_loader(
-        dataset, collate_fn, batch_size=config.train.batch_size, seed=config.seed, start=state.position,
+        dataset, CountedCollate(collate_fn), batch_size=config.train.batch_size, seed=config.seed, start=state.position,
         num_workers=config.data.num_workers, pin_memory=state.device.type == "cuda",
     )
-    return iter(loader)
+    return Prefetcher(iter(loader), depth=config.train.prefetch)
 
 
 def fit(
@@ -305,7 +310,8 @@ def fit(
         model: ``forward(batch)`` returns a :class:`polymodal.models.output.StepOutput`.
         dataset: items for ``collate_fn``; visited in a seeded order, one permutation per epoch.
         collate_fn: list of items -> a batch with ``.to(device)`` and ``.size``; its ``num_skipped``
-            (damaged samples dropped in this process) is logged when it has one.
+            (damaged samples dropped) is logged when it has one. Batches are collated
+            ``train.prefetch`` ahead in a background thread.
         config: reads ``seed``, ``device``, ``data.num_workers`` and ``train``.
         run_dir: the run folder: ``config.yaml``, ``metrics.jsonl``, ``tensorboard/``, ``checkpoints/``.
         resume: continue exactly from the newest whole checkpoint in ``run_dir`` (weights,
@@ -323,34 +329,86 @@ def fit(
     state = start_state(model, config, run_dir, resume=resume)
     log.info("training on %s, autocast %s, from step %d of %d", state.device, state.dtype or "off (fp32)", state.step, train.steps)
     batches = data_stream(dataset, collate_fn, config, state)
-    logger = MetricsLogger(run_dir, resume_step=state.step if resume else None)
-    bar = tqdm(total=train.steps, initial=state.step, disable=not train.progress, file=sys.stderr, unit="step",
-               dynamic_ncols=True)  # fmt: skip
-    meter = Throughput()
+    record = StepRecorder.start(run_dir, state, train, resume=resume, counts_skips=hasattr(collate_fn, "num_skipped"))
     losses: dict[str, float] = {}
     model.train()
-    with StopOnSignal() as stop, logger, contextlib.closing(bar):  # a signal waits for the step's end
-        while state.step < train.steps:
-            lr = state.optimizer.param_groups[0]["lr"]  # the rate this step uses
-            first = not losses
-            out, losses, grad_norm = optimizer_step(model, state, batches, train)
-            if first:  # this process's first step: the loss names are known now
-                warn_unused_loss_weights({**train.loss_weights, **train.loss_schedules}, out.terms)
-            meter.add(out.num_samples)
-            bar.update(1)
-            bar.set_postfix(loss=f"{losses['loss']:.4f}", samples_s=f"{meter.overall():.0f}")
-            done = state.step == train.steps
-            if state.step % train.log_every == 0 or done:
-                values = step_values(out, losses, lr=lr, grad_norm=grad_norm, samples_per_s=meter.window(), collate_fn=collate_fn)
-                logger.log(state.step, {**values, "skipped_steps": state.guard.skipped})  # non-finite steps so far
-            if evaluate is not None and ((train.eval_every > 0 and state.step % train.eval_every == 0) or done):
-                run_evaluation(model, evaluate, logger, state.step)
-            if diagnose is not None:
-                diagnose(model, state.step, logger)
-            # After logging and evaluation, so the saved RNG state is the one the next step starts from.
-            if state.step % train.ckpt_every == 0 or done or stop.requested:
-                stop.raise_if_requested(state.step, state.save(run_dir, model, keep=train.keep_checkpoints))
-    return FitResult(step=state.step, losses=losses, wall_seconds=meter.seconds(), samples_per_second=meter.overall())
+    try:
+        with StopOnSignal() as stop, compiled_blocks(model, enabled=train.compile):  # a signal waits for the step's end
+            while state.step < train.steps:
+                lr = state.optimizer.param_groups[0]["lr"]  # the rate this step uses
+                first = not losses
+                with counting(enabled=first) as flops:  # this process's first step: its FLOPs, for MFU
+                    out, losses, grad_norm = optimizer_step(model, state, batches, train)
+                if first:  # the loss names are known now
+                    warn_unused_loss_weights({**train.loss_weights, **train.loss_schedules}, out.terms)
+                    record.mfu.record(flops.total, out.num_samples)
+                done = state.step == train.steps
+                record.step(
+                    state.step, out, losses, lr=lr, grad_norm=grad_norm, skipped=batches.num_skipped,
+                    skipped_steps=state.guard.skipped, log=state.step % train.log_every == 0 or done,
+                )
+                if evaluate is not None and ((train.eval_every > 0 and state.step % train.eval_every == 0) or done):
+                    run_evaluation(model, evaluate, record.logger, state.step)
+                if diagnose is not None:
+                    diagnose(model, state.step, record.logger)
+                # After logging and evaluation, so the saved RNG state is the one the next step starts from.
+                if state.step % train.ckpt_every == 0 or done or stop.requested:
+                    stop.raise_if_requested(state.step, state.save(run_dir, model, keep=train.keep_checkpoints))
+    finally:
+        batches.close()
+        record.close()
+    return record.result(state.step, losses)
+
+
+@dataclasses.dataclass
+class StepRecorder:
+    """What a :func:`fit` call measures and writes after each step: the progress bar, throughput,
+    MFU and the logged values (``metrics.jsonl`` / TensorBoard)."""
+
+    logger: MetricsLogger
+    bar: tqdm
+    throughput: Throughput
+    mfu: MFUMeter
+    counts_skips: bool
+
+    @classmethod
+    def start(cls, run_dir: Path, state: TrainState, train: TrainConfig, *, resume: bool, counts_skips: bool) -> StepRecorder:
+        bar = tqdm(total=train.steps, initial=state.step, disable=not train.progress, file=sys.stderr, unit="step",
+                   dynamic_ncols=True)  # fmt: skip
+        peak = matmul_peak(state.dtype or torch.float32, str(state.device))
+        logger = MetricsLogger(run_dir, resume_step=state.step if resume else None)
+        return cls(logger, bar, Throughput(), MFUMeter(peak), counts_skips)
+
+    def step(
+        self, step: int, out: AccumulatedStep, losses: dict[str, float], *, lr: float, grad_norm: float, skipped: int,
+        skipped_steps: int, log: bool,
+    ) -> None:
+        """Count the step; when ``log``, write its values (the window's samples/s and MFU, and the
+        non-finite steps skipped so far)."""
+        self.throughput.add(out.num_samples)
+        self.bar.update(1)
+        self.bar.set_postfix(loss=f"{losses['loss']:.4f}", samples_s=f"{self.throughput.overall():.0f}")
+        if log:
+            rate = self.throughput.window()
+            values = step_values(
+                out, losses, lr=lr, grad_norm=grad_norm, samples_per_s=rate, mfu=self.mfu.mfu(rate),
+                skipped=skipped if self.counts_skips else None,
+            )
+            self.logger.log(step, {**values, "skipped_steps": skipped_steps})
+
+    def close(self) -> None:
+        self.bar.close()
+        self.logger.close()
+
+    def result(self, step: int, losses: dict[str, float]) -> FitResult:
+        """The call's result; its throughput and MFU also go to the log."""
+        rate = self.throughput.overall()
+        result = FitResult(step, losses, self.throughput.seconds(), rate, self.mfu.mfu(rate))
+        log.info(
+            "at step %d after %.0f s: %.1f samples/s, MFU %.1f%% (%.2f GFLOP per sample, peak %.1f GFLOP/s)",
+            step, result.wall_seconds, rate, 100 * result.mfu, self.mfu.flops_per_sample / 1e9, self.mfu.peak / 1e9,
+        )
+        return result
 
 
 class Throughput:
@@ -379,8 +437,9 @@ class Throughput:
 
 
 def run_evaluation(model: nn.Module, evaluate: Evaluate, logger: MetricsLogger, step: int) -> None:
-    """``evaluate(model, step)`` in eval mode without gradients, logged under ``val``."""
+    """``evaluate(model, step)`` in eval mode without gradients, logged under ``val``; blocks compiled
+    for training run eagerly here (decoding's changing cache lengths would recompile them)."""
     model.eval()
-    with torch.no_grad():
+    with torch.no_grad(), torch.compiler.set_stance("force_eager"):
         logger.log(step, dict(evaluate(model, step)), prefix="val")
     model.train()

@@ -20,19 +20,32 @@ from polymodal.errors import ConfigError
 log = logging.getLogger(__name__)
 
 # "auto" picks bf16 on CPU only when a measured bf16 matmul beats fp32 by at least this factor.
-# Without native bf16 instructions (AVX512-BF16 / AMX) PyTorch emulates bf16 and runs far slower.
+# Without native bf16 instructions (AVX512-BF16 / AMX) PyTorch emulates bf16 and runs far slower;
+# with AVX512-BF16 alone it can still be slower (BENCHMARKS.md "Training throughput": half the fp32
+# rate on the 2-core Xeon the main job runs on).
 BF16_MIN_SPEEDUP = 1.2
-_PROBE_SIZE = 256  # square matmul side of the one-time CPU probe
-_PROBE_REPEATS = 5
+# The probe: a (rows x width) @ (width x 4 width) linear layer, the shape of a transformer's
+# feed-forward at the presets' widths, timed in alternation so that load from other processes hits
+# both dtypes alike; each dtype's fastest repeat counts (a noisy probe would flip the precision).
+_PROBE_ROWS, _PROBE_WIDTH = 1024, 256
+_PROBE_REPEATS = 10
 
 
-def _matmul_seconds(dtype: torch.dtype) -> float:
-    a = torch.randn(_PROBE_SIZE, _PROBE_SIZE, generator=torch.Generator().manual_seed(0)).to(dtype)
-    a @ a  # warm up kernels and caches
-    start = time.perf_counter()
+def _linear_seconds(dtypes: tuple[torch.dtype, ...]) -> dict[torch.dtype, float]:
+    """Fastest of ``_PROBE_REPEATS`` alternating runs of the probe's linear layer, per dtype."""
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(_PROBE_ROWS, _PROBE_WIDTH, generator=generator)
+    weight = torch.randn(4 * _PROBE_WIDTH, _PROBE_WIDTH, generator=generator)
+    inputs = {dtype: (x.to(dtype), weight.to(dtype)) for dtype in dtypes}
+    best = dict.fromkeys(dtypes, float("inf"))
+    for dtype, (a, b) in inputs.items():
+        torch.nn.functional.linear(a, b)  # warm up kernels and caches
     for _ in range(_PROBE_REPEATS):
-        a @ a
-    return time.perf_counter() - start
+        for dtype, (a, b) in inputs.items():
+            start = time.perf_counter()
+            torch.nn.functional.linear(a, b)
+            best[dtype] = min(best[dtype], time.perf_counter() - start)
+    return best
 
 
 @functools.lru_cache(maxsize=1)
@@ -40,13 +53,15 @@ def cpu_runs_bf16_fast() -> bool:
     """Whether this CPU runs bf16 matmul natively and faster than fp32 (checked once per process).
 
     A CPU without AVX512-BF16 or AMX is ruled out without measuring; otherwise a short matmul probe
-    confirms the speed-up (a build without oneDNN bf16 kernels would emulate it).
+    confirms the speed-up (a build without oneDNN bf16 kernels would emulate it, and some CPUs with
+    the instructions still run bf16 slower).
     """
     native = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
     if not native:
         log.debug("CPU capability %s has no native bf16", torch.backends.cpu.get_cpu_capability())
         return False
-    speedup = _matmul_seconds(torch.float32) / max(_matmul_seconds(torch.bfloat16), 1e-9)
+    seconds = _linear_seconds((torch.float32, torch.bfloat16))
+    speedup = seconds[torch.float32] / max(seconds[torch.bfloat16], 1e-9)
     log.debug("CPU bf16 matmul speed-up over fp32: %.2fx", speedup)
     return speedup >= BF16_MIN_SPEEDUP
 

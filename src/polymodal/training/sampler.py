@@ -1,12 +1,17 @@
-"""A deterministic, resumable order over a dataset, and the DataLoader built on it.
+"""A deterministic, resumable order over a dataset, the DataLoader built on it, and the prefetcher
+that collates the next batches while the current step runs.
 
 Epoch ``e`` visits ``torch.randperm(n)`` drawn from a generator seeded with ``seed + e``. The only
 state is how many items have been consumed, so resuming at item ``k`` replays exactly the remaining
-stream of an uninterrupted run.
+stream of an uninterrupted run. Prefetching changes none of this: batches are made in the same
+order, and those made ahead of a checkpoint are made again after a resume (the data path reads no
+global random state; augmentations draw from per-item generators, ``data/augment.py``).
 """
 
 from __future__ import annotations
 
+import queue
+import threading
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -76,3 +81,94 @@ def build_loader(
         persistent_workers=num_workers > 0,
         worker_init_fn=ignore_stop_signals if num_workers > 0 else None,  # the main process handles them
     )
+
+
+class CountedCollate:
+    """A collate function that returns ``(batch, skipped)``: the batch and how many samples the
+    wrapped collator dropped making it (its ``num_skipped`` before and after). The count travels
+    with the batch, so it reaches the training process from a prefetch thread or a DataLoader
+    worker alike (a worker's collator is a copy whose own counter the trainer never sees).
+    """
+
+    def __init__(self, collate_fn: Callable[[list[Any]], Any]) -> None:
+        self.collate_fn = collate_fn
+
+    def __call__(self, samples: list[Any]) -> tuple[Any, int]:
+        before = getattr(self.collate_fn, "num_skipped", 0)
+        batch = self.collate_fn(samples)
+        return batch, getattr(self.collate_fn, "num_skipped", 0) - before
+
+
+class Prefetcher:
+    """Batches from a stream of ``(batch, skipped)`` pairs (``CountedCollate``), made up to ``depth``
+    ahead in a background thread, so collation runs while the model trains.
+
+    ``num_skipped`` counts the samples dropped in the batches handed out so far (not those still
+    queued), so a logged count matches the steps taken. ``depth=0`` makes each batch on demand, in
+    the caller's thread. ``close`` stops the thread; batches made ahead are discarded (a resumed run
+    makes them again from its checkpoint's data position).
+
+    Args:
+        pairs: an iterator of ``(batch, skipped)``, e.g. over a DataLoader with a ``CountedCollate``.
+        depth: batches made ahead; 0 for none.
+    """
+
+    _END = object()
+
+    def __init__(self, pairs: Iterator[tuple[Any, int]], *, depth: int) -> None:
+        if depth < 0:
+            raise ValueError(f"Prefetcher: depth must be >= 0, got {depth}")
+        self.pairs = pairs
+        self.num_skipped = 0
+        self.ended: BaseException | None = None  # what the stream ended with, raised again on every call
+        self.queue: queue.Queue = queue.Queue(maxsize=max(depth, 1))
+        self.stopping = threading.Event()
+        self.thread = None
+        if depth > 0:
+            self.thread = threading.Thread(target=self._fill, name="polymodal-prefetch", daemon=True)
+            self.thread.start()
+
+    def _fill(self) -> None:
+        """The thread: make batches until the stream ends, fails, or ``close`` is called."""
+        try:
+            for pair in self.pairs:
+                if not self._put(pair):
+                    return
+        except BaseException as exc:  # handed to the consumer, which raises it in its own thread
+            self._put(exc)
+            return
+        self._put(self._END)
+
+    def _put(self, item: Any) -> bool:
+        """Queue ``item``, waiting for room; False once closing (nobody will read it)."""
+        while not self.stopping.is_set():
+            try:
+                self.queue.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def __iter__(self) -> Prefetcher:
+        return self
+
+    def __next__(self) -> Any:
+        if self.ended is not None:
+            raise self.ended
+        if self.thread is None:
+            batch, skipped = next(self.pairs)
+        else:
+            item = self.queue.get()
+            if item is self._END or isinstance(item, BaseException):
+                self.ended = StopIteration() if item is self._END else item
+                raise self.ended
+            batch, skipped = item
+        self.num_skipped += skipped
+        return batch
+
+    def close(self) -> None:
+        """Stop the thread (if any) and drop what it made ahead."""
+        self.stopping.set()
+        if self.thread is not None:
+            self.thread.join()
+            self.thread = None

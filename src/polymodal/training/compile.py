@@ -1,0 +1,44 @@
+"""``train.compile``: ``torch.compile`` (TorchInductor; C++/OpenMP kernels on CPU) over the model's
+repeated blocks, the modules whose class sets ``compile_unit = True`` (the transformer block).
+
+Why blocks and not the whole model: the model's forward picks items by masks and reads values back
+(task selection, lengths), which splits a whole-model graph into many pieces, and Inductor failed
+on one of them (torch 2.13, a value-range error); a block is one clean graph over (B, N, D) or
+(T, D) tokens. Shapes change from batch to batch (sequence lengths, kept tokens), so blocks are
+compiled with dynamic shapes: one compilation serves every batch. Measured (BENCHMARKS.md "Training
+throughput"): about 20% off the default preset's step once compiled, after a first compilation of
+one and a half minutes on two busy cores; off by default, since for the main job's 800 steps that
+start-up costs about what it saves (Inductor caches compiled code on disk, so later runs start
+faster).
+
+Reference: Ansel et al. 2024, PyTorch 2: Faster Machine Learning Through Dynamic Python Bytecode
+Transformation and Graph Compilation, ASPLOS (TorchDynamo and TorchInductor).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Iterator
+
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+
+@contextlib.contextmanager
+def compiled_blocks(model: nn.Module, *, enabled: bool = True) -> Iterator[int]:
+    """Inside the block, every sub-module of ``model`` whose class sets ``compile_unit = True`` runs
+    compiled; afterwards they run eagerly again (evaluation and generation after training, whose
+    KV-cache decoding would recompile at every new length). Yields how many modules were compiled
+    (0 when not ``enabled`` or the model has none: it runs as it is)."""
+    units = [module for module in model.modules() if getattr(type(module), "compile_unit", False)] if enabled else []
+    for module in units:
+        module.compile(dynamic=True)
+    if units:
+        log.info("train.compile: %d blocks compiled with dynamic shapes (the first steps take longer)", len(units))
+    try:
+        yield len(units)
+    finally:
+        for module in units:
+            module._compiled_call_impl = None  # what nn.Module.compile set: back to the eager forward

@@ -1,0 +1,94 @@
+"""Model FLOPs utilisation (MFU): the model's FLOPs per second of training over the machine's
+measured matmul peak for the precision in use.
+
+MFU = FLOPs of one training step / step time / peak (Chowdhery et al. 2022, PaLM,
+arXiv:2204.02311, appendix B). The FLOPs are counted, not estimated: ``torch.utils.flop_counter``'s
+``FlopCounterMode`` records every matmul, convolution and attention kernel of one whole step
+(forward and backward) as it runs, at the shapes it runs (a step whose per-token layers skip
+padding is counted without it). The count comes from the first step of a ``fit`` call; batches
+differ in padding, so later steps differ from it by a few percent. Element-wise work is not
+counted, by the convention. The peak is the fastest ``F.linear`` measured here on square matrices
+of a few sizes, in the precision the step's matmuls run in, once per process.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import time
+from collections.abc import Iterator
+
+import torch
+import torch.nn.functional as F
+from torch.utils.flop_counter import FlopCounterMode
+
+# Square sizes of the peak probe: the best of them is the peak (a small matmul can beat a large one
+# on a busy machine, whose caches other processes share).
+PEAK_SIZES = (512, 1024, 2048)
+PEAK_REPEATS = 3
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@functools.lru_cache(maxsize=8)
+def matmul_peak(dtype: torch.dtype = torch.float32, device: str = "cpu") -> float:
+    """The best FLOP/s of an ``F.linear`` of ``PEAK_SIZES`` square matrices in ``dtype``, fastest of
+    ``PEAK_REPEATS`` each (measured once per process, dtype and device)."""
+    where = torch.device(device)
+    best = 0.0
+    for size in PEAK_SIZES:
+        generator = torch.Generator().manual_seed(size)
+        a = torch.randn(size, size, generator=generator).to(device=where, dtype=dtype)
+        b = torch.randn(size, size, generator=generator).to(device=where, dtype=dtype)
+        F.linear(a, b)  # warm-up: kernel choice, JIT, first-touch pages
+        for _ in range(PEAK_REPEATS):
+            _synchronize(where)
+            start = time.perf_counter()
+            F.linear(a, b)
+            _synchronize(where)
+            best = max(best, 2 * size**3 / max(time.perf_counter() - start, 1e-12))
+    return best
+
+
+class FlopCount:
+    """The FLOPs of one counted stretch of work (``counting``); ``total`` is 0 until it ends."""
+
+    def __init__(self) -> None:
+        self.total = 0
+
+
+@contextlib.contextmanager
+def counting(enabled: bool = True) -> Iterator[FlopCount]:
+    """Count the matmul, convolution and attention FLOPs run inside the block (forward and
+    backward); a no-op counting nothing when ``enabled`` is False."""
+    count = FlopCount()
+    if not enabled:
+        yield count
+        return
+    mode = FlopCounterMode(display=False)
+    with mode:
+        yield count
+    count.total = mode.get_total_flops()
+
+
+class MFUMeter:
+    """MFU from a step's counted FLOPs, the samples it trained and a measured throughput.
+
+    Args:
+        peak: the machine's matmul FLOP/s for the precision in use (``matmul_peak``).
+    """
+
+    def __init__(self, peak: float) -> None:
+        self.peak = peak
+        self.flops_per_sample = 0.0
+
+    def record(self, flops: int, samples: int) -> None:
+        """The counted step: ``flops`` for ``samples`` items."""
+        self.flops_per_sample = flops / max(samples, 1)
+
+    def mfu(self, samples_per_second: float) -> float:
+        """The share of the peak used at ``samples_per_second`` (0 before a step was counted)."""
+        return self.flops_per_sample * samples_per_second / self.peak

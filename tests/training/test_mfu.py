@@ -1,0 +1,31 @@
+"""MFU: the FLOP count of a step checked by hand, and the meter's arithmetic (fit's logged MFU is
+checked in test_loop.py)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from polymodal.training.mfu import MFUMeter, counting, matmul_peak
+
+
+def test_counting_a_linear_layer_by_hand():
+    """Forward 2·B·in·out; backward twice that (gradients of the input and of the weight)."""
+    layer = nn.Linear(8, 16)
+    x = torch.randn(32, 8, requires_grad=True)
+    with counting() as flops:
+        layer(x).sum().backward()
+    assert flops.total == 6 * 32 * 8 * 16
+    with counting(enabled=False) as nothing:
+        layer(x).sum().backward()
+    assert nothing.total == 0
+
+
+def test_meter_and_peak():
+    meter = MFUMeter(peak=1e9)
+    assert meter.mfu(100.0) == 0.0  # nothing counted yet
+    meter.record(flops=10**9, samples=10)
+    assert meter.mfu(samples_per_second=5.0) == pytest.approx(0.5)
+    peak = matmul_peak(torch.float32, "cpu")
+    assert peak > 1e8 and matmul_peak(torch.float32, "cpu") == peak  # measured once
