@@ -4,6 +4,7 @@
   polymodal train --config tiny train.steps=50     # a preset plus key=value overrides
   polymodal train --config my.yaml                 # a YAML file over the default preset
   polymodal train run_dir=runs/x --resume          # continue an interrupted run exactly
+  polymodal train --nproc-per-node 2 --config tiny # data-parallel: 2 ranks (torchrun -m polymodal train ... too)
 
 Config merge order: defaults < preset < YAML files < key=value. See `polymodal configs`.
 """
@@ -13,6 +14,7 @@ from __future__ import annotations
 import argparse
 
 from polymodal.config import Config, load_config, load_run_config
+from polymodal.distributed import launch
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -29,6 +31,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="continue the run in run_dir from its latest checkpoint, with its saved config (key=value still applies)",
     )
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. train.steps=100")
+    launch.add_launch_arguments(parser)
 
 
 def resolve(args: argparse.Namespace) -> Config:
@@ -39,9 +42,26 @@ def resolve(args: argparse.Namespace) -> Config:
     return load_run_config(config.run_dir, args.overrides)
 
 
-def run(args: argparse.Namespace) -> int:
-    from polymodal.training.job import train
+def worker_argv(args: argparse.Namespace) -> list[str]:
+    """This command line as each rank runs it: the same config, without the launcher options."""
+    argv = ["-v"] if args.verbose else []
+    argv.append("train")
+    for name in args.config:
+        argv += ["--config", name]
+    return [*argv, *(["--resume"] if args.resume else []), *args.overrides]
 
-    run_dir = train(resolve(args), resume=args.resume)
-    print(f"run folder: {run_dir}")
+
+def run(args: argparse.Namespace) -> int:
+    from polymodal.distributed.process import is_main, process_group
+    from polymodal.training.job import train
+    from polymodal.training.loop import resolve_device
+
+    if launch.requested(args):
+        return launch.relaunch(args, worker_argv(args))
+    config = resolve(args)
+    with process_group(resolve_device(config.device)):  # one rank of a launched run; else a plain process
+        run_dir = train(config, resume=args.resume)
+        main = is_main()
+    if main:
+        print(f"run folder: {run_dir}")
     return 0

@@ -11,6 +11,7 @@ import torch
 from torch import Tensor
 
 from polymodal.data.batch import Batch
+from polymodal.distributed.contrastive import first_of_label, gathered_info_nce
 from polymodal.losses.contrastive import info_nce
 from polymodal.modality import Modality
 
@@ -42,14 +43,6 @@ def parse_pair(name: str) -> tuple[Modality, Modality]:
     return valid[name]
 
 
-def first_of_label(labels: Tensor) -> Tensor:
-    """(B,) bool: True on the first item of each label >= 0, and on every item labelled < 0."""
-    positions = torch.arange(labels.shape[0], device=labels.device)  # (B,)
-    _, group = torch.unique(labels, return_inverse=True)  # (B,) index of each item's label
-    first = torch.full_like(positions, labels.shape[0]).scatter_reduce(0, group, positions, reduce="amin")  # per label
-    return (first[group] == positions) | (labels < 0)
-
-
 def pair_losses(
     embedded: dict[Modality, Tensor],
     batch: Batch,
@@ -60,6 +53,7 @@ def pair_losses(
     unique_labels: bool = False,
     tile_size: int | None = None,
     tiled_above: int | None = None,
+    gather: bool = False,
 ) -> tuple[dict[str, Tensor], dict[str, float]]:
     """One symmetric InfoNCE term per pair, over the items that carry both modalities.
 
@@ -71,17 +65,32 @@ def pair_losses(
         prefix: loss names are ``<prefix><pair>``, e.g. ``clip_image_text``.
         unique_labels: keep one item per label (>= 0), so two items of one class are never each
             other's negatives.
+        gather: take negatives from every rank's batch (data-parallel training): this rank's
+            weighted share of the global loss (``distributed/contrastive.py``). Every rank must
+            then call with the same pairs, holding items or not.
 
     Returns:
         losses ``<prefix><pair>`` and metrics ``<prefix><pair>_acc`` (in-batch a -> b top-1).
     """
-    rank = {m: batch.present[m].long().cumsum(0) - 1 for m in embedded}  # (B,) item -> its row
+    none = torch.zeros(batch.size, dtype=torch.bool, device=batch.labels.device)
+    present = {m: batch.present.get(m, none) for m in embedded}  # a modality the batch lacks: no item has it
+    rank = {m: present[m].long().cumsum(0) - 1 for m in embedded}  # (B,) item -> its row
     losses: dict[str, Tensor] = {}
     metrics: dict[str, float] = {}
     for a, b in pairs:
         if a not in embedded or b not in embedded:
             continue
-        both = batch.present[a] & batch.present[b]  # (B,)
+        both = present[a] & present[b]  # (B,)
+        name = prefix + pair_name(a, b)
+        if gather:
+            emb_a, emb_b = embedded[a][rank[a][both]], embedded[b][rank[b][both]]  # (n, E) each
+            loss = gathered_info_nce(
+                emb_a, emb_b, batch.labels[both], scale, unique_labels=unique_labels, tile_size=tile_size,
+                tiled_above=tiled_above,
+            )
+            if loss is not None:
+                losses[name] = loss
+            continue
         if unique_labels:  # among the items that have both, the first of each label
             rows = both.nonzero().squeeze(1)  # (n,)
             both = torch.zeros_like(both).index_fill_(0, rows[first_of_label(batch.labels[rows])], True)
@@ -89,7 +98,6 @@ def pair_losses(
             continue
         emb_a = embedded[a][rank[a][both]]  # (n, E)
         emb_b = embedded[b][rank[b][both]]  # (n, E), row i pairs with emb_a[i]
-        name = prefix + pair_name(a, b)
         losses[name] = info_nce(emb_a, emb_b, scale, tile_size=tile_size, tiled_above=tiled_above)
         if emb_a.shape[0] <= MAX_METRIC_BATCH:
             with torch.no_grad():

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from polymodal.data.batch import Batch
+from polymodal.distributed.process import world_size
 from polymodal.losses.contrastive import DEFAULT_TILED_ABOVE
 from polymodal.losses.temperature import DEFAULT_INIT_SCALE, DEFAULT_MAX_SCALE, LogitScale
 from polymodal.modality import Modality
@@ -156,10 +157,17 @@ class ContrastiveTask(nn.Module):
         states = {m: states[m] for m in present}
         pooled, losses, metrics = self.summarise(states, present) if states else ({}, {}, {})
         embedded = {m: self.project(m, vectors) for m, vectors in pooled.items()}
+        # Training data-parallel: negatives come from every rank, and every rank scores every pair
+        # (a modality missing here embeds zero items), so all ranks run the same collectives.
+        gather = self.training and torch.is_grad_enabled() and world_size() > 1
+        if gather:
+            for modality in set(self.modalities) - set(embedded):
+                device = self.logit_scale.log_scale.device  # a leaf needing a gradient: the backward runs here too
+                embedded[modality] = torch.zeros(0, self.embed_dim, device=device, requires_grad=True)
         scale = self.logit_scale()  # () shared by every pair
         pair_loss, pair_metrics = pair_losses(
             embedded, batch, self.pairs, scale, prefix=self.prefix, unique_labels=self.unique_labels,
-            tile_size=self.tile_size, tiled_above=self.tiled_above,
+            tile_size=self.tile_size, tiled_above=self.tiled_above, gather=gather,
         )
         return {**losses, **pair_loss}, {**metrics, **pair_metrics, "logit_scale": float(scale.detach())}
 

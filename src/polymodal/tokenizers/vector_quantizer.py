@@ -8,6 +8,10 @@ References:
         (EMA updates with Laplace smoothing of the cluster sizes).
     Dhariwal et al. 2020, Jukebox: A Generative Model for Music, arXiv:2005.00341
         (random restart of codes whose usage falls below a threshold, from the current encoder outputs).
+
+Data-parallel training: the per-step counts and sums are summed over ranks before the EMA, and a
+restart draws (on rank 0, broadcast) from every rank's vectors, so each rank holds the same codebook,
+the one a single process would hold on the whole global batch.
     Yu et al. 2021, Vector-quantized Image Modeling with Improved VQGAN, arXiv:2110.04627
         (factorised low-dimensional code space and l2-normalised codes).
 """
@@ -21,6 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from polymodal.distributed.collectives import broadcast_, gather_rows, sum_over_ranks
+from polymodal.distributed.process import is_main
 from polymodal.losses.vq import codebook_loss, commitment_loss
 
 logger = logging.getLogger(__name__)
@@ -296,6 +302,7 @@ class VectorQuantizer(nn.Module):
             indices: (N,) their chosen codes.
             counts: (K,) how many vectors chose each code.
         """
+        counts = sum_over_ranks(counts)  # the global batch's counts (this rank's alone in one process)
         weight = 1.0 - self.decay
         # lerp_(new, 1 - decay) is decay * old + (1 - decay) * new.
         self.cluster_size.lerp_(counts, weight)
@@ -304,6 +311,7 @@ class VectorQuantizer(nn.Module):
             # faster than index_add_ on CPU and never builds the (N, K) one-hot matrix.
             rows = indices.unsqueeze(1).expand_as(vectors)  # (N,) -> (N, code_dim)
             sums = torch.zeros_like(self.code_sum).scatter_add_(0, rows, vectors)  # (K, code_dim)
+            sums = sum_over_ranks(sums)
             self.code_sum.lerp_(sums, weight)
             # Laplace smoothing (arXiv:1906.00446): never divide by a zero count, keep the total mass.
             total = self.cluster_size.sum()
@@ -319,18 +327,22 @@ class VectorQuantizer(nn.Module):
         """Move every code with a usage count under the threshold onto a random vector of this batch.
 
         Args:
-            vectors: (N, code_dim) fp32 detached code-space vectors of the current batch.
+            vectors: (N, code_dim) fp32 detached code-space vectors of the current batch (this
+                rank's; the draw is from every rank's, made on rank 0 and broadcast).
         """
-        dead = self.cluster_size < self.dead_threshold  # (K,)
+        dead = self.cluster_size < self.dead_threshold  # (K,) the same on every rank: synced counts
         num_dead = int(dead.sum())
         if num_dead == 0:
             return 0
+        vectors = gather_rows(vectors)  # (N_all, code_dim) in rank order, the global batch's order
         num_vectors = vectors.shape[0]
-        if num_vectors >= num_dead:  # distinct samples when the batch has enough vectors
-            pick = torch.randperm(num_vectors, device=vectors.device)[:num_dead]
-        else:
-            pick = torch.randint(num_vectors, (num_dead,), device=vectors.device)
-        samples = vectors[pick]  # (num_dead, code_dim)
+        pick = torch.empty(num_dead, dtype=torch.long, device=vectors.device)
+        if is_main():  # one draw for all ranks (rank 0's RNG is a single process's)
+            if num_vectors >= num_dead:  # distinct samples when the batch has enough vectors
+                pick = torch.randperm(num_vectors, device=vectors.device)[:num_dead]
+            else:
+                pick = torch.randint(num_vectors, (num_dead,), device=vectors.device)
+        samples = vectors[broadcast_(pick)]  # (num_dead, code_dim)
         self.codebook[dead] = samples.to(self.codebook.dtype)
         # A fresh code starts at the threshold: it survives only if at least that many vectors per
         # step (on average) choose it; otherwise it is restarted again on the next step.

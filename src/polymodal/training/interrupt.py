@@ -60,6 +60,13 @@ class StopOnSignal:
         self.signum = signum
         log.warning("%s received: finishing this step and writing a checkpoint (send it again to stop at once)", name)
 
+    def adopt(self, requested_elsewhere: bool) -> None:
+        """Take on a stop another rank of a data-parallel run saw (the launcher forwards a signal to
+        every rank, but each notes it between steps of its own), so every rank ends after one step."""
+        if requested_elsewhere and self.signum is None:
+            self.signum = signal.SIGTERM
+            log.warning("another rank received a stop signal: finishing this step")
+
     def raise_if_requested(self, step: int, checkpoint: Path) -> None:
         """End the run, when a signal asked for it, now that its checkpoint of ``step`` is written."""
         if self.signum is None:

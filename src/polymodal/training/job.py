@@ -4,10 +4,15 @@ one, then the model), each trained, evaluated on the test split and logged; resu
 A run folder holds everything needed to reproduce and use the run: ``config.yaml`` (resolved),
 ``tokenizer.json``, ``checkpoints/``, ``metrics.jsonl``, ``tensorboard/``, ``eval.json`` and, for
 a two-stage run, the first stage's own folder ``image_tokenizer/``.
+
+In a data-parallel run every rank runs this job; rank 0 alone holds the folder's lock, writes the
+tokenizer, the logs, the checkpoints and ``eval.json``, and evaluates (on one process: the test
+split is not sharded); the other ranks read what it wrote.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import time
@@ -21,6 +26,7 @@ from torch.utils.tensorboard import SummaryWriter
 
 from polymodal.config import Config
 from polymodal.diagnostics.live_hook import live_diagnostics
+from polymodal.distributed.process import barrier, is_main
 from polymodal.errors import ConfigError
 from polymodal.evaluation.run import EVAL_FILE, RECONSTRUCTION_FILE, evaluate_run, flat_figures, write_eval
 from polymodal.models.architectures import ARCHITECTURES
@@ -28,7 +34,7 @@ from polymodal.models.image_tokenizer import ImageTokenizerModel
 from polymodal.training.checkpoint import latest_checkpoint, load_checkpoint
 from polymodal.training.loop import fit
 from polymodal.training.metrics_log import TENSORBOARD_DIR
-from polymodal.training.run import prepare_run
+from polymodal.training.run import Run, prepare_run
 from polymodal.training.run_lock import RunLock
 
 logger = logging.getLogger(__name__)
@@ -65,7 +71,8 @@ def plan_stages(config: Config) -> list[Stage]:
 
 def train(config: Config, *, resume: bool = False) -> Path:
     """Train (or resume) the run ``config.run_dir`` stage by stage and evaluate it; returns its folder."""
-    with RunLock(config.run_dir):  # one training process per run folder; a second one fails at once
+    # One training job per run folder (its rank 0 holds the lock); a second one fails at once.
+    with RunLock(config.run_dir) if is_main() else contextlib.nullcontext():
         return _train_stages(config, resume=resume)
 
 
@@ -93,8 +100,7 @@ def train_stage(stage: Stage, previous: Stage | None) -> None:
     config, run_dir = stage.config, stage.run_dir
     run_dir.mkdir(parents=True, exist_ok=True)
     resume = latest_checkpoint(run_dir) is not None
-    torch.manual_seed(config.seed)  # model initialisation is part of the seeded run
-    run = prepare_run(config, run_dir, resume=resume)
+    run = prepare_stage_run(config, run_dir, resume=resume)
     if previous is not None and not resume:
         load_checkpoint(latest_checkpoint(previous.run_dir), model=ImageTokenizerModel(run.model.image_tokenizer))
     splits = run.splits
@@ -109,11 +115,28 @@ def train_stage(stage: Stage, previous: Stage | None) -> None:
     started = time.perf_counter()
     diagnose = live_diagnostics(run, config.train)  # None unless train.diagnostics.every > 0
     result = fit(run.model, splits.train, run.collator, config, run_dir, resume=resume, evaluate=periodic_eval, diagnose=diagnose)
+    if not is_main():
+        barrier()  # until rank 0 has evaluated: the next stage reads its eval.json
+        return
     figures = evaluate_run(run, split="test")
     figures["train"] = {k: v for k, v in dataclasses.asdict(result).items() if isinstance(v, (int, float))}
     write_eval(run_dir, figures, config)
     log_final(run_dir, figures, step=result.step)
     logger.info("trained and evaluated in %.0f s; figures in %s", time.perf_counter() - started, run_dir / EVAL_FILE)
+    barrier()
+
+
+def prepare_stage_run(config: Config, run_dir: Path, *, resume: bool) -> Run:
+    """The stage's run, seeded (model initialisation is part of the seeded run). In a data-parallel
+    run rank 0 prepares it first and trains the text tokenizer; the others then load that tokenizer."""
+    if is_main():
+        torch.manual_seed(config.seed)
+        run = prepare_run(config, run_dir, resume=resume)
+    barrier()
+    if not is_main():
+        torch.manual_seed(config.seed)
+        run = prepare_run(config, run_dir, resume=True)  # resume=True: the tokenizer from rank 0's file
+    return run
 
 
 def log_final(run_dir: Path, figures: dict, *, step: int) -> None:

@@ -26,13 +26,16 @@ from torch.utils.data import Dataset
 from tqdm import tqdm
 
 from polymodal.config import Config, TrainConfig, dump_config
+from polymodal.distributed.collectives import any_rank, mean_over_ranks, sum_over_ranks
+from polymodal.distributed.data_parallel import data_parallel, gradient_sync
+from polymodal.distributed.process import is_main, local_device, rank, world_size
 from polymodal.errors import ConfigError
 from polymodal.training.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint, save_checkpoint
 from polymodal.training.checkpoint_check import resumable_checkpoint
 from polymodal.training.compile import compiled_blocks
 from polymodal.training.gradient_surgery import GradientSurgery, build_gradient_surgery
 from polymodal.training.interrupt import StopOnSignal
-from polymodal.training.metrics_log import MetricsLogger
+from polymodal.training.metrics_log import MetricsLogger, NullMetricsLogger
 from polymodal.training.mfu import MFUMeter, counting, matmul_peak
 from polymodal.training.nonfinite import NonFiniteGuard
 from polymodal.training.optim import build_optimizer, build_scheduler
@@ -91,12 +94,13 @@ def seed_everything(seed: int) -> None:
 
 
 def resolve_device(name: str) -> torch.device:
-    """``auto`` -> ``cuda`` when available, else ``cpu``; ``cuda[:N]`` must be available."""
+    """``auto`` -> ``cuda`` when available, else ``cpu``; ``cuda[:N]`` must be available. A bare
+    ``cuda`` in a launched data-parallel run is this rank's GPU, ``cuda:LOCAL_RANK``."""
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return local_device(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise ConfigError(f"device={name}: CUDA is not available on this machine; use device=cpu or device=auto")
-    return torch.device(name)
+    return local_device(torch.device(name))
 
 
 def accumulate_gradients(
@@ -115,25 +119,26 @@ def accumulate_gradients(
     weighted term is differentiated on its own and the surgery combines the step's per-term
     gradients into ``.grad`` (see :mod:`polymodal.training.gradient_surgery`). An empty micro-batch
     (all its samples failed to load) adds nothing; when all are empty the total is NaN and no
-    gradient exists.
+    gradient exists. A data-parallel ``model`` averages gradients over ranks after the last micro-batch.
     """
     total, terms, metrics, num_samples = torch.zeros((), device=device), {}, {}, 0
-    for batch in itertools.islice(batches, num_batches):
+    for index, batch in enumerate(itertools.islice(batches, num_batches)):
         if batch.size == 0:  # every sample failed to load (the collator counted them): nothing to learn
             continue
         num_samples += batch.size
         batch = batch.to(device)
-        with autocast(device, dtype):
-            out = model(batch)
-        if not out.losses:
-            raise ValueError(
-                f"{type(model).__name__}.forward returned no losses; StepOutput.losses must name at least one"
-            )
-        loss = sum(loss_weights.get(name, 1.0) * term.float() for name, term in out.losses.items())
-        if surgery is None:
-            (loss / num_batches).backward()
-        else:
-            surgery.backward(out.losses, loss_weights, scale=1.0 / num_batches)
+        with gradient_sync(model, last=index == num_batches - 1):
+            with autocast(device, dtype):
+                out = model(batch)
+            if not out.losses:
+                raise ValueError(
+                    f"{type(model).__name__}.forward returned no losses; StepOutput.losses must name at least one"
+                )
+            loss = sum(loss_weights.get(name, 1.0) * term.float() for name, term in out.losses.items())
+            if surgery is None:
+                (loss / num_batches).backward()
+            else:
+                surgery.backward(out.losses, loss_weights, scale=1.0 / num_batches)
         total = total + loss.detach() / num_batches
         for name, term in out.losses.items():
             terms[name] = terms.get(name, 0.0) + term.detach().float() / num_batches
@@ -168,7 +173,7 @@ class TrainState:
     Attributes:
         guard: skips the update of a step whose loss or gradient is not finite, and counts it.
         step: optimiser steps taken (skipped ones included).
-        position: items consumed from the data stream (the sampler resumes there).
+        position: items consumed from the data stream, by every rank (the sampler resumes there).
         surgery: the gradient surgery (its state is checkpointed), or None for the plain sum.
     """
 
@@ -217,7 +222,7 @@ def start_state(model: nn.Module, config: Config, run_dir: Path, *, resume: bool
         saved = load_checkpoint(found, model=model, optimizer=optimizer, scheduler=state.scheduler, restore_rng=True)
         state.guard.load_state_dict(saved)
         state.step = saved["step"]
-        state.position = saved.get("data_position", state.step * config.train.batch_size * config.train.grad_accum)
+        state.position = saved.get("data_position", state.step * config.train.batch_size * config.train.grad_accum * world_size())
         if state.surgery is not None:
             if "gradient_surgery" not in saved:
                 raise CheckpointError(f"{found} was saved without gradient surgery; resume with the run's own config")
@@ -225,7 +230,8 @@ def start_state(model: nn.Module, config: Config, run_dir: Path, *, resume: bool
     elif latest_checkpoint(run_dir) is not None:
         raise CheckpointError(f"{run_dir} already holds checkpoints; resume it, or train into a new run folder")
     run_dir.mkdir(parents=True, exist_ok=True)
-    dump_config(config, run_dir / "config.yaml")
+    if is_main():
+        dump_config(config, run_dir / "config.yaml")
     return state
 
 
@@ -251,7 +257,7 @@ def optimizer_step(
         loss_weights=effective_loss_weights(train.loss_weights, train.loss_schedules, progress), surgery=state.surgery,
     )
     terms = {name: term.item() for name, term in out.terms.items()}
-    losses = {**terms, "loss": out.total.item()}
+    losses = {**terms, "loss": mean_over_ranks(out.total).item()}  # one total on every rank: one guard decision
     max_norm = train.grad_clip if train.grad_clip > 0 else math.inf  # inf: measure the norm, never clip
     # The norm first, clipping after the guard: a non-finite gradient is named before clipping smears it.
     norm = torch.nn.utils.get_total_norm([p.grad for p in model.parameters() if p.grad is not None])
@@ -262,7 +268,7 @@ def optimizer_step(
     state.scheduler.step()
     state.optimizer.zero_grad(set_to_none=True)
     state.step += 1
-    state.position += train.batch_size * train.grad_accum
+    state.position += train.batch_size * train.grad_accum * world_size()
     return out, losses, grad_norm
 
 
@@ -288,7 +294,7 @@ def data_stream(
     ``train.prefetch`` ahead in a background thread; its ``num_skipped`` counts damaged samples."""
     loader = build_loader(
         dataset, CountedCollate(collate_fn), batch_size=config.train.batch_size, seed=config.seed, start=state.position,
-        num_workers=config.data.num_workers, pin_memory=state.device.type == "cuda",
+        num_workers=config.data.num_workers, pin_memory=state.device.type == "cuda", rank=rank(), world_size=world_size(),
     )
     return Prefetcher(iter(loader), depth=config.train.prefetch)
 
@@ -329,6 +335,7 @@ def fit(
     state = start_state(model, config, run_dir, resume=resume)
     log.info("training on %s, autocast %s, from step %d of %d", state.device, state.dtype or "off (fp32)", state.step, train.steps)
     batches = data_stream(dataset, collate_fn, config, state)
+    trainer = data_parallel(model, state.device, gradient_surgery=state.surgery is not None)  # model itself in one process
     record = StepRecorder.start(run_dir, state, train, resume=resume, counts_skips=hasattr(collate_fn, "num_skipped"))
     losses: dict[str, float] = {}
     model.train()
@@ -338,7 +345,7 @@ def fit(
                 lr = state.optimizer.param_groups[0]["lr"]  # the rate this step uses
                 first = not losses
                 with counting(enabled=first) as flops:  # this process's first step: its FLOPs, for MFU
-                    out, losses, grad_norm = optimizer_step(model, state, batches, train)
+                    out, losses, grad_norm = optimizer_step(trainer, state, batches, train)
                 if first:  # the loss names are known now
                     warn_unused_loss_weights({**train.loss_weights, **train.loss_schedules}, out.terms)
                     record.mfu.record(flops.total, out.num_samples)
@@ -347,13 +354,16 @@ def fit(
                     state.step, out, losses, lr=lr, grad_norm=grad_norm, skipped=batches.num_skipped,
                     skipped_steps=state.guard.skipped, log=state.step % train.log_every == 0 or done,
                 )
-                if evaluate is not None and ((train.eval_every > 0 and state.step % train.eval_every == 0) or done):
+                evaluating = evaluate is not None and ((train.eval_every > 0 and state.step % train.eval_every == 0) or done)
+                if evaluating and is_main():  # the other ranks wait in their next step's collectives
                     run_evaluation(model, evaluate, record.logger, state.step)
-                if diagnose is not None:
+                if diagnose is not None and is_main():
                     diagnose(model, state.step, record.logger)
+                stop.adopt(any_rank(stop.requested))  # a signal one rank saw stops every rank after this step
                 # After logging and evaluation, so the saved RNG state is the one the next step starts from.
                 if state.step % train.ckpt_every == 0 or done or stop.requested:
-                    stop.raise_if_requested(state.step, state.save(run_dir, model, keep=train.keep_checkpoints))
+                    saved = state.save(run_dir, model, keep=train.keep_checkpoints) if is_main() else run_dir
+                    stop.raise_if_requested(state.step, saved)
     finally:
         batches.close()
         record.close()
@@ -373,22 +383,23 @@ class StepRecorder:
 
     @classmethod
     def start(cls, run_dir: Path, state: TrainState, train: TrainConfig, *, resume: bool, counts_skips: bool) -> StepRecorder:
-        bar = tqdm(total=train.steps, initial=state.step, disable=not train.progress, file=sys.stderr, unit="step",
-                   dynamic_ncols=True)  # fmt: skip
+        bar = tqdm(total=train.steps, initial=state.step, disable=not (train.progress and is_main()), file=sys.stderr,
+                   unit="step", dynamic_ncols=True)  # fmt: skip
         peak = matmul_peak(state.dtype or torch.float32, str(state.device))
-        logger = MetricsLogger(run_dir, resume_step=state.step if resume else None)
+        logger = MetricsLogger(run_dir, resume_step=state.step if resume else None) if is_main() else NullMetricsLogger()
         return cls(logger, bar, Throughput(), MFUMeter(peak), counts_skips)
 
     def step(
         self, step: int, out: AccumulatedStep, losses: dict[str, float], *, lr: float, grad_norm: float, skipped: int,
         skipped_steps: int, log: bool,
     ) -> None:
-        """Count the step; when ``log``, write its values (the window's samples/s and MFU, and the
-        non-finite steps skipped so far)."""
+        """Count the step; when ``log``, write its values (this rank's samples/s and MFU over the
+        window, the damaged samples skipped by every rank and the non-finite steps skipped so far)."""
         self.throughput.add(out.num_samples)
         self.bar.update(1)
         self.bar.set_postfix(loss=f"{losses['loss']:.4f}", samples_s=f"{self.throughput.overall():.0f}")
         if log:
+            skipped = int(sum_over_ranks(torch.tensor(skipped, device=out.total.device)))
             rate = self.throughput.window()
             values = step_values(
                 out, losses, lr=lr, grad_norm=grad_norm, samples_per_s=rate, mfu=self.mfu.mfu(rate),

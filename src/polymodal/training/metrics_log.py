@@ -114,3 +114,22 @@ class MetricsLogger:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+class NullMetricsLogger(MetricsLogger):
+    """What ranks other than 0 of a data-parallel run log to: nothing (rank 0 writes the run folder)."""
+
+    def __init__(self) -> None:  # no folder, no files
+        pass
+
+    def log(self, step: int, values: dict[str, float], prefix: str = "train") -> None:
+        pass
+
+    def log_image(self, tag: str, image_hwc_uint8: np.ndarray | torch.Tensor, step: int) -> None:
+        pass
+
+    def flush(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass

@@ -6,6 +6,11 @@ state is how many items have been consumed, so resuming at item ``k`` replays ex
 stream of an uninterrupted run. Prefetching changes none of this: batches are made in the same
 order, and those made ahead of a checkpoint are made again after a resume (the data path reads no
 global random state; augmentations draw from per-item generators, ``data/augment.py``).
+
+Data-parallel runs read the same stream in global batches of ``world_size * batch_size`` items;
+rank r takes the r-th ``batch_size`` of each (``ShardedSampler``). W ranks at batch B then see, step
+by step, exactly the items one process sees at batch W * B, in the same order (rank 0's first), and
+the position (items consumed over all ranks) resumes the run exactly at the same world size.
 """
 
 from __future__ import annotations
@@ -51,6 +56,33 @@ class EpochSampler(Sampler[int]):
             epoch, offset = epoch + 1, 0
 
 
+class ShardedSampler(Sampler[int]):
+    """Rank ``rank``'s share of an :class:`EpochSampler` stream: of each global batch of
+    ``world_size * batch_size`` items, the ``batch_size`` starting at ``rank * batch_size``.
+
+    Args:
+        num_items, seed: as :class:`EpochSampler`.
+        start: items consumed over all ranks; a multiple of ``world_size * batch_size`` for exact resume.
+        batch_size: items per rank per batch.
+        rank, world_size: this process's place in the run.
+    """
+
+    def __init__(self, num_items: int, *, seed: int, start: int, batch_size: int, rank: int, world_size: int) -> None:
+        if not 0 <= rank < world_size:
+            raise ValueError(f"ShardedSampler: rank {rank} is not in [0, {world_size})")
+        self.stream = EpochSampler(num_items, seed=seed, start=start)
+        self.batch_size, self.rank, self.world_size = batch_size, rank, world_size
+
+    def __iter__(self) -> Iterator[int]:
+        stream = iter(self.stream)
+        mine = range(self.rank * self.batch_size, (self.rank + 1) * self.batch_size)
+        while True:
+            for position in range(self.world_size * self.batch_size):
+                item = next(stream)
+                if position in mine:
+                    yield item
+
+
 def build_loader(
     dataset: Dataset,
     collate_fn: Callable[[list[Any]], Any],
@@ -60,6 +92,8 @@ def build_loader(
     start: int = 0,
     num_workers: int = 0,
     pin_memory: bool = False,
+    rank: int = 0,
+    world_size: int = 1,
 ) -> DataLoader:
     """An endless DataLoader of ``batch_size`` items in :class:`EpochSampler` order from item ``start``.
 

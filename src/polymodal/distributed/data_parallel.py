@@ -1,0 +1,58 @@
+"""The model as the training loop drives it in a data-parallel run: wrapped in PyTorch's
+DistributedDataParallel, which averages gradients over ranks during the backward pass.
+
+Settings, and why:
+- ``find_unused_parameters``: a step can leave parameters without a gradient on one rank and not on
+  another (a task with no items in that rank's batch, an expert no token chose); DDP then still
+  averages them (as zero on the ranks that did not use them).
+- ``broadcast_buffers=False``: the buffers that change while training keep themselves in step (the
+  VQ codebook's statistics are summed over ranks, ``tokenizers/vector_quantizer.py``), so copying
+  rank 0's buffers before every forward would only cost time.
+- Gradient accumulation: micro-batches before the last run under ``no_sync``, so gradients are
+  averaged once per optimiser step.
+
+Reference: Li et al. 2020, PyTorch Distributed: Experiences on Accelerating Data Parallel Training,
+arXiv:2006.15704.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+from polymodal.distributed.process import world_size
+from polymodal.errors import ConfigError
+
+
+def data_parallel(model: nn.Module, device: torch.device, *, gradient_surgery: bool = False) -> nn.Module:
+    """``model`` wrapped for training on every rank (``model`` itself in a single process). DDP
+    copies rank 0's parameters and buffers to every rank here, so all ranks start the same.
+
+    Raises:
+        ConfigError: gradient surgery is on (it differentiates each loss term in its own backward
+            pass, and DDP averages once per forward).
+    """
+    if world_size() == 1:
+        return model
+    if gradient_surgery:
+        raise ConfigError(
+            "train.gradient_surgery is not supported with several processes yet; "
+            "set train.gradient_surgery.name=none or train in one process"
+        )
+    return DistributedDataParallel(
+        model,
+        device_ids=[device.index] if device.type == "cuda" else None,
+        broadcast_buffers=False,
+        find_unused_parameters=True,
+    )
+
+
+def gradient_sync(model: nn.Module, *, last: bool) -> contextlib.AbstractContextManager:
+    """Around one micro-batch's forward and backward: DDP averages gradients only after the ``last``
+    micro-batch of a step (the others accumulate locally, ``no_sync``)."""
+    if isinstance(model, DistributedDataParallel) and not last:
+        return model.no_sync()
+    return contextlib.nullcontext()
