@@ -70,6 +70,31 @@ def gather_rows(rows: Tensor, counts: list[int] | None = None) -> Tensor:
     return _GatherRows.apply(rows, counts)
 
 
+class _SumOverRanks(torch.autograd.Function):
+    """The sum over ranks; each rank's input then influences every rank's loss, so its gradient
+    is the sum over ranks of the output's gradient."""
+
+    @staticmethod
+    def forward(ctx: FunctionCtx, tensor: Tensor) -> Tensor:
+        total = tensor.contiguous().clone()
+        dist.all_reduce(total)
+        return total
+
+    @staticmethod
+    def backward(ctx: FunctionCtx, grad: Tensor) -> Tensor:
+        grad = grad.contiguous().clone()
+        dist.all_reduce(grad)
+        return grad
+
+
+def differentiable_sum_over_ranks(tensor: Tensor) -> Tensor:
+    """The element-wise sum of ``tensor`` over ranks, with gradients (e.g. a statistic of the global
+    batch that a loss is a non-linear function of); ``tensor`` itself in a single process."""
+    if world_size() == 1:
+        return tensor
+    return _SumOverRanks.apply(tensor)
+
+
 def sum_over_ranks(tensor: Tensor) -> Tensor:
     """The element-wise sum of ``tensor`` over ranks, as a new tensor (no gradient)."""
     if world_size() == 1:

@@ -5,9 +5,10 @@ Settings, and why:
 - ``find_unused_parameters``: a step can leave parameters without a gradient on one rank and not on
   another (a task with no items in that rank's batch, an expert no token chose); DDP then still
   averages them (as zero on the ranks that did not use them).
-- ``broadcast_buffers=False``: the buffers that change while training keep themselves in step (the
-  VQ codebook's statistics are summed over ranks, ``tokenizers/vector_quantizer.py``), so copying
-  rank 0's buffers before every forward would only cost time.
+- ``forward_sync_buffers=False`` (rank 0's buffers are copied once, at wrapping): the buffers that
+  change while training keep themselves in step (the VQ codebook's statistics are summed over
+  ranks, ``tokenizers/vector_quantizer.py``), so copying rank 0's buffers before every forward
+  would only cost time.
 - Gradient accumulation: micro-batches before the last run under ``no_sync``, so gradients are
   averaged once per optimiser step.
 
@@ -18,6 +19,7 @@ arXiv:2006.15704.
 from __future__ import annotations
 
 import contextlib
+import warnings
 
 import torch
 from torch import nn
@@ -25,6 +27,11 @@ from torch.nn.parallel import DistributedDataParallel
 
 from polymodal.distributed.process import world_size
 from polymodal.errors import ConfigError
+
+
+# A conv weight with one input channel has two equally valid stride layouts; DDP warns (at every
+# backward) when its gradient's differs from the bucket's, which costs one copy and changes no number.
+warnings.filterwarnings("ignore", message="Grad strides do not match bucket view strides")
 
 
 def data_parallel(model: nn.Module, device: torch.device, *, gradient_surgery: bool = False) -> nn.Module:
@@ -45,7 +52,7 @@ def data_parallel(model: nn.Module, device: torch.device, *, gradient_surgery: b
     return DistributedDataParallel(
         model,
         device_ids=[device.index] if device.type == "cuda" else None,
-        broadcast_buffers=False,
+        forward_sync_buffers=False,
         find_unused_parameters=True,
     )
 

@@ -57,6 +57,13 @@ def is_main() -> bool:
     return rank() == 0
 
 
+def trains_across_ranks(module: torch.nn.Module) -> bool:
+    """Whether ``module`` is in a data-parallel training step (training mode, gradients on, several
+    ranks), where every rank runs its forward together and it may call collectives. Evaluation,
+    which rank 0 may run alone, is in eval mode or without gradients."""
+    return module.training and torch.is_grad_enabled() and world_size() > 1
+
+
 def local_rank() -> int:
     """This process's index on its machine (its GPU); 0 outside a launched run."""
     return int(os.environ.get("LOCAL_RANK", "0"))

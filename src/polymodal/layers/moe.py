@@ -37,6 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from polymodal.distributed.process import trains_across_ranks
 from polymodal.layers.mlp import INIT_STD, SwiGLU
 from polymodal.losses.moe import load_balancing_loss, router_z_loss
 from polymodal.modality import Modality
@@ -320,7 +321,7 @@ class ModalityMoE(nn.Module):
         kept_cells = torch.bincount(cell[kept], minlength=size).view(num_rows, self.num_experts)
         return RoutingRecord(
             layer=self.layer_index,
-            load_balance=load_balancing_loss(routing.probs, routing.expert),
+            load_balance=load_balancing_loss(routing.probs, routing.expert, across_ranks=trains_across_ranks(self)),
             router_z=router_z_loss(routing.logits),
             routed=routed,
             kept=kept_cells,

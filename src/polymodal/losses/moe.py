@@ -13,6 +13,11 @@ routing every token makes k assignments and ``f_e`` counts all of them, so ``sum
 Router z-loss (Zoph et al. 2022, ST-MoE, arXiv:2202.08906, eq. 5): the mean over tokens of the
 squared log-sum-exp of the router logits. It keeps the logits small, so the fp32 softmax stays well
 conditioned and the router does not saturate.
+
+Data-parallel training: the load-balancing loss is a product of two batch means, so the mean of
+per-rank losses is not the global batch's loss. With ``across_ranks`` the counts and the summed
+probabilities are summed over ranks first (the probabilities with gradients): every rank computes
+the global batch's loss, and DDP's gradient average gives one process's gradient.
 """
 
 from __future__ import annotations
@@ -20,13 +25,17 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from polymodal.distributed.collectives import differentiable_sum_over_ranks, sum_over_ranks
 
-def load_balancing_loss(probs: Tensor, expert_index: Tensor) -> Tensor:
+
+def load_balancing_loss(probs: Tensor, expert_index: Tensor, *, across_ranks: bool = False) -> Tensor:
     """Switch load-balancing loss ``E * sum_e f_e * P_e``.
 
     Args:
         probs: (T, E) router probabilities per token (rows sum to one), fp32.
         expert_index: (T, k) long, the k experts each token was routed to.
+        across_ranks: f and P of every rank's tokens together (see the module docstring); every
+            rank must then make the call.
 
     Returns:
         () the loss in the dtype of ``probs``; 1 for uniform routing.
@@ -37,9 +46,13 @@ def load_balancing_loss(probs: Tensor, expert_index: Tensor) -> Tensor:
             f"{tuple(expert_index.shape)}"
         )
     num_experts = probs.shape[1]
-    counts = torch.bincount(expert_index.reshape(-1), minlength=num_experts)  # (E,)
-    fraction = counts.to(probs.dtype) / expert_index.numel()  # f_e, sums to one
-    mean_prob = probs.mean(dim=0)  # P_e, (E,)
+    counts = torch.bincount(expert_index.reshape(-1), minlength=num_experts).to(probs.dtype)  # (E,)
+    sizes = torch.tensor([expert_index.numel(), probs.shape[0]], dtype=probs.dtype, device=probs.device)
+    prob_sum = probs.sum(dim=0)  # (E,)
+    if across_ranks:
+        counts, sizes, prob_sum = sum_over_ranks(counts), sum_over_ranks(sizes), differentiable_sum_over_ranks(prob_sum)
+    fraction = counts / sizes[0]  # f_e, sums to one
+    mean_prob = prob_sum / sizes[1]  # P_e, (E,)
     return num_experts * (fraction * mean_prob).sum()
 
 

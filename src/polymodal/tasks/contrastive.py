@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from polymodal.data.batch import Batch
-from polymodal.distributed.process import world_size
+from polymodal.distributed.process import trains_across_ranks
 from polymodal.losses.contrastive import DEFAULT_TILED_ABOVE
 from polymodal.losses.temperature import DEFAULT_INIT_SCALE, DEFAULT_MAX_SCALE, LogitScale
 from polymodal.modality import Modality
@@ -159,7 +159,7 @@ class ContrastiveTask(nn.Module):
         embedded = {m: self.project(m, vectors) for m, vectors in pooled.items()}
         # Training data-parallel: negatives come from every rank, and every rank scores every pair
         # (a modality missing here embeds zero items), so all ranks run the same collectives.
-        gather = self.training and torch.is_grad_enabled() and world_size() > 1
+        gather = trains_across_ranks(self)
         if gather:
             for modality in set(self.modalities) - set(embedded):
                 device = self.logit_scale.log_scale.device  # a leaf needing a gradient: the backward runs here too
