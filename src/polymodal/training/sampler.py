@@ -101,9 +101,15 @@ def build_loader(
     batch ``k // batch_size``. The loader gets its own generator: creating an iterator would
     otherwise draw a worker base seed from the global RNG and shift dropout in the model.
     Random augmentations inside worker processes are not replayed exactly on resume; with
-    ``num_workers=0`` they run on the (restored) main-process RNG and are.
+    ``num_workers=0`` they run on the (restored) main-process RNG and are. With ``world_size`` > 1,
+    rank ``rank`` gets its share of each global batch (:class:`ShardedSampler`); ``start`` then
+    counts the items of every rank.
     """
-    sampler = EpochSampler(len(dataset), seed=seed, start=start)
+    sampler: Sampler[int] = EpochSampler(len(dataset), seed=seed, start=start)
+    if world_size > 1:
+        sampler = ShardedSampler(
+            len(dataset), seed=seed, start=start, batch_size=batch_size, rank=rank, world_size=world_size
+        )
     return DataLoader(
         dataset,
         batch_size=batch_size,
