@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import socket
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -107,12 +108,19 @@ def build_run(kind: str, batch_size: int, steps: int, *extra: str) -> tuple[Conf
     return config, build_model(config, SHAPES)
 
 
-def train_run(kind: str, run_dir: Path, batch_size: int, steps: int, *extra: str, resume: bool = False) -> None:
+def train_run(
+    kind: str, run_dir: Path, batch_size: int, steps: int, *extra: str, resume: bool = False, delay: float = 0.0
+) -> None:
     """Fit the ``kind`` run into ``run_dir`` (as one rank when called in a group); every rank then
-    writes its weights to ``rank{r}.safetensors``."""
+    writes its weights to ``rank{r}.safetensors``. ``delay`` seconds per batch slow the data only."""
     config, model = build_run(kind, batch_size, steps, *extra)
     data = Items()
-    fit(model, data, data.collate, config, run_dir, resume=resume)
+
+    def collate(rows: list[int]) -> Batch:
+        time.sleep(delay)
+        return data.collate(rows)
+
+    fit(model, data, collate, config, run_dir, resume=resume)
     safetensors.torch.save_model(model, str(Path(run_dir) / f"rank{rank()}.safetensors"))  # every rank's weights
 
 
