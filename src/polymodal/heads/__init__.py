@@ -19,6 +19,8 @@ A head is built with one wiring argument, ``HeadWiring``, and keyword-only setti
 from __future__ import annotations
 
 import dataclasses
+import inspect
+from typing import Any
 
 from torch import Tensor, nn
 
@@ -79,6 +81,13 @@ class Targets:
         return Targets(self.values[keep], None if self.mask is None else self.mask[keep])
 
 
-from polymodal.heads import aligned_codes, aligned_mel, text  # noqa: E402,F401  (register parts)
+def generation_options(head: nn.Module, **options: Any) -> dict[str, Any]:
+    """The ``options`` that ``head.generate`` takes (a seeded ``generator``, sampling settings);
+    the others are dropped, so one call site serves heads with different options."""
+    accepted = inspect.signature(head.generate).parameters
+    return {key: value for key, value in options.items() if key in accepted}
 
-__all__ = ["DEFAULT_HEADS", "HEADS", "HeadOutput", "HeadWiring", "Targets"]
+
+from polymodal.heads import aligned_codes, aligned_mel, flow_image, mas_mel, text  # noqa: E402,F401  (register parts)
+
+__all__ = ["DEFAULT_HEADS", "HEADS", "HeadOutput", "HeadWiring", "Targets", "generation_options"]

@@ -17,6 +17,7 @@ from polymodal.data.references import Reference
 from polymodal.datasets import DATASETS
 from polymodal.datasets.base import Splits
 from polymodal.datasets.spoken_numbers import judges, preview
+from polymodal.datasets.spoken_numbers.generation_figures import image_generation_figures
 from polymodal.datasets.spoken_numbers.build import SpokenNumbers, build_spoken_numbers
 from polymodal.datasets.spoken_numbers.numbers import number_to_words, parse_number, spoken_words, written_digits
 from polymodal.datasets.spoken_numbers.probe_training import predict_numbers
@@ -121,7 +122,9 @@ class SpokenNumbersSource:
         return {"": lambda label: class_prompts(label, main), "unseen_prompts": lambda label: class_prompts(label, unseen)}
 
     def evaluate_generation(self, run: Any, dataset: Dataset, generated: dict[str, Any], *, limit: int | None = None) -> dict[str, dict]:
-        """The judges' reading of generated images and speech, each with its ceilings."""
+        """The judges' reading of generated images and speech, each with its ceilings; for images
+        also the Fréchet distance in the image judge's feature space (against the reference
+        renderer's) and the variety of samples of one caption (``generation_figures.py``)."""
         splits, device = run.splits, next(run.model.parameters()).device
         found = judges.load_judges(self.data, self.seed, splits.train, splits.test, run.collator, max_digits=self.max_digits)
         results: dict[str, dict] = {}
@@ -135,6 +138,8 @@ class SpokenNumbersSource:
                     asked = self.reference_images(set(samples.labels.tolist()))  # the numbers just asked for
                     figures["judge_accuracy_on_reference_round_trip"] = judges.reference_round_trip_accuracy(tokenizer, found.image, asked, device=device)
                     results["image_tokenizer"] = {"probe_correct_reconstructed": real}
+                asked = set(samples.labels.tolist())
+                figures.update(image_generation_figures(found.image, samples, self.reference_images(asked)))
                 results[task] = figures
             elif samples.heard is not None:
                 read = predict_numbers(found.audio, samples.heard, samples.heard_mask).cpu()
