@@ -10,7 +10,15 @@ A head is built with one wiring argument, ``HeadWiring``, and keyword-only setti
   the items' own target modality;
 * ``loss(trunk, source, source_mask, target) -> HeadOutput``: lays out ``[source][target]`` for
   the backbone (``trunk.run``) and returns its named, unweighted loss terms;
-* ``generate(trunk, source, source_mask, **options)``: the target from projected source tokens.
+* ``generate(trunk, source, source_mask, **options)``: the target from projected source tokens;
+  ``generation_options`` picks, from options a caller has, those a head's ``generate`` takes.
+
+Heads that learn from aligned references: ``aligned_vq`` (images) and ``aligned_mel`` (speech), the
+defaults, for the built-in data. Heads that learn from any data's items: ``lm`` (text),
+``flow_matching`` / ``flow_matching_latent`` (images: learnable queries, a connector and a
+flow-matching DiT, ``flow_image.py``) and ``mas_mel`` (speech: durations by monotonic alignment
+search, ``mas_mel.py``). A head's main loss term is ``""`` (named after the task) or a named term
+(the flow heads log ``<task>_flow_matching``).
 
 ``trunk`` is the model the head serves (``AnyToAnyModel``): ``trunk.run`` (the prefix-LM pass),
 ``trunk.source_states`` (a pass over a source alone), ``trunk.type_embedding`` and ``trunk.backbone``.

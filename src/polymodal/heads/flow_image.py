@@ -71,13 +71,15 @@ class ImageFlowDecoder(nn.Module):
 
     def __init__(
         self, dim: int, shape: tuple[int, int, int], *, patch_size: int, num_queries: int, connector: dict,
-        train_backbone: bool, dim_condition: int, decoder: dict, condition_dropout: float, noise_draws: int, where: str,
+        train_backbone: bool, dim_condition: int, decoder: dict, condition_dropout: float, noise_draws: int,
+        sampling: tuple[int, str, float], where: str,
     ) -> None:  # fmt: skip
         super().__init__()
         channels, height, width = shape
         if noise_draws < 1:
             raise ValueError(f"noise_draws must be >= 1, got {noise_draws}")
         self.noise_draws = noise_draws
+        self.sampling = sampling  # (steps, sampler, guidance) unless a call gives its own
         if patch_size < 1 or height % patch_size or width % patch_size:
             raise ValueError(f"patch_size {patch_size} must divide the flow's map {height} x {width}")
         if not 0.0 <= condition_dropout < 1.0:
@@ -118,22 +120,21 @@ class ImageFlowDecoder(nn.Module):
 
     @torch.no_grad()
     def sample(
-        self, trunk, source: Tensor, source_mask: Tensor, *, steps: int, sampler: str, guidance: float, generator: torch.Generator | None
-    ) -> Tensor:
-        """(B, C, h, w) from noise (drawn from ``generator``) under the source's condition."""
+        self, trunk, source: Tensor, source_mask: Tensor, *, steps: int | None, sampler: str | None, guidance: float | None,
+        generator: torch.Generator | None,
+    ) -> Tensor:  # fmt: skip
+        """(B, C, h, w) from noise (drawn from ``generator``) under the source's condition; the
+        configured steps, sampler and guidance where a call gives None."""
+        default_steps, default_sampler, default_guidance = self.sampling
+        guidance = default_guidance if guidance is None else guidance
         condition = self.queries(trunk, source, source_mask).condition
         empty = self.queries.empty(trunk, source) if guidance != 1.0 else None
         device = generator.device if generator is not None else source.device
         noise = torch.randn((len(source), *self.shape), generator=generator, device=device).to(source.device, source.dtype)
-        return integrate(guided(self.velocity, condition, empty, guidance), noise, steps=steps, sampler=sampler)
-
-
-def _sampling(defaults: tuple[int, str, float], steps: int | None, sampler: str | None, guidance: float | None) -> dict:
-    """A head's configured sampling with any option given at generation time on top."""
-    steps = defaults[0] if steps is None else steps
-    sampler = defaults[1] if sampler is None else sampler
-    guidance = defaults[2] if guidance is None else guidance
-    return {"steps": steps, "sampler": sampler, "guidance": guidance}
+        return integrate(
+            guided(self.velocity, condition, empty, guidance), noise, steps=default_steps if steps is None else steps,
+            sampler=default_sampler if sampler is None else sampler,
+        )  # fmt: skip
 
 
 @HEADS.register("flow_matching")
@@ -173,9 +174,9 @@ class FlowImageHead(nn.Module):
         self.flow = ImageFlowDecoder(
             wiring.dim, (wiring.shapes.image_channels, height, width), patch_size=patch_size, num_queries=num_queries,
             connector=connector or DEFAULT_CONNECTOR, train_backbone=train_backbone, dim_condition=dim_condition,
-            decoder=decoder or {}, condition_dropout=condition_dropout, noise_draws=noise_draws, where="model.heads.image",
+            decoder=decoder or {}, condition_dropout=condition_dropout, noise_draws=noise_draws,
+            sampling=(steps, sampler, guidance), where="model.heads.image",
         )  # fmt: skip
-        self.defaults = (steps, sampler, guidance)
 
     def init_weights(self) -> None:
         self.flow.init_weights()
@@ -190,8 +191,8 @@ class FlowImageHead(nn.Module):
         guidance: float | None = None, generator: torch.Generator | None = None,
     ) -> Tensor:  # fmt: skip
         """Images (B, C, H, W) in [-1, 1]; the configured sampling unless given here."""
-        options = _sampling(self.defaults, steps, sampler, guidance)
-        return self.flow.sample(trunk, source, source_mask, generator=generator, **options).clamp(-1.0, 1.0)
+        images = self.flow.sample(trunk, source, source_mask, steps=steps, sampler=sampler, guidance=guidance, generator=generator)
+        return images.clamp(-1.0, 1.0)
 
 
 @HEADS.register("flow_matching_latent")
@@ -231,9 +232,9 @@ class LatentFlowImageHead(nn.Module):
         self.flow = ImageFlowDecoder(
             wiring.dim, (tokenizer.dim, height // factor, width // factor), patch_size=patch_size, num_queries=num_queries,
             connector=connector or DEFAULT_CONNECTOR, train_backbone=train_backbone, dim_condition=dim_condition,
-            decoder=decoder or {}, condition_dropout=condition_dropout, noise_draws=noise_draws, where="model.heads.image",
+            decoder=decoder or {}, condition_dropout=condition_dropout, noise_draws=noise_draws,
+            sampling=(steps, sampler, guidance), where="model.heads.image",
         )  # fmt: skip
-        self.defaults = (steps, sampler, guidance)
 
     def init_weights(self) -> None:
         self.flow.init_weights()
@@ -254,7 +255,7 @@ class LatentFlowImageHead(nn.Module):
         self, trunk, source: Tensor, source_mask: Tensor, *, steps: int | None = None, sampler: str | None = None,
         guidance: float | None = None, generator: torch.Generator | None = None,
     ) -> Tensor:  # fmt: skip
-        """Images (B, C, H, W) in [-1, 1]: latents sampled, then decoded by the VAE."""
-        options = _sampling(self.defaults, steps, sampler, guidance)
-        latents = self.flow.sample(trunk, source, source_mask, generator=generator, **options)
+        """Images (B, C, H, W) in [-1, 1]: latents sampled (the configured sampling unless given
+        here), then decoded by the VAE."""
+        latents = self.flow.sample(trunk, source, source_mask, steps=steps, sampler=sampler, guidance=guidance, generator=generator)
         return self.tokenizer.decode(latents * self.latent_scale).clamp(-1.0, 1.0)
