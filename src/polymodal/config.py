@@ -19,6 +19,8 @@ from typing import Any
 import yaml
 
 from polymodal.errors import ConfigError
+from polymodal.overrides import deep_merge as _deep_merge
+from polymodal.overrides import parse_override
 from polymodal.training.gradient_surgery import check_gradient_surgery
 from polymodal.training.probe import diagnostics_settings
 from polymodal.training.schedules import check_loss_schedules
@@ -195,52 +197,6 @@ def _read_yaml(text: str, origin: str) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise ConfigError(f"{origin}: expected a mapping at the top level, got {type(data).__name__}")
     return data
-
-
-# A key whose value names a part, and the key holding that part's settings beside it: when the
-# part changes, its old settings go (``data.source`` and ``data.options``).
-SETTINGS_OF = {"source": "options"}
-
-
-def _deep_merge(base: dict[str, Any], update: Mapping[str, Any]) -> dict[str, Any]:
-    """Merge ``update`` into a copy of ``base``. Part specs whose ``name`` changes are replaced whole,
-    and a ``source`` that changes drops the old ``options``, so settings of the old part do not leak
-    into the new one."""
-    out = dict(base)
-    for key, settings in SETTINGS_OF.items():
-        if key in update and key in out and update[key] != out[key]:
-            out.pop(settings, None)
-    for key, value in update.items():
-        old = out.get(key)
-        if isinstance(old, dict) and isinstance(value, Mapping):
-            if "name" in value and "name" in old and value["name"] != old["name"]:
-                out[key] = dict(value)
-            else:
-                out[key] = _deep_merge(old, value)
-        else:
-            out[key] = value
-    return out
-
-
-def parse_override(item: str) -> dict[str, Any]:
-    """``"train.lr=3e-4"`` -> ``{"train": {"lr": 0.0003}}``; the value is read as YAML."""
-    if "=" not in item:
-        raise ConfigError(f"override {item!r}: expected key=value, e.g. train.steps=100")
-    key, raw = item.split("=", 1)
-    key = key.strip()
-    if not key or any(not part for part in key.split(".")):
-        raise ConfigError(f"override {item!r}: empty key; expected e.g. train.steps=100")
-    try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
-    except yaml.YAMLError:
-        value = raw
-    nested: dict[str, Any] = {}
-    node = nested
-    parts = key.split(".")
-    for part in parts[:-1]:
-        node = node.setdefault(part, {})
-    node[parts[-1]] = value
-    return nested
 
 
 def load_config(configs: Sequence[str] = (), overrides: Iterable[str] = ()) -> Config:

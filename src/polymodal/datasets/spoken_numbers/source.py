@@ -127,8 +127,11 @@ class SpokenNumbersSource:
         return {"": lambda label: class_prompts(label, main), "unseen_prompts": lambda label: class_prompts(label, unseen)}
 
     def evaluate_generation(self, run: Any, dataset: Dataset, generated: dict[str, Any], *, limit: int | None = None) -> dict[str, dict]:
-        """The judges' reading of generated images and speech, each with its ceilings."""
+        """The judges' reading of generated images and speech, each with its ceilings; for images
+        also the Fréchet distance in the image judge's feature space (against the reference
+        renderer's) and the variety of samples of one caption (``generation_figures.py``)."""
         from polymodal.datasets.spoken_numbers import judges
+        from polymodal.datasets.spoken_numbers.generation_figures import image_generation_figures
         from polymodal.datasets.spoken_numbers.probe_training import predict_numbers
 
         splits, device = run.splits, next(run.model.parameters()).device
@@ -144,6 +147,8 @@ class SpokenNumbersSource:
                     asked = self.reference_images(set(samples.labels.tolist()))  # the numbers just asked for
                     figures["judge_accuracy_on_reference_round_trip"] = judges.reference_round_trip_accuracy(tokenizer, found.image, asked, device=device)
                     results["image_tokenizer"] = {"probe_correct_reconstructed": real}
+                asked = set(samples.labels.tolist())
+                figures.update(image_generation_figures(found.image, samples, self.reference_images(asked)))
                 results[task] = figures
             elif samples.heard is not None:
                 read = predict_numbers(found.audio, samples.heard, samples.heard_mask).cpu()
