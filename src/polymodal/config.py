@@ -18,6 +18,7 @@ from typing import Any
 
 import yaml
 
+from polymodal.data.augment import AugmentSettings
 from polymodal.errors import ConfigError
 from polymodal.training.gradient_surgery import check_gradient_surgery
 from polymodal.training.schedules import check_loss_schedules
@@ -45,6 +46,9 @@ class DataConfig:
     max_text_tokens: int = 24
     vocab_size: int = 512  # BPE vocabulary trained on the training captions
     num_workers: int = 0
+    # Training-split augmentation (audio chain, SpecAugment, image chain), all off by default;
+    # deterministic per (seed, epoch, item): see polymodal.data.augment.
+    augment: AugmentSettings = dataclasses.field(default_factory=AugmentSettings)
 
 
 @dataclasses.dataclass
@@ -113,6 +117,12 @@ class TrainConfig:
     loss_weights: dict[str, float] = dataclasses.field(default_factory=dict)  # loss name -> weight (default 1)
     loss_schedules: dict[str, Any] = dataclasses.field(default_factory=dict)  # name -> [[progress, weight], ...]
     gradient_surgery: dict[str, Any] = dataclasses.field(default_factory=lambda: {"name": "none"})
+    # A periodic val figure (e.g. audio_to_text/exact; higher is better): the best checkpoint by
+    # it is kept in checkpoints/best and used by eval, generate and the final test evaluation.
+    select: str | None = None
+    early_stop: int = 0  # with select: stop after this many evaluations without a new best; 0: off
+    # Cache the features of fully frozen encoders per training item (off | memory | a folder).
+    feature_cache: str = "off"
 
 
 # The VQ-VAE's own training settings (the ``vqvae`` preset's): no decay, clipping or warmup.
@@ -360,6 +370,16 @@ def dump_config(config: Config, path: str | Path) -> None:
     Path(path).write_text(yaml.safe_dump(to_dict(config), sort_keys=False))
 
 
+def check_selection(train: TrainConfig) -> None:
+    """``train.select`` needs periodic evaluation; ``train.early_stop`` needs a figure to watch."""
+    if train.select is not None and train.eval_every <= 0:
+        raise ConfigError(f"train.select={train.select}: needs periodic evaluation; set train.eval_every (e.g. 100)")
+    if train.early_stop < 0:
+        raise ConfigError(f"train.early_stop: must be >= 0 (evaluations without a new best), got {train.early_stop}")
+    if train.early_stop and train.select is None:
+        raise ConfigError("train.early_stop: stops on a figure; name it with train.select (e.g. audio_to_text/exact)")
+
+
 def validate(config: Config) -> None:
     """The one validation path of a config: the values of the tree here, then every part spec and
     the dataset plug-in through their registries (``polymodal.validation``), before anything is built."""
@@ -383,6 +403,7 @@ def validate(config: Config) -> None:
         positive(f"data.{key}", getattr(config.data, key))
     positive("data.max_audio_seconds", config.data.max_audio_seconds)
     positive("model.dim", config.model.dim)
+    check_selection(config.train)
     if config.train.warmup_steps < 0:
         raise ConfigError(f"train.warmup_steps: must be >= 0, got {config.train.warmup_steps}")
     if config.device != "auto" and config.device != "cpu" and not config.device.startswith("cuda"):

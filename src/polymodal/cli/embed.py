@@ -97,15 +97,7 @@ def embed_manifest(
     from polymodal.data.manifest import ManifestDataset
     from polymodal.errors import DataError
 
-    data = run.config.data
-    dataset = ManifestDataset(
-        manifest,
-        image_height=data.image_height,
-        image_width=data.image_width,
-        channels=data.image_channels,
-        sample_rate=data.sample_rate,
-        max_audio_seconds=data.max_audio_seconds,
-    )
+    dataset = ManifestDataset.for_data(manifest, run.config.data)
     wanted = [i for i, entry in enumerate(dataset.entries) if entry.get(modality.value) is not None]
     if not wanted:
         raise DataError(f"manifest {manifest} has no item with {modality!s}")

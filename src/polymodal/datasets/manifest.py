@@ -49,15 +49,7 @@ class ManifestSource:
         self.data, self.seed, self.holdout = data, seed, holdout
 
     def _read(self, path: str) -> ManifestDataset:
-        data = self.data
-        return ManifestDataset(
-            path,
-            image_height=data.image_height,
-            image_width=data.image_width,
-            channels=data.image_channels,
-            sample_rate=data.sample_rate,
-            max_audio_seconds=data.max_audio_seconds,
-        )
+        return ManifestDataset.for_data(path, self.data)
 
     def load(self) -> Splits:
         full = self._read(self.data.manifest)

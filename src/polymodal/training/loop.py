@@ -264,6 +264,7 @@ def fit(
     *,
     resume: bool = False,
     evaluate: Evaluate | None = None,
+    stop: Callable[[int], bool] | None = None,
 ) -> FitResult:
     """Train ``model`` for ``config.train.steps`` optimiser steps, writing logs and checkpoints to ``run_dir``.
 
@@ -278,6 +279,8 @@ def fit(
             scheduler, RNGs, data position, gradient surgery state).
         evaluate: ``evaluate(model, step) -> {name: value}``, called under ``no_grad`` in eval mode
             every ``train.eval_every`` steps (if > 0) and at the end; logged with split ``val``.
+        stop: ``stop(step) -> bool``, asked after each evaluation (and before the first step of a
+            resumed run): True ends training there, with a checkpoint (early stopping).
     """
     train, run_dir = config.train, Path(run_dir)
     state = start_state(model, config, run_dir, resume=resume)
@@ -292,8 +295,9 @@ def fit(
     meter = Throughput()
     losses: dict[str, float] = {}
     model.train()
+    stopped = stop is not None and state.step > 0 and stop(state.step)
     try:
-        while state.step < train.steps:
+        while state.step < train.steps and not stopped:
             lr = state.optimizer.param_groups[0]["lr"]  # the rate this step uses
             first = not losses
             out, losses, grad_norm = optimizer_step(model, state, batches, train)
@@ -308,8 +312,11 @@ def fit(
                 logger.log(state.step, step_values(out, losses, lr=lr, grad_norm=grad_norm, samples_per_s=rate, collate_fn=collate_fn))
             if evaluate is not None and ((train.eval_every > 0 and state.step % train.eval_every == 0) or done):
                 run_evaluation(model, evaluate, logger, state.step)
+                stopped = stop is not None and stop(state.step)
+                if stopped:
+                    log.info("early stop at step %d of %d", state.step, train.steps)
             # After logging and evaluation, so the saved RNG state is the one the next step starts from.
-            if state.step % train.ckpt_every == 0 or done:
+            if state.step % train.ckpt_every == 0 or done or stopped:
                 state.save(run_dir, model, keep=train.keep_checkpoints)
     finally:
         bar.close()

@@ -8,7 +8,9 @@ image height) and placed left to right with jittered gaps and heights, always wh
 canvas. The caption comes from ``numbers.CAPTION_TEMPLATES`` (words or numerals). The speech is
 espeak-ng (``speech.py``) reading the numeral with a random accent (each accent verbalises it its
 own way: "one hundred and five" in British English, "one hundred five" in American), voice
-variant, rate and pitch.
+variant, rate and pitch; the training split's speech is then recorded through a drawn talker,
+room, noise, channel, level and microphone (``recording.py``), so a model trained on it reads
+real recordings; validation and test speech stay clean.
 
 What the splits test:
 - train/val/test (80/10/10) take their digit images from disjoint pools of the 5,000 MNIST images
@@ -59,7 +61,7 @@ from polymodal.datasets.spoken_numbers.numbers import MAX_NUMBER, make_caption
 
 logger = logging.getLogger(__name__)
 
-GENERATOR_VERSION = 1  # bump whenever the generated data would change: it keys the cache
+GENERATOR_VERSION = 2  # bump whenever the generated data would change: it keys the cache
 CACHE_NAME = "spoken_numbers"
 SPLIT_NAMES = ("train", "val", "test")  # split codes 0, 1, 2 in ``SpokenNumbers.splits``
 VAL_FRACTION = 0.1
@@ -255,8 +257,8 @@ def _check_parameters(num_samples: int, max_digits: int, image_height: int, imag
 def _generate(params: dict[str, Any], *, num_workers: int | None) -> SpokenNumbers:
     num_samples, max_digits = params["num_samples"], params["max_digits"]
     height, width = params["image_height"], params["image_width"]
-    streams = [np.random.default_rng(s) for s in np.random.SeedSequence(params["seed"]).spawn(7)]
-    rng_heldout, rng_numbers, rng_pools, rng_picks, rng_layout, rng_captions, rng_voices = streams
+    streams = [np.random.default_rng(s) for s in np.random.SeedSequence(params["seed"]).spawn(8)]
+    rng_heldout, rng_numbers, rng_pools, rng_picks, rng_layout, rng_captions, rng_voices, rng_rooms = streams
 
     heldout = _choose_heldout(rng_heldout, max_digits)
     num_val = max(1, round(num_samples * VAL_FRACTION))
@@ -277,12 +279,15 @@ def _generate(params: dict[str, Any], *, num_workers: int | None) -> SpokenNumbe
     sources = _pick_sources(rng_pools, rng_picks, labels_all, splits_all, mnist_labels, max_digits)
     layouts = draw_layouts(rng_layout, num_samples, max_digits)
     captions = [make_caption(int(n), rng_captions) for n in labels_all]
-    voice_configs = [speech.random_voice(rng_voices) for _ in range(num_samples)]
+    voice_configs = [speech.random_voice(rng_voices, digits=len(str(int(n)))) for n in labels_all]
     noise_seeds = rng_voices.integers(0, 2**31 - 1, size=num_samples)
+    # Training speech is recorded (recording.py); validation and test speech stay clean.
+    recordings = np.where(splits_all == 0, rng_rooms.integers(0, 2**31 - 1, size=num_samples), -1)
 
     speech_jobs = speech.chunk_jobs(
-        [str(int(n)) for n in labels_all], voice_configs, noise_seeds.tolist(), sample_rate=params["sample_rate"]
-    )
+        [str(int(n)) for n in labels_all], voice_configs, noise_seeds.tolist(), sample_rate=params["sample_rate"],
+        recordings=recordings.tolist(),
+    )  # fmt: skip
     image_jobs = [
         (sources[i : i + IMAGE_CHUNK], {k: v[i : i + IMAGE_CHUNK] for k, v in layouts.items()}, height, width)
         for i in range(0, num_samples, IMAGE_CHUNK)
