@@ -127,3 +127,58 @@ def test_sigkill_then_resume_matches_uninterrupted_run_bitwise(tmp_path):
         assert torch.equal(resumed_weights[name], whole_weights[name]), name
     # Every logged figure (losses, lr, grad norm, the RNG-drawing evaluation) matches, each step once.
     assert _train_entries(killed_dir) == _train_entries(whole_dir)
+
+
+def test_resume_with_augmentation_matches_the_uninterrupted_run_bitwise(tmp_path):
+    """The audio chain, SpecAugment and dropout on, items loaded in a worker process: a run resumed
+    from its middle checkpoint ends with the uninterrupted run's weights, bitwise (an augmentation
+    drawn from a worker's own RNG would not replay: the resumed loader seeds its workers anew)."""
+    import shutil
+
+    import numpy as np
+
+    from polymodal.config import load_config
+    from polymodal.data.batch import Sample
+    from polymodal.data.collate import build_collator
+    from polymodal.data.keyed import TrainingItems
+    from polymodal.data.text import TextTokenizer
+    from polymodal.models.architectures import build_model
+    from polymodal.training.loop import fit
+    from polymodal.training.run import data_shapes
+
+    augment = [
+        "data.augment.audio.speed_p=1.0", "data.augment.audio.noise_p=1.0", "data.augment.audio.reverb_p=0.5",
+        "data.augment.audio.gain_p=1.0", "data.augment.audio.spec_augment_p=1.0", "data.augment.audio.time_mask_width=5",
+    ]  # fmt: skip
+    settings = [
+        "model.tasks=[audio_to_text]", "model.backbone.dropout=0.1", "train.steps=8", "train.ckpt_every=4",
+        "train.batch_size=4", "train.keep_checkpoints=0", "train.progress=false", "train.precision=fp32",
+        "device=cpu", "data.num_workers=1", "seed=5",
+    ]  # fmt: skip
+    config = load_config(["tiny"], [*augment, *settings])
+    rng = np.random.default_rng(0)
+    words = ["one", "two", "three", "four", "five"]
+    clips = [
+        Sample(text=words[i % 5], audio=torch.from_numpy((0.3 * rng.standard_normal(3000 + 200 * i)).astype(np.float32)), label=i % 5)
+        for i in range(10)
+    ]
+    tokenizer = TextTokenizer.train(words * 3, vocab_size=300)
+    collator = build_collator(tokenizer, config.data, seed=config.seed)
+
+    def train(run_dir: Path, *, resume: bool) -> None:
+        torch.manual_seed(0)
+        model = build_model(config, data_shapes(config, tokenizer, collator))
+        items = TrainingItems(clips, augment=config.data.augment, seed=config.seed, sample_rate=config.data.sample_rate)
+        fit(model, items, collator, config, run_dir, resume=resume)
+
+    whole, resumed = tmp_path / "whole", tmp_path / "resumed"
+    train(whole, resume=False)
+    (resumed / "checkpoints").mkdir(parents=True)
+    shutil.copytree(whole / "checkpoints" / "step_0000004", resumed / "checkpoints" / "step_0000004")
+    train(resumed, resume=True)
+    final = "checkpoints/step_0000008/model.safetensors"
+    whole_weights = safetensors.torch.load_file(whole / final)
+    resumed_weights = safetensors.torch.load_file(resumed / final)
+    assert whole_weights.keys() == resumed_weights.keys()
+    for name in whole_weights:
+        assert torch.equal(resumed_weights[name], whole_weights[name]), name

@@ -38,7 +38,7 @@ def _observe_all(selection: Selection, values: dict[int, float], *, pass_number:
 def test_the_best_checkpoint_holds_the_best_evaluations_weights(tmp_path):
     selection = Selection(TrainConfig(select=FIGURE, eval_every=10), tmp_path)
     written = _observe_all(selection, {10: 0.2, 20: 0.5, 30: 0.4, 40: 0.5, 50: 0.7, 60: 0.1})
-    assert written == [10, 20, 50]  # strictly better only: a tie keeps the earlier checkpoint
+    assert written == [10, 20, 40, 50]  # a tie (40) takes the later weights
     assert read_best(tmp_path) == {"step": 50, "figure": FIGURE, "value": 0.7}
     assert _best_weight(tmp_path) == 50.0
 
@@ -61,8 +61,10 @@ def test_early_stop_counts_evaluations_since_the_best(tmp_path):
     selection = Selection(TrainConfig(select=FIGURE, eval_every=10, early_stop=2), tmp_path)
     _observe_all(selection, {10: 0.5, 20: 0.4})
     assert not selection.should_stop(20)  # one evaluation without a new best
-    _observe_all(selection, {30: 0.45})
-    assert selection.should_stop(30)
+    _observe_all(selection, {30: 0.5})
+    assert not selection.should_stop(30)  # a tie restarts the count
+    _observe_all(selection, {40: 0.45, 50: 0.1})
+    assert not selection.should_stop(40) and selection.should_stop(50)
     with pytest.raises(ConfigError, match="not a validation figure of this run; valid: other, task/exact"):
         Selection(TrainConfig(select="task/exatc", eval_every=10), tmp_path / "x").observe(nn.Linear(1, 1), 10, {FIGURE: 1.0, "other": 0.0})
 
@@ -94,7 +96,7 @@ def test_fit_stops_early_with_a_checkpoint_and_resume_stays_stopped(tmp_path):
     data = [(torch.randn(3, generator=gen), torch.randn((), generator=gen)) for _ in range(16)]
     train = TrainConfig(steps=40, batch_size=4, warmup_steps=0, log_every=5, ckpt_every=100, eval_every=5, select=FIGURE, early_stop=2, progress=False, precision="fp32")
     config = Config(device="cpu", train=train)
-    scores = iter([0.5, 0.9, 0.8, 0.7, 0.95, 0.1, 0.1, 0.1])  # best at step 10; 15, 20 bring nothing
+    scores = iter([0.5, 0.9, 0.8, 0.7, 0.95, 0.1, 0.1, 0.1])  # best at step 10; 15 and 20 bring nothing
     selection = Selection(train, tmp_path)
 
     def evaluate(model, step):

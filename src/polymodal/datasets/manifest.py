@@ -42,8 +42,7 @@ class ManifestSource:
     label_parser = None
 
     def __init__(self, data: DataConfig, seed: int, *, holdout: float = MANIFEST_HOLDOUT) -> None:
-        if not data.manifest:
-            raise ConfigError("data.manifest: needed when data.source=manifest (a JSONL file of samples)")
+        # data.manifest is checked when the data is read, so a preset can leave it to the user.
         if not 0.0 < holdout < 1.0:
             raise ValueError(f"holdout must lie in (0, 1), got {holdout}")
         self.data, self.seed, self.holdout = data, seed, holdout
@@ -52,6 +51,8 @@ class ManifestSource:
         return ManifestDataset.for_data(path, self.data)
 
     def load(self) -> Splits:
+        if not self.data.manifest:
+            raise ConfigError("data.manifest: needed when data.source=manifest (a JSONL file of samples), e.g. data.manifest=train.jsonl")
         full = self._read(self.data.manifest)
         if self.data.val_manifest:
             train, held = full, self._read(self.data.val_manifest)

@@ -1,8 +1,9 @@
 """Checkpoint selection and early stopping by a periodic validation figure (``train.select``).
 
 With ``train.select=audio_to_text/exact`` (a name from the figures the periodic evaluation logs
-under ``val``, higher is better), every evaluation that beats the best so far writes the model's
-weights to ``checkpoints/best/`` (``model.safetensors`` and ``best.json``: step, figure, value).
+under ``val``, higher is better), every evaluation that equals or beats the best so far writes the
+model's weights to ``checkpoints/best/`` (among equal figures the latest wins: a small validation
+set often saturates, and the later weights have trained longer at the same figure) (``model.safetensors`` and ``best.json``: step, figure, value).
 ``polymodal eval`` and ``generate`` load that folder (``training.run.load_run``), and so does the
 test evaluation at the end of training. With ``train.early_stop=N`` as well, training stops after
 N evaluations in a row without a new best.
@@ -94,8 +95,8 @@ class Selection:
         return [(int(step), float(value)) for step, value in found if step < before]
 
     def observe(self, model: nn.Module, step: int, figures: Mapping[str, float]) -> None:
-        """After an evaluation at ``step``: record the figure; write the best checkpoint if it beats
-        every earlier one."""
+        """After an evaluation at ``step``: record the figure; write the best checkpoint if it equals
+        or beats every earlier one."""
         if self.figure is None:
             return
         if self.figure not in figures:
@@ -105,17 +106,17 @@ class Selection:
         earlier = self.history(step)
         (self.run_dir / CHECKPOINT_DIR).mkdir(parents=True, exist_ok=True)
         _write_json(self.run_dir / CHECKPOINT_DIR / HISTORY_FILE, {"figure": self.figure, "history": [*earlier, (step, value)]})
-        if not earlier or value > max(v for _, v in earlier):
+        if not earlier or value >= max(v for _, v in earlier):
             write_best(self.run_dir, model, step=step, figure=self.figure, value=value)
             logger.info("best %s so far: %.4f at step %d (checkpoints/best)", self.figure, value, step)
 
     def should_stop(self, step: int) -> bool:
-        """True once ``early_stop`` evaluations in a row (``eval_every`` steps apart) brought no new
-        best, as of ``step``."""
+        """True once ``early_stop`` evaluations in a row (``eval_every`` steps apart) neither beat nor
+        equalled the best, as of ``step``."""
         if not self.patience or self.figure is None:
             return False
         seen = self.history(step + 1)
         if not seen:
             return False
-        best_step = max(seen, key=lambda item: (item[1], -item[0]))[0]  # the first step at the best value
+        best_step = max(seen, key=lambda item: (item[1], item[0]))[0]  # the latest step at the best value
         return step - best_step >= self.patience * self.every
