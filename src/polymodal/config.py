@@ -70,6 +70,7 @@ class ModelConfig:
     contrastive: dict[str, Any] = dataclasses.field(default_factory=dict)  # settings of the contrastive task
     task_fractions: dict[str, float] = dataclasses.field(default_factory=dict)  # task -> share of each batch
     heads: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)  # target modality -> head spec
+    decoupler: dict[str, Any] = dataclasses.field(default_factory=dict)  # a decoupler spec; {} for none
 
 
 @dataclasses.dataclass
@@ -117,6 +118,8 @@ class TrainConfig:
     loss_weights: dict[str, float] = dataclasses.field(default_factory=dict)  # loss name -> weight (default 1)
     loss_schedules: dict[str, Any] = dataclasses.field(default_factory=dict)  # name -> [[progress, weight], ...]
     gradient_surgery: dict[str, Any] = dataclasses.field(default_factory=lambda: {"name": "none"})
+    # A step with a non-finite loss or gradient is skipped (no update); this many in a row stop the run.
+    max_nonfinite_steps: int = 10
     # A periodic val figure (e.g. audio_to_text/exact; higher is better): the best checkpoint by
     # it is kept in checkpoints/best and used by eval, generate and the final test evaluation.
     select: str | None = None
@@ -395,7 +398,7 @@ def validate(config: Config) -> None:
 
     choice("train.precision", config.train.precision, PRECISIONS)
     for section in ("train", "tokenizer_train"):
-        for key in ("steps", "batch_size", "grad_accum", "lr", "log_every", "ckpt_every"):
+        for key in ("steps", "batch_size", "grad_accum", "lr", "log_every", "ckpt_every", "max_nonfinite_steps"):
             positive(f"{section}.{key}", getattr(getattr(config, section), key))
         check_loss_schedules(getattr(config, section).loss_schedules, f"{section}.loss_schedules")
         check_gradient_surgery(getattr(config, section).gradient_surgery, f"{section}.gradient_surgery")

@@ -143,7 +143,7 @@ def test_image_codes_come_from_one_pass_and_decode_to_images():
     assert 0 <= int(codes.min()) and int(codes.max()) < head.num_codes
     # The same codes as the most likely ones of the training pass, given the widths it predicted.
     with torch.no_grad():
-        widths = predicted_durations(head.width_head, model.backbone, source, source_mask)
+        widths = predicted_durations(head.width_head, model, source, source_mask)
         tokens = head.code_tokens(model, source, widths)
         hidden = model.run(source, source_mask, tokens, torch.ones(tokens.shape[:2], dtype=torch.bool))
         expected = head.code_head(hidden[:, source.shape[1] :]).argmax(-1).reshape(3, 4, 12)

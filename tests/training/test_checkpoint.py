@@ -1,7 +1,10 @@
 """Checkpoints: exact round trip (tied weights, optimiser, scheduler, RNGs), weights_only loading,
 atomic writes under failure, pruning, and clear errors for missing or corrupt files."""
 
+import errno
+import os
 import random
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -10,6 +13,7 @@ import torch
 from torch import nn
 
 from polymodal.config import TrainConfig
+from polymodal.errors import RunError
 from polymodal.training import checkpoint as ckpt
 from polymodal.training.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint, save_checkpoint
 from polymodal.training.optim import build_optimizer, build_scheduler
@@ -114,22 +118,80 @@ def test_rng_states_are_restored(tmp_path):
     assert first[3] == again[3]
 
 
-def test_failure_mid_save_leaves_previous_checkpoint_and_latest(tmp_path, monkeypatch):
+def _write_fails_in(target: str, monkeypatch) -> None:
+    """Make one step of a checkpoint write fail as a full disk or a read-only folder would."""
+
+    def no_space(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    def read_only(*args, **kwargs):
+        raise OSError(errno.EROFS, "Read-only file system")
+
+    if target == "model":  # safetensors reports a full disk as its own error type
+        def serialise(*args, **kwargs):
+            raise safetensors.SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+        monkeypatch.setattr(ckpt.safetensors.torch, "save_model", serialise)
+    elif target == "state":  # torch.save reports it as a RuntimeError about the zip writer
+        def zip_writer(*args, **kwargs):
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 576 vs 534")
+
+        monkeypatch.setattr(ckpt.torch, "save", zip_writer)
+    elif target == "fsync":
+        monkeypatch.setattr(ckpt.os, "fsync", no_space)
+    elif target == "mkdir":
+        monkeypatch.setattr(ckpt.Path, "mkdir", read_only)
+    else:  # "latest": the folder is in place, the pointer cannot be replaced
+        real_replace = os.replace
+
+        def replace(src, dst):
+            if Path(dst).name == "latest":
+                no_space()
+            real_replace(src, dst)
+
+        monkeypatch.setattr(ckpt.os, "replace", replace)
+
+
+@pytest.mark.parametrize("target", ["model", "state", "fsync", "mkdir", "latest"])
+def test_failed_write_leaves_previous_checkpoint_and_latest(tmp_path, monkeypatch, target):
     model, opt, sched = _trained(seed=0)
-    save_checkpoint(tmp_path, step=1, model=model, optimizer=opt, scheduler=sched, extra_state={})
+    first = save_checkpoint(tmp_path, step=1, model=model, optimizer=opt, scheduler=sched, extra_state={"s": 1})
+    saved_weights = (first / "model.safetensors").read_bytes()
+    with torch.no_grad():
+        model.norm.weight.add_(1.0)  # step 2's weights differ from step 1's
 
-    def broken_save(*args, **kwargs):
-        raise OSError("disk full")
-
-    monkeypatch.setattr(ckpt.torch, "save", broken_save)
-    with pytest.raises(OSError, match="disk full"):
-        save_checkpoint(tmp_path, step=2, model=model, optimizer=opt, scheduler=sched, extra_state={})
+    _write_fails_in(target, monkeypatch)
+    with pytest.raises(RunError) as caught:
+        save_checkpoint(tmp_path, step=2, model=model, optimizer=opt, scheduler=sched, extra_state={"s": 2})
     monkeypatch.undo()
+    message = str(caught.value)
+    assert "\n" not in message and "could not write checkpoint" in message and "step_0000002" in message
+    assert f"{first}, is intact" in message
 
     ckpt_dir = tmp_path / "checkpoints"
     assert (ckpt_dir / "latest").read_text().strip() == "step_0000001"
+    assert latest_checkpoint(tmp_path) == first
+    assert not list(ckpt_dir.glob(".tmp-*"))
+    assert (first / "model.safetensors").read_bytes() == saved_weights
+    assert load_checkpoint(tmp_path, model=_trained(seed=1)[0])["s"] == 1
+    # The next save works and replaces whatever the failed one left.
+    save_checkpoint(tmp_path, step=2, model=model, optimizer=opt, scheduler=sched, extra_state={"s": 2})
+    assert load_checkpoint(tmp_path, model=model)["s"] == 2
+
+
+def test_interrupt_mid_save_leaves_previous_checkpoint(tmp_path, monkeypatch):
+    model, opt, sched = _trained(seed=0)
+    save_checkpoint(tmp_path, step=1, model=model, optimizer=opt, scheduler=sched, extra_state={})
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(ckpt.torch, "save", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        save_checkpoint(tmp_path, step=2, model=model, optimizer=opt, scheduler=sched, extra_state={})
+    monkeypatch.undo()
+    ckpt_dir = tmp_path / "checkpoints"
     assert sorted(p.name for p in ckpt_dir.iterdir()) == ["latest", "step_0000001"]
-    assert latest_checkpoint(tmp_path) == ckpt_dir / "step_0000001"
 
 
 def test_leftovers_of_a_killed_save_are_ignored_then_cleaned(tmp_path):

@@ -103,7 +103,9 @@ class _Regression:
     x: torch.Tensor  # (B, 10)
     targets: list[torch.Tensor]  # one (B, 10) per task
 
-    size = 0
+    @property
+    def size(self) -> int:
+        return len(self.x)
 
     def to(self, device):
         return self

@@ -1,23 +1,30 @@
 """Exact resume: the data order replays from any item, metrics are not duplicated, and a run killed
-with SIGKILL mid-way and resumed ends with bitwise the same weights as an uninterrupted run."""
+with SIGKILL mid-way and resumed ends with bitwise the same weights as an uninterrupted run; with
+augmentation on as well."""
 
 import json
-import os
+import shutil
 import signal
-import subprocess
 import sys
-import time
 from pathlib import Path
 
-import safetensors.torch
+import numpy as np
 import torch
 
+from polymodal.config import load_config
+from polymodal.data.batch import Sample
+from polymodal.data.collate import build_collator
+from polymodal.data.keyed import TrainingItems
+from polymodal.data.text import TextTokenizer
+from polymodal.models.architectures import build_model
 from polymodal.training.checkpoint import latest_checkpoint
+from polymodal.training.loop import fit
+from polymodal.training.run import data_shapes
 from polymodal.training.metrics_log import MetricsLogger
 from polymodal.training.sampler import EpochSampler, build_loader
 
-JOB = Path(__file__).with_name("resume_job.py")
-STEPS = 24  # resume_job.STEPS
+sys.path.insert(0, str(Path(__file__).parent))  # resume_job.py beside this file
+from resume_job import STEPS, assert_same_weights, logged_entries, logged_steps, signal_when, start  # noqa: E402
 
 
 def _indices(sampler: EpochSampler, count: int) -> list[int]:
@@ -71,13 +78,7 @@ def test_metrics_logger_drops_entries_after_the_resumed_step(tmp_path):
     assert len((tmp_path / "metrics.jsonl").read_text().splitlines()) == 1
 
 
-def _start(run_dir: Path, *args: str) -> subprocess.Popen:
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    log = open(run_dir.parent / f"{run_dir.name}.log", "w")
-    return subprocess.Popen([sys.executable, str(JOB), str(run_dir), *args], stdout=log, stderr=log, env=env)
-
-
-def _finish(proc: subprocess.Popen, run_dir: Path) -> None:
+def _finish(proc, run_dir: Path) -> None:
     assert proc.wait(timeout=120) == 0, (run_dir.parent / f"{run_dir.name}.log").read_text()
 
 
@@ -85,67 +86,33 @@ def _step_of(checkpoint: Path) -> int:
     return int(checkpoint.name.removeprefix("step_"))
 
 
-def _logged_steps(run_dir: Path) -> list[int]:
-    path = run_dir / "metrics.jsonl"
-    lines = path.read_text().splitlines() if path.exists() else []
-    return [json.loads(line)["step"] for line in lines if line.endswith("}")]
-
-
-def _train_entries(run_dir: Path) -> dict[int, dict]:
-    entries = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    keys = [(e["step"], e["split"]) for e in entries]
-    assert len(keys) == len(set(keys)), "a step was logged twice"
-    volatile = ("time", "samples_per_s")
-    return {(e["step"], e["split"]): {k: v for k, v in e.items() if k not in volatile} for e in entries}
-
-
 def test_sigkill_then_resume_matches_uninterrupted_run_bitwise(tmp_path):
     killed_dir, whole_dir = tmp_path / "killed", tmp_path / "whole"
-    whole = _start(whole_dir)
-    killed = _start(killed_dir, "--step-delay", "0.05")
+    whole = start(whole_dir)
+    killed = start(killed_dir, "--step-delay", "0.05")
 
     # Kill once a checkpoint exists and a later step was logged, so resume must also drop that entry.
-    deadline = time.monotonic() + 120
-    while killed.poll() is None and time.monotonic() < deadline:
+    def ready() -> bool:
         reached = latest_checkpoint(killed_dir)
-        if reached is not None and _logged_steps(killed_dir) and max(_logged_steps(killed_dir)) > _step_of(reached):
-            killed.send_signal(signal.SIGKILL)
-            break
-        time.sleep(0.01)
+        return reached is not None and max(logged_steps(killed_dir), default=0) > _step_of(reached)
+
+    signal_when(killed, signal.SIGKILL, ready)
     assert killed.wait(timeout=30) == -signal.SIGKILL, "the job finished before it could be killed"
     reached = latest_checkpoint(killed_dir)
     assert reached is not None and reached.name != f"step_{STEPS:07d}"
 
-    _finish(_start(killed_dir, "--resume"), killed_dir)
+    _finish(start(killed_dir, "--resume"), killed_dir)
     _finish(whole, whole_dir)
 
-    final = f"checkpoints/step_{STEPS:07d}/model.safetensors"
-    resumed_weights = safetensors.torch.load_file(killed_dir / final)
-    whole_weights = safetensors.torch.load_file(whole_dir / final)
-    assert resumed_weights.keys() == whole_weights.keys()
-    for name in whole_weights:
-        assert torch.equal(resumed_weights[name], whole_weights[name]), name
+    assert_same_weights(killed_dir, whole_dir, STEPS)
     # Every logged figure (losses, lr, grad norm, the RNG-drawing evaluation) matches, each step once.
-    assert _train_entries(killed_dir) == _train_entries(whole_dir)
+    assert logged_entries(killed_dir) == logged_entries(whole_dir)
 
 
 def test_resume_with_augmentation_matches_the_uninterrupted_run_bitwise(tmp_path):
     """The audio chain, SpecAugment and dropout on, items loaded in a worker process: a run resumed
     from its middle checkpoint ends with the uninterrupted run's weights, bitwise (an augmentation
     drawn from a worker's own RNG would not replay: the resumed loader seeds its workers anew)."""
-    import shutil
-
-    import numpy as np
-
-    from polymodal.config import load_config
-    from polymodal.data.batch import Sample
-    from polymodal.data.collate import build_collator
-    from polymodal.data.keyed import TrainingItems
-    from polymodal.data.text import TextTokenizer
-    from polymodal.models.architectures import build_model
-    from polymodal.training.loop import fit
-    from polymodal.training.run import data_shapes
-
     augment = [
         "data.augment.audio.speed_p=1.0", "data.augment.audio.noise_p=1.0", "data.augment.audio.reverb_p=0.5",
         "data.augment.audio.gain_p=1.0", "data.augment.audio.spec_augment_p=1.0", "data.augment.audio.time_mask_width=5",
@@ -176,9 +143,4 @@ def test_resume_with_augmentation_matches_the_uninterrupted_run_bitwise(tmp_path
     (resumed / "checkpoints").mkdir(parents=True)
     shutil.copytree(whole / "checkpoints" / "step_0000004", resumed / "checkpoints" / "step_0000004")
     train(resumed, resume=True)
-    final = "checkpoints/step_0000008/model.safetensors"
-    whole_weights = safetensors.torch.load_file(whole / final)
-    resumed_weights = safetensors.torch.load_file(resumed / final)
-    assert whole_weights.keys() == resumed_weights.keys()
-    for name in whole_weights:
-        assert torch.equal(resumed_weights[name], whole_weights[name]), name
+    assert_same_weights(resumed, whole, 8)

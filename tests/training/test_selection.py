@@ -104,10 +104,10 @@ def test_fit_stops_early_with_a_checkpoint_and_resume_stays_stopped(tmp_path):
         selection.observe(model, step, figures)
         return figures
 
-    result = fit(_Regression(), data, _collate, config, tmp_path, evaluate=evaluate, stop=selection.should_stop)
+    result = fit(_Regression(), data, _collate, config, tmp_path, evaluate=evaluate, should_stop=selection.should_stop)
     assert result.step == 20 and latest_checkpoint(tmp_path).name == "step_0000020"
     assert read_best(tmp_path)["step"] == 10
-    again = fit(_Regression(), data, _collate, config, tmp_path, resume=True, evaluate=evaluate, stop=selection.should_stop)
+    again = fit(_Regression(), data, _collate, config, tmp_path, resume=True, evaluate=evaluate, should_stop=selection.should_stop)
     assert again.step == 20  # a stopped run resumed does not train on
 
 

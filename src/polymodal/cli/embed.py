@@ -39,12 +39,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from polymodal.errors import ConfigError
     from polymodal.training.run import load_run
 
+    if args.batch_size < 1:
+        raise ConfigError(f"--batch-size must be at least 1, got {args.batch_size}")
+    if Path(args.out).is_dir():
+        raise ConfigError(f"--out {args.out} is a folder; give a file name such as {Path(args.out) / 'index.safetensors'}")
     run_dir = Path(args.run_dir)
     loaded = load_run(run_dir)
-    require_clip(loaded.model, run_dir)
-    index = embed_manifest(loaded, args.manifest, Modality.parse(args.modality), batch_size=args.batch_size)
+    modality = Modality.parse(args.modality)
+    require_clip(loaded.model, run_dir, modality)
+    index = embed_manifest(loaded, args.manifest, modality, batch_size=args.batch_size)
     save_index(args.out, index)
     print(f"embedded {len(index.ids)} {args.modality} items ({index.embeddings.shape[1]} dims) -> {args.out}")
     return 0
@@ -72,12 +78,16 @@ class EmbeddingIndex:
             raise ValueError(f"embeddings {tuple(emb.shape)}, ids {tuple(ids.shape)} and {len(self.paths)} paths disagree")
 
 
-def require_clip(model: Any, run_dir: Path) -> None:
+def require_clip(model: Any, run_dir: Path, modality: Modality | None = None) -> None:
+    """A ConfigError unless ``model`` is a CLIP model (with a tower for ``modality``, when given)."""
     from polymodal.errors import ConfigError
     from polymodal.models.clip import ClipModel
 
     if not isinstance(model, ClipModel):
         raise ConfigError(f"{run_dir} is not a CLIP run (model.architecture must be clip); embeddings need one")
+    if modality is not None and modality not in model.modalities:
+        towers = ", ".join(sorted(m.value for m in model.modalities))
+        raise ConfigError(f"{run_dir} has no {modality} tower (its towers: {towers})")
 
 
 @torch.no_grad()
@@ -125,17 +135,28 @@ def embed_manifest(
 
 def save_index(path: str | Path, index: EmbeddingIndex) -> Path:
     """Write ``index`` as safetensors: tensors ``embeddings`` and ``ids``, the paths in metadata."""
+    from safetensors import SafetensorError
     from safetensors.torch import save_file
 
+    from polymodal.errors import DataError
+
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     tensors = {EMBEDDINGS_KEY: index.embeddings.contiguous(), IDS_KEY: index.ids.contiguous()}
-    save_file(tensors, str(path), metadata={**index.metadata, PATHS_KEY: json.dumps(index.paths)})
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_file(tensors, str(path), metadata={**index.metadata, PATHS_KEY: json.dumps(index.paths)})
+    except (OSError, SafetensorError) as exc:  # a folder in the way, a full disk, a read-only folder
+        raise DataError(f"cannot write the index {path}: {exc}") from None
     return path
 
 
 def load_index(path: str | Path) -> EmbeddingIndex:
-    """Read an index written by ``save_index``."""
+    """Read an index written by ``save_index``: through safetensors only, which holds tensors and
+    strings and never runs code from the file (a pickle is not an index, whatever its name).
+
+    Raises:
+        DataError: naming the file, when it is missing, not a safetensors file, or not an index.
+    """
     from safetensors import safe_open
 
     from polymodal.errors import DataError
@@ -143,11 +164,14 @@ def load_index(path: str | Path) -> EmbeddingIndex:
     path = Path(path)
     if not path.is_file():
         raise DataError(f"index file {path} does not exist; write one with `polymodal embed`")
+    not_an_index = f"{path} is not an index written by `polymodal embed`"
     try:
         with safe_open(str(path), framework="pt") as handle:
             metadata = dict(handle.metadata() or {})
             embeddings, ids = handle.get_tensor(EMBEDDINGS_KEY), handle.get_tensor(IDS_KEY)
+        paths = json.loads(metadata.pop(PATHS_KEY, "[]"))
+        if not isinstance(paths, list) or not embeddings.is_floating_point() or ids.is_floating_point():
+            raise ValueError(f"{PATHS_KEY!r} is not a list, or the tensors have the wrong types")
+        return EmbeddingIndex(embeddings, ids, [str(p) for p in paths], metadata)
     except Exception as exc:  # safetensors raises its own error types for a foreign or damaged file
-        raise DataError(f"{path} is not an index written by `polymodal embed`: {exc}") from None
-    paths = json.loads(metadata.pop(PATHS_KEY, "[]"))
-    return EmbeddingIndex(embeddings, ids, paths, metadata)
+        raise DataError(f"{not_an_index}: {exc}") from None

@@ -32,6 +32,8 @@ def run(args: argparse.Namespace) -> int:
     from polymodal.evaluation.run import evaluate_run, flat_figures, write_eval
     from polymodal.training.run import load_run
 
+    if args.limit is not None and args.limit < 1:
+        raise ConfigError(f"--limit must be at least 1, got {args.limit}")
     run_dir = Path(args.run_dir)
     if args.by and not args.manifest:
         raise ConfigError("--by breaks down a manifest's figures; give --manifest too")

@@ -14,6 +14,7 @@ Text and image codes are the most likely ones unless --temperature is above 0.
 from __future__ import annotations
 
 import argparse
+import math
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +23,7 @@ import torch
 from polymodal.modality import Modality
 
 DEFAULT_OUT = {Modality.IMAGE: "generated.png", Modality.AUDIO: "generated.wav"}
+MAX_SEED = 2**63 - 1  # torch.Generator.manual_seed takes a 64-bit seed
 # (source, target) pairs the command knows; a run must have been trained for the one asked.
 ROUTES = ((Modality.IMAGE, Modality.TEXT), (Modality.AUDIO, Modality.TEXT), (Modality.TEXT, Modality.IMAGE), (Modality.TEXT, Modality.AUDIO))
 
@@ -68,13 +70,14 @@ def generate(run: Any, source: Modality, target: Modality, query: str, **samplin
         sampling: the target head's options (temperature, top_k, top_p, generator).
     """
     from polymodal.data.collate import collate_query
-    from polymodal.errors import ConfigError
+    from polymodal.errors import ConfigError, DataError
 
     model = run.model.eval()
-    trained = {(t.source, t.target) for t in getattr(model, "generation_tasks", {}).values()}
-    if (source, target) not in trained:
-        tasks = ", ".join(getattr(model, "tasks", {})) or "none: it is not an any-to-any run"
-        raise ConfigError(f"{run.run_dir} was not trained for {source}_to_{target} (its tasks: {tasks})")
+    tasks = getattr(model, "generation_tasks", None)
+    if tasks is None:
+        raise ConfigError(f"{run.run_dir} is not an any-to-any run (model.architecture=any_to_any); generate needs one")
+    if (source, target) not in {(t.source, t.target) for t in tasks.values()}:
+        raise ConfigError(f"{run.run_dir} was not trained for {source}_to_{target} (its tasks: {', '.join(model.tasks)})")
     data = run.config.data
     device = next(model.parameters()).device
     if target is Modality.TEXT:
@@ -88,7 +91,29 @@ def generate(run: Any, source: Modality, target: Modality, query: str, **samplin
 
     mels = model.generate(source, target, ids, mask).cpu()  # (1, F, M)
     waveform = vocoder_for(data)(mels, generator=sampling.get("generator"))[0]
-    return waveform[: int(voiced_frames(mels)[0]) * data.hop_length]
+    voiced = waveform[: int(voiced_frames(mels)[0]) * data.hop_length]
+    if voiced.numel() == 0:
+        raise DataError(f"{run.run_dir} generated no voiced frame for {query!r}; a longer-trained run speaks")
+    return voiced
+
+
+def check_options(args: argparse.Namespace, target: Modality) -> Path | None:
+    """The sampling settings in range and ``--out`` a file of the target's type (returned)."""
+    from polymodal.errors import ConfigError
+
+    if not (math.isfinite(args.temperature) and args.temperature >= 0) or not 0 < args.top_p <= 1 or args.top_k < 0:
+        raise ConfigError("need a finite --temperature >= 0, --top-k >= 0 and 0 < --top-p <= 1")
+    if not 0 <= args.seed <= MAX_SEED:
+        raise ConfigError(f"--seed must be in 0..{MAX_SEED}, got {args.seed}")
+    if target is Modality.TEXT:
+        return None
+    out = Path(args.out or DEFAULT_OUT[target])
+    suffix = Path(DEFAULT_OUT[target]).suffix
+    if out.suffix.lower() != suffix:
+        raise ConfigError(f"--out {out}: {target} is written as {suffix}; give a file name ending in {suffix}")
+    if out.is_dir():
+        raise ConfigError(f"--out {out} is a folder; give a file name such as {out / DEFAULT_OUT[target]}")
+    return out
 
 
 def run(args: argparse.Namespace) -> int:
@@ -96,8 +121,7 @@ def run(args: argparse.Namespace) -> int:
     from polymodal.training.run import load_run
 
     source, target = parse_route(args.source[0], args.target)
-    if args.temperature < 0 or not 0 < args.top_p <= 1 or args.top_k < 0:
-        raise ConfigError("need --temperature >= 0, --top-k >= 0 and 0 < --top-p <= 1")
+    out = check_options(args, target)
     run_dir = Path(args.run_dir)
     loaded = load_run(run_dir)
     generator = torch.Generator().manual_seed(args.seed)
@@ -105,10 +129,9 @@ def run(args: argparse.Namespace) -> int:
     if target is Modality.AUDIO:
         sampling = dict(generator=generator)  # one non-autoregressive pass: nothing to sample
     result = generate(loaded, source, target, args.source[1], **sampling)
-    if target is Modality.TEXT:
+    if out is None:
         print(result)
         return 0
-    out = Path(args.out or DEFAULT_OUT[target])
     if target is Modality.IMAGE:
         from polymodal.data.image import denormalize_images
         from PIL import Image

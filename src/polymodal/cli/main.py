@@ -1,7 +1,9 @@
 """The ``polymodal`` command: train | eval | generate | embed | search | configs | data.
 
-Errors a user can fix (a bad config key, a missing file) end with one line on stderr and exit
-status 2, no traceback.
+Errors a user can fix (a bad config key, a missing or damaged file, a run folder in use, a full
+disk) end with one line on stderr and exit status 2, no traceback. A training run stopped by a
+signal exits with 128 + its number, after a checkpoint of the step under way: 130 for SIGINT
+(Ctrl-C), 143 for SIGTERM.
 """
 
 from __future__ import annotations
@@ -9,17 +11,26 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from typing import NoReturn
 
-from polymodal.errors import ConfigError, DataError
+from polymodal.errors import ConfigError, DataError, RunError, RunInterrupted
 
 EXIT_USAGE = 2
+EXIT_SIGINT = 130  # 128 + SIGINT, the shell's status for Ctrl-C
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """Command-line mistakes as one line (argparse prints the whole usage before its error)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
 def build_parser() -> argparse.ArgumentParser:
     from polymodal.cli import configs, data, embed, generate, search, train
     from polymodal.cli import eval as eval_cmd
 
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog="polymodal",
         description="Build, train, diagnose and run multimodal (image, text, audio) models.",
     )
@@ -54,12 +65,16 @@ def main(argv: list[str] | None = None) -> int:
     )
     try:
         return int(args.run(args) or 0)
-    except (ConfigError, DataError) as exc:
-        print(f"polymodal {args.command}: error: {exc}", file=sys.stderr)
+    # OSError: a full disk, a read-only or missing folder; its message names the file.
+    except (ConfigError, DataError, RunError, OSError) as exc:
+        print(f"polymodal {args.command}: error: {' '.join(str(exc).split())}", file=sys.stderr)  # one line
         return EXIT_USAGE
+    except RunInterrupted as exc:
+        print(f"polymodal {args.command}: {exc}", file=sys.stderr)
+        return exc.exit_status
     except KeyboardInterrupt:
         print(f"polymodal {args.command}: interrupted; resume with --resume", file=sys.stderr)
-        return 130
+        return EXIT_SIGINT
 
 
 if __name__ == "__main__":

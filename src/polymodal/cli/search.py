@@ -48,8 +48,8 @@ def run(args: argparse.Namespace) -> int:
     index = load_index(args.index)  # before the run, so a wrong index path fails fast
     run_dir = Path(args.run_dir)
     loaded = load_run(run_dir)
-    require_clip(loaded.model, run_dir)
     modality, query = next((m, getattr(args, m.value)) for m in Modality if getattr(args, m.value) is not None)
+    require_clip(loaded.model, run_dir, modality)
     hits = search_index(loaded, index, modality, query, top_k=args.top_k)
     what = index.metadata.get("modality", "indexed")
     print(f"top {len(hits)} of {len(index.ids)} {what} items for {modality} {query!r}:")

@@ -5,6 +5,10 @@ the mel scale is linear below 1 kHz and logarithmic above, and each triangle is 
 ("slaney" normalisation). These are librosa's defaults, so ``mel_filterbank`` matches
 ``librosa.filters.mel`` and ``LogMel`` matches ``librosa.feature.melspectrogram`` (power 2,
 Hann window, centred frames with reflect padding) followed by a natural log.
+
+Audio files are untrusted input: a damaged file, a rate outside what any recording uses, no
+samples, or a NaN sample is a ``DataError`` naming the path; a long file is read only as far as
+``max_seconds`` (plus a margin for the resampling filter), so its length never decides the memory.
 """
 
 from __future__ import annotations
@@ -29,6 +33,15 @@ SLANEY_LOG_STEP = math.log(6.4) / 27.0
 # Smallest mel power before the log (-100 dB): exact silence would otherwise give log(0) = -inf.
 # librosa's power_to_db uses the same floor (amin=1e-10).
 LOG_FLOOR = 1e-10
+# Rates a file may declare: from telephone-grade 1 kHz to 768 kHz, the highest audio interfaces
+# record at. Outside it the header is damaged, and resampling would build a filter of
+# 20 * rate taps (scipy's resample_poly), gigabytes for a corrupt 2 GHz header.
+MIN_FILE_RATE = 1_000
+MAX_FILE_RATE = 768_000
+# Seconds read past ``max_seconds`` before resampling, so the kept samples are those of resampling
+# the whole file: resample_poly's filter reaches 10 * max(1, file rate / wanted rate) input samples
+# either side of an output sample, under 1,000 at any rate allowed here (1.3 ms at 768 kHz).
+RESAMPLE_MARGIN_SECONDS = 0.1
 
 
 def _hz_to_mel(hz: np.ndarray) -> np.ndarray:
@@ -154,25 +167,40 @@ class LogMel(nn.Module):
             return torch.log(torch.clamp(mel, min=LOG_FLOOR))
 
 
-def load_audio(path: str | Path, *, sample_rate: int) -> Tensor:
+def load_audio(path: str | Path, *, sample_rate: int, max_seconds: float | None = None) -> Tensor:
     """Read a WAV/FLAC (anything libsndfile reads), mix to mono, resample to ``sample_rate``.
 
     Args:
         path: the audio file.
         sample_rate: the rate wanted, in Hz.
+        max_seconds: read at most this much of the file (the first seconds); None reads it all.
 
     Returns:
-        (T,) float32 waveform.
+        (T,) float32 waveform, T <= ``max_seconds * sample_rate`` when given.
 
     Raises:
-        DataError: naming the path, when the file is missing, unreadable or has no samples.
+        DataError: naming the path, when the file is missing, unreadable, declares an implausible
+            sample rate, or has no or non-finite samples.
     """
     path = Path(path)
-    if not path.is_file():
+    try:
+        exists = path.is_file()
+    except OSError:  # the name itself cannot be looked up (too long, ...)
+        exists = False
+    if not exists:
         raise DataError(f"audio file {path} does not exist")
     try:
-        data, file_rate = soundfile.read(str(path), dtype="float32", always_2d=True)  # (T, channels)
-    except (soundfile.LibsndfileError, RuntimeError, ValueError, TypeError) as exc:
+        info = soundfile.info(str(path))
+        file_rate = int(info.samplerate)
+        if not MIN_FILE_RATE <= file_rate <= MAX_FILE_RATE:
+            raise DataError(
+                f"audio file {path} declares {file_rate} Hz, outside {MIN_FILE_RATE}-{MAX_FILE_RATE} Hz: damaged header"
+            )
+        frames = -1 if max_seconds is None else math.ceil((max_seconds + RESAMPLE_MARGIN_SECONDS) * file_rate)
+        data, file_rate = soundfile.read(str(path), frames=frames, dtype="float32", always_2d=True)  # (T, channels)
+    except DataError:
+        raise
+    except (soundfile.LibsndfileError, RuntimeError, ValueError, TypeError, OSError, MemoryError) as exc:
         raise DataError(f"audio file {path} is corrupt or not a supported format (WAV, FLAC, OGG): {exc}") from None
     if data.shape[0] == 0:
         raise DataError(f"audio file {path} has no samples")
@@ -183,4 +211,6 @@ def load_audio(path: str | Path, *, sample_rate: int) -> Tensor:
         g = math.gcd(int(file_rate), int(sample_rate))
         from scipy.signal import resample_poly  # imported here: scipy.signal takes a second to load
         mono = resample_poly(mono, sample_rate // g, int(file_rate) // g).astype(np.float32)
+    if max_seconds is not None:
+        mono = mono[: int(round(max_seconds * sample_rate))]
     return torch.from_numpy(np.ascontiguousarray(mono))

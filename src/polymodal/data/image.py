@@ -3,6 +3,10 @@
 Resizing uses Pillow's bilinear filter, which widens its support when shrinking (antialiasing), so
 downscaled text and digits do not alias; ``torch.nn.functional.interpolate(mode="bilinear",
 antialias=True)`` computes the same filter.
+
+Files are untrusted input: whatever a damaged or hostile file makes Pillow raise becomes a
+``DataError`` naming the path, and an image over Pillow's decompression-bomb limit is refused
+before its pixels are decoded (Pillow itself only warns between that limit and twice it).
 """
 
 from __future__ import annotations
@@ -44,10 +48,18 @@ def load_image(path: str | Path, *, height: int, width: int, channels: int = 1) 
     if channels not in PIL_MODES:
         raise ValueError(f"channels={channels} is not supported; use 1 (grey) or 3 (RGB)")
     path = Path(path)
-    if not path.is_file():
+    if not _is_file(path):
         raise DataError(f"image file {path} does not exist")
     try:
         with Image.open(path) as img:
+            # Pillow's decompression-bomb limit (about 89M pixels, 0.25 GiB as RGB), read at each call
+            # so that a program raising Pillow's limit raises ours; None switches both off.
+            limit = Image.MAX_IMAGE_PIXELS
+            if limit and img.width * img.height > limit:
+                raise DataError(
+                    f"image file {path} is {img.width} x {img.height} pixels, over the decompression-bomb limit "
+                    f"of {limit} (PIL.Image.MAX_IMAGE_PIXELS); shrink it"
+                )
             # Pillow decodes lazily: a truncated file only fails here, so load inside the try.
             img.load()
             if img.mode.startswith("I;16"):
@@ -61,13 +73,24 @@ def load_image(path: str | Path, *, height: int, width: int, channels: int = 1) 
             if img.size != (width, height):
                 img = img.resize((width, height), resample=Image.Resampling.BILINEAR)
             pixels = np.asarray(img, dtype=np.float32) / scale  # (H, W) or (H, W, C)
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
-        raise DataError(f"image file {path} is truncated or not a readable image: {exc}") from None
+    except DataError:
+        raise
+    except Exception as exc:  # noqa: BLE001  Pillow's decoders raise OSError, SyntaxError, EOFError,
+        # struct.error, IndexError, MemoryError ... for damaged files; each is a bad file here.
+        raise DataError(f"image file {path} is truncated or not a readable image: {type(exc).__name__}: {exc}") from None
     if pixels.ndim == 2:
         pixels = pixels[:, :, None]  # (H, W) -> (H, W, 1)
     if pixels.shape[2] != channels:
         pixels = np.repeat(pixels, channels, axis=2)  # 16-bit grey read as RGB: (H, W, 1) -> (H, W, 3)
     return torch.from_numpy(np.ascontiguousarray(pixels.transpose(2, 0, 1)))  # (H, W, C) -> (C, H, W)
+
+
+def _is_file(path: Path) -> bool:
+    """``path.is_file()``, False also where the name itself cannot be looked up (too long, ...)."""
+    try:
+        return path.is_file()
+    except OSError:
+        return False
 
 
 def normalize_images(images: Tensor) -> Tensor:

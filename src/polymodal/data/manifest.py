@@ -3,9 +3,13 @@
 Each line is a JSON object such as ``{"image": "a.png", "text": "a cat", "audio": "a.wav", "label": 3}``;
 media paths are relative to the manifest's folder (absolute paths are kept). Any other field
 (``"speaker": "george"``) is metadata: kept in ``entries`` and ``metadata(i)``, read by nothing in
-training, and available to break evaluation figures down (``polymodal eval --by``). Bad lines are skipped
-when the manifest is read, bad media files when a sample is loaded; both are counted with the
-reason in ``skipped`` and logged once, so one broken file never stops a training run.
+training, and available to break evaluation figures down (``polymodal eval --by``). Bad lines are
+skipped when the manifest is read, bad media files when a sample is loaded; both are counted with the
+reason in ``skipped`` and logged once, so one broken file never stops a training run. A line is
+usable when it is a JSON object with no near-miss of a known key ("imgae"), its media paths and
+text are strings (valid Unicode), and its label is an integer that fits in int64; anything else in
+a line is a reason to skip it, never an error: lines are split on newlines only and decoded one by one, so a line that
+is not UTF-8 costs that line alone.
 """
 
 from __future__ import annotations
@@ -33,6 +37,9 @@ LABEL_KEY = "label"
 UNKNOWN_LABEL = -1
 # A field this close (difflib's ratio) to a modality or the label is a typo, not metadata: "imgae".
 TYPO_CUTOFF = 0.75
+LABEL_RANGE = (-(2**63), 2**63 - 1)  # labels become an int64 tensor
+UTF8_BOM = "\ufeff"
+MAX_SHOWN_CHARS = 60  # a bad value quoted in a skip reason, cut to this
 
 
 class ManifestDataset(Dataset):
@@ -58,6 +65,7 @@ class ManifestDataset(Dataset):
         self.image_width = image_width
         self.channels = channels
         self.sample_rate = sample_rate
+        self.max_audio_seconds = max_audio_seconds
         self.max_audio_samples = int(round(max_audio_seconds * sample_rate))
         self.skipped: dict[str, str] = {}
         self._failed_items: set[int] = set()  # indices whose media failed to load
@@ -97,18 +105,16 @@ class ManifestDataset(Dataset):
     def _read_lines(self) -> list[dict[str, Any]]:
         entries = []
         try:
-            lines = self.path.read_text(encoding="utf-8").splitlines()
-        except (OSError, UnicodeDecodeError) as exc:
-            raise DataError(f"manifest {self.path} cannot be read as UTF-8 text: {exc}") from None
-        for number, line in enumerate(lines, start=1):
-            if not line.strip():
+            # bytes.splitlines splits on \r and \n only; str.splitlines would also cut a line at a
+            # U+2028 inside a JSON string.
+            lines = self.path.read_bytes().splitlines()
+        except OSError as exc:
+            raise DataError(f"manifest {self.path} cannot be read: {exc}") from None
+        for number, raw in enumerate(lines, start=1):
+            if not raw.strip():
                 continue
-            reason = None
-            try:
-                entry = json.loads(line)
-            except json.JSONDecodeError as exc:
-                reason = f"not valid JSON ({exc.msg} at column {exc.colno})"
-            else:
+            entry, reason = self._parse(raw, first=number == 1)
+            if reason is None:
                 reason = self._check_entry(entry)
             if reason is not None:
                 self._num_bad_lines += 1
@@ -116,6 +122,24 @@ class ManifestDataset(Dataset):
                 continue
             entries.append(entry)
         return entries
+
+    @staticmethod
+    def _parse(raw: bytes, *, first: bool) -> tuple[Any, str | None]:
+        """One line's JSON value, or why it has none."""
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            return None, f"not UTF-8 text ({exc.reason} at byte {exc.start})"
+        if first:
+            line = line.removeprefix(UTF8_BOM)  # written by some Windows editors
+        try:
+            return json.loads(line), None
+        except json.JSONDecodeError as exc:
+            return None, f"not valid JSON ({exc.msg} at column {exc.colno})"
+        except ValueError as exc:  # an integer literal over Python's digit limit
+            return None, f"not usable JSON ({exc})"
+        except RecursionError:
+            return None, "JSON nested too deeply"
 
     @staticmethod
     def _check_entry(entry: Any) -> str | None:
@@ -129,11 +153,20 @@ class ManifestDataset(Dataset):
         if all(entry.get(k) is None for k in MODALITY_KEYS):
             return f"no modality: give at least one of {', '.join(MODALITY_KEYS)}"
         for key in MODALITY_KEYS:
-            if entry.get(key) is not None and not isinstance(entry[key], str):
-                return f"{key!r} must be a string, got {entry[key]!r}"
+            value = entry.get(key)
+            if value is None:
+                continue
+            if not isinstance(value, str):
+                return f"{key!r} must be a string, got {_short(value)}"
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError:  # a lone surrogate, from an escape such as "\ud800"
+                return f"{key!r} is not valid Unicode (a lone surrogate)"
         label = entry.get(LABEL_KEY, UNKNOWN_LABEL)
         if isinstance(label, bool) or not isinstance(label, int):
-            return f"'label' must be an integer, got {label!r}"
+            return f"'label' must be an integer, got {_short(label)}"
+        if not LABEL_RANGE[0] <= label <= LABEL_RANGE[1]:
+            return f"'label' {_short(label)} does not fit in a 64-bit integer"
         return None
 
     def __len__(self) -> int:
@@ -144,8 +177,12 @@ class ManifestDataset(Dataset):
         return {k: v for k, v in self.entries[index].items() if k not in (*MODALITY_KEYS, LABEL_KEY)}
 
     def media_path(self, relative: str) -> Path:
-        """A manifest path resolved against the manifest's folder."""
-        path = Path(relative).expanduser()
+        """A manifest path resolved against the manifest's folder (``~`` expanded where it can be)."""
+        path = Path(relative)
+        try:
+            path = path.expanduser()
+        except RuntimeError:  # "~someone" naming no user: the path is taken as written
+            pass
         return path if path.is_absolute() else self.root / path
 
     def __getitem__(self, index: int) -> Sample | None:
@@ -158,7 +195,8 @@ class ManifestDataset(Dataset):
                 image = load_image(current, height=self.image_height, width=self.image_width, channels=self.channels)
             if entry.get(Modality.AUDIO.value) is not None:
                 current = self.media_path(entry[Modality.AUDIO.value])
-                audio = load_audio(current, sample_rate=self.sample_rate)[: self.max_audio_samples]  # cut long clips
+                # Long clips are cut, and read only as far as the cut.
+                audio = load_audio(current, sample_rate=self.sample_rate, max_seconds=self.max_audio_seconds)
         except DataError as exc:
             self._failed_items.add(index)
             self._skip(str(current), str(exc))
@@ -169,3 +207,12 @@ class ManifestDataset(Dataset):
     def scan(self) -> int:
         """Load every sample once so ``skipped`` lists every bad file. Returns the number loadable."""
         return sum(self[i] is not None for i in range(len(self)))
+
+
+def _short(value: Any) -> str:
+    """``repr(value)``, cut short: a skip reason quotes the value, not a megabyte of it."""
+    # repr of a huge int is slow, or refused over 4,300 digits; 4 bits per digit keeps this one short
+    if isinstance(value, int) and value.bit_length() > 4 * MAX_SHOWN_CHARS:
+        return f"an integer of {value.bit_length()} bits"
+    text = repr(value)
+    return text if len(text) <= MAX_SHOWN_CHARS else text[: MAX_SHOWN_CHARS - 3] + "..."

@@ -5,8 +5,11 @@ the backbone's feed-forward instead (``layers/moe.py``, ``backbones/transformer.
 
 Built with wiring ``(dim, modalities)``, settings keyword-only. Every decoupler has
 ``forward(states, masks) -> DecouplerOutput`` with ``states[m]`` (B, N_m, D) and ``masks[m]``
-(B, N_m) bool for the modalities present, and ``set_progress(fraction)``, which the training loop
-calls every step (through the model) so that curricula inside the part follow training.
+(B, N_m) bool for the modalities present, ``dim_shared`` (the width of its shared summaries), and
+``set_progress(fraction)``, which the training loop calls every step (through the model) so that
+curricula inside the part follow training. In a model, the contrastive task embeds each modality
+from the decoupler's ``shared`` summary (seed 003: InfoNCE on the shared outputs only) and adds the
+decoupler's own losses and stats to the step's.
 """
 
 from polymodal.registry import Registry

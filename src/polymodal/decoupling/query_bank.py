@@ -106,6 +106,7 @@ class QueryBankDecoupler(nn.Module):
         if private_loss not in PRIVATE_LOSSES:
             raise ValueError(f"private_loss: unknown {private_loss!r}; valid: {', '.join(PRIVATE_LOSSES)}")
         self.dim = dim
+        self.dim_shared = dim  # width of the shared summaries
         self.modalities = tuple(sorted(set(modalities), key=MODALITY_INDEX.__getitem__))
         self.private_loss = private_loss
         self.gate = OpeningGate(open_start, open_end)

@@ -92,7 +92,7 @@ class SharedPrivateDecoupler(nn.Module):
         self.modalities = tuple(sorted(set(modalities), key=MODALITY_INDEX.__getitem__))
         self.align = align
         self.independence = independence
-        dim_shared = dim if dim_shared is None else dim_shared
+        self.dim_shared = dim_shared = dim if dim_shared is None else dim_shared
         dim_private = dim if dim_private is None else dim_private
         self.to_shared = nn.Linear(dim, dim_shared)
         self.to_private = nn.ModuleDict({m.value: nn.Linear(dim, dim_private) for m in self.modalities})

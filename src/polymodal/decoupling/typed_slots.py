@@ -88,6 +88,7 @@ class TypedSlotDecoupler(nn.Module):
                 f"need at least one private and one shared slot, got {num_private_slots} and {num_shared_slots}"
             )
         self.dim = dim
+        self.dim_shared = dim  # width of the shared summaries
         self.modalities = tuple(sorted(set(modalities), key=MODALITY_INDEX.__getitem__))
         self.gate = OpeningGate(open_start, open_end)
         # Plain lists, made into tensors where used: buffers would hold garbage after a meta-device

@@ -13,7 +13,9 @@ A head is built with one wiring argument, ``HeadWiring``, and keyword-only setti
 * ``generate(trunk, source, source_mask, **options)``: the target from projected source tokens.
 
 ``trunk`` is the model the head serves (``AnyToAnyModel``): ``trunk.run`` (the prefix-LM pass),
-``trunk.source_states`` (a pass over a source alone), ``trunk.type_embedding`` and ``trunk.backbone``.
+``trunk.source_states`` (a pass over a source alone), ``trunk.step`` (new target tokens reading a
+KV cache), ``trunk.type_embedding`` and ``trunk.backbone`` (for ``new_cache``). Calling the
+backbone through these keeps a mixture-of-experts backbone's per-token modalities right.
 """
 
 from __future__ import annotations

@@ -104,7 +104,7 @@ class AlignedCodeHead(nn.Module):
     ) -> Tensor:
         """VQ codes (B, h, w): widths first, then one pass for every code; each code the most likely
         one (temperature 0) or drawn as ``sample_next`` draws."""
-        widths = predicted_durations(self.width_head, trunk.backbone, source, source_mask)
+        widths = predicted_durations(self.width_head, trunk, source, source_mask)
         hidden = self._code_states(trunk, source, source_mask, widths)
         logits = self.code_head(hidden[:, source.shape[1] :]).float()  # (B, h * w, K)
         codes = sample_next(logits.flatten(0, 1), temperature=temperature, top_k=top_k, top_p=top_p, generator=generator)

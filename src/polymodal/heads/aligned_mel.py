@@ -100,7 +100,7 @@ class AlignedMelHead(nn.Module):
     def generate(self, trunk, source: Tensor, source_mask: Tensor) -> Tensor:
         """Log-mel frames (B, F, num_mels), natural log of power as ``LogMel`` makes them, silence
         after each item's predicted end: durations first, then one pass for every frame."""
-        durations = predicted_durations(self.duration_head, trunk.backbone, source, source_mask)  # (B, Ns) frames
+        durations = predicted_durations(self.duration_head, trunk, source, source_mask)  # (B, Ns) frames
         tokens, token_mask = self.frame_tokens(trunk, source, durations)
         hidden = trunk.run(source, source_mask, tokens, token_mask)
         frames = self.mel_head(hidden[:, source.shape[1] :])[:, : self.num_frames].float()  # (B, F, M)

@@ -11,7 +11,6 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from polymodal.models.sequence import source_pass
 
 # Where in its source token a target token lies, in this many equal parts of the token.
 PHASE_BUCKETS = 8
@@ -60,8 +59,8 @@ def duration_loss(head: nn.Module, states: Tensor, mask: Tensor, durations: Tens
     return error.sum() / mask.sum().clamp(min=1)
 
 
-def predicted_durations(head: nn.Module, backbone: nn.Module, source: Tensor, source_mask: Tensor) -> Tensor:
-    """(B, Ns) durations from ``head`` over a pass of the backbone over the source alone (the states
-    the training pass gives the source), 0 on padding."""
-    log_durations = head(source_pass(backbone, source, source_mask)).squeeze(-1).float()
+def predicted_durations(head: nn.Module, trunk, source: Tensor, source_mask: Tensor) -> Tensor:
+    """(B, Ns) durations from ``head`` over ``trunk``'s pass over the source alone (the states the
+    training pass gives the source), 0 on padding."""
+    log_durations = head(trunk.source_states(source, source_mask)).squeeze(-1).float()
     return torch.expm1(log_durations).clamp(min=0.0).where(source_mask, 0.0)

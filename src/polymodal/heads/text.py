@@ -115,7 +115,7 @@ class LanguageModelHead(nn.Module):
         )  # (B, Ns + step + 1)
         positions = (source_mask.sum(1) + step)[:, None]  # (B, 1): target index `step` after the source
         token = self.embed_targets(trunk, ids[:, -1:])  # (B, 1, D)
-        return trunk.backbone(token, mask=keys_valid[:, None, None, :], positions=positions, cache=cache)
+        return trunk.step(token, mask=keys_valid[:, None, None, :], positions=positions, cache=cache)
 
 
 def token_loss(logits: Tensor, labels: Tensor, *, label_smoothing: float = 0.0) -> tuple[Tensor, dict[str, float]]:

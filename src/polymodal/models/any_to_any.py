@@ -6,8 +6,8 @@ Wiring only. Each task (``polymodal.tasks``) picks its items and inputs from a b
 its target modality (``polymodal.heads``) lays out ``[source][target]`` through the backbone
 (``run``), names its losses and generates. One sequence per task and item, bidirectional over the
 source, causal over the target, sources never see targets; so the source positions of any task's
-pass hold exactly what a pass over the source alone would, and the contrastive task reuses their
-masked mean as that modality's embedding at no extra backbone cost.
+pass hold exactly what a pass over the source alone would, and the contrastive task reuses them (their
+masked mean, or a decoupler's shared summary) as that modality's embedding at no extra backbone cost.
 
 Reference: seed 000 (modality encoders + shared backbone + modality decoders); the prefix-LM layout
 of Raffel et al. 2019, T5, arXiv:1910.10683 (section 3.2.1).
@@ -21,7 +21,8 @@ from polymodal.data.batch import Batch
 from polymodal.modality import Modality
 from polymodal.models.encoding import ModalityEncoder
 from polymodal.models.output import StepOutput
-from polymodal.models.sequence import masked_mean, prefix_lm_pass, source_pass
+from polymodal.models.routing import ModalityRouting
+from polymodal.models.sequence import prefix_lm_pass, source_pass
 from polymodal.tasks import ContrastiveTask, GenerationTask
 
 
@@ -46,6 +47,7 @@ class AnyToAnyModel(nn.Module):
         self.backbone = backbone
         self.heads = nn.ModuleDict({m.value: head for m, head in heads.items()})
         self.tasks = nn.ModuleDict(tasks)
+        self.routing = ModalityRouting(backbone)  # per-token modalities for a mixture-of-experts backbone
 
     @property
     def generation_tasks(self) -> dict[str, GenerationTask]:
@@ -79,34 +81,44 @@ class AnyToAnyModel(nn.Module):
 
     def run(self, source: Tensor, source_mask: Tensor, target: Tensor, target_mask: Tensor, *, cache=None) -> Tensor:
         """The backbone over ``[source][target]`` in the prefix-LM layout: (B, Ns + Lt, D)."""
-        return prefix_lm_pass(self.backbone, source, source_mask, target, target_mask, cache=cache)
+        routing = self.routing.options(len(source), source.shape[1], target.shape[1], device=source.device)
+        return prefix_lm_pass(self.backbone, source, source_mask, target, target_mask, cache=cache, routing=routing)
 
     def source_states(self, tokens: Tensor, valid: Tensor) -> Tensor:
         """The backbone over one source alone: (B, N, D) -> (B, N, D)."""
-        return source_pass(self.backbone, tokens, valid)
+        return source_pass(self.backbone, tokens, valid, routing=self.routing.options(*tokens.shape[:2], device=tokens.device))
+
+    def step(self, tokens: Tensor, *, mask: Tensor, positions: Tensor, cache) -> Tensor:
+        """The backbone over new target tokens (B, n, D) that read a KV cache (one decoding step)."""
+        return self.backbone(tokens, mask=mask, positions=positions, cache=cache, **self.routing.target_options(tokens))
 
     # ------------------------------------------------------------------ training
 
     def forward(self, batch: Batch) -> StepOutput:
         losses: dict[str, Tensor] = {}
         metrics: dict[str, float] = {}
-        pooled: dict[Modality, Tensor] = {}  # source states' masked means, over batch.present[m] rows
+        self.routing.start_step()
+        states: dict[Modality, tuple[Tensor, Tensor]] = {}  # source states and mask, over batch.present[m] rows
         for name, task in self.generation_tasks.items():
             head = self.heads[task.target.value]
             chosen = task.select(batch, reads_references=head.reads_references)
             if chosen is None:
                 continue
             source, source_mask = self.encode(task.source, chosen.inputs, chosen.mask, indices=chosen.indices)
-            out = head.loss(self, source, source_mask, chosen.target)
+            with self.routing.of(task.source, task.target):
+                out = head.loss(self, source, source_mask, chosen.target)
             losses.update({name if not k else f"{name}_{k}": v for k, v in out.losses.items()})
             metrics.update({f"{name}_{k}": v for k, v in out.metrics.items()})
             covers_all = chosen.own_source and bool((chosen.keep == batch.present[task.source]).all())
-            if covers_all and task.source not in pooled:
-                pooled[task.source] = masked_mean(out.hidden[:, : source.shape[1]], source_mask)
+            if covers_all and task.source not in states:
+                states[task.source] = (out.hidden[:, : source.shape[1]], source_mask)
         if self.contrastive is not None:
-            pair_loss, pair_metrics = self.contrastive(self, batch, pooled)
+            pair_loss, pair_metrics = self.contrastive(self, batch, states)
             losses.update(pair_loss)
             metrics.update(pair_metrics)
+        expert_losses, expert_stats = self.routing.finish_step()
+        losses.update(expert_losses)
+        metrics.update(expert_stats)
         if not losses:
             raise ValueError(f"the batch has none of the inputs the tasks {list(self.tasks)} need (has {list(batch.inputs)})")
         return StepOutput(losses, metrics)
@@ -130,4 +142,5 @@ class AnyToAnyModel(nn.Module):
         if not any(t.source is source and t.target is target for t in self.generation_tasks.values()):
             raise ValueError(f"this model was not trained for {source}_to_{target} (its tasks: {', '.join(self.tasks)})")
         tokens, valid = self.encode(source, inputs, mask)
-        return self.head(target).generate(self, tokens, valid, **options)
+        with self.routing.of(source, target):
+            return self.head(target).generate(self, tokens, valid, **options)

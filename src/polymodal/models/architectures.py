@@ -18,6 +18,7 @@ from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
 from polymodal.config import Config
+from polymodal.decoupling import DECOUPLERS
 from polymodal.errors import ConfigError
 from polymodal.heads import DEFAULT_HEADS, HEADS, HeadWiring
 from polymodal.modality import Modality
@@ -64,7 +65,8 @@ class AnyToAny:
     def build(config: Config, shapes: DataShapes) -> nn.Module:
         model = config.model
         inputs, backbone = build_trunk(config, shapes)
-        tasks = {name: _build_task(config, name, inputs.modalities) for name in model.tasks}
+        decoupler = _build_decoupler(config, inputs.modalities)
+        tasks = {name: _build_task(config, name, inputs.modalities, decoupler) for name in model.tasks}
         targets = [t.target for t in tasks.values() if isinstance(t, GenerationTask)]
         specs = {m: model.heads.get(m.value, {"name": DEFAULT_HEADS[m]}) for m in dict.fromkeys(targets)}
         tokenizer = None
@@ -100,8 +102,9 @@ class Clip:
     @staticmethod
     def build(config: Config, shapes: DataShapes) -> nn.Module:
         inputs, backbone = build_trunk(config, shapes)
+        decoupler = _build_decoupler(config, inputs.modalities)
         spec = {"name": "contrastive", **config.model.contrastive}
-        contrastive = TASKS.build(spec, config.model.dim, inputs.modalities, LOSS_PREFIX, where="model.contrastive")
+        contrastive = TASKS.build(spec, config.model.dim, inputs.modalities, LOSS_PREFIX, decoupler, where="model.contrastive")
         return ClipModel(inputs, backbone, contrastive)
 
     @staticmethod
@@ -134,18 +137,27 @@ class ImageTokenizer:
         return evaluate_image_tokenizer(run, **options)
 
 
-def _build_task(config: Config, name: str, modalities: list[Modality]) -> nn.Module:
-    """Task ``name`` with its settings: ``model.contrastive`` for the contrastive task, its share of
-    each batch (``model.task_fractions``) for a generation task."""
+def _build_decoupler(config: Config, modalities: list[Modality]) -> nn.Module | None:
+    """``model.decoupler`` (read by the contrastive task), or None when it is empty."""
+    spec = config.model.decoupler
+    if not spec:
+        return None
+    if config.model.architecture == "any_to_any" and "contrastive" not in config.model.tasks:
+        raise ConfigError("model.decoupler: a decoupler summarises what the contrastive task aligns; add the task 'contrastive'")
+    return DECOUPLERS.build(spec, config.model.dim, modalities, where="model.decoupler")
+
+
+def _build_task(config: Config, name: str, modalities: list[Modality], decoupler: nn.Module | None) -> nn.Module:
+    """Task ``name`` with its settings: ``model.contrastive`` (and the decoupler) for the contrastive
+    task, its share of each batch (``model.task_fractions``) for a generation task."""
     model = config.model
     index = f"model.tasks[{model.tasks.index(name)}]"
     TASKS.check({"name": name}, where=index)
     if name == "contrastive":
-        settings, where = dict(model.contrastive), "model.contrastive"
-    else:
-        settings = {"fraction": model.task_fractions[name]} if name in model.task_fractions else {}
-        where = f"model.task_fractions.{name}"
-    task = TASKS.build({"name": name, **settings}, model.dim, modalities, where=where)
+        spec = {"name": name, **model.contrastive}
+        return TASKS.build(spec, model.dim, modalities, decoupler=decoupler, where="model.contrastive")
+    settings = {"fraction": model.task_fractions[name]} if name in model.task_fractions else {}
+    task = TASKS.build({"name": name, **settings}, model.dim, modalities, where=f"model.task_fractions.{name}")
     if isinstance(task, GenerationTask) and task.source not in modalities:
         raise ConfigError(f"{index}: {name} needs a {task.source} encoder; add model.encoders.{task.source} or drop the task")
     return task

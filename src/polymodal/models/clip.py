@@ -20,6 +20,7 @@ from polymodal.data.batch import Batch
 from polymodal.modality import Modality
 from polymodal.models.encoding import ModalityEncoder
 from polymodal.models.output import StepOutput
+from polymodal.models.routing import ModalityRouting
 from polymodal.models.sequence import source_pass
 from polymodal.tasks import ContrastiveTask
 
@@ -40,6 +41,7 @@ class ClipModel(nn.Module):
         self.inputs = inputs
         self.backbone = backbone
         self.contrastive = contrastive
+        self.routing = ModalityRouting(backbone)  # per-token modalities for a mixture-of-experts backbone
 
     @property
     def modalities(self) -> list[Modality]:
@@ -53,7 +55,7 @@ class ClipModel(nn.Module):
         return self.inputs(modality, inputs, mask)
 
     def source_states(self, tokens: Tensor, valid: Tensor) -> Tensor:
-        return source_pass(self.backbone, tokens, valid)
+        return source_pass(self.backbone, tokens, valid, routing=self.routing.options(*tokens.shape[:2], device=tokens.device))
 
     def embed(self, modality: Modality, inputs: Tensor, mask: Tensor | None = None) -> Tensor:
         """Unit-norm embeddings (B, embed_dim) float32 of one modality's inputs.
@@ -74,7 +76,10 @@ class ClipModel(nn.Module):
             StepOutput with losses ``clip_<a>_<b>`` (() each, over the items carrying both a and b)
             and metrics ``logit_scale`` and ``clip_<a>_<b>_acc`` (in-batch a -> b top-1 accuracy).
         """
+        self.routing.start_step()
         losses, metrics = self.contrastive(self, batch)
+        expert_losses, expert_stats = self.routing.finish_step()
+        losses, metrics = {**losses, **expert_losses}, {**metrics, **expert_stats}
         if not losses:
             has = ", ".join(map(str, batch.inputs))
             raise ValueError(

@@ -20,7 +20,14 @@ def real_positions(valid: Tensor) -> Tensor:
 
 
 def prefix_lm_pass(
-    backbone: nn.Module, source: Tensor, source_mask: Tensor, target: Tensor, target_mask: Tensor, *, cache=None
+    backbone: nn.Module,
+    source: Tensor,
+    source_mask: Tensor,
+    target: Tensor,
+    target_mask: Tensor,
+    *,
+    cache=None,
+    routing: dict | None = None,
 ) -> Tensor:
     """The backbone over ``[source][target]``: bidirectional over the source, causal over the
     target; sources never see targets.
@@ -29,6 +36,8 @@ def prefix_lm_pass(
         source: (B, Ns, D) projected source tokens; source_mask (B, Ns) True on real ones.
         target: (B, Lt, D) embedded target tokens; target_mask (B, Lt).
         cache: a backbone KV cache to fill (generation prefill), or None.
+        routing: extra backbone arguments for a backbone that routes by modality
+            (``ModalityRouting.options``); None or empty for any other.
 
     Returns:
         (B, Ns + Lt, D) final states.
@@ -37,10 +46,11 @@ def prefix_lm_pass(
     valid = torch.cat([source_mask, target_mask], dim=1)
     is_target = torch.zeros_like(valid)
     is_target[:, source.shape[1] :] = True
-    return backbone(tokens, mask=prefix_lm_mask(is_target, valid), positions=real_positions(valid), cache=cache)
+    mask = prefix_lm_mask(is_target, valid)
+    return backbone(tokens, mask=mask, positions=real_positions(valid), cache=cache, **(routing or {}))
 
 
-def source_pass(backbone: nn.Module, tokens: Tensor, valid: Tensor) -> Tensor:
+def source_pass(backbone: nn.Module, tokens: Tensor, valid: Tensor, *, routing: dict | None = None) -> Tensor:
     """The backbone over one modality's tokens alone, bidirectionally: (B, N, D) -> (B, N, D).
 
     Keys are the real tokens only; every token may attend itself, so a padded row is never fully
@@ -49,7 +59,7 @@ def source_pass(backbone: nn.Module, tokens: Tensor, valid: Tensor) -> Tensor:
     """
     eye = torch.eye(tokens.shape[1], dtype=torch.bool, device=tokens.device)  # (N, N)
     attend = (valid[:, None, :] | eye)[:, None]  # (B, 1, N, N)
-    return backbone(tokens, mask=attend, positions=real_positions(valid))
+    return backbone(tokens, mask=attend, positions=real_positions(valid), **(routing or {}))
 
 
 def masked_mean(hidden: Tensor, valid: Tensor) -> Tensor:

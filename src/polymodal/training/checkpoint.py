@@ -11,12 +11,18 @@ A checkpoint is written into a hidden temporary folder and renamed into place, t
 replaced atomically, so a crash at any moment leaves the previous checkpoint intact and ``latest``
 never names a partial one. ``state.pt`` holds only tensors and plain Python values, so it loads with
 ``torch.load(weights_only=True)``: opening a checkpoint never runs pickled code.
+
+A write that fails (a full disk, a read-only folder) removes its temporary folder and raises a
+:class:`~polymodal.errors.RunError` naming the checkpoint and the cause; the previous checkpoint and
+``latest`` are untouched. ``--resume`` starts from the newest checkpoint whose files are whole
+(``checkpoint_check.py``).
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import pickle
 import random
 import re
 import shutil
@@ -28,7 +34,7 @@ import safetensors.torch
 import torch
 from torch import nn
 
-from polymodal.errors import DataError
+from polymodal.errors import DataError, RunError
 
 log = logging.getLogger(__name__)
 
@@ -38,11 +44,29 @@ MODEL_FILE = "model.safetensors"
 STATE_FILE = "state.pt"
 FORMAT_VERSION = 1
 _TMP_PREFIX = ".tmp-"
+# What a failed write raises: OSError, but on a full disk safetensors raises a SafetensorError and
+# torch.save a RuntimeError ("unexpected pos ..."), so the message adds the free space.
+_WRITE_ERRORS = (OSError, RuntimeError, safetensors.SafetensorError)
+_STATE_KEYS = ("step", "optimizer", "scheduler", "rng", "extra")
+MAX_REASON_CHARS = 200  # a library's error message cut to one readable line
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 
 
 class CheckpointError(DataError):
     """A checkpoint is missing, incomplete or corrupt. The message names the path and what to do."""
+
+
+def one_line_reason(exc: BaseException) -> str:
+    """An exception's message as one short line. ``torch.load`` explains a refused pickle over many
+    lines; the line naming what was refused is the one worth keeping."""
+    text = str(exc)
+    marker = "WeightsUnpickler error:"
+    if marker in text:
+        text = text[text.index(marker) + len(marker) :].strip().split("\n")[0]
+    else:
+        text = text.strip().split("\n")[0]
+    text = " ".join(text.split())
+    return text if len(text) <= MAX_REASON_CHARS else text[: MAX_REASON_CHARS - 3] + "..."
 
 
 # ----------------------------------------------------------------------------- RNG state
@@ -116,11 +140,16 @@ def _step_dirs(ckpt_dir: Path) -> list[tuple[int, Path]]:
     return sorted(found)
 
 
-def _write_latest(ckpt_dir: Path, name: str) -> None:
+def point_latest(ckpt_dir: Path, name: str) -> None:
+    """Replace ``latest`` atomically with one naming ``name``."""
     tmp = ckpt_dir / f"{_TMP_PREFIX}{LATEST_FILE}-{os.getpid()}"
-    tmp.write_text(name + "\n")
-    _fsync_file(tmp)
-    os.replace(tmp, ckpt_dir / LATEST_FILE)
+    try:
+        tmp.write_text(name + "\n")
+        _fsync_file(tmp)
+        os.replace(tmp, ckpt_dir / LATEST_FILE)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     _fsync_dir(ckpt_dir)
 
 
@@ -148,52 +177,88 @@ def save_checkpoint(
 
     Returns:
         The checkpoint folder.
+
+    Raises:
+        RunError: the files could not be written (disk full, read-only folder); the previous
+            checkpoint and ``latest`` are left as they were.
     """
     ckpt_dir = Path(run_dir) / CHECKPOINT_DIR
-    ckpt_dir.mkdir(parents=True, exist_ok=True)
-    for stale in ckpt_dir.glob(f"{_TMP_PREFIX}*"):  # left by a process killed mid-save
+    final = ckpt_dir / f"step_{step:07d}"
+    tmp = ckpt_dir / f"{_TMP_PREFIX}{final.name}-{os.getpid()}"
+    state = {
+        "format": FORMAT_VERSION,
+        "step": step,
+        "optimizer": optimizer.state_dict() if optimizer is not None else None,
+        "scheduler": scheduler.state_dict() if scheduler is not None else None,
+        "rng": capture_rng_state(),
+        "extra": extra_state,
+    }
+    previous = latest_checkpoint(run_dir)
+    try:
+        ckpt_dir.mkdir(parents=True, exist_ok=True)
+        _remove_leftovers(ckpt_dir)
+        tmp.mkdir()
+        # save_model stores tensors that share memory (tied embeddings) once and restores the tie.
+        safetensors.torch.save_model(model, str(tmp / MODEL_FILE), metadata={"step": str(step)})
+        torch.save(state, tmp / STATE_FILE)
+        _move_into_place(tmp, final)
+        point_latest(ckpt_dir, final.name)
+    except _WRITE_ERRORS as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise _write_failure(ckpt_dir, final, previous, exc) from exc
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    log.info("saved checkpoint %s", final)
+    if keep:
+        _prune(ckpt_dir, keep, final)
+    return final
+
+
+def _remove_leftovers(ckpt_dir: Path) -> None:
+    """Temporary files and folders left by a process killed mid-save."""
+    for stale in ckpt_dir.glob(f"{_TMP_PREFIX}*"):
         if stale.is_dir():
             shutil.rmtree(stale)
         else:
             stale.unlink()
 
-    final = ckpt_dir / f"step_{step:07d}"
-    tmp = ckpt_dir / f"{_TMP_PREFIX}{final.name}-{os.getpid()}"
-    tmp.mkdir()
-    try:
-        # save_model stores tensors that share memory (tied embeddings) once and restores the tie.
-        safetensors.torch.save_model(model, str(tmp / MODEL_FILE), metadata={"step": str(step)})
-        state = {
-            "format": FORMAT_VERSION,
-            "step": step,
-            "optimizer": optimizer.state_dict() if optimizer is not None else None,
-            "scheduler": scheduler.state_dict() if scheduler is not None else None,
-            "rng": capture_rng_state(),
-            "extra": extra_state,
-        }
-        torch.save(state, tmp / STATE_FILE)
-        for name in (MODEL_FILE, STATE_FILE):
-            _fsync_file(tmp / name)
-        _fsync_dir(tmp)
-        if final.exists():  # re-saving a step: move the old copy aside, then swap
-            old = ckpt_dir / f"{_TMP_PREFIX}old-{final.name}-{os.getpid()}"
-            os.replace(final, old)
-            os.replace(tmp, final)
-            shutil.rmtree(old)
-        else:
-            os.replace(tmp, final)
-        _fsync_dir(ckpt_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    _write_latest(ckpt_dir, final.name)
-    log.info("saved checkpoint %s", final)
 
-    if keep:
-        for _, old_dir in _step_dirs(ckpt_dir)[:-keep]:
-            if old_dir != final:
+def _move_into_place(tmp: Path, final: Path) -> None:
+    """Flush ``tmp``'s files and rename the folder to ``final`` (replacing an older copy)."""
+    for name in (MODEL_FILE, STATE_FILE):
+        _fsync_file(tmp / name)
+    _fsync_dir(tmp)
+    if final.exists():  # re-saving a step: move the old copy aside, then swap
+        old = final.parent / f"{_TMP_PREFIX}old-{final.name}-{os.getpid()}"
+        os.replace(final, old)
+        os.replace(tmp, final)
+        shutil.rmtree(old)
+    else:
+        os.replace(tmp, final)
+    _fsync_dir(final.parent)
+
+
+def _write_failure(ckpt_dir: Path, final: Path, previous: Path | None, exc: BaseException) -> RunError:
+    try:
+        space = f"; {shutil.disk_usage(ckpt_dir).free / 2**20:.1f} MiB free there"
+    except OSError:
+        space = ""
+    kept = f"the previous checkpoint, {previous}, is intact" if previous is not None else "no earlier checkpoint exists"
+    return RunError(
+        f"could not write checkpoint {final} ({one_line_reason(exc)}{space}); {kept}; free some space or make "
+        f"{ckpt_dir} writable, then continue with --resume"
+    )
+
+
+def _prune(ckpt_dir: Path, keep: int, final: Path) -> None:
+    """Remove all but the newest ``keep`` checkpoints (never ``final``); a failure only warns."""
+    for _, old_dir in _step_dirs(ckpt_dir)[:-keep]:
+        if old_dir != final:
+            try:
                 shutil.rmtree(old_dir)
-    return final
+            except OSError as exc:
+                log.warning("could not remove the old checkpoint %s (%s); it stays", old_dir, exc)
 
 
 def latest_checkpoint(run_dir: str | Path) -> Path | None:
@@ -205,12 +270,72 @@ def latest_checkpoint(run_dir: str | Path) -> Path | None:
     ckpt_dir = Path(run_dir) / CHECKPOINT_DIR
     pointer = ckpt_dir / LATEST_FILE
     if pointer.is_file():
-        named = ckpt_dir / pointer.read_text().strip()
+        named = ckpt_dir / pointer.read_text(errors="replace").strip()
         if (named / MODEL_FILE).is_file() and (named / STATE_FILE).is_file():
             return named
         log.warning("%s names %s, which is incomplete; using the newest complete checkpoint", pointer, named)
     found = _step_dirs(ckpt_dir)
     return found[-1][1] if found else None
+
+
+# ----------------------------------------------------------------------------- checking and loading
+
+
+def read_state(state_path: Path) -> dict[str, Any]:
+    """``state.pt`` loaded with ``torch.load(weights_only=True)``: tensors and plain values only, so
+    a file crafted to run code when unpickled is refused, never run.
+
+    Raises:
+        CheckpointError: one line naming the file, when it is truncated, corrupt, holds pickled
+            code, or is not a training state.
+    """
+    try:
+        state = torch.load(state_path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        raise CheckpointError(
+            f"{state_path} holds something other than tensors and plain values, refused unread "
+            f"({one_line_reason(exc)}); it is not a checkpoint polymodal wrote: delete it"
+        ) from None
+    except Exception as exc:  # torch.load raises RuntimeError, EOFError, ... for a truncated or foreign file
+        raise CheckpointError(f"{state_path} is corrupt or unreadable ({one_line_reason(exc)})") from None
+    if not isinstance(state, dict) or any(key not in state for key in _STATE_KEYS):
+        raise CheckpointError(f"{state_path} is not a training state written by polymodal (keys {', '.join(_STATE_KEYS)})")
+    return state
+
+
+def _checkpoint_folder(path: Path) -> Path:
+    """A checkpoint folder, or a run folder's latest checkpoint."""
+    if not path.exists():
+        raise CheckpointError(f"checkpoint {path} does not exist; give a checkpoint folder or a run folder")
+    if (path / MODEL_FILE).exists():
+        return path
+    found = latest_checkpoint(path)
+    if found is None:
+        raise CheckpointError(
+            f"no checkpoint in {path / CHECKPOINT_DIR}: expected step_*/{MODEL_FILE} and {STATE_FILE}; "
+            "train first, or start without resuming"
+        )
+    return found
+
+
+def _load_weights(path: Path, model: nn.Module) -> None:
+    """``model.safetensors`` into ``model``, strictly; a CheckpointError naming the file otherwise."""
+    try:
+        missing, unexpected = safetensors.torch.load_model(model, str(path), strict=False)
+    except (safetensors.SafetensorError, OSError) as exc:
+        raise CheckpointError(
+            f"{path} is corrupt or unreadable ({one_line_reason(exc)}); remove its folder to use an older checkpoint"
+        ) from None
+    except RuntimeError as exc:  # load_state_dict: same names, other shapes (one line per tensor)
+        mismatch = next((line.strip() for line in str(exc).splitlines() if "size mismatch" in line), one_line_reason(exc))
+        raise CheckpointError(
+            f"{path} does not match the model ({mismatch}); was it saved with another model config?"
+        ) from None
+    if missing or unexpected:
+        raise CheckpointError(
+            f"{path} does not match the model: missing {sorted(missing)[:5]}, "
+            f"unexpected {sorted(unexpected)[:5]}; was it saved with another model config?"
+        )
 
 
 def load_checkpoint(
@@ -232,50 +357,27 @@ def load_checkpoint(
 
     Returns:
         ``{"step": step, **extra_state}`` as saved.
+
+    Raises:
+        CheckpointError: one line naming the file that is missing, corrupt or of another model.
     """
-    path = Path(path_or_run_dir)
-    if not path.exists():
-        raise CheckpointError(f"checkpoint {path} does not exist; give a checkpoint folder or a run folder")
-    if not (path / MODEL_FILE).exists():
-        found = latest_checkpoint(path)
-        if found is None:
-            raise CheckpointError(
-                f"no checkpoint in {path / CHECKPOINT_DIR}: expected step_*/{MODEL_FILE} and {STATE_FILE}; "
-                "train first, or start without resuming"
-            )
-        path = found
-    try:
-        missing, unexpected = safetensors.torch.load_model(model, str(path / MODEL_FILE), strict=False)
-    except (safetensors.SafetensorError, OSError) as exc:
-        raise CheckpointError(
-            f"{path / MODEL_FILE} is corrupt or unreadable ({exc}); delete {path} to fall back to an older checkpoint"
-        ) from exc
-    except RuntimeError as exc:  # load_state_dict: same names, other shapes
-        raise CheckpointError(f"{path / MODEL_FILE} does not match the model: {exc}") from exc
-    if missing or unexpected:
-        raise CheckpointError(
-            f"{path / MODEL_FILE} does not match the model: missing {sorted(missing)[:5]}, "
-            f"unexpected {sorted(unexpected)[:5]}; was it saved from a different model config?"
-        )
+    path = _checkpoint_folder(Path(path_or_run_dir))
+    _load_weights(path / MODEL_FILE, model)
     state_path = path / STATE_FILE
     if not state_path.is_file():
         if optimizer is not None or scheduler is not None or restore_rng:
             raise CheckpointError(f"{state_path} is missing: this checkpoint holds weights only and cannot resume")
         return {}
-    try:
-        state = torch.load(state_path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise CheckpointError(
-            f"{state_path} is corrupt or unreadable ({exc}); delete {path} to fall back to an older checkpoint"
-        ) from exc
-    if optimizer is not None:
-        if state["optimizer"] is None:
-            raise CheckpointError(f"{state_path} holds no optimiser state; it cannot resume training")
-        optimizer.load_state_dict(state["optimizer"])
-    if scheduler is not None:
-        if state["scheduler"] is None:
-            raise CheckpointError(f"{state_path} holds no scheduler state; it cannot resume training")
-        scheduler.load_state_dict(state["scheduler"])
+    state = read_state(state_path)
+    for name, target in (("optimizer", optimizer), ("scheduler", scheduler)):
+        if target is None:
+            continue
+        if state[name] is None:
+            raise CheckpointError(f"{state_path} holds no {name} state; it cannot resume training")
+        try:
+            target.load_state_dict(state[name])
+        except (ValueError, KeyError, RuntimeError) as exc:  # another model's optimiser: other groups or shapes
+            raise CheckpointError(f"{state_path}: its {name} state does not fit this model ({one_line_reason(exc)})") from None
     if restore_rng:
         restore_rng_state(state["rng"])
     log.info("loaded checkpoint %s (step %d)", path, state["step"])

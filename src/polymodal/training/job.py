@@ -27,9 +27,10 @@ from polymodal.models.architectures import ARCHITECTURES
 from polymodal.models.image_tokenizer import ImageTokenizerModel
 from polymodal.training.checkpoint import latest_checkpoint, load_checkpoint
 from polymodal.training.loop import fit
-from polymodal.training.metrics_log import TENSORBOARD_DIR
 from polymodal.training.features import attach_feature_caches
+from polymodal.training.metrics_log import TENSORBOARD_DIR
 from polymodal.training.run import prepare_run
+from polymodal.training.run_lock import RunLock
 from polymodal.training.selection import Selection, best_dir, read_best
 
 logger = logging.getLogger(__name__)
@@ -66,6 +67,11 @@ def plan_stages(config: Config) -> list[Stage]:
 
 def train(config: Config, *, resume: bool = False) -> Path:
     """Train (or resume) the run ``config.run_dir`` stage by stage and evaluate it; returns its folder."""
+    with RunLock(config.run_dir):  # one training process per run folder; a second one fails at once
+        return _train_stages(config, resume=resume)
+
+
+def _train_stages(config: Config, *, resume: bool) -> Path:
     stages = plan_stages(config)
     started_before = any(latest_checkpoint(stage.run_dir) is not None for stage in stages)
     if resume and not started_before:
@@ -112,7 +118,7 @@ def train_stage(stage: Stage, previous: Stage | None) -> None:
     )  # fmt: skip
     attach_feature_caches(run.model, config)
     started = time.perf_counter()
-    result = fit(run.model, items, run.collator, config, run_dir, resume=resume, evaluate=periodic_eval, stop=selection.should_stop)
+    result = fit(run.model, items, run.collator, config, run_dir, resume=resume, evaluate=periodic_eval, should_stop=selection.should_stop)
     best = read_best(run_dir) if config.train.select is not None else None
     if best is not None:  # the test figures are the selected checkpoint's
         load_checkpoint(best_dir(run_dir), model=run.model)

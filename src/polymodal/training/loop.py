@@ -1,10 +1,14 @@
 """The training loop: AdamW + warmup-cosine, gradient accumulation, clipping, autocast, logging,
 atomic checkpoints and exact resume (a run killed and resumed ends with the same weights, bitwise on
 CPU fp32, as one never interrupted). Kept flat and readable in the manner of Karpathy's nanoGPT.
+
+A step whose loss or gradient is not finite updates nothing (``nonfinite.py``); SIGINT and SIGTERM
+end the run after a checkpoint of the step under way (``interrupt.py``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import itertools
 import logging
@@ -25,8 +29,11 @@ from tqdm import tqdm
 from polymodal.config import Config, TrainConfig, dump_config
 from polymodal.errors import ConfigError
 from polymodal.training.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint, save_checkpoint
+from polymodal.training.checkpoint_check import resumable_checkpoint
 from polymodal.training.gradient_surgery import GradientSurgery, build_gradient_surgery
+from polymodal.training.interrupt import StopOnSignal
 from polymodal.training.metrics_log import MetricsLogger
+from polymodal.training.nonfinite import NonFiniteGuard
 from polymodal.training.optim import build_optimizer, build_scheduler
 from polymodal.training.precision import autocast, resolve_precision
 from polymodal.training.sampler import build_loader
@@ -103,10 +110,14 @@ def accumulate_gradients(
     the mean over micro-batches of ``sum(loss_weights.get(name, 1) * term)``: with mean-reduced
     losses, 2 micro-batches of 16 give the gradient of one batch of 32. With a ``surgery``, each
     weighted term is differentiated on its own and the surgery combines the step's per-term
-    gradients into ``.grad`` (see :mod:`polymodal.training.gradient_surgery`).
+    gradients into ``.grad`` (see :mod:`polymodal.training.gradient_surgery`). An empty micro-batch
+    (all its samples failed to load) adds nothing; when all are empty the total is NaN and no
+    gradient exists.
     """
     total, terms, metrics, num_samples = torch.zeros((), device=device), {}, {}, 0
     for batch in itertools.islice(batches, num_batches):
+        if batch.size == 0:  # every sample failed to load (the collator counted them): nothing to learn
+            continue
         num_samples += batch.size
         batch = batch.to(device)
         with autocast(device, dtype):
@@ -125,7 +136,9 @@ def accumulate_gradients(
             terms[name] = terms.get(name, 0.0) + term.detach().float() / num_batches
         for name, value in out.metrics.items():
             metrics[name] = metrics.get(name, 0.0) + float(value) / num_batches
-    if surgery is not None:
+    if num_samples == 0:  # no loss at all: a NaN total makes the guard skip the update and say why
+        total = torch.full((), math.nan, device=device)
+    elif surgery is not None:
         metrics.update(surgery.apply())
     weights = {name: float(loss_weights.get(name, 1.0)) for name in terms}
     return AccumulatedStep(total, terms, metrics, num_samples, weights)
@@ -150,7 +163,8 @@ class TrainState:
     """Where a :func:`fit` call stands: the optimiser, its schedule, and how far training went.
 
     Attributes:
-        step: optimiser steps taken.
+        guard: skips the update of a step whose loss or gradient is not finite, and counts it.
+        step: optimiser steps taken (skipped ones included).
         position: items consumed from the data stream (the sampler resumes there).
         surgery: the gradient surgery (its state is checkpointed), or None for the plain sum.
     """
@@ -159,13 +173,20 @@ class TrainState:
     scheduler: torch.optim.lr_scheduler.LRScheduler
     device: torch.device
     dtype: torch.dtype | None  # autocast dtype; None: fp32
+    guard: NonFiniteGuard
     step: int = 0
     position: int = 0
     surgery: GradientSurgery | None = None
 
     def save(self, run_dir: Path, model: nn.Module, *, keep: int) -> Path:
-        """A checkpoint of the model and of this state (the data position with it)."""
-        extra = {"data_position": self.position}
+        """A checkpoint of the model and of this state (the data position, the skip counts and the
+        gradient surgery's state with it).
+
+        Raises:
+            RunError: the weights are not finite (nothing is written), or the write failed.
+        """
+        self.guard.check_weights(model, step=self.step)
+        extra = {"data_position": self.position, **self.guard.state_dict()}
         if self.surgery is not None:
             extra["gradient_surgery"] = self.surgery.state_dict()
         return save_checkpoint(
@@ -176,20 +197,22 @@ class TrainState:
 
 def start_state(model: nn.Module, config: Config, run_dir: Path, *, resume: bool) -> TrainState:
     """Seed everything and move ``model`` to its device; a fresh optimiser and schedule, or those of
-    the latest checkpoint (with the RNGs) on resume. The resolved config goes to ``run_dir/config.yaml``."""
+    the newest whole checkpoint (with the RNGs) on resume. The resolved config goes to ``run_dir/config.yaml``."""
     device = resolve_device(config.device)
     seed_everything(config.seed)
     model.to(device)  # master weights stay fp32; autocast runs eligible forward ops in bf16
     optimizer = build_optimizer(model, config.train)
     state = TrainState(
         optimizer, build_scheduler(optimizer, config.train), device, resolve_precision(config.train.precision, device),
+        NonFiniteGuard(config.train.max_nonfinite_steps, run_dir),
         surgery=build_gradient_surgery(config.train.gradient_surgery, model),
     )
     if resume:
-        found = latest_checkpoint(run_dir)
+        found = resumable_checkpoint(run_dir)  # damaged newer checkpoints are moved aside, with a warning
         if found is None:
-            raise CheckpointError(f"resume: no checkpoint in {run_dir / 'checkpoints'}; start without resuming")
+            raise CheckpointError(f"resume: no checkpoint in {run_dir / 'checkpoints'} is whole; start without resuming")
         saved = load_checkpoint(found, model=model, optimizer=optimizer, scheduler=state.scheduler, restore_rng=True)
+        state.guard.load_state_dict(saved)
         state.step = saved["step"]
         state.position = saved.get("data_position", state.step * config.train.batch_size * config.train.grad_accum)
         if state.surgery is not None:
@@ -209,13 +232,14 @@ def optimizer_step(
     """One optimiser step over ``train.grad_accum`` micro-batches: gradients, clipping, update.
     Before it, every sub-module of ``model`` that defines ``set_progress(fraction)`` is called with
     the fraction of ``train.steps`` done (0 at the first step), which also drives the loss schedules.
+    A non-finite loss or gradient skips the update (the schedule still advances; ``nonfinite.py``).
 
     Returns:
         the accumulated step, the losses by name (``loss`` the weighted total) and the gradient
         norm before clipping.
 
     Raises:
-        FloatingPointError: the loss is not finite (nothing is updated).
+        RunError: the ``train.max_nonfinite_steps``-th non-finite step in a row.
     """
     progress = training_progress(state.step, train.steps)
     set_model_progress(model, progress)
@@ -225,15 +249,13 @@ def optimizer_step(
     )
     terms = {name: term.item() for name, term in out.terms.items()}
     losses = {**terms, "loss": out.total.item()}
-    if not math.isfinite(losses["loss"]):
-        listed = ", ".join(f"{name}={value:.4g}" for name, value in terms.items())
-        raise FloatingPointError(
-            f"non-finite loss at step {state.step + 1}: loss={losses['loss']} ({listed}); lower train.lr, "
-            "check the data, or set train.precision=fp32"
-        )
     max_norm = train.grad_clip if train.grad_clip > 0 else math.inf  # inf: measure the norm, never clip
-    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm).item()
-    state.optimizer.step()
+    # The norm first, clipping after the guard: a non-finite gradient is named before clipping smears it.
+    norm = torch.nn.utils.get_total_norm([p.grad for p in model.parameters() if p.grad is not None])
+    grad_norm = norm.item()
+    if state.guard.allows_update(losses, grad_norm, step=state.step + 1, model=model):
+        torch.nn.utils.clip_grads_with_norm_(model.parameters(), max_norm, norm)
+        state.optimizer.step()
     state.scheduler.step()
     state.optimizer.zero_grad(set_to_none=True)
     state.step += 1
@@ -255,6 +277,17 @@ def step_values(
     return values
 
 
+def data_stream(
+    dataset: Dataset, collate_fn: Callable[[list[Any]], Any], config: Config, state: TrainState
+) -> Iterator[Any]:
+    """Batches in the run's seeded order from the item ``state`` reached (exact resume)."""
+    loader = build_loader(
+        dataset, collate_fn, batch_size=config.train.batch_size, seed=config.seed, start=state.position,
+        num_workers=config.data.num_workers, pin_memory=state.device.type == "cuda",
+    )
+    return iter(loader)
+
+
 def fit(
     model: nn.Module,
     dataset: Dataset,
@@ -264,7 +297,7 @@ def fit(
     *,
     resume: bool = False,
     evaluate: Evaluate | None = None,
-    stop: Callable[[int], bool] | None = None,
+    should_stop: Callable[[int], bool] | None = None,
 ) -> FitResult:
     """Train ``model`` for ``config.train.steps`` optimiser steps, writing logs and checkpoints to ``run_dir``.
 
@@ -275,28 +308,29 @@ def fit(
             (damaged samples dropped in this process) is logged when it has one.
         config: reads ``seed``, ``device``, ``data.num_workers`` and ``train``.
         run_dir: the run folder: ``config.yaml``, ``metrics.jsonl``, ``tensorboard/``, ``checkpoints/``.
-        resume: continue exactly from the latest checkpoint in ``run_dir`` (weights, optimiser,
-            scheduler, RNGs, data position, gradient surgery state).
+        resume: continue exactly from the newest whole checkpoint in ``run_dir`` (weights,
+            optimiser, scheduler, RNGs, data position, gradient surgery state).
         evaluate: ``evaluate(model, step) -> {name: value}``, called under ``no_grad`` in eval mode
             every ``train.eval_every`` steps (if > 0) and at the end; logged with split ``val``.
-        stop: ``stop(step) -> bool``, asked after each evaluation (and before the first step of a
-            resumed run): True ends training there, with a checkpoint (early stopping).
+        should_stop: ``should_stop(step) -> bool``, asked after each evaluation (and before the
+            first step of a resumed run): True ends training there, with a checkpoint (early stopping).
+
+    Raises:
+        RunInterrupted: SIGINT or SIGTERM arrived; the step under way was finished and saved.
+        RunError: non-finite steps in a row, or a checkpoint that cannot be written.
     """
     train, run_dir = config.train, Path(run_dir)
     state = start_state(model, config, run_dir, resume=resume)
     log.info("training on %s, autocast %s, from step %d of %d", state.device, state.dtype or "off (fp32)", state.step, train.steps)
-    loader = build_loader(
-        dataset, collate_fn, batch_size=train.batch_size, seed=config.seed, start=state.position,
-        num_workers=config.data.num_workers, pin_memory=state.device.type == "cuda",
-    )
-    batches, logger = iter(loader), MetricsLogger(run_dir, resume_step=state.step if resume else None)
+    batches = data_stream(dataset, collate_fn, config, state)
+    logger = MetricsLogger(run_dir, resume_step=state.step if resume else None)
     bar = tqdm(total=train.steps, initial=state.step, disable=not train.progress, file=sys.stderr, unit="step",
                dynamic_ncols=True)  # fmt: skip
     meter = Throughput()
     losses: dict[str, float] = {}
     model.train()
-    stopped = stop is not None and state.step > 0 and stop(state.step)
-    try:
+    stopped = should_stop is not None and state.step > 0 and should_stop(state.step)
+    with StopOnSignal() as stop, logger, contextlib.closing(bar):  # a signal waits for the step's end
         while state.step < train.steps and not stopped:
             lr = state.optimizer.param_groups[0]["lr"]  # the rate this step uses
             first = not losses
@@ -308,19 +342,16 @@ def fit(
             bar.set_postfix(loss=f"{losses['loss']:.4f}", samples_s=f"{meter.overall():.0f}")
             done = state.step == train.steps
             if state.step % train.log_every == 0 or done:
-                rate = meter.window()
-                logger.log(state.step, step_values(out, losses, lr=lr, grad_norm=grad_norm, samples_per_s=rate, collate_fn=collate_fn))
+                values = step_values(out, losses, lr=lr, grad_norm=grad_norm, samples_per_s=meter.window(), collate_fn=collate_fn)
+                logger.log(state.step, {**values, "skipped_steps": state.guard.skipped})  # non-finite steps so far
             if evaluate is not None and ((train.eval_every > 0 and state.step % train.eval_every == 0) or done):
                 run_evaluation(model, evaluate, logger, state.step)
-                stopped = stop is not None and stop(state.step)
+                stopped = should_stop is not None and should_stop(state.step)
                 if stopped:
                     log.info("early stop at step %d of %d", state.step, train.steps)
             # After logging and evaluation, so the saved RNG state is the one the next step starts from.
-            if state.step % train.ckpt_every == 0 or done or stopped:
-                state.save(run_dir, model, keep=train.keep_checkpoints)
-    finally:
-        bar.close()
-        logger.close()
+            if state.step % train.ckpt_every == 0 or done or stopped or stop.requested:
+                stop.raise_if_requested(state.step, state.save(run_dir, model, keep=train.keep_checkpoints))
     return FitResult(step=state.step, losses=losses, wall_seconds=meter.seconds(), samples_per_second=meter.overall())
 
 

@@ -14,6 +14,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from polymodal.data.batch import ItemKey
+from polymodal.training.interrupt import ignore_stop_signals
 
 
 class EpochSampler(Sampler[int]):
@@ -80,4 +81,5 @@ def build_loader(
         pin_memory=pin_memory,
         generator=torch.Generator().manual_seed(seed + start),
         persistent_workers=num_workers > 0,
+        worker_init_fn=ignore_stop_signals if num_workers > 0 else None,  # the main process handles them
     )

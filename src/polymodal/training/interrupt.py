@@ -1,0 +1,85 @@
+"""Stop a training run cleanly on SIGINT (Ctrl-C) or SIGTERM (``kill``, a job scheduler's pre-emption).
+
+The first signal is only noted: the step under way finishes, a checkpoint of it is written, and the
+run ends with :class:`~polymodal.errors.RunInterrupted`, which the CLI turns into exit status
+128 + the signal number (130 for SIGINT, 143 for SIGTERM). ``--resume`` then continues exactly, as
+after any checkpoint. A second signal stops at once; the last checkpoint is still whole, because
+checkpoints are written into a temporary folder and renamed into place.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+from pathlib import Path
+from types import FrameType, TracebackType
+from typing import Any
+
+from polymodal.errors import RunInterrupted
+
+log = logging.getLogger(__name__)
+
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+def ignore_stop_signals(worker_id: int) -> None:
+    """A DataLoader ``worker_init_fn``: workers leave SIGINT and SIGTERM to the main process.
+
+    Ctrl-C at a terminal reaches every process of the group; a worker that died of it would make
+    the main process's next batch fail ("DataLoader worker exited unexpectedly") instead of letting
+    it finish the step and checkpoint. The main process ends its workers itself.
+    """
+    for signum in STOP_SIGNALS:
+        signal.signal(signum, signal.SIG_IGN)
+
+
+class StopOnSignal:
+    """Within a ``with`` block, SIGINT and SIGTERM set :attr:`requested` instead of stopping at once.
+
+    Handlers can only be set from the main thread; elsewhere the block changes nothing (the
+    process's own handlers apply). The previous handlers come back on exit.
+    """
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    @property
+    def requested(self) -> bool:
+        """Whether a stop signal arrived."""
+        return self.signum is not None
+
+    def _handle(self, signum: int, frame: FrameType | None) -> None:
+        name = signal.Signals(signum).name
+        if self.signum is not None:
+            raise RunInterrupted(
+                f"stopped at once by a second {name}; the last checkpoint is whole: continue with --resume",
+                signum=signum,
+            )
+        self.signum = signum
+        log.warning("%s received: finishing this step and writing a checkpoint (send it again to stop at once)", name)
+
+    def raise_if_requested(self, step: int, checkpoint: Path) -> None:
+        """End the run, when a signal asked for it, now that its checkpoint of ``step`` is written."""
+        if self.signum is None:
+            return
+        name = signal.Signals(self.signum).name
+        raise RunInterrupted(
+            f"stopped by {name} after step {step}; checkpoint {checkpoint} written: continue with --resume",
+            signum=self.signum,
+        )
+
+    def __enter__(self) -> StopOnSignal:
+        if threading.current_thread() is threading.main_thread():
+            for signum in STOP_SIGNALS:
+                self._previous[signum] = signal.signal(signum, self._handle)
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, traceback: TracebackType | None
+    ) -> None:
+        for signum, handler in self._previous.items():
+            # None: the handler was set outside Python; the default is the closest we can restore.
+            signal.signal(signum, signal.SIG_DFL if handler is None else handler)
+        self._previous.clear()
