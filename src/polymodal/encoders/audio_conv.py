@@ -80,8 +80,6 @@ class AudioConvEncoder(nn.Module):
         super().__init__()
         if num_layers < 0:
             raise ValueError(f"num_layers must be >= 0, got {num_layers}")
-        if not 0.0 <= dropout < 1.0:
-            raise ValueError(f"dropout must lie in [0, 1), got {dropout}")
         self.input_norm = input_norm
         self.dropout = nn.Dropout(dropout)
         layers: list[nn.Module] = []

@@ -63,8 +63,6 @@ class CNNEncoder(nn.Module):
         super().__init__()
         if tokens not in ("cells", "columns"):
             raise ValueError(f"tokens must be 'cells' or 'columns', got {tokens!r}")
-        if not 0.0 <= dropout < 1.0:
-            raise ValueError(f"dropout must lie in [0, 1), got {dropout}")
         self.dropout = nn.Dropout(dropout)
         height, width = image_size
         scale = 2**num_stages

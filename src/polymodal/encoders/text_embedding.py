@@ -52,8 +52,6 @@ class TextEmbeddingEncoder(nn.Module):
         super().__init__()
         if num_layers < 0:
             raise ValueError(f"num_layers must be >= 0, got {num_layers}")
-        if not 0.0 <= dropout < 1.0:
-            raise ValueError(f"dropout must lie in [0, 1), got {dropout}")
         self.dropout = nn.Dropout(dropout)
         self.embed = nn.Embedding(vocab_size, dim)
         self.pos = nn.Parameter(torch.empty(1, max_len, dim))

@@ -39,8 +39,8 @@ class LanguageModelHead(nn.Module):
 
     def __init__(self, wiring: HeadWiring, *, label_smoothing: float = 0.0, dropout: float = 0.0) -> None:
         super().__init__()
-        if not 0.0 <= label_smoothing < 1.0 or not 0.0 <= dropout < 1.0:
-            raise ValueError(f"label_smoothing and dropout must lie in [0, 1), got {label_smoothing} and {dropout}")
+        if not 0.0 <= label_smoothing < 1.0:
+            raise ValueError(f"label_smoothing must lie in [0, 1), got {label_smoothing}")
         self.label_smoothing = label_smoothing
         self.dropout = nn.Dropout(dropout)
         self.specials = wiring.shapes.text

@@ -71,6 +71,7 @@ HELDOUT_SHARE = 0.15  # of val and of test: samples whose number is held out
 MAX_DIGITS_LIMIT = len(str(MAX_NUMBER))  # words exist up to 999,999
 MIN_SAMPLES = 10  # so that every split gets at least one sample
 IMAGE_CHUNK = 1024  # images per pool job
+RECORDED_SHARE = 0.7  # of the training speech; the rest stays as espeak says it
 
 
 @dataclasses.dataclass(frozen=True)
@@ -279,10 +280,14 @@ def _generate(params: dict[str, Any], *, num_workers: int | None) -> SpokenNumbe
     sources = _pick_sources(rng_pools, rng_picks, labels_all, splits_all, mnist_labels, max_digits)
     layouts = draw_layouts(rng_layout, num_samples, max_digits)
     captions = [make_caption(int(n), rng_captions) for n in labels_all]
-    voice_configs = [speech.random_voice(rng_voices, digits=len(str(int(n)))) for n in labels_all]
+    voice_configs = [
+        speech.random_voice(rng_voices, digits=len(str(int(n))), ranges=speech.TRAINING_VOICES if split == 0 else speech.EVALUATION_VOICES)
+        for n, split in zip(labels_all, splits_all)
+    ]
     noise_seeds = rng_voices.integers(0, 2**31 - 1, size=num_samples)
-    # Training speech is recorded (recording.py); validation and test speech stay clean.
-    recordings = np.where(splits_all == 0, rng_rooms.integers(0, 2**31 - 1, size=num_samples), -1)
+    # RECORDED_SHARE of the training speech is recorded (recording.py); the rest, validation and test stay clean.
+    recorded = (splits_all == 0) & (rng_rooms.random(num_samples) < RECORDED_SHARE)
+    recordings = np.where(recorded, rng_rooms.integers(0, 2**31 - 1, size=num_samples), -1)
 
     speech_jobs = speech.chunk_jobs(
         [str(int(n)) for n in labels_all], voice_configs, noise_seeds.tolist(), sample_rate=params["sample_rate"],

@@ -9,9 +9,10 @@ resampling (``scipy.signal.resample_poly``) with a filter designed once per rate
 ``synthesize_many`` uses a fresh engine per fixed chunk of ``SYNTH_CHUNK`` requests, so the output
 depends only on the requests, not on the number of workers or the process history.
 
-Voices: 8 accents x the variants of espeak-ng-data (about 100), pitch over most of espeak's scale,
-and a rate range that depends on the number's length: a single digit may be said as slowly as
-real isolated digits are (about 0.6 s), while the slowest 3-digit number still fits the 2 s crop.
+Voices: 8 accents x the variants of espeak-ng-data (about 100), drawn rate and pitch. Training
+voices range wider (``TRAINING_VOICES``: most of the pitch scale, and short numbers said as slowly
+as careful real talkers say them) than validation and test ones (``EVALUATION_VOICES``, version
+1's ranges, so the built-in figures stay comparable across versions).
 
 Speed, measured on this project's 2-core machine: ~1.6 ms of synthesis and ~0.4 ms of resampling
 per utterance of ~1.3 s (about 600x real time per core), plus ~2 ms to record a training one.
@@ -20,6 +21,7 @@ per utterance of ~1.3 s (about 600x real time per core), plus ~2 ms to record a 
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 import math
@@ -38,11 +40,25 @@ from polymodal.errors import DataError
 
 logger = logging.getLogger(__name__)
 
-RATE_RANGE = (175, 260)  # words per minute, inclusive; espeak's default is 175
-# The slowest rate by the number's digit count (longer numbers: the last): a lone digit at 120 wpm
-# lasts ~0.6 s, as a careful real talker says it; "777" at 175 wpm lasts ~1.75 s, inside the crop.
-SLOWEST_RATE = (120, 150, 175)
-PITCH_RANGE = (10, 90)  # espeak's 0..100 scale, inclusive; default 50
+
+
+@dataclasses.dataclass(frozen=True)
+class VoiceRanges:
+    """Where voices are drawn: pitch on espeak's 0..100 scale (default 50) and rate in words per
+    minute (espeak's default 175), both inclusive; the slowest rate by the number's digit count
+    (longer numbers take the last)."""
+
+    pitch: tuple[int, int]
+    slowest_rate: tuple[int, ...]
+    fastest_rate: int
+
+
+# Validation and test speech: version 1's ranges, so the main job's figures stay comparable.
+EVALUATION_VOICES = VoiceRanges(pitch=(25, 75), slowest_rate=(175,), fastest_rate=250)
+# Training speech: most of espeak's pitch scale, and slower talkers for short numbers: a lone digit
+# at 100 wpm lasts ~0.7 s and "fourteen" at 120 wpm ~0.8 s, as a careful real talker (or a phone
+# prompt) says them; "777" at 175 wpm lasts ~1.75 s, inside the 2 s crop.
+TRAINING_VOICES = VoiceRanges(pitch=(10, 90), slowest_rate=(100, 120, 175), fastest_rate=260)
 PEAK_LEVEL = 0.9  # every utterance is scaled to this peak: espeak's raw level varies 10x by variant
 SILENCE_LEVEL = 1e-3  # |x| below this (of full scale) at either end counts as silence
 EDGE_MARGIN_S = 0.01  # silence kept before and after the speech when trimming
@@ -60,15 +76,17 @@ def voice_variants() -> tuple[str, ...]:
     return names
 
 
-def random_voice(rng: np.random.Generator, *, digits: int = len(SLOWEST_RATE)) -> VoiceConfig:
-    """A voice with uniformly drawn accent, variant, rate and pitch (four draws from ``rng``); the
-    rate from ``SLOWEST_RATE`` of a ``digits``-digit number up to ``RATE_RANGE``'s top."""
+def random_voice(
+    rng: np.random.Generator, *, digits: int = 3, ranges: VoiceRanges = EVALUATION_VOICES
+) -> VoiceConfig:
+    """A voice with uniformly drawn accent, variant, rate and pitch (four draws from ``rng``), the
+    rate from the slowest of a ``digits``-digit number in ``ranges`` up to its fastest."""
     variants = voice_variants()
     accent = ACCENTS[int(rng.integers(len(ACCENTS)))]
     variant = variants[int(rng.integers(len(variants)))]
-    slowest = SLOWEST_RATE[min(digits, len(SLOWEST_RATE)) - 1]
-    rate = int(rng.integers(slowest, RATE_RANGE[1] + 1))
-    pitch = int(rng.integers(PITCH_RANGE[0], PITCH_RANGE[1] + 1))
+    slowest = ranges.slowest_rate[min(digits, len(ranges.slowest_rate)) - 1]
+    rate = int(rng.integers(slowest, ranges.fastest_rate + 1))
+    pitch = int(rng.integers(ranges.pitch[0], ranges.pitch[1] + 1))
     return VoiceConfig(voice=f"{accent}+{variant}", rate=rate, pitch=pitch)
 
 
