@@ -18,6 +18,7 @@ from typing import Any
 
 import yaml
 
+from polymodal.data.augment import AugmentSettings
 from polymodal.errors import ConfigError
 from polymodal.overrides import deep_merge as _deep_merge
 from polymodal.overrides import parse_override
@@ -48,6 +49,9 @@ class DataConfig:
     max_text_tokens: int = 24
     vocab_size: int = 512  # BPE vocabulary trained on the training captions
     num_workers: int = 0
+    # Training-split augmentation (audio chain, SpecAugment, image chain), all off by default;
+    # deterministic per (seed, epoch, item): see polymodal.data.augment.
+    augment: AugmentSettings = dataclasses.field(default_factory=AugmentSettings)
 
 
 @dataclasses.dataclass
@@ -123,6 +127,12 @@ class TrainConfig:
     max_nonfinite_steps: int = 10
     # {every: N, items: 256, conflict_items: 32}: the live diagnostics (polymodal.training.probe); every 0 is off
     diagnostics: dict[str, Any] = dataclasses.field(default_factory=dict)
+    # A periodic val figure (e.g. audio_to_text/exact; higher is better): the best checkpoint by
+    # it is kept in checkpoints/best and used by eval, generate and the final test evaluation.
+    select: str | None = None
+    early_stop: int = 0  # with select: stop after this many evaluations without a new best; 0: off
+    # Cache the features of fully frozen encoders per training item (off | memory | a folder).
+    feature_cache: str = "off"
 
 
 # The VQ-VAE's own training settings (the ``vqvae`` preset's): no decay, clipping or warmup.
@@ -324,6 +334,16 @@ def dump_config(config: Config, path: str | Path) -> None:
     Path(path).write_text(yaml.safe_dump(to_dict(config), sort_keys=False))
 
 
+def check_selection(train: TrainConfig) -> None:
+    """``train.select`` needs periodic evaluation; ``train.early_stop`` needs a figure to watch."""
+    if train.select is not None and train.eval_every <= 0:
+        raise ConfigError(f"train.select={train.select}: needs periodic evaluation; set train.eval_every (e.g. 100)")
+    if train.early_stop < 0:
+        raise ConfigError(f"train.early_stop: must be >= 0 (evaluations without a new best), got {train.early_stop}")
+    if train.early_stop and train.select is None:
+        raise ConfigError("train.early_stop: stops on a figure; name it with train.select (e.g. audio_to_text/exact)")
+
+
 def validate(config: Config) -> None:
     """The one validation path of a config: the values of the tree here, then every part spec and
     the dataset plug-in through their registries (``polymodal.validation``), before anything is built."""
@@ -348,6 +368,7 @@ def validate(config: Config) -> None:
         positive(f"data.{key}", getattr(config.data, key))
     positive("data.max_audio_seconds", config.data.max_audio_seconds)
     positive("model.dim", config.model.dim)
+    check_selection(config.train)
     for section in ("train", "tokenizer_train"):
         for key in ("warmup_steps", "prefetch"):
             value = getattr(getattr(config, section), key)
