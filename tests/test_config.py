@@ -2,6 +2,7 @@
 
 import pytest
 import yaml
+from batches import preset_needs
 
 from polymodal.config import Config, dump_config, load_config, load_run_config, parse_override, preset_names, to_dict
 from polymodal.errors import ConfigError
@@ -121,7 +122,27 @@ def test_dump_then_load_reproduces_the_config(tmp_path):
 
 @pytest.mark.parametrize("name", preset_names())
 def test_every_preset_loads_and_builds_on_the_meta_device(name):
-    config = load_config([name])
+    config = load_config([name], preset_needs(name))
     assert isinstance(config, Config)
     model = check_model(config)
     assert all(p.is_meta for p in model.parameters()) and sum(p.numel() for p in model.parameters()) > 0
+
+
+def test_an_empty_mapping_or_list_clears_and_colon_equals_replaces():
+    config = load_config(["default"], ["model.task_fractions={}"])
+    assert config.model.task_fractions == {}  # the preset's fractions are gone, not merged into
+    config = load_config(["default"], ["model.tasks=[image_to_text]", "model.task_fractions={}", "train.loss_weights=[]"] [:2])
+    assert config.model.tasks == ["image_to_text"]
+    merged = load_config(["tiny"], ["model.heads.image={name: flow_matching}", "model.heads.audio={name: mas_mel}"])
+    assert set(merged.model.heads) == {"image", "audio"}  # = merges key by key
+    replaced = load_config(["tiny"], ["model.heads.image={name: flow_matching}", "model.heads:={audio: {name: mas_mel}}"])
+    assert replaced.model.heads == {"audio": {"name": "mas_mel"}}  # := puts the new mapping in place
+    settings = load_config(["tiny"], ["model.heads.image={name: flow_matching, num_queries: 8}", "model.heads.image:={name: flow_matching}"])
+    assert settings.model.heads["image"] == {"name": "flow_matching"}  # the old setting does not survive
+    assert parse_override("model.task_fractions:={text_to_image: 0.5}")["model"]["task_fractions"].value == {"text_to_image": 0.5}
+
+
+def test_replacing_works_on_a_run_config_too(tmp_path):
+    config = load_config(["default"], [f"run_dir={tmp_path}"])
+    dump_config(config, tmp_path / "config.yaml")
+    assert load_run_config(tmp_path, ["model.task_fractions={}"]).model.task_fractions == {}

@@ -18,7 +18,10 @@ from typing import Any
 
 import yaml
 
+from polymodal.data.augment import AugmentSettings
 from polymodal.errors import ConfigError
+from polymodal.overrides import deep_merge as _deep_merge
+from polymodal.overrides import parse_override
 from polymodal.training.gradient_surgery import check_gradient_surgery
 from polymodal.training.probe import diagnostics_settings
 from polymodal.training.schedules import check_loss_schedules
@@ -46,6 +49,9 @@ class DataConfig:
     max_text_tokens: int = 24
     vocab_size: int = 512  # BPE vocabulary trained on the training captions
     num_workers: int = 0
+    # Training-split augmentation (audio chain, SpecAugment, image chain), all off by default;
+    # deterministic per (seed, epoch, item): see polymodal.data.augment.
+    augment: AugmentSettings = dataclasses.field(default_factory=AugmentSettings)
 
 
 @dataclasses.dataclass
@@ -121,6 +127,12 @@ class TrainConfig:
     max_nonfinite_steps: int = 10
     # {every: N, items: 256, conflict_items: 32}: the live diagnostics (polymodal.training.probe); every 0 is off
     diagnostics: dict[str, Any] = dataclasses.field(default_factory=dict)
+    # A periodic val figure (e.g. audio_to_text/exact; higher is better): the best checkpoint by
+    # it is kept in checkpoints/best and used by eval, generate and the final test evaluation.
+    select: str | None = None
+    early_stop: int = 0  # with select: stop after this many evaluations without a new best; 0: off
+    # Cache the features of fully frozen encoders per training item (off | memory | a folder).
+    feature_cache: str = "off"
 
 
 # The VQ-VAE's own training settings (the ``vqvae`` preset's): no decay, clipping or warmup.
@@ -195,52 +207,6 @@ def _read_yaml(text: str, origin: str) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise ConfigError(f"{origin}: expected a mapping at the top level, got {type(data).__name__}")
     return data
-
-
-# A key whose value names a part, and the key holding that part's settings beside it: when the
-# part changes, its old settings go (``data.source`` and ``data.options``).
-SETTINGS_OF = {"source": "options"}
-
-
-def _deep_merge(base: dict[str, Any], update: Mapping[str, Any]) -> dict[str, Any]:
-    """Merge ``update`` into a copy of ``base``. Part specs whose ``name`` changes are replaced whole,
-    and a ``source`` that changes drops the old ``options``, so settings of the old part do not leak
-    into the new one."""
-    out = dict(base)
-    for key, settings in SETTINGS_OF.items():
-        if key in update and key in out and update[key] != out[key]:
-            out.pop(settings, None)
-    for key, value in update.items():
-        old = out.get(key)
-        if isinstance(old, dict) and isinstance(value, Mapping):
-            if "name" in value and "name" in old and value["name"] != old["name"]:
-                out[key] = dict(value)
-            else:
-                out[key] = _deep_merge(old, value)
-        else:
-            out[key] = value
-    return out
-
-
-def parse_override(item: str) -> dict[str, Any]:
-    """``"train.lr=3e-4"`` -> ``{"train": {"lr": 0.0003}}``; the value is read as YAML."""
-    if "=" not in item:
-        raise ConfigError(f"override {item!r}: expected key=value, e.g. train.steps=100")
-    key, raw = item.split("=", 1)
-    key = key.strip()
-    if not key or any(not part for part in key.split(".")):
-        raise ConfigError(f"override {item!r}: empty key; expected e.g. train.steps=100")
-    try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
-    except yaml.YAMLError:
-        value = raw
-    nested: dict[str, Any] = {}
-    node = nested
-    parts = key.split(".")
-    for part in parts[:-1]:
-        node = node.setdefault(part, {})
-    node[parts[-1]] = value
-    return nested
 
 
 def load_config(configs: Sequence[str] = (), overrides: Iterable[str] = ()) -> Config:
@@ -368,6 +334,16 @@ def dump_config(config: Config, path: str | Path) -> None:
     Path(path).write_text(yaml.safe_dump(to_dict(config), sort_keys=False))
 
 
+def check_selection(train: TrainConfig) -> None:
+    """``train.select`` needs periodic evaluation; ``train.early_stop`` needs a figure to watch."""
+    if train.select is not None and train.eval_every <= 0:
+        raise ConfigError(f"train.select={train.select}: needs periodic evaluation; set train.eval_every (e.g. 100)")
+    if train.early_stop < 0:
+        raise ConfigError(f"train.early_stop: must be >= 0 (evaluations without a new best), got {train.early_stop}")
+    if train.early_stop and train.select is None:
+        raise ConfigError("train.early_stop: stops on a figure; name it with train.select (e.g. audio_to_text/exact)")
+
+
 def validate(config: Config) -> None:
     """The one validation path of a config: the values of the tree here, then every part spec and
     the dataset plug-in through their registries (``polymodal.validation``), before anything is built."""
@@ -392,6 +368,7 @@ def validate(config: Config) -> None:
         positive(f"data.{key}", getattr(config.data, key))
     positive("data.max_audio_seconds", config.data.max_audio_seconds)
     positive("model.dim", config.model.dim)
+    check_selection(config.train)
     for section in ("train", "tokenizer_train"):
         for key in ("warmup_steps", "prefetch"):
             value = getattr(getattr(config, section), key)

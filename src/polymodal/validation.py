@@ -24,7 +24,12 @@ def check_parts(config: Config) -> None:
     heads = getattr(check_model(config), "heads", {})
     missing = [key for key, head in heads.items() if getattr(head, "reads_references", False) and key not in provided]
     if missing:
+        from polymodal.heads import HEADS
+
+        target = heads[missing[0]].target
+        own = [n for n in HEADS.names() if HEADS.get(n).target is target and not HEADS.get(n).reads_references]
         raise ConfigError(
             f"model.heads.{missing[0]}: the {heads[missing[0]].registry_name} head learns from aligned references, "
-            f"which data.source={config.data.source} does not have; pick another head for {missing[0]} or drop the task"
+            f"which data.source={config.data.source} does not have; pick a head that learns from the items "
+            f"(model.heads.{missing[0]}={{name: {own[0] if own else '...'}}}; valid: {', '.join(own) or 'none'}) or drop the task"
         )

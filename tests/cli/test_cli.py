@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from polymodal.cli.main import main
 from polymodal.config import preset_names
@@ -119,3 +120,38 @@ def test_train_an_image_tokenizer_leaves_reconstructions_and_codebook_figures(tm
     grid = Image.open(run_dir / "reconstructions.png")
     assert grid.size[0] > grid.size[1] > 0
     assert (run_dir / "checkpoints" / "latest").is_file()
+
+
+def test_a_selected_augmented_speech_run_scores_a_manifest_by_speaker(tmp_path, capsys):
+    """Train audio -> text with the audio chain and SpecAugment on and the best checkpoint kept by
+    a val figure; `eval` then uses that checkpoint, and scores a manifest of clips broken down by
+    a field of its lines."""
+    import soundfile
+
+    from polymodal.training.run import load_run
+    from polymodal.training.selection import read_best
+
+    run_dir = tmp_path / "speech"
+    args = [
+        f"run_dir={run_dir}", "data.options.num_samples=100", "model.tasks=[audio_to_text]", "train.steps=6",
+        "train.eval_every=2", "train.select=audio_to_text/exact", "train.early_stop=1", "train.progress=false",
+        "data.augment.audio.speed_p=0.5", "data.augment.audio.noise_p=0.5", "data.augment.audio.spec_augment_p=0.5",
+    ]  # fmt: skip
+    assert main(["train", "--config", "tiny", *args]) == 0
+    best = read_best(run_dir)
+    figures = json.loads((run_dir / "eval.json").read_text())["figures"]
+    assert figures["selected"] == best and best["figure"] == "audio_to_text/exact"
+    assert load_run(run_dir).checkpoint.endswith("best")
+    lines = []
+    for i, speaker in enumerate(("ann", "bob", "ann")):
+        t = torch.arange(4000) / 16000
+        soundfile.write(tmp_path / f"{i}.wav", (0.3 * torch.sin(2 * torch.pi * (300 + 100 * i) * t)).numpy(), 16000)
+        lines.append(json.dumps({"audio": f"{i}.wav", "label": i, "speaker": speaker}))
+    (tmp_path / "real.jsonl").write_text("\n".join(lines) + "\n")
+    capsys.readouterr()
+    assert main(["eval", str(run_dir), "--manifest", str(tmp_path / "real.jsonl"), "--by", "speaker"]) == 0
+    out = capsys.readouterr().out
+    assert "audio_to_text" in out and "speaker=ann" in out and "speaker=bob" in out
+    saved = json.loads((run_dir / "eval_real.json").read_text())
+    assert saved["checkpoint"].endswith("best") and saved["figures"]["audio_to_text"]["count"] == 3
+    assert main(["eval", str(run_dir), "--by", "speaker"]) == 2  # --by needs --manifest

@@ -112,17 +112,31 @@ def test_missing_manifest_names_it(tmp_path) -> None:
 
 def test_manifest_without_usable_lines(tmp_path) -> None:
     path = tmp_path / "m.jsonl"
-    path.write_text('{"label": 1}\n[1, 2]\n{"image": 5}\n{"text": "x", "colour": "red"}\n')
+    path.write_text('{"label": 1}\n[1, 2]\n{"image": 5}\n{"text": "x", "lable": 3}\n')
     with pytest.raises(DataError, match="no usable line"):
         ManifestDataset(path, **SETTINGS)
 
 
 def test_each_bad_line_kind_has_a_reason(tmp_path) -> None:
     path = tmp_path / "m.jsonl"
-    lines = ['{"text": "fine"}', "[1, 2]", '{"image": 5}', '{"text": "x", "colour": "red"}', '{"text": "x", "label": "3"}']
+    lines = ['{"text": "fine"}', "[1, 2]", '{"image": 5}', '{"text": "x", "imgae": "a.png"}', '{"text": "x", "label": "3"}']
     path.write_text("\n".join(lines) + "\n")
     dataset = ManifestDataset(path, **SETTINGS)
     assert len(dataset) == 1 and dataset.num_skipped == 4
     reasons = [dataset.skipped[f"{path}:{n}"] for n in (2, 3, 4, 5)]
-    for reason, expected in zip(reasons, ["JSON object", "must be a string", "unknown key 'colour'", "integer"]):
+    for reason, expected in zip(reasons, ["JSON object", "must be a string", "did you mean 'image'", "integer"]):
         assert expected in reason
+
+
+def test_other_fields_are_kept_as_metadata(tmp_path) -> None:
+    path = tmp_path / "m.jsonl"
+    lines = [
+        {"text": "three", "label": 3, "speaker": "george", "take": 7},
+        {"text": "four", "colour": {"name": "red"}},
+    ]
+    path.write_text("\n".join(json.dumps(line) for line in lines) + "\n")
+    dataset = ManifestDataset(path, **SETTINGS)
+    assert len(dataset) == 2 and dataset.num_skipped == 0
+    assert dataset.metadata(0) == {"speaker": "george", "take": 7}
+    assert dataset.metadata(1) == {"colour": {"name": "red"}}
+    assert dataset[0].text == "three" and dataset[0].label == 3

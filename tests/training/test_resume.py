@@ -1,14 +1,25 @@
 """Exact resume: the data order replays from any item, metrics are not duplicated, and a run killed
-with SIGKILL mid-way and resumed ends with bitwise the same weights as an uninterrupted run."""
+with SIGKILL mid-way and resumed ends with bitwise the same weights as an uninterrupted run; with
+augmentation on as well."""
 
 import json
+import shutil
 import signal
 import sys
 from pathlib import Path
 
+import numpy as np
 import torch
 
+from polymodal.config import load_config
+from polymodal.data.batch import Sample
+from polymodal.data.collate import build_collator
+from polymodal.data.keyed import TrainingItems
+from polymodal.data.text import TextTokenizer
+from polymodal.models.architectures import build_model
 from polymodal.training.checkpoint import latest_checkpoint
+from polymodal.training.loop import fit
+from polymodal.training.run import data_shapes
 from polymodal.training.metrics_log import MetricsLogger
 from polymodal.training.sampler import EpochSampler, build_loader
 
@@ -96,3 +107,40 @@ def test_sigkill_then_resume_matches_uninterrupted_run_bitwise(tmp_path):
     assert_same_weights(killed_dir, whole_dir, STEPS)
     # Every logged figure (losses, lr, grad norm, the RNG-drawing evaluation) matches, each step once.
     assert logged_entries(killed_dir) == logged_entries(whole_dir)
+
+
+def test_resume_with_augmentation_matches_the_uninterrupted_run_bitwise(tmp_path):
+    """The audio chain, SpecAugment and dropout on, items loaded in a worker process: a run resumed
+    from its middle checkpoint ends with the uninterrupted run's weights, bitwise (an augmentation
+    drawn from a worker's own RNG would not replay: the resumed loader seeds its workers anew)."""
+    augment = [
+        "data.augment.audio.speed_p=1.0", "data.augment.audio.noise_p=1.0", "data.augment.audio.reverb_p=0.5",
+        "data.augment.audio.gain_p=1.0", "data.augment.audio.spec_augment_p=1.0", "data.augment.audio.time_mask_width=5",
+    ]  # fmt: skip
+    settings = [
+        "model.tasks=[audio_to_text]", "model.backbone.dropout=0.1", "train.steps=8", "train.ckpt_every=4",
+        "train.batch_size=4", "train.keep_checkpoints=0", "train.progress=false", "train.precision=fp32",
+        "device=cpu", "data.num_workers=1", "seed=5", "train.prefetch=0",
+    ]  # fmt: skip
+    config = load_config(["tiny"], [*augment, *settings])
+    rng = np.random.default_rng(0)
+    words = ["one", "two", "three", "four", "five"]
+    clips = [
+        Sample(text=words[i % 5], audio=torch.from_numpy((0.3 * rng.standard_normal(3000 + 200 * i)).astype(np.float32)), label=i % 5)
+        for i in range(10)
+    ]
+    tokenizer = TextTokenizer.train(words * 3, vocab_size=300)
+    collator = build_collator(tokenizer, config.data, seed=config.seed)
+
+    def train(run_dir: Path, *, resume: bool) -> None:
+        torch.manual_seed(0)
+        model = build_model(config, data_shapes(config, tokenizer, collator))
+        items = TrainingItems(clips, augment=config.data.augment, seed=config.seed, sample_rate=config.data.sample_rate)
+        fit(model, items, collator, config, run_dir, resume=resume)
+
+    whole, resumed = tmp_path / "whole", tmp_path / "resumed"
+    train(whole, resume=False)
+    (resumed / "checkpoints").mkdir(parents=True)
+    shutil.copytree(whole / "checkpoints" / "step_0000004", resumed / "checkpoints" / "step_0000004")
+    train(resumed, resume=True)
+    assert_same_weights(resumed, whole, 8)

@@ -28,6 +28,7 @@ from torch import Tensor, nn
 from polymodal.backbones import BACKBONES
 from polymodal.errors import ConfigError
 from polymodal.layers.attention import SelfAttention, TokenLayout, attention_bias
+from polymodal.layers.drop_path import DropPath, linear_rates
 from polymodal.layers.kv_cache import KVCache
 from polymodal.layers.mlp import INIT_STD, SwiGLU, swiglu_hidden_dim
 from polymodal.layers.moe import MoEAux, ModalityMoE, check_moe_settings
@@ -65,6 +66,8 @@ class TransformerBlock(nn.Module):
         bias: biases in the linear layers.
         layer_index: this block's slot in a shared KV cache.
         moe: ``ModalityMoE`` settings when the feed-forward is a mixture of experts, else None.
+        drop_path: stochastic depth: each residual branch is skipped for an item with this
+            probability while training (``layers.drop_path``).
     """
 
     compile_unit = True  # train.compile compiles each block (training/compile.py)
@@ -80,6 +83,7 @@ class TransformerBlock(nn.Module):
         bias: bool = False,
         layer_index: int = 0,
         moe: Mapping[str, Any] | None = None,
+        drop_path: float = 0.0,
     ) -> None:
         super().__init__()
         self.attn_norm = RMSNorm(dim)
@@ -93,6 +97,7 @@ class TransformerBlock(nn.Module):
             else ModalityMoE(dim, dim_hidden, bias=bias, dropout=dropout, layer_index=layer_index, **moe)
         )
         self.residual_dropout = nn.Dropout(dropout)
+        self.drop_path = DropPath(drop_path)
 
     def init_weights(self, *, std: float, out_std: float) -> None:
         """Norm gains one; projections N(0, std), the two back into the residual stream N(0, out_std)."""
@@ -127,11 +132,11 @@ class TransformerBlock(nn.Module):
             (B, N, D), or (T, D) with a layout.
         """
         attended = self.attn(self.attn_norm(x), rotary=rotary, mask=mask, cache=cache, layout=layout)
-        x = x + self.residual_dropout(attended)
+        x = x + self.drop_path(self.residual_dropout(attended))
         normed = self.mlp_norm(x)
         if isinstance(self.mlp, ModalityMoE):
-            return x + self.residual_dropout(self.mlp(normed, modality_ids=modality_ids, aux=aux))
-        return x + self.residual_dropout(self.mlp(normed))
+            return x + self.drop_path(self.residual_dropout(self.mlp(normed, modality_ids=modality_ids, aux=aux)))
+        return x + self.drop_path(self.residual_dropout(self.mlp(normed)))
 
 
 @BACKBONES.register("transformer")
@@ -154,6 +159,8 @@ class TransformerBackbone(nn.Module):
         moe: a mixture of experts in place of some blocks' feed-forward: ``{layers: [1, 3]}`` plus
             any of ``ModalityMoE``'s settings (num_shared_experts, num_private_experts, top_k,
             capacity_factor); None keeps every block dense.
+        drop_path: stochastic depth of the last block; block i of L drops with ``drop_path * i /
+            (L - 1)`` (Huang et al. 2016's linear rule), the first never.
     """
 
     skips_padding = True  # forward takes `needed` (see models/sequence.py)
@@ -170,6 +177,7 @@ class TransformerBackbone(nn.Module):
         qk_norm: bool = False,
         bias: bool = False,
         moe: dict[str, Any] | None = None,
+        drop_path: float = 0.0,
     ) -> None:
         super().__init__()
         if dim % num_heads:
@@ -181,6 +189,7 @@ class TransformerBackbone(nn.Module):
         self.head_dim = dim // num_heads
         self.dim_hidden = swiglu_hidden_dim(dim, mlp_ratio)
         self.rotary = RotaryEmbedding(self.head_dim, base=rope_base)
+        drop_rates = linear_rates(drop_path, num_layers)
         self.blocks = nn.ModuleList(
             TransformerBlock(
                 dim,
@@ -191,6 +200,7 @@ class TransformerBackbone(nn.Module):
                 bias=bias,
                 layer_index=i,
                 moe=moe_settings if i in self.moe_layers else None,
+                drop_path=drop_rates[i],
             )
             for i in range(num_layers)
         )

@@ -8,7 +8,9 @@
 Text is printed. An image is written as a PNG at the data's size; speech as a 16-bit WAV (the
 predicted log-mel through Griffin-Lim). A generator reads the text as the run's dataset prepares it
 (the built-in data: the digits of the number a text names for an image, its words for speech).
-Text and image codes are the most likely ones unless --temperature is above 0.
+Text and image codes are the most likely ones unless --temperature is above 0; a flow decoder
+(``flow_matching``, ``mas_mel`` with ``decoder: flow``) draws its noise from --seed, and takes
+--steps (and, for images, --guidance) in place of its configured ones.
 """
 
 from __future__ import annotations
@@ -44,6 +46,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--top-k", type=int, default=0, help="sample among the k likeliest tokens; 0 = all")
     parser.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default 1.0: off)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the sampling and of Griffin-Lim's phases")
+    parser.add_argument("--steps", type=int, help="a flow decoder's integration steps (default: the run's config)")
+    parser.add_argument("--guidance", type=float, help="a flow image decoder's classifier-free guidance scale (default: the run's config)")
 
 
 def parse_route(source: str, target: str) -> tuple[Modality, Modality]:
@@ -67,10 +71,12 @@ def generate(run: Any, source: Modality, target: Modality, query: str, **samplin
     Args:
         run: a loaded any-to-any run (``polymodal.training.run.load_run``).
         query: the text, or the path of the image or audio file.
-        sampling: the target head's options (temperature, top_k, top_p, generator).
+        sampling: options for the target's head (temperature, top_k, top_p, steps, guidance,
+            generator); those its ``generate`` does not take are left out.
     """
     from polymodal.data.collate import collate_query
     from polymodal.errors import ConfigError, DataError
+    from polymodal.heads import generation_options
 
     model = run.model.eval()
     tasks = getattr(model, "generation_tasks", None)
@@ -80,16 +86,17 @@ def generate(run: Any, source: Modality, target: Modality, query: str, **samplin
         raise ConfigError(f"{run.run_dir} was not trained for {source}_to_{target} (its tasks: {', '.join(model.tasks)})")
     data = run.config.data
     device = next(model.parameters()).device
+    options = generation_options(model.head(target), **sampling)  # what this run's head takes
     if target is Modality.TEXT:
         batch = collate_query(run.collator, data, source, query).to(device)
-        ids = model.generate(source, target, batch.inputs[source], batch.masks.get(source), max_new_tokens=data.max_text_tokens, **sampling)[0]
+        ids = model.generate(source, target, batch.inputs[source], batch.masks.get(source), max_new_tokens=data.max_text_tokens, **options)[0]
         return run.tokenizer.decode(ids)
     ids, mask = (t.to(device) for t in run.collator.source_texts(target, [query]))  # what the generator reads
     if target is Modality.IMAGE:
-        return model.generate(source, target, ids, mask, **sampling)[0].cpu()
+        return model.generate(source, target, ids, mask, **options)[0].cpu()
     from polymodal.evaluation.samples import vocoder_for, voiced_frames
 
-    mels = model.generate(source, target, ids, mask).cpu()  # (1, F, M)
+    mels = model.generate(source, target, ids, mask, **options).cpu()  # (1, F, M)
     waveform = vocoder_for(data)(mels, generator=sampling.get("generator"))[0]
     voiced = waveform[: int(voiced_frames(mels)[0]) * data.hop_length]
     if voiced.numel() == 0:
@@ -117,6 +124,8 @@ def check_options(args: argparse.Namespace, target: Modality) -> Path | None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from polymodal.errors import ConfigError
+    from polymodal.heads import generation_options
     from polymodal.training.run import load_run
 
     source, target = parse_route(args.source[0], args.target)
@@ -125,9 +134,12 @@ def run(args: argparse.Namespace) -> int:
     loaded = load_run(run_dir)
     generator = torch.Generator().manual_seed(args.seed)
     sampling = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, generator=generator)
-    if target is Modality.AUDIO:
-        sampling = dict(generator=generator)  # one non-autoregressive pass: nothing to sample
-    result = generate(loaded, source, target, args.source[1], **sampling)
+    flow = {key: value for key, value in (("steps", args.steps), ("guidance", args.guidance)) if value is not None}
+    head = loaded.model.head(target) if hasattr(loaded.model, "head") else None
+    unused = [f"--{key}" for key in flow if head is not None and key not in generation_options(head, **flow)]
+    if unused:
+        raise ConfigError(f"{' and '.join(unused)}: the {target} head of {run_dir} ({head.registry_name}) takes no such option")
+    result = generate(loaded, source, target, args.source[1], **sampling, **flow)
     if out is None:
         print(result)
         return 0

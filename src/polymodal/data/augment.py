@@ -22,6 +22,7 @@ from torch import Tensor
 from polymodal.data.augment_audio import AudioAugmentSettings, augment_waveform, spec_augment
 from polymodal.data.augment_image import ImageAugmentSettings, augment_image
 from polymodal.data.batch import Sample
+from polymodal.errors import ConfigError
 
 # Independent draws per use of one (seed, epoch, index): the audio chain, the image chain, and
 # SpecAugment (applied later, on the collated log-mel frames). Appending is safe; reordering is not.
@@ -40,10 +41,25 @@ __all__ = [
 
 @dataclasses.dataclass(frozen=True)
 class AugmentSettings:
-    """The ``data.augment`` settings: one block per modality, everything off by default."""
+    """The ``data.augment`` settings: one block per modality, everything off by default. Applied to
+    the training split only (``data.keyed.TrainingItems``; SpecAugment in the collator).
+
+    Attributes:
+        noise_manifest: a JSONL manifest of noise recordings (``{"audio": "hum.wav"}`` lines) for
+            the "clip" noise kind (``audio.noise_weights``' third odds); paths relative to it.
+    """
 
     audio: AudioAugmentSettings = dataclasses.field(default_factory=AudioAugmentSettings)
     image: ImageAugmentSettings = dataclasses.field(default_factory=ImageAugmentSettings)
+    noise_manifest: str | None = None
+
+    def __post_init__(self) -> None:
+        audio = self.audio
+        if audio.noise_p > 0.0 and self.noise_manifest is None and sum(audio.noise_weights[:2]) == 0.0:
+            raise ConfigError(
+                "data.augment.audio.noise_weights asks for clip noise only; give data.augment.noise_manifest "
+                "(a JSONL of noise recordings) or odds for white or pink noise"
+            )
 
 
 def sample_rng(seed: int, epoch: int, index: int, *, stream: str) -> np.random.Generator:

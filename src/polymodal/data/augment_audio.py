@@ -29,12 +29,12 @@ Computed in float64 (filters and SNR arithmetic), returned as float32.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from collections.abc import Sequence
 
 import numpy as np
 import torch
-from scipy.signal import fftconvolve, resample_poly
 from torch import Tensor
 
 from polymodal.errors import ConfigError
@@ -104,9 +104,25 @@ class AudioAugmentSettings:
         return any(getattr(self, f"{name}_p") > 0.0 for name in AUDIO_TRANSFORMS)
 
 
-def _resample(x: np.ndarray, rate_in: int, rate_out: int) -> np.ndarray:
+@functools.lru_cache(maxsize=64)
+def resample_filter(up: int, down: int) -> np.ndarray:
+    """The Kaiser-windowed low-pass ``resample_poly`` designs on each call for ``up / down``
+    (cutoff at the lower Nyquist, 10 zero crossings each side), designed once: the design costs
+    more than filtering a short clip."""
+    from scipy.signal import firwin  # scipy imports here: scipy.signal takes a second to load
+
+    max_rate = max(up, down)
+    half_len = 10 * max_rate  # scipy's default filter length for resample_poly
+    return firwin(2 * half_len + 1, 1.0 / max_rate, window=("kaiser", 5.0))
+
+
+def resample(x: np.ndarray, rate_in: int, rate_out: int) -> np.ndarray:
+    """(T,) at ``rate_in`` -> (ceil(T * rate_out / rate_in),) at ``rate_out``, as ``resample_poly``."""
+    from scipy.signal import resample_poly
+
     g = math.gcd(rate_in, rate_out)
-    return resample_poly(x, rate_out // g, rate_in // g)
+    up, down = rate_out // g, rate_in // g
+    return resample_poly(x, up, down, window=resample_filter(up, down))
 
 
 def change_speed(waveform: np.ndarray, factor: float) -> np.ndarray:
@@ -117,7 +133,7 @@ def change_speed(waveform: np.ndarray, factor: float) -> np.ndarray:
     steps = round(factor * SPEED_GRID)
     if steps == SPEED_GRID:
         return waveform.copy()
-    return _resample(waveform, steps, SPEED_GRID)  # T samples at rate k -> T * 100 / k at rate 100
+    return resample(waveform, steps, SPEED_GRID)  # T samples at rate k -> T * 100 / k at rate 100
 
 
 def white_noise(num_samples: int, rng: np.random.Generator) -> np.ndarray:
@@ -126,12 +142,19 @@ def white_noise(num_samples: int, rng: np.random.Generator) -> np.ndarray:
 
 
 def pink_noise(num_samples: int, rng: np.random.Generator) -> np.ndarray:
-    """(T,) noise with power 1/f: white noise whose spectrum is scaled by 1/sqrt(f), DC removed."""
-    spectrum = np.fft.rfft(rng.standard_normal(num_samples))  # (T//2+1,)
-    freqs = np.fft.rfftfreq(num_samples)
+    """(T,) noise with power 1/f: white noise whose spectrum is scaled by 1/sqrt(f), DC removed.
+
+    Made at the next FFT-friendly length and cut to T: an FFT of a length with a large prime
+    factor (a clip's length is anything) runs 5-10x slower, and a stretch of noise is noise.
+    """
+    from scipy.fft import next_fast_len
+
+    length = next_fast_len(num_samples, real=True)
+    spectrum = np.fft.rfft(rng.standard_normal(length))  # (L//2+1,)
+    freqs = np.fft.rfftfreq(length)
     shaping = np.zeros_like(freqs)
     shaping[1:] = 1.0 / np.sqrt(freqs[1:])  # amplitude 1/sqrt(f) is power 1/f
-    pink = np.fft.irfft(spectrum * shaping, n=num_samples)
+    pink = np.fft.irfft(spectrum * shaping, n=length)[:num_samples]
     return pink / max(float(np.sqrt(np.mean(pink**2))), np.finfo(np.float64).tiny)
 
 
@@ -172,6 +195,8 @@ def synthetic_impulse_response(
 def reverberate(waveform: np.ndarray, impulse_response: np.ndarray) -> np.ndarray:
     """``waveform`` (T,) convolved with the response, cut back to T samples (the tail past the end
     of the clip is dropped so the clip keeps its length)."""
+    from scipy.signal import fftconvolve
+
     return fftconvolve(waveform, impulse_response)[: waveform.shape[0]]
 
 
@@ -179,7 +204,7 @@ def band_limit(waveform: np.ndarray, sample_rate: int, channel_rate: int) -> np.
     """Down to ``channel_rate`` and back up: what survives is below channel_rate / 2. (T,) -> (T,)."""
     if channel_rate >= sample_rate:
         return waveform.copy()
-    narrow = _resample(_resample(waveform, sample_rate, channel_rate), channel_rate, sample_rate)
+    narrow = resample(resample(waveform, sample_rate, channel_rate), channel_rate, sample_rate)
     out = np.zeros_like(waveform)
     keep = min(out.shape[0], narrow.shape[0])  # the round trip can be a sample off in length
     out[:keep] = narrow[:keep]

@@ -25,7 +25,6 @@ import math
 import numpy as np
 import torch
 import torch.nn.functional as F
-from scipy.ndimage import gaussian_filter
 from torch import Tensor
 
 from polymodal.errors import ConfigError
@@ -127,6 +126,8 @@ def elastic_displacement(
 ) -> np.ndarray:
     """Simard et al.'s field: (2, H, W) float64 displacements in pixels, (dx, dy)."""
     noise = rng.uniform(-1.0, 1.0, size=(2, height, width))
+    from scipy.ndimage import gaussian_filter  # imported here: scipy.ndimage takes a second to load
+
     smooth = np.stack([gaussian_filter(axis, sigma) for axis in noise])  # (2, H, W)
     return alpha * smooth
 

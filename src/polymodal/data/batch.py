@@ -11,6 +11,16 @@ from polymodal.modality import Modality
 
 
 @dataclasses.dataclass(frozen=True)
+class ItemKey:
+    """Which training item this is: its index in its dataset, and the pass over the data (epoch)
+    it was drawn in. Augmentation draws from it (``augment.sample_rng``); feature caches key by the
+    index. Training's sampler hands these to the datasets that read them (``data.keyed``)."""
+
+    epoch: int
+    index: int
+
+
+@dataclasses.dataclass(frozen=True)
 class Sample:
     """One item before collation. Absent modalities are None.
 
@@ -19,12 +29,14 @@ class Sample:
         text: the caption.
         audio: (T,) float waveform in [-1, 1] at the dataset's sample rate.
         label: the class of the item (the spoken number for the built-in data); -1 when unknown.
+        key: the training item's key; None outside training (evaluation data is never augmented).
     """
 
     image: Tensor | None = None
     text: str | None = None
     audio: Tensor | None = None
     label: int = -1
+    key: ItemKey | None = None
 
 
 @dataclasses.dataclass
@@ -62,14 +74,17 @@ class Batch:
 
     Attributes:
         inputs: per modality: IMAGE (B, C, H, W) normalised float; TEXT (B, L) token ids padded with
-            the tokenizer's pad id; AUDIO (B, F, num_mels) log-mel frames padded with zeros.
-        masks: per modality, True where a token/frame is real: TEXT (B, L), AUDIO (B, F).
-            IMAGE has no mask (all pixels are real).
+            the tokenizer's pad id; AUDIO (B, F, num_mels) log-mel frames padded with zeros, or
+            (B, T) waveforms padded with zeros for an encoder that reads waveforms.
+        masks: per modality, True where a token/frame/sample is real: TEXT (B, L), AUDIO (B, F) or
+            (B, T). IMAGE has no mask (all pixels are real).
         present: per modality, (B,) bool: which items carry that modality at all (a manifest line may
             have only an image and a caption).
         labels: (B,) long, -1 when unknown.
         references: per target modality (AUDIO, IMAGE), the text -> audio / text -> image targets,
             when the collator has references (built-in data).
+        indices: (B,) long, each item's index in its training dataset (``Sample.key``); None
+            when the items carry no key (evaluation).
     """
 
     inputs: dict[Modality, Tensor]
@@ -77,6 +92,7 @@ class Batch:
     present: dict[Modality, Tensor]
     labels: Tensor
     references: dict[Modality, AlignedTargets] = dataclasses.field(default_factory=dict)
+    indices: Tensor | None = None
 
     @property
     def size(self) -> int:
@@ -84,6 +100,7 @@ class Batch:
 
     def to(self, device: torch.device | str) -> "Batch":
         move = lambda d: {k: v.to(device, non_blocking=True) for k, v in d.items()}  # noqa: E731
+        indices = None if self.indices is None else self.indices.to(device)
         return Batch(
-            move(self.inputs), move(self.masks), move(self.present), self.labels.to(device), move(self.references)
+            move(self.inputs), move(self.masks), move(self.present), self.labels.to(device), move(self.references), indices
         )

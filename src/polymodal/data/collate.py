@@ -1,14 +1,20 @@
 """Collation: a list of ``Sample`` (or None for samples that failed to load) -> one ``Batch``.
 
 Images are stacked and normalised; captions become ``[bos] ids [eos]`` padded with ``pad``;
-waveforms are zero-padded and turned into log-mel frames with a frame mask. A modality that only
-some items carry is filled with zeros/pad for the others and marked absent in ``present``. Given a
-dataset's aligned references (``references.py``), a batch also carries each labelled item's
-reference targets, for heads that learn from them.
+waveforms are zero-padded and turned into log-mel frames with a frame mask, or, for an audio
+encoder that reads waveforms (its class says ``input_kind = "waveform"``), kept as (B, T) samples
+with a sample mask. A modality that only some items carry is filled with zeros/pad for the others
+and marked absent in ``present``. Given a dataset's aligned references (``references.py``), a batch
+also carries each labelled item's reference targets, for heads that learn from them.
+
+Training items carry their key (``Sample.key``): the batch then holds their indices, and
+SpecAugment (``data.augment.audio.spec_augment_p``) masks their log-mel frames, drawn from each
+item's key alone so that it replays on resume. Items without a key (evaluation) are never masked.
 """
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable, Sequence
 
 import torch
@@ -16,7 +22,8 @@ from torch import Tensor
 
 from polymodal.config import DataConfig
 from polymodal.data.audio import LogMel, load_audio
-from polymodal.data.batch import AlignedTargets, Batch, Sample
+from polymodal.data.augment import AudioAugmentSettings, sample_rng, spec_augment
+from polymodal.data.batch import AlignedTargets, Batch, ItemKey, Sample
 from polymodal.data.image import load_image, normalize_images
 from polymodal.data.references import Reference, token_durations
 from polymodal.data.text import TextTokenizer
@@ -26,6 +33,7 @@ from polymodal.modality import Modality
 NUM_TEXT_SPECIALS = 2  # bos + eos around every caption
 # What a generator reads for a text: (target modality, text) -> text (a dataset's front end).
 FrontEnd = Callable[[Modality, str], str]
+AUDIO_INPUTS = ("log_mel", "waveform")  # what the audio encoder reads
 
 
 def as_written(target: Modality, text: str) -> str:
@@ -52,9 +60,17 @@ class Collator:
         max_audio_seconds: float,
         references: dict[Modality, dict[int, Reference]] | None = None,
         front_end: FrontEnd = as_written,
+        audio_input: str = "log_mel",
+        spec_augment: AudioAugmentSettings | None = None,
+        seed: int = 0,
     ) -> None:
         if max_text_tokens < NUM_TEXT_SPECIALS:
             raise ValueError(f"max_text_tokens={max_text_tokens} leaves no room for <bos> and <eos>; use >= 2")
+        if audio_input not in AUDIO_INPUTS:
+            raise ValueError(f"audio_input={audio_input!r}; valid: {', '.join(AUDIO_INPUTS)}")
+        self.audio_input = audio_input
+        self.spec_augment = spec_augment if spec_augment is not None and spec_augment.spec_augment_p > 0 else None
+        self.seed = seed
         self.tokenizer = tokenizer
         self.max_text_tokens = max_text_tokens
         self.max_audio_samples = int(round(max_audio_seconds * sample_rate))
@@ -93,9 +109,14 @@ class Collator:
         clips = [s.audio for s in kept]
         if any(a is not None for a in clips):
             present[Modality.AUDIO] = torch.tensor([a is not None for a in clips])
-            inputs[Modality.AUDIO], masks[Modality.AUDIO] = self._audio(clips)
+            if self.audio_input == "waveform":
+                inputs[Modality.AUDIO], masks[Modality.AUDIO] = self._waveforms(clips)
+            else:
+                inputs[Modality.AUDIO], masks[Modality.AUDIO] = self._audio(clips, keys=[s.key for s in kept])
 
-        return Batch(inputs, masks, present, labels, self._aligned(labels.tolist()))
+        keyed = all(s.key is not None for s in kept)
+        indices = torch.tensor([s.key.index for s in kept], dtype=torch.long) if keyed else None  # (B,)
+        return Batch(inputs, masks, present, labels, self._aligned(labels.tolist()), indices)
 
     @staticmethod
     def _images(images: list[Tensor | None]) -> Tensor:
@@ -127,20 +148,40 @@ class Collator:
             mask[i, : len(row)] = True
         return ids, mask
 
-    def _audio(self, clips: list[Tensor | None]) -> tuple[Tensor, Tensor]:
-        """(T,) waveforms or None -> log-mel (B, F, num_mels), zeros on padded frames; mask (B, F)."""
+    def _waveforms(self, clips: list[Tensor | None]) -> tuple[Tensor, Tensor]:
+        """(T,) waveforms or None -> (B, T) cut to ``max_audio_seconds``, zero-padded; mask (B, T)."""
         cut = [None if a is None else a[: self.max_audio_samples] for a in clips]
         lengths = torch.tensor([0 if a is None else a.shape[0] for a in cut], dtype=torch.long)  # (B,)
         waveforms = torch.zeros((len(cut), int(lengths.max())), dtype=torch.float32)  # (B, T)
         for i, a in enumerate(cut):
             if a is not None:
                 waveforms[i, : a.shape[0]] = a.to(torch.float32)
+        mask = torch.arange(waveforms.shape[1])[None, :] < lengths[:, None]  # (B, T)
+        return waveforms, mask
+
+    def _audio(self, clips: list[Tensor | None], keys: list[ItemKey | None] | None = None) -> tuple[Tensor, Tensor]:
+        """(T,) waveforms or None -> log-mel (B, F, num_mels), zeros on padded frames; mask (B, F).
+        With SpecAugment on and every item keyed (training), each item's frames are masked as its key draws."""
+        waveforms, sample_mask = self._waveforms(clips)
+        lengths = sample_mask.sum(1)  # (B,)
         features = self.log_mel(waveforms)  # (B, F, num_mels)
         frames = torch.arange(features.shape[1])  # (F,)
         valid = self.log_mel.frame_lengths(lengths)  # (B,)
         mask = (frames[None, :] < valid[:, None]) & (lengths > 0)[:, None]  # (B, F)
+        if self.spec_augment is not None and keys and all(k is not None for k in keys):
+            rngs = [sample_rng(self.seed, k.epoch, k.index, stream="spec_augment") for k in keys]
+            features = spec_augment(features, mask, self.spec_augment, rngs)
         features = features.masked_fill(~mask[:, :, None], 0.0)  # padding reads as 0, as Batch documents
         return features, mask
+
+    def log_mel_view(self) -> "Collator":
+        """This collator, but making log-mel frames whatever its audio encoder reads (for judges and
+        statistics that read log-mel)."""
+        if self.audio_input == "log_mel":
+            return self
+        view = copy.copy(self)
+        view.audio_input = "log_mel"
+        return view
 
     def _aligned(self, labels: list[int]) -> dict[Modality, AlignedTargets]:
         """Each labelled item's references as aligned targets, per modality that has any."""
@@ -196,9 +237,12 @@ def build_collator(
     *,
     references: dict[Modality, dict[int, Reference]] | None = None,
     front_end: FrontEnd = as_written,
+    audio_input: str = "log_mel",
+    seed: int = 0,
 ) -> Collator:
-    """A ``Collator`` with the settings of ``data_config``, a dataset's ``references`` per target
-    modality and its ``front_end``."""
+    """A ``Collator`` with the settings of ``data_config`` (SpecAugment from its ``augment``), a
+    dataset's ``references`` per target modality, its ``front_end``, what the audio encoder reads
+    (``audio_input``: log_mel | waveform) and the run's ``seed`` (SpecAugment's draws)."""
     return Collator(
         tokenizer,
         sample_rate=data_config.sample_rate,
@@ -209,6 +253,9 @@ def build_collator(
         max_audio_seconds=data_config.max_audio_seconds,
         references=references,
         front_end=front_end,
+        audio_input=audio_input,
+        spec_augment=data_config.augment.audio,
+        seed=seed,
     )
 
 

@@ -1,17 +1,20 @@
 """A user's own data: a JSONL manifest, one sample per line, any subset of modalities.
 
 Each line is a JSON object such as ``{"image": "a.png", "text": "a cat", "audio": "a.wav", "label": 3}``;
-media paths are relative to the manifest's folder (absolute paths are kept). Bad lines are skipped
-when the manifest is read, bad media files when a sample is loaded; both are counted with the
+media paths are relative to the manifest's folder (absolute paths are kept). Any other field
+(``"speaker": "george"``) is metadata: kept in ``entries`` and ``metadata(i)``, read by nothing in
+training, and available to break evaluation figures down (``polymodal eval --by``). Bad lines are
+skipped when the manifest is read, bad media files when a sample is loaded; both are counted with the
 reason in ``skipped`` and logged once, so one broken file never stops a training run. A line is
-usable when it is a JSON object of known keys, its media paths and text are strings (valid
-Unicode), and its label is an integer that fits in int64; anything else in a line is a reason to
-skip it, never an error: lines are split on newlines only and decoded one by one, so a line that
+usable when it is a JSON object with no near-miss of a known key ("imgae"), its media paths and
+text are strings (valid Unicode), and its label is an integer that fits in int64; anything else in
+a line is a reason to skip it, never an error: lines are split on newlines only and decoded one by one, so a line that
 is not UTF-8 costs that line alone.
 """
 
 from __future__ import annotations
 
+import difflib
 import json
 import logging
 from pathlib import Path
@@ -19,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 from torch.utils.data import Dataset
 
+from polymodal.config import DataConfig
 from polymodal.data.audio import load_audio
 from polymodal.data.batch import Sample
 from polymodal.data.image import load_image
@@ -34,6 +38,8 @@ MEDIA_KEYS = (Modality.IMAGE.value, Modality.AUDIO.value)  # values are file pat
 MODALITY_KEYS = tuple(m.value for m in Modality)
 LABEL_KEY = "label"
 UNKNOWN_LABEL = -1
+# A field this close (difflib's ratio) to a modality or the label is a typo, not metadata: "imgae".
+TYPO_CUTOFF = 0.75
 LABEL_RANGE = (-(2**63), 2**63 - 1)  # labels become an int64 tensor
 UTF8_BOM = "\ufeff"
 MAX_SHOWN_CHARS = 60  # a bad value quoted in a skip reason, cut to this
@@ -140,9 +146,10 @@ class ManifestDataset(Dataset):
         """Why a parsed line is unusable, or None if it is fine."""
         if not isinstance(entry, dict):
             return f"expected a JSON object, got {type(entry).__name__}"
-        unknown = [k for k in entry if k not in (*MODALITY_KEYS, LABEL_KEY)]
-        if unknown:
-            return f"unknown key {unknown[0]!r}; valid: {', '.join((*MODALITY_KEYS, LABEL_KEY))}"
+        for key in entry:
+            near = difflib.get_close_matches(key, (*MODALITY_KEYS, LABEL_KEY), n=1, cutoff=TYPO_CUTOFF)
+            if key not in (*MODALITY_KEYS, LABEL_KEY) and near:
+                return f"unknown key {key!r}: did you mean {near[0]!r}? (other fields are kept as metadata)"
         if all(entry.get(k) is None for k in MODALITY_KEYS):
             return f"no modality: give at least one of {', '.join(MODALITY_KEYS)}"
         for key in MODALITY_KEYS:
@@ -164,6 +171,10 @@ class ManifestDataset(Dataset):
 
     def __len__(self) -> int:
         return len(self.entries)
+
+    def metadata(self, index: int) -> dict[str, Any]:
+        """The line's fields beyond the modalities and the label (e.g. ``{"speaker": "george"}``)."""
+        return {k: v for k, v in self.entries[index].items() if k not in (*MODALITY_KEYS, LABEL_KEY)}
 
     def media_path(self, relative: str) -> Path:
         """A manifest path resolved against the manifest's folder (``~`` expanded where it can be)."""

@@ -93,6 +93,7 @@ def measure_log_mel_statistics(dataset: Dataset, collator: Any, *, max_items: in
     clips of ``dataset`` (in order), as the collator extracts them; (0, 1) when it has no audio."""
     values: list[torch.Tensor] = []
     seen = 0
+    collator = collator.log_mel_view() if hasattr(collator, "log_mel_view") else collator
     for batch in DataLoader(dataset, batch_size=64, shuffle=False, collate_fn=collator):
         if seen >= max_items:
             break

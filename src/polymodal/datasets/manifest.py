@@ -42,8 +42,8 @@ class ManifestSource:
     label_parser = None
 
     def __init__(self, data: DataConfig, seed: int, *, holdout: float = MANIFEST_HOLDOUT) -> None:
-        if not data.manifest:
-            raise ConfigError("data.manifest: needed when data.source=manifest (a JSONL file of samples)")
+        if not data.manifest:  # checked with the config, before anything is built
+            raise ConfigError("data.manifest: needed when data.source=manifest (a JSONL file of samples), e.g. data.manifest=train.jsonl")
         if not 0.0 < holdout < 1.0:
             raise ValueError(f"holdout must lie in (0, 1), got {holdout}")
         self.data, self.seed, self.holdout = data, seed, holdout

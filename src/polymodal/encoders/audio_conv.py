@@ -2,6 +2,14 @@
 optionally followed by a small bidirectional transformer (off by default: the shared backbone then
 does the sequence modelling).
 
+``input_norm`` normalises each clip first: every mel band's mean over the clip's real frames is
+subtracted (cepstral mean normalisation carried to log-mel bands: a fixed channel or microphone
+response, and a gain, are a constant added to a band's log power, so this removes them; Atal 1974,
+Effectiveness of linear prediction characteristics of the speech wave, JASA), then the clip is
+divided by its standard deviation over all its real values. A per-band variance is not taken: a
+band a telephone channel emptied has almost no variance, and dividing by it would blow its
+rounding noise up to the level of speech.
+
 Reference: the convolutional front end of Whisper (Radford et al. 2022, arXiv:2212.04356) and the
 conv subsampling of Conformer (Gulati et al. 2020, arXiv:2005.08100). The optional layers are the
 library's pre-norm ``TransformerBlock``, without RoPE since sinusoidal positions are already added.
@@ -24,6 +32,21 @@ from polymodal.modality import Modality
 # Two stride-2 convolutions (the default num_convs).
 SUBSAMPLING = 4
 MLP_RATIO = 4.0  # the optional layers' feed-forward width, as in Vaswani et al. 2017
+NORM_EPS = 1e-5  # added to a clip's log-mel variance (natural-log units squared; speech's is ~10)
+
+
+def utterance_norm(mels: Tensor, mask: Tensor | None) -> Tensor:
+    """Each clip's bands minus their mean over its real frames, over its std: (B, F, M) -> (B, F, M).
+
+    fp32 island: a variance over ~200 frames x 64 bands loses its digits in bf16. Padded frames
+    come back 0.
+    """
+    x = mels.float()
+    weights = torch.ones_like(x[..., :1]) if mask is None else mask[..., None].float()  # (B, F, 1)
+    count = weights.sum(1, keepdim=True).clamp(min=1)  # (B, 1, 1) real frames
+    centered = (x - (x * weights).sum(1, keepdim=True) / count) * weights  # (B, F, M)
+    var = centered.square().sum((1, 2), keepdim=True) / (count * x.shape[-1])  # (B, 1, 1)
+    return (centered * torch.rsqrt(var + NORM_EPS)).to(mels.dtype)
 
 
 @ENCODERS.register("audio_conv")
@@ -37,16 +60,28 @@ class AudioConvEncoder(nn.Module):
         num_layers: transformer blocks after the convolutions; 0 returns the normed conv tokens,
             with the parameters of the conv-only encoder.
         num_heads: attention heads of those blocks.
+        input_norm: normalise each clip's log-mel first (see the module docstring).
+        dropout: on the output tokens (and inside the optional blocks) while training.
     """
 
     modality = Modality.AUDIO
 
     def __init__(
-        self, num_mels: int, *, dim: int = 128, num_convs: int = 2, num_layers: int = 0, num_heads: int = 4
+        self,
+        num_mels: int,
+        *,
+        dim: int = 128,
+        num_convs: int = 2,
+        num_layers: int = 0,
+        num_heads: int = 4,
+        input_norm: bool = False,
+        dropout: float = 0.0,
     ) -> None:
         super().__init__()
         if num_layers < 0:
             raise ValueError(f"num_layers must be >= 0, got {num_layers}")
+        self.input_norm = input_norm
+        self.dropout = nn.Dropout(dropout)
         layers: list[nn.Module] = []
         dim_in = num_mels
         for _ in range(num_convs):
@@ -60,7 +95,8 @@ class AudioConvEncoder(nn.Module):
         if num_layers:  # no modules at all otherwise: conv-only checkpoints keep their keys
             dim_hidden = swiglu_hidden_dim(dim, MLP_RATIO)
             self.blocks = nn.ModuleList(
-                TransformerBlock(dim, num_heads=num_heads, dim_hidden=dim_hidden) for _ in range(num_layers)
+                TransformerBlock(dim, num_heads=num_heads, dim_hidden=dim_hidden, dropout=dropout)
+                for _ in range(num_layers)
             )
             self.final_norm = RMSNorm(dim)
             # Only the blocks need it: the convs and LayerNorm were initialised by their constructors,
@@ -97,6 +133,8 @@ class AudioConvEncoder(nn.Module):
             None); ``hidden``: one (B, F_i, dim) state per conv, then one (B, F', dim) residual
             stream per block.
         """
+        if self.input_norm:
+            mels = utterance_norm(mels, mask)
         x = mels.transpose(1, 2)  # (B, num_mels, F)
         lengths = None
         if mask is not None:
@@ -118,7 +156,7 @@ class AudioConvEncoder(nn.Module):
         positions = sinusoidal_embedding(
             torch.arange(tokens.shape[1], device=tokens.device), tokens.shape[-1]
         )
-        tokens = self.norm(tokens + positions.to(tokens.dtype))
+        tokens = self.dropout(self.norm(tokens + positions.to(tokens.dtype)))
         out_mask = None
         if mask is not None:
             out_lengths = self.output_lengths(mask.sum(1))  # (B,)

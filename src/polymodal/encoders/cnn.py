@@ -45,16 +45,25 @@ class CNNEncoder(nn.Module):
         tokens: ``cells`` (raster order) or ``columns``: each column's cells concatenated and
             projected, as a CRNN reads a line of text (Shi et al. 2015, arXiv:1507.05717), so the
             token order is the reading order and 1-D rotary positions in the backbone follow it.
+        dropout: on the output tokens while training.
     """
 
     modality = Modality.IMAGE
 
     def __init__(
-        self, in_channels: int, image_size: tuple[int, int], *, dim: int = 128, num_stages: int = 3, tokens: str = "cells"
+        self,
+        in_channels: int,
+        image_size: tuple[int, int],
+        *,
+        dim: int = 128,
+        num_stages: int = 3,
+        tokens: str = "cells",
+        dropout: float = 0.0,
     ) -> None:
         super().__init__()
         if tokens not in ("cells", "columns"):
             raise ValueError(f"tokens must be 'cells' or 'columns', got {tokens!r}")
+        self.dropout = nn.Dropout(dropout)
         height, width = image_size
         scale = 2**num_stages
         if height % scale or width % scale:
@@ -87,7 +96,7 @@ class CNNEncoder(nn.Module):
             tokens = self.columns(rearrange(x, "b d h w -> b w (d h)")) + self.pos  # (B, w, dim)
         else:
             tokens = hidden[-1] + self.pos  # (B, h*w, dim)
-        return EncoderIntermediates(EncoderOutput(tokens), hidden)
+        return EncoderIntermediates(EncoderOutput(self.dropout(tokens)), hidden)
 
     def forward(self, images: Tensor, mask: Tensor | None = None) -> EncoderOutput:
         """Images (B, C, H, W) -> EncoderOutput with tokens (B, N, dim); ``mask`` is unused."""

@@ -34,16 +34,25 @@ class TextEmbeddingEncoder(nn.Module):
         num_layers: transformer blocks after the embedding; 0 returns the embeddings (plus
             positions) as they are, with the parameters of the embedding-only encoder.
         num_heads: attention heads of those blocks.
+        dropout: on the embedded tokens (and inside the optional blocks) while training.
     """
 
     modality = Modality.TEXT
 
     def __init__(
-        self, vocab_size: int, *, dim: int = 128, max_len: int = 64, num_layers: int = 0, num_heads: int = 4
+        self,
+        vocab_size: int,
+        *,
+        dim: int = 128,
+        max_len: int = 64,
+        num_layers: int = 0,
+        num_heads: int = 4,
+        dropout: float = 0.0,
     ) -> None:
         super().__init__()
         if num_layers < 0:
             raise ValueError(f"num_layers must be >= 0, got {num_layers}")
+        self.dropout = nn.Dropout(dropout)
         self.embed = nn.Embedding(vocab_size, dim)
         self.pos = nn.Parameter(torch.empty(1, max_len, dim))
         self.max_len = max_len
@@ -52,7 +61,8 @@ class TextEmbeddingEncoder(nn.Module):
         if num_layers:  # no modules at all otherwise: embedding-only checkpoints keep their keys
             dim_hidden = swiglu_hidden_dim(dim, MLP_RATIO)
             self.blocks = nn.ModuleList(
-                TransformerBlock(dim, num_heads=num_heads, dim_hidden=dim_hidden) for _ in range(num_layers)
+                TransformerBlock(dim, num_heads=num_heads, dim_hidden=dim_hidden, dropout=dropout)
+                for _ in range(num_layers)
             )
             self.final_norm = RMSNorm(dim)
         self.init_weights()
@@ -80,7 +90,7 @@ class TextEmbeddingEncoder(nn.Module):
         if ids.shape[1] > self.max_len:
             raise ValueError(f"text of {ids.shape[1]} tokens exceeds the encoder's max_len={self.max_len}")
         embedded = self.embed(ids)  # (B, L, dim)
-        tokens = embedded + self.pos[:, : ids.shape[1]]
+        tokens = self.dropout(embedded + self.pos[:, : ids.shape[1]])
         if not self.num_layers:
             return EncoderIntermediates(EncoderOutput(tokens, mask), [embedded])
         attn_mask = None

@@ -3,7 +3,9 @@
 
 Any-to-any: X -> text exact match for every captioning task, retrieval R@K for every pair (with
 ``contrastive``), the image tokenizer's reconstruction figures and, when asked, samples generated
-from the split's captions, judged by the dataset's own evaluators and written to ``samples/``.
+from the split's captions with figures that need no judge (``evaluation/generation.py``: Fréchet
+distances, variety), judged by the dataset's own evaluators where it has them, and written to
+``samples/``.
 CLIP: zero-shot accuracy and retrieval. Image tokenizer: reconstruction quality and code usage.
 """
 
@@ -18,6 +20,7 @@ from torch.utils.data import Subset
 
 from polymodal.config import Config, to_dict
 from polymodal.evaluation.captioning import caption_accuracy
+from polymodal.evaluation.generation import generation_figures
 from polymodal.evaluation.reconstruction import image_grid, reconstruction_figures, save_png
 from polymodal.evaluation.retrieval import retrieval_figures
 from polymodal.evaluation.samples import generate_from_captions, write_samples
@@ -27,6 +30,7 @@ from polymodal.modality import Modality
 EVAL_FILE = "eval.json"
 RECONSTRUCTION_FILE = "reconstructions.png"
 SAMPLES_DIR = "samples"
+VARIETY_REPEATS = 8  # samples of one caption for the variety figures
 
 
 def evaluate_run(run: Any, *, split: str = "test", limit: int | None = None, generate: bool = True) -> dict:
@@ -56,14 +60,18 @@ def evaluate_any_to_any(run: Any, *, split: str, limit: int | None, generate: bo
 
 
 def _generation_figures(run: Any, dataset, *, limit: int | None, device: torch.device) -> dict:
-    """Samples from the split's captions for every text -> X task, the dataset's judgement of
-    them, the image tokenizer's figures; the first samples go to ``samples/``."""
+    """Samples from the split's captions for every text -> X task, their figures that need no
+    judge (``evaluation.generation``), the dataset's judgement of them and the image tokenizer's
+    figures; the first samples go to ``samples/``."""
     model = run.model
     tasks = {name: t.target for name, t in model.generation_tasks.items() if t.source is Modality.TEXT and t.target is not Modality.TEXT}
     if not tasks:
         return {}
-    generated = {name: generate_from_captions(run, dataset, target, limit=limit, device=device) for name, target in tasks.items()}
-    results: dict = {}
+    generated = {
+        name: generate_from_captions(run, dataset, target, limit=limit, device=device, repeats=VARIETY_REPEATS)
+        for name, target in tasks.items()
+    }  # fmt: skip
+    results: dict = {name: generation_figures(run, tasks[name], samples, device=device) for name, samples in generated.items()}
     if model.image_tokenizer is not None:
         results["image_tokenizer"], _ = reconstruction_figures(model.image_tokenizer, dataset, run.collator, device=device)
     for section, figures in run.source.evaluate_generation(run, dataset, generated, limit=limit).items():

@@ -19,6 +19,7 @@ from polymodal.config import DataConfig
 from polymodal.data.image import normalize_images
 from polymodal.decoders.vocoder import GriffinLimVocoder, write_wav
 from polymodal.evaluation.reconstruction import image_grid, save_png
+from polymodal.heads import generation_options
 from polymodal.modality import Modality
 
 # A frame is voiced when its loudest mel band is above this (natural log of power): about -52 dB,
@@ -30,6 +31,8 @@ SPEECH_EVAL_ITEMS = 500
 GENERATION_BATCH = 250
 SAMPLES_SHOWN = 8  # WAVs written; the image grid shows four times as many
 PREVIEW_IMAGES = 32
+# Captions sampled several times each for the variety figures (``Generated.repeats``).
+VARIETY_CAPTIONS = 16
 
 
 @dataclasses.dataclass
@@ -43,6 +46,10 @@ class Generated:
         waveforms: (T_i,) each, cut after the speech, for an audio target.
         heard: (N, F, M) the log-mel of the vocoded speech; heard_mask (N, F) True up to the last
             voiced frame of each item.
+        real: the same items' own target where they have one: images (N', C, H, W), or log-mels
+            (N', F, M) with real_mask (N', F); real_index (N',) their rows in ``captions``.
+        repeats: (V, R, ...) R samples (images, or generated log-mels) of each of the first V
+            distinct captions, drawn with different noise; repeat_labels (V,) their labels.
     """
 
     captions: list[str]
@@ -51,6 +58,11 @@ class Generated:
     waveforms: list[Tensor] = dataclasses.field(default_factory=list)
     heard: Tensor | None = None
     heard_mask: Tensor | None = None
+    real: Tensor | None = None
+    real_mask: Tensor | None = None
+    real_index: Tensor | None = None
+    repeats: Tensor | None = None
+    repeat_labels: Tensor | None = None
 
 
 def vocoder_for(data: DataConfig) -> GriffinLimVocoder:
@@ -65,8 +77,9 @@ def voiced_frames(log_mel: Tensor) -> Tensor:
     return (voiced * index).amax(dim=1).clamp(min=1)
 
 
-def caption_batches(dataset: Dataset, collate_fn, batch_size: int, limit: int | None):
-    """(captions, labels) of the split's items that have a caption, in order, up to ``limit``."""
+def caption_batches(dataset: Dataset, collate_fn, batch_size: int, limit: int | None, target: Modality | None = None):
+    """(captions, labels, real) of the split's items that have a caption, in order, up to
+    ``limit``; ``real`` is (values, mask, present) of the items' own ``target`` (None without one)."""
     seen = 0
     for batch in DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collate_fn):
         if Modality.TEXT not in batch.inputs:
@@ -76,7 +89,11 @@ def caption_batches(dataset: Dataset, collate_fn, batch_size: int, limit: int | 
             keep &= torch.arange(batch.size) < limit - seen
         if keep.any():
             ids = batch.inputs[Modality.TEXT][keep].tolist()
-            yield [collate_fn.tokenizer.decode(row) for row in ids], batch.labels[keep]
+            real = None
+            if target is not None and target in batch.inputs:
+                mask = batch.masks.get(target)
+                real = (batch.inputs[target][keep], None if mask is None else mask[keep], batch.present[target][keep])
+            yield [collate_fn.tokenizer.decode(row) for row in ids], batch.labels[keep], real
         seen += int(keep.sum())
         if limit is not None and seen >= limit:
             return
@@ -84,45 +101,94 @@ def caption_batches(dataset: Dataset, collate_fn, batch_size: int, limit: int | 
 
 @torch.no_grad()
 def generate_from_captions(
-    run, dataset: Dataset, target: Modality, *, limit: int | None = None, device="cpu", seed: int = 0
+    run, dataset: Dataset, target: Modality, *, limit: int | None = None, device="cpu", seed: int = 0, repeats: int = 0
 ) -> Generated:
-    """An image or speech (most likely codes, Griffin-Lim from ``seed``) for every captioned item.
+    """An image or speech for every captioned item, and the items' own targets beside them.
+
+    The head's noise (a flow decoder's) and Griffin-Lim's phases are drawn from generators seeded
+    with ``seed``; a head that samples nothing (most likely codes) ignores its generator.
 
     Args:
         run: a loaded run with an any-to-any model trained for text -> ``target``; its collator
             makes the model's input (``Collator.source_texts``: what the generator reads).
         limit: at most this many items; speech at most ``SPEECH_EVAL_ITEMS``.
+        repeats: also this many samples of each of the first ``VARIETY_CAPTIONS`` distinct
+            captions (``Generated.repeats``); 0: none.
     """
     model, collator = run.model, run.collator
     if target is Modality.AUDIO:
         limit = min(limit or SPEECH_EVAL_ITEMS, SPEECH_EVAL_ITEMS)
         vocoder = vocoder_for(run.config.data)
-        generator = torch.Generator(device="cpu").manual_seed(seed)  # Griffin-Lim's start phases
+        phases = torch.Generator(device="cpu").manual_seed(seed)  # Griffin-Lim's start phases
+    options = generation_options(model.head(target), generator=torch.Generator(device="cpu").manual_seed(seed))
     was_training = model.training
     model.eval()
     out = Generated(captions=[], labels=torch.zeros(0, dtype=torch.long))
-    images, heard, heard_masks, labels = [], [], [], []
-    for captions, batch_labels in caption_batches(dataset, collator, GENERATION_BATCH, limit):
+    images, heard, heard_masks, labels, reals = [], [], [], [], []
+    for captions, batch_labels, real in caption_batches(dataset, collator, GENERATION_BATCH, limit, target):
         ids, mask = collator.source_texts(target, captions)
-        made = model.generate(Modality.TEXT, target, ids.to(device), mask.to(device))
+        made = model.generate(Modality.TEXT, target, ids.to(device), mask.to(device), **options)
+        if real is not None:
+            reals.append((real, len(out.captions)))
         if target is Modality.IMAGE:
             images.append(made.cpu())  # (B, C, H, W)
         else:
             mels = made.cpu()  # (B, F, M)
             frames = voiced_frames(mels)  # (B,)
-            audio = vocoder(mels, generator=generator)  # (B, T)
+            audio = vocoder(mels, generator=phases)  # (B, T)
             heard.append(collator.log_mel(audio)[:, : mels.shape[1]])  # what a listener's ear would extract
             heard_masks.append(torch.arange(mels.shape[1])[None, :] < frames[:, None])
             out.waveforms += [clip[: int(n) * vocoder.hop_length] for clip, n in zip(audio, frames)]
         out.captions += captions
         labels.append(batch_labels)
-    model.train(was_training)
     out.labels = torch.cat(labels) if labels else out.labels
     if images:
         out.images = torch.cat(images)
     if heard:
         out.heard, out.heard_mask = _padded(heard), _padded(heard_masks)
+    _keep_real(out, reals)
+    if repeats:
+        _repeat(run, out, target, repeats, device=device, seed=seed)
+    model.train(was_training)
     return out
+
+
+def _keep_real(out: Generated, reals: list) -> None:
+    """The items' own targets (those that have one) into ``out.real`` / ``real_mask`` / ``real_index``."""
+    values, masks, index = [], [], []
+    for (inputs, mask, present), offset in reals:
+        values.append(inputs[present])
+        if mask is not None:
+            masks.append(mask[present])
+        index.append(offset + torch.nonzero(present).squeeze(1))
+    if not values or not sum(len(v) for v in values):
+        return
+    if masks:
+        out.real, out.real_mask = _padded(values), _padded(masks)
+    else:
+        out.real = torch.cat(values)
+    out.real_index = torch.cat(index)
+
+
+def _repeat(run, out: Generated, target: Modality, repeats: int, *, device, seed: int) -> None:
+    """``repeats`` samples of each of the first ``VARIETY_CAPTIONS`` distinct captions, each
+    draw from its own noise (one generator for them all), into ``out.repeats``."""
+    first = {}
+    for caption, label in zip(out.captions, out.labels.tolist()):
+        first.setdefault(caption, label)
+        if len(first) == VARIETY_CAPTIONS:
+            break
+    head = run.model.head(target)
+    options = generation_options(head, generator=torch.Generator(device="cpu").manual_seed(seed + 1))
+    made = []
+    for caption in first:
+        ids, mask = run.collator.source_texts(target, [caption] * repeats)
+        made.append(run.model.generate(Modality.TEXT, target, ids.to(device), mask.to(device), **options).cpu())
+    length = max(m.shape[1] for m in made) if target is Modality.AUDIO else None
+    if length is not None:  # log-mels of one caption share a length; captions differ
+        made = [torch.nn.functional.pad(m, (0, 0, 0, length - m.shape[1]), value=float(m.min())) for m in made]
+    out.repeats = torch.stack(made)  # (V, R, ...)
+    out.repeat_labels = torch.tensor(list(first.values()))
 
 
 def _padded(chunks: list[Tensor]) -> Tensor:

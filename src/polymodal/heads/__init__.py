@@ -10,7 +10,15 @@ A head is built with one wiring argument, ``HeadWiring``, and keyword-only setti
   the items' own target modality;
 * ``loss(trunk, source, source_mask, target) -> HeadOutput``: lays out ``[source][target]`` for
   the backbone (``trunk.run``) and returns its named, unweighted loss terms;
-* ``generate(trunk, source, source_mask, **options)``: the target from projected source tokens.
+* ``generate(trunk, source, source_mask, **options)``: the target from projected source tokens;
+  ``generation_options`` picks, from options a caller has, those a head's ``generate`` takes.
+
+Heads that learn from aligned references: ``aligned_vq`` (images) and ``aligned_mel`` (speech), the
+defaults, for the built-in data. Heads that learn from any data's items: ``lm`` (text),
+``flow_matching`` / ``flow_matching_latent`` (images: learnable queries, a connector and a
+flow-matching DiT, ``flow_image.py``) and ``mas_mel`` (speech: durations by monotonic alignment
+search, ``mas_mel.py``). A head's main loss term is ``""`` (named after the task) or a named term
+(the flow heads log ``<task>_flow_matching``).
 
 ``trunk`` is the model the head serves (``AnyToAnyModel``): ``trunk.run`` (the prefix-LM pass),
 ``trunk.source_states`` (a pass over a source alone), ``trunk.step`` (new target tokens reading a
@@ -21,6 +29,8 @@ backbone through these keeps a mixture-of-experts backbone's per-token modalitie
 from __future__ import annotations
 
 import dataclasses
+import inspect
+from typing import Any
 
 from torch import Tensor, nn
 
@@ -81,6 +91,13 @@ class Targets:
         return Targets(self.values[keep], None if self.mask is None else self.mask[keep])
 
 
-from polymodal.heads import aligned_codes, aligned_mel, text  # noqa: E402,F401  (register parts)
+def generation_options(head: nn.Module, **options: Any) -> dict[str, Any]:
+    """The ``options`` that ``head.generate`` takes (a seeded ``generator``, sampling settings);
+    the others are dropped, so one call site serves heads with different options."""
+    accepted = inspect.signature(head.generate).parameters
+    return {key: value for key, value in options.items() if key in accepted}
 
-__all__ = ["DEFAULT_HEADS", "HEADS", "HeadOutput", "HeadWiring", "Targets"]
+
+from polymodal.heads import aligned_codes, aligned_mel, flow_image, mas_mel, text  # noqa: E402,F401  (register parts)
+
+__all__ = ["DEFAULT_HEADS", "HEADS", "HeadOutput", "HeadWiring", "Targets", "generation_options"]

@@ -24,7 +24,7 @@ from polymodal.data.audio import LOG_FLOOR
 from polymodal.data.batch import AlignedTargets
 from polymodal.decoders.mel_head import MelFrameHead
 from polymodal.heads import HEADS, HeadOutput, HeadWiring
-from polymodal.heads.length_regulator import PHASE_BUCKETS, align_frames, duration_loss, gather_tokens, predicted_durations
+from polymodal.heads.length_regulator import PHASE_BUCKETS, duration_loss, predicted_durations, regulated_tokens
 from polymodal.losses.mel import mel_loss
 from polymodal.modality import Modality
 
@@ -69,20 +69,12 @@ class AlignedMelHead(nn.Module):
     def frame_tokens(self, trunk, source: Tensor, durations: Tensor) -> tuple[Tensor, Tensor]:
         """Frame-group tokens (B, J, D) and their mask (B, J) from the source tokens' ``durations``
         (B, Ns) in log-mel frames: the source token each reads, and where in it."""
-        step = self.frames_per_token
-        count = min(max(math.ceil(float(durations.sum(1).max()) / step), 1), self.max_tokens)
-        index, phase, inside = align_frames(durations, step, count)
-        tokens = gather_tokens(source, index) + self.phase_embed(phase)
+        tokens, inside = regulated_tokens(source, durations, self.phase_embed, self.frames_per_token, self.max_tokens)
         return tokens + trunk.type_embedding(Modality.AUDIO, tokens), inside
 
     def mel_targets(self, log_mels: Tensor, frame_mask: Tensor, num_frames: int) -> Tensor:
-        """Collated log-mels (B, F, M) -> normalised targets (B, num_frames, M): the real frames,
-        then silence to the end (cut if the clip is longer)."""
-        batch, _, bands = log_mels.shape
-        clip = log_mels.masked_fill(~frame_mask[:, :, None], SILENCE)[:, :num_frames]  # (B, min(F, n), M)
-        target = torch.full((batch, num_frames, bands), SILENCE, dtype=log_mels.dtype, device=log_mels.device)
-        target[:, : clip.shape[1]] = clip
-        return (target - self.center) / self.scale
+        """Collated log-mels (B, F, M) -> normalised targets (B, num_frames, M) (``mel_targets``)."""
+        return mel_targets(log_mels, frame_mask, num_frames, self.center, self.scale)
 
     def loss(self, trunk, source: Tensor, source_mask: Tensor, target: AlignedTargets) -> HeadOutput:
         """Mel frames through the length regulator with the true durations; and the durations."""
@@ -90,9 +82,7 @@ class AlignedMelHead(nn.Module):
         hidden = trunk.run(source, source_mask, tokens, token_mask)
         predicted = self.mel_head(hidden[:, source.shape[1] :])  # (B, J * r, M), normalised units
         mels = self.mel_targets(target.values, target.value_mask, predicted.shape[1])
-        frame_mask = torch.zeros(predicted.shape[:2], dtype=torch.bool, device=predicted.device)
-        real = target.value_mask[:, : predicted.shape[1]]
-        frame_mask[:, : real.shape[1]] = real
+        frame_mask = padded_to(target.value_mask, predicted.shape[1])
         duration = duration_loss(self.duration_head, hidden[:, : source.shape[1]], source_mask, target.durations)
         return HeadOutput(hidden, {"": mel_loss(predicted, mels, frame_mask), "duration": duration})
 
@@ -103,7 +93,30 @@ class AlignedMelHead(nn.Module):
         durations = predicted_durations(self.duration_head, trunk, source, source_mask)  # (B, Ns) frames
         tokens, token_mask = self.frame_tokens(trunk, source, durations)
         hidden = trunk.run(source, source_mask, tokens, token_mask)
-        frames = self.mel_head(hidden[:, source.shape[1] :])[:, : self.num_frames].float()  # (B, F, M)
-        log_mel = (frames * self.scale + self.center).clamp(min=SILENCE)
-        after_end = torch.arange(log_mel.shape[1], device=log_mel.device)[None, :] >= durations.sum(1, keepdim=True)
-        return log_mel.masked_fill(after_end[:, :, None], SILENCE)
+        frames = self.mel_head(hidden[:, source.shape[1] :])[:, : self.num_frames]  # (B, F, M)
+        return log_mel_frames(frames, durations.sum(1), self.center, self.scale)
+
+
+def mel_targets(log_mels: Tensor, frame_mask: Tensor, num_frames: int, center: Tensor, scale: Tensor) -> Tensor:
+    """Collated log-mels (B, F, M) -> normalised targets (B, num_frames, M): (x - center) / scale
+    over the real frames, then silence to the end (cut if the clip is longer)."""
+    batch, _, bands = log_mels.shape
+    clip = log_mels.masked_fill(~frame_mask[:, :, None], SILENCE)[:, :num_frames]  # (B, min(F, n), M)
+    target = torch.full((batch, num_frames, bands), SILENCE, dtype=log_mels.dtype, device=log_mels.device)
+    target[:, : clip.shape[1]] = clip
+    return (target - center) / scale
+
+
+def padded_to(mask: Tensor, length: int) -> Tensor:
+    """(B, F) bool -> (B, length): cut, or padded with False."""
+    out = torch.zeros(mask.shape[0], length, dtype=torch.bool, device=mask.device)
+    out[:, : min(length, mask.shape[1])] = mask[:, :length]
+    return out
+
+
+def log_mel_frames(frames: Tensor, ends: Tensor, center: Tensor, scale: Tensor) -> Tensor:
+    """Normalised frames (B, F, M) -> log-mel (natural log of power, as ``LogMel`` makes it), never
+    under silence, and silence from each item's end (B,) in frames on."""
+    log_mel = (frames.float() * scale + center).clamp(min=SILENCE)
+    after_end = torch.arange(log_mel.shape[1], device=log_mel.device)[None, :] >= ends[:, None]
+    return log_mel.masked_fill(after_end[:, :, None], SILENCE)

@@ -8,6 +8,8 @@ regulator gives each target token the source token its centre falls in, and whic
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor, nn
 
@@ -51,6 +53,23 @@ def align_frames(durations: Tensor, step: float, count: int) -> tuple[Tensor, Te
 def gather_tokens(source: Tensor, index: Tensor) -> Tensor:
     """(B, N, D) tokens at (B, J) indices -> (B, J, D)."""
     return source.gather(1, index[:, :, None].expand(-1, -1, source.shape[-1]))
+
+
+def regulated_tokens(source: Tensor, durations: Tensor, phase_embed: nn.Embedding, step: int, max_tokens: int) -> tuple[Tensor, Tensor]:
+    """Target tokens from the length regulator: one per ``step`` target units, a copy of the source
+    token its centre falls in plus ``phase_embed`` of where in that token.
+
+    Args:
+        source: (B, Ns, D) source tokens; durations (B, Ns) in target units, 0 on padding.
+        step: target units per target token; max_tokens: J at most.
+
+    Returns:
+        tokens (B, J, D) and their mask (B, J), True before each item's end (token 0 always);
+        J = ceil(longest item / step), between 1 and ``max_tokens``.
+    """
+    count = min(max(math.ceil(float(durations.sum(1).max()) / step), 1), max_tokens)
+    index, phase, inside = align_frames(durations, step, count)
+    return gather_tokens(source, index) + phase_embed(phase), inside
 
 
 def duration_loss(head: nn.Module, states: Tensor, mask: Tensor, durations: Tensor) -> Tensor:

@@ -3,7 +3,10 @@ cross-entropy after the source (teacher forcing), generating autoregressively wi
 
 Reference: the prefix-LM of Raffel et al. 2019, T5, arXiv:1910.10683 (section 3.2.1); tied input
 and output embeddings, Press & Wolf 2016, arXiv:1608.05859; the KV cache of autoregressive
-transformers, Pope et al. 2022, arXiv:2211.05102.
+transformers, Pope et al. 2022, arXiv:2211.05102; label smoothing, Szegedy et al. 2016, Rethinking
+the Inception Architecture, arXiv:1512.00567 (section 7): the target is 1 - eps on the true token
+plus eps spread evenly over the vocabulary, which keeps a small model from becoming certain of a
+caption it has memorised.
 """
 
 from __future__ import annotations
@@ -26,14 +29,20 @@ class LanguageModelHead(nn.Module):
 
     Args:
         wiring: the vocabulary and special ids come from ``wiring.shapes.text``.
+        label_smoothing: eps of the training loss's smoothed targets (0: plain cross-entropy).
+        dropout: on the backbone's target states before the LM head, while training.
     """
 
     target = Modality.TEXT
     reads_references = False
     needs_image_tokenizer = False
 
-    def __init__(self, wiring: HeadWiring) -> None:
+    def __init__(self, wiring: HeadWiring, *, label_smoothing: float = 0.0, dropout: float = 0.0) -> None:
         super().__init__()
+        if not 0.0 <= label_smoothing < 1.0:
+            raise ValueError(f"label_smoothing must lie in [0, 1), got {label_smoothing}")
+        self.label_smoothing = label_smoothing
+        self.dropout = nn.Dropout(dropout)
         self.specials = wiring.shapes.text
         self.embed = nn.Embedding(self.specials.vocab_size, wiring.dim)
         self.lm_head = nn.Linear(wiring.dim, self.specials.vocab_size, bias=False)
@@ -57,9 +66,9 @@ class LanguageModelHead(nn.Module):
         """Next-token cross-entropy over the caption ``[bos] ids [eos]`` (B, L) after the source."""
         ids, mask = target.values, target.mask
         hidden = trunk.run(source, source_mask, self.embed_targets(trunk, ids[:, :-1]), mask[:, :-1])
-        logits = self.lm_head(hidden[:, source.shape[1] :])  # (B, Lt - 1, V)
+        logits = self.lm_head(self.dropout(hidden[:, source.shape[1] :]))  # (B, Lt - 1, V)
         labels = ids[:, 1:].masked_fill(~mask[:, 1:], IGNORE_INDEX)
-        loss, metrics = token_loss(logits, labels)
+        loss, metrics = token_loss(logits, labels, label_smoothing=self.label_smoothing)
         return HeadOutput(hidden, {"": loss}, metrics)
 
     @torch.no_grad()
@@ -109,10 +118,12 @@ class LanguageModelHead(nn.Module):
         return trunk.step(token, mask=keys_valid[:, None, None, :], positions=positions, cache=cache)
 
 
-def token_loss(logits: Tensor, labels: Tensor) -> tuple[Tensor, dict[str, float]]:
-    """Cross-entropy over (B, L, V) logits against (B, L) labels (-100 ignored) and token accuracy."""
+def token_loss(logits: Tensor, labels: Tensor, *, label_smoothing: float = 0.0) -> tuple[Tensor, dict[str, float]]:
+    """Cross-entropy over (B, L, V) logits against (B, L) labels (-100 ignored), with targets smoothed
+    by ``label_smoothing``, and token accuracy."""
     # fp32 island: log-softmax over the vocabulary under bf16 autocast loses precision.
-    loss = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX)
+    flat = logits.float().flatten(0, 1)  # (B * L, V)
+    loss = F.cross_entropy(flat, labels.flatten(), ignore_index=IGNORE_INDEX, label_smoothing=label_smoothing)
     with torch.no_grad():
         counted = labels != IGNORE_INDEX
         correct = (logits.argmax(-1) == labels) & counted

@@ -69,9 +69,12 @@ class AnyToAnyModel(nn.Module):
 
     # ------------------------------------------------------------------ what heads and tasks call
 
-    def encode(self, modality: Modality, inputs: Tensor, mask: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        """Projected source tokens (B, N, D) with the type embedding, and their mask (B, N)."""
-        return self.inputs(modality, inputs, mask)
+    def encode(
+        self, modality: Modality, inputs: Tensor, mask: Tensor | None = None, *, indices: Tensor | None = None
+    ) -> tuple[Tensor, Tensor]:
+        """Projected source tokens (B, N, D) with the type embedding, and their mask (B, N);
+        ``indices`` (B,) of training items let a cached encoder read its cache."""
+        return self.inputs(modality, inputs, mask, indices)
 
     def type_embedding(self, modality: Modality, like: Tensor) -> Tensor:
         return self.inputs.type_embedding(modality, like)
@@ -101,7 +104,7 @@ class AnyToAnyModel(nn.Module):
             chosen = task.select(batch, reads_references=head.reads_references)
             if chosen is None:
                 continue
-            source, source_mask = self.encode(task.source, chosen.inputs, chosen.mask)
+            source, source_mask = self.encode(task.source, chosen.inputs, chosen.mask, indices=chosen.indices)
             with self.routing.of(task.source, task.target):
                 out = head.loss(self, source, source_mask, chosen.target)
             losses.update({name if not k else f"{name}_{k}": v for k, v in out.losses.items()})

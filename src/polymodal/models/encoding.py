@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from polymodal.encoders.feature_cache import FeatureCache
 from polymodal.modality import MODALITY_INDEX, Modality
 
 TYPE_INIT_STD = 0.02  # GPT-2 (Radford et al. 2019) initialisation scale
@@ -32,6 +33,9 @@ class ModalityEncoder(nn.Module):
         self.encoders = nn.ModuleDict({m.value: e for m, e in encoders.items()})
         self.projectors = nn.ModuleDict({m.value: p for m, p in projectors.items()})
         self.type_embed = nn.Embedding(len(MODALITY_INDEX), dim)
+        # Per modality, a feature cache of a fully frozen encoder (``encoders.feature_cache``), set
+        # by the training job; read only for training items (the batch carries their indices).
+        self.caches: dict[Modality, FeatureCache] = {}
         self.init_weights()
 
     def init_weights(self) -> None:
@@ -45,19 +49,27 @@ class ModalityEncoder(nn.Module):
         """(D,) the type embedding row of ``modality``, in ``like``'s dtype and device."""
         return self.type_embed(torch.tensor(MODALITY_INDEX[modality], device=like.device)).to(like.dtype)
 
-    def forward(self, modality: Modality, inputs: Tensor, mask: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    def forward(
+        self, modality: Modality, inputs: Tensor, mask: Tensor | None = None, indices: Tensor | None = None
+    ) -> tuple[Tensor, Tensor]:
         """Encoder -> projector -> + type embedding.
 
         Args:
             inputs: as the collator makes them (``Batch.inputs[modality]``); mask (B, L) or (B, F)
                 True on real tokens or frames, or None when every one is real.
+            indices: (B,) the items' indices in the training set, when they are training items of
+                their own (then a cached encoder reads its cache).
 
         Returns:
             tokens (B, N, D) and mask (B, N) bool (True on real tokens).
         """
         if modality.value not in self.encoders:
             raise ValueError(f"this model has no {modality} encoder; it has {', '.join(self.encoders)}")
-        out = self.encoders[modality.value](inputs, mask)
+        cache = self.caches.get(modality)
+        if cache is not None and indices is not None:
+            out = cache(indices.tolist(), inputs, mask)
+        else:
+            out = self.encoders[modality.value](inputs, mask)
         tokens = self.projectors[modality.value](out.tokens, out.mask)
         tokens = tokens + self.type_embedding(modality, tokens)
         if out.mask is not None and tokens.shape[1] == out.tokens.shape[1]:

@@ -69,6 +69,7 @@ def _preset_signatures() -> dict[str, tuple[Any, Any]]:
     signatures = {}
     for name in preset_names():
         # Through YAML, as config.yaml was written, so tuples compare as the lists read back.
-        resolved = yaml.safe_load(yaml.safe_dump(to_dict(load_config([name])), sort_keys=False))
+        # A manifest preset needs a manifest to load; which one does not change its signature.
+        resolved = yaml.safe_load(yaml.safe_dump(to_dict(load_config([name], ["data.manifest=any.jsonl"])), sort_keys=False))
         signatures[name] = (resolved["model"], resolved["data"]["source"])
     return signatures

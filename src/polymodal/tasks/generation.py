@@ -32,6 +32,8 @@ class TaskBatch:
         target: ``Targets`` (the items' own target modality) or ``AlignedTargets`` (references).
         own_source: True when the source is the items' own input (not a reference text), so its
             states describe the items themselves.
+        indices: (n,) the kept items' training-set indices when the source is their own and the
+            batch has them (a cached encoder reads by them), else None.
     """
 
     keep: Tensor
@@ -39,6 +41,7 @@ class TaskBatch:
     mask: Tensor | None
     target: Targets | AlignedTargets
     own_source: bool
+    indices: Tensor | None = None
 
 
 class GenerationTask(nn.Module):
@@ -78,7 +81,8 @@ class GenerationTask(nn.Module):
         if not keep.any():
             return None
         mask = None if chosen.mask is None else chosen.mask[keep]
-        return TaskBatch(keep, chosen.inputs[keep], mask, chosen.target.select(keep), chosen.own_source)
+        indices = batch.indices[keep] if chosen.own_source and batch.indices is not None else None
+        return TaskBatch(keep, chosen.inputs[keep], mask, chosen.target.select(keep), chosen.own_source, indices)
 
 
 for _source, _target in (

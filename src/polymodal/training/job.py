@@ -25,6 +25,7 @@ from torch import nn
 from torch.utils.tensorboard import SummaryWriter
 
 from polymodal.config import Config
+from polymodal.data.keyed import TrainingItems, load_noise_clips
 from polymodal.diagnostics.live_hook import live_diagnostics
 from polymodal.distributed.process import barrier, is_main
 from polymodal.errors import ConfigError
@@ -33,9 +34,11 @@ from polymodal.models.architectures import ARCHITECTURES
 from polymodal.models.image_tokenizer import ImageTokenizerModel
 from polymodal.training.checkpoint import latest_checkpoint, load_checkpoint
 from polymodal.training.loop import fit
+from polymodal.training.features import attach_feature_caches
 from polymodal.training.metrics_log import TENSORBOARD_DIR
 from polymodal.training.run import Run, prepare_run
 from polymodal.training.run_lock import RunLock
+from polymodal.training.selection import Selection, best_dir, read_best
 
 logger = logging.getLogger(__name__)
 
@@ -109,17 +112,34 @@ def train_stage(stage: Stage, previous: Stage | None) -> None:
         sum(p.numel() for p in run.model.parameters()) / 1e6, len(splits.train), len(splits.val), len(splits.test),
     )
 
-    def periodic_eval(model: nn.Module, step: int) -> dict[str, float]:
-        return flat_figures(evaluate_run(run, split="val", limit=PERIODIC_EVAL_ITEMS, generate=False))
+    selection = Selection(config.train, run_dir)
 
+    def periodic_eval(model: nn.Module, step: int) -> dict[str, float]:
+        figures = flat_figures(evaluate_run(run, split="val", limit=PERIODIC_EVAL_ITEMS, generate=False))
+        selection.observe(model, step, figures)
+        return figures
+
+    items = TrainingItems(
+        splits.train, augment=config.data.augment, seed=config.seed, sample_rate=config.data.sample_rate,
+        noise_clips=load_noise_clips(config.data),
+    )  # fmt: skip
+    attach_feature_caches(run.model, config)
     started = time.perf_counter()
     diagnose = live_diagnostics(run, config.train)  # None unless train.diagnostics.every > 0
-    result = fit(run.model, splits.train, run.collator, config, run_dir, resume=resume, evaluate=periodic_eval, diagnose=diagnose)
+    result = fit(
+        run.model, items, run.collator, config, run_dir, resume=resume, evaluate=periodic_eval, diagnose=diagnose,
+        should_stop=selection.should_stop,
+    )  # fmt: skip
     if not is_main():
         barrier()  # until rank 0 has evaluated: the next stage reads its eval.json
         return
+    best = read_best(run_dir) if config.train.select is not None else None
+    if best is not None:  # the test figures are the selected checkpoint's
+        load_checkpoint(best_dir(run_dir), model=run.model)
     figures = evaluate_run(run, split="test")
     figures["train"] = {k: v for k, v in dataclasses.asdict(result).items() if isinstance(v, (int, float))}
+    if best is not None:
+        figures["selected"] = best
     write_eval(run_dir, figures, config)
     log_final(run_dir, figures, step=result.step)
     logger.info("trained and evaluated in %.0f s; figures in %s", time.perf_counter() - started, run_dir / EVAL_FILE)

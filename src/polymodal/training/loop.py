@@ -13,8 +13,6 @@ import itertools
 import logging
 import math
 import random
-import sys
-import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -23,10 +21,9 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 from torch.utils.data import Dataset
-from tqdm import tqdm
 
 from polymodal.config import Config, TrainConfig, dump_config
-from polymodal.distributed.collectives import any_rank, mean_over_ranks, sum_over_ranks
+from polymodal.distributed.collectives import any_rank, mean_over_ranks
 from polymodal.distributed.data_parallel import data_parallel, gradient_sync
 from polymodal.distributed.process import is_main, local_device, rank, world_size
 from polymodal.errors import ConfigError
@@ -35,36 +32,18 @@ from polymodal.training.checkpoint_check import resumable_checkpoint
 from polymodal.training.compile import compiled_blocks
 from polymodal.training.gradient_surgery import GradientSurgery, build_gradient_surgery
 from polymodal.training.interrupt import StopOnSignal
-from polymodal.training.metrics_log import MetricsLogger, NullMetricsLogger
-from polymodal.training.mfu import MFUMeter, counting, matmul_peak
+from polymodal.training.metrics_log import MetricsLogger
+from polymodal.training.mfu import counting
 from polymodal.training.nonfinite import NonFiniteGuard
 from polymodal.training.optim import build_optimizer, build_scheduler
 from polymodal.training.precision import autocast, resolve_precision
 from polymodal.training.sampler import CountedCollate, Prefetcher, build_loader
 from polymodal.training.schedules import effective_loss_weights, set_model_progress, training_progress
+from polymodal.training.step_record import FitResult, StepRecorder
 
 log = logging.getLogger(__name__)
 
 Evaluate = Callable[[nn.Module, int], Mapping[str, float]]
-
-
-@dataclasses.dataclass(frozen=True)
-class FitResult:
-    """What :func:`fit` returns.
-
-    Attributes:
-        step: optimiser steps done in total (``train.steps`` when the run completes).
-        losses: the last step's ``loss`` (weighted total) and each unweighted term by name.
-        wall_seconds: time spent in this call.
-        samples_per_second: items trained per second in this call.
-        mfu: model FLOPs utilisation over this call (see :mod:`polymodal.training.mfu`).
-    """
-
-    step: int
-    losses: dict[str, float]
-    wall_seconds: float
-    samples_per_second: float
-    mfu: float = 0.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -175,6 +154,7 @@ class TrainState:
         step: optimiser steps taken (skipped ones included).
         position: items consumed from the data stream, by every rank (the sampler resumes there).
         surgery: the gradient surgery (its state is checkpointed), or None for the plain sum.
+        flops_per_sample: counted in a fresh run's first step (for MFU) and kept in checkpoints.
     """
 
     optimizer: torch.optim.Optimizer
@@ -185,6 +165,7 @@ class TrainState:
     step: int = 0
     position: int = 0
     surgery: GradientSurgery | None = None
+    flops_per_sample: float = 0.0
 
     def save(self, run_dir: Path, model: nn.Module, *, keep: int) -> Path:
         """A checkpoint of the model and of this state (the data position, the skip counts and the
@@ -194,7 +175,7 @@ class TrainState:
             RunError: the weights are not finite (nothing is written), or the write failed.
         """
         self.guard.check_weights(model, step=self.step)
-        extra = {"data_position": self.position, **self.guard.state_dict()}
+        extra = {"data_position": self.position, "flops_per_sample": self.flops_per_sample, **self.guard.state_dict()}
         if self.surgery is not None:
             extra["gradient_surgery"] = self.surgery.state_dict()
         return save_checkpoint(
@@ -223,6 +204,7 @@ def start_state(model: nn.Module, config: Config, run_dir: Path, *, resume: bool
         state.guard.load_state_dict(saved)
         state.step = saved["step"]
         state.position = saved.get("data_position", state.step * config.train.batch_size * config.train.grad_accum * world_size())
+        state.flops_per_sample = saved.get("flops_per_sample", 0.0)
         if state.surgery is not None:
             if "gradient_surgery" not in saved:
                 raise CheckpointError(f"{found} was saved without gradient surgery; resume with the run's own config")
@@ -272,21 +254,6 @@ def optimizer_step(
     return out, losses, grad_norm
 
 
-def step_values(
-    out: AccumulatedStep, losses: dict[str, float], *, lr: float, grad_norm: float, samples_per_s: float,
-    mfu: float, skipped: int | None,
-) -> dict[str, float]:
-    """What a logged step records: the total and every term with its weight, the model's metrics, lr,
-    grad norm, throughput, MFU and (when the collator counts them) the damaged samples skipped so far."""
-    values = {"loss": losses["loss"], **{f"loss/{name}": v for name, v in losses.items() if name != "loss"}}
-    values.update({f"weight/{name}": weight for name, weight in out.weights.items()})
-    values.update(out.metrics)
-    values.update(lr=lr, grad_norm=grad_norm, samples_per_s=samples_per_s, mfu=mfu)
-    if skipped is not None:
-        values["skipped_samples"] = float(skipped)
-    return values
-
-
 def data_stream(
     dataset: Dataset, collate_fn: Callable[[list[Any]], Any], config: Config, state: TrainState
 ) -> Prefetcher:
@@ -309,6 +276,7 @@ def fit(
     resume: bool = False,
     evaluate: Evaluate | None = None,
     diagnose: Callable[[nn.Module, int, MetricsLogger], None] | None = None,
+    should_stop: Callable[[int], bool] | None = None,
 ) -> FitResult:
     """Train ``model`` for ``config.train.steps`` optimiser steps, writing logs and checkpoints to ``run_dir``.
 
@@ -326,6 +294,8 @@ def fit(
             every ``train.eval_every`` steps (if > 0) and at the end; logged with split ``val``.
         diagnose: ``diagnose(model, step, logger)`` after every step (and evaluation), e.g. the live
             diagnostics (:mod:`polymodal.diagnostics.live_hook`); it must leave the RNGs as it found them.
+        should_stop: ``should_stop(step) -> bool``, asked after each evaluation (and before the
+            first step of a resumed run): True ends training there, with a checkpoint (early stopping).
 
     Raises:
         RunInterrupted: SIGINT or SIGTERM arrived; the step under way was finished and saved.
@@ -339,29 +309,22 @@ def fit(
     record = StepRecorder.start(run_dir, state, train, resume=resume, counts_skips=hasattr(collate_fn, "num_skipped"))
     losses: dict[str, float] = {}
     model.train()
+    stopped = any_rank(should_stop is not None and state.step > 0 and should_stop(state.step))
     try:
         with StopOnSignal() as stop, compiled_blocks(model, enabled=train.compile):  # a signal waits for the step's end
-            while state.step < train.steps:
-                lr = state.optimizer.param_groups[0]["lr"]  # the rate this step uses
-                first = not losses
-                with counting(enabled=first) as flops:  # this process's first step: its FLOPs, for MFU
-                    out, losses, grad_norm = optimizer_step(trainer, state, batches, train)
-                if first:  # the loss names are known now
-                    warn_unused_loss_weights({**train.loss_weights, **train.loss_schedules}, out.terms)
-                    record.mfu.record(flops.total, out.num_samples)
+            while state.step < train.steps and not stopped:
+                losses = take_step(trainer, state, batches, train, record, first=not losses)
                 done = state.step == train.steps
-                record.step(
-                    state.step, out, losses, lr=lr, grad_norm=grad_norm, skipped=batches.num_skipped,
-                    skipped_steps=state.guard.skipped, log=state.step % train.log_every == 0 or done,
-                )
-                evaluating = evaluate is not None and ((train.eval_every > 0 and state.step % train.eval_every == 0) or done)
-                if evaluating and is_main():  # the other ranks wait in their next step's collectives
-                    run_evaluation(model, evaluate, record.logger, state.step)
+                if evaluate is not None and ((train.eval_every > 0 and state.step % train.eval_every == 0) or done):
+                    if is_main():  # the other ranks wait in their next collective
+                        run_evaluation(model, evaluate, record.logger, state.step)
+                        stopped = should_stop is not None and should_stop(state.step)
+                    stopped = any_rank(stopped)  # rank 0's early stop ends every rank here
                 if diagnose is not None and is_main():
                     diagnose(model, state.step, record.logger)
                 stop.adopt(any_rank(stop.requested))  # a signal one rank saw stops every rank after this step
                 # After logging and evaluation, so the saved RNG state is the one the next step starts from.
-                if state.step % train.ckpt_every == 0 or done or stop.requested:
+                if state.step % train.ckpt_every == 0 or done or stopped or stop.requested:
                     saved = state.save(run_dir, model, keep=train.keep_checkpoints) if is_main() else run_dir
                     stop.raise_if_requested(state.step, saved)
     finally:
@@ -370,81 +333,30 @@ def fit(
     return record.result(state.step, losses)
 
 
-@dataclasses.dataclass
-class StepRecorder:
-    """What a :func:`fit` call measures and writes after each step: the progress bar, throughput,
-    MFU and the logged values (``metrics.jsonl`` / TensorBoard)."""
+def take_step(
+    model: nn.Module, state: TrainState, batches: Prefetcher, train: TrainConfig, record: StepRecorder, *, first: bool
+) -> dict[str, float]:
+    """One optimiser step, counted and (every ``train.log_every`` steps, and the last) logged; its losses.
 
-    logger: MetricsLogger
-    bar: tqdm
-    throughput: Throughput
-    mfu: MFUMeter
-    counts_skips: bool
-
-    @classmethod
-    def start(cls, run_dir: Path, state: TrainState, train: TrainConfig, *, resume: bool, counts_skips: bool) -> StepRecorder:
-        bar = tqdm(total=train.steps, initial=state.step, disable=not (train.progress and is_main()), file=sys.stderr,
-                   unit="step", dynamic_ncols=True)  # fmt: skip
-        peak = matmul_peak(state.dtype or torch.float32, str(state.device))
-        logger = MetricsLogger(run_dir, resume_step=state.step if resume else None) if is_main() else NullMetricsLogger()
-        return cls(logger, bar, Throughput(), MFUMeter(peak), counts_skips)
-
-    def step(
-        self, step: int, out: AccumulatedStep, losses: dict[str, float], *, lr: float, grad_norm: float, skipped: int,
-        skipped_steps: int, log: bool,
-    ) -> None:
-        """Count the step; when ``log``, write its values (this rank's samples/s and MFU over the
-        window, the damaged samples skipped by every rank and the non-finite steps skipped so far)."""
-        self.throughput.add(out.num_samples)
-        self.bar.update(1)
-        self.bar.set_postfix(loss=f"{losses['loss']:.4f}", samples_s=f"{self.throughput.overall():.0f}")
-        if log:
-            skipped = int(sum_over_ranks(torch.tensor(skipped, device=out.total.device)))
-            rate = self.throughput.window()
-            values = step_values(
-                out, losses, lr=lr, grad_norm=grad_norm, samples_per_s=rate, mfu=self.mfu.mfu(rate),
-                skipped=skipped if self.counts_skips else None,
-            )
-            self.logger.log(step, {**values, "skipped_steps": skipped_steps})
-
-    def close(self) -> None:
-        self.bar.close()
-        self.logger.close()
-
-    def result(self, step: int, losses: dict[str, float]) -> FitResult:
-        """The call's result; its throughput and MFU also go to the log."""
-        rate = self.throughput.overall()
-        result = FitResult(step, losses, self.throughput.seconds(), rate, self.mfu.mfu(rate))
-        log.info(
-            "at step %d after %.0f s: %.1f samples/s, MFU %.1f%% (%.2f GFLOP per sample, peak %.1f GFLOP/s)",
-            step, result.wall_seconds, rate, 100 * result.mfu, self.mfu.flops_per_sample / 1e9, self.mfu.peak / 1e9,
-        )
-        return result
-
-
-class Throughput:
-    """Items per second since the start of a :func:`fit` call, and since the last logged step."""
-
-    def __init__(self) -> None:
-        self.start = self.window_start = time.perf_counter()
-        self.samples = self.window_samples = 0
-
-    def add(self, samples: int) -> None:
-        self.samples += samples
-        self.window_samples += samples
-
-    def seconds(self) -> float:
-        return time.perf_counter() - self.start
-
-    def overall(self) -> float:
-        return self.samples / max(self.seconds(), 1e-9)
-
-    def window(self) -> float:
-        """The rate since the previous call (or the start), and a new window from now."""
-        now = time.perf_counter()
-        rate = self.window_samples / max(now - self.window_start, 1e-9)
-        self.window_start, self.window_samples = now, 0
-        return rate
+    ``first`` marks this process's first step: the loss names it reveals are checked against the
+    configured weights and schedules. A fresh run's first step also counts its FLOPs (for MFU); only
+    that one, because the counting dispatch mode runs other kernels (rounding differently), and a
+    resumed run must repeat the uninterrupted run's steps bitwise.
+    """
+    lr = state.optimizer.param_groups[0]["lr"]  # the rate this step uses
+    counted = state.step == 0
+    with counting(enabled=counted) as flops:
+        out, losses, grad_norm = optimizer_step(model, state, batches, train)
+    if counted:
+        record.mfu.record(flops.total, out.num_samples)
+        state.flops_per_sample = record.mfu.flops_per_sample
+    if first:
+        warn_unused_loss_weights({**train.loss_weights, **train.loss_schedules}, out.terms)
+    log_now = state.step % train.log_every == 0 or state.step == train.steps
+    record.step(
+        state.step, out, losses, lr=lr, grad_norm=grad_norm, skipped=batches.num_skipped, skipped_steps=state.guard.skipped, log=log_now
+    )  # fmt: skip
+    return losses
 
 
 def run_evaluation(model: nn.Module, evaluate: Evaluate, logger: MetricsLogger, step: int) -> None:

@@ -1,6 +1,11 @@
 """A run: its config, folder, dataset plug-in, tokenizer, collator and model, prepared for training
 (data read, tokenizer trained, references made) or loaded from its folder for use (no data read:
 the splits load on first use, so ``generate`` starts in about a second plus the checkpoint load).
+
+Which weights a loaded run has: a run trained with ``train.select`` keeps its best checkpoint by
+that validation figure in ``checkpoints/best/`` (``training.selection``), and ``load_run`` (so
+``polymodal eval`` and ``generate``) loads it; any other run loads its latest ``step_*``
+checkpoint. ``load_run(run_dir, checkpoint="latest")`` loads the latest either way.
 """
 
 from __future__ import annotations
@@ -20,11 +25,14 @@ from polymodal.errors import ConfigError
 from polymodal.modality import Modality
 from polymodal.models.architectures import build_model, check_model
 from polymodal.models.shapes import DataShapes, TextSpecials
+from polymodal.encoders import ENCODERS
 from polymodal.training.checkpoint import latest_checkpoint, load_checkpoint
+from polymodal.training.selection import best_dir, read_best
 
 logger = logging.getLogger(__name__)
 
 TOKENIZER_FILE = "tokenizer.json"
+CHECKPOINT_CHOICES = ("auto", "best", "latest")
 
 
 @dataclasses.dataclass
@@ -38,6 +46,7 @@ class Run:
     collator: Collator
     model: nn.Module
     loaded_splits: Splits | None = None
+    checkpoint: str | None = None  # the checkpoint folder the weights came from (None: as initialised)
 
     @property
     def splits(self) -> Splits:
@@ -60,6 +69,22 @@ def data_shapes(config: Config, tokenizer: TextTokenizer, collator: Collator, lo
     )
 
 
+def audio_input(config: Config) -> str:
+    """What the run's audio encoder reads: ``waveform`` if its class says so, else ``log_mel``."""
+    spec = config.model.encoders.get(Modality.AUDIO.value)
+    if spec is None:
+        return "log_mel"
+    return getattr(ENCODERS.get(spec["name"]), "input_kind", "log_mel")
+
+
+def run_collator(config: Config, tokenizer: TextTokenizer, source: DataSource, references=None) -> Collator:
+    """The collator of a run: its data settings, references, the dataset's front end, and the input
+    its audio encoder reads."""
+    return build_collator(
+        tokenizer, config.data, references=references, front_end=source.source_text, audio_input=audio_input(config), seed=config.seed
+    )
+
+
 def prepare_run(config: Config, run_dir: Path, *, resume: bool) -> Run:
     """Everything a training stage needs: the data, the tokenizer (trained on the training captions,
     or the run's own on resume), the dataset's references for heads that learn from them, its
@@ -77,23 +102,36 @@ def prepare_run(config: Config, run_dir: Path, *, resume: bool) -> Run:
     heads = dict(getattr(check_model(config), "heads", {}))  # built on meta: which targets need what
     targets = [Modality(key) for key, head in heads.items() if head.reads_references]
     references = source.references(splits, targets) if targets else {}
-    collator = build_collator(tokenizer, config.data, references=references, front_end=source.source_text)
+    collator = run_collator(config, tokenizer, source, references)
     log_mel = source.log_mel_statistics(splits, collator) if Modality.AUDIO.value in heads else (0.0, 1.0)
     model = build_model(config, data_shapes(config, tokenizer, collator, log_mel))
     return Run(config, run_dir, source, tokenizer, collator, model, splits)
 
 
-def load_run(run_dir: str | Path, config: Config | None = None) -> Run:
-    """A trained run rebuilt from its folder: ``config.yaml`` (or ``config``), the tokenizer and the
-    latest checkpoint's weights. Reads no data."""
+def chosen_checkpoint(run_dir: str | Path, config: Config, checkpoint: str = "auto") -> Path | None:
+    """The checkpoint a loaded run uses: ``auto`` the best by ``train.select`` when the run keeps one,
+    else the latest; ``best`` or ``latest`` to ask for one."""
+    if checkpoint not in CHECKPOINT_CHOICES:
+        raise ConfigError(f"checkpoint={checkpoint!r}; valid: {', '.join(CHECKPOINT_CHOICES)}")
+    if checkpoint == "best" or (checkpoint == "auto" and config.train.select is not None and read_best(run_dir)):
+        if read_best(run_dir) is None:
+            raise ConfigError(f"{run_dir} keeps no best checkpoint (train it with train.select=<val figure>)")
+        return best_dir(run_dir)
+    return latest_checkpoint(run_dir)
+
+
+def load_run(run_dir: str | Path, config: Config | None = None, *, checkpoint: str = "auto") -> Run:
+    """A trained run rebuilt from its folder: ``config.yaml`` (or ``config``), the tokenizer and a
+    checkpoint's weights (``chosen_checkpoint``: by default the best by ``train.select`` if the run
+    keeps one, else the latest). Reads no data."""
     run_dir = Path(run_dir)
     config = config or load_run_config(run_dir)
-    checkpoint = latest_checkpoint(run_dir)
-    if checkpoint is None:
+    found = chosen_checkpoint(run_dir, config, checkpoint)
+    if found is None:
         raise ConfigError(f"{run_dir} has no checkpoint; train it first with `polymodal train run_dir={run_dir}`")
     source = build_source(config.data, config.seed)
     tokenizer = TextTokenizer.load(run_dir / TOKENIZER_FILE)
-    collator = build_collator(tokenizer, config.data, front_end=source.source_text)
+    collator = run_collator(config, tokenizer, source)
     model = build_model(config, data_shapes(config, tokenizer, collator))  # statistics come with the weights
-    load_checkpoint(checkpoint, model=model)
-    return Run(config, run_dir, source, tokenizer, collator, model)
+    load_checkpoint(found, model=model)
+    return Run(config, run_dir, source, tokenizer, collator, model, checkpoint=str(found))

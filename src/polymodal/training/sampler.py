@@ -23,6 +23,7 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from polymodal.data.batch import ItemKey
 from polymodal.training.interrupt import ignore_stop_signals
 
 
@@ -33,9 +34,11 @@ class EpochSampler(Sampler[int]):
         num_items: dataset length ``n``.
         seed: epoch ``e`` uses the permutation from a generator seeded with ``seed + e``.
         start: items already consumed (over all epochs); the stream begins with item ``start``.
+        keyed: yield ``ItemKey(epoch, index)`` instead of the index, for datasets that augment
+            from the key (``data.keyed.TrainingItems``).
     """
 
-    def __init__(self, num_items: int, *, seed: int, start: int = 0) -> None:
+    def __init__(self, num_items: int, *, seed: int, start: int = 0, keyed: bool = False) -> None:
         if num_items <= 0:
             raise ValueError(f"EpochSampler: the dataset is empty (num_items={num_items}); give it at least one item")
         if start < 0:
@@ -43,16 +46,18 @@ class EpochSampler(Sampler[int]):
         self.num_items = num_items
         self.seed = seed
         self.start = start
+        self.keyed = keyed
 
     def permutation(self, epoch: int) -> torch.Tensor:
         """(n,) the order of epoch ``epoch``."""
         generator = torch.Generator().manual_seed(self.seed + epoch)
         return torch.randperm(self.num_items, generator=generator)
 
-    def __iter__(self) -> Iterator[int]:
+    def __iter__(self) -> Iterator[int | ItemKey]:
         epoch, offset = divmod(self.start, self.num_items)
         while True:
-            yield from self.permutation(epoch)[offset:].tolist()
+            order = self.permutation(epoch)[offset:].tolist()
+            yield from ((ItemKey(epoch, i) for i in order) if self.keyed else order)
             epoch, offset = epoch + 1, 0
 
 
@@ -61,19 +66,21 @@ class ShardedSampler(Sampler[int]):
     ``world_size * batch_size`` items, the ``batch_size`` starting at ``rank * batch_size``.
 
     Args:
-        num_items, seed: as :class:`EpochSampler`.
+        num_items, seed, keyed: as :class:`EpochSampler`.
         start: items consumed over all ranks; a multiple of ``world_size * batch_size`` for exact resume.
         batch_size: items per rank per batch.
         rank, world_size: this process's place in the run.
     """
 
-    def __init__(self, num_items: int, *, seed: int, start: int, batch_size: int, rank: int, world_size: int) -> None:
+    def __init__(
+        self, num_items: int, *, seed: int, start: int, batch_size: int, rank: int, world_size: int, keyed: bool = False
+    ) -> None:
         if not 0 <= rank < world_size:
             raise ValueError(f"ShardedSampler: rank {rank} is not in [0, {world_size})")
-        self.stream = EpochSampler(num_items, seed=seed, start=start)
+        self.stream = EpochSampler(num_items, seed=seed, start=start, keyed=keyed)
         self.batch_size, self.rank, self.world_size = batch_size, rank, world_size
 
-    def __iter__(self) -> Iterator[int]:
+    def __iter__(self) -> Iterator[int | ItemKey]:
         stream = iter(self.stream)
         mine = range(self.rank * self.batch_size, (self.rank + 1) * self.batch_size)
         while True:
@@ -100,15 +107,18 @@ def build_loader(
     Batches run across epoch boundaries, so every batch is full and item ``k`` always lands in
     batch ``k // batch_size``. The loader gets its own generator: creating an iterator would
     otherwise draw a worker base seed from the global RNG and shift dropout in the model.
-    Random augmentations inside worker processes are not replayed exactly on resume; with
+    A dataset whose ``reads_keys`` is True gets ``ItemKey(epoch, index)``s: its augmentation is
+    drawn from them, and replays exactly on resume in any worker. Random augmentations that draw
+    from a global RNG inside worker processes are not replayed exactly on resume; with
     ``num_workers=0`` they run on the (restored) main-process RNG and are. With ``world_size`` > 1,
     rank ``rank`` gets its share of each global batch (:class:`ShardedSampler`); ``start`` then
     counts the items of every rank.
     """
-    sampler: Sampler[int] = EpochSampler(len(dataset), seed=seed, start=start)
+    keyed = getattr(dataset, "reads_keys", False)
+    sampler: Sampler = EpochSampler(len(dataset), seed=seed, start=start, keyed=keyed)
     if world_size > 1:
         sampler = ShardedSampler(
-            len(dataset), seed=seed, start=start, batch_size=batch_size, rank=rank, world_size=world_size
+            len(dataset), seed=seed, start=start, batch_size=batch_size, rank=rank, world_size=world_size, keyed=keyed
         )
     return DataLoader(
         dataset,

@@ -8,7 +8,9 @@ image height) and placed left to right with jittered gaps and heights, always wh
 canvas. The caption comes from ``numbers.CAPTION_TEMPLATES`` (words or numerals). The speech is
 espeak-ng (``speech.py``) reading the numeral with a random accent (each accent verbalises it its
 own way: "one hundred and five" in British English, "one hundred five" in American), voice
-variant, rate and pitch.
+variant, rate and pitch; the training split's speech is then recorded through a drawn talker,
+room, noise, channel, level and microphone (``recording.py``), so a model trained on it reads
+real recordings; validation and test speech stay clean.
 
 What the splits test:
 - train/val/test (80/10/10) take their digit images from disjoint pools of the 5,000 MNIST images
@@ -21,11 +23,9 @@ measured first: 1.5 ms of CPU per utterance of this data (mean 0.7 s of speech),
 resampling, i.e. ~31 s of CPU for 20,000 utterances. That fits two cores, so every sample gets its
 own utterance (its own voice draw): no waveform is shared between samples, hence none between
 splits, and no prosody is lost to concatenated word units. Images cost 0.2 ms of CPU each (one
-Pillow resize per digit). Speech and image chunks run in one fork pool. Measured for the whole
-``polymodal data`` command (20,000 samples): 37 s of CPU (user + system, workers included);
-55 s of wall time on the 2 cores while other jobs kept the load average near 5, so about 20 s on
-two idle cores. Everything random comes from independent streams spawned from the seed, so a
-seed gives byte-identical arrays, whatever the number of workers.
+Pillow resize per digit). Speech and image chunks run in one fork pool. ``polymodal data`` (20,000
+samples) measured 37 s of CPU, workers included: about 20 s on two idle cores. Independent random
+streams spawned from the seed give byte-identical arrays, whatever the number of workers.
 
 Builds are cached (``cache.py``) under a hash of every build parameter, ``GENERATOR_VERSION``,
 the espeak-ng version and the synthesis chunk size.
@@ -59,7 +59,7 @@ from polymodal.datasets.spoken_numbers.numbers import MAX_NUMBER, make_caption
 
 logger = logging.getLogger(__name__)
 
-GENERATOR_VERSION = 1  # bump whenever the generated data would change: it keys the cache
+GENERATOR_VERSION = 2  # bump whenever the generated data would change: it keys the cache
 CACHE_NAME = "spoken_numbers"
 SPLIT_NAMES = ("train", "val", "test")  # split codes 0, 1, 2 in ``SpokenNumbers.splits``
 VAL_FRACTION = 0.1
@@ -69,6 +69,7 @@ HELDOUT_SHARE = 0.15  # of val and of test: samples whose number is held out
 MAX_DIGITS_LIMIT = len(str(MAX_NUMBER))  # words exist up to 999,999
 MIN_SAMPLES = 10  # so that every split gets at least one sample
 IMAGE_CHUNK = 1024  # images per pool job
+RECORDED_SHARE = 0.7  # of the training speech; the rest stays as espeak says it
 
 
 @dataclasses.dataclass(frozen=True)
@@ -255,34 +256,29 @@ def _check_parameters(num_samples: int, max_digits: int, image_height: int, imag
 def _generate(params: dict[str, Any], *, num_workers: int | None) -> SpokenNumbers:
     num_samples, max_digits = params["num_samples"], params["max_digits"]
     height, width = params["image_height"], params["image_width"]
-    streams = [np.random.default_rng(s) for s in np.random.SeedSequence(params["seed"]).spawn(7)]
-    rng_heldout, rng_numbers, rng_pools, rng_picks, rng_layout, rng_captions, rng_voices = streams
+    streams = [np.random.default_rng(s) for s in np.random.SeedSequence(params["seed"]).spawn(8)]
+    rng_heldout, rng_numbers, rng_pools, rng_picks, rng_layout, rng_captions, rng_voices, rng_rooms = streams
 
     heldout = _choose_heldout(rng_heldout, max_digits)
-    num_val = max(1, round(num_samples * VAL_FRACTION))
-    num_test = max(1, round(num_samples * TEST_FRACTION))
-    sizes = (num_samples - num_val - num_test, num_val, num_test)
-    labels, splits = [], []
-    for code, size in enumerate(sizes):
-        forced = 0 if code == 0 or heldout.size == 0 else round(size * HELDOUT_SHARE)
-        numbers = np.concatenate(
-            [rng_numbers.choice(heldout, size=forced), _draw_numbers(rng_numbers, size - forced, max_digits, heldout)]
-        )
-        labels.append(rng_numbers.permutation(numbers))
-        splits.append(np.full(size, code, dtype=np.int8))
-    labels_all = np.concatenate(labels).astype(np.int64)
-    splits_all = np.concatenate(splits)
+    labels_all, splits_all = _draw_labels(rng_numbers, heldout, num_samples, max_digits)
 
     _, mnist_labels = load_mnist()  # loaded before the fork, so workers inherit it
     sources = _pick_sources(rng_pools, rng_picks, labels_all, splits_all, mnist_labels, max_digits)
     layouts = draw_layouts(rng_layout, num_samples, max_digits)
     captions = [make_caption(int(n), rng_captions) for n in labels_all]
-    voice_configs = [speech.random_voice(rng_voices) for _ in range(num_samples)]
+    voice_configs = [
+        speech.random_voice(rng_voices, digits=len(str(int(n))), ranges=speech.TRAINING_VOICES if split == 0 else speech.EVALUATION_VOICES)
+        for n, split in zip(labels_all, splits_all)
+    ]
     noise_seeds = rng_voices.integers(0, 2**31 - 1, size=num_samples)
+    # RECORDED_SHARE of the training speech is recorded (recording.py); the rest, validation and test stay clean.
+    recorded = (splits_all == 0) & (rng_rooms.random(num_samples) < RECORDED_SHARE)
+    recordings = np.where(recorded, rng_rooms.integers(0, 2**31 - 1, size=num_samples), -1)
 
     speech_jobs = speech.chunk_jobs(
-        [str(int(n)) for n in labels_all], voice_configs, noise_seeds.tolist(), sample_rate=params["sample_rate"]
-    )
+        [str(int(n)) for n in labels_all], voice_configs, noise_seeds.tolist(), sample_rate=params["sample_rate"],
+        recordings=recordings.tolist(),
+    )  # fmt: skip
     image_jobs = [
         (sources[i : i + IMAGE_CHUNK], {k: v[i : i + IMAGE_CHUNK] for k, v in layouts.items()}, height, width)
         for i in range(0, num_samples, IMAGE_CHUNK)
@@ -311,6 +307,20 @@ def _generate(params: dict[str, Any], *, num_workers: int | None) -> SpokenNumbe
         pitches=np.array([v.pitch for v in voice_configs], dtype=np.int16),
         sample_rate=params["sample_rate"],
     )
+
+
+def _draw_labels(rng: np.random.Generator, heldout: np.ndarray, num_samples: int, max_digits: int) -> tuple[np.ndarray, np.ndarray]:
+    """Every item's number and split (0 train, 1 val, 2 test); held-out numbers only in val and test."""
+    num_val = max(1, round(num_samples * VAL_FRACTION))
+    num_test = max(1, round(num_samples * TEST_FRACTION))
+    sizes = (num_samples - num_val - num_test, num_val, num_test)
+    labels, splits = [], []
+    for code, size in enumerate(sizes):
+        forced = 0 if code == 0 or heldout.size == 0 else round(size * HELDOUT_SHARE)
+        numbers = np.concatenate([rng.choice(heldout, size=forced), _draw_numbers(rng, size - forced, max_digits, heldout)])
+        labels.append(rng.permutation(numbers))
+        splits.append(np.full(size, code, dtype=np.int8))
+    return np.concatenate(labels).astype(np.int64), np.concatenate(splits)
 
 
 def _length_range(length: int) -> tuple[int, int]:

@@ -25,6 +25,7 @@ from polymodal.data.batch import Batch
 from polymodal.data.cache import FORMAT_VERSION, cache_path
 from polymodal.data.image import normalize_images
 from polymodal.datasets.spoken_numbers import probe_training
+from polymodal.datasets.spoken_numbers.build import GENERATOR_VERSION
 from polymodal.datasets.spoken_numbers.probe_training import predict_numbers
 from polymodal.datasets.spoken_numbers.probes import AudioProbe, ImageProbe
 
@@ -56,7 +57,9 @@ def load_judges(
     """The cached judges of this data, or train them (on ``train_split``) and cache them."""
     cap = max(1, JUDGE_MAX_EPOCHS * len(train_split) // JUDGE_BATCH)
     image_steps, audio_steps = min(IMAGE_PROBE_STEPS, cap), min(AUDIO_PROBE_STEPS, cap)
-    params = {"data": to_dict(data), "seed": seed, "steps": [image_steps, audio_steps]}
+    # The judges read the data as built (never augmented): the key holds the build's version, not data.augment.
+    settings = {k: v for k, v in to_dict(data).items() if k != "augment"}
+    params = {"data": settings, "seed": seed, "steps": [image_steps, audio_steps], "generator": GENERATOR_VERSION}
     path = cache_path("judges", {**params, "version": JUDGE_VERSION, "format": FORMAT_VERSION}).with_suffix(".safetensors")
     image = ImageProbe(image_height=data.image_height, max_digits=max_digits)
     audio = AudioProbe(num_mels=data.num_mels, max_digits=max_digits)

@@ -110,13 +110,18 @@ class ImageProbe(nn.Module):
         # Sampled in [0, 1], where zero padding is the black background, then back to [-1, 1].
         return F.grid_sample((images + 1) / 2, grid, align_corners=False) * 2 - 1
 
-    def forward(self, images: Tensor) -> DigitSlotLogits:
+    def features(self, images: Tensor) -> Tensor:
+        """(B, 1, H, W) -> (B, 2 * dim_hidden): the GRU's two final states, what the heads read
+        (the judge's feature space for Fréchet distances)."""
         if self.training and self.jitter > 0:
             images = self._jittered(images)
         features = self.convs(images)  # (B, 1, H, W) -> (B, C', H', W')
         columns = rearrange(features, "b c h w -> b w (c h)")  # (B, W', C' * H'), left to right
         _, last = self.gru(columns)  # (2, B, dim_hidden): forward state after the right edge, backward after the left
-        return self.head(self.dropout(torch.cat([last[0], last[1]], dim=-1)))  # (B, 2 * dim_hidden) -> heads
+        return torch.cat([last[0], last[1]], dim=-1)
+
+    def forward(self, images: Tensor) -> DigitSlotLogits:
+        return self.head(self.dropout(self.features(images)))  # (B, 2 * dim_hidden) -> heads
 
 
 class AudioProbe(nn.Module):

@@ -127,12 +127,16 @@ class SpokenNumbersSource:
         return {"": lambda label: class_prompts(label, main), "unseen_prompts": lambda label: class_prompts(label, unseen)}
 
     def evaluate_generation(self, run: Any, dataset: Dataset, generated: dict[str, Any], *, limit: int | None = None) -> dict[str, dict]:
-        """The judges' reading of generated images and speech, each with its ceilings."""
+        """The judges' reading of generated images and speech, each with its ceilings; for images
+        also the Fréchet distance in the image judge's feature space (against the reference
+        renderer's) and the variety of samples of one caption (``generation_figures.py``)."""
         from polymodal.datasets.spoken_numbers import judges
+        from polymodal.datasets.spoken_numbers.generation_figures import image_generation_figures
         from polymodal.datasets.spoken_numbers.probe_training import predict_numbers
 
         splits, device = run.splits, next(run.model.parameters()).device
-        found = judges.load_judges(self.data, self.seed, splits.train, splits.test, run.collator, max_digits=self.max_digits)
+        collator = run.collator.log_mel_view()  # the judges read log-mel, whatever the model reads
+        found = judges.load_judges(self.data, self.seed, splits.train, splits.test, collator, max_digits=self.max_digits)
         results: dict[str, dict] = {}
         for task, samples in generated.items():
             if samples.images is not None:
@@ -140,10 +144,12 @@ class SpokenNumbersSource:
                 figures = {**judges.score(read, samples.labels, splits.heldout_labels), "judge_accuracy_on_real_test": found.image_accuracy}
                 tokenizer = run.model.image_tokenizer
                 if tokenizer is not None:  # the judge on real images and on reference drawings after the VQ round trip
-                    real = judges.reconstructed_probe_accuracy(tokenizer, found.image, dataset, run.collator, device=device, limit=limit)
+                    real = judges.reconstructed_probe_accuracy(tokenizer, found.image, dataset, collator, device=device, limit=limit)
                     asked = self.reference_images(set(samples.labels.tolist()))  # the numbers just asked for
                     figures["judge_accuracy_on_reference_round_trip"] = judges.reference_round_trip_accuracy(tokenizer, found.image, asked, device=device)
                     results["image_tokenizer"] = {"probe_correct_reconstructed": real}
+                asked = set(samples.labels.tolist())
+                figures.update(image_generation_figures(found.image, samples, self.reference_images(asked)))
                 results[task] = figures
             elif samples.heard is not None:
                 read = predict_numbers(found.audio, samples.heard, samples.heard_mask).cpu()

@@ -1,5 +1,7 @@
 """Speech of the built-in data: espeak-ng (``espeak.py``) reading each number with a random accent,
-voice variant, rate and pitch, trimmed and resampled to the dataset's rate, spread over a pool.
+voice variant, rate and pitch, trimmed and resampled to the dataset's rate, spread over a pool;
+training utterances are then "recorded" (``recording.py``: talker, room, noise, channel, level,
+microphone), validation and test ones stay clean.
 
 Output is at espeak's native rate (22,050 Hz), brought to the requested rate by polyphase
 resampling (``scipy.signal.resample_poly``) with a filter designed once per rate pair.
@@ -7,16 +9,21 @@ resampling (``scipy.signal.resample_poly``) with a filter designed once per rate
 ``synthesize_many`` uses a fresh engine per fixed chunk of ``SYNTH_CHUNK`` requests, so the output
 depends only on the requests, not on the number of workers or the process history.
 
+Voices: 8 accents x the variants of espeak-ng-data (about 100), drawn rate and pitch. Training
+voices range wider (``TRAINING_VOICES``: most of the pitch scale, and short numbers said as slowly
+as careful real talkers say them) than validation and test ones (``EVALUATION_VOICES``, version
+1's ranges, so the built-in figures stay comparable across versions).
+
 Speed, measured on this project's 2-core machine: ~1.6 ms of synthesis and ~0.4 ms of resampling
-per utterance of ~1.3 s (about 600x real time per core). ``synthesize_many`` spreads chunks over a
-fork process pool in which every chunk gets its own engine.
+per utterance of ~1.3 s (about 600x real time per core), plus ~2 ms to record a training one.
+``synthesize_many`` spreads chunks over a fork process pool in which every chunk gets its own engine.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
-import math
 import multiprocessing
 import multiprocessing.pool
 import os
@@ -24,19 +31,39 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from polymodal.data.augment_audio import resample
+from polymodal.datasets.spoken_numbers import recording
 from polymodal.datasets.spoken_numbers.espeak import ENGINE_LOCK
 from polymodal.datasets.spoken_numbers.espeak import ACCENTS, EspeakEngine, VoiceConfig, data_path
 from polymodal.errors import DataError
 
 logger = logging.getLogger(__name__)
 
-RATE_RANGE = (175, 250)
-PITCH_RANGE = (25, 75)  # espeak's 0..100 scale, inclusive; default 50
+
+
+@dataclasses.dataclass(frozen=True)
+class VoiceRanges:
+    """Where voices are drawn: pitch on espeak's 0..100 scale (default 50) and rate in words per
+    minute (espeak's default 175), both inclusive; the slowest rate by the number's digit count
+    (longer numbers take the last)."""
+
+    pitch: tuple[int, int]
+    slowest_rate: tuple[int, ...]
+    fastest_rate: int
+
+
+# Validation and test speech: version 1's ranges, so the main job's figures stay comparable.
+EVALUATION_VOICES = VoiceRanges(pitch=(25, 75), slowest_rate=(175,), fastest_rate=250)
+# Training speech: most of espeak's pitch scale, and slower talkers for short numbers: a lone digit
+# at 100 wpm lasts ~0.7 s and "fourteen" at 120 wpm ~0.8 s, as a careful real talker (or a phone
+# prompt) says them; "777" at 175 wpm lasts ~1.75 s, inside the 2 s crop.
+TRAINING_VOICES = VoiceRanges(pitch=(10, 90), slowest_rate=(100, 120, 175), fastest_rate=260)
 PEAK_LEVEL = 0.9  # every utterance is scaled to this peak: espeak's raw level varies 10x by variant
 SILENCE_LEVEL = 1e-3  # |x| below this (of full scale) at either end counts as silence
 EDGE_MARGIN_S = 0.01  # silence kept before and after the speech when trimming
 SYNTH_CHUNK = 256  # requests per fresh engine in synthesize_many (part of the output's definition)
 INT16_SCALE = 32768.0
+
 
 @functools.lru_cache(maxsize=1)
 def voice_variants() -> tuple[str, ...]:
@@ -48,24 +75,18 @@ def voice_variants() -> tuple[str, ...]:
     return names
 
 
-def random_voice(rng: np.random.Generator) -> VoiceConfig:
-    """A voice with uniformly drawn accent, variant, rate and pitch (four draws from ``rng``)."""
+def random_voice(
+    rng: np.random.Generator, *, digits: int = 3, ranges: VoiceRanges = EVALUATION_VOICES
+) -> VoiceConfig:
+    """A voice with uniformly drawn accent, variant, rate and pitch (four draws from ``rng``), the
+    rate from the slowest of a ``digits``-digit number in ``ranges`` up to its fastest."""
     variants = voice_variants()
     accent = ACCENTS[int(rng.integers(len(ACCENTS)))]
     variant = variants[int(rng.integers(len(variants)))]
-    rate = int(rng.integers(RATE_RANGE[0], RATE_RANGE[1] + 1))
-    pitch = int(rng.integers(PITCH_RANGE[0], PITCH_RANGE[1] + 1))
+    slowest = ranges.slowest_rate[min(digits, len(ranges.slowest_rate)) - 1]
+    rate = int(rng.integers(slowest, ranges.fastest_rate + 1))
+    pitch = int(rng.integers(ranges.pitch[0], ranges.pitch[1] + 1))
     return VoiceConfig(voice=f"{accent}+{variant}", rate=rate, pitch=pitch)
-
-
-@functools.lru_cache(maxsize=8)
-def _resample_filter(up: int, down: int) -> np.ndarray:
-    """The Kaiser-windowed low-pass that resample_poly would design on each call (designed once)."""
-    max_rate = max(up, down)
-    half_len = 10 * max_rate  # scipy's default filter length for resample_poly
-    import scipy.signal  # imported here: it takes a second to load, and only synthesis needs it
-
-    return scipy.signal.firwin(2 * half_len + 1, 1.0 / max_rate, window=("kaiser", 5.0))
 
 
 def _speech_span(wave: np.ndarray, native_rate: int) -> tuple[int, int]:
@@ -82,11 +103,7 @@ def _postprocess(wave: np.ndarray, native_rate: int, sample_rate: int) -> np.nda
     start, stop = _speech_span(wave, native_rate)
     x = wave[start:stop].astype(np.float32) / INT16_SCALE
     if sample_rate != native_rate:
-        g = math.gcd(sample_rate, native_rate)
-        up, down = sample_rate // g, native_rate // g
-        import scipy.signal
-
-        x = scipy.signal.resample_poly(x, up, down, window=_resample_filter(up, down)).astype(np.float32)
+        x = resample(x, native_rate, sample_rate).astype(np.float32)
     return x * np.float32(PEAK_LEVEL / max(float(np.abs(x).max()), 1e-6))
 
 
@@ -133,36 +150,51 @@ def espeak_version() -> str:
         return engine.version
 
 
-def synth_chunk(job: tuple[list[str], list[VoiceConfig], list[int], int]) -> tuple[np.ndarray, np.ndarray]:
-    """Speak one chunk (from ``chunk_jobs``) with one fresh engine; runs in a pool worker.
+Job = tuple[list[str], list[VoiceConfig], list[int], int, list[int]]
+
+
+def synth_chunk(job: Job) -> tuple[np.ndarray, np.ndarray]:
+    """Speak one chunk (from ``chunk_jobs``) with one fresh engine; runs in a pool worker. An
+    utterance with a recording seed (>= 0) is then recorded (``recording.record``).
 
     Returns:
         audio: (sum T_i,) int16 at the job's sample rate.
         lengths: (n,) int64 samples per utterance.
     """
-    texts, voices, seeds, sample_rate = job
+    texts, voices, seeds, sample_rate, recordings = job
     waves = []
     with ENGINE_LOCK, EspeakEngine() as engine:
-        for text, voice, seed in zip(texts, voices, seeds):
-            raw = engine.synthesize(text, voice, seed=seed)
-            waves.append(to_int16(_postprocess(raw, engine.native_rate, sample_rate)))
+        for text, voice, seed, recorded in zip(texts, voices, seeds, recordings):
+            wave = _postprocess(engine.synthesize(text, voice, seed=seed), engine.native_rate, sample_rate)
+            if recorded >= 0:
+                wave = recording.record(wave, sample_rate, recorded)
+            waves.append(to_int16(wave))
     lengths = np.array([len(w) for w in waves], dtype=np.int64)
     return (np.concatenate(waves) if waves else np.zeros(0, np.int16)), lengths
 
 
 def chunk_jobs(
-    texts: Sequence[str], voices: Sequence[VoiceConfig], seeds: Sequence[int], *, sample_rate: int
-) -> list[tuple[list[str], list[VoiceConfig], list[int], int]]:
+    texts: Sequence[str],
+    voices: Sequence[VoiceConfig],
+    seeds: Sequence[int],
+    *,
+    sample_rate: int,
+    recordings: Sequence[int] | None = None,
+) -> list[Job]:
     """Cut N requests into jobs of SYNTH_CHUNK for ``synth_chunk``. The cut is fixed (it decides
-    where fresh engines start), so the audio does not depend on how the jobs are scheduled."""
-    if not len(texts) == len(voices) == len(seeds):
-        raise ValueError(f"texts, voices and seeds differ in length: {len(texts)}, {len(voices)}, {len(seeds)}")
+    where fresh engines start), so the audio does not depend on how the jobs are scheduled.
+    ``recordings``: per request a recording seed, or -1 to keep it clean (None: all clean)."""
+    recordings = [-1] * len(texts) if recordings is None else list(recordings)
+    if not len(texts) == len(voices) == len(seeds) == len(recordings):
+        lengths = ", ".join(str(len(x)) for x in (texts, voices, seeds, recordings))
+        raise ValueError(f"texts, voices, seeds and recordings differ in length: {lengths}")
     return [
         (
             list(texts[i : i + SYNTH_CHUNK]),
             list(voices[i : i + SYNTH_CHUNK]),
             [int(s) for s in seeds[i : i + SYNTH_CHUNK]],
             sample_rate,
+            [int(r) for r in recordings[i : i + SYNTH_CHUNK]],
         )
         for i in range(0, len(texts), SYNTH_CHUNK)
     ]
@@ -202,6 +234,7 @@ def synthesize_many(
     *,
     sample_rate: int = 16000,
     num_workers: int | None = None,
+    recordings: Sequence[int] | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Speak many texts, in chunks of SYNTH_CHUNK spread over a fork process pool.
 
@@ -210,13 +243,14 @@ def synthesize_many(
         voices: N voice configs.
         seeds: N noise seeds.
         sample_rate: output rate in Hz.
+        recordings: N recording seeds (-1: clean), or None for all clean.
         num_workers: processes; None uses every core this process may use. Does not change the output.
 
     Returns:
         audio: (sum T_i,) int16, the utterances one after another.
         offsets: (N + 1,) int64; utterance i is ``audio[offsets[i]:offsets[i + 1]]``.
     """
-    jobs = chunk_jobs(texts, voices, seeds, sample_rate=sample_rate)
+    jobs = chunk_jobs(texts, voices, seeds, sample_rate=sample_rate, recordings=recordings)
     pool = worker_pool(min(num_workers or default_workers(), len(jobs)))
     if pool is None:
         return join_chunks([synth_chunk(job) for job in jobs])

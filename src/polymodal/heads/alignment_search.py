@@ -1,0 +1,82 @@
+"""Monotonic alignment search (MAS): the most likely monotonic, surjective alignment of text tokens
+to frames, found by dynamic programming, and the durations it gives each token.
+
+Every frame belongs to exactly one token, tokens keep their order and every token gets at least one
+frame: a path from (token 0, frame 0) to (last token, last frame) that at each frame stays on its
+token or moves to the next. With v[i, j] the log-likelihood of frame j under token i, the best
+path's score satisfies Q[i, j] = v[i, j] + max(Q[i, j - 1], Q[i - 1, j - 1]); backtracking from the
+last token at the last frame recovers the path, and a token's duration is its count of frames.
+
+Here the recursion runs frame by frame over every token and item at once (a loop of F small tensor
+operations); ties go to staying on the token, as in Glow-TTS's implementation, so the path equals
+the ``monotonic-align`` package's exactly (``tests/heads/test_alignment_search.py``).
+
+Reference: Kim et al. 2020, Glow-TTS: A Generative Flow for Text-to-Speech via Monotonic Alignment
+Search, arXiv:2005.11129 (section 3.2, algorithm 1).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def maximum_path(log_likelihood: Tensor, mask: Tensor) -> Tensor:
+    """The most likely monotonic alignment of each item.
+
+    Args:
+        log_likelihood: (B, L, F) v[b, i, j], the log-likelihood of frame j under token i (higher is better).
+        mask: (B, L, F) bool, the outer product of the tokens' and frames' padding masks (real
+            tokens first, then padding; the same for frames). Each item needs frames >= tokens >= 1.
+
+    Returns:
+        (B, L, F) float 0/1 path: one 1 per real frame, on real tokens only.
+    """
+    if log_likelihood.shape != mask.shape or log_likelihood.ndim != 3:
+        raise ValueError(f"need log_likelihood and mask of one shape (B, L, F), got {tuple(log_likelihood.shape)} and {tuple(mask.shape)}")
+    lengths, frames = mask[:, :, 0].sum(1), mask[:, 0, :].sum(1)  # (B,) real tokens, real frames
+    if bool((lengths < 1).any() | (frames < lengths).any()):
+        raise ValueError("every item needs at least one token and at least as many frames as tokens; see uniform_durations")
+    # fp32 island: scores summed over up to hundreds of frames lose their ties and order in bf16.
+    value = log_likelihood.float().masked_fill(~mask, float("-inf"))
+    batch, num_tokens, num_frames = value.shape
+    unreachable = torch.full((batch, 1), float("-inf"), device=value.device)
+    score = torch.cat([value[:, :1, 0], unreachable.expand(-1, num_tokens - 1)], dim=1)  # (B, L) Q at frame 0
+    moved = torch.zeros(batch, num_frames, num_tokens, dtype=torch.bool, device=value.device)  # came from token i - 1
+    for j in range(1, num_frames):
+        advance = torch.cat([unreachable, score[:, :-1]], dim=1)  # (B, L) Q[i - 1, j - 1]
+        moved[:, j] = advance > score  # strictly better: ties stay on the token
+        updated = torch.maximum(advance, score) + value[:, :, j]
+        score = torch.where((j < frames)[:, None], updated, score)  # items past their end keep their score
+    path = torch.zeros_like(value)
+    index = lengths - 1  # (B,) every real path ends on the last real token
+    rows = torch.arange(batch, device=value.device)
+    for j in range(num_frames - 1, -1, -1):
+        inside = j < frames  # (B,)
+        path[rows[inside], index[inside], j] = 1.0
+        index = index - (moved[rows, j, index] & inside).long()
+    return path
+
+
+def uniform_durations(lengths: Tensor, frames: Tensor, num_tokens: int) -> Tensor:
+    """(B, L) float durations splitting each item's frames evenly over its tokens (some get 0 when
+    frames < tokens): the fallback for items MAS cannot align. ``lengths``, ``frames``: (B,) long."""
+    positions = torch.arange(num_tokens + 1, device=lengths.device)  # (L + 1,)
+    edges = (positions[None, :] * frames[:, None] // lengths.clamp(min=1)[:, None]).clamp(max=frames[:, None])  # (B, L + 1)
+    durations = (edges[:, 1:] - edges[:, :-1]).float()
+    return durations.where(positions[None, 1:] <= lengths[:, None], 0.0)
+
+
+def gaussian_log_likelihood(means: Tensor, frames: Tensor) -> Tensor:
+    """v[b, i, j] = -||frames[b, j] - means[b, i]||^2 / 2: unit-variance Gaussian log-likelihoods
+    up to a constant (Glow-TTS's prior with sigma fixed at 1, as Grad-TTS).
+
+    Args:
+        means: (B, L, M) each token's mean frame; frames: (B, F, M).
+
+    Returns:
+        (B, L, F) float32.
+    """
+    means, frames = means.float(), frames.float()  # fp32 island: a difference of large squared norms
+    cross = torch.einsum("blm,bfm->blf", means, frames)
+    return cross - 0.5 * means.square().sum(-1)[:, :, None] - 0.5 * frames.square().sum(-1)[:, None, :]

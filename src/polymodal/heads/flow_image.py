@@ -1,0 +1,261 @@
+"""Text (or any source) -> image by conditional flow matching: MetaQuery's learnable queries read
+the source through the shared backbone, a connector makes their states the condition, and a small
+DiT (``decoders/dit.py``) cross-attending to it regresses the velocity from noise to the image.
+
+Training: x_t = t x1 + (1 - t) x0 between noise x0 and the item's own image (or its VAE latent)
+x1, t ~ U(0, 1), MSE to u = x1 - x0 (``losses/flow_matching.py``), logged as
+``<task>_flow_matching``; each item's condition is the empty one (the queries over no source) with
+probability ``condition_dropout``. Generation integrates the velocity from noise in ``steps``
+Euler or Heun steps with classifier-free guidance ``guidance`` (``decoders/flow_sampling.py``).
+
+Pixels or latents: ``flow_matching`` works on pixels, ``flow_matching_latent`` on the latents of
+the run's VAE (``model.image_tokenizer: {name: vae}``, trained in the run's first stage). Measured
+on the built-in 32 x 96 digits (BENCHMARKS.md, "Generation from any data"), pixel space is the
+default: FILLED IN BY THE MEASUREMENT.
+
+References: Lipman et al. 2022, arXiv:2210.02747 and Liu et al. 2022, arXiv:2209.03003 (flow
+matching, rectified flow); Pan et al. 2025, MetaQuery, arXiv:2504.06256 (queries, connector,
+condition dropout 10%); Peebles and Xie 2022, DiT, arXiv:2212.09748; Ho and Salimans 2022,
+classifier-free guidance, arXiv:2207.12598; Rombach et al. 2021, latent diffusion,
+arXiv:2112.10752 (generating in an autoencoder's latent space).
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from einops import rearrange
+from torch import Tensor, nn
+
+from polymodal.connectors import CONNECTORS
+from polymodal.decoders.dit import FlowTransformer
+from polymodal.decoders.flow_sampling import SAMPLERS, guided, integrate
+from polymodal.errors import ConfigError
+from polymodal.heads import HEADS, HeadOutput, HeadWiring, Targets
+from polymodal.heads.queries import LearnableQueries
+from polymodal.losses.flow_matching import flow_matching_loss, interpolate, target_velocity
+from polymodal.modality import Modality
+
+DEFAULT_CONNECTOR = {"name": "mlp"}
+CONDITION_DROPOUT = 0.1  # MetaQuery's share of empty captions in training
+LOSS_NAME = "flow_matching"
+
+
+def check_flow_settings(settings: Mapping[str, Any], where: str) -> None:
+    """The nested settings of a flow head, at config load: ``connector`` against ``CONNECTORS``,
+    ``decoder`` against ``FlowTransformer``'s keyword-only settings, and the sampler."""
+    CONNECTORS.check(settings.get("connector") or DEFAULT_CONNECTOR, where=f"{where}.connector")
+    decoder = settings.get("decoder") or {}
+    if not isinstance(decoder, Mapping):
+        raise ConfigError(f"{where}.decoder: expected a mapping of the DiT's settings, got {decoder!r}")
+    allowed = [k for k, p in inspect.signature(FlowTransformer).parameters.items() if p.kind is inspect.Parameter.KEYWORD_ONLY]
+    for key in decoder:
+        if key not in allowed:
+            raise ConfigError(f"{where}.decoder.{key}: unknown setting of the flow decoder; valid: {', '.join(allowed)}")
+    if settings.get("sampler", "heun") not in SAMPLERS:
+        raise ConfigError(f"{where}.sampler: {settings['sampler']!r} is not valid; valid: {', '.join(SAMPLERS)}")
+
+
+class ImageFlowDecoder(nn.Module):
+    """Queries, connector and a DiT over patches of a (C, h, w) map: pixels or latents.
+
+    Args:
+        dim: the backbone width D.
+        shape: (C, h, w) of the map the flow runs on.
+        patch_size: p, the side of a patch token (h and w must divide by it).
+        the rest: as ``FlowImageHead``.
+    """
+
+    def __init__(
+        self, dim: int, shape: tuple[int, int, int], *, patch_size: int, num_queries: int, connector: dict,
+        train_backbone: bool, dim_condition: int, decoder: dict, condition_dropout: float, noise_draws: int,
+        sampling: tuple[int, str, float], where: str,
+    ) -> None:  # fmt: skip
+        super().__init__()
+        channels, height, width = shape
+        if noise_draws < 1:
+            raise ValueError(f"noise_draws must be >= 1, got {noise_draws}")
+        self.noise_draws = noise_draws
+        self.sampling = sampling  # (steps, sampler, guidance) unless a call gives its own
+        if patch_size < 1 or height % patch_size or width % patch_size:
+            raise ValueError(f"patch_size {patch_size} must divide the flow's map {height} x {width}")
+        if not 0.0 <= condition_dropout < 1.0:
+            raise ValueError(f"condition_dropout must lie in [0, 1), got {condition_dropout}")
+        self.shape, self.patch, self.condition_dropout = shape, patch_size, condition_dropout
+        self.grid = (height // patch_size, width // patch_size)
+        self.queries = LearnableQueries(
+            dim, dim_condition, Modality.IMAGE, num_queries=num_queries, connector=connector, train_backbone=train_backbone, where=where
+        )
+        self.network = FlowTransformer(channels * patch_size**2, self.grid[0] * self.grid[1], dim_condition, **decoder)
+
+    def init_weights(self) -> None:
+        self.queries.init_weights()
+        self.network.init_weights()
+
+    def velocity(self, x: Tensor, t: Tensor, condition: Tensor) -> Tensor:
+        """v(x_t, t, condition): (B, C, h, w), (B,), (B, N, dim_condition) -> (B, C, h, w)."""
+        p = self.patch
+        tokens = rearrange(x, "b c (h p) (w q) -> b (h w) (c p q)", p=p, q=p)  # (B, h' w', C p p)
+        velocity = self.network(tokens, t, context=condition)
+        return rearrange(velocity, "b (h w) (c p q) -> b c (h p) (w q)", h=self.grid[0], p=p, q=p)
+
+    def loss(self, trunk, source: Tensor, source_mask: Tensor, data: Tensor) -> tuple[Tensor, Tensor]:
+        """(the pass's states (B, Ns + N, D), the flow-matching loss) for data (B, C, h, w)."""
+        made = self.queries(trunk, source, source_mask)
+        condition = made.condition
+        if self.training and self.condition_dropout > 0:
+            dropped = torch.rand(len(data), device=data.device) < self.condition_dropout  # (B,)
+            empty = self.queries.empty(trunk, source)
+            condition = torch.where(dropped[:, None, None], empty.to(condition.dtype), condition)
+        if self.noise_draws > 1:  # every item at several (noise, t) draws under one condition
+            data = data.repeat_interleave(self.noise_draws, dim=0)  # (B k, C, h, w)
+            condition = condition.repeat_interleave(self.noise_draws, dim=0)
+        noise = torch.randn_like(data)
+        t = torch.rand(len(data), device=data.device)
+        velocity = self.velocity(interpolate(noise, data, t), t, condition)
+        return made.hidden, flow_matching_loss(velocity, target_velocity(noise, data))
+
+    @torch.no_grad()
+    def sample(
+        self, trunk, source: Tensor, source_mask: Tensor, *, steps: int | None, sampler: str | None, guidance: float | None,
+        generator: torch.Generator | None,
+    ) -> Tensor:  # fmt: skip
+        """(B, C, h, w) from noise (drawn from ``generator``) under the source's condition; the
+        configured steps, sampler and guidance where a call gives None."""
+        default_steps, default_sampler, default_guidance = self.sampling
+        guidance = default_guidance if guidance is None else guidance
+        condition = self.queries(trunk, source, source_mask).condition
+        empty = self.queries.empty(trunk, source) if guidance != 1.0 else None
+        device = generator.device if generator is not None else source.device
+        noise = torch.randn((len(source), *self.shape), generator=generator, device=device).to(source.device, source.dtype)
+        return integrate(
+            guided(self.velocity, condition, empty, guidance), noise, steps=default_steps if steps is None else steps,
+            sampler=default_sampler if sampler is None else sampler,
+        )  # fmt: skip
+
+
+@HEADS.register("flow_matching")
+class FlowImageHead(nn.Module):
+    """Images by flow matching in pixel space, conditioned by learnable queries.
+
+    Args:
+        wiring: the backbone width and the image size and channels.
+        patch_size: the DiT's patch side in pixels (4: 8 x 24 tokens of a 32 x 96 image).
+        num_queries: learnable query tokens.
+        connector: the connector's spec (``polymodal.connectors``).
+        train_backbone: whether this loss trains the backbone and source encoders (MetaQuery: no).
+        dim_condition: the condition tokens' width.
+        decoder: the DiT's settings (``FlowTransformer``: dim, num_layers, num_heads, mlp_ratio).
+        condition_dropout: share of items trained with the empty condition.
+        noise_draws: (noise, t) draws per item and step, all under the item's one condition: the
+            decoder trains on this many times the batch for one backbone pass (MAR's diffusion
+            batch multiplier, Li et al. 2024, arXiv:2406.11838).
+        guidance: classifier-free guidance scale at generation (1: none).
+        sampler: ``heun`` or ``euler``.
+        steps: integration steps at generation.
+    """
+
+    target = Modality.IMAGE
+    reads_references = False
+    needs_image_tokenizer = False
+    check_settings = staticmethod(check_flow_settings)
+
+    def __init__(
+        self, wiring: HeadWiring, *, patch_size: int = 4, num_queries: int = 32, connector: dict | None = None,
+        train_backbone: bool = True, dim_condition: int = 128, decoder: dict | None = None,
+        condition_dropout: float = CONDITION_DROPOUT, noise_draws: int = 1, guidance: float = 2.0, sampler: str = "heun",
+        steps: int = 10,
+    ) -> None:  # fmt: skip
+        super().__init__()
+        height, width = wiring.shapes.image_size
+        self.flow = ImageFlowDecoder(
+            wiring.dim, (wiring.shapes.image_channels, height, width), patch_size=patch_size, num_queries=num_queries,
+            connector=connector or DEFAULT_CONNECTOR, train_backbone=train_backbone, dim_condition=dim_condition,
+            decoder=decoder or {}, condition_dropout=condition_dropout, noise_draws=noise_draws,
+            sampling=(steps, sampler, guidance), where="model.heads.image",
+        )  # fmt: skip
+
+    def init_weights(self) -> None:
+        self.flow.init_weights()
+
+    def loss(self, trunk, source: Tensor, source_mask: Tensor, target: Targets) -> HeadOutput:
+        hidden, loss = self.flow.loss(trunk, source, source_mask, target.values)
+        return HeadOutput(hidden, {LOSS_NAME: loss})
+
+    @torch.no_grad()
+    def generate(
+        self, trunk, source: Tensor, source_mask: Tensor, *, steps: int | None = None, sampler: str | None = None,
+        guidance: float | None = None, generator: torch.Generator | None = None,
+    ) -> Tensor:  # fmt: skip
+        """Images (B, C, H, W) in [-1, 1]; the configured sampling unless given here."""
+        images = self.flow.sample(trunk, source, source_mask, steps=steps, sampler=sampler, guidance=guidance, generator=generator)
+        return images.clamp(-1.0, 1.0)
+
+
+@HEADS.register("flow_matching_latent")
+class LatentFlowImageHead(nn.Module):
+    """Images by flow matching on the latents of the run's frozen VAE, conditioned by learnable queries.
+
+    Args:
+        wiring: needs ``image_tokenizer``: a trained VAE (``model.image_tokenizer: {name: vae}``).
+        latent_scale: latents are divided by this before the flow (latent diffusion's scale factor,
+            so the flow's data has about unit spread like its noise).
+        patch_size: the DiT's patch side in latent positions.
+        the rest: as ``FlowImageHead``.
+    """
+
+    target = Modality.IMAGE
+    reads_references = False
+    needs_image_tokenizer = True
+    check_settings = staticmethod(check_flow_settings)
+
+    def __init__(
+        self, wiring: HeadWiring, *, latent_scale: float = 1.0, patch_size: int = 2, num_queries: int = 32,
+        connector: dict | None = None, train_backbone: bool = True, dim_condition: int = 128, decoder: dict | None = None,
+        condition_dropout: float = CONDITION_DROPOUT, noise_draws: int = 1, guidance: float = 2.0, sampler: str = "heun",
+        steps: int = 10,
+    ) -> None:  # fmt: skip
+        super().__init__()
+        tokenizer = wiring.image_tokenizer
+        if tokenizer is None or not hasattr(tokenizer, "posterior"):
+            raise ValueError("the flow_matching_latent head needs a trained VAE image tokenizer (model.image_tokenizer: {name: vae})")
+        if latent_scale <= 0:
+            raise ValueError(f"latent_scale must be > 0, got {latent_scale}")
+        tokenizer.requires_grad_(False)
+        self.tokenizer = tokenizer.eval()
+        height, width = wiring.shapes.image_size
+        factor = tokenizer.downsample_factor
+        self.latent_scale = latent_scale
+        self.flow = ImageFlowDecoder(
+            wiring.dim, (tokenizer.dim, height // factor, width // factor), patch_size=patch_size, num_queries=num_queries,
+            connector=connector or DEFAULT_CONNECTOR, train_backbone=train_backbone, dim_condition=dim_condition,
+            decoder=decoder or {}, condition_dropout=condition_dropout, noise_draws=noise_draws,
+            sampling=(steps, sampler, guidance), where="model.heads.image",
+        )  # fmt: skip
+
+    def init_weights(self) -> None:
+        self.flow.init_weights()
+
+    def train(self, mode: bool = True) -> "LatentFlowImageHead":
+        """As ``nn.Module.train``, but the frozen tokenizer stays in eval mode."""
+        super().train(mode)
+        self.tokenizer.eval()
+        return self
+
+    def loss(self, trunk, source: Tensor, source_mask: Tensor, target: Targets) -> HeadOutput:
+        latents = self.tokenizer.encode(target.values) / self.latent_scale  # (B, dim, h, w), the posterior mean
+        hidden, loss = self.flow.loss(trunk, source, source_mask, latents)
+        return HeadOutput(hidden, {LOSS_NAME: loss})
+
+    @torch.no_grad()
+    def generate(
+        self, trunk, source: Tensor, source_mask: Tensor, *, steps: int | None = None, sampler: str | None = None,
+        guidance: float | None = None, generator: torch.Generator | None = None,
+    ) -> Tensor:  # fmt: skip
+        """Images (B, C, H, W) in [-1, 1]: latents sampled (the configured sampling unless given
+        here), then decoded by the VAE."""
+        latents = self.flow.sample(trunk, source, source_mask, steps=steps, sampler=sampler, guidance=guidance, generator=generator)
+        return self.tokenizer.decode(latents * self.latent_scale).clamp(-1.0, 1.0)

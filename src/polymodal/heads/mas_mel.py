@@ -1,0 +1,176 @@
+"""Text -> audio from (text, speech) pairs alone: durations found by monotonic alignment search
+(Glow-TTS), then the length regulator, the duration head and a mel decoder as in ``aligned_mel``.
+
+Each source token's state gives a mean log-mel frame (the prior, a linear layer); MAS
+(``alignment_search.py``) finds the monotonic alignment of the item's own frames to the tokens
+under unit-variance Gaussians around those means, which gives each token its duration in frames.
+Three terms train on it: the prior (the frames' squared distance to their token's mean, Grad-TTS's
+encoder loss; it is what makes the alignment mean something), the duration head
+(log(1 + frames), ``length_regulator.duration_loss``) and the decoder, which reads the
+length-regulated frame tokens through one backbone pass. The decoder either regresses the frames
+(``decoder: regression``, L1 + L2 as ``aligned_mel``; it learns the average voice) or is a
+flow-matching DiT over groups of frames conditioned frame by frame on those states
+(``decoder: flow``; its samples differ in voice from one draw of noise to the next). Generation
+predicts durations from the source alone, as ``aligned_mel``.
+
+Nothing here needs the data to know where words lie: any (text, speech) manifest trains it.
+
+References: Kim et al. 2020, Glow-TTS, arXiv:2005.11129 (MAS and a duration predictor trained on
+its durations); Popov et al. 2021, Grad-TTS, arXiv:2105.06337 (the encoder's mean frames and
+their loss; a generative decoder conditioned on the aligned means); Ren et al. 2019, FastSpeech,
+arXiv:1905.09263 (length regulator); Lipman et al. 2022, arXiv:2210.02747 (flow matching).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+
+import torch
+from einops import rearrange
+from torch import Tensor, nn
+
+from polymodal.decoders.dit import FlowTransformer
+from polymodal.decoders.flow_sampling import SAMPLERS, integrate
+from polymodal.decoders.mel_head import MelFrameHead
+from polymodal.heads import HEADS, HeadOutput, HeadWiring, Targets
+from polymodal.heads.aligned_mel import INIT_STD, log_mel_frames, mel_targets, padded_to
+from polymodal.heads.alignment_search import gaussian_log_likelihood, maximum_path, uniform_durations
+from polymodal.heads.length_regulator import PHASE_BUCKETS, duration_loss, predicted_durations, regulated_tokens
+from polymodal.losses.flow_matching import flow_matching_loss, interpolate, target_velocity
+from polymodal.losses.mel import mel_loss
+from polymodal.modality import Modality
+
+logger = logging.getLogger(__name__)
+
+DECODERS = ("regression", "flow")
+FLOW_LOSS = "flow_matching"
+
+
+@HEADS.register("mas_mel")
+class MASMelHead(nn.Module):
+    """Log-mel frames with durations from monotonic alignment search.
+
+    Args:
+        wiring: mel bands, the longest clip's frames and the log-mel statistics from ``wiring.shapes``.
+        frames_per_token: log-mel frames each target token stands for (Tacotron's reduction factor).
+        decoder: ``regression`` (L1 + L2 on the frames) or ``flow`` (flow matching; voices vary).
+        flow: the flow decoder's DiT settings (``FlowTransformer``: dim, num_layers, num_heads, mlp_ratio).
+        steps, sampler: the flow decoder's integration at generation.
+        noise_scale: the flow decoder's starting noise is scaled by this (Grad-TTS's temperature).
+    """
+
+    target = Modality.AUDIO
+    reads_references = False
+    needs_image_tokenizer = False
+
+    def __init__(
+        self, wiring: HeadWiring, *, frames_per_token: int = 8, decoder: str = "regression", flow: dict | None = None,
+        steps: int = 10, sampler: str = "heun", noise_scale: float = 1.0,
+    ) -> None:  # fmt: skip
+        super().__init__()
+        if frames_per_token < 1:
+            raise ValueError(f"frames_per_token must be >= 1, got {frames_per_token}")
+        if decoder not in DECODERS or sampler not in SAMPLERS:
+            raise ValueError(f"decoder must be one of {', '.join(DECODERS)} and sampler one of {', '.join(SAMPLERS)}")
+        shapes, dim = wiring.shapes, wiring.dim
+        self.frames_per_token, self.num_mels = frames_per_token, shapes.num_mels
+        self.num_frames = shapes.num_audio_frames
+        self.max_tokens = math.ceil(self.num_frames / frames_per_token)
+        self.prior_head = nn.Linear(dim, shapes.num_mels)  # each source token's mean frame, normalised
+        self.duration_head = nn.Linear(dim, 1)  # log(1 + frames) per source token
+        self.phase_embed = nn.Embedding(PHASE_BUCKETS, dim)
+        if decoder == "regression":
+            self.decoder: nn.Module = MelFrameHead(dim, shapes.num_mels, frames_per_token=frames_per_token)
+        else:
+            self.decoder = FlowTransformer(frames_per_token * shapes.num_mels, self.max_tokens, None, dim, **(flow or {}))
+        self.sampling = (steps, sampler, noise_scale)
+        self.register_buffer("center", torch.tensor(float(shapes.log_mel_center)))
+        self.register_buffer("scale", torch.tensor(float(shapes.log_mel_scale)))
+        self.init_weights()
+
+    def init_weights(self) -> None:
+        for linear in (self.prior_head, self.duration_head):
+            nn.init.normal_(linear.weight, std=INIT_STD)
+            nn.init.zeros_(linear.bias)
+        nn.init.normal_(self.phase_embed.weight, std=INIT_STD)
+        self.decoder.init_weights()
+
+    def align(self, means: Tensor, source_mask: Tensor, frames: Tensor, frame_mask: Tensor) -> Tensor:
+        """(B, Ns, F) 0/1 path of the item's frames (B, F, M) to its tokens' means (B, Ns, M) by
+        MAS; items with fewer frames than tokens get even durations instead (logged)."""
+        lengths, counts = source_mask.sum(1), frame_mask.sum(1)
+        fits = counts >= lengths  # (B,)
+        path = torch.zeros(*means.shape[:2], frames.shape[1], device=means.device)
+        if fits.any():
+            mask = source_mask[fits][:, :, None] & frame_mask[fits][:, None, :]
+            path[fits] = maximum_path(gaussian_log_likelihood(means[fits], frames[fits]), mask)
+        if not fits.all():
+            logger.warning("%d clip(s) have fewer frames than text tokens; their durations are even splits", int((~fits).sum()))
+            durations = uniform_durations(lengths[~fits], counts[~fits], means.shape[1])  # (b, Ns)
+            ends = durations.cumsum(1)  # (b, Ns) each token's last frame + 1
+            frame = torch.arange(frames.shape[1], device=means.device)
+            owner = torch.searchsorted(ends, frame.expand(len(ends), -1).float().contiguous(), right=True)  # (b, F)
+            path[~fits] = nn.functional.one_hot(owner.clamp(max=means.shape[1] - 1), means.shape[1]).transpose(1, 2).float()
+            path[~fits] *= frame_mask[~fits][:, None, :]
+        return path
+
+    def frame_tokens(self, trunk, source: Tensor, durations: Tensor) -> tuple[Tensor, Tensor]:
+        """Frame-group tokens (B, J, D) with the audio type embedding, and their mask (B, J)."""
+        tokens, inside = regulated_tokens(source, durations, self.phase_embed, self.frames_per_token, self.max_tokens)
+        return tokens + trunk.type_embedding(Modality.AUDIO, tokens), inside
+
+    def loss(self, trunk, source: Tensor, source_mask: Tensor, target: Targets) -> HeadOutput:
+        """The decoder's term (``""`` or ``flow_matching``), ``duration`` and ``prior``."""
+        frame_mask = target.mask
+        frames = mel_targets(target.values, frame_mask, target.values.shape[1], self.center, self.scale)  # (B, F, M)
+        means = self.prior_head(trunk.source_states(source, source_mask))  # (B, Ns, M)
+        with torch.no_grad():
+            path = self.align(means, source_mask, frames, frame_mask)  # (B, Ns, F)
+        aligned_means = torch.einsum("blf,blm->bfm", path, means.float())  # (B, F, M): each frame's token mean
+        prior = mel_prior_loss(aligned_means, frames, frame_mask)
+        durations = path.sum(-1)  # (B, Ns) frames per token
+        tokens, token_mask = self.frame_tokens(trunk, source, durations)
+        hidden = trunk.run(source, source_mask, tokens, token_mask)
+        states = hidden[:, source.shape[1] :]  # (B, J, D)
+        goal = mel_targets(target.values, frame_mask, states.shape[1] * self.frames_per_token, self.center, self.scale)
+        losses = {"duration": duration_loss(self.duration_head, hidden[:, : source.shape[1]], source_mask, durations), "prior": prior}
+        if isinstance(self.decoder, MelFrameHead):
+            losses[""] = mel_loss(self.decoder(states), goal, padded_to(frame_mask, goal.shape[1]))
+        else:
+            data = rearrange(goal, "b (j r) m -> b j (r m)", r=self.frames_per_token)  # (B, J, r M)
+            noise, t = torch.randn_like(data), torch.rand(len(data), device=data.device)
+            velocity = self.decoder(interpolate(noise, data, t), t, aligned=states, mask=token_mask)
+            losses[FLOW_LOSS] = flow_matching_loss(velocity, target_velocity(noise, data), token_mask)
+        return HeadOutput(hidden, losses)
+
+    @torch.no_grad()
+    def generate(
+        self, trunk, source: Tensor, source_mask: Tensor, *, steps: int | None = None, noise_scale: float | None = None,
+        generator: torch.Generator | None = None,
+    ) -> Tensor:  # fmt: skip
+        """Log-mel frames (B, F, num_mels), natural log of power as ``LogMel`` makes them, silence
+        after each item's predicted end: durations first, then one pass for every frame token, then
+        the decoder (for ``flow``, from noise drawn from ``generator``)."""
+        durations = predicted_durations(self.duration_head, trunk, source, source_mask)  # (B, Ns) frames
+        tokens, token_mask = self.frame_tokens(trunk, source, durations)
+        states = trunk.run(source, source_mask, tokens, token_mask)[:, source.shape[1] :]  # (B, J, D)
+        if isinstance(self.decoder, MelFrameHead):
+            frames = self.decoder(states)
+        else:
+            steps = self.sampling[0] if steps is None else steps
+            noise_scale = self.sampling[2] if noise_scale is None else noise_scale
+            shape = (*states.shape[:2], self.frames_per_token * self.num_mels)
+            device = generator.device if generator is not None else states.device
+            noise = noise_scale * torch.randn(shape, generator=generator, device=device).to(states.device, states.dtype)
+            velocity = lambda x, t: self.decoder(x, t, aligned=states, mask=token_mask)  # noqa: E731
+            made = integrate(velocity, noise, steps=steps, sampler=self.sampling[1])
+            frames = rearrange(made, "b j (r m) -> b (j r) m", r=self.frames_per_token)
+        return log_mel_frames(frames[:, : self.num_frames], durations.sum(1), self.center, self.scale)
+
+
+def mel_prior_loss(aligned_means: Tensor, frames: Tensor, frame_mask: Tensor) -> Tensor:
+    """Mean squared distance of the real frames (B, F, M) to their token's mean (B, F, M), an fp32
+    island; the negative log-likelihood of unit Gaussians up to a constant and a factor 2."""
+    error = (aligned_means.float() - frames.float()).square().where(frame_mask[:, :, None], 0.0)
+    return error.sum() / (frame_mask.sum() * frames.shape[-1]).clamp(min=1)
