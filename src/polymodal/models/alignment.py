@@ -84,10 +84,8 @@ def pair_losses(
         name = prefix + pair_name(a, b)
         if gather:
             emb_a, emb_b = embedded[a][rank[a][both]], embedded[b][rank[b][both]]  # (n, E) each
-            loss = gathered_info_nce(
-                emb_a, emb_b, batch.labels[both], scale, unique_labels=unique_labels, tile_size=tile_size,
-                tiled_above=tiled_above,
-            )
+            loss = gathered_info_nce(emb_a, emb_b, batch.labels[both], scale, unique_labels=unique_labels,
+                                     tile_size=tile_size, tiled_above=tiled_above)  # fmt: skip
             if loss is not None:
                 losses[name] = loss
             continue

@@ -16,6 +16,7 @@ from pathlib import Path
 from types import FrameType, TracebackType
 from typing import Any
 
+from polymodal.distributed.collectives import any_rank
 from polymodal.errors import RunInterrupted
 
 log = logging.getLogger(__name__)
@@ -60,12 +61,15 @@ class StopOnSignal:
         self.signum = signum
         log.warning("%s received: finishing this step and writing a checkpoint (send it again to stop at once)", name)
 
-    def adopt(self, requested_elsewhere: bool) -> None:
-        """Take on a stop another rank of a data-parallel run saw (the launcher forwards a signal to
-        every rank, but each notes it between steps of its own), so every rank ends after one step."""
-        if requested_elsewhere and self.signum is None:
+    def agreed(self) -> bool:
+        """Whether any rank of a data-parallel run has a stop request (``requested`` in a single
+        process). The launcher forwards a signal to every rank, but each notes it at its own point of
+        a step; asked by every rank after every step, this ends them all after the same one. A rank
+        that saw none takes the request as a SIGTERM."""
+        if any_rank(self.requested) and self.signum is None:
             self.signum = signal.SIGTERM
             log.warning("another rank received a stop signal: finishing this step")
+        return self.requested
 
     def raise_if_requested(self, step: int, checkpoint: Path) -> None:
         """End the run, when a signal asked for it, now that its checkpoint of ``step`` is written."""

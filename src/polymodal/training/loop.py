@@ -316,17 +316,12 @@ def fit(
                 losses = take_step(trainer, state, batches, train, record, first=not losses)
                 done = state.step == train.steps
                 if evaluate is not None and ((train.eval_every > 0 and state.step % train.eval_every == 0) or done):
-                    if is_main():  # the other ranks wait in their next collective
-                        run_evaluation(model, evaluate, record.logger, state.step)
-                        stopped = should_stop is not None and should_stop(state.step)
-                    stopped = any_rank(stopped)  # rank 0's early stop ends every rank here
+                    stopped = evaluate_once(model, evaluate, should_stop, record.logger, state.step)
                 if diagnose is not None and is_main():
                     diagnose(model, state.step, record.logger)
-                stop.adopt(any_rank(stop.requested))  # a signal one rank saw stops every rank after this step
                 # After logging and evaluation, so the saved RNG state is the one the next step starts from.
-                if state.step % train.ckpt_every == 0 or done or stopped or stop.requested:
-                    saved = state.save(run_dir, model, keep=train.keep_checkpoints) if is_main() else run_dir
-                    stop.raise_if_requested(state.step, saved)
+                if stop.agreed() or state.step % train.ckpt_every == 0 or done or stopped:  # agreed() on every step
+                    stop.raise_if_requested(state.step, state.save(run_dir, model, keep=train.keep_checkpoints) if is_main() else run_dir)
     finally:
         batches.close()
         record.close()
@@ -357,6 +352,18 @@ def take_step(
         state.step, out, losses, lr=lr, grad_norm=grad_norm, skipped=batches.num_skipped, skipped_steps=state.guard.skipped, log=log_now
     )  # fmt: skip
     return losses
+
+
+def evaluate_once(
+    model: nn.Module, evaluate: Evaluate, should_stop: Callable[[int], bool] | None, logger: MetricsLogger, step: int
+) -> bool:
+    """Evaluate (on rank 0 alone: the other ranks wait in their next collective) and ask
+    ``should_stop``; returns rank 0's answer on every rank, so early stopping ends them together."""
+    stopped = False
+    if is_main():
+        run_evaluation(model, evaluate, logger, step)
+        stopped = should_stop is not None and should_stop(step)
+    return any_rank(stopped)
 
 
 def run_evaluation(model: nn.Module, evaluate: Evaluate, logger: MetricsLogger, step: int) -> None:
