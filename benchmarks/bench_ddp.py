@@ -16,7 +16,9 @@ job's model (the ``default`` preset, untrained image tokenizer) and its data:
 The overhead of communication is ``ddp`` over ``pair, no comm`` (same cores, same load); ``ddp``
 over ``alone`` adds what sharing the machine's cores and memory bandwidth costs. Each variant
 runs in fresh processes, in rounds (alone, pair, ddp, alone, ...), so a change in the machine's
-load hits all three; the table gives the median step over every round.
+load hits all three; the table gives the median step over every round. Last, the ddp ranks time
+an all-reduce of a tensor as large as the model's gradients with nothing else running: the
+communication itself, apart from what the cores' load does to the steps.
 
     OMP_NUM_THREADS=1 python benchmarks/bench_ddp.py                  # batch 16 per rank, 3 rounds
     OMP_NUM_THREADS=1 python benchmarks/bench_ddp.py --batch-size 32 --steps 10 --rounds 2
@@ -68,6 +70,22 @@ def step_times(config_args: list[str], steps: int, run_dir: Path, out: Path, sta
         if index >= WARMUP_STEPS:
             times.append(time.perf_counter() - start)
     torch.save(times, out / f"times{rank()}.pt")
+    if world_size() > 1:  # the gradient all-reduce alone, the cores otherwise idle
+        torch.save(all_reduce_times(run.model, steps), out / f"allreduce{rank()}.pt")
+
+
+def all_reduce_times(model: torch.nn.Module, repeats: int) -> list[float]:
+    """Seconds of an all-reduce of one flat fp32 tensor as large as ``model``'s gradients."""
+    import torch.distributed as dist
+
+    flat = torch.zeros(sum(p.numel() for p in model.parameters() if p.requires_grad))
+    times = []
+    for _ in range(repeats):
+        dist.barrier()
+        start = time.perf_counter()
+        dist.all_reduce(flat)
+        times.append(time.perf_counter() - start)
+    return times
 
 
 def _process(
@@ -85,8 +103,8 @@ def _process(
         step_times(config_args, steps, run_dir, out / f"p{index}", barrier)
 
 
-def run_variant(nprocs: int, grouped: bool, config_args: list[str], steps: int) -> list[float]:
-    """Every process's timed steps, in seconds."""
+def run_variant(nprocs: int, grouped: bool, config_args: list[str], steps: int) -> tuple[list[float], list[float]]:
+    """Every process's timed steps, and (grouped) its timed gradient all-reduces, in seconds."""
     import socket
 
     with socket.socket() as sock:
@@ -98,7 +116,8 @@ def run_variant(nprocs: int, grouped: bool, config_args: list[str], steps: int) 
             (out / f"p{index}").mkdir()
         barrier = mp.get_context("spawn").Barrier(nprocs)
         mp.spawn(_process, args=(nprocs, port, grouped, config_args, steps, out / "runs", out, barrier), nprocs=nprocs, join=True)
-        return [t for path in sorted(out.rglob("times*.pt")) for t in torch.load(path)]
+        steps_s = [t for path in sorted(out.rglob("times*.pt")) for t in torch.load(path)]
+        return steps_s, [t for path in sorted(out.rglob("allreduce*.pt")) for t in torch.load(path)]
 
 
 def main() -> None:
@@ -112,9 +131,12 @@ def main() -> None:
                    "train.progress=false", "train.precision=fp32", "train.prefetch=0"]  # fmt: skip
     variants = {"alone": (1, False), "pair, no comm": (2, False), "ddp": (2, True)}
     times: dict[str, list[float]] = {name: [] for name in variants}
+    reduce_times: list[float] = []
     for round_index in range(args.rounds):
         for name, (nprocs, grouped) in variants.items():
-            times[name] += run_variant(nprocs, grouped, config_args, args.steps)
+            step_s, reduce_s = run_variant(nprocs, grouped, config_args, args.steps)
+            times[name] += step_s
+            reduce_times += reduce_s
             print(f"round {round_index + 1}: {name} done ({statistics.median(times[name]) * 1e3:.0f} ms median so far)", flush=True)
     base, pair = statistics.median(times["alone"]), statistics.median(times["pair, no comm"])
     print(f"\nload average at the end: {os.getloadavg()[0]:.2f}")
@@ -124,6 +146,8 @@ def main() -> None:
     for name, (nprocs, _) in variants.items():
         median = statistics.median(times[name])
         print(f"| {name} | {nprocs} | {median * 1e3:.0f} | {median / base:.3f}x | {median / pair:.3f}x |")
+    reduce = statistics.median(reduce_times)
+    print(f"\ngradient all-reduce alone (gloo, 2 ranks): {reduce * 1e3:.1f} ms median = {reduce / base:.1%} of a step alone")
 
 
 if __name__ == "__main__":
