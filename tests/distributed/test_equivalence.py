@@ -44,3 +44,13 @@ def test_two_ranks_at_16_train_like_one_process_at_32(tmp_path, kind):
     if kind == "vqvae":  # the synchronised statistics moved (and restarts happened on step one)
         codebook = next(name for name in one if name.endswith("quantizer.codebook"))
         assert not torch.allclose(one[codebook], one[codebook].mean(0))
+
+
+def test_accumulated_micro_batches_train_like_one_process(tmp_path):
+    """2 ranks x 2 micro-batches of 8 (the first under no_sync) equal one process x 2 micro-batches
+    of 16: the sharded order serves each micro-batch, and its contrastive negatives span both ranks."""
+    run_ranks(train_run, 2, "contrastive", tmp_path / "ddp", 8, STEPS, "train.grad_accum=2")
+    train_run("contrastive", tmp_path / "one", 16, STEPS, "train.grad_accum=2")
+    ddp, one = weights(tmp_path / "ddp" / "rank1.safetensors"), weights(tmp_path / "one" / "rank0.safetensors")
+    for name in one:
+        torch.testing.assert_close(ddp[name], one[name], rtol=0, atol=TOLERANCE, msg=lambda m: f"{name}: {m}")
