@@ -208,3 +208,19 @@ def test_fit_logs_mfu_from_the_counted_first_step(tmp_path):
     for entry in entries:
         assert entry["mfu"] == pytest.approx(16 * entry["samples_per_s"] / peak, rel=1e-9)
     assert result.mfu == pytest.approx(16 * result.samples_per_second / peak, rel=1e-9)
+
+
+def test_a_resumed_run_reports_mfu_from_the_checkpoint_without_counting_again(tmp_path, monkeypatch):
+    """The FLOP count of a fresh run's first step travels in its checkpoints: the resumed process
+    counts nothing (a counting dispatch mode would change its kernels and so its rounding) and
+    still reports the same FLOPs per sample."""
+    fit(_model(), ToyData(), ToyCollate(), _config(steps=4, log_every=2, ckpt_every=2), tmp_path)
+    import polymodal.training.loop as loop
+
+    counted = []
+    real = loop.counting
+    monkeypatch.setattr(loop, "counting", lambda enabled=True: counted.append(enabled) or real(enabled))
+    result = fit(_model(), ToyData(), ToyCollate(), _config(steps=8, log_every=2, ckpt_every=2), tmp_path, resume=True)
+    assert counted and not any(counted)
+    peak = matmul_peak(torch.float32, "cpu")
+    assert result.mfu == pytest.approx(16 * result.samples_per_second / peak, rel=1e-9)

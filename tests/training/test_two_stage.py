@@ -36,3 +36,27 @@ def test_a_run_stopped_after_stage_one_resumes_into_stage_two(tmp_path, monkeypa
     assert tokenizer_keys
     for key in tokenizer_keys:  # "tokenizer.X" in stage 1 is the image head's "tokenizer.X" in the model
         assert torch.equal(model_weights["heads.image." + key], stage_weights[key]), key
+
+
+def test_a_job_stopped_inside_stage_one_resumes_from_the_command_line(tmp_path, monkeypatch):
+    """The job's own config.yaml is written before stage 1, so `polymodal train --resume` (which
+    reads it) continues a run stopped before the model's stage ever started."""
+    from polymodal.cli.main import main
+    from polymodal.training import job
+
+    monkeypatch.setenv("POLYMODAL_CACHE", str(tmp_path / "cache"))
+    run_dir = tmp_path / "run"
+    overrides = [f"run_dir={run_dir}", "data.options.num_samples=200", "train.steps=4", "train.progress=false", "tokenizer_train.progress=false"]
+    real_evaluation = job.evaluate_run
+
+    def stopped(*args, **kwargs):
+        raise KeyboardInterrupt  # stage 1 trained and checkpointed, stopped before its test figures
+
+    monkeypatch.setattr(job, "evaluate_run", stopped)
+    with pytest.raises(KeyboardInterrupt):
+        train(load_config(["tiny"], overrides))
+    assert latest_checkpoint(run_dir) is None and not (run_dir / TOKENIZER_STAGE_DIR / "eval.json").exists()
+    monkeypatch.setattr(job, "evaluate_run", real_evaluation)
+    assert main(["train", "--resume", f"run_dir={run_dir}"]) == 0
+    assert (run_dir / TOKENIZER_STAGE_DIR / "eval.json").is_file()
+    assert latest_checkpoint(run_dir).name == "step_0000004"

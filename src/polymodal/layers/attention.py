@@ -60,17 +60,8 @@ def uses_explicit_attention(query: Tensor, num_keys: int) -> bool:
 
 
 def explicit_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, *, dropout: float = 0.0) -> Tensor:
-    """``softmax(q k^T / sqrt(head_dim) + bias) v`` written out, computed in float32.
-
-    Args:
-        q: (B, H, N, head_dim); k, v: (B, H, N_kv, head_dim).
-        mask: (B, 1, N, N_kv) or broadcastable, bool (True = may attend) or an additive float bias;
-            or None.
-        dropout: dropout probability on the attention weights (0 outside training).
-
-    Returns:
-        (B, H, N, head_dim) in the dtype of ``q``.
-    """
+    """``softmax(q k^T / sqrt(head_dim) + bias) v`` written out, computed in float32; arguments and
+    shapes as ``attend``'s, the result in the dtype of ``q``."""
     # fp32 island: bf16 scores (8 significant bits) would shift attention weights by percents; on
     # short sequences the fp32 matmuls cost little. Autocast is off so they stay fp32.
     with torch.autocast(q.device.type, enabled=False):

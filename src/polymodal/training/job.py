@@ -24,7 +24,7 @@ from PIL import Image
 from torch import nn
 from torch.utils.tensorboard import SummaryWriter
 
-from polymodal.config import Config
+from polymodal.config import Config, dump_config
 from polymodal.data.keyed import TrainingItems, load_noise_clips
 from polymodal.diagnostics.live_hook import live_diagnostics
 from polymodal.distributed.process import barrier, is_main
@@ -86,6 +86,9 @@ def _train_stages(config: Config, *, resume: bool) -> Path:
         raise ConfigError(f"--resume: {config.run_dir} has no checkpoint to resume from; start it without --resume")
     if not resume and started_before:
         raise ConfigError(f"{config.run_dir} already holds a run; continue it with --resume, or pick another folder with run_dir=...")
+    if not resume:  # the whole job's config first, so `--resume` finds it whichever stage is stopped
+        Path(config.run_dir).mkdir(parents=True, exist_ok=True)
+        dump_config(config, Path(config.run_dir) / "config.yaml")
     previous = None
     for number, stage in enumerate(stages, start=1):
         done = stage is not stages[-1] and (stage.run_dir / EVAL_FILE).is_file()
