@@ -86,7 +86,7 @@ def _train_stages(config: Config, *, resume: bool) -> Path:
         raise ConfigError(f"--resume: {config.run_dir} has no checkpoint to resume from; start it without --resume")
     if not resume and started_before:
         raise ConfigError(f"{config.run_dir} already holds a run; continue it with --resume, or pick another folder with run_dir=...")
-    if not resume:  # the whole job's config first, so `--resume` finds it whichever stage is stopped
+    if not resume and is_main():  # the whole job's config first, so `--resume` finds it whichever stage is stopped
         Path(config.run_dir).mkdir(parents=True, exist_ok=True)
         dump_config(config, Path(config.run_dir) / "config.yaml")
     previous = None
