@@ -79,8 +79,10 @@ def relaunch(args: argparse.Namespace, worker_argv: list[str]) -> int:
     """Run ``polymodal <worker_argv>`` as ``args.nproc_per_node`` ranks per machine, waiting for them.
 
     Returns:
-        0, or the exit status of the first rank that failed (2 for a config error, 143 after SIGTERM).
+        0, the exit status of the first rank that failed (2 for a config error), or 128 + the signal
+        that stopped the launcher (143 for SIGTERM; its ranks got it too, and stopped after a checkpoint).
     """
+    from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import parse_args, run
 
@@ -91,4 +93,7 @@ def relaunch(args: argparse.Namespace, worker_argv: list[str]) -> int:
     except ChildFailedError as exc:
         _, failure = exc.get_first_failure()
         return failure.exitcode if failure.exitcode > 0 else 128 - failure.exitcode  # -N: killed by signal N
+    except SignalException as exc:  # the launcher was signalled; it passed the signal on to every rank
+        log.warning("%s: the ranks were asked to stop after their step (a checkpoint); continue with --resume", exc.sigval.name)
+        return 128 + int(exc.sigval)
     return 0
