@@ -120,6 +120,7 @@ class TrainConfig:
     progress: bool = True
     prefetch: int = 2  # batches collated ahead in a background thread while a step runs; 0: none
     compile: bool = False  # torch.compile the model's repeated blocks (BENCHMARKS.md: slower to start)
+    fsdp: bool = False  # several processes: shard weights, gradients, optimiser state (FSDP2) instead of DDP
     loss_weights: dict[str, float] = dataclasses.field(default_factory=dict)  # loss name -> weight (default 1)
     loss_schedules: dict[str, Any] = dataclasses.field(default_factory=dict)  # name -> [[progress, weight], ...]
     gradient_surgery: dict[str, Any] = dataclasses.field(default_factory=lambda: {"name": "none"})

@@ -27,9 +27,11 @@ from polymodal.config import Config, load_config
 from polymodal.data.batch import Batch
 from polymodal.distributed.collectives import mean_over_ranks
 from polymodal.distributed.contrastive import gathered_info_nce
+from polymodal.distributed.fsdp import export_whole, is_sharded
 from polymodal.distributed.process import process_group, rank
 from polymodal.modality import Modality
 from polymodal.models.architectures import build_model
+from polymodal.training.checkpoint import MODEL_FILE
 from polymodal.training.loop import fit
 
 NUM_ITEMS = 96
@@ -91,6 +93,7 @@ RUNS = {
     "contrastive": ["model.tasks=[image_to_text,audio_to_text,contrastive]"],
     "moe": ["model.tasks=[image_to_text,contrastive]", "model.backbone.moe={layers: [1], capacity_factor: null}"],
     "vqvae": ["model.architecture=image_tokenizer"],
+    "fsdp": ["model.tasks=[image_to_text,audio_to_text,contrastive]", "train.fsdp=true"],
 }
 
 
@@ -121,6 +124,10 @@ def train_run(
         return data.collate(rows)
 
     fit(model, data, collate, config, run_dir, resume=resume)
+    if is_sharded(model):  # the whole model, gathered as the end of a run does
+        export_whole(model, Path(run_dir))
+        os.replace(Path(run_dir) / MODEL_FILE, Path(run_dir) / f"rank{rank()}.safetensors") if rank() == 0 else None
+        return
     safetensors.torch.save_model(model, str(Path(run_dir) / f"rank{rank()}.safetensors"))  # every rank's weights
 
 

@@ -11,6 +11,7 @@ choose the other one (measured: one vector at step 3). Each such choice moves a 
 the size of a few such choices; a statistic left unsynchronised would be off by half a batch.
 """
 
+import shutil
 import sys
 from pathlib import Path
 
@@ -54,3 +55,31 @@ def test_accumulated_micro_batches_train_like_one_process(tmp_path):
     ddp, one = weights(tmp_path / "ddp" / "rank1.safetensors"), weights(tmp_path / "one" / "rank0.safetensors")
     for name in one:
         torch.testing.assert_close(ddp[name], one[name], rtol=0, atol=TOLERANCE, msg=lambda m: f"{name}: {m}")
+
+
+def test_fsdp_two_ranks_train_like_one_process_and_checkpoint_in_shards(tmp_path):
+    """train.fsdp=true: 2 ranks holding half the weights each train like one process at batch 32;
+    their checkpoints are rank shards (no model.safetensors), and the whole model gathered at the
+    end equals one process's."""
+    run_ranks(train_run, 2, "fsdp", tmp_path / "fsdp", 16, STEPS)
+    train_run("fsdp", tmp_path / "one", 32, STEPS)  # one process: fsdp has nothing to shard
+    whole, one = weights(tmp_path / "fsdp" / "rank0.safetensors"), weights(tmp_path / "one" / "rank0.safetensors")
+    assert whole.keys() == one.keys()
+    for name in one:
+        torch.testing.assert_close(whole[name], one[name], rtol=0, atol=TOLERANCE, msg=lambda m: f"{name}: {m}")
+    checkpoint = tmp_path / "fsdp" / "checkpoints" / f"step_{STEPS:07d}"
+    assert (checkpoint / "sharded" / ".metadata").is_file() and not (checkpoint / "model.safetensors").exists()
+    assert len(list((checkpoint / "sharded").glob("*.distcp"))) == 2  # one file of shards per rank
+
+
+def test_an_fsdp_checkpoint_resumes_in_one_process(tmp_path):
+    """The shards 2 ranks saved at step 2 load into one unsharded process (the checkpoint library
+    reshards), which trains on at batch 32 to the weights the 2 ranks reached."""
+    run_ranks(train_run, 2, "fsdp", tmp_path / "fsdp", 16, 4, "train.ckpt_every=2")
+    resumed = tmp_path / "resumed"
+    shutil.copytree(tmp_path / "fsdp" / "checkpoints", resumed / "checkpoints")
+    shutil.rmtree(resumed / "checkpoints" / "step_0000004")  # as if stopped after step 2
+    train_run("fsdp", resumed, 32, 4, "train.ckpt_every=2", resume=True)
+    expected, got = weights(tmp_path / "fsdp" / "rank0.safetensors"), weights(resumed / "rank0.safetensors")
+    for name in got:
+        torch.testing.assert_close(got[name], expected[name], rtol=0, atol=TOLERANCE, msg=lambda m: f"{name}: {m}")

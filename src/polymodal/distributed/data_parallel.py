@@ -20,9 +20,11 @@ from __future__ import annotations
 
 import contextlib
 import warnings
+from collections.abc import Iterator
 
 import torch
 from torch import nn
+from torch.distributed.fsdp import FSDPModule
 from torch.nn.parallel import DistributedDataParallel
 
 from polymodal.distributed.process import world_size
@@ -42,7 +44,7 @@ def data_parallel(model: nn.Module, device: torch.device, *, gradient_surgery: b
         ConfigError: gradient surgery is on (it differentiates each loss term in its own backward
             pass, and DDP averages once per forward).
     """
-    if world_size() == 1:
+    if world_size() == 1 or isinstance(model, FSDPModule):  # FSDP reduces the gradients itself
         return model
     if gradient_surgery:
         raise ConfigError(
@@ -62,4 +64,16 @@ def gradient_sync(model: nn.Module, *, last: bool) -> contextlib.AbstractContext
     micro-batch of a step (the others accumulate locally, ``no_sync``)."""
     if isinstance(model, DistributedDataParallel) and not last:
         return model.no_sync()
+    if isinstance(model, FSDPModule) and not last:
+        return _fsdp_no_sync(model)
     return contextlib.nullcontext()
+
+
+@contextlib.contextmanager
+def _fsdp_no_sync(model: FSDPModule) -> Iterator[None]:
+    """FSDP's counterpart of ``no_sync``: gradients stay unreduced (and unsharded) on this rank."""
+    model.set_requires_gradient_sync(False)
+    try:
+        yield
+    finally:
+        model.set_requires_gradient_sync(True)

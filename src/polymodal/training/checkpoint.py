@@ -42,6 +42,7 @@ CHECKPOINT_DIR = "checkpoints"
 LATEST_FILE = "latest"
 MODEL_FILE = "model.safetensors"
 STATE_FILE = "state.pt"
+SHARDED_DIR = "sharded"  # an FSDP checkpoint's weights and optimiser, one file per rank (distributed/fsdp.py)
 FORMAT_VERSION = 1
 _TMP_PREFIX = ".tmp-"
 # What a failed write raises: OSError, but on a full disk safetensors raises a SafetensorError and
@@ -129,13 +130,18 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def has_weights(folder: Path) -> bool:
+    """Whether a checkpoint folder holds weights: ``model.safetensors``, or FSDP's shards."""
+    return (folder / MODEL_FILE).is_file() or (folder / SHARDED_DIR / ".metadata").is_file()
+
+
 def _step_dirs(ckpt_dir: Path) -> list[tuple[int, Path]]:
     """Complete checkpoint folders, oldest first."""
     found = []
     if ckpt_dir.is_dir():
         for child in ckpt_dir.iterdir():
             match = _STEP_DIR.match(child.name)
-            if match and (child / MODEL_FILE).is_file() and (child / STATE_FILE).is_file():
+            if match and has_weights(child) and (child / STATE_FILE).is_file():
                 found.append((int(match.group(1)), child))
     return sorted(found)
 
@@ -211,7 +217,7 @@ def save_checkpoint(
         raise
     log.info("saved checkpoint %s", final)
     if keep:
-        _prune(ckpt_dir, keep, final)
+        prune_checkpoints(ckpt_dir, keep, final)
     return final
 
 
@@ -251,7 +257,7 @@ def _write_failure(ckpt_dir: Path, final: Path, previous: Path | None, exc: Base
     )
 
 
-def _prune(ckpt_dir: Path, keep: int, final: Path) -> None:
+def prune_checkpoints(ckpt_dir: Path, keep: int, final: Path) -> None:
     """Remove all but the newest ``keep`` checkpoints (never ``final``); a failure only warns."""
     for _, old_dir in _step_dirs(ckpt_dir)[:-keep]:
         if old_dir != final:
@@ -271,7 +277,7 @@ def latest_checkpoint(run_dir: str | Path) -> Path | None:
     pointer = ckpt_dir / LATEST_FILE
     if pointer.is_file():
         named = ckpt_dir / pointer.read_text(errors="replace").strip()
-        if (named / MODEL_FILE).is_file() and (named / STATE_FILE).is_file():
+        if has_weights(named) and (named / STATE_FILE).is_file():
             return named
         log.warning("%s names %s, which is incomplete; using the newest complete checkpoint", pointer, named)
     found = _step_dirs(ckpt_dir)
@@ -307,7 +313,7 @@ def _checkpoint_folder(path: Path) -> Path:
     """A checkpoint folder, or a run folder's latest checkpoint."""
     if not path.exists():
         raise CheckpointError(f"checkpoint {path} does not exist; give a checkpoint folder or a run folder")
-    if (path / MODEL_FILE).exists():
+    if has_weights(path):
         return path
     found = latest_checkpoint(path)
     if found is None:
@@ -362,7 +368,13 @@ def load_checkpoint(
         CheckpointError: one line naming the file that is missing, corrupt or of another model.
     """
     path = _checkpoint_folder(Path(path_or_run_dir))
-    _load_weights(path / MODEL_FILE, model)
+    if (path / SHARDED_DIR).is_dir() and (optimizer is not None or not (path / MODEL_FILE).is_file()):
+        from polymodal.distributed.fsdp import load_sharded  # an FSDP run's (sharded) checkpoint
+
+        load_sharded(path, model, optimizer)
+        optimizer = None  # loaded with the weights
+    else:
+        _load_weights(path / MODEL_FILE, model)
     state_path = path / STATE_FILE
     if not state_path.is_file():
         if optimizer is not None or scheduler is not None or restore_rng:

@@ -25,8 +25,10 @@ from polymodal.training.checkpoint import (
     CHECKPOINT_DIR,
     LATEST_FILE,
     MODEL_FILE,
+    SHARDED_DIR,
     STATE_FILE,
     CheckpointError,
+    has_weights,
     latest_checkpoint,
     one_line_reason,
     point_latest,
@@ -65,15 +67,27 @@ def _safetensors_problem(path: Path) -> str | None:
 
 
 def checkpoint_problem(folder: Path) -> str | None:
-    """Why a checkpoint folder cannot be resumed from (a missing, truncated or corrupt file), or None."""
+    """Why a checkpoint folder cannot be resumed from (a missing, truncated or corrupt file), or None.
+    An FSDP checkpoint's shards (``sharded/``) are checked by the checkpoint library as it loads them."""
+    if (folder / SHARDED_DIR).is_dir():
+        if not has_weights(folder):
+            return f"{folder / SHARDED_DIR} has no .metadata: its write did not finish"
+        return _state_problem(folder / STATE_FILE)
     for name in (MODEL_FILE, STATE_FILE):
         if not (folder / name).is_file():
             return f"{folder / name} is missing"
     problem = _safetensors_problem(folder / MODEL_FILE)
     if problem is not None:
         return problem
+    return _state_problem(folder / STATE_FILE)
+
+
+def _state_problem(path: Path) -> str | None:
+    """Why ``state.pt`` is not a whole training state, or None."""
+    if not path.is_file():
+        return f"{path} is missing"
     try:
-        read_state(folder / STATE_FILE)
+        read_state(path)
     except CheckpointError as exc:
         return str(exc)
     return None

@@ -27,6 +27,7 @@ from torch.utils.tensorboard import SummaryWriter
 from polymodal.config import Config, dump_config
 from polymodal.data.keyed import TrainingItems, load_noise_clips
 from polymodal.diagnostics.live_hook import live_diagnostics
+from polymodal.distributed.fsdp import export_whole, is_sharded
 from polymodal.distributed.process import barrier, is_main
 from polymodal.errors import ConfigError
 from polymodal.evaluation.run import EVAL_FILE, RECONSTRUCTION_FILE, evaluate_run, flat_figures, write_eval
@@ -133,7 +134,11 @@ def train_stage(stage: Stage, previous: Stage | None) -> None:
         run.model, items, run.collator, config, run_dir, resume=resume, evaluate=periodic_eval, diagnose=diagnose,
         should_stop=selection.should_stop,
     )  # fmt: skip
+    if is_sharded(run.model):  # FSDP: the whole model for inference; evaluation needs every rank
+        export_whole(run.model, latest_checkpoint(run_dir))
     if not is_main():
+        if is_sharded(run.model):
+            evaluate_run(run, split="test")  # rank 0's figures; this rank lends its shards
         barrier()  # until rank 0 has evaluated: the next stage reads its eval.json
         return
     best = read_best(run_dir) if config.train.select is not None else None

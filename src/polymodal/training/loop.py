@@ -25,6 +25,7 @@ from torch.utils.data import Dataset
 from polymodal.config import Config, TrainConfig, dump_config
 from polymodal.distributed.collectives import any_rank, mean_over_ranks
 from polymodal.distributed.data_parallel import data_parallel, gradient_sync
+from polymodal.distributed.fsdp import ShardedModel, is_sharded, save_sharded_checkpoint, start_sharding
 from polymodal.distributed.process import is_main, local_device, rank, world_size
 from polymodal.errors import ConfigError
 from polymodal.training.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint, save_checkpoint
@@ -154,6 +155,7 @@ class TrainState:
         step: optimiser steps taken (skipped ones included).
         position: items consumed from the data stream, by every rank (the sampler resumes there).
         surgery: the gradient surgery (its state is checkpointed), or None for the plain sum.
+        sharded: with ``train.fsdp`` over several ranks, what sharding left to the loop; else None.
         flops_per_sample: counted in a fresh run's first step (for MFU) and kept in checkpoints.
     """
 
@@ -165,11 +167,13 @@ class TrainState:
     step: int = 0
     position: int = 0
     surgery: GradientSurgery | None = None
+    sharded: ShardedModel | None = None
     flops_per_sample: float = 0.0
 
     def save(self, run_dir: Path, model: nn.Module, *, keep: int) -> Path:
         """A checkpoint of the model and of this state (the data position, the skip counts and the
-        gradient surgery's state with it).
+        gradient surgery's state with it). Every rank calls it; rank 0 writes (each rank its own shards
+        under FSDP); the other ranks return ``run_dir``.
 
         Raises:
             RunError: the weights are not finite (nothing is written), or the write failed.
@@ -178,6 +182,11 @@ class TrainState:
         extra = {"data_position": self.position, "flops_per_sample": self.flops_per_sample, **self.guard.state_dict()}
         if self.surgery is not None:
             extra["gradient_surgery"] = self.surgery.state_dict()
+        if self.sharded is not None:
+            return save_sharded_checkpoint(run_dir, step=self.step, model=model, optimizer=self.optimizer,
+                                           scheduler=self.scheduler, extra_state=extra, keep=keep)  # fmt: skip
+        if not is_main():
+            return run_dir
         return save_checkpoint(
             run_dir, step=self.step, model=model, optimizer=self.optimizer, scheduler=self.scheduler,
             extra_state=extra, keep=keep,
@@ -190,11 +199,12 @@ def start_state(model: nn.Module, config: Config, run_dir: Path, *, resume: bool
     device = resolve_device(config.device)
     seed_everything(config.seed)
     model.to(device)  # master weights stay fp32; autocast runs eligible forward ops in bf16
+    sharded = start_sharding(model, config.train)  # before the optimiser, which then holds the shards
     optimizer = build_optimizer(model, config.train)
     state = TrainState(
         optimizer, build_scheduler(optimizer, config.train), device, resolve_precision(config.train.precision, device),
         NonFiniteGuard(config.train.max_nonfinite_steps, run_dir),
-        surgery=build_gradient_surgery(config.train.gradient_surgery, model),
+        surgery=build_gradient_surgery(config.train.gradient_surgery, model), sharded=sharded,
     )
     if resume:
         found = resumable_checkpoint(run_dir)  # damaged newer checkpoints are moved aside, with a warning
@@ -238,6 +248,8 @@ def optimizer_step(
         model, batches, num_batches=train.grad_accum, device=state.device, dtype=state.dtype,
         loss_weights=effective_loss_weights(train.loss_weights, train.loss_schedules, progress), surgery=state.surgery,
     )
+    if state.sharded is not None:
+        state.sharded.average_gradients()  # the parameters FSDP left whole
     terms = {name: term.item() for name, term in out.terms.items()}
     losses = {**terms, "loss": mean_over_ranks(out.total).item()}  # one total on every rank: one guard decision
     max_norm = train.grad_clip if train.grad_clip > 0 else math.inf  # inf: measure the norm, never clip
@@ -321,7 +333,7 @@ def fit(
                     diagnose(model, state.step, record.logger)
                 # After logging and evaluation, so the saved RNG state is the one the next step starts from.
                 if stop.agreed() or state.step % train.ckpt_every == 0 or done or stopped:  # agreed() on every step
-                    stop.raise_if_requested(state.step, state.save(run_dir, model, keep=train.keep_checkpoints) if is_main() else run_dir)
+                    stop.raise_if_requested(state.step, state.save(run_dir, model, keep=train.keep_checkpoints))
     finally:
         batches.close()
         record.close()
@@ -357,12 +369,13 @@ def take_step(
 def evaluate_once(
     model: nn.Module, evaluate: Evaluate, should_stop: Callable[[int], bool] | None, logger: MetricsLogger, step: int
 ) -> bool:
-    """Evaluate (on rank 0 alone: the other ranks wait in their next collective) and ask
-    ``should_stop``; returns rank 0's answer on every rank, so early stopping ends them together."""
+    """Evaluate (on rank 0 alone, the other ranks waiting in their next collective; on every rank
+    when FSDP shards the model) and ask ``should_stop``; returns rank 0's answer on every rank, so
+    early stopping ends them together."""
     stopped = False
-    if is_main():
+    if is_main() or is_sharded(model):
         run_evaluation(model, evaluate, logger, step)
-        stopped = should_stop is not None and should_stop(step)
+        stopped = is_main() and should_stop is not None and should_stop(step)
     return any_rank(stopped)
 
 
