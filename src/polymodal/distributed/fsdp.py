@@ -10,8 +10,8 @@ library reshards). At the end of a run the whole model is gathered once, to
 ``model.safetensors`` in the last checkpoint, for inference in one process.
 
 Parameters FSDP cannot shard (a scalar, CLIP's logit scale) stay whole on every rank; their
-gradients are averaged here. Evaluation runs on every rank (each forward gathers weights from
-all of them), rank 0 writing the figures.
+gradients are averaged here. For evaluation every rank gathers the whole model for a moment
+(``gathered``), and rank 0 evaluates alone, as under DDP.
 
 Reference: Zhao et al. 2023, PyTorch FSDP: Experiences on Scaling Fully Sharded Data Parallel,
 arXiv:2304.11277.
@@ -19,10 +19,12 @@ arXiv:2304.11277.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import os
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -107,6 +109,24 @@ def shard_model(model: nn.Module) -> ShardedModel:
 
 def is_sharded(model: nn.Module) -> bool:
     return isinstance(model, FSDPModule)
+
+
+@contextlib.contextmanager
+def gathered(model: nn.Module) -> Iterator[None]:
+    """Within the block every weight of a sharded ``model`` is whole on every rank (nothing changes
+    for an unsharded one). Every rank enters it; then rank 0 may evaluate alone: evaluation calls
+    the model's methods (generate, embed, reconstruct), not only the forward around which FSDP
+    gathers, and the whole model is briefly on every rank."""
+    units = [module for module in model.modules() if isinstance(module, FSDPModule)]
+    for unit in units:
+        unit.set_reshard_after_forward(False)
+        unit.unshard()
+    try:
+        yield
+    finally:
+        for unit in units:
+            unit.reshard()
+            unit.set_reshard_after_forward(True)
 
 
 def save_sharded_checkpoint(

@@ -27,7 +27,7 @@ from torch.utils.tensorboard import SummaryWriter
 from polymodal.config import Config, dump_config
 from polymodal.data.keyed import TrainingItems, load_noise_clips
 from polymodal.diagnostics.live_hook import live_diagnostics
-from polymodal.distributed.fsdp import export_whole, is_sharded
+from polymodal.distributed.fsdp import export_whole, gathered, is_sharded
 from polymodal.distributed.process import barrier, is_main
 from polymodal.errors import ConfigError
 from polymodal.evaluation.run import EVAL_FILE, RECONSTRUCTION_FILE, evaluate_run, flat_figures, write_eval
@@ -35,6 +35,7 @@ from polymodal.models.architectures import ARCHITECTURES
 from polymodal.models.image_tokenizer import ImageTokenizerModel
 from polymodal.training.checkpoint import latest_checkpoint, load_checkpoint
 from polymodal.training.loop import fit
+from polymodal.training.step_record import FitResult
 from polymodal.training.features import attach_feature_caches
 from polymodal.training.metrics_log import TENSORBOARD_DIR
 from polymodal.training.run import Run, prepare_run
@@ -134,13 +135,18 @@ def train_stage(stage: Stage, previous: Stage | None) -> None:
         run.model, items, run.collator, config, run_dir, resume=resume, evaluate=periodic_eval, diagnose=diagnose,
         should_stop=selection.should_stop,
     )  # fmt: skip
-    if is_sharded(run.model):  # FSDP: the whole model for inference; evaluation needs every rank
+    if is_sharded(run.model):  # FSDP: the whole model, once, for inference in one process
         export_whole(run.model, latest_checkpoint(run_dir))
-    if not is_main():
-        if is_sharded(run.model):
-            evaluate_run(run, split="test")  # rank 0's figures; this rank lends its shards
-        barrier()  # until rank 0 has evaluated: the next stage reads its eval.json
-        return
+    with gathered(run.model):  # FSDP: whole on every rank while rank 0 evaluates
+        if is_main():
+            test_figures(run, result, started)
+    barrier()  # the next stage reads this one's eval.json
+
+
+def test_figures(run: Run, result: FitResult, started: float) -> None:
+    """The stage's test-split figures (those of the selected checkpoint with ``train.select``) into
+    ``eval.json`` and TensorBoard."""
+    config, run_dir = run.config, run.run_dir
     best = read_best(run_dir) if config.train.select is not None else None
     if best is not None:  # the test figures are the selected checkpoint's
         load_checkpoint(best_dir(run_dir), model=run.model)
@@ -151,7 +157,6 @@ def train_stage(stage: Stage, previous: Stage | None) -> None:
     write_eval(run_dir, figures, config)
     log_final(run_dir, figures, step=result.step)
     logger.info("trained and evaluated in %.0f s; figures in %s", time.perf_counter() - started, run_dir / EVAL_FILE)
-    barrier()
 
 
 def prepare_stage_run(config: Config, run_dir: Path, *, resume: bool) -> Run:

@@ -25,7 +25,7 @@ from torch.utils.data import Dataset
 from polymodal.config import Config, TrainConfig, dump_config
 from polymodal.distributed.collectives import any_rank, mean_over_ranks
 from polymodal.distributed.data_parallel import data_parallel, gradient_sync
-from polymodal.distributed.fsdp import ShardedModel, is_sharded, save_sharded_checkpoint, start_sharding
+from polymodal.distributed.fsdp import ShardedModel, gathered, save_sharded_checkpoint, start_sharding
 from polymodal.distributed.process import is_main, local_device, rank, world_size
 from polymodal.errors import ConfigError
 from polymodal.training.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint, save_checkpoint
@@ -369,13 +369,14 @@ def take_step(
 def evaluate_once(
     model: nn.Module, evaluate: Evaluate, should_stop: Callable[[int], bool] | None, logger: MetricsLogger, step: int
 ) -> bool:
-    """Evaluate (on rank 0 alone, the other ranks waiting in their next collective; on every rank
-    when FSDP shards the model) and ask ``should_stop``; returns rank 0's answer on every rank, so
-    early stopping ends them together."""
+    """Evaluate (on rank 0 alone, the other ranks waiting in their next collective; an FSDP model is
+    gathered whole first) and ask ``should_stop``; returns rank 0's answer on every rank, so early
+    stopping ends them together."""
     stopped = False
-    if is_main() or is_sharded(model):
-        run_evaluation(model, evaluate, logger, step)
-        stopped = is_main() and should_stop is not None and should_stop(step)
+    with gathered(model):
+        if is_main():
+            run_evaluation(model, evaluate, logger, step)
+            stopped = should_stop is not None and should_stop(step)
     return any_rank(stopped)
 
 
