@@ -1,9 +1,10 @@
 """A 2-rank training run for the kill-and-resume test, started by torchrun:
 
-    python -m torch.distributed.run --standalone --nproc-per-node 2 ddp_job.py RUN_DIR [--resume] [--delay S]
+    python -m torch.distributed.run --standalone --nproc-per-node 2 ddp_job.py RUN_DIR [--resume] [--delay S] [--fsdp]
 
 The any-to-any run with gathered contrastive negatives (``ranks.train_run``), a checkpoint every 2
-steps; the delay slows the data only (it changes no number), so the test can kill it mid-way.
+steps (sharded with ``--fsdp``); the delay slows the data only (it changes no number), so the test
+can kill it mid-way.
 """
 
 import argparse
@@ -26,10 +27,12 @@ def main() -> None:
     parser.add_argument("run_dir", type=Path)
     parser.add_argument("--resume", action="store_true")
     parser.add_argument("--delay", type=float, default=0.0)
+    parser.add_argument("--fsdp", action="store_true")
     args = parser.parse_args()
     torch.set_num_threads(1)
     with process_group(torch.device("cpu")):
-        train_run("contrastive", args.run_dir, 16, STEPS, "train.ckpt_every=2", resume=args.resume, delay=args.delay)
+        kind = "fsdp" if args.fsdp else "contrastive"
+        train_run(kind, args.run_dir, 16, STEPS, "train.ckpt_every=2", resume=args.resume, delay=args.delay)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
-"""A 2-rank run (torchrun, gloo) killed with SIGKILL mid-way, every process at once as when a
-machine fails, and resumed at the same world size, ends with bitwise the weights of an
-uninterrupted 2-rank run; and ``polymodal train --nproc-per-node 2`` leaves a whole run folder
+"""A 2-rank run (torchrun, gloo; DDP, or FSDP with sharded checkpoints) killed with SIGKILL mid-way,
+every process at once as when a machine fails, and resumed at the same world size, ends with
+bitwise the weights of an uninterrupted 2-rank run; and ``polymodal train --nproc-per-node 2`` leaves a whole run folder
 written once, by rank 0."""
 
 import json
@@ -37,10 +37,11 @@ def _finish(proc: subprocess.Popen, run_dir: Path) -> None:
 
 
 @pytest.mark.slow
-def test_two_ranks_killed_and_resumed_end_like_an_uninterrupted_run(tmp_path):
+@pytest.mark.parametrize("mode", [[], ["--fsdp"]], ids=["ddp", "fsdp"])
+def test_two_ranks_killed_and_resumed_end_like_an_uninterrupted_run(tmp_path, mode):
     whole_dir, killed_dir = tmp_path / "whole", tmp_path / "killed"
-    _finish(_start(whole_dir), whole_dir)
-    killed = _start(killed_dir, "--delay", "0.3")
+    _finish(_start(whole_dir, *mode), whole_dir)
+    killed = _start(killed_dir, "--delay", "0.3", *mode)
     deadline = time.monotonic() + TIMEOUT
     while killed.poll() is None and time.monotonic() < deadline:
         found = latest_checkpoint(killed_dir)
@@ -51,8 +52,8 @@ def test_two_ranks_killed_and_resumed_end_like_an_uninterrupted_run(tmp_path):
     killed.wait(timeout=TIMEOUT)
     stopped_at = int(latest_checkpoint(killed_dir).name.removeprefix("step_"))
     assert killed.returncode == -signal.SIGKILL and stopped_at < STEPS
-    _finish(_start(killed_dir, "--resume"), killed_dir)
-    for name in ("rank0.safetensors", "rank1.safetensors"):
+    _finish(_start(killed_dir, "--resume", *mode), killed_dir)
+    for name in ("rank0.safetensors",) if mode else ("rank0.safetensors", "rank1.safetensors"):
         expected, resumed = weights(whole_dir / name), weights(killed_dir / name)
         assert all(torch.equal(expected[key], resumed[key]) for key in expected), name
     steps = [json.loads(line)["step"] for line in (killed_dir / "metrics.jsonl").read_text().splitlines()]
