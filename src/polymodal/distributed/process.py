@@ -102,8 +102,10 @@ def setup(device: torch.device) -> None:
 
 
 def teardown() -> None:
-    """Leave the process group (nothing to do without one)."""
+    """Leave the process group (nothing to do without one), together: a rank that tears its
+    connections down while another still uses them can abort that one (gloo)."""
     if active():
+        dist.barrier()
         dist.destroy_process_group()
 
 
@@ -111,17 +113,16 @@ def teardown() -> None:
 def process_group(device: torch.device) -> Iterator[None]:
     """Within the block, this process is one rank of the launched run (when it was launched as one;
     otherwise the block runs as a single process). Ranks other than 0 log warnings only, so the
-    console shows each message once."""
+    console shows each message once. A block that raises leaves the group as it is: the other ranks
+    may be waiting in a collective (the launcher ends them), and the process exits next."""
     if not launched() or active():
         yield
         return
     setup(device)
     if not is_main():
         logging.getLogger().setLevel(logging.WARNING)
-    try:
-        yield
-    finally:
-        teardown()
+    yield
+    teardown()
 
 
 def comm_device() -> torch.device:
