@@ -28,7 +28,7 @@ from polymodal.distributed.data_parallel import data_parallel, gradient_sync
 from polymodal.distributed.fsdp import ShardedModel, gathered, save_sharded_checkpoint, start_sharding
 from polymodal.distributed.process import is_main, local_device, rank, world_size
 from polymodal.errors import ConfigError
-from polymodal.training.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint, save_checkpoint
+from polymodal.training.checkpoint import CHECKPOINT_DIR, CheckpointError, latest_checkpoint, load_checkpoint, save_checkpoint
 from polymodal.training.checkpoint_check import resumable_checkpoint
 from polymodal.training.compile import compiled_blocks
 from polymodal.training.gradient_surgery import GradientSurgery, build_gradient_surgery
@@ -173,7 +173,7 @@ class TrainState:
     def save(self, run_dir: Path, model: nn.Module, *, keep: int) -> Path:
         """A checkpoint of the model and of this state (the data position, the skip counts and the
         gradient surgery's state with it). Every rank calls it; rank 0 writes (each rank its own shards
-        under FSDP); the other ranks return ``run_dir``.
+        under FSDP); every rank returns the checkpoint's folder.
 
         Raises:
             RunError: the weights are not finite (nothing is written), or the write failed.
@@ -186,7 +186,7 @@ class TrainState:
             return save_sharded_checkpoint(run_dir, step=self.step, model=model, optimizer=self.optimizer,
                                            scheduler=self.scheduler, extra_state=extra, keep=keep)  # fmt: skip
         if not is_main():
-            return run_dir
+            return run_dir / CHECKPOINT_DIR / f"step_{self.step:07d}"  # where rank 0 writes it
         return save_checkpoint(
             run_dir, step=self.step, model=model, optimizer=self.optimizer, scheduler=self.scheduler,
             extra_state=extra, keep=keep,
