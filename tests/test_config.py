@@ -146,3 +146,10 @@ def test_replacing_works_on_a_run_config_too(tmp_path):
     config = load_config(["default"], [f"run_dir={tmp_path}"])
     dump_config(config, tmp_path / "config.yaml")
     assert load_run_config(tmp_path, ["model.task_fractions={}"]).model.task_fractions == {}
+
+
+def test_a_vocabulary_smaller_than_the_byte_alphabet_is_refused_with_the_config():
+    with pytest.raises(ConfigError, match="data.vocab_size: a byte-level BPE needs at least 259"):
+        load_config(["tiny"], ["data.vocab_size=256"])
+    for name in preset_names():  # every shipped preset loads (a manifest preset given a manifest)
+        load_config([name], ["data.manifest=any.jsonl"])

@@ -368,6 +368,10 @@ def validate(config: Config) -> None:
     for key in ("image_height", "image_width", "image_channels", "sample_rate", "num_mels", "hop_length", "vocab_size"):
         positive(f"data.{key}", getattr(config.data, key))
     positive("data.max_audio_seconds", config.data.max_audio_seconds)
+    from polymodal.data.text import MIN_VOCAB_SIZE
+
+    if config.data.vocab_size < MIN_VOCAB_SIZE:
+        raise ConfigError(f"data.vocab_size: a byte-level BPE needs at least {MIN_VOCAB_SIZE} (256 bytes and 3 specials), got {config.data.vocab_size}")
     positive("model.dim", config.model.dim)
     check_selection(config.train)
     for section in ("train", "tokenizer_train"):

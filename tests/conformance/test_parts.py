@@ -208,3 +208,12 @@ def test_every_encoder_has_forward_intermediates():
         inter = encoder.forward_intermediates(*inputs)
         assert torch.equal(inter.output.tokens, encoder(*inputs).tokens)
         assert len(inter.hidden) >= 1
+
+
+@pytest.mark.parametrize("name", ENCODERS.names())
+def test_every_encoder_takes_a_mask_as_the_model_calls_it(name):
+    """The shared encoding path (``models/encoding.py``) calls every encoder as ``encoder(x, mask)``,
+    with None where a modality has no padding: the same tokens as the call without it."""
+    wiring, inputs = _encoder_case(name)
+    encoder = _build(ENCODERS, name, wiring).eval()
+    assert torch.equal(encoder(inputs[0], None).tokens, encoder(inputs[0]).tokens)

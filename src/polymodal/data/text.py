@@ -25,6 +25,7 @@ EOS_TOKEN = "<eos>"
 # Special tokens come first in the trainer's vocabulary, so their ids are fixed: pad 0, bos 1, eos 2.
 SPECIAL_TOKENS = (PAD_TOKEN, BOS_TOKEN, EOS_TOKEN)
 NUM_BYTE_SYMBOLS = 256  # the byte-level alphabet: every byte value has its own base token
+MIN_VOCAB_SIZE = len(SPECIAL_TOKENS) + NUM_BYTE_SYMBOLS  # a BPE with no merge at all
 TOKENIZER_FILENAME = "tokenizer.json"  # the file name inside a run folder
 
 
@@ -63,10 +64,9 @@ class TextTokenizer:
             vocab_size: the largest vocabulary wanted, specials and the 256 byte symbols included.
                 A small corpus may stop with fewer merges; read ``vocab_size`` afterwards.
         """
-        smallest = len(SPECIAL_TOKENS) + NUM_BYTE_SYMBOLS
-        if vocab_size < smallest:
+        if vocab_size < MIN_VOCAB_SIZE:
             raise ValueError(
-                f"vocab_size={vocab_size} is too small: a byte-level BPE needs at least {smallest} "
+                f"vocab_size={vocab_size} is too small: a byte-level BPE needs at least {MIN_VOCAB_SIZE} "
                 f"({len(SPECIAL_TOKENS)} special tokens + {NUM_BYTE_SYMBOLS} byte symbols)"
             )
         tokenizer = Tokenizer(models.BPE())

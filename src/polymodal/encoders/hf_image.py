@@ -218,11 +218,12 @@ class HFImageEncoder(nn.Module):
             pixels = center_crop(pixels, *self.processing.crop)
         return (pixels * self.processing.scale - self.mean) / self.std
 
-    def forward_intermediates(self, images: Tensor) -> EncoderIntermediates:
+    def forward_intermediates(self, images: Tensor, mask: Tensor | None = None) -> EncoderIntermediates:
         """Preprocess, run the tower, keep every kept block's output.
 
         Args:
             images: (B, C, H, W) normalised to [-1, 1].
+            mask: accepted like every encoder's and unused (images have no padding).
 
         Returns:
             EncoderIntermediates: ``output`` as ``forward``; ``hidden``: one (B, N, D) per kept
@@ -234,8 +235,8 @@ class HFImageEncoder(nn.Module):
         hidden = [h[:, skip:] for h in out.hidden_states[1:]]
         return EncoderIntermediates(EncoderOutput(out.last_hidden_state[:, skip:]), hidden)
 
-    def forward(self, images: Tensor) -> EncoderOutput:
-        """(B, C, H, W) in [-1, 1] -> tokens (B, N, hidden size); every token is real (mask None)."""
+    def forward(self, images: Tensor, mask: Tensor | None = None) -> EncoderOutput:
+        """(B, C, H, W) in [-1, 1] -> tokens (B, N, hidden size); every token is real (``mask`` unused)."""
         skip = 0 if self.cls_token else self.num_prefix
         return EncoderOutput(self._run(images, with_hidden=False).last_hidden_state[:, skip:])
 
