@@ -184,6 +184,7 @@ def build_spoken_numbers(
     image_height: int = 32,
     image_width: int = 96,
     sample_rate: int = 16000,
+    recorded_share: float = RECORDED_SHARE,
     cache_dir: str | Path | None = None,
     use_cache: bool = True,
     num_workers: int | None = None,
@@ -197,6 +198,8 @@ def build_spoken_numbers(
         image_height: canvas height in pixels.
         image_width: canvas width in pixels; must fit max_digits legible digits.
         sample_rate: audio rate in Hz.
+        recorded_share: the share of the training speech recorded through a drawn talker, room,
+            noise, channel and microphone (``recording.py``); 0 keeps it as espeak says it.
         cache_dir: cache folder; None: ``$POLYMODAL_CACHE`` or ~/.cache/polymodal.
         use_cache: False builds afresh and neither reads nor writes the cache.
         num_workers: processes for speech synthesis; None: every available core. Does not change
@@ -206,6 +209,8 @@ def build_spoken_numbers(
         ValueError: a parameter is out of range; the message says which and what would work.
     """
     _check_parameters(num_samples, max_digits, image_height, image_width, sample_rate)
+    if not 0.0 <= recorded_share <= 1.0:
+        raise ValueError(f"recorded_share must lie in [0, 1], got {recorded_share}")
     params = {
         "num_samples": int(num_samples),
         "seed": int(seed),
@@ -213,6 +218,7 @@ def build_spoken_numbers(
         "image_height": int(image_height),
         "image_width": int(image_width),
         "sample_rate": int(sample_rate),
+        "recorded_share": float(recorded_share),
         "generator_version": GENERATOR_VERSION,
         "espeak_version": speech.espeak_version(),
         "synth_chunk": speech.SYNTH_CHUNK,
@@ -271,8 +277,8 @@ def _generate(params: dict[str, Any], *, num_workers: int | None) -> SpokenNumbe
         for n, split in zip(labels_all, splits_all)
     ]
     noise_seeds = rng_voices.integers(0, 2**31 - 1, size=num_samples)
-    # RECORDED_SHARE of the training speech is recorded (recording.py); the rest, validation and test stay clean.
-    recorded = (splits_all == 0) & (rng_rooms.random(num_samples) < RECORDED_SHARE)
+    # recorded_share of the training speech is recorded (recording.py); the rest, validation and test stay clean.
+    recorded = (splits_all == 0) & (rng_rooms.random(num_samples) < params["recorded_share"])
     recordings = np.where(recorded, rng_rooms.integers(0, 2**31 - 1, size=num_samples), -1)
 
     speech_jobs = speech.chunk_jobs(

@@ -56,16 +56,22 @@ class SpokenNumbersSource:
         seed: every random choice of the build.
         num_samples: samples over all splits (80% train, 10% val, 10% test).
         max_digits: numbers have 1..max_digits digits (at most 6).
+        recorded_share: the share of the training speech "recorded" at build time (talker, room,
+            noise, channel, microphone: ``recording.py``); validation and test speech stay clean.
     """
 
     references_for: ClassVar[frozenset[Modality]] = frozenset({Modality.IMAGE, Modality.AUDIO})
     label_parser = staticmethod(parse_number)
 
-    def __init__(self, data: DataConfig, seed: int, *, num_samples: int = 20000, max_digits: int = 3) -> None:
+    def __init__(
+        self, data: DataConfig, seed: int, *, num_samples: int = 20000, max_digits: int = 3, recorded_share: float = 0.7
+    ) -> None:
         if num_samples < 1 or not 1 <= max_digits <= 6:
             raise ValueError(f"need num_samples >= 1 and max_digits in 1..6, got {num_samples} and {max_digits}")
+        if not 0.0 <= recorded_share <= 1.0:
+            raise ValueError(f"recorded_share must lie in [0, 1], got {recorded_share}")
         self.data, self.seed = data, seed
-        self.num_samples, self.max_digits = num_samples, max_digits
+        self.num_samples, self.max_digits, self.recorded_share = num_samples, max_digits, recorded_share
         self._built = None
 
     @property
@@ -78,6 +84,7 @@ class SpokenNumbersSource:
             self._built = build_spoken_numbers(
                 num_samples=self.num_samples, seed=self.seed, max_digits=self.max_digits,
                 image_height=data.image_height, image_width=data.image_width, sample_rate=data.sample_rate,
+                recorded_share=self.recorded_share,
             )  # fmt: skip
         return self._built
 
