@@ -4,7 +4,8 @@ Words follow British usage, which says "and" before the last two digits after a 
 thousand ("one hundred and five", "one thousand and seven") and none when those are zero
 ("seven hundred"). Tens and units are joined by a space, not a hyphen ("forty two"), so a word
 tokenizer sees the same units everywhere. ``parse_number`` inverts both the words and the numerals,
-so evaluation can read a generated caption back as a number.
+so evaluation can read a generated caption back as a number. Last, how the builder draws numbers:
+the digit count uniform, then the number uniform at that length, and the held-out numbers.
 """
 
 from __future__ import annotations
@@ -132,3 +133,36 @@ def written_digits(text: str) -> str:
     the text itself, lower-cased and stripped, when it names none."""
     n = parse_number(text)
     return text.strip().lower() if n is None else str(n)
+
+
+# ----------------------------------------------------------------------------- drawing numbers
+
+HELDOUT_FRACTION = 0.05  # of the numbers of each length >= 2, never in the training split
+
+
+def length_range(length: int) -> tuple[int, int]:
+    """[low, high) of the numbers with ``length`` digits: 1 -> [0, 10), 2 -> [10, 100), ..."""
+    return (0 if length == 1 else 10 ** (length - 1)), 10**length
+
+
+def choose_heldout(rng: np.random.Generator, max_digits: int) -> np.ndarray:
+    """(K,) int64 sorted: HELDOUT_FRACTION of the numbers of each length 2..max_digits."""
+    chosen = []
+    for length in range(2, max_digits + 1):
+        low, high = length_range(length)
+        count = max(1, round(HELDOUT_FRACTION * (high - low)))
+        chosen.append(low + rng.choice(high - low, size=count, replace=False))
+    return np.sort(np.concatenate(chosen)).astype(np.int64) if chosen else np.zeros(0, np.int64)
+
+
+def draw_numbers(rng: np.random.Generator, count: int, max_digits: int, excluded: np.ndarray) -> np.ndarray:
+    """(count,) int64: digit count uniform in 1..max_digits, then a number of that length uniform
+    over those not ``excluded`` (redrawn at the same length, so the length stays uniform)."""
+    lengths = rng.integers(1, max_digits + 1, size=count)
+    numbers = np.zeros(count, dtype=np.int64)
+    todo = np.arange(count)
+    while todo.size:
+        bounds = np.array([length_range(int(d)) for d in lengths[todo]]).reshape(-1, 2)  # (n, 2) low, high
+        numbers[todo] = bounds[:, 0] + (rng.random(todo.size) * (bounds[:, 1] - bounds[:, 0])).astype(np.int64)
+        todo = todo[np.isin(numbers[todo], excluded)]
+    return numbers

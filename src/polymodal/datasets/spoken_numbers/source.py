@@ -64,7 +64,7 @@ class SpokenNumbersSource:
     label_parser = staticmethod(parse_number)
 
     def __init__(
-        self, data: DataConfig, seed: int, *, num_samples: int = 20000, max_digits: int = 3, recorded_share: float = 0.7
+        self, data: DataConfig, seed: int, *, num_samples: int = 20000, max_digits: int = 3, recorded_share: float = 0.0
     ) -> None:
         if num_samples < 1 or not 1 <= max_digits <= 6:
             raise ValueError(f"need num_samples >= 1 and max_digits in 1..6, got {num_samples} and {max_digits}")
