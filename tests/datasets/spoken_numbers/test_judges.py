@@ -43,9 +43,9 @@ def test_voiced_frames_counts_up_to_the_last_voiced_frame():
 def test_cached_judges_equal_the_freshly_trained_ones(small, monkeypatch):
     config, _, splits, collator, cache = small
     monkeypatch.setenv("POLYMODAL_CACHE", str(cache))
-    fresh = judges.load_judges(config, 0, splits.train, splits.test, collator, max_digits=3)
+    fresh = judges.load_judges(config, 0, splits.train, splits.test, collator, max_digits=3, recorded_share=0.0)
     assert list(cache.glob("judges-*.safetensors"))
-    cached = judges.load_judges(config, 0, splits.train, splits.test, collator, max_digits=3)
+    cached = judges.load_judges(config, 0, splits.train, splits.test, collator, max_digits=3, recorded_share=0.0)
     assert (cached.image_accuracy, cached.audio_accuracy) == (fresh.image_accuracy, fresh.audio_accuracy)
     for a, b in ((fresh.image, cached.image), (fresh.audio, cached.audio)):
         for (name, x), (_, y) in zip(a.state_dict().items(), b.state_dict().items()):
@@ -89,7 +89,7 @@ def test_generated_images_that_are_the_real_ones_score_as_the_judge_reads_real_i
     run = _Run(_Replay(batches), collator, dataclasses.make_dataclass("C", [("data", object)])(config), splits)
     made = samples.generate_from_captions(run, splits.test, Modality.IMAGE)
     figures = source.evaluate_generation(run, splits.test, {"text_to_image": made})["text_to_image"]
-    found = judges.load_judges(config, 0, splits.train, splits.test, collator, max_digits=3)
+    found = judges.load_judges(config, 0, splits.train, splits.test, collator, max_digits=3, recorded_share=0.0)
     real = torch.cat([predict_numbers(found.image, b.inputs[Modality.IMAGE]) for b in batches])
     labels = torch.cat([b.labels for b in batches])
     assert figures["count"] == len(splits.test) == len(made.captions)

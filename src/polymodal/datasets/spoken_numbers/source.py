@@ -143,7 +143,9 @@ class SpokenNumbersSource:
 
         splits, device = run.splits, next(run.model.parameters()).device
         collator = run.collator.log_mel_view()  # the judges read log-mel, whatever the model reads
-        found = judges.load_judges(self.data, self.seed, splits.train, splits.test, collator, max_digits=self.max_digits)
+        found = judges.load_judges(
+            self.data, self.seed, splits.train, splits.test, collator, max_digits=self.max_digits, recorded_share=self.recorded_share
+        )  # fmt: skip
         results: dict[str, dict] = {}
         for task, samples in generated.items():
             if samples.images is not None:
