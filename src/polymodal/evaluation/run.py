@@ -105,7 +105,19 @@ def flat_figures(results: dict) -> dict[str, float]:
     }
 
 
+# What training alone knows and a later `polymodal eval` keeps: its throughput and the selected step.
+TRAINING_RECORDS = ("train", "selected")
+
+
 def write_eval(run_dir: Path, figures: dict, config: Config) -> Path:
+    """``eval.json``: the figures and the config; a re-evaluation keeps the training records of the
+    file it replaces (``TRAINING_RECORDS``)."""
     path = Path(run_dir) / EVAL_FILE
+    if path.is_file():
+        try:
+            before = json.loads(path.read_text()).get("figures", {})
+        except (json.JSONDecodeError, AttributeError):
+            before = {}  # a damaged file is replaced whole
+        figures = {**{k: before[k] for k in TRAINING_RECORDS if k in before and k not in figures}, **figures}
     path.write_text(json.dumps({"figures": figures, "config": to_dict(config)}, indent=2))
     return path
