@@ -9,9 +9,10 @@ probability ``condition_dropout``. Generation integrates the velocity from noise
 Euler or Heun steps with classifier-free guidance ``guidance`` (``decoders/flow_sampling.py``).
 
 Pixels or latents: ``flow_matching`` works on pixels, ``flow_matching_latent`` on the latents of
-the run's VAE (``model.image_tokenizer: {name: vae}``, trained in the run's first stage). Measured
-on the built-in 32 x 96 digits (BENCHMARKS.md, "Generation from any data"), pixel space is the
-default: FILLED IN BY THE MEASUREMENT.
+the run's VAE (``model.image_tokenizer: {name: vae}``, trained in the run's first stage). The
+``metaquery`` preset uses pixels: a 32 x 96 grey image at patch 8 is 48 tokens, as few as a latent
+grid would give, and it needs no first stage. The two have not yet been compared on the same data
+(BENCHMARKS.md, "Generation from any data", has the pixel head's figures).
 
 References: Lipman et al. 2022, arXiv:2210.02747 and Liu et al. 2022, arXiv:2209.03003 (flow
 matching, rectified flow); Pan et al. 2025, MetaQuery, arXiv:2504.06256 (queries, connector,
