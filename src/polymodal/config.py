@@ -118,7 +118,11 @@ class TrainConfig:
     keep_checkpoints: int = 2
     eval_every: int = 0  # 0: evaluate only at the end
     progress: bool = True
-    prefetch: int = 2  # batches collated ahead in a background thread while a step runs; 0: none
+    # Batches collated ahead in a background thread while a step runs; 0: none. Off by default: on
+    # 2 CPU cores the thread's collation takes a core from the step's matmuls, and the default
+    # preset's step measured 926 ms with 2 ahead against 551-679 ms with none (BENCHMARKS.md).
+    # Worth it where collation has a core of its own, or on a GPU.
+    prefetch: int = 0
     compile: bool = False  # torch.compile the model's repeated blocks (BENCHMARKS.md: slower to start)
     fsdp: bool = False  # several processes: shard weights, gradients, optimiser state (FSDP2) instead of DDP
     loss_weights: dict[str, float] = dataclasses.field(default_factory=dict)  # loss name -> weight (default 1)

@@ -2,6 +2,7 @@
 gradients like one large batch, weights loss terms, fails clearly, logs MFU from the counted first
 step; and the precision policy."""
 
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -224,3 +225,18 @@ def test_a_resumed_run_reports_mfu_from_the_checkpoint_without_counting_again(tm
     assert counted and not any(counted)
     peak = matmul_peak(torch.float32, "cpu")
     assert result.mfu == pytest.approx(16 * result.samples_per_second / peak, rel=1e-9)
+
+
+def test_prefetching_batches_ahead_trains_exactly_as_collating_in_step(tmp_path):
+    """train.prefetch=2 (a background thread collates ahead) and 0 (collation in the step): the same
+    batches in the same order, so bitwise the same weights and logged losses."""
+    weights, losses = [], []
+    for depth in (0, 2):
+        model = _model()
+        config = _config(steps=9, log_every=3)
+        config = dataclasses.replace(config, train=dataclasses.replace(config.train, prefetch=depth))
+        result = fit(model, ToyData(), ToyCollate(), config, tmp_path / f"prefetch{depth}")
+        weights.append({k: v.clone() for k, v in model.state_dict().items()})
+        losses.append(result.losses)
+    assert weights[0].keys() == weights[1].keys() and all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+    assert losses[0] == losses[1]
