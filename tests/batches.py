@@ -71,3 +71,22 @@ def preset_needs(name: str) -> list[str]:
     from polymodal.config import preset_text
 
     return ["data.manifest=my.jsonl"] if "source: manifest" in preset_text(name) else []
+
+
+def assert_task_pass_embeddings_equal_embed(model, batch: Batch) -> dict[Modality, torch.Tensor]:
+    """Run ``model`` on ``batch`` (no gradients), capturing what the contrastive task projects for
+    each modality, and check each equals ``model.embed`` over that source alone; returns ``embed``'s."""
+    captured, alone = {}, {}
+    original = model.contrastive.project
+
+    def spy(modality, pooled):
+        captured[modality] = original(modality, pooled)
+        return captured[modality]
+
+    model.contrastive.project = spy
+    with torch.no_grad():
+        model(batch)
+        for modality in Modality:
+            alone[modality] = model.embed(modality, batch.inputs[modality], batch.masks.get(modality))
+            torch.testing.assert_close(captured[modality], alone[modality], atol=1e-5, rtol=1e-5)
+    return alone

@@ -6,6 +6,8 @@ import math
 
 import torch
 
+from batches import assert_task_pass_embeddings_equal_embed
+
 from polymodal.config import load_config
 from polymodal.data.batch import AlignedTargets, Batch
 from polymodal.modality import Modality
@@ -262,22 +264,9 @@ def test_the_duration_loss_trains_the_duration_head_towards_log_frames():
 
 def test_contrastive_embeddings_from_task_passes_equal_a_pass_over_the_source_alone():
     """Sources never attend targets, so the pooled source states of image->text equal embed()'s."""
-    model = tiny_model()
-    batch = make_batch()
-    captured = {}
-    original = model.contrastive.project
-
-    def spy(modality, pooled):
-        captured[modality] = original(modality, pooled)
-        return captured[modality]
-
-    model.contrastive.project = spy
-    with torch.no_grad():
-        model(batch)
-        for modality in (Modality.IMAGE, Modality.AUDIO, Modality.TEXT):
-            alone = model.embed(modality, batch.inputs[modality], batch.masks.get(modality))
-            torch.testing.assert_close(captured[modality], alone, atol=1e-5, rtol=1e-5)
-            torch.testing.assert_close(alone.norm(dim=-1), torch.ones(3))
+    embeddings = assert_task_pass_embeddings_equal_embed(tiny_model(), make_batch())
+    for alone in embeddings.values():
+        torch.testing.assert_close(alone.norm(dim=-1), torch.ones(3))
 
 
 def test_the_image_tokenizer_is_frozen_and_stays_in_eval_mode():

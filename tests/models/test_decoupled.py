@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from batches import SHAPES, make_batch
+from batches import SHAPES, assert_task_pass_embeddings_equal_embed, make_batch
 
 from polymodal.config import load_config
 from polymodal.decoupling import DECOUPLERS
@@ -55,21 +55,7 @@ def test_each_decoupler_trains_in_the_preset_by_one_line(name):
 def test_embeddings_from_task_passes_equal_passes_over_each_source_alone(name):
     model = _model(f"model.decoupler={{name: {name}}}").eval()
     model.contrastive.decoupler.set_progress(1.0)
-    batch = make_batch()
-    captured = {}
-    original = model.contrastive.project
-
-    def spy(modality, pooled):
-        captured[modality] = original(modality, pooled)
-        return captured[modality]
-
-    model.contrastive.project = spy
-    with torch.no_grad():
-        model(batch)
-        for modality in Modality:
-            alone = model.embed(modality, batch.inputs[modality], batch.masks.get(modality))
-            torch.testing.assert_close(captured[modality], alone, atol=1e-5, rtol=1e-5)
-
+    assert_task_pass_embeddings_equal_embed(model, make_batch())
 
 def test_a_decoupler_needs_the_contrastive_task():
     from polymodal.errors import ConfigError
