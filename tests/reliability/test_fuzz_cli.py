@@ -174,6 +174,7 @@ def test_fuzzed_eval(args, places):
         ["generate", "@tiny", "--from", "text", "seven", "--to", "audio", "--out", "@directory"],
         ["embed", "@clip", "--manifest", "@manifest", "--modality", "image", "--out", "@directory"],
         ["embed", "@clip", "--manifest", "@manifest", "--modality", "image", "--out", "x", "--batch-size", "0"],
+        ["embed", "@clip", "--manifest", "@manifest", "--modality", "image", "--out", "x", "--batch-size", str(2**64)],  # found by fuzzing
         ["embed", "@tiny", "--manifest", "@manifest", "--modality", "image", "--out", "x"],
         ["search", "@clip", "@wrong_dims", "--text", "seven"],
         ["search", "@clip", "@bad_paths", "--text", "seven"],

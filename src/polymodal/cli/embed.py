@@ -28,6 +28,7 @@ logger = logging.getLogger(__name__)
 EMBEDDINGS_KEY = "embeddings"
 IDS_KEY = "ids"
 PATHS_KEY = "paths"  # metadata: JSON list of str, one per id
+MAX_BATCH_SIZE = 2**16  # beyond any memory; the data loader's own limit is sys.maxsize
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -42,8 +43,8 @@ def run(args: argparse.Namespace) -> int:
     from polymodal.errors import ConfigError
     from polymodal.training.run import load_run
 
-    if args.batch_size < 1:
-        raise ConfigError(f"--batch-size must be at least 1, got {args.batch_size}")
+    if not 1 <= args.batch_size <= MAX_BATCH_SIZE:
+        raise ConfigError(f"--batch-size must be in 1..{MAX_BATCH_SIZE}, got {args.batch_size}")
     if Path(args.out).is_dir():
         raise ConfigError(f"--out {args.out} is a folder; give a file name such as {Path(args.out) / 'index.safetensors'}")
     run_dir = Path(args.run_dir)
