@@ -26,6 +26,8 @@ import sys
 import time
 from pathlib import Path
 
+from polymodal.config import dump_config, load_config
+
 PAIRS = ("contrastive_image_text", "contrastive_audio_text", "contrastive_image_audio")
 WEIGHT_ONE = "train.loss_weights={" + ", ".join(f"{p}: 1.0" for p in PAIRS) + "}"
 OPENING = "[[0, 0], [0.3, 0], [0.6, 1]]"  # seed 003: private first, the shared bridge opened linearly
@@ -76,11 +78,13 @@ def train_row(out: Path, row: str, extra: list[str]) -> float:
     run_dir = _folder(out, row)
     stage = run_dir / "image_tokenizer"
     donor = next((p / "image_tokenizer" for p in out.iterdir() if (p / "image_tokenizer" / "eval.json").is_file()), None)
+    overrides = [f"run_dir={run_dir}", "train.progress=false", "tokenizer_train.progress=false", *ROWS[row], *extra]
     if donor is not None and not stage.exists():
+        # The copied stage is a started run: the job resumes it (stage 1 done) with this row's config.
         shutil.copytree(donor, stage)
-    command = [sys.executable, "-m", "polymodal.cli.main", "train", f"run_dir={run_dir}", "train.progress=false",
-               "tokenizer_train.progress=false", *ROWS[row], *extra]  # fmt: skip
-    resume = ["--resume"] if (run_dir / "checkpoints").exists() else []
+        dump_config(load_config((), overrides), run_dir / "config.yaml")
+    command = [sys.executable, "-m", "polymodal.cli.main", "train", *overrides]
+    resume = ["--resume"] if (run_dir / "config.yaml").exists() else []
     start = time.perf_counter()
     with open(out / f"{run_dir.name}.log", "a") as log:
         subprocess.run(command[:4] + resume + command[4:], check=True, stdout=log, stderr=subprocess.STDOUT)
