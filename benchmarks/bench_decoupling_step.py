@@ -4,10 +4,13 @@ Claim (issue 13): a decoupler or the modality-aware mixture of experts, added by
 costs at most 1.3x the default preset's step (forward + backward + AdamW on one real batch of 64).
 Every variant is built from the `default` preset on the built-in data with the same seed; the
 timed steps of all variants are interleaved round-robin, so they run under the same machine load,
-and the median per variant is compared with the plain preset's.
+and the median per variant is compared with the plain preset's. Each variant's forward + backward
+FLOPs (torch's counter: matmuls, convolutions, attention) are counted on one more step, a ratio
+that no machine load can bend; ``--flops-only`` prints those alone.
 
     python benchmarks/bench_decoupling_step.py                 # 2 warm-up + 8 timed steps each
     python benchmarks/bench_decoupling_step.py --steps 4 --threads 1
+    python benchmarks/bench_decoupling_step.py --flops-only
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from pathlib import Path
 
 import torch
 from torch.utils.data import DataLoader
+from torch.utils.flop_counter import FlopCounterMode
 
 from polymodal.config import load_config
 from polymodal.training.optim import build_optimizer
@@ -44,11 +48,20 @@ def _step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, batch) -> fl
     return time.perf_counter() - start
 
 
+def _flops(model: torch.nn.Module, batch) -> int:
+    """Forward + backward FLOPs of one step (no optimizer update: elementwise, not counted)."""
+    with FlopCounterMode(display=False) as counter:
+        sum(model(batch).losses.values()).backward()
+    model.zero_grad(set_to_none=True)
+    return counter.get_total_flops()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=8, help="timed steps per variant")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--flops-only", action="store_true", help="count FLOPs, time nothing")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     setups = {}
@@ -63,20 +76,28 @@ def main() -> None:
                     module.set_progress(1.0)
             loader = DataLoader(run.splits.train, batch_size=config.train.batch_size, shuffle=False, collate_fn=run.collator)
             setups[name] = (run.model, build_optimizer(run.model, config.train), next(iter(loader)))
+    flops = {name: _flops(model, batch) for name, (model, _, batch) in setups.items()}
     times = {name: [] for name in setups}
-    for round_ in range(args.warmup + args.steps):
+    for round_ in range(0 if args.flops_only else args.warmup + args.steps):
         for name, (model, optimizer, batch) in setups.items():
             seconds = _step(model, optimizer, batch)
             if round_ >= args.warmup:
                 times[name].append(seconds)
-    base = statistics.median(times["default (none)"])
-    print(f"default preset, batch 64, {args.threads} thread(s), median of {args.steps} interleaved steps")
-    print("| variant | step ms | ratio to the preset | parameters (M) |")
-    print("|---|---:|---:|---:|")
+    if args.flops_only:
+        print("default preset, batch 64: forward + backward FLOPs of one step")
+    else:
+        print(f"default preset, batch 64, {args.threads} thread(s), median of {args.steps} interleaved steps")
+    print("| variant | step ms | ratio to the preset | GFLOP | FLOP ratio | parameters (M) |")
+    print("|---|---:|---:|---:|---:|---:|")
+    base = statistics.median(times["default (none)"]) if not args.flops_only else None
     for name, (model, _, _) in setups.items():
-        median = statistics.median(times[name])
         params = sum(p.numel() for p in model.parameters() if p.requires_grad) / 1e6
-        print(f"| {name} | {1000 * median:.0f} | {median / base:.2f}x | {params:.2f} |")
+        timing = "- | -"
+        if base is not None:
+            median = statistics.median(times[name])
+            timing = f"{1000 * median:.0f} | {median / base:.2f}x"
+        ratio = flops[name] / flops["default (none)"]
+        print(f"| {name} | {timing} | {flops[name] / 1e9:.1f} | {ratio:.2f}x | {params:.2f} |")
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ import torch
 from polymodal.backbones import BACKBONES, BackboneIntermediates, TransformerBackbone
 from polymodal.backbones.transformer import MIN_SKIPPED, skip_padding
 from polymodal.errors import ConfigError
+from polymodal.layers.moe import MoEAux
 from polymodal.models.masks import causal_mask, prefix_lm_mask
 
 DIM = 32
@@ -137,6 +138,34 @@ def test_skipping_padding_matches_computing_it():
     assert bool((skipped[~needed] == 0).all())
     for got, expected in zip(skipped_grads, full_grads):
         torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-10)
+
+
+def test_a_mixture_of_experts_routes_only_the_needed_tokens():
+    """With a mixture of experts, padding is skipped too: without drops (padding then cannot reach a
+    real token) the needed tokens get the whole grid's states and every weight its gradients; under
+    capacity, padding is never routed (the records count the needed tokens only) and its content
+    changes nothing."""
+    moe = {"layers": [1], "num_shared_experts": 2, "num_private_experts": 1, "top_k": 2}
+    tokens, mask, positions, needed = _padded_prefix_batch()
+    ids = (torch.arange(tokens.shape[1]) >= 6).long().expand(3, -1)  # (B, N): sources image (0), targets text (1)
+    model = _backbone(moe={**moe, "capacity_factor": None}).train()
+    states = []
+    for given in (None, needed):
+        model.zero_grad()
+        out = model(tokens, mask=mask, positions=positions, modality_ids=ids, needed=given)
+        (out[needed] ** 2).sum().backward()
+        states.append((out, [p.grad.clone() for p in model.parameters()]))
+    (full, full_grads), (skipped, skipped_grads) = states
+    torch.testing.assert_close(skipped[needed], full[needed], rtol=1e-10, atol=1e-10)
+    for got, expected in zip(skipped_grads, full_grads, strict=True):
+        torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-10)
+    model = _backbone(moe={**moe, "capacity_factor": 1.0})
+    aux = MoEAux()
+    out = model(tokens, mask=mask, positions=positions, modality_ids=ids, needed=needed, aux=aux)
+    (record,) = aux.records
+    assert record.num_tokens == int(needed.sum()) and int(record.routed.sum()) == 2 * int(needed.sum())
+    junk = torch.where(needed[..., None], tokens, 100 * torch.randn_like(tokens))  # other padding
+    assert torch.equal(model(junk, mask=mask, positions=positions, modality_ids=ids, needed=needed), out)
 
 
 def test_skipping_padding_applies_only_where_it_pays_and_never_with_a_cache():

@@ -52,3 +52,48 @@ def test_padding_and_frozen_slots():
     frozen = module(tokens, slots, frozen=torch.tensor([False, True, False]))
     torch.testing.assert_close(frozen.slots[:, 1], slots[:, 1], rtol=0, atol=0)
     assert not torch.allclose(frozen.slots[:, 0], slots[:, 0])
+
+
+def _plain_rounds(module: SlotAttention, tokens, slots, mask, bias, frozen):
+    """Algorithm 1 written out with ``nn.GRUCell`` and per-item slots: the reference of the fast paths."""
+    normed = module.input_norm(tokens)
+    keys, values = module.k_proj(normed), module.v_proj(normed)
+    initial, (batch, num_slots, dim) = slots, slots.shape
+    for _ in range(module.num_iterations):
+        logits = torch.einsum("bsd,bnd->bsn", module.q_proj(module.slot_norm(slots)), keys) * module.scale + bias[None, :, None]
+        assignment = logits.softmax(dim=1) * mask[:, None, :].double()
+        updates = assignment / (assignment.sum(dim=-1, keepdim=True) + 1e-8) @ values
+        updated = module.gru(updates.reshape(-1, dim), slots.reshape(-1, dim)).view(batch, num_slots, dim)
+        slots = torch.where(frozen[:, None], initial, updated + module.mlp(module.mlp_norm(updated)))
+    return slots, assignment
+
+
+def test_shared_initial_slots_and_needed_slots_equal_the_plain_rounds():
+    """(S, D) initial slots shared by every item, and the skipped last update of slots nobody reads,
+    give the reference's outputs and gradients (forward in float64, to rounding)."""
+    module = _module()
+    generator = torch.Generator().manual_seed(3)
+    tokens = torch.randn(3, 7, DIM, dtype=torch.float64, generator=generator)
+    initial = torch.randn(4, DIM, dtype=torch.float64, generator=generator, requires_grad=True)
+    mask = torch.tensor([[True] * 7, [True] * 5 + [False] * 2, [True] * 3 + [False] * 4])
+    bias = torch.tensor([0.0, -0.5, 0.3, 0.0], dtype=torch.float64)
+    frozen = torch.tensor([False, False, False, True])
+    needed = torch.tensor([[True, False, True, True], [False, True, False, False], [True, True, True, True]])
+    probe = torch.randn(3, 4, DIM, dtype=torch.float64, generator=generator)  # a loss that reads every output
+
+    def gradients(loss):
+        return torch.autograd.grad(loss, [initial, *module.parameters()])
+
+    slots, assignment = _plain_rounds(module, tokens, initial.expand(3, -1, -1), mask, bias, frozen)
+    expected = gradients((slots * probe * needed[..., None]).sum() + (assignment**2).sum())
+    out = module(tokens, initial, mask=mask, slot_bias=bias, frozen=frozen, needed=needed)
+    torch.testing.assert_close(out.assignment, assignment, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(out.slots[needed], slots[needed], rtol=1e-12, atol=1e-12)
+    skipped = out.slots[~needed & ~frozen]
+    assert skipped.numel() and torch.equal(skipped, torch.zeros_like(skipped))  # not updated: zeros
+    torch.testing.assert_close(out.slots[:, 3], initial[3].expand(3, -1))  # frozen, needed or not
+    got = gradients((out.slots * probe * needed[..., None]).sum() + (out.assignment**2).sum())
+    for a, b in zip(got, expected, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+    per_item = module(tokens, initial.expand(3, -1, -1), mask=mask, slot_bias=bias, frozen=frozen)  # (B, S, D) path
+    torch.testing.assert_close(per_item.slots, slots, rtol=1e-12, atol=1e-12)

@@ -124,7 +124,8 @@ class TransformerBlock(nn.Module):
             rotary: RoPE angles for the N tokens, shared by every block.
             mask: (B, 1, N, N_kv) bool, True = may attend, or None for full attention.
             cache: shared KV cache this block appends to, or None.
-            modality_ids: (B, N) long, for a mixture-of-experts feed-forward; ignored otherwise.
+            modality_ids: (B, N) long, or (T,) with a layout, for a mixture-of-experts
+                feed-forward; ignored otherwise.
             aux: collector of the mixture of experts' losses and counts; ignored otherwise.
             layout: where the T tokens of ``x`` sit in the (B, N) grid the attention sees.
 
@@ -251,17 +252,22 @@ class TransformerBackbone(nn.Module):
                 padding); read by the mixture-of-experts layers only. None = no modality.
             aux: a ``MoEAux`` the mixture-of-experts layers add their losses and counts to.
             needed: (B, N) bool, the tokens whose states the caller reads or others attend; the
-                rest (padding) must be attended by no token but themselves. Without a cache or
-                mixture of experts, the per-token layers then skip the rest (``skip_padding``),
-                whose states come back as zeros. None: every token is needed.
+                rest (padding) must be attended by no token but themselves. Without a cache, the
+                per-token layers then skip the rest (``skip_padding``; with a mixture of experts
+                always, so padding is never routed), whose states come back as zeros. None: every
+                token is needed.
 
         Returns:
             (B, N, D) final-normed hidden states.
         """
-        routing = {"modality_ids": modality_ids, "aux": aux}
         layout = None
-        if needed is not None and cache is None and not self.moe_layers:
-            layout = skip_padding(needed)
+        if needed is not None and cache is None:
+            # A mixture of experts always skips: padding must not take experts' capacity from real
+            # tokens, nor count in the balance loss and usage (whatever the share of padding).
+            layout = TokenLayout.of(needed) if self.moe_layers else skip_padding(needed)
+        if layout is not None and modality_ids is not None:
+            modality_ids = layout.pack(modality_ids)  # (B, N) -> (T,), as the tokens
+        routing = {"modality_ids": modality_ids, "aux": aux}
         return self._run(tokens, mask=mask, positions=positions, cache=cache, hidden=None, layout=layout, **routing)
 
     def forward_intermediates(

@@ -143,13 +143,16 @@ class TypedSlotDecoupler(nn.Module):
         slot_type = self.slot_type(tokens.device)
         shared = slot_type == SHARED_TYPE  # (S,)
         bias = torch.where(shared, math.log(gate) if gate > 0 else float("-inf"), 0.0)  # (S,)
-        initial = self.initial_slots().to(tokens.dtype)
+        # Pass p reads only its modality's private slots and the shared ones: the other slots'
+        # last update is skipped. The initial slots go in as (S, D), shared by every item.
+        own = torch.stack([(slot_type == MODALITY_INDEX[m]) | shared for m in present])  # (P, S)
         out = self.slot_attention(
             tokens,
-            initial.expand(tokens.shape[0], -1, -1),
+            self.initial_slots().to(tokens.dtype),
             mask=mask,
             slot_bias=bias,
             frozen=shared if gate == 0 else None,
+            needed=own.repeat_interleave(batch, dim=0),  # (P * B, S), passes stacked as the tokens
         )
         slots = rearrange(out.slots, "(p b) s d -> p b s d", b=batch)
         assignment = rearrange(out.assignment, "(p b) s n -> b s (p n)", b=batch)  # keys of every pass side by side

@@ -302,13 +302,15 @@ class ModalityMoE(nn.Module):
             keep_sorted = position < limit[expert_of[order]]
             kept_counts = torch.minimum(counts, limit)
         chosen = order[keep_sorted]  # (A,) kept assignments, still grouped by expert
-        inputs = tokens[token_of[chosen]]  # (A, D)
+        kept_token = token_of[chosen]  # (A,) the token of each kept assignment
+        # index_select, not tensor indexing: its backward is one index_add, not an accumulating index_put.
+        inputs = tokens.index_select(0, kept_token)  # (A, D)
         outputs = torch.cat(
             [expert(part) for expert, part in zip(self.experts, inputs.split(kept_counts.tolist()))]
         )  # (A, D): one SwiGLU per expert on its contiguous slice
-        weights = routing.gates.T.reshape(-1)[chosen].to(outputs.dtype)  # (A,)
+        weights = routing.gates.T.reshape(-1).index_select(0, chosen).to(outputs.dtype)  # (A,)
         # Zeros in the experts' dtype (bf16 under autocast, as the dense feed-forward would return).
-        out = outputs.new_zeros(tokens.shape).index_add_(0, token_of[chosen], outputs * weights[:, None])
+        out = outputs.new_zeros(tokens.shape).index_add_(0, kept_token, outputs * weights[:, None])
         kept = torch.zeros(top_k * num_tokens, dtype=torch.bool, device=tokens.device)
         kept[chosen] = True
         return out, kept.reshape(top_k, num_tokens).T  # (k * T,) -> (T, k)
