@@ -94,6 +94,10 @@ RUNS = {
     "moe": ["model.tasks=[image_to_text,contrastive]", "model.backbone.moe={layers: [1], capacity_factor: null}"],
     "vqvae": ["model.architecture=image_tokenizer"],
     "fsdp": ["model.tasks=[image_to_text,audio_to_text,contrastive]", "train.fsdp=true"],
+    "pcgrad": ["model.tasks=[image_to_text,audio_to_text,contrastive]", "train.gradient_surgery={name: pcgrad}"],
+    "gradnorm": ["model.tasks=[image_to_text,audio_to_text,contrastive]", "train.gradient_surgery={name: gradnorm}"],
+    "gradnorm_layer": ["model.tasks=[image_to_text,audio_to_text,contrastive]",
+                       "train.gradient_surgery={name: gradnorm, layer: backbone.final_norm}"],
 }
 
 
