@@ -26,6 +26,7 @@ from polymodal.config import Config, TrainConfig, dump_config
 from polymodal.distributed.collectives import any_rank, mean_over_ranks
 from polymodal.distributed.data_parallel import data_parallel, gradient_sync
 from polymodal.distributed.fsdp import ShardedModel, gathered, save_sharded_checkpoint, start_sharding
+from polymodal.distributed.global_mean import global_means
 from polymodal.distributed.process import is_main, local_device, rank, world_size
 from polymodal.errors import ConfigError
 from polymodal.training.checkpoint import CHECKPOINT_DIR, CheckpointError, latest_checkpoint, load_checkpoint, save_checkpoint
@@ -99,7 +100,8 @@ def accumulate_gradients(
     weighted term is differentiated on its own and the surgery combines the step's per-term
     gradients into ``.grad`` (see :mod:`polymodal.training.gradient_surgery`). An empty micro-batch
     (all its samples failed to load) adds nothing; when all are empty the total is NaN and no
-    gradient exists. A data-parallel ``model`` averages gradients over ranks after the last micro-batch.
+    gradient exists. A data-parallel ``model`` averages gradients over ranks after the last
+    micro-batch, of terms weighed so that a mean over tokens is the mean over every rank's tokens.
     """
     total, terms, metrics, num_samples = torch.zeros((), device=device), {}, {}, 0
     for index, batch in enumerate(itertools.islice(batches, num_batches)):
@@ -114,11 +116,12 @@ def accumulate_gradients(
                 raise ValueError(
                     f"{type(model).__name__}.forward returned no losses; StepOutput.losses must name at least one"
                 )
-            loss = sum(loss_weights.get(name, 1.0) * term.float() for name, term in out.losses.items())
+            weighed = global_means(out.losses, out.counts)  # over ranks: each term's mean over every rank's tokens
+            loss = sum(loss_weights.get(name, 1.0) * term.float() for name, term in weighed.items())
             if surgery is None:
                 (loss / num_batches).backward()
             else:
-                surgery.backward(out.losses, loss_weights, scale=1.0 / num_batches)
+                surgery.backward(weighed, loss_weights, scale=1.0 / num_batches)
         total = total + loss.detach() / num_batches
         for name, term in out.losses.items():
             terms[name] = terms.get(name, 0.0) + term.detach().float() / num_batches
