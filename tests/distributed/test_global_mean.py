@@ -7,7 +7,6 @@ import itertools
 import sys
 from pathlib import Path
 
-import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))  # ranks.py beside this file
@@ -46,7 +45,6 @@ def _first_batch_tokens(rank_: int) -> int:
     return int(Items(ragged=True).text_mask[rows].sum())
 
 
-@pytest.mark.slow
 def test_ranks_with_different_caption_lengths_train_like_one_process(tmp_path):
     assert _first_batch_tokens(0) != _first_batch_tokens(1)  # the ranks' token means differ in weight
     run_ranks(train_run, 2, "ragged", tmp_path / "ddp", BATCH, STEPS)

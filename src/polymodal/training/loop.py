@@ -306,7 +306,8 @@ def fit(
         resume: continue exactly from the newest whole checkpoint in ``run_dir`` (weights,
             optimiser, scheduler, RNGs, data position, gradient surgery state).
         evaluate: ``evaluate(model, step) -> {name: value}``, called under ``no_grad`` in eval mode
-            every ``train.eval_every`` steps (if > 0) and at the end; logged with split ``val``.
+            every ``train.eval_every`` steps (if > 0) and at the end, on every rank of a
+            data-parallel run (which may share the work out); rank 0's logged with split ``val``.
         diagnose: ``diagnose(model, step, logger)`` after every step (and evaluation), e.g. the live
             diagnostics (:mod:`polymodal.diagnostics.live_hook`); it must leave the RNGs as it found them.
         should_stop: ``should_stop(step) -> bool``, asked after each evaluation (and before the
@@ -372,21 +373,23 @@ def take_step(
 def evaluate_once(
     model: nn.Module, evaluate: Evaluate, should_stop: Callable[[int], bool] | None, logger: MetricsLogger, step: int
 ) -> bool:
-    """Evaluate (on rank 0 alone, the other ranks waiting in their next collective; an FSDP model is
-    gathered whole first) and ask ``should_stop``; returns rank 0's answer on every rank, so early
-    stopping ends them together."""
+    """Evaluate on every rank (each its share of the split, ``evaluation/sharding.py``; an FSDP model
+    is gathered whole first), log on rank 0 and ask ``should_stop`` there; returns rank 0's answer
+    on every rank, so early stopping ends them together."""
     stopped = False
     with gathered(model):
+        figures = run_evaluation(model, evaluate, step)
         if is_main():
-            run_evaluation(model, evaluate, logger, step)
+            logger.log(step, figures, prefix="val")
             stopped = should_stop is not None and should_stop(step)
     return any_rank(stopped)
 
 
-def run_evaluation(model: nn.Module, evaluate: Evaluate, logger: MetricsLogger, step: int) -> None:
-    """``evaluate(model, step)`` in eval mode without gradients, logged under ``val``; blocks compiled
-    for training run eagerly here (decoding's changing cache lengths would recompile them)."""
+def run_evaluation(model: nn.Module, evaluate: Evaluate, step: int) -> dict[str, float]:
+    """``evaluate(model, step)`` in eval mode without gradients; blocks compiled for training run
+    eagerly here (decoding's changing cache lengths would recompile them)."""
     model.eval()
     with torch.no_grad(), torch.compiler.set_stance("force_eager"):
-        logger.log(step, dict(evaluate(model, step)), prefix="val")
+        figures = dict(evaluate(model, step))
     model.train()
+    return figures
