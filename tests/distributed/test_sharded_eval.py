@@ -11,23 +11,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))  # eval_ranks.py, ranks.py beside this file
 from eval_ranks import LIMIT, evaluate_here, map_numbers, tiny_run  # noqa: E402
+from nested import assert_same  # noqa: E402
 from ranks import run_ranks  # noqa: E402
-
-
-def _equal(a, b, where: str = "") -> None:
-    """Nested dicts, lists, tuples, tensors and numbers: exactly equal."""
-    if isinstance(a, torch.Tensor):
-        assert torch.equal(a, b), where
-    elif isinstance(a, dict):
-        assert a.keys() == b.keys(), where
-        for key in a:
-            _equal(a[key], b[key], f"{where}/{key}")
-    elif isinstance(a, (list, tuple)):
-        assert len(a) == len(b), where
-        for i, (x, y) in enumerate(zip(a, b)):
-            _equal(x, y, f"{where}[{i}]")
-    else:
-        assert a == b, f"{where}: {a} != {b}"
 
 
 @pytest.mark.parametrize(("num_items", "batch_size", "stop_at"), [(10, 3, None), (11, 2, 12), (3, 4, None)])
@@ -61,8 +46,8 @@ def test_two_ranks_evaluate_their_shares_into_one_process_figures(tmp_path):
     single = torch.load(one / "rank0.pt", weights_only=False)
     ranks = [torch.load(two / f"rank{r}.pt", weights_only=False) for r in range(2)]
     for got in ranks:
-        _equal(got["figures"], single["figures"], "figures")
-        _equal(got["small"], single["small"], "small")
+        assert_same(got["figures"], single["figures"], "figures")
+        assert_same(got["small"], single["small"], "small")
     figures, small = single["figures"], single["small"]
     assert figures["image_to_text"]["count"] == single["num_test"] and "retrieval_image_to_text" in figures
     assert small["captions"]["count"] == single["num_test"] and small["captions_limited"]["count"] >= LIMIT
