@@ -306,8 +306,7 @@ def fit(
         resume: continue exactly from the newest whole checkpoint in ``run_dir`` (weights,
             optimiser, scheduler, RNGs, data position, gradient surgery state).
         evaluate: ``evaluate(model, step) -> {name: value}``, called under ``no_grad`` in eval mode
-            every ``train.eval_every`` steps (if > 0) and at the end, on every rank of a
-            data-parallel run (which may share the work out); rank 0's logged with split ``val``.
+            every ``train.eval_every`` steps (if > 0) and at the end, on every rank; logged as ``val``.
         diagnose: ``diagnose(model, step, logger)`` after every step (and evaluation), e.g. the live
             diagnostics (:mod:`polymodal.diagnostics.live_hook`); it must leave the RNGs as it found them.
         should_stop: ``should_stop(step) -> bool``, asked after each evaluation (and before the
