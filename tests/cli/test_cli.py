@@ -8,10 +8,12 @@ import subprocess
 import sys
 
 import pytest
+import safetensors.torch
 import torch
 
 from polymodal.cli.main import main
 from polymodal.config import preset_names
+from polymodal.training.checkpoint import latest_checkpoint
 
 
 @pytest.fixture(autouse=True)
@@ -120,6 +122,13 @@ def test_train_an_image_tokenizer_leaves_reconstructions_and_codebook_figures(tm
     grid = Image.open(run_dir / "reconstructions.png")
     assert grid.size[0] > grid.size[1] > 0
     assert (run_dir / "checkpoints" / "latest").is_file()
+    # export: the latest checkpoint's weights as one file, tensor for tensor
+    out = tmp_path / "exported" / "vq.safetensors"
+    assert main(["export", str(run_dir), "--out", str(out)]) == 0
+    saved = safetensors.torch.load_file(str(latest_checkpoint(run_dir) / "model.safetensors"))
+    exported = safetensors.torch.load_file(str(out))
+    assert exported.keys() == saved.keys() and all(torch.equal(exported[k], saved[k]) for k in saved)
+    assert main(["export", str(run_dir), "--checkpoint", "newest"]) == 2  # a one-line error naming the choices
 
 
 def test_a_selected_augmented_speech_run_scores_a_manifest_by_speaker(tmp_path, capsys):

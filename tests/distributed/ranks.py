@@ -59,9 +59,10 @@ def run_ranks(fn: Callable[..., None], world: int, *args: Any) -> None:
 
 
 class Items(Dataset):
-    """Seeded items of every modality, all of one length (text, audio frames)."""
+    """Seeded items of every modality, all of one length (text, audio frames), or with ``ragged``
+    captions of 3 to TEXT_LEN tokens (then ranks hold different numbers of target tokens)."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, ragged: bool = False) -> None:
         g = torch.Generator().manual_seed(11)
         height, width = SHAPES.image_size
         self.images = torch.rand(NUM_ITEMS, 1, height, width, generator=g) * 2 - 1
@@ -69,6 +70,10 @@ class Items(Dataset):
         self.ids[:, 0], self.ids[:, -1] = SHAPES.text.bos_id, SHAPES.text.eos_id
         self.audio = torch.randn(NUM_ITEMS, SHAPES.num_audio_frames, SHAPES.num_mels, generator=g)
         self.labels = torch.randint(NUM_LABELS, (NUM_ITEMS,), generator=g)
+        lengths = torch.randint(3, TEXT_LEN + 1, (NUM_ITEMS,), generator=g) if ragged else torch.full((NUM_ITEMS,), TEXT_LEN)
+        self.text_mask = torch.arange(TEXT_LEN) < lengths[:, None]  # (NUM_ITEMS, TEXT_LEN)
+        self.ids[torch.arange(NUM_ITEMS), lengths - 1] = SHAPES.text.eos_id
+        self.ids[~self.text_mask] = SHAPES.text.pad_id
 
     def __len__(self) -> int:
         return NUM_ITEMS
@@ -81,7 +86,7 @@ class Items(Dataset):
         every = torch.ones(len(rows), dtype=torch.bool)
         return Batch(
             inputs={Modality.IMAGE: self.images[rows_t], Modality.TEXT: self.ids[rows_t], Modality.AUDIO: self.audio[rows_t]},
-            masks={Modality.TEXT: torch.ones(len(rows), TEXT_LEN, dtype=torch.bool),
+            masks={Modality.TEXT: self.text_mask[rows_t],
                    Modality.AUDIO: torch.ones(len(rows), SHAPES.num_audio_frames, dtype=torch.bool)},
             present={m: every.clone() for m in Modality},
             labels=self.labels[rows_t],
@@ -94,6 +99,11 @@ RUNS = {
     "moe": ["model.tasks=[image_to_text,contrastive]", "model.backbone.moe={layers: [1], capacity_factor: null}"],
     "vqvae": ["model.architecture=image_tokenizer"],
     "fsdp": ["model.tasks=[image_to_text,audio_to_text,contrastive]", "train.fsdp=true"],
+    "ragged": ["model.tasks=[image_to_text,audio_to_text,contrastive]"],
+    "pcgrad": ["model.tasks=[image_to_text,audio_to_text,contrastive]", "train.gradient_surgery={name: pcgrad}"],
+    "gradnorm": ["model.tasks=[image_to_text,audio_to_text,contrastive]", "train.gradient_surgery={name: gradnorm}"],
+    "gradnorm_layer": ["model.tasks=[image_to_text,audio_to_text,contrastive]",
+                       "train.gradient_surgery={name: gradnorm, layer: backbone.final_norm}"],
 }
 
 
@@ -117,7 +127,7 @@ def train_run(
     """Fit the ``kind`` run into ``run_dir`` (as one rank when called in a group); every rank then
     writes its weights to ``rank{r}.safetensors``. ``delay`` seconds per batch slow the data only."""
     config, model = build_run(kind, batch_size, steps, *extra)
-    data = Items()
+    data = Items(ragged=kind == "ragged")
 
     def collate(rows: list[int]) -> Batch:
         time.sleep(delay)

@@ -75,3 +75,23 @@ def test_nproc_per_node_trains_a_whole_run_folder(tmp_path):
         logged = [(entry["step"], entry["split"]) for entry in entries]
         assert logged and len(logged) == len(set(logged))  # one writer: nothing logged twice
     assert "rank 1 of 2 joined the gloo process group" in done.stderr
+
+
+@pytest.mark.slow
+def test_ctrl_c_at_a_terminal_stops_the_ranks_after_a_checkpoint(tmp_path):
+    """SIGINT to the whole process group, as a terminal's Ctrl-C: the launcher and both ranks get it,
+    and the launcher passes it on again; the ranks still finish their step, save it and stop."""
+    run_dir = tmp_path / "run"
+    job = _start(run_dir, "--delay", "0.3")
+    deadline = time.monotonic() + TIMEOUT
+    while job.poll() is None and time.monotonic() < deadline:
+        found = latest_checkpoint(run_dir)
+        if found is not None and int(found.name.removeprefix("step_")) >= 2:
+            os.killpg(job.pid, signal.SIGINT)
+            break
+        time.sleep(0.05)
+    job.wait(timeout=TIMEOUT)
+    log = (tmp_path / "run.log").read_text()
+    assert "stopped at once" not in log and "stopped by SIGINT after step" in log, log[-3000:]
+    stopped_at = int(latest_checkpoint(run_dir).name.removeprefix("step_"))
+    assert 2 < stopped_at < STEPS  # the step under way when Ctrl-C came, saved

@@ -50,7 +50,7 @@ def test_without_a_process_group_everything_is_one_process(monkeypatch):
     assert sum_over_ranks(rows) is rows and torch.equal(mean_over_ranks(rows), rows)
     assert any_rank(True) and not any_rank(False)
     model = torch.nn.Linear(2, 2)
-    assert data_parallel(model, torch.device("cpu"), gradient_surgery=True) is model  # one process: nothing to refuse
+    assert data_parallel(model, torch.device("cpu"), gradient_surgery=True) is model  # one process: nothing to wrap
     with gradient_sync(model, last=False):
         pass
 

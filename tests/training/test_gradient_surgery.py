@@ -13,6 +13,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from nested import assert_same
 from torch import nn
 
 from polymodal.config import Config, TrainConfig, load_config
@@ -244,27 +245,10 @@ def test_resume_with_surgery_and_schedules_is_exact(tmp_path, two_task, spec):
     assert resumed.progress == [step / 12 for step in range(4, 12)]  # the resumed steps' progress
     final = "checkpoints/step_0000012/state.pt"
     saved = [torch.load(tmp_path / run / final, weights_only=True)["extra"]["gradient_surgery"] for run in ("whole", "resumed")]
-    _assert_same(saved[0], saved[1])
+    assert_same(saved[0], saved[1])
     if spec["name"] == "gradnorm":
         entry = [e for e in _read_entries(tmp_path / "whole") if e["split"] == "train"][-1]
         assert entry["gradnorm/first"] != 1.0 and entry["weight/first"] == 1.0 and entry["weight/second"] < 1
-
-
-def _assert_same(a, b, where: str = "state") -> None:
-    """Nested dicts / lists of tensors and plain values, equal bitwise."""
-    assert type(a) is type(b), where
-    if isinstance(a, dict):
-        assert a.keys() == b.keys(), where
-        for key in a:
-            _assert_same(a[key], b[key], f"{where}.{key}")
-    elif isinstance(a, (list, tuple)):
-        assert len(a) == len(b), where
-        for i, (x, y) in enumerate(zip(a, b)):
-            _assert_same(x, y, f"{where}[{i}]")
-    elif isinstance(a, torch.Tensor):
-        assert torch.equal(a, b), where
-    else:
-        assert a == b, where
 
 
 def test_surgery_specs_are_checked_at_config_load():

@@ -121,3 +121,15 @@ def test_ctrl_c_to_the_process_group_with_dataloader_workers(tmp_path):
     assert start(cut_dir, "--resume", "--workers", "2").wait(timeout=120) == 0, (tmp_path / "cut.log").read_text()
     assert whole.wait(timeout=120) == 0
     assert_same_weights(cut_dir, whole_dir, STEPS)  # workers or not, the same batches
+
+
+def test_a_launched_rank_takes_a_quick_repeat_as_the_launcher_passing_ctrl_c_on(tmp_path, monkeypatch):
+    """One Ctrl-C reaches a launched rank twice (the terminal's and the launcher's copy): the step
+    still finishes and is saved, as after one signal. Outside a launched run the same two signals
+    stop at once (test_a_second_signal_stops_at_once)."""
+    for name, value in (("RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_RANK", "0")):
+        monkeypatch.setenv(name, value)  # a rank of a launched run (of one: no process group needed)
+    with pytest.raises(RunInterrupted, match="stopped by SIGINT after step 3") as caught:
+        fit(toy_model(), Points(), SignalAt(3, signal.SIGINT, again=True), toy_config(steps=10, ckpt_every=100, prefetch=0), tmp_path)
+    assert caught.value.exit_status == 130
+    assert latest_checkpoint(tmp_path).name == "step_0000003"  # the step under way, saved

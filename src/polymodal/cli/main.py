@@ -1,4 +1,4 @@
-"""The ``polymodal`` command: train | eval | report | generate | embed | search | configs | data.
+"""The ``polymodal`` command: train | eval | export | report | generate | embed | search | configs | data.
 
 Errors a user can fix (a bad config key, a missing or damaged file, a run folder in use, a full
 disk) end with one line on stderr and exit status 2, no traceback. A training run stopped by a
@@ -27,7 +27,7 @@ class OneLineParser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from polymodal.cli import configs, data, embed, generate, report, search, train
+    from polymodal.cli import configs, data, embed, export, generate, report, search, train
     from polymodal.cli import eval as eval_cmd
 
     parser = OneLineParser(
@@ -39,6 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands = {
         "train": (train, "train a model (default: the any-to-any preset on the built-in data)"),
         "eval": (eval_cmd, "evaluate a run folder's latest checkpoint and save eval.json"),
+        "export": (export, "write a run's weights (an FSDP run's shards included) as one whole model.safetensors"),
         "report": (report, "write a run's report (or two runs' side by side) as one self-contained HTML page"),
         "generate": (generate, "generate text, an image (PNG) or speech (WAV) with an any-to-any run"),
         "embed": (embed, "embed a manifest's items of one modality with a CLIP run into a safetensors index"),

@@ -16,6 +16,8 @@ Reference: Radford et al. 2021, CLIP, arXiv:2103.00020 (negatives gathered from 
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.distributed as dist
 from torch import Tensor
@@ -121,3 +123,13 @@ def broadcast_(tensor: Tensor, src: int = 0) -> Tensor:
     if world_size() > 1:
         dist.broadcast(tensor, src)
     return tensor
+
+
+def gather_objects(value: Any) -> list[Any]:
+    """Every rank's picklable ``value``, in rank order, on every rank (``[value]`` in a single
+    process). Tensors inside must be on the CPU: each rank unpickles them where they were."""
+    if world_size() == 1:
+        return [value]
+    every: list[Any] = [None] * world_size()
+    dist.all_gather_object(every, value)
+    return every

@@ -11,6 +11,13 @@ Settings, and why:
   would only cost time.
 - Gradient accumulation: micro-batches before the last run under ``no_sync``, so gradients are
   averaged once per optimiser step.
+- Gradient surgery (``train.gradient_surgery``): the model is not wrapped. DDP averages inside a
+  backward pass, from the hooks autograd runs as it accumulates into ``.grad``; the surgery
+  differentiates each loss term with ``torch.autograd.grad``, which runs none of them, and needs
+  each term's gradient averaged on its own, before the surgery (``term_gradients.py``). Wrapped,
+  every forward would prepare DDP's reducer for a backward that never comes (an error at the next
+  forward), and ``no_sync`` around every step would leave DDP doing nothing but its first copy of
+  rank 0's weights, which is done here instead.
 
 Reference: Li et al. 2020, PyTorch Distributed: Experiences on Accelerating Data Parallel Training,
 arXiv:2006.15704.
@@ -19,6 +26,7 @@ arXiv:2006.15704.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import warnings
 from collections.abc import Iterator
 
@@ -27,8 +35,8 @@ from torch import nn
 from torch.distributed.fsdp import FSDPModule
 from torch.nn.parallel import DistributedDataParallel
 
+from polymodal.distributed.collectives import broadcast_
 from polymodal.distributed.process import world_size
-from polymodal.errors import ConfigError
 
 
 # A conv weight with one input channel has two equally valid stride layouts; DDP warns (at every
@@ -37,20 +45,18 @@ warnings.filterwarnings("ignore", message="Grad strides do not match bucket view
 
 
 def data_parallel(model: nn.Module, device: torch.device, *, gradient_surgery: bool = False) -> nn.Module:
-    """``model`` wrapped for training on every rank (``model`` itself in a single process). DDP
-    copies rank 0's parameters and buffers to every rank here, so all ranks start the same.
-
-    Raises:
-        ConfigError: gradient surgery is on (it differentiates each loss term in its own backward
-            pass, and DDP averages once per forward).
+    """``model`` wrapped for training on every rank (``model`` itself in a single process). Rank 0's
+    parameters and buffers are copied to every rank here, so all ranks start the same. With
+    ``gradient_surgery`` the model stays unwrapped (see the module docstring): the surgery averages
+    each term's gradient over ranks itself.
     """
     if world_size() == 1 or isinstance(model, FSDPModule):  # FSDP reduces the gradients itself
         return model
     if gradient_surgery:
-        raise ConfigError(
-            "train.gradient_surgery is not supported with several processes yet; "
-            "set train.gradient_surgery.name=none or train in one process"
-        )
+        with torch.no_grad():
+            for tensor in itertools.chain(model.parameters(), model.buffers()):
+                broadcast_(tensor)
+        return model
     return DistributedDataParallel(
         model,
         device_ids=[device.index] if device.type == "cuda" else None,

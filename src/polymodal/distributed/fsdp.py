@@ -36,7 +36,7 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_
 from torch.distributed.fsdp import FSDPModule, fully_shard
 
 from polymodal.distributed.collectives import sum_over_ranks
-from polymodal.distributed.process import barrier, is_main, world_size
+from polymodal.distributed.process import active, barrier, is_main, world_size
 from polymodal.errors import ConfigError
 from polymodal.training.checkpoint import (
     CHECKPOINT_DIR,
@@ -162,12 +162,12 @@ def load_sharded(folder: Path, model: nn.Module, optimizer: torch.optim.Optimize
     """The shards of ``folder/sharded`` into the (sharded) ``model`` and ``optimizer``, at any world size."""
     if optimizer is None:
         state = {"model": get_model_state_dict(model)}
-        dcp.load(state, checkpoint_id=folder / SHARDED_DIR)
+        dcp.load(state, checkpoint_id=folder / SHARDED_DIR, no_dist=not active())  # one process: no group needed
         set_state_dict(model, [], model_state_dict=state["model"], optim_state_dict={})
         return
     model_state, optimizer_state = get_state_dict(model, optimizer)
     state = {"model": model_state, "optimizer": optimizer_state}
-    dcp.load(state, checkpoint_id=folder / SHARDED_DIR)
+    dcp.load(state, checkpoint_id=folder / SHARDED_DIR, no_dist=not active())
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
 
 

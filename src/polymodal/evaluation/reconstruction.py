@@ -14,9 +14,10 @@ import numpy as np
 import torch
 from PIL import Image
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
 from polymodal.data.image import denormalize_images
+from polymodal.evaluation.sharding import map_batches
 from polymodal.modality import Modality
 from polymodal.tokenizers import psnr
 from polymodal.tokenizers.vector_quantizer import codebook_usage
@@ -34,7 +35,9 @@ def reconstruction_figures(
     batch_size: int = 128,
     device: torch.device | str = "cpu",
 ) -> tuple[dict[str, float], torch.Tensor]:
-    """PSNR (dB, mean over images) and, for a VQ tokenizer, code usage and perplexity over the split.
+    """PSNR (dB, mean over images) and, for a VQ tokenizer, code usage and perplexity over the
+    split; in a data-parallel run every rank reconstructs its share of the batches and returns the
+    figures of them all (``evaluation/sharding.py``).
 
     Returns:
         the figures, and (2 * GRID_COLUMNS, C, H, W) images in [-1, 1]: first originals, then
@@ -42,19 +45,23 @@ def reconstruction_figures(
     """
     was_training = tokenizer.training
     tokenizer.eval()
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collate_fn)
-    scores, codes, preview = [], [], None
-    for batch in loader:
+
+    def reconstruct(batch) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor] | None:
+        """(n,) PSNR per image, the (n * h * w,) codes (VQ) and the preview pair, on the CPU."""
         if Modality.IMAGE not in batch.inputs:
-            continue
+            return None
         images = batch.inputs[Modality.IMAGE][batch.present[Modality.IMAGE]].to(device)
         reconstructions = tokenizer.reconstruct(images)
-        scores.append(psnr(reconstructions, images))
-        if hasattr(tokenizer, "quantizer"):
-            codes.append(tokenizer.encode(images).flatten())
-        if preview is None:
-            preview = torch.cat([images[:GRID_COLUMNS], reconstructions[:GRID_COLUMNS]]).cpu()
+        codes = tokenizer.encode(images).flatten().cpu() if hasattr(tokenizer, "quantizer") else None
+        shown = torch.cat([images[:GRID_COLUMNS], reconstructions[:GRID_COLUMNS]]).cpu()
+        return psnr(reconstructions, images).cpu(), codes, shown
+
+    # Each batch reconstructed by one rank of a data-parallel run; every rank gets them all.
+    done = [out for out in map_batches(dataset, collate_fn, reconstruct, batch_size=batch_size) if out is not None]
     tokenizer.train(was_training)
+    scores = [score for score, _, _ in done]
+    codes = [code for _, code, _ in done if code is not None]
+    preview = done[0][2] if done else None
     if not scores:
         raise ValueError("the split has no images to reconstruct")
     figures = {"psnr": float(torch.cat(scores).mean()), "count": int(sum(len(s) for s in scores))}

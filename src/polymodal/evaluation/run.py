@@ -7,6 +7,10 @@ from the split's captions with figures that need no judge (``evaluation/generati
 distances, variety), judged by the dataset's own evaluators where it has them, and written to
 ``samples/``.
 CLIP: zero-shot accuracy and retrieval. Image tokenizer: reconstruction quality and code usage.
+
+In a data-parallel run every rank calls the evaluator: captioning, embedding and reconstruction are
+shared out by batches (``evaluation/sharding.py``) and every rank returns the figures of the whole
+split, those of one process; generated samples, their figures and judges come from rank 0 alone.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ import torch
 from torch.utils.data import Subset
 
 from polymodal.config import Config, to_dict
+from polymodal.distributed.process import is_main
 from polymodal.evaluation.captioning import caption_accuracy
 from polymodal.evaluation.generation import generation_figures
 from polymodal.evaluation.reconstruction import image_grid, reconstruction_figures, save_png
@@ -54,7 +59,7 @@ def evaluate_any_to_any(run: Any, *, split: str, limit: int | None, generate: bo
     if model.contrastive is not None:
         embedded = embed_dataset(model, dataset, run.collator, model.contrastive.modalities, device=device, limit=limit)
         results.update({f"retrieval_{name}": recall for name, recall in retrieval_figures(embedded).items()})
-    if generate:
+    if generate and is_main():  # sampling and judging are not shared out: rank 0 alone
         results.update(_generation_figures(run, dataset, limit=limit, device=device))
     return results
 
@@ -91,7 +96,8 @@ def evaluate_image_tokenizer(run: Any, *, split: str, limit: int | None, generat
         dataset = Subset(dataset, range(min(limit, len(dataset))))
     device = next(run.model.parameters()).device
     figures, preview = reconstruction_figures(run.model.tokenizer, dataset, run.collator, device=device)
-    save_png(image_grid(preview), run.run_dir / RECONSTRUCTION_FILE)
+    if is_main():
+        save_png(image_grid(preview), run.run_dir / RECONSTRUCTION_FILE)
     return {"reconstruction": figures}
 
 

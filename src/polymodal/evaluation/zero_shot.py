@@ -19,10 +19,12 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset, Subset
 from tqdm import tqdm
 
 from polymodal.data.text import TextTokenizer
+from polymodal.distributed.process import world_size
+from polymodal.evaluation.sharding import map_batches
 from polymodal.evaluation.retrieval import retrieval_figures
 from polymodal.modality import Modality
 
@@ -107,10 +109,11 @@ def embed_dataset(
     limit: int | None = None,
     progress: bool | None = False,
 ) -> dict[Modality, tuple[Tensor, Tensor]]:
-    """Embed every item of ``dataset`` in each modality it carries.
+    """Embed every item of ``dataset`` in each modality it carries; in a data-parallel run every
+    rank embeds its share of the batches and returns them all (``evaluation/sharding.py``).
 
     Args:
-        limit: stop after this many items (in dataset order).
+        limit: only the first ``limit`` items of the dataset.
         progress: a tqdm bar over the batches; None shows it only on a terminal.
 
     Returns:
@@ -119,39 +122,34 @@ def embed_dataset(
         retrieval it matches only its own other modalities.
     """
     modalities = list(modalities)
+    if limit is not None and limit < len(dataset):
+        dataset = Subset(dataset, range(limit))
     was_training = model.training
     model.eval()
+
+    def embed(batch: Any) -> tuple[Tensor, dict[Modality, tuple[Tensor, Tensor]]]:
+        """(B,) labels, and per modality its (n, E) embeddings and (B,) presence, on the CPU."""
+        on_device, out = batch.to(device), {}
+        for modality in (m for m in modalities if m in batch.inputs and batch.size > 0):
+            present = on_device.present[modality]  # (B,)
+            mask = on_device.masks.get(modality)
+            emb = model.embed(modality, on_device.inputs[modality][present], None if mask is None else mask[present])
+            out[modality] = (emb.float().cpu(), present.cpu())
+        return batch.labels.clone(), out
+
+    with tqdm(total=-(-len(dataset) // batch_size), desc="embed", unit="batch", disable=None if progress is None else not progress) as bar:
+        per_batch = map_batches(dataset, collate_fn, embed, batch_size=batch_size, on_round=lambda: bar.update(world_size()))
+    model.train(was_training)
     found: dict[Modality, tuple[list[Tensor], list[Tensor]]] = {m: ([], []) for m in modalities}
-    seen = 0
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collate_fn)
-    for batch in tqdm(loader, desc="embed", unit="batch", disable=None if progress is None else not progress):
-        if batch.size == 0:
-            continue
-        if limit is not None and seen + batch.size > limit:
-            batch = _head(batch, limit - seen)
-        labels = batch.labels.clone()  # (B,)
+    seen = 0  # items embedded before this batch
+    for labels, out in per_batch:
         unlabelled = labels < 0
         labels[unlabelled] = -(seen + torch.nonzero(unlabelled).squeeze(1) + 2)  # a label of its own per item
-        seen += batch.size
-        batch = batch.to(device)
-        for modality in modalities:
-            if modality not in batch.inputs:
-                continue
-            present = batch.present[modality]  # (B,)
-            mask = batch.masks.get(modality)
-            emb = model.embed(modality, batch.inputs[modality][present], None if mask is None else mask[present])
-            found[modality][0].append(emb.float().cpu())
-            found[modality][1].append(labels[present.cpu()])
-        if limit is not None and seen >= limit:
-            break
-    model.train(was_training)
+        seen += len(labels)
+        for modality, (emb, present) in out.items():
+            found[modality][0].append(emb)
+            found[modality][1].append(labels[present])
     return {m: (torch.cat(e), torch.cat(y)) for m, (e, y) in found.items() if e}
-
-
-def _head(batch: Any, n: int) -> Any:
-    """The first ``n`` items of a ``Batch``."""
-    cut = lambda d: {k: v[:n] for k, v in d.items()}  # noqa: E731
-    return type(batch)(cut(batch.inputs), cut(batch.masks), cut(batch.present), batch.labels[:n])
 
 
 def zero_shot_from_embeddings(

@@ -69,11 +69,15 @@ class HeadOutput:
             source's (they never see the target, so they equal a pass over the source alone).
         losses: named, unweighted terms; ``""`` is the head's main term (named after the task).
         metrics: named scalar figures (token accuracy ...).
+        counts: for a term that is a mean over tokens or frames, () how many it averages over
+            (a term not named averages over the task's items); data-parallel training weighs
+            each rank's term by it, so the gradient is the mean over every rank's tokens.
     """
 
     hidden: Tensor
     losses: dict[str, Tensor]
     metrics: dict[str, float] = dataclasses.field(default_factory=dict)
+    counts: dict[str, Tensor] = dataclasses.field(default_factory=dict)
 
 
 @dataclasses.dataclass(frozen=True)

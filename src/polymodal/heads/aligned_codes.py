@@ -88,7 +88,7 @@ class AlignedCodeHead(nn.Module):
         hidden = self._code_states(trunk, source, source_mask, target.durations)
         loss, metrics = token_loss(self.code_head(hidden[:, source.shape[1] :]), codes)
         width = duration_loss(self.width_head, hidden[:, : source.shape[1]], source_mask, target.durations)
-        return HeadOutput(hidden, {"": loss, "width": width}, metrics)
+        return HeadOutput(hidden, {"": loss, "width": width}, metrics, counts={"width": source_mask.sum()})
 
     @torch.no_grad()
     def generate_codes(

@@ -84,7 +84,8 @@ class AlignedMelHead(nn.Module):
         mels = self.mel_targets(target.values, target.value_mask, predicted.shape[1])
         frame_mask = padded_to(target.value_mask, predicted.shape[1])
         duration = duration_loss(self.duration_head, hidden[:, : source.shape[1]], source_mask, target.durations)
-        return HeadOutput(hidden, {"": mel_loss(predicted, mels, frame_mask), "duration": duration})
+        losses = {"": mel_loss(predicted, mels, frame_mask), "duration": duration}
+        return HeadOutput(hidden, losses, counts={"": frame_mask.sum(), "duration": source_mask.sum()})
 
     @torch.no_grad()
     def generate(self, trunk, source: Tensor, source_mask: Tensor) -> Tensor:

@@ -135,14 +135,17 @@ class MASMelHead(nn.Module):
         states = hidden[:, source.shape[1] :]  # (B, J, D)
         goal = mel_targets(target.values, frame_mask, states.shape[1] * self.frames_per_token, self.center, self.scale)
         losses = {"duration": duration_loss(self.duration_head, hidden[:, : source.shape[1]], source_mask, durations), "prior": prior}
+        counts = {"duration": source_mask.sum(), "prior": frame_mask.sum()}
         if isinstance(self.decoder, MelFrameHead):
-            losses[""] = mel_loss(self.decoder(states), goal, padded_to(frame_mask, goal.shape[1]))
+            goal_mask = padded_to(frame_mask, goal.shape[1])
+            losses[""], counts[""] = mel_loss(self.decoder(states), goal, goal_mask), goal_mask.sum()
         else:
             data = rearrange(goal, "b (j r) m -> b j (r m)", r=self.frames_per_token)  # (B, J, r M)
             noise, t = torch.randn_like(data), torch.rand(len(data), device=data.device)
             velocity = self.decoder(interpolate(noise, data, t), t, aligned=states, mask=token_mask)
             losses[FLOW_LOSS] = flow_matching_loss(velocity, target_velocity(noise, data), token_mask)
-        return HeadOutput(hidden, losses)
+            counts[FLOW_LOSS] = token_mask.sum()
+        return HeadOutput(hidden, losses, counts=counts)
 
     @torch.no_grad()
     def generate(

@@ -69,7 +69,7 @@ class LanguageModelHead(nn.Module):
         logits = self.lm_head(self.dropout(hidden[:, source.shape[1] :]))  # (B, Lt - 1, V)
         labels = ids[:, 1:].masked_fill(~mask[:, 1:], IGNORE_INDEX)
         loss, metrics = token_loss(logits, labels, label_smoothing=self.label_smoothing)
-        return HeadOutput(hidden, {"": loss}, metrics)
+        return HeadOutput(hidden, {"": loss}, metrics, counts={"": mask[:, 1:].sum()})
 
     @torch.no_grad()
     def generate(

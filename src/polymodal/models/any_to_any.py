@@ -97,6 +97,7 @@ class AnyToAnyModel(nn.Module):
     def forward(self, batch: Batch) -> StepOutput:
         losses: dict[str, Tensor] = {}
         metrics: dict[str, float] = {}
+        counts: dict[str, Tensor] = {}  # the units each task's term averages over (items by default)
         self.routing.start_step()
         states: dict[Modality, tuple[Tensor, Tensor]] = {}  # source states and mask, over batch.present[m] rows
         for name, task in self.generation_tasks.items():
@@ -108,6 +109,8 @@ class AnyToAnyModel(nn.Module):
             with self.routing.of(task.source, task.target):
                 out = head.loss(self, source, source_mask, chosen.target)
             losses.update({name if not k else f"{name}_{k}": v for k, v in out.losses.items()})
+            items = chosen.keep.sum()
+            counts.update({name if not k else f"{name}_{k}": out.counts.get(k, items) for k in out.losses})
             metrics.update({f"{name}_{k}": v for k, v in out.metrics.items()})
             covers_all = chosen.own_source and bool((chosen.keep == batch.present[task.source]).all())
             if covers_all and task.source not in states:
@@ -121,7 +124,7 @@ class AnyToAnyModel(nn.Module):
         metrics.update(expert_stats)
         if not losses:
             raise ValueError(f"the batch has none of the inputs the tasks {list(self.tasks)} need (has {list(batch.inputs)})")
-        return StepOutput(losses, metrics)
+        return StepOutput(losses, metrics, counts)
 
     # ------------------------------------------------------------------ use
 

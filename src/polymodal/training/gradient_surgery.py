@@ -3,8 +3,10 @@
 Both need each loss's own gradient, so instead of one backward of the weighted sum, every weighted
 term is differentiated on its own (``torch.autograd.grad`` on the trainable parameters, the graph
 kept until the last term) and summed per loss over the micro-batches of a step. Those per-loss sums
-are what a data-parallel run would all-reduce before the surgery; the surgery then writes one
-combined gradient into ``.grad``, where clipping and the optimiser find it as usual. Cost: one
+are averaged over the ranks of a data-parallel run before the surgery
+(``distributed/term_gradients.py``), so every rank does the same surgery, the one a single process
+would do on the whole batch; the surgery then writes one combined gradient into ``.grad``, where
+clipping and the optimiser find it as usual. Cost: one
 backward pass per loss term instead of one in all, and one gradient-sized buffer per term.
 
 A parameter is *shared* when two or more of the step's terms reach it; the surgery acts on the
@@ -41,6 +43,7 @@ from typing import Any, Protocol
 import torch
 from torch import Tensor, nn
 
+from polymodal.distributed.term_gradients import average_gradients_, average_term_gradients
 from polymodal.errors import ConfigError
 from polymodal.registry import Registry
 
@@ -227,6 +230,7 @@ class PCGrad:
 
     def apply(self) -> dict[str, float]:
         """Write the projected, summed gradient into ``.grad``; return the share of conflicting pairs."""
+        average_term_gradients(self.collected)  # over ranks: every rank projects the global gradients
         collected, names = self.collected, sorted(self.collected.grads)
         shared = collected.shared()
         plain = [_sum_present(grads[i] for grads in collected.grads.values()) for i in range(len(collected.params))]
@@ -277,6 +281,7 @@ class GradNorm:
         if alpha < 0 or lr <= 0:
             raise ConfigError(f"gradnorm: needs alpha >= 0 and lr > 0, got alpha={alpha}, lr={lr}")
         self.collected = PerLossGradients(trainable(model, layer), losses=losses)
+        self.updated = trainable(model) if layer is not None else []  # .grad written by backward, with a layer
         self.alpha, self.lr, self.layer = alpha, lr, layer
         self.names: list[str] = []
         self.weights: dict[str, nn.Parameter] = {}
@@ -311,7 +316,10 @@ class GradNorm:
         self.initial_losses[name] = initial_loss.detach().cpu().clone()
 
     def apply(self) -> dict[str, float]:
-        """Write sum_i w_i g_i into ``.grad`` (with a ``layer``, backward did), then step the weights."""
+        """Write sum_i w_i g_i into ``.grad`` (with a ``layer``, backward did), then step the weights.
+        The gradients are averaged over ranks first, so the weights stay the same on every rank."""
+        average_term_gradients(self.collected)
+        average_gradients_(self.updated)  # with a layer, the update's gradient is in .grad already
         collected, names = self.collected, sorted(self.collected.grads)
         per_param = None if self.layer is not None else [self._weighted_sum(i) for i in range(len(collected.params))]
         for name in names:

@@ -5,6 +5,12 @@ run ends with :class:`~polymodal.errors.RunInterrupted`, which the CLI turns int
 128 + the signal number (130 for SIGINT, 143 for SIGTERM). ``--resume`` then continues exactly, as
 after any checkpoint. A second signal stops at once; the last checkpoint is still whole, because
 checkpoints are written into a temporary folder and renamed into place.
+
+A rank of a launched run (``torchrun``, ``--nproc-per-node``) gets one Ctrl-C twice: from the
+terminal, which signals its whole process group, and from the launcher, which passes the signal
+it got on to every rank. So there, a stop signal again within ``REPEAT_WINDOW`` seconds is the
+same request, and the rank still finishes its step and checkpoints, as for one SIGTERM; a Ctrl-C
+pressed again later stops at once.
 """
 
 from __future__ import annotations
@@ -12,16 +18,21 @@ from __future__ import annotations
 import logging
 import signal
 import threading
+import time
 from pathlib import Path
 from types import FrameType, TracebackType
 from typing import Any
 
 from polymodal.distributed.collectives import any_rank
+from polymodal.distributed.process import launched
 from polymodal.errors import RunInterrupted
 
 log = logging.getLogger(__name__)
 
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+# A launched rank takes the same signal again within this many seconds as the first one passed on
+# by the launcher: it forwards at once (well under a second), a person presses Ctrl-C again later.
+REPEAT_WINDOW = 2.0
 
 
 def ignore_stop_signals(worker_id: int) -> None:
@@ -44,6 +55,7 @@ class StopOnSignal:
 
     def __init__(self) -> None:
         self.signum: int | None = None
+        self._first_at = 0.0  # time.monotonic() of the first signal
         self._previous: dict[int, Any] = {}
 
     @property
@@ -53,12 +65,15 @@ class StopOnSignal:
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
         name = signal.Signals(signum).name
+        if self.signum is not None and launched() and time.monotonic() - self._first_at < REPEAT_WINDOW:
+            log.info("%s again: the launcher passing the same request on; still finishing this step", name)
+            return
         if self.signum is not None:
             raise RunInterrupted(
                 f"stopped at once by a second {name}; the last checkpoint is whole: continue with --resume",
                 signum=signum,
             )
-        self.signum = signum
+        self.signum, self._first_at = signum, time.monotonic()
         log.warning("%s received: finishing this step and writing a checkpoint (send it again to stop at once)", name)
 
     def agreed(self) -> bool:
@@ -67,7 +82,7 @@ class StopOnSignal:
         a step; asked by every rank after every step, this ends them all after the same one. A rank
         that saw none takes the request as a SIGTERM."""
         if any_rank(self.requested) and self.signum is None:
-            self.signum = signal.SIGTERM
+            self.signum, self._first_at = signal.SIGTERM, time.monotonic()
             log.warning("another rank received a stop signal: finishing this step")
         return self.requested
 

@@ -6,8 +6,8 @@ A run folder holds everything needed to reproduce and use the run: ``config.yaml
 a two-stage run, the first stage's own folder ``image_tokenizer/``.
 
 In a data-parallel run every rank runs this job; rank 0 alone holds the folder's lock, writes the
-tokenizer, the logs, the checkpoints and ``eval.json``, and evaluates (on one process: the test
-split is not sharded); the other ranks read what it wrote.
+tokenizer, the logs, the checkpoints and ``eval.json``; every rank evaluates its share of the
+split's batches and rank 0 writes the figures of them all; the other ranks read what it wrote.
 """
 
 from __future__ import annotations
@@ -121,7 +121,8 @@ def train_stage(stage: Stage, previous: Stage | None) -> None:
 
     def periodic_eval(model: nn.Module, step: int) -> dict[str, float]:
         figures = flat_figures(evaluate_run(run, split="val", limit=PERIODIC_EVAL_ITEMS, generate=False))
-        selection.observe(model, step, figures)
+        if is_main():  # the best checkpoint is rank 0's to write
+            selection.observe(model, step, figures)
         return figures
 
     items = TrainingItems(
@@ -137,20 +138,21 @@ def train_stage(stage: Stage, previous: Stage | None) -> None:
     )  # fmt: skip
     if is_sharded(run.model):  # FSDP: the whole model, once, for inference in one process
         export_whole(run.model, latest_checkpoint(run_dir))
-    with gathered(run.model):  # FSDP: whole on every rank while rank 0 evaluates
-        if is_main():
-            test_figures(run, result, started)
+    with gathered(run.model):  # FSDP: whole on every rank while the ranks evaluate
+        test_figures(run, result, started)
     barrier()  # the next stage reads this one's eval.json
 
 
 def test_figures(run: Run, result: FitResult, started: float) -> None:
     """The stage's test-split figures (those of the selected checkpoint with ``train.select``) into
-    ``eval.json`` and TensorBoard."""
+    ``eval.json`` and TensorBoard. Every rank evaluates its share; rank 0 writes."""
     config, run_dir = run.config, run.run_dir
     best = read_best(run_dir) if config.train.select is not None else None
     if best is not None:  # the test figures are the selected checkpoint's
         load_checkpoint(best_dir(run_dir), model=run.model)
     figures = evaluate_run(run, split="test")
+    if not is_main():
+        return
     figures["train"] = {k: v for k, v in dataclasses.asdict(result).items() if isinstance(v, (int, float))}
     if best is not None:
         figures["selected"] = best

@@ -26,6 +26,7 @@ from polymodal.config import Config, TrainConfig, dump_config
 from polymodal.distributed.collectives import any_rank, mean_over_ranks
 from polymodal.distributed.data_parallel import data_parallel, gradient_sync
 from polymodal.distributed.fsdp import ShardedModel, gathered, save_sharded_checkpoint, start_sharding
+from polymodal.distributed.global_mean import global_means
 from polymodal.distributed.process import is_main, local_device, rank, world_size
 from polymodal.errors import ConfigError
 from polymodal.training.checkpoint import CHECKPOINT_DIR, CheckpointError, latest_checkpoint, load_checkpoint, save_checkpoint
@@ -99,7 +100,8 @@ def accumulate_gradients(
     weighted term is differentiated on its own and the surgery combines the step's per-term
     gradients into ``.grad`` (see :mod:`polymodal.training.gradient_surgery`). An empty micro-batch
     (all its samples failed to load) adds nothing; when all are empty the total is NaN and no
-    gradient exists. A data-parallel ``model`` averages gradients over ranks after the last micro-batch.
+    gradient exists. A data-parallel ``model`` averages gradients over ranks after the last
+    micro-batch, of terms weighed so that a mean over tokens is the mean over every rank's tokens.
     """
     total, terms, metrics, num_samples = torch.zeros((), device=device), {}, {}, 0
     for index, batch in enumerate(itertools.islice(batches, num_batches)):
@@ -114,11 +116,12 @@ def accumulate_gradients(
                 raise ValueError(
                     f"{type(model).__name__}.forward returned no losses; StepOutput.losses must name at least one"
                 )
-            loss = sum(loss_weights.get(name, 1.0) * term.float() for name, term in out.losses.items())
+            weighed = global_means(out.losses, out.counts)  # over ranks: each term's mean over every rank's tokens
+            loss = sum(loss_weights.get(name, 1.0) * term.float() for name, term in weighed.items())
             if surgery is None:
                 (loss / num_batches).backward()
             else:
-                surgery.backward(out.losses, loss_weights, scale=1.0 / num_batches)
+                surgery.backward(weighed, loss_weights, scale=1.0 / num_batches)
         total = total + loss.detach() / num_batches
         for name, term in out.losses.items():
             terms[name] = terms.get(name, 0.0) + term.detach().float() / num_batches
@@ -303,7 +306,7 @@ def fit(
         resume: continue exactly from the newest whole checkpoint in ``run_dir`` (weights,
             optimiser, scheduler, RNGs, data position, gradient surgery state).
         evaluate: ``evaluate(model, step) -> {name: value}``, called under ``no_grad`` in eval mode
-            every ``train.eval_every`` steps (if > 0) and at the end; logged with split ``val``.
+            every ``train.eval_every`` steps (if > 0) and at the end, on every rank; logged as ``val``.
         diagnose: ``diagnose(model, step, logger)`` after every step (and evaluation), e.g. the live
             diagnostics (:mod:`polymodal.diagnostics.live_hook`); it must leave the RNGs as it found them.
         should_stop: ``should_stop(step) -> bool``, asked after each evaluation (and before the
@@ -369,21 +372,23 @@ def take_step(
 def evaluate_once(
     model: nn.Module, evaluate: Evaluate, should_stop: Callable[[int], bool] | None, logger: MetricsLogger, step: int
 ) -> bool:
-    """Evaluate (on rank 0 alone, the other ranks waiting in their next collective; an FSDP model is
-    gathered whole first) and ask ``should_stop``; returns rank 0's answer on every rank, so early
-    stopping ends them together."""
+    """Evaluate on every rank (each its share of the split, ``evaluation/sharding.py``; an FSDP model
+    is gathered whole first), log on rank 0 and ask ``should_stop`` there; returns rank 0's answer
+    on every rank, so early stopping ends them together."""
     stopped = False
     with gathered(model):
+        figures = run_evaluation(model, evaluate, step)
         if is_main():
-            run_evaluation(model, evaluate, logger, step)
+            logger.log(step, figures, prefix="val")
             stopped = should_stop is not None and should_stop(step)
     return any_rank(stopped)
 
 
-def run_evaluation(model: nn.Module, evaluate: Evaluate, logger: MetricsLogger, step: int) -> None:
-    """``evaluate(model, step)`` in eval mode without gradients, logged under ``val``; blocks compiled
-    for training run eagerly here (decoding's changing cache lengths would recompile them)."""
+def run_evaluation(model: nn.Module, evaluate: Evaluate, step: int) -> dict[str, float]:
+    """``evaluate(model, step)`` in eval mode without gradients; blocks compiled for training run
+    eagerly here (decoding's changing cache lengths would recompile them)."""
     model.eval()
     with torch.no_grad(), torch.compiler.set_stance("force_eager"):
-        logger.log(step, dict(evaluate(model, step)), prefix="val")
+        figures = dict(evaluate(model, step))
     model.train()
+    return figures
