@@ -42,8 +42,8 @@ def test_sampler_epochs_are_seeded_permutations():
 
 def test_sampler_resumes_at_any_item():
     full = _indices(EpochSampler(10, seed=1), 35)
-    for start in (0, 3, 10, 17, 29):
-        assert _indices(EpochSampler(10, seed=1, start=start), 35 - start) == full[start:]
+    for first in (0, 3, 10, 17, 29):
+        assert _indices(EpochSampler(10, seed=1, start=first), 35 - first) == full[first:]
 
 
 def test_loader_resumed_at_item_k_yields_the_remaining_batches():
