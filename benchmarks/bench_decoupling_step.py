@@ -23,9 +23,9 @@ from pathlib import Path
 
 import torch
 from torch.utils.data import DataLoader
-from torch.utils.flop_counter import FlopCounterMode
 
 from polymodal.config import load_config
+from polymodal.training.mfu import counting
 from polymodal.training.optim import build_optimizer
 from polymodal.training.run import prepare_run
 
@@ -50,10 +50,10 @@ def _step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, batch) -> fl
 
 def _flops(model: torch.nn.Module, batch) -> int:
     """Forward + backward FLOPs of one step (no optimizer update: elementwise, not counted)."""
-    with FlopCounterMode(display=False) as counter:
+    with counting() as count:
         sum(model(batch).losses.values()).backward()
     model.zero_grad(set_to_none=True)
-    return counter.get_total_flops()
+    return count.total
 
 
 def main() -> None:

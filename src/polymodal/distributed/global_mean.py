@@ -16,9 +16,9 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-import torch.distributed as dist
 from torch import Tensor
 
+from polymodal.distributed.collectives import gather_objects
 from polymodal.distributed.process import world_size
 
 
@@ -36,10 +36,8 @@ def global_mean_shares(counts: Mapping[str, Tensor | int]) -> dict[str, float]:
     if world_size() == 1:
         return {}
     mine = {name: int(count) for name, count in counts.items()}
-    every: list[dict[str, int]] = [{} for _ in range(world_size())]
-    dist.all_gather_object(every, mine)
     totals: dict[str, int] = {}
-    for counts_r in every:
+    for counts_r in gather_objects(mine):
         for name, count in counts_r.items():
             totals[name] = totals.get(name, 0) + count
     return {name: world_size() * count / totals[name] if totals[name] > 0 else 1.0 for name, count in mine.items()}

@@ -21,10 +21,9 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 import torch
-import torch.distributed as dist
 from torch import Tensor, nn
 
-from polymodal.distributed.collectives import sum_over_ranks
+from polymodal.distributed.collectives import gather_objects, sum_over_ranks
 from polymodal.distributed.process import world_size
 
 if TYPE_CHECKING:
@@ -33,9 +32,7 @@ if TYPE_CHECKING:
 
 def _union_of_names(names: Sequence[str]) -> list[str]:
     """The sorted union of every rank's ``names`` (one small all-gather of Python objects)."""
-    every: list[list[str]] = [[] for _ in range(world_size())]
-    dist.all_gather_object(every, sorted(names))
-    return sorted({name for names_r in every for name in names_r})
+    return sorted({name for names_r in gather_objects(sorted(names)) for name in names_r})
 
 
 def _average_slot(grads: list[Tensor | None], params: Sequence[nn.Parameter]) -> list[Tensor | None]:
