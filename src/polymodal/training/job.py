@@ -38,7 +38,7 @@ from polymodal.training.loop import fit
 from polymodal.training.step_record import FitResult
 from polymodal.training.features import attach_feature_caches
 from polymodal.training.metrics_log import TENSORBOARD_DIR
-from polymodal.training.run import Run, prepare_run
+from polymodal.training.run import Run, prepare_run, restore_progress
 from polymodal.training.run_lock import RunLock
 from polymodal.training.selection import Selection, best_dir, read_best
 
@@ -149,7 +149,7 @@ def test_figures(run: Run, result: FitResult, started: float) -> None:
     config, run_dir = run.config, run.run_dir
     best = read_best(run_dir) if config.train.select is not None else None
     if best is not None:  # the test figures are the selected checkpoint's
-        load_checkpoint(best_dir(run_dir), model=run.model)
+        restore_progress(run.model, load_checkpoint(best_dir(run_dir), model=run.model)["step"], config.train.steps)
     figures = evaluate_run(run, split="test")
     if not is_main():
         return

@@ -27,6 +27,7 @@ from polymodal.models.architectures import build_model, check_model
 from polymodal.models.shapes import DataShapes, TextSpecials
 from polymodal.encoders import ENCODERS
 from polymodal.training.checkpoint import latest_checkpoint, load_checkpoint
+from polymodal.training.schedules import checkpoint_progress, set_model_progress
 from polymodal.training.selection import best_dir, read_best
 
 logger = logging.getLogger(__name__)
@@ -120,6 +121,13 @@ def chosen_checkpoint(run_dir: str | Path, config: Config, checkpoint: str = "au
     return latest_checkpoint(run_dir)
 
 
+def restore_progress(model: nn.Module, step: int, steps: int) -> None:
+    """Put a model loaded from the checkpoint of ``step`` back at that point of training: the
+    opening gate of a decoupler follows progress and is not a weight (closed, typed slots' shared
+    slots would read nothing)."""
+    set_model_progress(model, checkpoint_progress(step, steps))
+
+
 def load_run(run_dir: str | Path, config: Config | None = None, *, checkpoint: str = "auto") -> Run:
     """A trained run rebuilt from its folder: ``config.yaml`` (or ``config``), the tokenizer and a
     checkpoint's weights (``chosen_checkpoint``: by default the best by ``train.select`` if the run
@@ -133,5 +141,5 @@ def load_run(run_dir: str | Path, config: Config | None = None, *, checkpoint: s
     tokenizer = TextTokenizer.load(run_dir / TOKENIZER_FILE)
     collator = run_collator(config, tokenizer, source)
     model = build_model(config, data_shapes(config, tokenizer, collator))  # statistics come with the weights
-    load_checkpoint(found, model=model)
+    restore_progress(model, load_checkpoint(found, model=model)["step"], config.train.steps)
     return Run(config, run_dir, source, tokenizer, collator, model, checkpoint=str(found))

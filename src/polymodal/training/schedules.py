@@ -75,6 +75,13 @@ def training_progress(step: int, steps: int) -> float:
     return step / steps
 
 
+def checkpoint_progress(step: int, steps: int) -> float:
+    """The training fraction a checkpoint saved after ``step`` optimiser steps was last trained at
+    (that of its last step): what ``set_progress`` hooks (a decoupler's opening gate) must be given
+    when its weights are loaded for use, so that the model computes what it computed in training."""
+    return training_progress(max(step - 1, 0), steps)
+
+
 def effective_loss_weights(
     static: Mapping[str, float], schedules: Mapping[str, Sequence[Point]], progress: float
 ) -> dict[str, float]:
