@@ -86,7 +86,8 @@ def test_shared_bank_is_closed_then_gated_open():
 
 @pytest.mark.parametrize("private_loss", ["vicreg", "barlow_twins"])
 def test_private_losses_equal_a_dense_reference(private_loss):
-    bank = _bank(private_loss=private_loss)
+    weight = 0.3  # private_weight multiplies every private term
+    bank = _bank(private_loss=private_loss, private_weight=weight)
     states, masks = _inputs()
     out = bank(states, masks)
     holds = {m: masks[m].any(dim=1) for m in MODALITIES}
@@ -99,10 +100,10 @@ def test_private_losses_equal_a_dense_reference(private_loss):
             hinge = torch.relu(1 - torch.sqrt(rows.var(dim=0) + 1e-4)).mean()
             expected = 25.0 * hinge + off / DIM
             library = vicreg(rows, rows, invariance_weight=0.0, covariance_weight=0.5)
-            torch.testing.assert_close(out.losses[f"private_{m}"], library)
+            torch.testing.assert_close(out.losses[f"private_{m}"], weight * library)
         else:
             expected = barlow_twins(rows, rows)
-        torch.testing.assert_close(out.losses[f"private_{m}"], expected)
+        torch.testing.assert_close(out.losses[f"private_{m}"], weight * expected)
     pairs = [
         (Modality.IMAGE, Modality.TEXT, "image_text"),
         (Modality.IMAGE, Modality.AUDIO, "image_audio"),
@@ -112,7 +113,7 @@ def test_private_losses_equal_a_dense_reference(private_loss):
         both = holds[a] & holds[b]
         x, y = out.private[a][both], out.private[b][both]
         cross = (x - x.mean(dim=0)).T @ (y - y.mean(dim=0)) / (x.shape[0] - 1)  # (D, D) cross-covariance
-        torch.testing.assert_close(out.losses[f"private_decorrelation_{name}"], cross.square().sum())
+        torch.testing.assert_close(out.losses[f"private_decorrelation_{name}"], weight * cross.square().sum())
     assert len(out.losses) == 6
 
 
@@ -125,3 +126,24 @@ def test_a_modality_alone_and_a_bad_setting():
     assert set(alone.losses) == {"private_text"}
     with pytest.raises(ValueError, match="private_loss: unknown 'vicrag'; valid: vicreg, barlow_twins"):
         _bank(private_loss="vicrag")
+
+
+def test_summaries_at_initialisation_carry_what_the_banks_read():
+    """States with a large common part, as a backbone's are: at initialisation the bank summaries
+    vary across items about as much as the masked mean does. Unit-scale queries (the constant part
+    of every output) would leave them the same vector to half a percent."""
+    torch.manual_seed(0)
+    bank = DECOUPLERS.build({"name": "query_bank"}, 64, MODALITIES).double()
+    generator = torch.Generator().manual_seed(1)
+    common = torch.randn(1, 1, 64, generator=generator, dtype=torch.float64)
+    states = {m: common + 0.3 * torch.randn(32, 6, 64, generator=generator, dtype=torch.float64) for m in MODALITIES}
+    masks = {m: torch.ones(32, 6, dtype=torch.bool) for m in MODALITIES}
+    out = bank(states, masks)
+
+    def spread(vectors):  # (B, D): the batch std against the batch mean
+        return float(vectors.std(dim=0).norm() / vectors.mean(dim=0).norm())
+
+    for m in MODALITIES:
+        mean_pool = spread(states[m].mean(dim=1))
+        assert spread(out.private[m]) > 0.5 * mean_pool, m
+        assert spread(out.shared[m]) > 0.5 * mean_pool, m

@@ -14,10 +14,10 @@ Summaries: ``private[m]`` and ``shared[m]`` are the means of the banks' outputs 
 ``open_start``, linear to 1 at ``open_end``). While g = 0 the shared bank is closed: ``shared`` is
 returned without gradient, so nothing, InfoNCE included, trains through it.
 
-Losses (unweighted; the schedule weighs them): the cross-modal InfoNCE on ``shared`` stays with the
-caller's contrastive task. The module returns VICReg / Barlow Twins terms on the private summaries
-(seed 003: their covariance / redundancy terms keep the private branches from absorbing the other
-modality):
+Losses: the cross-modal InfoNCE on ``shared`` stays with the caller's contrastive task. The module
+returns VICReg / Barlow Twins terms on the private summaries (seed 003: their covariance /
+redundancy terms keep the private branches from absorbing the other modality), each multiplied by
+``private_weight`` (``train.loss_weights`` and schedules multiply them again):
 
 * ``private_decorrelation_<pair>``: the squared Frobenius norm of the cross-covariance between two
   modalities' private summaries over the items that hold both (VICReg's covariance term taken
@@ -27,6 +27,19 @@ modality):
   ``"barlow_twins"``: ``barlow_twins(p, p)``, whose diagonal term keeps every feature from
   collapsing and whose off-diagonal term removes redundancy. Without them decorrelation has a
   trivial solution: constant private summaries.
+
+Two settings differ from the papers, both measured in the ``default`` preset with contrastive at
+weight 1 (BENCHMARKS.md, issues 13 and 14):
+
+* ``private_weight`` = 0.04. VICReg's variance weight (mu = 25) is set against its own invariance
+  term; next to captioning losses of about 1 it is 25 times theirs, and the whole model collapsed
+  (every line near 0). At 0.04 the variance term weighs 1.
+* The queries start at N(0, 0.02), as BLIP-2's query tokens do, not at unit scale. A bank's output
+  is its query plus what it read; with unit queries the constant query dominates, every item's
+  summary is the same vector to 0.2-0.7% (the batch std against the batch mean, at
+  initialisation), InfoNCE starts from indistinguishable items, and the private summaries stayed
+  collapsed through training (std 7e-4 per feature, where VICReg's hinge has almost no
+  gradient). At 0.02 the summaries vary across items as much as the masked mean does.
 
 References: Li et al. 2023, BLIP-2 (learned queries reading a frozen encoder), arXiv:2301.12597;
 Jaegle et al. 2021, Perceiver, arXiv:2103.03206; Bardes et al. 2021, VICReg, arXiv:2105.04906;
@@ -62,10 +75,11 @@ from polymodal.losses.independence import cross_covariance_penalty
 from polymodal.modality import MODALITY_INDEX
 from polymodal.models.alignment import pair_name
 from polymodal.modality import Modality
-from polymodal.projectors.cross_attention import QUERY_INIT_STD
 from polymodal.projectors.qformer import QFormerBlock
 
 PRIVATE_LOSSES = ("vicreg", "barlow_twins")
+BANK_QUERY_INIT_STD = INIT_STD  # small, so the summaries carry what the banks read (see the header)
+DEFAULT_PRIVATE_WEIGHT = 0.04  # VICReg's mu = 25 times 0.04: the variance term weighs 1 (see the header)
 MIN_ROWS = 2  # batch statistics (variances, covariances) need two items
 # vicreg(p, p) counts the covariance term of its one view twice; half the paper's nu = 1 restores one.
 SINGLE_VIEW_COVARIANCE_WEIGHT = 0.5
@@ -85,6 +99,8 @@ class QueryBankDecoupler(nn.Module):
         open_start: training fraction where the shared bank starts to open.
         open_end: training fraction where it is fully open.
         private_loss: ``vicreg`` or ``barlow_twins``, the per-modality term on private summaries.
+        private_weight: the factor on every private term (``private_<m>`` and
+            ``private_decorrelation_<pair>``), against the task losses.
         qk_norm: RMSNorm queries and keys per head.
     """
 
@@ -100,15 +116,19 @@ class QueryBankDecoupler(nn.Module):
         open_start: float = 0.3,
         open_end: float = 0.6,
         private_loss: str = "vicreg",
+        private_weight: float = DEFAULT_PRIVATE_WEIGHT,
         qk_norm: bool = False,
     ) -> None:
         super().__init__()
         if private_loss not in PRIVATE_LOSSES:
             raise ValueError(f"private_loss: unknown {private_loss!r}; valid: {', '.join(PRIVATE_LOSSES)}")
+        if private_weight < 0:
+            raise ValueError(f"private_weight must be >= 0, got {private_weight}")
         self.dim = dim
         self.dim_shared = dim  # width of the shared summaries
         self.modalities = tuple(sorted(set(modalities), key=MODALITY_INDEX.__getitem__))
         self.private_loss = private_loss
+        self.private_weight = private_weight
         self.gate = OpeningGate(open_start, open_end)
         self.private_queries = nn.ParameterDict(
             {m.value: nn.Parameter(torch.empty(num_private_queries, dim)) for m in self.modalities}
@@ -126,9 +146,9 @@ class QueryBankDecoupler(nn.Module):
         self.init_weights()
 
     def init_weights(self) -> None:
-        """Unit-Gaussian queries; blocks N(0, 0.02), residual outputs scaled by 1/sqrt(2) (two branches)."""
+        """Queries and blocks N(0, 0.02), residual outputs scaled by 1/sqrt(2) (two branches)."""
         for queries in [*self.private_queries.values(), self.shared_queries]:
-            nn.init.normal_(queries, std=QUERY_INIT_STD)
+            nn.init.normal_(queries, std=BANK_QUERY_INIT_STD)
         for block in [*self.private_blocks.values(), self.shared_block]:
             block.init_weights(out_std=INIT_STD / math.sqrt(block.num_branches))
         self.out_norm.init_weights()
@@ -188,12 +208,12 @@ class QueryBankDecoupler(nn.Module):
                 term = vicreg(rows, rows, invariance_weight=0.0, covariance_weight=SINGLE_VIEW_COVARIANCE_WEIGHT)
             else:
                 term = barlow_twins(rows, rows)
-            losses[f"private_{modality}"] = term
+            losses[f"private_{modality}"] = self.private_weight * term
         for a, b in itertools.combinations(private, 2):
             both = both_present(masks, a, b)
             if int(both.sum()) >= MIN_ROWS:
                 penalty = cross_covariance_penalty(private[a][both], private[b][both])
-                losses[f"private_decorrelation_{pair_name(a, b)}"] = penalty
+                losses[f"private_decorrelation_{pair_name(a, b)}"] = self.private_weight * penalty
         return losses
 
 
