@@ -147,3 +147,18 @@ def test_summaries_at_initialisation_carry_what_the_banks_read():
         mean_pool = spread(states[m].mean(dim=1))
         assert spread(out.private[m]) > 0.5 * mean_pool, m
         assert spread(out.shared[m]) > 0.5 * mean_pool, m
+
+
+@pytest.mark.parametrize("backprop", [False, True])
+def test_private_terms_reach_the_states_only_when_asked(backprop):
+    bank = _bank(private_backprop=backprop)
+    bank.set_progress(1.0)  # the shared bank open
+    states, masks = _inputs()
+    states = {m: s.requires_grad_() for m, s in states.items()}
+    out = bank(states, masks)
+    private = sum(v for k, v in out.losses.items() if k.startswith("private"))
+    grads = torch.autograd.grad(private, list(states.values()), allow_unused=True)
+    assert all((g is not None and g.abs().sum() > 0) == backprop for g in grads)
+    # The shared summaries (InfoNCE's) always pass their gradient to the states.
+    shared = torch.autograd.grad(sum(s.sum() for s in out.shared.values()), list(states.values()))
+    assert all(g.abs().sum() > 0 for g in shared)

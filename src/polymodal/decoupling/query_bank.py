@@ -28,12 +28,17 @@ redundancy terms keep the private branches from absorbing the other modality), e
   collapsing and whose off-diagonal term removes redundancy. Without them decorrelation has a
   trivial solution: constant private summaries.
 
-Two settings differ from the papers, both measured in the ``default`` preset with contrastive at
+Three settings differ from the papers, each measured in the ``default`` preset with contrastive at
 weight 1 (BENCHMARKS.md, issues 13 and 14):
 
 * ``private_weight`` = 0.04. VICReg's variance weight (mu = 25) is set against its own invariance
   term; next to captioning losses of about 1 it is 25 times theirs, and the whole model collapsed
   (every line near 0). At 0.04 the variance term weighs 1.
+* The private banks read the backbone's states without gradient (``private_backprop=False``): the
+  private terms train the private banks, not the shared backbone. Decorrelating the image's private
+  summary from the text's of the same item, through the backbone, pushes the image states to drop
+  what the caption says, which is what captioning reads: with the gradient let through, image->text
+  loss stalled at 1.3 from step 150 on (plain: 0.5).
 * The queries start at N(0, 0.02), as BLIP-2's query tokens do, not at unit scale. A bank's output
   is its query plus what it read; with unit queries the constant query dominates, every item's
   summary is the same vector to 0.2-0.7% (the batch std against the batch mean, at
@@ -101,6 +106,8 @@ class QueryBankDecoupler(nn.Module):
         private_loss: ``vicreg`` or ``barlow_twins``, the per-modality term on private summaries.
         private_weight: the factor on every private term (``private_<m>`` and
             ``private_decorrelation_<pair>``), against the task losses.
+        private_backprop: let the private terms' gradients reach the backbone through the states
+            the private banks read (off: they train the private banks alone).
         qk_norm: RMSNorm queries and keys per head.
     """
 
@@ -117,6 +124,7 @@ class QueryBankDecoupler(nn.Module):
         open_end: float = 0.6,
         private_loss: str = "vicreg",
         private_weight: float = DEFAULT_PRIVATE_WEIGHT,
+        private_backprop: bool = False,
         qk_norm: bool = False,
     ) -> None:
         super().__init__()
@@ -129,6 +137,7 @@ class QueryBankDecoupler(nn.Module):
         self.modalities = tuple(sorted(set(modalities), key=MODALITY_INDEX.__getitem__))
         self.private_loss = private_loss
         self.private_weight = private_weight
+        self.private_backprop = private_backprop
         self.gate = OpeningGate(open_start, open_end)
         self.private_queries = nn.ParameterDict(
             {m.value: nn.Parameter(torch.empty(num_private_queries, dim)) for m in self.modalities}
@@ -178,7 +187,8 @@ class QueryBankDecoupler(nn.Module):
         private_maps = []
         for modality in present:
             tokens, mask = states[modality], masks[modality]
-            own, own_map = self._read(self.private_blocks[modality.value], self.private_queries[modality.value], tokens, mask)
+            read = tokens if self.private_backprop else tokens.detach()  # see the header
+            own, own_map = self._read(self.private_blocks[modality.value], self.private_queries[modality.value], read, mask)
             common, common_map = self._read(self.shared_block, self.shared_queries, tokens, mask)
             summaries.add(modality, own, common)
             key_modality = torch.where(mask, MODALITY_INDEX[modality], PADDING)  # (B, N_m)
