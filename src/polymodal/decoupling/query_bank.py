@@ -160,6 +160,11 @@ class QueryBankDecoupler(nn.Module):
             nn.init.normal_(queries, std=BANK_QUERY_INIT_STD)
         for block in [*self.private_blocks.values(), self.shared_block]:
             block.init_weights(out_std=INIT_STD / math.sqrt(block.num_branches))
+            # The read path (values, then the output projection) starts as an isometry, so that a
+            # bank begins as the attention-weighted mean of the normalised states, at the masked
+            # mean's scale (see the header).
+            nn.init.orthogonal_(block.cross_attn.v_proj.weight)
+            nn.init.orthogonal_(block.cross_attn.o_proj.weight)
         self.out_norm.init_weights()
 
     def set_progress(self, fraction: float) -> None:
