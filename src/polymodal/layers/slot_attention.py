@@ -75,11 +75,15 @@ class SlotAttention(nn.Module):
         self.mlp = GeluMLP(dim, dim_hidden)
 
     def init_weights(self, *, std: float = INIT_STD) -> None:
-        """LayerNorms at one and zero, projections and MLP N(0, std); the GRU keeps PyTorch's uniform init."""
+        """LayerNorms at one and zero; q/k/v projections Glorot-uniform, as in the paper (its dense
+        layers' default). At N(0, 0.02) a loss on typed slots' shared summary sent the tokens
+        0.14x the gradient the same loss on their masked mean does (0.37x now), and learnt
+        slowly against the generation losses sharing the backbone. MLP N(0, std); the GRU keeps
+        PyTorch's uniform init."""
         for norm in (self.input_norm, self.slot_norm, self.mlp_norm):
             norm.reset_parameters()
         for linear in (self.q_proj, self.k_proj, self.v_proj):
-            nn.init.trunc_normal_(linear.weight, std=std, a=-3 * std, b=3 * std)
+            nn.init.xavier_uniform_(linear.weight)
         self.gru.reset_parameters()
         self.mlp.init_weights(std=std, out_std=std)
 
