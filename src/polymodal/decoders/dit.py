@@ -11,11 +11,12 @@ step), so the network starts near the zero velocity and each block near the iden
 
 Positions are DiT's fixed sin-cos table (2-D over a grid of image patches, 1-D over a sequence),
 not learned. A learned table started at N(0, 0.02) (per-token norm 0.24, against 1.7-2.8 for a
-patch's content) stayed there through the ``metaquery`` preset's 1,000 steps: the trained DiT's
-self-attention was nearly uniform over the 48 patches (entropy 3.3-3.7 nats of at most 3.87), a
-patch's change moved the velocity of the others 300 times less than its own, and every patch was
-drawn on its own: stroke fragments, not digits (BENCHMARKS.md, "The flow image head drew patches
-on their own"). The fixed table has norm sqrt(dim / 2) per token from the first step.
+patch's content) stayed there through the ``metaquery`` preset's 1,000 steps, and the trained
+DiT's self-attention was nearly uniform over its 48 patches (entropy 3.3-3.7 nats of at most
+3.87). The fixed table has norm sqrt(dim / 2) per token from the first step: a small flow asked
+to draw bars at random places draws 25 of 64 whole against 2 of 64 with the learned table
+(``tests/decoders/test_dit.py``). It is not enough on its own for digits: BENCHMARKS.md, "The
+flow image head drew patches on their own".
 
 References: Peebles and Xie 2022, Scalable Diffusion Models with Transformers (DiT),
 arXiv:2212.09748 (adaLN-Zero, patch tokens); Chen et al. 2023, PixArt-alpha, arXiv:2310.00426
