@@ -10,7 +10,8 @@ import torch
 import torch.nn.functional as F
 
 from polymodal.encoders import ENCODERS
-from polymodal.encoders.vit import ViTEncoder, sincos_2d_embedding
+from polymodal.encoders.vit import ViTEncoder
+from polymodal.layers.positional import sincos_2d_embedding
 
 BATCH = 2
 

@@ -9,6 +9,15 @@ added to the tokens at the input. Modulation, cross-attention output and output 
 zero (N(0, 1e-3) rather than DiT's exact zeros, so that every weight has a gradient from the first
 step), so the network starts near the zero velocity and each block near the identity (adaLN-Zero).
 
+Positions are DiT's fixed sin-cos table (2-D over a grid of image patches, 1-D over a sequence),
+not learned. A learned table started at N(0, 0.02) (per-token norm 0.24, against 1.7-2.8 for a
+patch's content) stayed there through the ``metaquery`` preset's 1,000 steps, and the trained
+DiT's self-attention was nearly uniform over its 48 patches (entropy 3.3-3.7 nats of at most
+3.87). The fixed table has norm sqrt(dim / 2) per token from the first step: a small flow asked
+to draw bars at random places draws 25 of 64 whole against 2 of 64 with the learned table
+(``tests/decoders/test_dit.py``). It is not enough on its own for digits: BENCHMARKS.md, "The
+flow image head drew patches on their own".
+
 References: Peebles and Xie 2022, Scalable Diffusion Models with Transformers (DiT),
 arXiv:2212.09748 (adaLN-Zero, patch tokens); Chen et al. 2023, PixArt-alpha, arXiv:2310.00426
 (cross-attention to the text condition in each block).
@@ -23,7 +32,7 @@ from polymodal.layers.attention import SelfAttention
 from polymodal.layers.cross_attention import CrossAttention
 from polymodal.layers.mlp import INIT_STD, GeluMLP
 from polymodal.layers.norms import RMSNorm
-from polymodal.layers.positional import sinusoidal_embedding
+from polymodal.layers.positional import sincos_2d_embedding, sinusoidal_embedding
 
 # Flow times in [0, 1] are scaled to [0, 1000] before the sinusoid, the range of DiT's timesteps,
 # so the embedding's frequencies resolve small steps in t.
@@ -76,12 +85,26 @@ class DiTBlock(nn.Module):
         return x + gate2[:, None, :] * self.mlp(_modulate(self.mlp_norm(x), shift2, scale2))
 
 
+def _position_table(layout: int | tuple[int, int], dim: int) -> Tensor:
+    """(N, dim) fixed positions of ``FlowTransformer``'s layout: 1-D for an int, 2-D for (rows, cols)."""
+    if isinstance(layout, int):
+        if layout < 1:
+            raise ValueError(f"a sequence layout needs at least one token, got {layout}")
+        return sinusoidal_embedding(torch.arange(layout), dim)
+    rows, cols = layout
+    if rows < 1 or cols < 1:
+        raise ValueError(f"a grid layout needs rows, cols >= 1, got {layout}")
+    return sincos_2d_embedding(rows, cols, dim)
+
+
 class FlowTransformer(nn.Module):
     """Velocity v(x_t, t, condition) over token sequences.
 
     Args:
         dim_in: values per token of the noisy target (a patch's pixels, a group of mel frames).
-        max_tokens: N at most (one learned position embedding each).
+        layout: where the tokens sit, which fixes their positions: an int N, a sequence of at most N
+            tokens (1-D sin-cos positions), or (rows, cols), a row-major grid of patches (2-D
+            sin-cos positions; exactly rows * cols tokens).
         dim_context: width of the condition tokens read by cross-attention; None: no cross-attention.
         dim_aligned: width of a per-token condition added at the input; None: none.
         dim: the network's width.
@@ -93,7 +116,7 @@ class FlowTransformer(nn.Module):
     def __init__(
         self,
         dim_in: int,
-        max_tokens: int,
+        layout: int | tuple[int, int],
         dim_context: int | None = None,
         dim_aligned: int | None = None,
         *,
@@ -109,7 +132,8 @@ class FlowTransformer(nn.Module):
             raise ValueError(f"num_layers must be >= 1, got {num_layers}")
         self.dim = dim
         self.in_proj = nn.Linear(dim_in, dim)
-        self.positions = nn.Parameter(torch.zeros(max_tokens, dim))
+        # Not persistent: a function of the layout, so checkpoints need not carry it.
+        self.register_buffer("positions", _position_table(layout, dim), persistent=False)  # (N, D)
         self.time_mlp = GeluMLP(dim, dim)
         self.context_proj = nn.Linear(dim_context, dim) if dim_context is not None else None
         self.aligned_proj = nn.Linear(dim_aligned, dim) if dim_aligned is not None else None
@@ -120,7 +144,6 @@ class FlowTransformer(nn.Module):
         self.init_weights()
 
     def init_weights(self) -> None:
-        nn.init.normal_(self.positions, std=INIT_STD)
         self.time_mlp.init_weights()
         for linear in (self.in_proj, self.context_proj, self.aligned_proj):
             if linear is not None:
@@ -144,7 +167,7 @@ class FlowTransformer(nn.Module):
         """The velocity at (x, t).
 
         Args:
-            x: (B, N, dim_in) noisy tokens.
+            x: (B, N, dim_in) noisy tokens, in the layout's order (N = rows * cols for a grid).
             t: (B,) flow times in [0, 1].
             context: (B, Nc, dim_context) condition tokens (every one real), when built with them.
             aligned: (B, N, dim_aligned) per-token condition, when built with one.
@@ -155,7 +178,9 @@ class FlowTransformer(nn.Module):
         """
         if (context is None) != (self.context_proj is None) or (aligned is None) != (self.aligned_proj is None):
             raise ValueError("give context (aligned) exactly when the network was built with dim_context (dim_aligned)")
-        tokens = self.in_proj(x) + self.positions[: x.shape[1]]  # (B, N, D)
+        if x.shape[1] > len(self.positions):
+            raise ValueError(f"{x.shape[1]} tokens; the network's layout holds at most {len(self.positions)}")
+        tokens = self.in_proj(x) + self.positions[: x.shape[1]].to(x.dtype)  # (B, N, D)
         if aligned is not None:
             tokens = tokens + self.aligned_proj(aligned)
         conditioning = self.time_mlp(sinusoidal_embedding(t * TIME_SCALE, self.dim).to(tokens.dtype))  # (B, D)

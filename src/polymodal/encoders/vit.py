@@ -10,7 +10,6 @@ positions are added to the tokens, as in the ViT paper.
 
 from __future__ import annotations
 
-
 import torch
 import torch.nn.functional as F
 from einops import rearrange
@@ -21,32 +20,10 @@ from polymodal.encoders import ENCODERS
 from polymodal.encoders.output import EncoderIntermediates, EncoderOutput
 from polymodal.layers.mlp import INIT_STD, swiglu_hidden_dim
 from polymodal.layers.norms import RMSNorm
-from polymodal.layers.positional import sinusoidal_embedding
+from polymodal.layers.positional import sincos_2d_embedding
 from polymodal.modality import Modality
 
 POSITIONS = ("learned", "sinusoidal")
-
-
-def sincos_2d_embedding(height: int, width: int, dim: int, *, device: torch.device | str | None = None) -> Tensor:
-    """Fixed 2-D sin-cos positions of a ``height x width`` grid, row-major.
-
-    The first half of the features is the 1-D sinusoidal embedding of the row index, the second
-    half that of the column index (MAE, arXiv:2111.06377), so each axis gets ``dim / 2`` features.
-
-    Args:
-        height: grid rows.
-        width: grid columns.
-        dim: feature width; divisible by 4 (a sine and a cosine half per axis).
-        device: where to create the result.
-
-    Returns:
-        (height * width, dim) float32; row ``r * width + c`` encodes cell (r, c).
-    """
-    if dim % 4:
-        raise ValueError(f"2-D sin-cos positions need a dim divisible by 4, got {dim}")
-    rows = torch.arange(height, device=device).repeat_interleave(width)  # (h*w,) 0 0 .. 1 1 ..
-    cols = torch.arange(width, device=device).repeat(height)  # (h*w,) 0 1 .. 0 1 ..
-    return torch.cat([sinusoidal_embedding(rows, dim // 2), sinusoidal_embedding(cols, dim // 2)], dim=-1)
 
 
 @ENCODERS.register("vit")

@@ -90,7 +90,7 @@ class ImageFlowDecoder(nn.Module):
         self.queries = LearnableQueries(
             dim, dim_condition, Modality.IMAGE, num_queries=num_queries, connector=connector, train_backbone=train_backbone, where=where
         )
-        self.network = FlowTransformer(channels * patch_size**2, self.grid[0] * self.grid[1], dim_condition, **decoder)
+        self.network = FlowTransformer(channels * patch_size**2, self.grid, dim_condition, **decoder)
 
     def init_weights(self) -> None:
         self.queries.init_weights()
