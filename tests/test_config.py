@@ -57,6 +57,8 @@ def test_exponent_notation_without_a_dot_is_a_number():
         ("data.options.num_smaples=9", "data.options.num_smaples: unknown setting of dataset 'spoken_numbers'; valid: max_digits, num_samples"),
         ("train.steps=0", "train.steps: must be > 0"),
         ("tokenizer_train.steps=0", "tokenizer_train.steps: must be > 0"),
+        ("data.top_db=-5", "data.top_db: must be > 0"),
+        ("data.trim_db=0", "data.trim_db: must be > 0"),
         ("steps", "expected key=value"),
     ],
 )

@@ -46,6 +46,8 @@ class DataConfig:
     num_mels: int = 64
     n_fft: int = 400  # 25 ms window at 16 kHz
     hop_length: int = 160  # 10 ms hop at 16 kHz
+    top_db: float | None = None  # floor each clip's log-mel this many dB below its peak (None: no floor)
+    trim_db: float | None = None  # cut leading/trailing audio this many dB below the loudest frame (None: keep)
     max_text_tokens: int = 24
     vocab_size: int = 512  # BPE vocabulary trained on the training captions
     num_workers: int = 0
@@ -372,6 +374,9 @@ def validate(config: Config) -> None:
     for key in ("image_height", "image_width", "image_channels", "sample_rate", "num_mels", "hop_length", "vocab_size"):
         positive(f"data.{key}", getattr(config.data, key))
     positive("data.max_audio_seconds", config.data.max_audio_seconds)
+    for key in ("top_db", "trim_db"):
+        if getattr(config.data, key) is not None:
+            positive(f"data.{key}", getattr(config.data, key))
     from polymodal.data.text import MIN_VOCAB_SIZE
 
     if config.data.vocab_size < MIN_VOCAB_SIZE:

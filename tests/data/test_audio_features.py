@@ -9,7 +9,7 @@ import soundfile
 import torch
 from scipy.signal import resample_poly
 
-from polymodal.data.audio import LOG_FLOOR, LogMel, load_audio, mel_filterbank
+from polymodal.data.audio import LOG_FLOOR, LogMel, load_audio, mel_filterbank, speech_bounds
 from polymodal.errors import DataError
 
 
@@ -53,6 +53,53 @@ def test_log_mel_matches_librosa(num_samples: int) -> None:
     theirs = np.log(np.maximum(mel, LOG_FLOOR)).T  # (F, num_mels)
     assert ours.shape == (1, *theirs.shape)
     np.testing.assert_allclose(ours[0].numpy(), theirs, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("top_db", [20.0, 50.0])
+def test_log_mel_floor_matches_librosa_top_db(top_db: float) -> None:
+    # librosa's power_to_db(ref=np.max, top_db) is ours in dB, shifted so the clip's peak is 0 dB.
+    sample_rate, n_fft, hop, num_mels = 16000, 400, 160, 32
+    wave = _noisy_chirp(8000, sample_rate)
+    wave[:3000] *= 1e-4  # a quiet lead-in, far below the floor
+    ours = LogMel(sample_rate=sample_rate, n_fft=n_fft, hop_length=hop, num_mels=num_mels, top_db=top_db)(torch.from_numpy(wave)[None])[0]
+    mel = librosa.feature.melspectrogram(
+        y=wave.astype(np.float64), sr=sample_rate, n_fft=n_fft, hop_length=hop, n_mels=num_mels,
+        power=2.0, window="hann", center=True, pad_mode="reflect",
+    )  # (num_mels, F)
+    theirs = librosa.power_to_db(mel, ref=np.max, top_db=top_db).T  # (F, num_mels), peak 0 dB
+    ours_db = ours.double().numpy() * 10.0 / np.log(10.0)
+    np.testing.assert_allclose(ours_db - ours_db.max(), theirs, atol=1e-3, rtol=0)
+    assert (theirs == -top_db).mean() > 0.2  # the floor does bite on the quiet part
+
+
+def test_log_mel_floor_is_per_clip() -> None:
+    log_mel = LogMel(num_mels=16, top_db=30.0)
+    loud, quiet = (torch.from_numpy(_noisy_chirp(3200, 16000, seed=s)) for s in (0, 1))
+    batched = log_mel(torch.stack([loud, 1e-3 * quiet]))
+    torch.testing.assert_close(batched[1], log_mel(1e-3 * quiet[None])[0], atol=1e-5, rtol=0)
+    torch.testing.assert_close(batched[0], log_mel(loud[None])[0], atol=1e-5, rtol=0)
+    with pytest.raises(ValueError, match="top_db"):
+        LogMel(top_db=0.0)
+
+
+@pytest.mark.parametrize(("top_db", "frame_length", "hop_length"), [(30.0, 400, 160), (60.0, 2048, 512), (20.0, 256, 64)])
+def test_speech_bounds_match_librosa_trim(top_db: float, frame_length: int, hop_length: int) -> None:
+    rng = np.random.default_rng(1)
+    for lead, word, trail in [(4000, 6000, 3000), (0, 5000, 2500), (1500, 4000, 0), (333, 4321, 777)]:
+        wave = np.concatenate([1e-4 * rng.standard_normal(lead), _noisy_chirp(word, 16000), 1e-4 * rng.standard_normal(trail)])
+        _, (start, end) = librosa.effects.trim(wave, top_db=top_db, frame_length=frame_length, hop_length=hop_length)
+        ours = speech_bounds(torch.from_numpy(wave).float(), top_db=top_db, frame_length=frame_length, hop_length=hop_length)
+        assert ours == (int(start), int(end))
+
+
+def test_speech_bounds_by_hand() -> None:
+    # A burst in silence: frames of 4 samples every 2, so bounds land within a frame of the burst.
+    wave = torch.zeros(40)
+    wave[17:23] = 1.0
+    start, end = speech_bounds(wave, top_db=20.0, frame_length=4, hop_length=2)
+    assert 14 <= start <= 17 and 23 <= end <= 26
+    assert speech_bounds(torch.zeros(0), top_db=20.0, frame_length=4, hop_length=2) == (0, 0)
+    assert speech_bounds(torch.zeros(10), top_db=20.0, frame_length=4, hop_length=2) == (0, 10)  # all equally silent: kept
 
 
 def test_frame_lengths_match_frames_produced() -> None:

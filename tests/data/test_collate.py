@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from polymodal.config import DataConfig
-from polymodal.data.audio import LogMel
+from polymodal.data.audio import LogMel, speech_bounds
 from polymodal.data.batch import Sample
 from polymodal.data.collate import Collator, build_collator
 from polymodal.data.image import normalize_images
@@ -137,3 +137,21 @@ def test_build_collator_from_config(tokenizer: TextTokenizer) -> None:
     assert batch.inputs[Modality.TEXT].shape[1] <= config.max_text_tokens
     with pytest.raises(ValueError, match="max_text_tokens"):
         Collator(tokenizer, **{**SETTINGS, "max_text_tokens": 1})
+
+
+def test_trimmed_clip_equals_the_clip_cut_by_hand(tokenizer: TextTokenizer) -> None:
+    # The collator's trim (data.trim_db) against cutting the clip at speech_bounds before collating;
+    # and the floor (data.top_db) against LogMel's own. The word sits in near-silence, so both bite.
+    quiet = 1e-4 * _wave(1600, 1)
+    clip = torch.cat([quiet, _wave(1200, 2), quiet])
+    trimming = Collator(tokenizer, **SETTINGS, trim_db=30.0, top_db=40.0)
+    start, end = speech_bounds(clip, top_db=30.0, frame_length=N_FFT, hop_length=HOP)
+    assert 1200 <= start <= 1600 and 2800 <= end <= 3200
+    trimmed = trimming([Sample(audio=clip)])
+    by_hand = Collator(tokenizer, **SETTINGS)([Sample(audio=clip[start:end])])
+    expected = LogMel(sample_rate=SAMPLE_RATE, n_fft=N_FFT, hop_length=HOP, num_mels=NUM_MELS, top_db=40.0)(clip[None, start:end])
+    torch.testing.assert_close(trimmed.masks[Modality.AUDIO], by_hand.masks[Modality.AUDIO])
+    torch.testing.assert_close(trimmed.inputs[Modality.AUDIO], expected)
+    assert not torch.equal(trimmed.inputs[Modality.AUDIO], by_hand.inputs[Modality.AUDIO])  # the floor changed it
+    config = build_collator(tokenizer, DataConfig(trim_db=30.0, top_db=40.0))
+    assert (config.trim_db, config.log_mel.top_db) == (30.0, 40.0)

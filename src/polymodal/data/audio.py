@@ -1,5 +1,12 @@
 """Audio front end: read a clip, and turn waveforms into log-mel spectrogram frames.
 
+Two optional clean-ups make clips recorded in different rooms look alike: ``LogMel(top_db=...)``
+floors each clip's log-mel at its peak minus ``top_db`` (librosa's ``power_to_db(ref=np.max,
+top_db=...)``, the 80 dB floor of Whisper's front end, Radford et al. 2022, arXiv:2212.04356), so a
+quiet studio and a hissing laptop have the same floor; ``speech_bounds`` finds where a clip's sound
+starts and ends (the leading and trailing frames within ``top_db`` of its loudest frame, as
+``librosa.effects.trim``), so long silences around a word are cut.
+
 The mel filterbank follows Slaney's Auditory Toolbox (Slaney 1998, Technical Report #1998-010):
 the mel scale is linear below 1 kHz and logarithmic above, and each triangle is scaled to unit area
 ("slaney" normalisation). These are librosa's defaults, so ``mel_filterbank`` matches
@@ -36,6 +43,9 @@ LOG_FLOOR = 1e-10
 # Rates a file may declare: from telephone-grade 1 kHz to 768 kHz, the highest audio interfaces
 # record at. Outside it the header is damaged, and resampling would build a filter of
 # 20 * rate taps (scipy's resample_poly), gigabytes for a corrupt 2 GHz header.
+# librosa.effects.trim's floor on a frame's RMS before it goes into dB (amplitude_to_db's amin):
+# a run of exact zeros reads 100 dB below full scale, not -inf.
+TRIM_AMIN = 1e-5
 MIN_FILE_RATE = 1_000
 MAX_FILE_RATE = 768_000
 # Seconds read past ``max_seconds`` before resampling, so the kept samples are those of resampling
@@ -56,6 +66,22 @@ def _mel_to_hz(mel: np.ndarray) -> np.ndarray:
     break_mel = SLANEY_BREAK_HZ / SLANEY_HZ_PER_MEL
     log_part = SLANEY_BREAK_HZ * np.exp(SLANEY_LOG_STEP * (mel - break_mel))
     return np.where(mel >= break_mel, log_part, mel * SLANEY_HZ_PER_MEL)
+
+
+def mel_weights(hz: np.ndarray, *, num_mels: int, f_min: float, f_max: float) -> np.ndarray:
+    """Each Slaney mel triangle (unit area) read at the frequencies ``hz`` (K,): (num_mels, K) float64.
+
+    ``mel_filterbank`` reads them at the FFT bins; vocal tract length perturbation
+    (``augment_vtlp``) at warped bins.
+    """
+    # num_mels + 2 edges: band i rises from edge i to its peak at edge i+1 and falls to edge i+2.
+    edges_hz = _mel_to_hz(np.linspace(_hz_to_mel(f_min), _hz_to_mel(f_max), num_mels + 2))
+    widths = np.diff(edges_hz)  # (num_mels + 1,)
+    offsets = edges_hz[:, None] - np.asarray(hz, dtype=np.float64)[None, :]  # (num_mels + 2, K)
+    rising = -offsets[:-2] / widths[:-1, None]  # (num_mels, K)
+    falling = offsets[2:] / widths[1:, None]
+    weights = np.maximum(0.0, np.minimum(rising, falling))
+    return weights * (2.0 / (edges_hz[2:] - edges_hz[:-2]))[:, None]  # unit area per triangle
 
 
 def mel_filterbank(
@@ -82,14 +108,7 @@ def mel_filterbank(
             f"sample_rate={sample_rate}"
         )
     fft_hz = np.linspace(0.0, sample_rate / 2.0, n_fft // 2 + 1)  # (n_fft//2+1,)
-    # num_mels + 2 edges: band i rises from edge i to its peak at edge i+1 and falls to edge i+2.
-    edges_hz = _mel_to_hz(np.linspace(_hz_to_mel(f_min), _hz_to_mel(f_max), num_mels + 2))
-    widths = np.diff(edges_hz)  # (num_mels + 1,)
-    offsets = edges_hz[:, None] - fft_hz[None, :]  # (num_mels + 2, n_fft//2+1)
-    rising = -offsets[:-2] / widths[:-1, None]  # (num_mels, n_fft//2+1)
-    falling = offsets[2:] / widths[1:, None]
-    weights = np.maximum(0.0, np.minimum(rising, falling))
-    weights *= (2.0 / (edges_hz[2:] - edges_hz[:-2]))[:, None]  # unit area per triangle
+    weights = mel_weights(fft_hz, num_mels=num_mels, f_min=f_min, f_max=f_max)
     if np.any(weights.max(axis=1) == 0.0):
         logger.warning("some of the %d mel bands are empty; use fewer mels or a larger n_fft", num_mels)
     return torch.from_numpy(weights.T.copy()).float()
@@ -107,8 +126,12 @@ class LogMel(nn.Module):
         num_mels: int = 64,
         f_min: float = 0.0,
         f_max: float | None = None,
+        top_db: float | None = None,
     ) -> None:
         super().__init__()
+        if top_db is not None and top_db <= 0:
+            raise ValueError(f"top_db must be > 0 dB (or None for no floor), got {top_db}")
+        self.top_db = top_db
         self.sample_rate = sample_rate
         self.n_fft = n_fft
         self.hop_length = hop_length
@@ -134,7 +157,7 @@ class LogMel(nn.Module):
         """
         return 1 + torch.div(num_samples, self.hop_length, rounding_mode="floor")
 
-    def forward(self, waveforms: Tensor) -> Tensor:
+    def forward(self, waveforms: Tensor, filters: Tensor | None = None) -> Tensor:
         """Log-mel frames of a batch of waveforms.
 
         Clips shorter than ``n_fft // 2 + 1`` samples are zero-padded to that length first (reflect
@@ -142,9 +165,13 @@ class LogMel(nn.Module):
 
         Args:
             waveforms: (B, T) float.
+            filters: (B, n_fft // 2 + 1, num_mels), a filterbank per clip (a warped one, for
+                ``augment_vtlp``); None uses ``self.filters`` for all.
 
         Returns:
-            (B, 1 + T // hop_length, num_mels) float32, T counted after that padding.
+            (B, 1 + T // hop_length, num_mels) float32, T counted after that padding; with
+            ``top_db``, each clip's values are at least its maximum minus ``top_db`` dB (zero
+            padding is quieter than any real frame, so it never sets a clip's maximum).
         """
         min_len = self.n_fft // 2 + 1
         if waveforms.shape[-1] < min_len:
@@ -163,8 +190,45 @@ class LogMel(nn.Module):
                 return_complex=True,
             )  # (B, n_fft//2+1, F) complex
             power = spec.real.square() + spec.imag.square()  # (B, n_fft//2+1, F)
-            mel = torch.einsum("bkf,km->bfm", power, self.filters.float())  # (B, F, num_mels)
-            return torch.log(torch.clamp(mel, min=LOG_FLOOR))
+            if filters is None:
+                mel = torch.einsum("bkf,km->bfm", power, self.filters.float())  # (B, F, num_mels)
+            else:
+                mel = torch.einsum("bkf,bkm->bfm", power, filters.float())
+            log_mel = torch.log(torch.clamp(mel, min=LOG_FLOOR))
+            if self.top_db is None:
+                return log_mel
+            # top_db dB of power is top_db / 10 decades, times ln(10) in natural-log units.
+            floor = log_mel.amax(dim=(1, 2), keepdim=True) - self.top_db * math.log(10.0) / 10.0  # (B, 1, 1)
+            return torch.maximum(log_mel, floor)
+
+
+def speech_bounds(waveform: Tensor, *, top_db: float, frame_length: int, hop_length: int) -> tuple[int, int]:
+    """Where the sound of a clip starts and ends: ``waveform[start:end]`` is it without its leading and
+    trailing silence.
+
+    Silence is any frame whose RMS is more than ``top_db`` dB below the clip's loudest frame; frames
+    are ``frame_length`` samples, centred every ``hop_length`` samples on the clip zero-padded by
+    ``frame_length // 2`` at both ends. This is ``librosa.effects.trim``'s rule, and its bounds.
+
+    Args:
+        waveform: (T,) float.
+        top_db: how far below the loudest frame silence begins, in dB.
+        frame_length: samples per RMS frame.
+        hop_length: samples between frame centres.
+
+    Returns:
+        ``(start, end)``, 0 <= start < end <= T; ``(0, T)`` for an empty clip.
+    """
+    length = waveform.shape[0]
+    if length == 0:
+        return 0, 0
+    half = frame_length // 2
+    padded = nn.functional.pad(waveform.double()[None], (half, half))[0]  # (T + 2 * half,)
+    frames = padded.unfold(0, frame_length, hop_length)  # (N, frame_length)
+    rms = frames.square().mean(1).sqrt().clamp(min=TRIM_AMIN)  # (N,)
+    loud = torch.nonzero(20.0 * torch.log10(rms / rms.max()) > -top_db).squeeze(1)  # never empty: the max is 0 dB
+    start = int(loud[0]) * hop_length
+    return start, max(start + 1, min(length, (int(loud[-1]) + 1) * hop_length))
 
 
 def load_audio(path: str | Path, *, sample_rate: int, max_seconds: float | None = None) -> Tensor:

@@ -24,9 +24,10 @@ from polymodal.data.augment_image import ImageAugmentSettings, augment_image
 from polymodal.data.batch import Sample
 from polymodal.errors import ConfigError
 
-# Independent draws per use of one (seed, epoch, index): the audio chain, the image chain, and
-# SpecAugment (applied later, on the collated log-mel frames). Appending is safe; reordering is not.
-STREAMS = ("audio", "image", "spec_augment")
+# Independent draws per use of one (seed, epoch, index): the audio chain, the image chain, then
+# SpecAugment and VTLP (applied later, by the collator, to log-mel frames). Appending is safe;
+# reordering is not.
+STREAMS = ("audio", "image", "spec_augment", "vtlp")
 
 __all__ = [
     "AugmentSettings",

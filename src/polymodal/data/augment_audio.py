@@ -77,18 +77,24 @@ class AudioAugmentSettings:
     time_masks: int = 2
     time_mask_width: int = 70  # T: each mask covers up to this many frames ...
     time_mask_fraction: float = 0.2  # p: ... and at most this share of the item's real frames
+    # Vocal tract length perturbation (Jaitly & Hinton 2013; ``augment_vtlp``): the mel filterbank
+    # read at frequencies warped by a factor from vtlp_range, bent above vtlp_boundary_hz (their
+    # f_hi) to keep Nyquist. Applied by the collator to log-mel frames, not by ``augment_waveform``.
+    vtlp_p: float = 0.0
+    vtlp_range: tuple[float, float] = (0.9, 1.1)  # the paper's factors
+    vtlp_boundary_hz: float = 4800.0
 
     def __post_init__(self) -> None:
         where = "data.augment.audio"
         for field in dataclasses.fields(self):
             if field.name.endswith("_p") and not 0.0 <= getattr(self, field.name) <= 1.0:
                 raise ConfigError(f"{where}.{field.name}={getattr(self, field.name)}: a probability, in [0, 1]")
-        for name in ("speed_range", "reverb_rt60", "noise_snr_db", "gain_db", "reverb_drr_db"):
+        for name in ("speed_range", "reverb_rt60", "noise_snr_db", "gain_db", "reverb_drr_db", "vtlp_range"):
             low, high = getattr(self, name)
             if low > high:
                 raise ConfigError(f"{where}.{name}={[low, high]}: low above high; give [low, high]")
-        if self.speed_range[0] <= 0.0 or self.reverb_rt60[0] <= 0.0:
-            raise ConfigError(f"{where}: speed_range and reverb_rt60 must be positive")
+        if min(self.speed_range[0], self.reverb_rt60[0], self.vtlp_range[0], self.vtlp_boundary_hz) <= 0.0:
+            raise ConfigError(f"{where}: speed_range, reverb_rt60, vtlp_range and vtlp_boundary_hz must be positive")
         if min(self.noise_weights) < 0.0 or sum(self.noise_weights) <= 0.0:
             raise ConfigError(f"{where}.noise_weights={list(self.noise_weights)}: odds >= 0, not all 0")
         counts = ("freq_masks", "freq_mask_width", "time_masks", "time_mask_width", "band_limit_rate")

@@ -1,15 +1,18 @@
 """Collation: a list of ``Sample`` (or None for samples that failed to load) -> one ``Batch``.
 
 Images are stacked and normalised; captions become ``[bos] ids [eos]`` padded with ``pad``;
-waveforms are zero-padded and turned into log-mel frames with a frame mask, or, for an audio
+waveforms lose their leading and trailing silence (``data.trim_db``, off by default), are
+zero-padded and turned into log-mel frames (floored at ``data.top_db`` below each clip's peak when
+set) with a frame mask, or, for an audio
 encoder that reads waveforms (its class says ``input_kind = "waveform"``), kept as (B, T) samples
 with a sample mask. A modality that only some items carry is filled with zeros/pad for the others
 and marked absent in ``present``. Given a dataset's aligned references (``references.py``), a batch
 also carries each labelled item's reference targets, for heads that learn from them.
 
 Training items carry their key (``Sample.key``): the batch then holds their indices, and
-SpecAugment (``data.augment.audio.spec_augment_p``) masks their log-mel frames, drawn from each
-item's key alone so that it replays on resume. Items without a key (evaluation) are never masked.
+VTLP (``data.augment.audio.vtlp_p``) warps their filterbank and SpecAugment (``spec_augment_p``)
+masks their log-mel frames, drawn from each item's key alone so that they replay on resume. Items
+without a key (evaluation) are never warped nor masked.
 """
 
 from __future__ import annotations
@@ -21,8 +24,9 @@ import torch
 from torch import Tensor
 
 from polymodal.config import DataConfig
-from polymodal.data.audio import LogMel, load_audio
+from polymodal.data.audio import LogMel, load_audio, speech_bounds
 from polymodal.data.augment import AudioAugmentSettings, sample_rng, spec_augment
+from polymodal.data.augment_vtlp import draw_warp, vtlp_filterbanks
 from polymodal.data.batch import AlignedTargets, Batch, ItemKey, Sample
 from polymodal.data.image import load_image, normalize_images
 from polymodal.data.references import Reference, token_durations
@@ -63,6 +67,8 @@ class Collator:
         audio_input: str = "log_mel",
         spec_augment: AudioAugmentSettings | None = None,
         seed: int = 0,
+        top_db: float | None = None,
+        trim_db: float | None = None,
     ) -> None:
         if max_text_tokens < NUM_TEXT_SPECIALS:
             raise ValueError(f"max_text_tokens={max_text_tokens} leaves no room for <bos> and <eos>; use >= 2")
@@ -70,11 +76,13 @@ class Collator:
             raise ValueError(f"audio_input={audio_input!r}; valid: {', '.join(AUDIO_INPUTS)}")
         self.audio_input = audio_input
         self.spec_augment = spec_augment if spec_augment is not None and spec_augment.spec_augment_p > 0 else None
+        self.vtlp = spec_augment if spec_augment is not None and spec_augment.vtlp_p > 0 else None
         self.seed = seed
         self.tokenizer = tokenizer
         self.max_text_tokens = max_text_tokens
         self.max_audio_samples = int(round(max_audio_seconds * sample_rate))
-        self.log_mel = LogMel(sample_rate=sample_rate, n_fft=n_fft, hop_length=hop_length, num_mels=num_mels)
+        self.log_mel = LogMel(sample_rate=sample_rate, n_fft=n_fft, hop_length=hop_length, num_mels=num_mels, top_db=top_db)
+        self.trim_db = trim_db
         self.references = dict(references or {})  # target modality -> label -> its reference
         self.front_end = front_end
         # Per target modality and label, the (L,) durations of [bos] tokens [eos]: fixed by the
@@ -106,7 +114,7 @@ class Collator:
             present[Modality.TEXT] = torch.tensor([t is not None for t in texts])
             inputs[Modality.TEXT], masks[Modality.TEXT] = self._texts(texts)
 
-        clips = [s.audio for s in kept]
+        clips = [s.audio if s.audio is None or self.trim_db is None else self._trim(s.audio) for s in kept]
         if any(a is not None for a in clips):
             present[Modality.AUDIO] = torch.tensor([a is not None for a in clips])
             if self.audio_input == "waveform":
@@ -148,6 +156,12 @@ class Collator:
             mask[i, : len(row)] = True
         return ids, mask
 
+    def _trim(self, clip: Tensor) -> Tensor:
+        """(T,) -> (T',): the clip without its leading and trailing silence (``speech_bounds``, frames
+        as the log-mel's). References are never trimmed: their durations count from their start."""
+        start, end = speech_bounds(clip, top_db=self.trim_db, frame_length=self.log_mel.n_fft, hop_length=self.log_mel.hop_length)
+        return clip[start:end]
+
     def _waveforms(self, clips: list[Tensor | None]) -> tuple[Tensor, Tensor]:
         """(T,) waveforms or None -> (B, T) cut to ``max_audio_seconds``, zero-padded; mask (B, T)."""
         cut = [None if a is None else a[: self.max_audio_samples] for a in clips]
@@ -161,18 +175,30 @@ class Collator:
 
     def _audio(self, clips: list[Tensor | None], keys: list[ItemKey | None] | None = None) -> tuple[Tensor, Tensor]:
         """(T,) waveforms or None -> log-mel (B, F, num_mels), zeros on padded frames; mask (B, F).
-        With SpecAugment on and every item keyed (training), each item's frames are masked as its key draws."""
+        With VTLP or SpecAugment on and every item keyed (training), each item's filterbank is warped
+        and its frames masked as its key draws."""
         waveforms, sample_mask = self._waveforms(clips)
         lengths = sample_mask.sum(1)  # (B,)
-        features = self.log_mel(waveforms)  # (B, F, num_mels)
+        keyed = bool(keys) and all(k is not None for k in keys)
+        features = self.log_mel(waveforms, self._warped_filters(keys) if self.vtlp is not None and keyed else None)
         frames = torch.arange(features.shape[1])  # (F,)
         valid = self.log_mel.frame_lengths(lengths)  # (B,)
         mask = (frames[None, :] < valid[:, None]) & (lengths > 0)[:, None]  # (B, F)
-        if self.spec_augment is not None and keys and all(k is not None for k in keys):
+        if self.spec_augment is not None and keyed:
             rngs = [sample_rng(self.seed, k.epoch, k.index, stream="spec_augment") for k in keys]
             features = spec_augment(features, mask, self.spec_augment, rngs)
         features = features.masked_fill(~mask[:, :, None], 0.0)  # padding reads as 0, as Batch documents
         return features, mask
+
+    def _warped_filters(self, keys: list[ItemKey]) -> Tensor:
+        """(B, n_fft // 2 + 1, num_mels): each item's VTLP filterbank, its factor drawn from its key."""
+        settings, log_mel = self.vtlp, self.log_mel
+        low, high = settings.vtlp_range
+        alphas = [draw_warp(sample_rng(self.seed, k.epoch, k.index, stream="vtlp"), p=settings.vtlp_p, low=low, high=high) for k in keys]
+        return vtlp_filterbanks(
+            alphas, num_mels=log_mel.num_mels, n_fft=log_mel.n_fft, sample_rate=log_mel.sample_rate,
+            boundary_hz=settings.vtlp_boundary_hz,
+        )  # fmt: skip
 
     def log_mel_view(self) -> "Collator":
         """This collator, but making log-mel frames whatever its audio encoder reads (for judges and
@@ -256,6 +282,8 @@ def build_collator(
         audio_input=audio_input,
         spec_augment=data_config.augment.audio,
         seed=seed,
+        top_db=data_config.top_db,
+        trim_db=data_config.trim_db,
     )
 
 

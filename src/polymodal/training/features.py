@@ -38,7 +38,7 @@ def training_set_identity(config: Config) -> str:
 def _augmented(config: Config, modality: Modality) -> bool:
     augment = config.data.augment
     if modality is Modality.AUDIO:
-        return augment.audio.active or augment.audio.spec_augment_p > 0
+        return augment.audio.active or augment.audio.spec_augment_p > 0 or augment.audio.vtlp_p > 0
     return modality is Modality.IMAGE and augment.image.active
 
 
