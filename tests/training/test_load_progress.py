@@ -43,3 +43,19 @@ def test_a_loaded_run_embeds_as_the_trained_model_did(tmp_path, decoupler, step)
         expected = trained.embed(Modality.TEXT, ids, mask)
         torch.testing.assert_close(loaded.embed(Modality.TEXT, ids, mask), expected, rtol=0, atol=0)
     assert expected.std(dim=0).sum() > 0  # items differ: the shared branch reads them
+
+
+def test_the_best_checkpoint_brings_its_own_step(tmp_path):
+    """Weights only (``checkpoints/best/``): the step comes from the weights file."""
+    from polymodal.training.selection import write_best
+
+    config = load_config(["tiny"], [f"run_dir={tmp_path}", "model.decoupler={name: typed_slots}", f"train.steps={STEPS}"])
+    tokenizer = TextTokenizer.train(TEXTS, vocab_size=300)
+    tokenizer.save(tmp_path / TOKENIZER_FILE)
+    dump_config(config, tmp_path / "config.yaml")
+    model = build_model(config, data_shapes(config, tokenizer, build_collator(tokenizer, config.data)))
+    save_checkpoint(tmp_path, step=STEPS, model=model, optimizer=None, scheduler=None, extra_state={})
+    write_best(tmp_path, model, step=5, figure="audio_to_text/exact", value=0.5)
+    best = load_run(tmp_path, checkpoint="best")
+    assert best.checkpoint.endswith("best")
+    assert best.model.contrastive.decoupler.gate.value == pytest.approx((training_progress(4, STEPS) - 0.3) / 0.3)

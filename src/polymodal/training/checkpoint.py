@@ -324,6 +324,13 @@ def _checkpoint_folder(path: Path) -> Path:
     return found
 
 
+def _weights_step(path: Path) -> dict[str, int]:
+    """``{"step": n}`` from a weights file's metadata (checkpoints and the best checkpoint write it), else ``{}``."""
+    with safetensors.safe_open(str(path), framework="pt") as weights:
+        step = (weights.metadata() or {}).get("step")
+    return {} if step is None else {"step": int(step)}
+
+
 def _load_weights(path: Path, model: nn.Module) -> None:
     """``model.safetensors`` into ``model``, strictly; a CheckpointError naming the file otherwise."""
     try:
@@ -362,7 +369,8 @@ def load_checkpoint(
         restore_rng: also restore the torch, CUDA, ``random`` and numpy RNG states (exact resume).
 
     Returns:
-        ``{"step": step, **extra_state}`` as saved.
+        ``{"step": step, **extra_state}`` as saved; for weights only (the best checkpoint), the
+        step their file records, or ``{}`` when it records none.
 
     Raises:
         CheckpointError: one line naming the file that is missing, corrupt or of another model.
@@ -379,7 +387,7 @@ def load_checkpoint(
     if not state_path.is_file():
         if optimizer is not None or scheduler is not None or restore_rng:
             raise CheckpointError(f"{state_path} is missing: this checkpoint holds weights only and cannot resume")
-        return {}
+        return _weights_step(path / MODEL_FILE)
     state = read_state(state_path)
     for name, target in (("optimizer", optimizer), ("scheduler", scheduler)):
         if target is None:

@@ -149,7 +149,7 @@ def test_figures(run: Run, result: FitResult, started: float) -> None:
     config, run_dir = run.config, run.run_dir
     best = read_best(run_dir) if config.train.select is not None else None
     if best is not None:  # the test figures are the selected checkpoint's
-        restore_progress(run.model, load_checkpoint(best_dir(run_dir), model=run.model)["step"], config.train.steps)
+        restore_progress(run.model, load_checkpoint(best_dir(run_dir), model=run.model).get("step"), config.train.steps)
     figures = evaluate_run(run, split="test")
     if not is_main():
         return

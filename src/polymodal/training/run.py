@@ -121,11 +121,11 @@ def chosen_checkpoint(run_dir: str | Path, config: Config, checkpoint: str = "au
     return latest_checkpoint(run_dir)
 
 
-def restore_progress(model: nn.Module, step: int, steps: int) -> None:
+def restore_progress(model: nn.Module, step: int | None, steps: int) -> None:
     """Put a model loaded from the checkpoint of ``step`` back at that point of training: the
     opening gate of a decoupler follows progress and is not a weight (closed, typed slots' shared
-    slots would read nothing)."""
-    set_model_progress(model, checkpoint_progress(step, steps))
+    slots would read nothing). Weights that record no step are taken as fully trained."""
+    set_model_progress(model, 1.0 if step is None else checkpoint_progress(step, steps))
 
 
 def load_run(run_dir: str | Path, config: Config | None = None, *, checkpoint: str = "auto") -> Run:
@@ -141,5 +141,5 @@ def load_run(run_dir: str | Path, config: Config | None = None, *, checkpoint: s
     tokenizer = TextTokenizer.load(run_dir / TOKENIZER_FILE)
     collator = run_collator(config, tokenizer, source)
     model = build_model(config, data_shapes(config, tokenizer, collator))  # statistics come with the weights
-    restore_progress(model, load_checkpoint(found, model=model)["step"], config.train.steps)
+    restore_progress(model, load_checkpoint(found, model=model).get("step"), config.train.steps)
     return Run(config, run_dir, source, tokenizer, collator, model, checkpoint=str(found))
