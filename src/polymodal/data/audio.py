@@ -43,11 +43,11 @@ LOG_FLOOR = 1e-10
 # Rates a file may declare: from telephone-grade 1 kHz to 768 kHz, the highest audio interfaces
 # record at. Outside it the header is damaged, and resampling would build a filter of
 # 20 * rate taps (scipy's resample_poly), gigabytes for a corrupt 2 GHz header.
+MIN_FILE_RATE = 1_000
+MAX_FILE_RATE = 768_000
 # librosa.effects.trim's floor on a frame's RMS before it goes into dB (amplitude_to_db's amin):
 # a run of exact zeros reads 100 dB below full scale, not -inf.
 TRIM_AMIN = 1e-5
-MIN_FILE_RATE = 1_000
-MAX_FILE_RATE = 768_000
 # Seconds read past ``max_seconds`` before resampling, so the kept samples are those of resampling
 # the whole file: resample_poly's filter reaches 10 * max(1, file rate / wanted rate) input samples
 # either side of an output sample, under 1,000 at any rate allowed here (1.3 ms at 768 kHz).

@@ -159,7 +159,8 @@ class QueryBankDecoupler(nn.Module):
         self.init_weights()
 
     def init_weights(self) -> None:
-        """Queries and blocks N(0, 0.02), residual outputs scaled by 1/sqrt(2) (two branches)."""
+        """Queries and blocks N(0, 0.02), residual outputs scaled by 1/sqrt(2) (two branches), but the
+        cross-attention's value and output projections orthogonal."""
         for queries in [*self.private_queries.values(), self.shared_queries]:
             nn.init.normal_(queries, std=BANK_QUERY_INIT_STD)
         for block in [*self.private_blocks.values(), self.shared_block]:

@@ -38,8 +38,9 @@ from polymodal.training.loop import fit
 from polymodal.training.step_record import FitResult
 from polymodal.training.features import attach_feature_caches
 from polymodal.training.metrics_log import TENSORBOARD_DIR
-from polymodal.training.run import Run, prepare_run, restore_progress
+from polymodal.training.run import Run, prepare_run
 from polymodal.training.run_lock import RunLock
+from polymodal.training.schedules import restore_progress
 from polymodal.training.selection import Selection, best_dir, read_best
 
 logger = logging.getLogger(__name__)

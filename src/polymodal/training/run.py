@@ -27,7 +27,7 @@ from polymodal.models.architectures import build_model, check_model
 from polymodal.models.shapes import DataShapes, TextSpecials
 from polymodal.encoders import ENCODERS
 from polymodal.training.checkpoint import latest_checkpoint, load_checkpoint
-from polymodal.training.schedules import checkpoint_progress, set_model_progress
+from polymodal.training.schedules import restore_progress
 from polymodal.training.selection import best_dir, read_best
 
 logger = logging.getLogger(__name__)
@@ -119,13 +119,6 @@ def chosen_checkpoint(run_dir: str | Path, config: Config, checkpoint: str = "au
             raise ConfigError(f"{run_dir} keeps no best checkpoint (train it with train.select=<val figure>)")
         return best_dir(run_dir)
     return latest_checkpoint(run_dir)
-
-
-def restore_progress(model: nn.Module, step: int | None, steps: int) -> None:
-    """Put a model loaded from the checkpoint of ``step`` back at that point of training: the
-    opening gate of a decoupler follows progress and is not a weight (closed, typed slots' shared
-    slots would read nothing). Weights that record no step are taken as fully trained."""
-    set_model_progress(model, 1.0 if step is None else checkpoint_progress(step, steps))
 
 
 def load_run(run_dir: str | Path, config: Config | None = None, *, checkpoint: str = "auto") -> Run:

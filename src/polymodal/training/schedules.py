@@ -75,13 +75,6 @@ def training_progress(step: int, steps: int) -> float:
     return step / steps
 
 
-def checkpoint_progress(step: int, steps: int) -> float:
-    """The training fraction a checkpoint saved after ``step`` optimiser steps was last trained at
-    (that of its last step): what ``set_progress`` hooks (a decoupler's opening gate) must be given
-    when its weights are loaded for use, so that the model computes what it computed in training."""
-    return training_progress(max(step - 1, 0), steps)
-
-
 def effective_loss_weights(
     static: Mapping[str, float], schedules: Mapping[str, Sequence[Point]], progress: float
 ) -> dict[str, float]:
@@ -99,3 +92,11 @@ def set_model_progress(model: nn.Module, progress: float) -> None:
         hook = getattr(module, "set_progress", None)
         if callable(hook):
             hook(progress)
+
+
+def restore_progress(model: nn.Module, step: int | None, steps: int) -> None:
+    """Put a model whose weights come from the checkpoint of ``step`` back at the point of training
+    they were last trained at (that of their last step): a decoupler's opening gate follows
+    progress and is not a weight (closed, typed slots' shared slots would read nothing). Weights
+    that record no step are taken as fully trained."""
+    set_model_progress(model, 1.0 if step is None else training_progress(max(step - 1, 0), steps))
