@@ -3,7 +3,8 @@ line, any subset of modalities, with an optional second manifest for evaluation.
 
 A manifest knows nothing beyond its lines: captions are scored as text (exact match), generators
 read the text as written, and it has no aligned references or zero-shot prompts. Its log-mel
-statistics are measured on its own training clips.
+statistics are measured on its own training clips. With ``synthetic_speech`` the training split
+also holds its transcripts spoken by synthetic voices (``polymodal.data.synthetic_speech``).
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 import numpy as np
-from torch.utils.data import Dataset, Subset
+from torch.utils.data import ConcatDataset, Dataset, Subset
 
 from polymodal.config import DataConfig
 from polymodal.data.manifest import ManifestDataset
@@ -36,17 +37,21 @@ class ManifestSource:
         seed: draws the held-out share when there is no ``val_manifest``.
         holdout: the share of ``data.manifest`` kept apart for validation and test when
             ``data.val_manifest`` is not given.
+        synthetic_speech: utterances of the training transcripts spoken by synthetic English
+            voices added to the training split (0: none); validation and test stay the manifest's.
     """
 
     references_for: ClassVar[frozenset[Modality]] = frozenset()
     label_parser = None
 
-    def __init__(self, data: DataConfig, seed: int, *, holdout: float = MANIFEST_HOLDOUT) -> None:
+    def __init__(self, data: DataConfig, seed: int, *, holdout: float = MANIFEST_HOLDOUT, synthetic_speech: int = 0) -> None:
         if not data.manifest:  # checked with the config, before anything is built
             raise ConfigError("data.manifest: needed when data.source=manifest (a JSONL file of samples), e.g. data.manifest=train.jsonl")
         if not 0.0 < holdout < 1.0:
             raise ValueError(f"holdout must lie in (0, 1), got {holdout}")
-        self.data, self.seed, self.holdout = data, seed, holdout
+        if synthetic_speech < 0:
+            raise ValueError(f"synthetic_speech must be >= 0 (utterances), got {synthetic_speech}")
+        self.data, self.seed, self.holdout, self.synthetic_speech = data, seed, holdout, synthetic_speech
 
     def load(self) -> Splits:
         full = ManifestDataset.from_config(self.data.manifest, self.data)
@@ -60,6 +65,12 @@ class ManifestSource:
             train_entries = [full.entries[i] for i in order[num_held:]]
         texts = [e["text"] for e in train_entries if isinstance(e.get("text"), str)]
         labels = frozenset(int(e["label"]) for e in train_entries if isinstance(e.get("label"), int) and e["label"] >= 0)
+        if self.synthetic_speech:
+            from polymodal.data.synthetic_speech import synthetic_speech_for  # loads espeak-ng: only when asked
+
+            media = [full.media_path(e["audio"]) for e in train_entries if e.get("audio") is not None]
+            spoken = synthetic_speech_for(train_entries, media, self.synthetic_speech, sample_rate=self.data.sample_rate, seed=self.seed)
+            train = ConcatDataset([train, spoken])
         return Splits(train=train, val=held, test=held, train_texts=texts, train_labels=labels)
 
     def source_text(self, target: Modality, text: str) -> str:
@@ -97,6 +108,13 @@ class ManifestSource:
 
 
 def _modalities(split: Dataset, index: int) -> list[str]:
-    """The modalities a manifest line names (read from the entry, no media loaded)."""
+    """The modalities a manifest line (or a synthetic utterance) names, no media loaded."""
+    if isinstance(split, ConcatDataset):
+        part = int(np.searchsorted(split.cumulative_sizes, index, side="right"))
+        inner = index - (split.cumulative_sizes[part - 1] if part else 0)
+        return _modalities(split.datasets[part], inner)
+    if not isinstance(split, (Subset, ManifestDataset)):  # synthetic speech, held in memory
+        sample = split[index]
+        return [m.value for m in Modality if getattr(sample, m.value) is not None]
     dataset, row = (split.dataset, split.indices[index]) if isinstance(split, Subset) else (split, index)
     return [m.value for m in Modality if dataset.entries[row].get(m.value) is not None]

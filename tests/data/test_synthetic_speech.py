@@ -1,0 +1,96 @@
+"""Synthetic speech of a manifest's transcripts: the same utterances cached and uncached and for the
+same seed, transcripts spoken in turn, nothing above the manifest's band, the channel read from the
+clips, and the manifest's training split grown by exactly the utterances asked for."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile
+
+from polymodal.config import load_config
+from polymodal.data.synthetic_speech import channel_rate, synthesize_transcripts, synthetic_speech_for
+from polymodal.datasets.base import build_source
+
+RATE = 16000
+TEXTS = ("one", "seven", "three")
+HIGH_BAND_HZ = 4500.0  # above an 8 kHz channel's Nyquist frequency and its resampling filter's roll-off
+
+
+def _high_share(wave: np.ndarray) -> float:
+    """Share of a waveform's energy above HIGH_BAND_HZ."""
+    power = np.abs(np.fft.rfft(wave)) ** 2
+    freqs = np.fft.rfftfreq(wave.size, d=1.0 / RATE)
+    return float(power[freqs > HIGH_BAND_HZ].sum() / power.sum())
+
+
+def _clip(path: Path, rate: int) -> str:
+    t = np.arange(int(0.3 * rate)) / rate
+    soundfile.write(path, (0.3 * np.sin(2 * np.pi * 300 * t)).astype(np.float32), rate, subtype="FLOAT")
+    return path.name
+
+
+def test_same_seed_same_speech_and_transcripts_in_turn():
+    waves, which = synthesize_transcripts(TEXTS, 7, sample_rate=RATE, channel=RATE, seed=3)
+    again, _ = synthesize_transcripts(TEXTS, 7, sample_rate=RATE, channel=RATE, seed=3)
+    other, _ = synthesize_transcripts(TEXTS, 7, sample_rate=RATE, channel=RATE, seed=4)
+    assert which == [0, 1, 2, 0, 1, 2, 0]
+    assert all(np.array_equal(a, b) for a, b in zip(waves, again))
+    assert not any(a.shape == b.shape and np.allclose(a, b) for a, b in zip(waves, other))
+    assert all(w.dtype == np.float32 and np.abs(w).max() <= 1.0 and w.size > 0.1 * RATE for w in waves)
+
+
+def test_speech_keeps_to_the_channel_band():
+    wide, _ = synthesize_transcripts(TEXTS, 6, sample_rate=RATE, channel=RATE, seed=0)
+    narrow, _ = synthesize_transcripts(TEXTS, 6, sample_rate=RATE, channel=8000, seed=0)
+    # The same utterances: the wide ones carry fricatives above 4 kHz, the narrow ones nothing there.
+    assert max(_high_share(w) for w in wide) > 1e-2
+    assert max(_high_share(w) for w in narrow) < 1e-4
+
+
+def test_channel_is_the_rate_of_most_clips(tmp_path):
+    paths = [tmp_path / _clip(tmp_path / f"a{i}.wav", 8000) for i in range(3)] + [tmp_path / _clip(tmp_path / "b.wav", 22050)]
+    (tmp_path / "broken.wav").write_bytes(b"RIFF0000WAVEjunk")
+    assert channel_rate([*paths, tmp_path / "broken.wav"], sample_rate=RATE) == 8000
+    assert channel_rate(paths[3:], sample_rate=RATE) == RATE  # never above the data's rate
+    assert channel_rate([tmp_path / "broken.wav"], sample_rate=RATE) == RATE
+
+
+def test_cached_equals_uncached(tmp_path):
+    entries = [{"audio": "x.wav", "text": t, "label": i} for i, t in enumerate(TEXTS)] + [{"text": "no audio"}]
+    media = [tmp_path / _clip(tmp_path / "x.wav", 8000)]
+    first = synthetic_speech_for(entries, media, 5, sample_rate=RATE, seed=1, cache_dir=tmp_path / "cache")
+    second = synthetic_speech_for(entries, media, 5, sample_rate=RATE, seed=1, cache_dir=tmp_path / "cache")
+    direct, which = synthesize_transcripts(sorted(TEXTS), 5, sample_rate=RATE, channel=8000, seed=1)
+    assert len(list((tmp_path / "cache").iterdir())) == 1
+    for i in range(5):
+        assert np.array_equal(first[i].audio.numpy(), direct[i]) and np.array_equal(second[i].audio.numpy(), direct[i])
+        assert first[i].text == second[i].text == sorted(TEXTS)[which[i]]
+        assert first[i].label == TEXTS.index(first[i].text)  # a line's label travels with its transcript
+    with pytest.raises(ValueError, match="both audio and text"):
+        synthetic_speech_for(entries[-1:], media, 5, sample_rate=RATE, seed=1, cache_dir=tmp_path / "cache")
+
+
+def test_manifest_training_split_grows_by_the_utterances(tmp_path, monkeypatch):
+    monkeypatch.setenv("POLYMODAL_CACHE", str(tmp_path / "cache"))
+    lines = [{"audio": _clip(tmp_path / f"c{i}.wav", 8000), "text": TEXTS[i % 3], "label": i % 3} for i in range(20)]
+    manifest = tmp_path / "train.jsonl"
+    manifest.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    overrides = [f"data.manifest={manifest}", "data.source=manifest", "model.tasks=[audio_to_text]"]
+    plain = build_source(load_config(["tiny"], overrides).data, 0).load()
+    source = build_source(load_config(["tiny"], [*overrides, "data.options.synthetic_speech=9"]).data, 0)
+    splits = source.load()
+    assert len(splits.train) == len(plain.train) + 9 and len(splits.val) == len(plain.val)
+    added = [splits.train[len(plain.train) + i] for i in range(9)]
+    assert sorted(s.text for s in added) == sorted(TEXTS * 3) and all(s.label == TEXTS.index(s.text) for s in added)
+    assert f"train: {len(plain.train) + 9} lines (audio: {len(plain.train) + 9}, text: {len(plain.train) + 9})" in source.describe(splits)
+
+
+def test_a_negative_count_names_the_setting(tmp_path):
+    manifest = tmp_path / "train.jsonl"
+    manifest.write_text(json.dumps({"audio": _clip(tmp_path / "c.wav", 8000), "text": "one"}) + "\n")
+    with pytest.raises(Exception, match="synthetic_speech"):
+        load_config(["tiny"], [f"data.manifest={manifest}", "data.source=manifest", "data.options.synthetic_speech=-1"])
