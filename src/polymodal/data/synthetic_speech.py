@@ -35,7 +35,7 @@ from torch.utils.data import Dataset
 from polymodal.data import cache
 from polymodal.data.augment_audio import resample
 from polymodal.data.batch import Sample
-from polymodal.datasets.spoken_numbers.speech import INT16_SCALE, TRAINING_VOICES, espeak_version, random_voice, synthesize_many
+from polymodal.datasets.spoken_numbers.speech import INT16_SCALE, TRAINING_VOICES, espeak_version, random_voice, synthesize_many, to_int16
 
 logger = logging.getLogger(__name__)
 
@@ -70,7 +70,8 @@ def synthesize_transcripts(
         seed: draws voices and recordings.
 
     Returns:
-        waves: ``count`` (T_i,) float32 arrays in [-1, 1] at ``sample_rate``.
+        waves: ``count`` (T_i,) float32 arrays in [-1, 1] at ``sample_rate``, on the 16-bit grid
+            (as a WAV file would hold them, and the cache does).
         which: (count,) the index in ``texts`` each utterance speaks.
     """
     if not texts:
@@ -86,7 +87,7 @@ def synthesize_transcripts(
         if channel < sample_rate:  # the manifest's band: nothing above channel / 2
             wave = resample(resample(wave, sample_rate, channel), channel, sample_rate).astype(np.float32)
             wave = wave / max(1.0, float(np.abs(wave).max()))  # scale, never clip
-        waves.append(wave)
+        waves.append(to_int16(wave).astype(np.float32) / np.float32(INT16_SCALE))
     return waves, which
 
 
@@ -134,10 +135,11 @@ def synthetic_speech_for(
     if found is None:
         waves, which = synthesize_transcripts(texts, count, sample_rate=sample_rate, channel=channel, seed=seed)
         lengths = np.array([w.shape[0] for w in waves], dtype=np.int64)
-        cache.save_entry(path, {"audio": np.concatenate(waves), "lengths": lengths, "which": np.array(which)}, {})
+        cache.save_entry(path, {"audio": to_int16(np.concatenate(waves)), "lengths": lengths, "which": np.array(which)}, {})
     else:
         arrays = found[0]
-        waves = np.split(arrays["audio"], np.cumsum(arrays["lengths"])[:-1])
+        audio = arrays["audio"].astype(np.float32) / np.float32(INT16_SCALE)
+        waves = np.split(audio, np.cumsum(arrays["lengths"])[:-1])
         which = arrays["which"].tolist()
     logger.info("synthetic speech: %d utterances of %d transcripts through a %d Hz channel", count, len(texts), channel)
     return SyntheticSpeech(waves, [texts[i] for i in which], [labels[texts[i]] for i in which])
