@@ -10,7 +10,7 @@ folder (the clips stay where they are), trains the preset (its checkpoint is pic
 this process's CPU time (user + system, every thread), the latter less sensitive to other jobs.
 
     python benchmarks/bench_fsdd_loso.py
-    python benchmarks/bench_fsdd_loso.py --folds nicolas lucas train.steps=1000
+    python benchmarks/bench_fsdd_loso.py train.steps=1000 --folds nicolas lucas
 """
 
 from __future__ import annotations
@@ -80,7 +80,11 @@ def main() -> None:
     if not (args.fsdd / "recordings").is_dir():
         raise SystemExit(f"no recordings in {args.fsdd}; give --fsdd (the folder of ../shared/data/fsdd-dev)")
     lines = fsdd_lines(args.fsdd)
-    speakers = args.folds or sorted({line["speaker"] for line in lines})
+    known = sorted({line["speaker"] for line in lines})
+    speakers = args.folds or known
+    unknown = [name for name in speakers if name not in known]
+    if unknown:  # "--folds lucas key=value" gives the override to --folds
+        raise SystemExit(f"--folds: no speaker {unknown[0]!r}; valid: {', '.join(known)} (give key=value overrides before --folds)")
     with tempfile.TemporaryDirectory() as tmp:
         folder = args.out or Path(tmp)
         folder.mkdir(parents=True, exist_ok=True)
