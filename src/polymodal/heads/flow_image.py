@@ -83,8 +83,8 @@ class ImageFlowDecoder(nn.Module):
     ) -> None:  # fmt: skip
         super().__init__()
         channels, height, width = shape
-        if times[1] <= 0:
-            raise ValueError(f"time_shift must be > 0, got {times[1]}")
+        if times[0] not in TIME_DISTRIBUTIONS or times[1] <= 0:
+            raise ValueError(f"time_distribution must be one of {', '.join(TIME_DISTRIBUTIONS)} and time_shift > 0, got {times}")
         self.times = times  # (distribution, shift) of the training times; the shift also moves the sampling grid
         if noise_draws < 1:
             raise ValueError(f"noise_draws must be >= 1, got {noise_draws}")
