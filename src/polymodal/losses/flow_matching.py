@@ -88,6 +88,8 @@ def shift_times(t: Tensor, shift: float) -> Tensor:
     """
     if shift <= 0:
         raise ValueError(f"a time shift must be > 0, got {shift}")
+    if shift == 1.0:  # the identity, without the rounding of t / (t + (1 - t))
+        return t
     return t / (t + shift * (1 - t))
 
 
