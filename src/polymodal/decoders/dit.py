@@ -21,8 +21,8 @@ flow image head drew patches on their own".
 On a grid, ``conv_kernel`` k > 0 swaps each block's MLP for ``layers/conv_mlp.py``'s, which adds a
 depthwise k x k convolution over the patch grid: with near-uniform attention (what 2,000 steps on
 one CPU thread leave), each patch otherwise sees the rest only as an average and is drawn from its
-own noise, into fragments. Measured on the built-in images (BENCHMARKS.md, "The DiT alone draws
-digits with a convolution in its MLP").
+own noise, into fragments; with it they draw continuous strokes (BENCHMARKS.md, "The DiT alone
+draws strokes, not patches, with a convolution in its MLP"; not yet digits the judge reads).
 
 References: Peebles and Xie 2022, Scalable Diffusion Models with Transformers (DiT),
 arXiv:2212.09748 (adaLN-Zero, patch tokens); Chen et al. 2023, PixArt-alpha, arXiv:2310.00426
