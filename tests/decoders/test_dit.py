@@ -45,6 +45,31 @@ def test_bad_layouts_are_named():
     with pytest.raises(ValueError, match="4 tokens; the network's layout holds at most 3"):
         network(torch.zeros(1, 4, 4), torch.zeros(1))
 
+    with pytest.raises(ValueError, match="conv_kernel needs a grid layout"):
+        FlowTransformer(4, 3, None, dim=8, num_layers=1, num_heads=2, conv_kernel=3)
+
+
+@pytest.mark.parametrize(("conv_kernel", "reach"), [(0, 0), (3, 2), (5, 4)])
+def test_without_attention_a_patch_reaches_as_far_as_the_convolutions(conv_kernel, reach):
+    # Attention silenced (its output projection zero), a change of one patch reaches the patches
+    # within num_layers * (k // 2) of it (Chebyshev distance) through the MLPs' convolutions, and
+    # only itself through DiT's plain MLPs.
+    torch.manual_seed(0)
+    network = FlowTransformer(4, (5, 11), None, dim=16, num_layers=2, num_heads=2, conv_kernel=conv_kernel).double()
+    with torch.no_grad():
+        for block in network.blocks:
+            block.attn.o_proj.weight.zero_()
+            block.modulation.bias.normal_()  # open the gates: near-zero ones would hide the reach in rounding
+        network.out_proj.weight.normal_()
+    x, t = torch.randn(1, 55, 4, dtype=torch.float64), torch.rand(1, dtype=torch.float64)
+    moved = x.clone()
+    moved[0, 2 * 11 + 5] += 1.0  # patch (2, 5)
+    change = (network(moved, t) - network(x, t)).abs().amax(-1)[0]  # (55,)
+    changed = (change > 1e-12 * change.max()).reshape(5, 11)  # float64: chained small weights stay above rounding
+    rows, cols = torch.meshgrid(torch.arange(5), torch.arange(11), indexing="ij")
+    within = torch.maximum((rows - 2).abs(), (cols - 5).abs()) <= reach
+    assert torch.equal(changed, within)
+
 
 PATCH, ROWS, COLS, BAR = 4, 2, 8, 3  # 8 x 32 images; a bar covers 3 neighbouring patches of one row
 

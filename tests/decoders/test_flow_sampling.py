@@ -12,7 +12,7 @@ import torch
 from flow_oracles import mixture_velocity, nearest, sample_mixture
 
 from polymodal.decoders.flow_sampling import evaluations, guided, integrate
-from polymodal.losses.flow_matching import flow_matching_loss, interpolate, target_velocity
+from polymodal.losses.flow_matching import flow_matching_loss, interpolate, shift_times, target_velocity
 
 # Two components in 6 dimensions, far apart against their spread, in unequal shares.
 MEANS = torch.tensor([[2.0, -1.0, 0.0, 1.5, -2.0, 0.5], [-1.5, 2.0, 1.0, -2.0, 0.0, -1.0]])
@@ -87,6 +87,20 @@ def test_the_exact_field_carries_noise_to_the_data(sampler, steps):
     assert abs(which.double().mean().item() - WEIGHTS[1].item()) < 0.03
     spread = (ends - MEANS.double()[which]).std().item()
     assert abs(spread / SPREAD - 1) < 0.1
+
+
+def test_a_shifted_grid_visits_the_shifted_times_and_still_reaches_the_data():
+    # The velocity is asked at the grid's times (Heun: each step's start and end), which are
+    # shift_times of the uniform grid; under the exact field the shifted grid lands on the data too.
+    seen = []
+    integrate(lambda x, t: seen.append(t[0].item()) or x, torch.zeros(1, 2), steps=4, sampler="euler", shift=3.0)
+    torch.testing.assert_close(torch.tensor(seen), shift_times(torch.linspace(0, 1, 5), 3.0)[:-1])
+    assert seen[1] == pytest.approx(0.25 / (0.25 + 3 * 0.75))  # one step in: 1 / 10
+    noise = torch.randn(4000, 6, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    ends = integrate(mixture_velocity(MEANS, WEIGHTS, SPREAD), noise, steps=32, sampler="heun", shift=3.0)
+    which, distance = nearest(ends, MEANS)
+    assert distance.max() < 4 * SPREAD
+    assert abs(which.double().mean().item() - WEIGHTS[1].item()) < 0.03
 
 
 def test_the_loss_is_least_at_the_exact_field_in_the_samplers_convention():

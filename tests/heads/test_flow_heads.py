@@ -15,8 +15,10 @@ from torch import nn
 from polymodal.config import load_config
 from polymodal.data.batch import Batch
 from polymodal.decoders.flow_sampling import integrate
+from polymodal.errors import ConfigError
 from polymodal.heads import generation_options
 from polymodal.layers.positional import sincos_2d_embedding
+from polymodal.losses.flow_matching import flow_matching_loss, interpolate, target_velocity, training_times
 from polymodal.modality import Modality
 from polymodal.models.architectures import build_model
 
@@ -87,6 +89,32 @@ class _TokenSpy(nn.Module):
     def forward(self, tokens, t, *, context=None):
         self.seen = tokens
         return self.answer(tokens, t)
+
+
+def test_the_time_settings_reach_the_training_times_and_the_sampling_grid():
+    # The head's loss and samples written out with the shifted logit-normal times and grid.
+    shifted = IMAGE_HEAD[:-1] + ", time_distribution: logit_normal, time_shift: 3.0, condition_dropout: 0.0}"
+    model = _model("text_to_image", shifted)
+    flow, batch = model.head(Modality.IMAGE).flow, make_batch()
+    source, valid = model.encode(Modality.TEXT, *_text(batch))
+    images = batch.inputs[Modality.IMAGE]
+    torch.manual_seed(5)
+    _, loss = flow.loss(model, source, valid, images)
+    torch.manual_seed(5)
+    condition = flow.queries(model, source, valid).condition
+    noise = torch.randn_like(images)
+    t = training_times(len(images), distribution="logit_normal", shift=3.0)
+    expected = flow_matching_loss(flow.velocity(interpolate(noise, images, t), t, condition), target_velocity(noise, images))
+    torch.testing.assert_close(loss, expected)
+    model.eval()
+    flow.network = _TokenSpy(lambda tokens, t: tokens + t[:, None, None])  # a field that depends on t
+    made = model.generate(Modality.TEXT, Modality.IMAGE, *_text(batch), steps=3, sampler="euler", guidance=1.0, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        condition = flow.queries(model, source, valid).condition
+        start = torch.randn((len(images), *flow.shape), generator=torch.Generator().manual_seed(3))
+        velocity = lambda x, t: flow.velocity(x, t, condition)  # noqa: E731
+        torch.testing.assert_close(made, integrate(velocity, start, steps=3, sampler="euler", shift=3.0).clamp(-1, 1))
+        assert not torch.allclose(made, integrate(velocity, start, steps=3, sampler="euler").clamp(-1, 1), atol=1e-3)
 
 
 def test_patch_tokens_are_row_major_round_trip_and_match_the_positions():
@@ -174,3 +202,10 @@ def test_the_flow_mel_decoder_varies_with_its_noise():
     assert torch.equal(first, draw(0)) and not torch.allclose(first, draw(1))
     regression = _model("text_to_audio", "{name: mas_mel}").eval()
     assert torch.equal(regression.generate(Modality.TEXT, Modality.AUDIO, ids, mask), regression.generate(Modality.TEXT, Modality.AUDIO, ids, mask))
+
+
+def test_bad_time_settings_are_named_at_config_load():
+    with pytest.raises(ConfigError, match="model.heads.image.time_distribution: 'beta' is not valid; valid: uniform, logit_normal"):
+        load_config(["tiny"], ["model.tasks=[text_to_image]", "model.heads.image={name: flow_matching, time_distribution: beta}"])
+    with pytest.raises(ConfigError, match="time_shift > 0, got"):
+        load_config(["tiny"], ["model.tasks=[text_to_image]", "model.heads.image={name: flow_matching, time_shift: 0.0}"])

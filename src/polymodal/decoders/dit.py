@@ -18,6 +18,12 @@ to draw bars at random places draws 25 of 64 whole against 2 of 64 with the lear
 (``tests/decoders/test_dit.py``). It is not enough on its own for digits: BENCHMARKS.md, "The
 flow image head drew patches on their own".
 
+On a grid, ``conv_kernel`` k > 0 swaps each block's MLP for ``layers/conv_mlp.py``'s, which adds a
+depthwise k x k convolution over the patch grid: with near-uniform attention (what 2,000 steps on
+one CPU thread leave), each patch otherwise sees the rest only as an average and is drawn from its
+own noise, into fragments; with it they draw continuous strokes (BENCHMARKS.md, "The DiT alone
+draws strokes, not patches, with a convolution in its MLP"; not yet digits the judge reads).
+
 References: Peebles and Xie 2022, Scalable Diffusion Models with Transformers (DiT),
 arXiv:2212.09748 (adaLN-Zero, patch tokens); Chen et al. 2023, PixArt-alpha, arXiv:2310.00426
 (cross-attention to the text condition in each block).
@@ -29,6 +35,7 @@ import torch
 from torch import Tensor, nn
 
 from polymodal.layers.attention import SelfAttention
+from polymodal.layers.conv_mlp import GridConvMLP
 from polymodal.layers.cross_attention import CrossAttention
 from polymodal.layers.mlp import INIT_STD, GeluMLP
 from polymodal.layers.norms import RMSNorm
@@ -55,16 +62,21 @@ class DiTBlock(nn.Module):
         dim: token width D.
         dim_context: the condition tokens' width; None for a block without cross-attention.
         num_heads, mlp_ratio: attention heads; the MLP's hidden width is ``mlp_ratio * dim``.
+        grid: (rows, cols) of the tokens for a convolutional MLP of ``conv_kernel`` > 0; else None.
     """
 
-    def __init__(self, dim: int, dim_context: int | None, *, num_heads: int, mlp_ratio: float) -> None:
+    def __init__(
+        self, dim: int, dim_context: int | None, *, num_heads: int, mlp_ratio: float, grid: tuple[int, int] | None = None,
+        conv_kernel: int = 0,
+    ) -> None:  # fmt: skip
         super().__init__()
         self.attn_norm = nn.LayerNorm(dim, elementwise_affine=False)
         self.attn = SelfAttention(dim, num_heads=num_heads, qk_norm=True)
         self.cross_norm = RMSNorm(dim) if dim_context is not None else None
         self.cross = CrossAttention(dim, dim_context, num_heads=num_heads, qk_norm=True) if dim_context is not None else None
         self.mlp_norm = nn.LayerNorm(dim, elementwise_affine=False)
-        self.mlp = GeluMLP(dim, int(dim * mlp_ratio))
+        hidden = int(dim * mlp_ratio)
+        self.mlp = GridConvMLP(dim, hidden, grid, kernel_size=conv_kernel) if conv_kernel else GeluMLP(dim, hidden)
         self.modulation = nn.Linear(dim, MODULATIONS * dim)
 
     def init_weights(self) -> None:
@@ -111,6 +123,8 @@ class FlowTransformer(nn.Module):
         num_layers: DiT blocks.
         num_heads: attention heads.
         mlp_ratio: MLP hidden width / dim.
+        conv_kernel: 0 for DiT's MLP; k (odd) for a depthwise k x k convolution over the patch grid
+            inside each MLP (``layers/conv_mlp.py``; grid layouts only).
     """
 
     def __init__(
@@ -124,8 +138,11 @@ class FlowTransformer(nn.Module):
         num_layers: int = 4,
         num_heads: int = 4,
         mlp_ratio: float = 4.0,
+        conv_kernel: int = 0,
     ) -> None:
         super().__init__()
+        if conv_kernel and isinstance(layout, int):
+            raise ValueError("conv_kernel needs a grid layout (rows, cols), not a sequence; set conv_kernel: 0")
         if dim % num_heads or dim % 2:
             raise ValueError(f"dim {dim} must be even and divisible by num_heads {num_heads}")
         if num_layers < 1:
@@ -137,7 +154,11 @@ class FlowTransformer(nn.Module):
         self.time_mlp = GeluMLP(dim, dim)
         self.context_proj = nn.Linear(dim_context, dim) if dim_context is not None else None
         self.aligned_proj = nn.Linear(dim_aligned, dim) if dim_aligned is not None else None
-        self.blocks = nn.ModuleList(DiTBlock(dim, dim_context, num_heads=num_heads, mlp_ratio=mlp_ratio) for _ in range(num_layers))
+        grid = None if isinstance(layout, int) else tuple(layout)
+        self.blocks = nn.ModuleList(
+            DiTBlock(dim, dim_context, num_heads=num_heads, mlp_ratio=mlp_ratio, grid=grid, conv_kernel=conv_kernel)
+            for _ in range(num_layers)
+        )  # fmt: skip
         self.out_norm = nn.LayerNorm(dim, elementwise_affine=False)
         self.out_modulation = nn.Linear(dim, 2 * dim)
         self.out_proj = nn.Linear(dim, dim_in)

@@ -9,6 +9,11 @@ last step because their ODE is singular at noise level zero; the flow's velocity
 t = 1, so every step here is corrected. On the straight paths of rectified flow few steps
 suffice (Liu et al. 2022, arXiv:2209.03003).
 
+The time grid is uniform, or moved toward noise by SD3's shift (``losses/flow_matching.py``
+``shift_times``; Esser et al. 2024, arXiv:2403.03206), which gives the steps where the image's
+layout is decided (small t) more of the budget; a flow trained with shifted times is sampled with
+the same shift.
+
 Classifier-free guidance (Ho and Salimans 2022, arXiv:2207.12598): v = v_u + w (v_c - v_u) with
 v_u the velocity under the empty condition; w = 1 is the conditional model alone.
 """
@@ -19,6 +24,8 @@ from collections.abc import Callable
 
 import torch
 from torch import Tensor
+
+from polymodal.losses.flow_matching import shift_times
 
 SAMPLERS = ("euler", "heun")
 # A velocity function: (x (B, ...), t (B,)) -> (B, ...).
@@ -52,14 +59,15 @@ def evaluations(sampler: str, steps: int) -> int:
 
 
 @torch.no_grad()
-def integrate(velocity: Velocity, noise: Tensor, *, steps: int, sampler: str = "heun") -> Tensor:
-    """x at t = 1 from x = ``noise`` at t = 0, ``steps`` uniform steps.
+def integrate(velocity: Velocity, noise: Tensor, *, steps: int, sampler: str = "heun", shift: float = 1.0) -> Tensor:
+    """x at t = 1 from x = ``noise`` at t = 0, in ``steps`` steps on a uniform grid moved by ``shift``.
 
     Args:
         velocity: v(x, t) with x (B, ...) and t (B,).
         noise: (B, ...) the start.
         steps: >= 1.
         sampler: ``euler`` or ``heun``.
+        shift: the grid is ``shift_times(linspace(0, 1, steps + 1), shift)``; 1 keeps it uniform.
 
     Returns:
         (B, ...) the end point.
@@ -69,7 +77,7 @@ def integrate(velocity: Velocity, noise: Tensor, *, steps: int, sampler: str = "
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
     x = noise
-    times = torch.linspace(0.0, 1.0, steps + 1, device=noise.device)
+    times = shift_times(torch.linspace(0.0, 1.0, steps + 1, device=noise.device), shift)  # (steps + 1,) from 0 to 1
     for start, end in zip(times[:-1], times[1:]):
         t = start.expand(x.shape[0])  # (B,)
         slope = velocity(x, t)

@@ -3,10 +3,12 @@ the source through the shared backbone, a connector makes their states the condi
 DiT (``decoders/dit.py``) cross-attending to it regresses the velocity from noise to the image.
 
 Training: x_t = t x1 + (1 - t) x0 between noise x0 and the item's own image (or its VAE latent)
-x1, t ~ U(0, 1), MSE to u = x1 - x0 (``losses/flow_matching.py``), logged as
+x1, t drawn by ``time_distribution`` (uniform or SD3's logit-normal) and moved toward noise by
+``time_shift``, MSE to u = x1 - x0 (``losses/flow_matching.py``), logged as
 ``<task>_flow_matching``; each item's condition is the empty one (the queries over no source) with
 probability ``condition_dropout``. Generation integrates the velocity from noise in ``steps``
-Euler or Heun steps with classifier-free guidance ``guidance`` (``decoders/flow_sampling.py``).
+Euler or Heun steps (on the grid moved by the same ``time_shift``) with classifier-free guidance
+``guidance`` (``decoders/flow_sampling.py``).
 
 Pixels or latents: ``flow_matching`` works on pixels, ``flow_matching_latent`` on the latents of
 the run's VAE (``model.image_tokenizer: {name: vae}``, trained in the run's first stage). The
@@ -37,7 +39,7 @@ from polymodal.decoders.flow_sampling import SAMPLERS, guided, integrate
 from polymodal.errors import ConfigError
 from polymodal.heads import HEADS, HeadOutput, HeadWiring, Targets
 from polymodal.heads.queries import LearnableQueries
-from polymodal.losses.flow_matching import flow_matching_loss, interpolate, target_velocity
+from polymodal.losses.flow_matching import TIME_DISTRIBUTIONS, flow_matching_loss, interpolate, target_velocity, training_times
 from polymodal.modality import Modality
 
 DEFAULT_CONNECTOR = {"name": "mlp"}
@@ -58,6 +60,10 @@ def check_flow_settings(settings: Mapping[str, Any], where: str) -> None:
             raise ConfigError(f"{where}.decoder.{key}: unknown setting of the flow decoder; valid: {', '.join(allowed)}")
     if settings.get("sampler", "heun") not in SAMPLERS:
         raise ConfigError(f"{where}.sampler: {settings['sampler']!r} is not valid; valid: {', '.join(SAMPLERS)}")
+    if settings.get("time_distribution", "uniform") not in TIME_DISTRIBUTIONS:
+        raise ConfigError(
+            f"{where}.time_distribution: {settings['time_distribution']!r} is not valid; valid: {', '.join(TIME_DISTRIBUTIONS)}"
+        )
 
 
 class ImageFlowDecoder(nn.Module):
@@ -73,10 +79,13 @@ class ImageFlowDecoder(nn.Module):
     def __init__(
         self, dim: int, shape: tuple[int, int, int], *, patch_size: int, num_queries: int, connector: dict,
         train_backbone: bool, dim_condition: int, decoder: dict, condition_dropout: float, noise_draws: int,
-        sampling: tuple[int, str, float], where: str,
+        sampling: tuple[int, str, float], times: tuple[str, float], where: str,
     ) -> None:  # fmt: skip
         super().__init__()
         channels, height, width = shape
+        if times[0] not in TIME_DISTRIBUTIONS or times[1] <= 0:
+            raise ValueError(f"time_distribution must be one of {', '.join(TIME_DISTRIBUTIONS)} and time_shift > 0, got {times}")
+        self.times = times  # (distribution, shift) of the training times; the shift also moves the sampling grid
         if noise_draws < 1:
             raise ValueError(f"noise_draws must be >= 1, got {noise_draws}")
         self.noise_draws = noise_draws
@@ -115,7 +124,7 @@ class ImageFlowDecoder(nn.Module):
             data = data.repeat_interleave(self.noise_draws, dim=0)  # (B k, C, h, w)
             condition = condition.repeat_interleave(self.noise_draws, dim=0)
         noise = torch.randn_like(data)
-        t = torch.rand(len(data), device=data.device)
+        t = training_times(len(data), distribution=self.times[0], shift=self.times[1], device=data.device)
         velocity = self.velocity(interpolate(noise, data, t), t, condition)
         return made.hidden, flow_matching_loss(velocity, target_velocity(noise, data))
 
@@ -134,7 +143,7 @@ class ImageFlowDecoder(nn.Module):
         noise = torch.randn((len(source), *self.shape), generator=generator, device=device).to(source.device, source.dtype)
         return integrate(
             guided(self.velocity, condition, empty, guidance), noise, steps=default_steps if steps is None else steps,
-            sampler=default_sampler if sampler is None else sampler,
+            sampler=default_sampler if sampler is None else sampler, shift=self.times[1],
         )  # fmt: skip
 
 
@@ -157,6 +166,8 @@ class FlowImageHead(nn.Module):
         guidance: classifier-free guidance scale at generation (1: none).
         sampler: ``heun`` or ``euler``.
         steps: integration steps at generation.
+        time_distribution: training times ``uniform`` or ``logit_normal`` (SD3).
+        time_shift: SD3's shift of the training times and of the sampling grid toward noise (1: none).
     """
 
     target = Modality.IMAGE
@@ -168,7 +179,7 @@ class FlowImageHead(nn.Module):
         self, wiring: HeadWiring, *, patch_size: int = 4, num_queries: int = 32, connector: dict | None = None,
         train_backbone: bool = True, dim_condition: int = 128, decoder: dict | None = None,
         condition_dropout: float = CONDITION_DROPOUT, noise_draws: int = 1, guidance: float = 2.0, sampler: str = "heun",
-        steps: int = 10,
+        steps: int = 10, time_distribution: str = "uniform", time_shift: float = 1.0,
     ) -> None:  # fmt: skip
         super().__init__()
         height, width = wiring.shapes.image_size
@@ -176,7 +187,7 @@ class FlowImageHead(nn.Module):
             wiring.dim, (wiring.shapes.image_channels, height, width), patch_size=patch_size, num_queries=num_queries,
             connector=connector or DEFAULT_CONNECTOR, train_backbone=train_backbone, dim_condition=dim_condition,
             decoder=decoder or {}, condition_dropout=condition_dropout, noise_draws=noise_draws,
-            sampling=(steps, sampler, guidance), where="model.heads.image",
+            sampling=(steps, sampler, guidance), times=(time_distribution, time_shift), where="model.heads.image",
         )  # fmt: skip
 
     def init_weights(self) -> None:
@@ -217,7 +228,7 @@ class LatentFlowImageHead(nn.Module):
         self, wiring: HeadWiring, *, latent_scale: float = 1.0, patch_size: int = 2, num_queries: int = 32,
         connector: dict | None = None, train_backbone: bool = True, dim_condition: int = 128, decoder: dict | None = None,
         condition_dropout: float = CONDITION_DROPOUT, noise_draws: int = 1, guidance: float = 2.0, sampler: str = "heun",
-        steps: int = 10,
+        steps: int = 10, time_distribution: str = "uniform", time_shift: float = 1.0,
     ) -> None:  # fmt: skip
         super().__init__()
         tokenizer = wiring.image_tokenizer
@@ -234,7 +245,7 @@ class LatentFlowImageHead(nn.Module):
             wiring.dim, (tokenizer.dim, height // factor, width // factor), patch_size=patch_size, num_queries=num_queries,
             connector=connector or DEFAULT_CONNECTOR, train_backbone=train_backbone, dim_condition=dim_condition,
             decoder=decoder or {}, condition_dropout=condition_dropout, noise_draws=noise_draws,
-            sampling=(steps, sampler, guidance), where="model.heads.image",
+            sampling=(steps, sampler, guidance), times=(time_distribution, time_shift), where="model.heads.image",
         )  # fmt: skip
 
     def init_weights(self) -> None:

@@ -7,7 +7,18 @@ mean squared error. Sampling integrates dx/dt = v from t = 0 (noise) to t = 1 (d
 ``ConditionalFlowMatcher`` with sigma = 0, which the tests compare against; MetaQuery writes the
 same path with s = 1 - t running from data to noise, and velocity e - x0 (its sign flips with s).
 
-References: Lipman et al. 2022, Flow Matching for Generative Modeling, arXiv:2210.02747 (the
+Training times. Uniform t spends as many steps near data as near noise, but on a 32 x 96 image the
+layout (where each stroke goes) is decided near noise: noise hides a stroke of a few dozen pixels
+from each patch only while t is small (at per-pixel signal-to-noise t / (1 - t), summed over a
+patch's pixels). SD3 moves training times toward noise for larger images by a shift s:
+t' = t / (t + s (1 - t)) in this file's convention (noise at t = 0); s = 1 is no change, s = 3 puts
+the median of uniform times at 0.25. Its logit-normal times t = sigmoid(n), n ~ N(0, 1), weight the
+middle of the path. ``training_times`` draws either, shifted; the samplers take the same shift for
+their time grid (``polymodal.decoders.flow_sampling``).
+
+References: Esser et al. 2024, Scaling Rectified Flow Transformers for High-Resolution Image
+Synthesis (SD3), arXiv:2403.03206 (section 3.1 logit-normal times, section 5.3.2 the
+resolution-dependent shift). Lipman et al. 2022, Flow Matching for Generative Modeling, arXiv:2210.02747 (the
 conditional flow matching objective, eq. 9, with the optimal-transport path, sigma_min = 0); Liu et
 al. 2022, Flow Straight and Fast: Learning to Generate and Transfer Data with Rectified Flow,
 arXiv:2209.03003 (the straight interpolant and its velocity).
@@ -15,7 +26,10 @@ arXiv:2209.03003 (the straight interpolant and its velocity).
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor
+
+TIME_DISTRIBUTIONS = ("uniform", "logit_normal")
 
 
 def _per_item(t: Tensor, like: Tensor) -> Tensor:
@@ -64,3 +78,35 @@ def flow_matching_loss(velocity: Tensor, target: Tensor, mask: Tensor | None = N
         raise ValueError(f"mask must be (B, N) = {tuple(velocity.shape[:2])}, got {tuple(mask.shape)}")
     error = error.where(mask[:, :, None], 0.0)  # where, not multiply: no NaN leaks in from padding
     return error.sum() / (mask.sum() * velocity.shape[-1]).clamp(min=1)
+
+
+def shift_times(t: Tensor, shift: float) -> Tensor:
+    """Times moved toward noise (t = 0) for ``shift`` > 1: t / (t + shift (1 - t)), elementwise.
+
+    SD3 writes the same map on its noise level sigma = 1 - t as sigma' = shift sigma / (1 + (shift
+    - 1) sigma). It fixes 0 and 1, is increasing, and sends 0.5 to 1 / (1 + shift).
+    """
+    if shift <= 0:
+        raise ValueError(f"a time shift must be > 0, got {shift}")
+    if shift == 1.0:  # the identity, without the rounding of t / (t + (1 - t))
+        return t
+    return t / (t + shift * (1 - t))
+
+
+def training_times(
+    n: int, *, distribution: str = "uniform", shift: float = 1.0, device: torch.device | str | None = None,
+    generator: torch.Generator | None = None,
+) -> Tensor:  # fmt: skip
+    """``n`` flow times for a training step: uniform or logit-normal (SD3's location 0, scale 1), then
+    shifted by ``shift_times``.
+
+    Returns:
+        (n,) float32 in [0, 1].
+    """
+    if distribution == "uniform":
+        t = torch.rand(n, device=device, generator=generator)
+    elif distribution == "logit_normal":
+        t = torch.sigmoid(torch.randn(n, device=device, generator=generator))
+    else:
+        raise ValueError(f"time distribution {distribution!r} is not valid; valid: {', '.join(TIME_DISTRIBUTIONS)}")
+    return shift_times(t, shift)
