@@ -336,19 +336,14 @@ def _load_weights(path: Path, model: nn.Module) -> None:
     try:
         missing, unexpected = safetensors.torch.load_model(model, str(path), strict=False)
     except (safetensors.SafetensorError, OSError) as exc:
-        raise CheckpointError(
-            f"{path} is corrupt or unreadable ({one_line_reason(exc)}); remove its folder to use an older checkpoint"
-        ) from None
+        reason = one_line_reason(exc)
+        raise CheckpointError(f"{path} is corrupt or unreadable ({reason}); remove its folder to use an older checkpoint") from None
     except RuntimeError as exc:  # load_state_dict: same names, other shapes (one line per tensor)
         mismatch = next((line.strip() for line in str(exc).splitlines() if "size mismatch" in line), one_line_reason(exc))
-        raise CheckpointError(
-            f"{path} does not match the model ({mismatch}); was it saved with another model config?"
-        ) from None
+        raise CheckpointError(f"{path} does not match the model ({mismatch}); was it saved with another model config?") from None
     if missing or unexpected:
-        raise CheckpointError(
-            f"{path} does not match the model: missing {sorted(missing)[:5]}, "
-            f"unexpected {sorted(unexpected)[:5]}; was it saved with another model config?"
-        )
+        names = f"missing {sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]}"
+        raise CheckpointError(f"{path} does not match the model: {names}; was it saved with another model config?")
 
 
 def load_checkpoint(
