@@ -24,10 +24,8 @@ import logging
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 from einops import rearrange
-from PIL import Image
 from torch import nn
 
 from polymodal.config import load_config
@@ -37,6 +35,7 @@ from polymodal.datasets.base import build_source
 from polymodal.datasets.spoken_numbers import judges
 from polymodal.decoders.dit import FlowTransformer
 from polymodal.decoders.flow_sampling import guided, integrate
+from polymodal.evaluation.reconstruction import image_grid, save_png
 from polymodal.losses.flow_matching import training_times
 from polymodal.training.optim import lr_factor
 
@@ -90,18 +89,6 @@ def built_in_data(preset: str):
     return (*split("train"), *split("test"), found.image.eval(), set(int(n) for n in splits.heldout_labels))
 
 
-def write_grid(images: torch.Tensor, path: Path, cols: int = 8) -> None:
-    """(B, 1, H, W) in [-1, 1] -> a PNG grid (grey 2-pixel borders, 2x nearest upscaling)."""
-    pixels = ((images.clamp(-1, 1) + 1) * 127.5).round().byte().numpy()[:, 0]
-    count, height, width = pixels.shape
-    rows = (count + cols - 1) // cols
-    canvas = np.full((rows * (height + 2), cols * (width + 2)), 80, np.uint8)
-    for i in range(count):
-        r, c = divmod(i, cols)
-        canvas[r * (height + 2) : r * (height + 2) + height, c * (width + 2) : c * (width + 2) + width] = pixels[i]
-    Image.fromarray(canvas).resize((canvas.shape[1] * 2, canvas.shape[0] * 2), Image.NEAREST).save(path)
-
-
 class SlotFlow(nn.Module):
     """The DiT over patches of (1, H, W) images and its slot condition."""
 
@@ -137,7 +124,7 @@ def evaluate(flow: SlotFlow, test: tuple[torch.Tensor, torch.Tensor], judge, hel
     for w in (1.0, 2.0):
         field = guided(flow.velocity, own, flow.condition.empty[None], w)
         drawn = integrate(field, noise, steps=args.sample_steps, sampler="heun", shift=args.time_shift).clamp(-1, 1)
-        write_grid(drawn[:SHOWN], args.out / f"step{step}_w{w}.png")
+        save_png(image_grid(drawn[:SHOWN]), args.out / f"step{step}_w{w}.png")
         right = judges.read_images(judge, drawn) == numbers[:SAMPLED]
         row[f"judged_w{w}"] = round(right.float().mean().item(), 4)
         row[f"heldout_w{w}"] = round(right[held].float().mean().item(), 4) if held.any() else None

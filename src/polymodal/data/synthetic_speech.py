@@ -33,7 +33,7 @@ import torch
 from torch.utils.data import Dataset
 
 from polymodal.data import cache
-from polymodal.data.augment_audio import resample
+from polymodal.data.augment_audio import band_limit
 from polymodal.data.batch import Sample
 from polymodal.datasets.spoken_numbers.speech import INT16_SCALE, TRAINING_VOICES, espeak_version, random_voice, synthesize_many, to_int16
 
@@ -50,7 +50,7 @@ def channel_rate(paths: Sequence[str | Path], *, sample_rate: int) -> int:
     for path in paths:
         try:
             rates[int(soundfile.info(str(path)).samplerate)] += 1
-        except (OSError, RuntimeError, soundfile.LibsndfileError):
+        except (OSError, RuntimeError):  # soundfile's errors are RuntimeErrors
             continue
     if not rates:
         return sample_rate
@@ -85,7 +85,7 @@ def synthesize_transcripts(
     for start, stop in zip(offsets[:-1], offsets[1:]):
         wave = audio[start:stop].astype(np.float32) / INT16_SCALE
         if channel < sample_rate:  # the manifest's band: nothing above channel / 2
-            wave = resample(resample(wave, sample_rate, channel), channel, sample_rate).astype(np.float32)
+            wave = band_limit(wave, sample_rate, channel)
             wave = wave / max(1.0, float(np.abs(wave).max()))  # scale, never clip
         waves.append(to_int16(wave).astype(np.float32) / np.float32(INT16_SCALE))
     return waves, which

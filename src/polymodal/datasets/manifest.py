@@ -96,7 +96,8 @@ class ManifestSource:
         lines = [f"manifest {self.data.manifest}" + (f", evaluation manifest {self.data.val_manifest}" if self.data.val_manifest else "")]
         for name in ("train", "val"):
             split = getattr(splits, name)
-            counts = Counter(m for i in range(len(split)) for m in _modalities(split, i))
+            parts = split.datasets if isinstance(split, ConcatDataset) else [split]  # lines, then synthetic speech
+            counts = Counter(m for part in parts for i in range(len(part)) for m in _modalities(part, i))
             have = ", ".join(f"{m}: {n}" for m, n in sorted(counts.items())) or "no readable item"
             lines.append(f"{name}: {len(split)} lines ({have})")
         return "\n".join(lines)
@@ -109,10 +110,6 @@ class ManifestSource:
 
 def _modalities(split: Dataset, index: int) -> list[str]:
     """The modalities a manifest line (or a synthetic utterance) names, no media loaded."""
-    if isinstance(split, ConcatDataset):
-        part = int(np.searchsorted(split.cumulative_sizes, index, side="right"))
-        inner = index - (split.cumulative_sizes[part - 1] if part else 0)
-        return _modalities(split.datasets[part], inner)
     if not isinstance(split, (Subset, ManifestDataset)):  # synthetic speech, held in memory
         sample = split[index]
         return [m.value for m in Modality if getattr(sample, m.value) is not None]
