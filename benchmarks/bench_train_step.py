@@ -12,6 +12,7 @@ other worker's block), so collation done ahead never overlaps the other side's t
     python benchmarks/bench_train_step.py --old /tmp/wt-c4f5646
     python benchmarks/bench_train_step.py --old /tmp/wt-c4f5646 --profile 3      # + op profiles
     python benchmarks/bench_train_step.py --skip-steps --backbone                 # bf16 MFU only
+    python benchmarks/bench_train_step.py --old /tmp/wt-c4f5646 --set train.compile=true --warmup 6   # compiled blocks
 
 Each worker builds the preset's data (cached under ``$POLYMODAL_CACHE`` after the first time) and
 model (an untrained image tokenizer stands in for stage 1: the step's work does not depend on its
@@ -42,14 +43,15 @@ TOP_OPS = 15  # rows of each profile table
 class Worker:
     """One version's default-preset training step, driven by the parent over stdin/stdout."""
 
-    def __init__(self, precision: str, threads: int, run_dir: Path) -> None:
+    def __init__(self, precision: str, threads: int, run_dir: Path, overrides: list[str]) -> None:
         import torch
 
         from polymodal.config import load_config
 
         torch.set_num_threads(threads)
         self.torch = torch
-        self.config = load_config(overrides=[f"train.precision={precision}", f"run_dir={run_dir}", "train.progress=false"])
+        base = [f"train.precision={precision}", f"run_dir={run_dir}", "train.progress=false"]
+        self.config = load_config(overrides=base + overrides)
         self.new = _has("polymodal.training.loop", "optimizer_step")
         torch.manual_seed(self.config.seed)
         (self._prepare_new if self.new else self._prepare_old)(run_dir)
@@ -67,6 +69,11 @@ class Worker:
         train = self.config.train
         loader = build_loader(run.splits.train, CountedCollate(run.collator), batch_size=train.batch_size, seed=self.config.seed)
         self.pairs = iter(loader)
+        if train.compile:  # as fit does: the blocks stay compiled for the worker's life
+            from polymodal.training.compile import compiled_blocks
+
+            self._compiled = compiled_blocks(self.model)
+            self._compiled.__enter__()
 
     def _prepare_old(self, run_dir: Path) -> None:
         from polymodal.training.job import prepare
@@ -155,10 +162,10 @@ def _has(module: str, name: str) -> bool:
     return hasattr(importlib.import_module(module), name)
 
 
-def serve(precision: str, threads: int) -> None:
+def serve(precision: str, threads: int, overrides: list[str]) -> None:
     """The worker's loop: one JSON command per stdin line, one JSON answer per stdout line."""
     with tempfile.TemporaryDirectory() as run_dir:
-        worker = Worker(precision, threads, Path(run_dir))
+        worker = Worker(precision, threads, Path(run_dir), overrides)
         answer = {"ready": True, "new": worker.new, "dtype": str(worker.dtype or "torch.float32").removeprefix("torch.")}
         print(json.dumps(answer), flush=True)
         for line in sys.stdin:
@@ -182,9 +189,10 @@ def serve(precision: str, threads: int) -> None:
 class Side:
     """A worker process for one source tree."""
 
-    def __init__(self, name: str, src: Path, precision: str, threads: int) -> None:
+    def __init__(self, name: str, src: Path, precision: str, threads: int, overrides: list[str] = ()) -> None:
         env = dict(os.environ, PYTHONPATH=str(src))
         command = [sys.executable, str(Path(__file__).resolve()), "--worker", precision, "--threads", str(threads)]
+        command += [f"--set={o}" for o in overrides]
         self.name = name
         self.proc = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env, text=True)
         self.info = self._read()
@@ -207,7 +215,7 @@ class Side:
 
 def compare_steps(args: argparse.Namespace, precision: str) -> dict:
     """Alternate blocks of steps between the two versions; per-step times and the new step's MFU."""
-    sides = [Side("old", Path(args.old) / "src", precision, args.threads), Side("new", NEW_SRC, precision, args.threads)]
+    sides = [Side("old", Path(args.old) / "src", precision, args.threads), Side("new", NEW_SRC, precision, args.threads, args.set)]
     try:
         for side in sides:
             side.ask(do="block", steps=args.warmup)
@@ -287,15 +295,16 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--seq", type=int, default=256)
     parser.add_argument("--steps", type=int, default=3, help="timed steps per backbone row")
+    parser.add_argument("--set", action="append", default=[], help="a config override for the new version only (train.compile=true)")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
-        serve(args.worker, args.threads)
+        serve(args.worker, args.threads, args.set)
         return
     import torch
 
     print(f"torch {torch.__version__}, {args.threads} threads, CPU capability {torch.backends.cpu.get_cpu_capability()}, "
-          f"load average {os.getloadavg()[0]:.1f}")
+          f"load average {os.getloadavg()[0]:.1f}; the new version with {args.set or 'the preset as it is'}")
     if not args.skip_steps:
         for precision in args.precisions:
             report_steps(precision, compare_steps(args, precision), args)

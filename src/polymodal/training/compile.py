@@ -5,11 +5,11 @@ Why blocks and not the whole model: the model's forward picks items by masks and
 (task selection, lengths), which splits a whole-model graph into many pieces, and Inductor failed
 on one of them (torch 2.13, a value-range error); a block is one clean graph over (B, N, D) or
 (T, D) tokens. Shapes change from batch to batch (sequence lengths, kept tokens), so blocks are
-compiled with dynamic shapes: one compilation serves every batch. A first measurement while the
-branch was written, on two busy cores and not yet recorded in BENCHMARKS.md: about 20% off the
-default preset's step once compiled, after a first compilation of one and a half minutes; off by
-default, since for the main job's 800 steps that start-up costs about what it saves (Inductor
-caches compiled code on disk, so later runs start faster).
+compiled with dynamic shapes: one compilation serves every batch. Measured against the old step
+(BENCHMARKS.md, "`train.compile` against commit c4f5646"): 1.24-1.25x, against 1.03x uncompiled,
+after a first compilation of about 45 s. Off by default: for the main job's 800 steps that start-up
+costs about half of what it saves, and its figures have not been re-run compiled (Inductor caches
+compiled code on disk, so later runs start faster).
 
 Reference: Ansel et al. 2024, PyTorch 2: Faster Machine Learning Through Dynamic Python Bytecode
 Transformation and Graph Compilation, ASPLOS (TorchDynamo and TorchInductor).
