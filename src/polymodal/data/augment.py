@@ -25,9 +25,9 @@ from polymodal.data.batch import Sample
 from polymodal.errors import ConfigError
 
 # Independent draws per use of one (seed, epoch, index): the audio chain, the image chain, then
-# SpecAugment, VTLP and FilterAugment (applied later, by the collator, to log-mel frames). Appending is safe;
+# SpecAugment and VTLP (applied later, by the collator, to log-mel frames). Appending is safe;
 # reordering is not.
-STREAMS = ("audio", "image", "spec_augment", "vtlp", "filter_augment")
+STREAMS = ("audio", "image", "spec_augment", "vtlp")
 
 __all__ = [
     "AugmentSettings",

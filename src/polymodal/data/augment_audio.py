@@ -83,26 +83,18 @@ class AudioAugmentSettings:
     vtlp_p: float = 0.0
     vtlp_range: tuple[float, float] = (0.9, 1.1)  # the paper's factors
     vtlp_boundary_hz: float = 4800.0
-    # FilterAugment (Nam et al. 2022; ``augment_filter``): a random piecewise-linear gain across the
-    # mel bands, another microphone's colour. Applied by the collator to log-mel frames.
-    filter_augment_p: float = 0.0
-    filter_augment_bands: tuple[int, int] = (2, 5)  # bands per curve, drawn from low..high
-    filter_augment_db: tuple[float, float] = (-6.0, 6.0)  # each knot's gain
 
     def __post_init__(self) -> None:
         where = "data.augment.audio"
         for field in dataclasses.fields(self):
             if field.name.endswith("_p") and not 0.0 <= getattr(self, field.name) <= 1.0:
                 raise ConfigError(f"{where}.{field.name}={getattr(self, field.name)}: a probability, in [0, 1]")
-        ranges = ("speed_range", "reverb_rt60", "noise_snr_db", "gain_db", "reverb_drr_db", "vtlp_range", "filter_augment_bands", "filter_augment_db")
-        for name in ranges:
+        for name in ("speed_range", "reverb_rt60", "noise_snr_db", "gain_db", "reverb_drr_db", "vtlp_range"):
             low, high = getattr(self, name)
             if low > high:
                 raise ConfigError(f"{where}.{name}={[low, high]}: low above high; give [low, high]")
         if min(self.speed_range[0], self.reverb_rt60[0], self.vtlp_range[0], self.vtlp_boundary_hz) <= 0.0:
             raise ConfigError(f"{where}: speed_range, reverb_rt60, vtlp_range and vtlp_boundary_hz must be positive")
-        if self.filter_augment_bands[0] < 1:
-            raise ConfigError(f"{where}.filter_augment_bands={list(self.filter_augment_bands)}: at least 1 band; give [low, high] >= 1")
         if min(self.noise_weights) < 0.0 or sum(self.noise_weights) <= 0.0:
             raise ConfigError(f"{where}.noise_weights={list(self.noise_weights)}: odds >= 0, not all 0")
         counts = ("freq_masks", "freq_mask_width", "time_masks", "time_mask_width", "band_limit_rate")

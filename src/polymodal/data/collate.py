@@ -9,10 +9,10 @@ with a sample mask. A modality that only some items carry is filled with zeros/p
 and marked absent in ``present``. Given a dataset's aligned references (``references.py``), a batch
 also carries each labelled item's reference targets, for heads that learn from them.
 
-Training items carry their key (``Sample.key``): the batch then holds their indices, and VTLP
-(``data.augment.audio.vtlp_p``) warps their filterbank, FilterAugment (``filter_augment_p``)
-colours and SpecAugment (``spec_augment_p``) masks their log-mel frames, drawn from each item's
-key alone so that they replay on resume. Items without a key (evaluation) are never augmented.
+Training items carry their key (``Sample.key``): the batch then holds their indices, and
+VTLP (``data.augment.audio.vtlp_p``) warps their filterbank and SpecAugment (``spec_augment_p``)
+masks their log-mel frames, drawn from each item's key alone so that they replay on resume. Items
+without a key (evaluation) are never warped nor masked.
 """
 
 from __future__ import annotations
@@ -26,7 +26,6 @@ from torch import Tensor
 from polymodal.config import DataConfig
 from polymodal.data.audio import LogMel, load_audio, speech_bounds
 from polymodal.data.augment import AudioAugmentSettings, sample_rng, spec_augment
-from polymodal.data.augment_filter import filter_augment
 from polymodal.data.augment_vtlp import draw_warp, vtlp_filterbanks
 from polymodal.data.batch import AlignedTargets, Batch, ItemKey, Sample
 from polymodal.data.image import load_image, normalize_images
@@ -78,7 +77,6 @@ class Collator:
         self.audio_input = audio_input
         self.spec_augment = spec_augment if spec_augment is not None and spec_augment.spec_augment_p > 0 else None
         self.vtlp = spec_augment if spec_augment is not None and spec_augment.vtlp_p > 0 else None
-        self.filter_augment = spec_augment if spec_augment is not None and spec_augment.filter_augment_p > 0 else None
         self.seed = seed
         self.tokenizer = tokenizer
         self.max_text_tokens = max_text_tokens
@@ -177,8 +175,8 @@ class Collator:
 
     def _audio(self, clips: list[Tensor | None], keys: list[ItemKey | None] | None = None) -> tuple[Tensor, Tensor]:
         """(T,) waveforms or None -> log-mel (B, F, num_mels), zeros on padded frames; mask (B, F).
-        With VTLP, FilterAugment or SpecAugment on and every item keyed (training), each item's
-        filterbank is warped and its frames coloured and masked as its key draws."""
+        With VTLP or SpecAugment on and every item keyed (training), each item's filterbank is warped
+        and its frames masked as its key draws."""
         waveforms, sample_mask = self._waveforms(clips)
         lengths = sample_mask.sum(1)  # (B,)
         keyed = bool(keys) and all(k is not None for k in keys)
@@ -186,12 +184,6 @@ class Collator:
         frames = torch.arange(features.shape[1])  # (F,)
         valid = self.log_mel.frame_lengths(lengths)  # (B,)
         mask = (frames[None, :] < valid[:, None]) & (lengths > 0)[:, None]  # (B, F)
-        if self.filter_augment is not None and keyed:
-            settings = self.filter_augment
-            rngs = [sample_rng(self.seed, k.epoch, k.index, stream="filter_augment") for k in keys]
-            features = filter_augment(
-                features, mask, rngs, p=settings.filter_augment_p, bands=settings.filter_augment_bands, db=settings.filter_augment_db
-            )
         if self.spec_augment is not None and keyed:
             rngs = [sample_rng(self.seed, k.epoch, k.index, stream="spec_augment") for k in keys]
             features = spec_augment(features, mask, self.spec_augment, rngs)
