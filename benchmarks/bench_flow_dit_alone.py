@@ -13,6 +13,16 @@ in the samples (Heun, ``--sample-steps`` steps, guidance 1 and 2), and writes a 
     OMP_NUM_THREADS=1 python benchmarks/bench_flow_dit_alone.py --steps 1000 --conv-kernel 3 --out OUT
     OMP_NUM_THREADS=1 python benchmarks/bench_flow_dit_alone.py --steps 1000 --conv-kernel 3 --time-shift 3 --out OUT
 
+Claim (BENCHMARKS.md, "Pixels or latents for the flow DiT"): on the latents of a frozen VAE
+(``--vae``: an image-tokenizer run's folder; latents divided by latent diffusion's scale, samples
+decoded by the VAE before the judge) the same DiT under the same condition draws more readable
+numbers than on pixels after the same steps, at about the same time per step (``--timing``: both
+DiTs' training steps interleaved in one process, the latent one with its VAE encoding).
+
+    polymodal train --config vqvae run_dir=VAE 'model.image_tokenizer:={name: vae, channels: 64, num_downsamples: 3, num_res_blocks: 2, dim: 8}' 'train.loss_weights:={kl: 1.0e-4}' train.steps=2400
+    OMP_NUM_THREADS=1 python benchmarks/bench_flow_dit_alone.py --vae VAE --patch 1 --conv-kernel 3 --steps 1000 --evals 250,500,1000 --out OUT
+    OMP_NUM_THREADS=1 python benchmarks/bench_flow_dit_alone.py --timing 10 --conv-kernel 3
+
 One thread: about 0.75 s per step of 64 images x 2 noise draws at patch 8 (dim 128, 4 blocks).
 """
 
@@ -37,7 +47,7 @@ from polymodal.decoders.dit import FlowTransformer
 from polymodal.decoders.flow_sampling import guided, integrate
 from polymodal.evaluation.reconstruction import image_grid, save_png
 from polymodal.losses.flow_matching import training_times
-from polymodal.tokenizers.vae import measure_latent_scale
+from polymodal.tokenizers.vae import VAETokenizer, measure_latent_scale
 from polymodal.training.optim import lr_factor
 from polymodal.training.run import load_run
 
@@ -46,6 +56,7 @@ CONDITION_DIM, CONDITION_DROPOUT, WARMUP, MIN_LR_RATIO, WEIGHT_DECAY, CLIP = 128
 LOSS_TIMES = (0.05, 0.15, 0.25, 0.35, 0.5, 0.7, 0.9)
 LOSS_ITEMS, SAMPLED, SHOWN = 128, 256, 32
 ENCODE_CHUNK = 512  # images per VAE pass when encoding the splits
+IMAGE_SIZE, LATENT_DIM, TIMING_WARMUP = (32, 96), 8, 2  # --timing: the built-in images, an 8x VAE of 8 channels
 
 
 def digit_slots(numbers: torch.Tensor) -> torch.Tensor:
@@ -195,6 +206,40 @@ def train(flow: SlotFlow, train_split: tuple[torch.Tensor, torch.Tensor], args, 
             at_eval(step, round(time.perf_counter() - start))
 
 
+def step_seconds(args) -> None:
+    """Seconds per training step, pixel DiT against latent DiT (the VAE's encoding of the batch
+    included, as the latent head pays it every step), interleaved round-robin in one process on
+    random inputs of the built-in shapes; prints a table with the ratio."""
+    vae = VAETokenizer(channels=64, num_downsamples=3, num_res_blocks=2, dim=LATENT_DIM).eval()
+    images = torch.rand(args.batch, 1, *IMAGE_SIZE) * 2 - 1  # (B, 1, 32, 96)
+    latent_shape = (LATENT_DIM, IMAGE_SIZE[0] // vae.downsample_factor, IMAGE_SIZE[1] // vae.downsample_factor)
+    flows = {"pixels, patch 8": SlotFlow((1, *IMAGE_SIZE), 8, args.conv_kernel), "latents, patch 1": SlotFlow(latent_shape, 1, args.conv_kernel)}
+    numbers = torch.randint(1000, (args.batch,))
+    seconds = {name: [] for name in flows}
+
+    def one_step(name: str) -> None:
+        flow = flows[name]
+        data = vae.encode(images) if name.startswith("latents") else images  # (B, C, h, w)
+        data = data.repeat_interleave(args.noise_draws, 0)
+        context = flow.condition(numbers).repeat_interleave(args.noise_draws, 0)
+        noise, t = torch.randn(data.shape), torch.rand(len(data))
+        loss = (flow.velocity(t[:, None, None, None] * data + (1 - t[:, None, None, None]) * noise, t, context) - (data - noise)).square().mean()
+        flow.zero_grad()
+        loss.backward()
+
+    for round_ in range(TIMING_WARMUP + args.timing):
+        for name in flows:
+            start = time.perf_counter()
+            one_step(name)
+            if round_ >= TIMING_WARMUP:
+                seconds[name].append(time.perf_counter() - start)
+    base = sorted(seconds["pixels, patch 8"])[len(seconds["pixels, patch 8"]) // 2]
+    print("| DiT (dim 128, 4 blocks, conv %d) | median s per step of %d x %d | / pixels |" % (args.conv_kernel, args.batch, args.noise_draws))
+    for name, times in seconds.items():
+        median = sorted(times)[len(times) // 2]
+        print(f"| {name} | {median:.3f} | {median / base:.2f} |")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", default="metaquery", help="whose data (data.* of the preset)")
@@ -210,9 +255,14 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--sample-steps", type=int, default=8)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--out", type=Path)
+    parser.add_argument("--timing", type=int, default=0, help="only time N steps of the pixel and the latent DiT, interleaved")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    if args.timing:
+        return step_seconds(args)
+    if args.out is None:
+        parser.error("--out is required for a training run")
     args.out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(args.seed)
     x_train, y_train, x_test, y_test, judge, heldout = built_in_data(args.preset)
