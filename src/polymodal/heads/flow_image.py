@@ -16,7 +16,7 @@ by their standard deviation (latent diffusion's scale, measured on the first bat
 Compared with the same DiT alone under a perfect condition (BENCHMARKS.md, "Pixels or latents for
 the flow DiT"): on an 8x VAE's 8 x 4 x 12 latents (patch 1: 48 tokens, as many as pixels at patch
 8, and the same time per step) the judge reads 7.4% / 10.9% of samples (guidance 1 / 2) after
-1,000 steps, against 4.7% / 4.3% on pixels; better, but strokes, not digits, and far below the
+1,000 steps, against 3.9% / 5.1% on pixels; better, but strokes, not digits, and far below the
 85% line, while the VAE alone caps it at 84% (its reconstructions; real images 91%). So the
 ``metaquery`` preset stays on pixels: latents would add a first stage (3 minutes of one thread) for
 a gain that does not yet make readable samples.
