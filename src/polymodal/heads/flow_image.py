@@ -18,8 +18,8 @@ the flow DiT"): on an 8x VAE's 8 x 4 x 12 latents (patch 1: 48 tokens, as many a
 8, and the same time per step) the judge reads 7.4% / 10.9% of samples (guidance 1 / 2) after
 1,000 steps, against 3.9% / 5.1% on pixels; better, but strokes, not digits, and far below the
 85% line, while the VAE alone caps it at 84% (its reconstructions; real images 91%). So the
-``metaquery`` preset stays on pixels: latents would add a first stage (3 minutes of one thread) for
-a gain that does not yet make readable samples.
+``metaquery`` preset stays on pixels for now: with the latent head it reads 3.2% (pixels, an older
+run: 1.9%), still no readable numbers, for a first stage of 3 minutes of one thread.
 
 References: Lipman et al. 2022, arXiv:2210.02747 and Liu et al. 2022, arXiv:2209.03003 (flow
 matching, rectified flow); Pan et al. 2025, MetaQuery, arXiv:2504.06256 (queries, connector,
