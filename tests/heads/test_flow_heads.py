@@ -16,7 +16,7 @@ from polymodal.config import load_config
 from polymodal.data.batch import Batch
 from polymodal.decoders.flow_sampling import integrate
 from polymodal.errors import ConfigError
-from polymodal.heads import generation_options
+from polymodal.heads import Targets, generation_options
 from polymodal.layers.positional import sincos_2d_embedding
 from polymodal.losses.flow_matching import flow_matching_loss, interpolate, target_velocity, training_times
 from polymodal.modality import Modality
@@ -157,15 +157,58 @@ def test_seeded_samples_repeat_and_seeds_differ():
     assert generation_options(model.head(Modality.IMAGE), generator=None, temperature=0.0) == {"generator": None}
 
 
+LATENT_VAE = "model.image_tokenizer={name: vae, channels: 16, num_downsamples: 2, num_res_blocks: 1, dim: 4}"
+LATENT_HEAD = "{name: flow_matching_latent, patch_size: 2, num_queries: 4, dim_condition: 32, decoder: {dim: 32, num_layers: 1, num_heads: 2}}"
+
+
 def test_the_latent_head_flows_in_the_vaes_latent_space():
-    vae = "model.image_tokenizer={name: vae, channels: 16, num_downsamples: 2, num_res_blocks: 1, dim: 4}"
-    head = "{name: flow_matching_latent, patch_size: 2, num_queries: 4, dim_condition: 32, decoder: {dim: 32, num_layers: 1, num_heads: 2}}"
-    model = _model("text_to_image", head, vae)
+    model = _model("text_to_image", LATENT_HEAD, LATENT_VAE)
     assert model.image_tokenizer is not None and model.head(Modality.IMAGE).flow.shape == (4, 8, 24)
     losses = model(make_batch()).losses
     assert torch.isfinite(losses["text_to_image_flow_matching"])
     images = model.eval().generate(Modality.TEXT, Modality.IMAGE, *_text(make_batch()), steps=2)
     assert images.shape == (4, 1, 32, 96) and images.abs().max() <= 1.0
+
+
+def test_the_latent_head_measures_its_scale_on_the_first_batch_and_keeps_it():
+    model = _model("text_to_image", LATENT_HEAD[:-1] + ", condition_dropout: 0.0}", LATENT_VAE)
+    head, batch = model.head(Modality.IMAGE), make_batch()
+    source, valid = model.encode(Modality.TEXT, *_text(batch))
+    images = batch.inputs[Modality.IMAGE]
+    with pytest.raises(RuntimeError, match="latent_scale is not set"):
+        head.eval().generate(model, source, valid, steps=1)
+    head.train()
+    latents = model.image_tokenizer.encode(images)  # (B, 4, 8, 24)
+    spread = latents.double().sub(latents.double().mean()).square().sum().div(latents.numel() - 1).sqrt()  # std written out
+    torch.manual_seed(5)
+    loss = head.loss(model, source, valid, Targets(images, None)).losses["flow_matching"]
+    torch.testing.assert_close(head.latent_scale.double(), spread, rtol=1e-6, atol=0)
+    # The loss is the flow's loss on the latents divided by that scale, written out.
+    torch.manual_seed(5)
+    condition = head.flow.queries(model, source, valid).condition
+    data = latents / spread.float()
+    noise = torch.randn_like(data)
+    t = training_times(len(data))
+    expected = flow_matching_loss(head.flow.velocity(interpolate(noise, data, t), t, condition), target_velocity(noise, data))
+    torch.testing.assert_close(loss, expected)
+    # Measured once: a second batch of other images leaves it, and it travels with the weights.
+    head.loss(model, source, valid, Targets(images.flip(-1) * 0.5, None))
+    torch.testing.assert_close(head.latent_scale.double(), spread, rtol=1e-6, atol=0)
+    fresh = _model("text_to_image", LATENT_HEAD, LATENT_VAE)
+    fresh.load_state_dict(model.state_dict())
+    assert torch.equal(fresh.head(Modality.IMAGE).latent_scale, head.latent_scale)
+
+
+def test_the_latent_head_decodes_its_samples_times_the_scale():
+    model = _model("text_to_image", LATENT_HEAD[:-1] + ", latent_scale: 2.5}", LATENT_VAE).eval()
+    head, batch = model.head(Modality.IMAGE), make_batch()
+    source, valid = model.encode(Modality.TEXT, *_text(batch))
+    made = head.generate(model, source, valid, steps=2, generator=torch.Generator().manual_seed(3))
+    latents = head.flow.sample(model, source, valid, steps=2, sampler=None, guidance=None, generator=torch.Generator().manual_seed(3))
+    torch.testing.assert_close(made, model.image_tokenizer.decode(latents * 2.5).clamp(-1, 1))
+    assert not torch.allclose(made, model.image_tokenizer.decode(latents).clamp(-1, 1), atol=1e-3)
+    with pytest.raises(ConfigError, match="latent_scale must be > 0"):
+        load_config(["tiny"], ["model.tasks=[text_to_image]", LATENT_VAE, "model.heads.image=" + LATENT_HEAD[:-1] + ", latent_scale: 0.0}"])
 
 
 def test_mas_recovers_durations_known_by_construction():

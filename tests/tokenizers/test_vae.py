@@ -1,5 +1,6 @@
 """VAETokenizer and the Gaussian KL: KL against torch.distributions, reparameterisation, encode/decode
-against the forward pass, training-step contract, safetensors round trip."""
+against the forward pass, training-step contract, safetensors round trip; latent diffusion's scale
+by hand and its unit-spread property."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from torch.distributions import Normal, kl_divergence
 from polymodal.losses.kl import gaussian_kl
 from polymodal.models.output import StepOutput
 from polymodal.tokenizers import IMAGE_TOKENIZERS
-from polymodal.tokenizers.vae import GaussianLatent, VAETokenizer
+from polymodal.tokenizers.vae import GaussianLatent, VAETokenizer, measure_latent_scale
 
 SMALL = dict(channels=16, num_res_blocks=1, dim=4)
 
@@ -100,3 +101,30 @@ def test_clear_errors() -> None:
         model.encode(torch.zeros(1, 1, 33, 96))
     with pytest.raises(ValueError, match=r"\(B, 4, h, w\)"):
         model.decode(torch.zeros(1, 3, 8, 24))
+
+
+def test_the_latent_scale_is_the_std_of_every_element() -> None:
+    latents = torch.tensor([[[[1.0, 3.0]], [[5.0, 7.0]]]])  # (1, 2, 1, 2): mean 4, squared deviations 9 + 1 + 1 + 9
+    assert measure_latent_scale(latents).item() == pytest.approx((20.0 / 3.0) ** 0.5)  # unbiased: / (n - 1)
+    assert measure_latent_scale(latents).dtype == torch.float64
+    gen = torch.Generator().manual_seed(0)
+    wide = torch.randn(64, 8, 4, 12, generator=gen) * 7.5 + 2.0
+    scaled = wide / measure_latent_scale(wide)
+    assert scaled.double().std().item() == pytest.approx(1.0, abs=1e-6)
+    assert measure_latent_scale(wide * 3).item() == pytest.approx(3 * measure_latent_scale(wide).item())
+
+
+def test_a_vaes_scaled_latents_round_trip_to_its_reconstruction() -> None:
+    vae = VAETokenizer(**SMALL).eval()
+    images = _images(batch=4)
+    latents = vae.encode(images)
+    scale = measure_latent_scale(latents)
+    # What a latent flow head trains on, and what it decodes: the same reconstruction.
+    torch.testing.assert_close(vae.decode((latents / scale).float() * scale.float()), vae.reconstruct(images), rtol=1e-5, atol=1e-5)
+
+
+def test_constant_latents_have_no_scale() -> None:
+    with pytest.raises(ValueError, match="constant or not finite"):
+        measure_latent_scale(torch.zeros(2, 4, 1, 3))
+    with pytest.raises(ValueError, match="at least 2 elements"):
+        measure_latent_scale(torch.ones(1, 1, 1, 1))

@@ -11,10 +11,15 @@ Euler or Heun steps (on the grid moved by the same ``time_shift``) with classifi
 ``guidance`` (``decoders/flow_sampling.py``).
 
 Pixels or latents: ``flow_matching`` works on pixels, ``flow_matching_latent`` on the latents of
-the run's VAE (``model.image_tokenizer: {name: vae}``, trained in the run's first stage). The
-``metaquery`` preset uses pixels: a 32 x 96 grey image at patch 8 is 48 tokens, as few as a latent
-grid would give, and it needs no first stage. The two have not yet been compared on the same data
-(BENCHMARKS.md, "Generation from any data", has the pixel head's figures).
+the run's VAE (``model.image_tokenizer: {name: vae}``, trained in the run's first stage), divided
+by their standard deviation (latent diffusion's scale, measured on the first batch unless set).
+Compared with the same DiT alone under a perfect condition (BENCHMARKS.md, "Pixels or latents for
+the flow DiT"): on an 8x VAE's 8 x 4 x 12 latents (patch 1: 48 tokens, as many as pixels at patch
+8, and the same time per step) the judge reads 7.4% / 10.9% of samples (guidance 1 / 2) after
+1,000 steps, against 3.9% / 5.1% on pixels; better, but strokes, not digits, and far below the
+85% line, while the VAE alone caps it at 84% (its reconstructions; real images 91%). So the
+``metaquery`` preset stays on pixels for now: with the latent head it reads 3.2% (pixels, an older
+run: 1.9%), still no readable numbers, for a first stage of 3 minutes of one thread.
 
 References: Lipman et al. 2022, arXiv:2210.02747 and Liu et al. 2022, arXiv:2209.03003 (flow
 matching, rectified flow); Pan et al. 2025, MetaQuery, arXiv:2504.06256 (queries, connector,
@@ -41,6 +46,7 @@ from polymodal.heads import HEADS, HeadOutput, HeadWiring, Targets
 from polymodal.heads.queries import LearnableQueries
 from polymodal.losses.flow_matching import TIME_DISTRIBUTIONS, flow_matching_loss, interpolate, target_velocity, training_times
 from polymodal.modality import Modality
+from polymodal.tokenizers.vae import measure_latent_scale
 
 DEFAULT_CONNECTOR = {"name": "mlp"}
 CONDITION_DROPOUT = 0.1  # MetaQuery's share of empty captions in training
@@ -214,7 +220,9 @@ class LatentFlowImageHead(nn.Module):
     Args:
         wiring: needs ``image_tokenizer``: a trained VAE (``model.image_tokenizer: {name: vae}``).
         latent_scale: latents are divided by this before the flow (latent diffusion's scale factor,
-            so the flow's data has about unit spread like its noise).
+            so the flow's data has about unit spread like its noise); None: the standard deviation
+            of the first training batch's latents (``tokenizers.vae.measure_latent_scale``), kept with the
+            weights. Under data parallelism rank 0's value reaches the others from the second step.
         patch_size: the DiT's patch side in latent positions.
         the rest: as ``FlowImageHead``.
     """
@@ -225,7 +233,7 @@ class LatentFlowImageHead(nn.Module):
     check_settings = staticmethod(check_flow_settings)
 
     def __init__(
-        self, wiring: HeadWiring, *, latent_scale: float = 1.0, patch_size: int = 2, num_queries: int = 32,
+        self, wiring: HeadWiring, *, latent_scale: float | None = None, patch_size: int = 1, num_queries: int = 32,
         connector: dict | None = None, train_backbone: bool = True, dim_condition: int = 128, decoder: dict | None = None,
         condition_dropout: float = CONDITION_DROPOUT, noise_draws: int = 1, guidance: float = 2.0, sampler: str = "heun",
         steps: int = 10, time_distribution: str = "uniform", time_shift: float = 1.0,
@@ -234,13 +242,14 @@ class LatentFlowImageHead(nn.Module):
         tokenizer = wiring.image_tokenizer
         if tokenizer is None or not hasattr(tokenizer, "posterior"):
             raise ValueError("the flow_matching_latent head needs a trained VAE image tokenizer (model.image_tokenizer: {name: vae})")
-        if latent_scale <= 0:
-            raise ValueError(f"latent_scale must be > 0, got {latent_scale}")
+        if latent_scale is not None and not latent_scale > 0:
+            raise ValueError(f"latent_scale must be > 0, or None to measure it on the first training batch; got {latent_scale}")
         tokenizer.requires_grad_(False)
         self.tokenizer = tokenizer.eval()
         height, width = wiring.shapes.image_size
         factor = tokenizer.downsample_factor
-        self.latent_scale = latent_scale
+        # NaN until measured: a buffer, so the measured scale is saved and loaded with the weights.
+        self.register_buffer("latent_scale", torch.tensor(float("nan") if latent_scale is None else float(latent_scale)))
         self.flow = ImageFlowDecoder(
             wiring.dim, (tokenizer.dim, height // factor, width // factor), patch_size=patch_size, num_queries=num_queries,
             connector=connector or DEFAULT_CONNECTOR, train_backbone=train_backbone, dim_condition=dim_condition,
@@ -257,8 +266,17 @@ class LatentFlowImageHead(nn.Module):
         self.tokenizer.eval()
         return self
 
+    def scale(self) -> Tensor:
+        """The latent scale (), once set by the config or the first training batch."""
+        if torch.isnan(self.latent_scale):
+            raise RuntimeError("the latent flow head's latent_scale is not set: train the head, or set model.heads.image.latent_scale")
+        return self.latent_scale
+
     def loss(self, trunk, source: Tensor, source_mask: Tensor, target: Targets) -> HeadOutput:
-        latents = self.tokenizer.encode(target.values) / self.latent_scale  # (B, dim, h, w), the posterior mean
+        latents = self.tokenizer.encode(target.values)  # (B, dim, h, w), the posterior mean
+        if self.training and torch.isnan(self.latent_scale):
+            self.latent_scale.fill_(measure_latent_scale(latents).item())
+        latents = latents / self.scale()
         hidden, loss = self.flow.loss(trunk, source, source_mask, latents)
         return HeadOutput(hidden, {LOSS_NAME: loss})
 
@@ -270,4 +288,4 @@ class LatentFlowImageHead(nn.Module):
         """Images (B, C, H, W) in [-1, 1]: latents sampled (the configured sampling unless given
         here), then decoded by the VAE."""
         latents = self.flow.sample(trunk, source, source_mask, steps=steps, sampler=sampler, guidance=guidance, generator=generator)
-        return self.tokenizer.decode(latents * self.latent_scale).clamp(-1.0, 1.0)
+        return self.tokenizer.decode(latents * self.scale()).clamp(-1.0, 1.0)

@@ -1,7 +1,9 @@
 """VAE image tokenizer: the continuous sibling of the VQ-VAE (diagonal Gaussian latent map).
 
-Reference: Kingma and Welling 2013, Auto-Encoding Variational Bayes, arXiv:1312.6114
-(reparameterisation ``z = mean + sigma * noise`` and the KL term to a standard normal prior).
+References: Kingma and Welling 2013, Auto-Encoding Variational Bayes, arXiv:1312.6114
+(reparameterisation ``z = mean + sigma * noise`` and the KL term to a standard normal prior);
+Rombach et al. 2021, latent diffusion, arXiv:2112.10752 (a generator on the latents divided by
+their overall standard deviation, ``latent_scale``).
 """
 
 from __future__ import annotations
@@ -53,6 +55,25 @@ class VAEOutput:
     reconstructions: Tensor
     latent: GaussianLatent
     losses: dict[str, Tensor]
+
+
+def measure_latent_scale(latents: Tensor) -> Tensor:
+    """Latent diffusion's scale: the standard deviation of every element of a batch of latents, so
+    that ``latents / latent_scale`` has about unit spread like a flow's noise.
+
+    Args:
+        latents: (B, dim, h, w) latents (posterior means) of a batch of images.
+
+    Returns:
+        () float64 standard deviation, > 0.
+    """
+    if latents.numel() < 2:
+        raise ValueError(f"measure_latent_scale needs a batch of latents (at least 2 elements), got shape {tuple(latents.shape)}")
+    # float64: a diagnostic-like reduction over every element of the batch.
+    scale = latents.detach().double().flatten().std()
+    if not torch.isfinite(scale) or scale <= 0:
+        raise ValueError(f"latents' standard deviation is {scale.item()}; the VAE's latents are constant or not finite")
+    return scale
 
 
 @IMAGE_TOKENIZERS.register("vae")
