@@ -46,7 +46,7 @@ from polymodal.datasets.spoken_numbers import judges
 from polymodal.decoders.dit import FlowTransformer
 from polymodal.decoders.flow_sampling import guided, integrate
 from polymodal.evaluation.reconstruction import image_grid, save_png
-from polymodal.losses.flow_matching import training_times
+from polymodal.losses.flow_matching import flow_matching_loss, interpolate, target_velocity, training_times
 from polymodal.tokenizers.vae import VAETokenizer, measure_latent_scale
 from polymodal.training.optim import lr_factor
 from polymodal.training.run import load_run
@@ -158,8 +158,8 @@ def evaluate(flow: SlotFlow, test: tuple[torch.Tensor, torch.Tensor], judge, hel
     for t0 in LOSS_TIMES:
         noise = torch.randn(data.shape, generator=g)
         t = torch.full((LOSS_ITEMS,), t0)
-        x_t, target = t0 * data + (1 - t0) * noise, data - noise
-        row[f"loss_t{t0}"] = [round((flow.velocity(x_t, t, c) - target).square().mean().item(), 4) for c in (own, flow.condition.empty.expand_as(own))]
+        x_t, target = interpolate(noise, data, t), target_velocity(noise, data)
+        row[f"loss_t{t0}"] = [round(flow_matching_loss(flow.velocity(x_t, t, c), target).item(), 4) for c in (own, flow.condition.empty.expand_as(own))]
     own = flow.condition(numbers[:SAMPLED])
     noise = torch.randn((SAMPLED, *images.shape[1:]), generator=torch.Generator().manual_seed(0))
     held = torch.tensor([int(n) in heldout for n in numbers[:SAMPLED]])
@@ -192,8 +192,7 @@ def train(flow: SlotFlow, train_split: tuple[torch.Tensor, torch.Tensor], args, 
         context = flow.condition(numbers[pick], CONDITION_DROPOUT).repeat_interleave(args.noise_draws, 0)
         noise = torch.randn(data.shape, generator=g)
         t = training_times(len(data), distribution=args.time_distribution, shift=args.time_shift, generator=g)
-        x_t = t[:, None, None, None] * data + (1 - t[:, None, None, None]) * noise
-        loss = (flow.velocity(x_t, t, context) - (data - noise)).square().mean()
+        loss = flow_matching_loss(flow.velocity(interpolate(noise, data, t), t, context), target_velocity(noise, data))
         optimizer.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, CLIP)
@@ -223,7 +222,7 @@ def step_seconds(args) -> None:
         data = data.repeat_interleave(args.noise_draws, 0)
         context = flow.condition(numbers).repeat_interleave(args.noise_draws, 0)
         noise, t = torch.randn(data.shape), torch.rand(len(data))
-        loss = (flow.velocity(t[:, None, None, None] * data + (1 - t[:, None, None, None]) * noise, t, context) - (data - noise)).square().mean()
+        loss = flow_matching_loss(flow.velocity(interpolate(noise, data, t), t, context), target_velocity(noise, data))
         flow.zero_grad()
         loss.backward()
 
