@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from polymodal.encoders import ENCODERS
+from polymodal.layers.positional import sinusoidal_embedding
 
 DIM = 16
 VOCAB = 30
@@ -19,10 +21,10 @@ def _text(num_layers: int = 2):
     return ENCODERS.build({"name": "text_embedding", "dim": DIM, "num_layers": num_layers, "num_heads": 2}, VOCAB)
 
 
-def _audio(num_layers: int = 2):
+def _audio(num_layers: int = 2, freq_channels: int = 0, num_mels: int = NUM_MELS):
     torch.manual_seed(0)
-    spec = {"name": "audio_conv", "dim": DIM, "num_layers": num_layers, "num_heads": 2}
-    return ENCODERS.build(spec, NUM_MELS)
+    spec = {"name": "audio_conv", "dim": DIM, "num_layers": num_layers, "num_heads": 2, "freq_channels": freq_channels}
+    return ENCODERS.build(spec, num_mels)
 
 
 def _padded_text_batch(item: torch.Tensor, length: int, pad_id: int):
@@ -57,8 +59,9 @@ def test_text_padding_does_not_change_real_tokens(num_layers, pad_id):
 
 @pytest.mark.parametrize("num_layers", [0, 2])
 @pytest.mark.parametrize("pad_value", [0.0, 3.0])
-def test_audio_padding_does_not_change_real_tokens(num_layers, pad_value):
-    encoder = _audio(num_layers).eval()
+@pytest.mark.parametrize("freq_channels", [0, 3])
+def test_audio_padding_does_not_change_real_tokens(num_layers, pad_value, freq_channels):
+    encoder = _audio(num_layers, freq_channels).eval()
     torch.manual_seed(1)
     # 13 frames -> 7 -> 4: both convs' last real output sits at the item's edge, reading padding.
     item = torch.randn(13, NUM_MELS)
@@ -76,9 +79,10 @@ def test_audio_padding_does_not_change_real_tokens(num_layers, pad_value):
     torch.testing.assert_close(out.tokens[0, :4], alone, rtol=1e-5, atol=1e-5)
 
 
-def test_audio_without_mask_is_unchanged_by_the_masking():
+@pytest.mark.parametrize("freq_channels", [0, 3])
+def test_audio_without_mask_is_unchanged_by_the_masking(freq_channels):
     # An all-True mask takes the masked path; no mask the plain one: same tokens.
-    encoder = _audio(2).eval()
+    encoder = _audio(2, freq_channels).eval()
     mels = torch.randn(2, 21, NUM_MELS)
     with torch.no_grad():
         plain = encoder(mels).tokens
@@ -107,6 +111,41 @@ def test_forward_intermediates(kind):
     torch.testing.assert_close(inter.output.tokens, encoder.final_norm(inter.hidden[-1]))
 
 
+def test_band_convs_move_with_the_bands():
+    # Without biases the 2-D convs of silence stay 0, so a pattern moved up by the two pools' 4
+    # bands comes out moved by one pooled band: what the band-shared weights and pooling are for.
+    encoder = _audio(0, freq_channels=3, num_mels=32).eval()
+    for layer in encoder.convs:
+        if isinstance(layer, torch.nn.Conv2d):
+            torch.nn.init.zeros_(layer.bias)
+    mels = torch.zeros(2, 12, 32)
+    mels[0, :, 8:16] = torch.randn(12, 8)
+    mels[1, :, 12:20] = mels[0, :, 8:16]
+    with torch.no_grad():
+        pooled = encoder.forward_intermediates(mels).hidden[-1].unflatten(-1, (3, 8))  # (2, F', C, 8 bands)
+    assert pooled[0].abs().sum() > 0
+    torch.testing.assert_close(pooled[1, ..., 1:], pooled[0, ..., :-1])
+    assert pooled[1, ..., 0].abs().max() == 0
+
+
+def test_band_convs_written_out():
+    # The 2-D path against F.conv2d, a max over band pairs, the flatten and the positions, by hand.
+    encoder = _audio(0, freq_channels=3, num_mels=10).eval()
+    mels = torch.randn(1, 9, 10)
+    x = mels.transpose(1, 2)[:, None]  # (1, 1, bands, F)
+    for layer in encoder.convs:
+        if isinstance(layer, torch.nn.Conv2d):
+            x = F.conv2d(x, layer.weight, layer.bias, stride=(1, 2), padding=1)
+            if x.shape[2] % 2:  # ceil mode: the odd last band is pooled alone
+                x = torch.cat([x, x[:, :, -1:]], 2)
+            x = F.gelu(x.unflatten(2, (-1, 2)).amax(3))
+    features = x.permute(0, 3, 1, 2).flatten(2)  # (1, F', C * bands), channel-major
+    positions = sinusoidal_embedding(torch.arange(features.shape[1]), DIM)
+    with torch.no_grad():
+        expected = encoder.norm(encoder.flatten(features) + positions)
+        torch.testing.assert_close(encoder(mels).tokens, expected)
+
+
 def test_no_layers_keeps_the_old_parameters_and_outputs():
     text = _text(0)
     assert set(text.state_dict()) == {"embed.weight", "pos"}
@@ -121,9 +160,9 @@ def test_no_layers_keeps_the_old_parameters_and_outputs():
     assert len(audio.forward_intermediates(torch.randn(2, 12, NUM_MELS)).hidden) == 2
 
 
-@pytest.mark.parametrize("kind", ["text", "audio"])
+@pytest.mark.parametrize("kind", ["text", "audio", "audio_bands"])
 def test_builds_on_meta_and_every_parameter_gets_a_gradient(kind):
-    build = _text if kind == "text" else _audio
+    build = {"text": _text, "audio": _audio, "audio_bands": lambda n: _audio(n, freq_channels=3)}[kind]
     with torch.device("meta"):
         meta = build(2)
     real = build(2)

@@ -2,6 +2,12 @@
 optionally followed by a small bidirectional transformer (off by default: the shared backbone then
 does the sequence modelling).
 
+``freq_channels`` makes the convolutions 2-D, over mel bands and frames, each followed by a max-pool
+of 2 along the bands, and flattens the pooled bands into the token. A talker's vocal tract moves
+his formants along the mel axis; weights shared across bands and the pooling let a formant a band
+or two away read the same (Abdel-Hamid et al. 2014, Convolutional neural networks for speech
+recognition, IEEE/ACM TASLP; the 2-D subsampling of Conformer, Gulati et al. 2020, arXiv:2005.08100).
+
 ``input_norm`` normalises each clip first: every mel band's mean over the clip's real frames is
 subtracted (cepstral mean normalisation carried to log-mel bands: a fixed channel or microphone
 response, and a gain, are a constant added to a band's log power, so this removes them; Atal 1974,
@@ -19,6 +25,7 @@ from __future__ import annotations
 
 
 import torch
+from einops import rearrange
 from torch import Tensor, nn
 
 from polymodal.backbones.transformer import TransformerBlock, init_blocks
@@ -31,6 +38,7 @@ from polymodal.modality import Modality
 
 # Two stride-2 convolutions (the default num_convs).
 SUBSAMPLING = 4
+FREQ_POOL = 2  # bands max-pooled after each 2-D conv: a formant may move a band per conv
 MLP_RATIO = 4.0  # the optional layers' feed-forward width, as in Vaswani et al. 2017
 NORM_EPS = 1e-5  # added to a clip's log-mel variance (natural-log units squared; speech's is ~10)
 
@@ -49,6 +57,29 @@ def utterance_norm(mels: Tensor, mask: Tensor | None) -> Tensor:
     return (centered * torch.rsqrt(var + NORM_EPS)).to(mels.dtype)
 
 
+def _band_convs(num_convs: int, channels: int) -> nn.Sequential:
+    """2-D convs over (band, frame), 3 x 3, stride 2 along frames only, each then a max-pool of
+    ``FREQ_POOL`` along bands and a GELU. The pool never mixes frames, so the mask zeroes padded
+    frames after the GELU as it does for the 1-D convs."""
+    layers: list[nn.Module] = []
+    channels_in = 1
+    for _ in range(num_convs):
+        layers += [
+            nn.Conv2d(channels_in, channels, 3, stride=(1, 2), padding=1),
+            nn.MaxPool2d((FREQ_POOL, 1), ceil_mode=True),
+            nn.GELU(),
+        ]
+        channels_in = channels
+    return nn.Sequential(*layers)
+
+
+def _frames_last(x: Tensor) -> Tensor:
+    """Conv activations (B, C, F) or (B, C, bands, F) -> per-frame features (B, F, C[ * bands])."""
+    if x.ndim == 3:
+        return x.transpose(1, 2)
+    return rearrange(x, "b c m f -> b f (c m)")
+
+
 @ENCODERS.register("audio_conv")
 class AudioConvEncoder(nn.Module):
     """Log-mel (B, F, num_mels) -> tokens (B, ceil(F / 2^num_convs), dim), with sinusoidal positions.
@@ -62,6 +93,8 @@ class AudioConvEncoder(nn.Module):
         num_heads: attention heads of those blocks.
         input_norm: normalise each clip's log-mel first (see the module docstring).
         dropout: on the output tokens (and inside the optional blocks) while training.
+        freq_channels: channels of 2-D convolutions over (band, frame) with a band max-pool of
+            ``FREQ_POOL`` after each (see the module docstring); 0 keeps the 1-D convolutions.
     """
 
     modality = Modality.AUDIO
@@ -76,18 +109,29 @@ class AudioConvEncoder(nn.Module):
         num_heads: int = 4,
         input_norm: bool = False,
         dropout: float = 0.0,
+        freq_channels: int = 0,
     ) -> None:
         super().__init__()
         if num_layers < 0:
             raise ValueError(f"num_layers must be >= 0, got {num_layers}")
+        if freq_channels < 0:
+            raise ValueError(f"freq_channels must be >= 0 (0: 1-D convolutions), got {freq_channels}")
         self.input_norm = input_norm
         self.dropout = nn.Dropout(dropout)
-        layers: list[nn.Module] = []
-        dim_in = num_mels
-        for _ in range(num_convs):
-            layers += [nn.Conv1d(dim_in, dim, 3, stride=2, padding=1), nn.GELU()]
-            dim_in = dim
-        self.convs = nn.Sequential(*layers)
+        self.freq_channels = freq_channels
+        if freq_channels:
+            self.convs = _band_convs(num_convs, freq_channels)
+            bands = num_mels
+            for _ in range(num_convs):
+                bands = -(-bands // FREQ_POOL)  # ceil: the pool keeps a last odd band
+            self.flatten = nn.Linear(freq_channels * bands, dim)
+        else:
+            layers: list[nn.Module] = []
+            dim_in = num_mels
+            for _ in range(num_convs):
+                layers += [nn.Conv1d(dim_in, dim, 3, stride=2, padding=1), nn.GELU()]
+                dim_in = dim
+            self.convs = nn.Sequential(*layers)
         self.num_convs = num_convs
         self.norm = nn.LayerNorm(dim)
         self.num_layers = num_layers
@@ -107,8 +151,10 @@ class AudioConvEncoder(nn.Module):
         """Convs and LayerNorm with PyTorch's defaults (as the conv-only encoder always had); the
         optional blocks GPT-2 style, residual outputs scaled by 1/sqrt(2 L)."""
         for layer in self.convs:
-            if isinstance(layer, nn.Conv1d):
+            if isinstance(layer, (nn.Conv1d, nn.Conv2d)):
                 layer.reset_parameters()
+        if self.freq_channels:
+            self.flatten.reset_parameters()
         self.norm.reset_parameters()
         if not self.num_layers:
             return
@@ -136,13 +182,15 @@ class AudioConvEncoder(nn.Module):
         if self.input_norm:
             mels = utterance_norm(mels, mask)
         x = mels.transpose(1, 2)  # (B, num_mels, F)
+        if self.freq_channels:
+            x = x[:, None]  # (B, 1, num_mels, F): bands as height, frames as width
         lengths = None
         if mask is not None:
             # Zero the padded frames before every conv, so a frame at the edge of an item reads the
             # same zeros as the conv's own padding would give it: real outputs do not depend on
             # how much padding (or what values in it) follows.
             lengths = mask.sum(1)  # (B,)
-            x = x * mask[:, None, :].to(x.dtype)
+            x = x * mask[:, None, :].to(x.dtype) if x.ndim == 3 else x * mask[:, None, None, :].to(x.dtype)
         hidden = []
         for layer in self.convs:
             x = layer(x)
@@ -150,9 +198,9 @@ class AudioConvEncoder(nn.Module):
                 if lengths is not None:
                     lengths = (lengths + 1) // 2  # ceil(L / 2), as in output_lengths
                     valid = torch.arange(x.shape[-1], device=x.device)[None] < lengths[:, None]  # (B, F_i)
-                    x = x * valid[:, None, :].to(x.dtype)
-                hidden.append(x.transpose(1, 2))
-        tokens = x.transpose(1, 2)  # (B, F', dim)
+                    x = x * (valid[:, None, :] if x.ndim == 3 else valid[:, None, None, :]).to(x.dtype)
+                hidden.append(_frames_last(x))
+        tokens = self.flatten(_frames_last(x)) if self.freq_channels else x.transpose(1, 2)  # (B, F', dim)
         positions = sinusoidal_embedding(
             torch.arange(tokens.shape[1], device=tokens.device), tokens.shape[-1]
         )
