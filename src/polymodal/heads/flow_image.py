@@ -1,6 +1,9 @@
 """Text (or any source) -> image by conditional flow matching: MetaQuery's learnable queries read
 the source through the shared backbone, a connector makes their states the condition, and a small
-DiT (``decoders/dit.py``) cross-attending to it regresses the velocity from noise to the image.
+velocity network cross-attending to it regresses the velocity from noise to the image: a DiT
+(``decoders/dit.py``, the default) or a U-Net (``decoder: {name: unet}``, ``decoders/unet.py``;
+under a perfect condition it draws readable digits far sooner than the DiT: BENCHMARKS.md, "A
+U-Net velocity network for the flow image heads").
 
 Training: x_t = t x1 + (1 - t) x0 between noise x0 and the item's own image (or its VAE latent)
 x1, t drawn by ``time_distribution`` (uniform or SD3's logit-normal) and moved toward noise by
