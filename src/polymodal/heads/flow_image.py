@@ -1,6 +1,9 @@
 """Text (or any source) -> image by conditional flow matching: MetaQuery's learnable queries read
 the source through the shared backbone, a connector makes their states the condition, and a small
-DiT (``decoders/dit.py``) cross-attending to it regresses the velocity from noise to the image.
+velocity network cross-attending to it regresses the velocity from noise to the image: a DiT
+(``decoders/dit.py``, the default) or a U-Net (``decoder: {name: unet}``, ``decoders/unet.py``;
+under a perfect condition it draws readable digits far sooner than the DiT: BENCHMARKS.md, "A
+U-Net velocity network for the flow image heads").
 
 Training: x_t = t x1 + (1 - t) x0 between noise x0 and the item's own image (or its VAE latent)
 x1, t drawn by ``time_distribution`` (uniform or SD3's logit-normal) and moved toward noise by
@@ -30,7 +33,6 @@ arXiv:2112.10752 (generating in an autoencoder's latent space).
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Mapping
 from typing import Any
 
@@ -39,7 +41,7 @@ from einops import rearrange
 from torch import Tensor, nn
 
 from polymodal.connectors import CONNECTORS
-from polymodal.decoders.dit import FlowTransformer
+from polymodal.decoders.flow_networks import FLOW_NETWORKS, network_spec
 from polymodal.decoders.flow_sampling import SAMPLERS, guided, integrate
 from polymodal.errors import ConfigError
 from polymodal.heads import HEADS, HeadOutput, HeadWiring, Targets
@@ -55,15 +57,12 @@ LOSS_NAME = "flow_matching"
 
 def check_flow_settings(settings: Mapping[str, Any], where: str) -> None:
     """The nested settings of a flow head, at config load: ``connector`` against ``CONNECTORS``,
-    ``decoder`` against ``FlowTransformer``'s keyword-only settings, and the sampler."""
+    ``decoder`` against ``FLOW_NETWORKS`` (the DiT unless it names another), and the sampler."""
     CONNECTORS.check(settings.get("connector") or DEFAULT_CONNECTOR, where=f"{where}.connector")
     decoder = settings.get("decoder") or {}
     if not isinstance(decoder, Mapping):
-        raise ConfigError(f"{where}.decoder: expected a mapping of the DiT's settings, got {decoder!r}")
-    allowed = [k for k, p in inspect.signature(FlowTransformer).parameters.items() if p.kind is inspect.Parameter.KEYWORD_ONLY]
-    for key in decoder:
-        if key not in allowed:
-            raise ConfigError(f"{where}.decoder.{key}: unknown setting of the flow decoder; valid: {', '.join(allowed)}")
+        raise ConfigError(f"{where}.decoder: expected a mapping of the flow decoder's settings, got {decoder!r}")
+    FLOW_NETWORKS.check(network_spec(decoder), where=f"{where}.decoder")
     if settings.get("sampler", "heun") not in SAMPLERS:
         raise ConfigError(f"{where}.sampler: {settings['sampler']!r} is not valid; valid: {', '.join(SAMPLERS)}")
     if settings.get("time_distribution", "uniform") not in TIME_DISTRIBUTIONS:
@@ -73,7 +72,7 @@ def check_flow_settings(settings: Mapping[str, Any], where: str) -> None:
 
 
 class ImageFlowDecoder(nn.Module):
-    """Queries, connector and a DiT over patches of a (C, h, w) map: pixels or latents.
+    """Queries, connector and a velocity network (DiT or U-Net) over patches of a (C, h, w) map: pixels or latents.
 
     Args:
         dim: the backbone width D.
@@ -105,7 +104,7 @@ class ImageFlowDecoder(nn.Module):
         self.queries = LearnableQueries(
             dim, dim_condition, Modality.IMAGE, num_queries=num_queries, connector=connector, train_backbone=train_backbone, where=where
         )
-        self.network = FlowTransformer(channels * patch_size**2, self.grid, dim_condition, **decoder)
+        self.network = FLOW_NETWORKS.build(network_spec(decoder), channels * patch_size**2, self.grid, dim_condition, where=f"{where}.decoder")
 
     def init_weights(self) -> None:
         self.queries.init_weights()
@@ -164,7 +163,9 @@ class FlowImageHead(nn.Module):
         connector: the connector's spec (``polymodal.connectors``).
         train_backbone: whether this loss trains the backbone and source encoders (MetaQuery: no).
         dim_condition: the condition tokens' width.
-        decoder: the DiT's settings (``FlowTransformer``: dim, num_layers, num_heads, mlp_ratio).
+        decoder: the velocity network (``decoders/flow_networks.py``): the DiT's settings
+            (``FlowTransformer``: dim, num_layers, num_heads, mlp_ratio, conv_kernel) by default, or
+            ``name: unet`` and the U-Net's (``FlowUNet``: channels, channel_mults, ...).
         condition_dropout: share of items trained with the empty condition.
         noise_draws: (noise, t) draws per item and step, all under the item's one condition: the
             decoder trains on this many times the batch for one backbone pass (MAR's diffusion
