@@ -193,14 +193,13 @@ class FlowUNet(nn.Module):
         self.upsample = nn.ModuleList(nn.Conv2d(w, w, KERNEL, padding=KERNEL // 2) for w in widths[1:])
         self.out_norm = nn.GroupNorm(NORM_GROUPS, widths[0])
         self.out_conv = nn.Conv2d(widths[0], dim_in, KERNEL, padding=KERNEL // 2)
-        self.has_context = dim_context is not None
         self.init_weights()
 
     def init_weights(self) -> None:
         for layer in (*self.time_mlp, self.in_conv, *self.downsample, *self.upsample, self.out_norm):
             if hasattr(layer, "reset_parameters"):
                 layer.reset_parameters()
-        for part in (*self.down, *self.up, *self.middle, self.middle_self, *((self.middle_cross,) if self.has_context else ())):
+        for part in (*self.down, *self.up, *self.middle, self.middle_self, *((self.middle_cross,) if self.middle_cross is not None else ())):
             part.init_weights()
         _near_zero(self.out_conv)  # the network starts near the zero velocity
 
@@ -216,7 +215,7 @@ class FlowUNet(nn.Module):
         Returns:
             (B, rows * cols, dim_in).
         """
-        if (context is None) == self.has_context:
+        if (context is None) == (self.middle_cross is not None):
             raise ValueError("give context exactly when the network was built with dim_context")
         rows, cols = self.layout
         if x.shape[1] != rows * cols:

@@ -73,6 +73,11 @@ def _band_convs(num_convs: int, channels: int) -> nn.Sequential:
     return nn.Sequential(*layers)
 
 
+def _keep_frames(x: Tensor, valid: Tensor) -> Tensor:
+    """Conv activations (B, C, F) or (B, C, bands, F) with the frames where ``valid`` (B, F) is False zeroed."""
+    return x * valid.view(valid.shape[0], *[1] * (x.ndim - 2), valid.shape[1]).to(x.dtype)
+
+
 def _frames_last(x: Tensor) -> Tensor:
     """Conv activations (B, C, F) or (B, C, bands, F) -> per-frame features (B, F, C[ * bands])."""
     if x.ndim == 3:
@@ -121,9 +126,8 @@ class AudioConvEncoder(nn.Module):
         self.freq_channels = freq_channels
         if freq_channels:
             self.convs = _band_convs(num_convs, freq_channels)
-            bands = num_mels
-            for _ in range(num_convs):
-                bands = -(-bands // FREQ_POOL)  # ceil: the pool keeps a last odd band
+            # ceil: the pool keeps an odd last band, and nested ceils of halving are one ceil
+            bands = -(-num_mels // FREQ_POOL**num_convs)
             self.flatten = nn.Linear(freq_channels * bands, dim)
         else:
             layers: list[nn.Module] = []
@@ -190,7 +194,7 @@ class AudioConvEncoder(nn.Module):
             # same zeros as the conv's own padding would give it: real outputs do not depend on
             # how much padding (or what values in it) follows.
             lengths = mask.sum(1)  # (B,)
-            x = x * mask[:, None, :].to(x.dtype) if x.ndim == 3 else x * mask[:, None, None, :].to(x.dtype)
+            x = _keep_frames(x, mask)
         hidden = []
         for layer in self.convs:
             x = layer(x)
@@ -198,7 +202,7 @@ class AudioConvEncoder(nn.Module):
                 if lengths is not None:
                     lengths = (lengths + 1) // 2  # ceil(L / 2), as in output_lengths
                     valid = torch.arange(x.shape[-1], device=x.device)[None] < lengths[:, None]  # (B, F_i)
-                    x = x * (valid[:, None, :] if x.ndim == 3 else valid[:, None, None, :]).to(x.dtype)
+                    x = _keep_frames(x, valid)
                 hidden.append(_frames_last(x))
         tokens = self.flatten(_frames_last(x)) if self.freq_channels else x.transpose(1, 2)  # (B, F', dim)
         positions = sinusoidal_embedding(
