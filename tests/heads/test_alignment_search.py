@@ -1,6 +1,6 @@
 """Monotonic alignment search against a brute-force search over every monotonic path, against the
 ``monotonic-align`` package (Glow-TTS's Cython search) when it is installed, and on alignments
-that are known by construction."""
+that are known by construction; the diagonal prior against scipy's beta-binomial."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import itertools
 import pytest
 import torch
 
-from polymodal.heads.alignment_search import gaussian_log_likelihood, maximum_path, uniform_durations
+from polymodal.heads.alignment_search import diagonal_log_prior, gaussian_log_likelihood, maximum_path, uniform_durations
 
 
 def _brute_force(value: torch.Tensor) -> tuple[float, torch.Tensor]:
@@ -88,3 +88,28 @@ def test_too_few_frames_is_refused_and_has_a_fallback():
     even = uniform_durations(torch.tensor([3, 4]), torch.tensor([7, 2]), 5)
     assert even.tolist() == [[2, 2, 3, 0, 0], [0, 1, 0, 1, 0]]
     assert torch.equal(even.sum(1), torch.tensor([7.0, 2.0]))
+
+
+def test_diagonal_prior_equals_scipy_beta_binomial():
+    betabinom = pytest.importorskip("scipy.stats").betabinom
+    lengths, frames = [5, 1, 3], [12, 4, 3]
+    prior = diagonal_log_prior(torch.tensor(lengths), torch.tensor(frames), 6, 13, scaling=0.7)
+    for b, (tokens, steps) in enumerate(zip(lengths, frames)):
+        expected = [[betabinom.logpmf(k, tokens - 1, 0.7 * j, 0.7 * (steps - j + 1)) for j in range(1, steps + 1)] for k in range(tokens)]
+        torch.testing.assert_close(prior[b, :tokens, :steps], torch.tensor(expected, dtype=torch.float32), atol=1e-5, rtol=1e-5)
+        assert prior[b, tokens:].abs().max() == 0 and prior[b, :, steps:].abs().max() == 0  # padding adds nothing
+        torch.testing.assert_close(prior[b, :tokens, :steps].exp().sum(0), torch.ones(steps))  # a distribution per frame
+
+
+def test_diagonal_prior_decides_ties_and_yields_to_clear_evidence():
+    lengths, frames = torch.tensor([4]), torch.tensor([16])
+    prior = diagonal_log_prior(lengths, frames, 4, 16)
+    mask = _mask([4], [16], 4, 16)
+    alike = maximum_path(torch.zeros(1, 4, 16) + prior, mask).sum(-1)  # every token fits every frame
+    assert torch.equal(alike, torch.tensor([[4.0, 4.0, 4.0, 4.0]]))
+    durations = [2, 9, 1, 4]
+    edges = torch.tensor([0, *durations]).cumsum(0)
+    known = torch.full((1, 4, 16), -20.0)  # each frame fits its own token far better than any other
+    for i in range(4):
+        known[0, i, edges[i] : edges[i + 1]] = 0.0
+    assert torch.equal(maximum_path(known + prior, mask).sum(-1), torch.tensor([durations], dtype=torch.float32))

@@ -225,6 +225,16 @@ def test_mas_recovers_durations_known_by_construction():
     assert torch.equal(path.sum(-1).long(), durations)
 
 
+def test_mas_alignment_prior_spreads_alike_tokens_and_is_checked():
+    alike = torch.zeros(1, 4, SHAPES.num_mels)  # four tokens with one mean: the likelihood cannot tell them apart
+    frames, tokens, steps = torch.randn(1, 20, SHAPES.num_mels), torch.ones(1, 4, dtype=torch.bool), torch.ones(1, 20, dtype=torch.bool)
+    plain = _model("text_to_audio", "{name: mas_mel}").head(Modality.AUDIO).align(alike, tokens, frames, steps).sum(-1)
+    spread = _model("text_to_audio", "{name: mas_mel, alignment_prior: 1.0}").head(Modality.AUDIO).align(alike, tokens, frames, steps).sum(-1)
+    assert plain.max() == 17 and spread.max() <= 6  # ties stay on one token; the prior shares the frames out
+    with pytest.raises(ValueError, match="alignment_prior must be >= 0"):
+        _model("text_to_audio", "{name: mas_mel, alignment_prior: -1.0}")
+
+
 def test_mas_handles_clips_shorter_than_their_text():
     head = _model("text_to_audio", "{name: mas_mel}").head(Modality.AUDIO)
     means, frames = torch.randn(1, 5, SHAPES.num_mels), torch.randn(1, 3, SHAPES.num_mels)

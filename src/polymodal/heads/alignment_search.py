@@ -11,8 +11,15 @@ Here the recursion runs frame by frame over every token and item at once (a loop
 operations); ties go to staying on the token, as in Glow-TTS's implementation, so the path equals
 the ``monotonic-align`` package's exactly (``tests/heads/test_alignment_search.py``).
 
-Reference: Kim et al. 2020, Glow-TTS: A Generative Flow for Text-to-Speech via Monotonic Alignment
-Search, arXiv:2005.11129 (section 3.2, algorithm 1).
+``diagonal_log_prior`` is RAD-TTS's static alignment prior: for frame j of F, a beta-binomial over
+the L tokens centred on the diagonal. Added to the log-likelihoods, it decides the path while the
+tokens' means are still alike (at the start of training every token fits every frame equally, the
+ties all stay on the first token, and the first token's mean then learns the average frame and
+keeps winning: BENCHMARKS.md, "Monotonic alignment search collapses"), and fades as the means part.
+
+References: Kim et al. 2020, Glow-TTS: A Generative Flow for Text-to-Speech via Monotonic Alignment
+Search, arXiv:2005.11129 (section 3.2, algorithm 1); Badlani et al. 2021, One TTS Alignment To Rule
+Them All, arXiv:2108.10447 (section 2.3, the beta-binomial prior).
 """
 
 from __future__ import annotations
@@ -80,3 +87,31 @@ def gaussian_log_likelihood(means: Tensor, frames: Tensor) -> Tensor:
     means, frames = means.float(), frames.float()  # fp32 island: a difference of large squared norms
     cross = torch.einsum("blm,bfm->blf", means, frames)
     return cross - 0.5 * means.square().sum(-1)[:, :, None] - 0.5 * frames.square().sum(-1)[:, None, :]
+
+
+def diagonal_log_prior(lengths: Tensor, frames: Tensor, num_tokens: int, num_frames: int, *, scaling: float = 1.0) -> Tensor:
+    """(B, L, F) log P(token i | frame j): a beta-binomial over each item's tokens 0..L_b - 1 with
+    alpha = scaling * j and beta = scaling * (F_b - j + 1) for frame j = 1..F_b, so frame j's mode
+    lies near token (L_b - 1) j / F_b (Badlani et al. 2021). 0 outside the item's tokens and frames.
+
+    Args:
+        lengths, frames: (B,) long, each item's real tokens and frames.
+        num_tokens, num_frames: L and F, the padded sizes.
+        scaling: the prior's concentration (RAD-TTS: 1); larger keeps the path closer to the diagonal.
+    """
+    if scaling <= 0:
+        raise ValueError(f"scaling must be > 0, got {scaling}")
+    # float64 island: lgamma of a few hundred, differenced, loses the small log-probabilities in fp32.
+    k = torch.arange(num_tokens, device=lengths.device, dtype=torch.float64)[None, :, None]  # (1, L, 1)
+    j = torch.arange(1, num_frames + 1, device=lengths.device, dtype=torch.float64)[None, None, :]  # (1, 1, F)
+    n = (lengths.double() - 1.0)[:, None, None]  # (B, 1, 1)
+    alpha, beta = scaling * j, scaling * (frames.double()[:, None, None] - j + 1.0)
+    inside = (k <= n) & (beta > 0)  # (B, L, F)
+    n_k, beta = (n - k).clamp(min=0.0), beta.where(beta > 0, 1.0)  # padding: any value lgamma takes
+    log_choose = torch.lgamma(n + 1.0) - torch.lgamma(k + 1.0) - torch.lgamma(n_k + 1.0)
+    log_prior = log_choose + _log_beta(k + alpha, n_k + beta) - _log_beta(alpha, beta)
+    return log_prior.where(inside, 0.0).float()
+
+
+def _log_beta(a: Tensor, b: Tensor) -> Tensor:
+    return torch.lgamma(a) + torch.lgamma(b) - torch.lgamma(a + b)

@@ -35,7 +35,7 @@ from polymodal.decoders.flow_sampling import SAMPLERS, integrate
 from polymodal.decoders.mel_head import MelFrameHead
 from polymodal.heads import HEADS, HeadOutput, HeadWiring, Targets
 from polymodal.heads.aligned_mel import INIT_STD, log_mel_frames, mel_targets, padded_to
-from polymodal.heads.alignment_search import gaussian_log_likelihood, maximum_path, uniform_durations
+from polymodal.heads.alignment_search import diagonal_log_prior, gaussian_log_likelihood, maximum_path, uniform_durations
 from polymodal.heads.length_regulator import PHASE_BUCKETS, duration_loss, predicted_durations, regulated_tokens
 from polymodal.losses.flow_matching import flow_matching_loss, interpolate, target_velocity
 from polymodal.losses.mel import mel_loss
@@ -58,6 +58,9 @@ class MASMelHead(nn.Module):
         flow: the flow decoder's DiT settings (``FlowTransformer``: dim, num_layers, num_heads, mlp_ratio).
         steps, sampler: the flow decoder's integration at generation.
         noise_scale: the flow decoder's starting noise is scaled by this (Grad-TTS's temperature).
+        alignment_prior: weight of RAD-TTS's diagonal prior (``alignment_search.diagonal_log_prior``)
+            added to the frames' log-likelihoods before MAS; 0: MAS on the likelihoods alone, which
+            collapses when the head trains from scratch (the first token takes nearly every frame).
     """
 
     target = Modality.AUDIO
@@ -66,13 +69,16 @@ class MASMelHead(nn.Module):
 
     def __init__(
         self, wiring: HeadWiring, *, frames_per_token: int = 8, decoder: str = "regression", flow: dict | None = None,
-        steps: int = 10, sampler: str = "heun", noise_scale: float = 1.0,
+        steps: int = 10, sampler: str = "heun", noise_scale: float = 1.0, alignment_prior: float = 0.0,
     ) -> None:  # fmt: skip
         super().__init__()
         if frames_per_token < 1:
             raise ValueError(f"frames_per_token must be >= 1, got {frames_per_token}")
         if decoder not in DECODERS or sampler not in SAMPLERS:
             raise ValueError(f"decoder must be one of {', '.join(DECODERS)} and sampler one of {', '.join(SAMPLERS)}")
+        if alignment_prior < 0:
+            raise ValueError(f"alignment_prior must be >= 0 (0: none), got {alignment_prior}")
+        self.alignment_prior = alignment_prior
         shapes, dim = wiring.shapes, wiring.dim
         self.frames_per_token, self.num_mels = frames_per_token, shapes.num_mels
         self.num_frames = shapes.num_audio_frames
@@ -98,13 +104,17 @@ class MASMelHead(nn.Module):
 
     def align(self, means: Tensor, source_mask: Tensor, frames: Tensor, frame_mask: Tensor) -> Tensor:
         """(B, Ns, F) 0/1 path of the item's frames (B, F, M) to its tokens' means (B, Ns, M) by
-        MAS; items with fewer frames than tokens get even durations instead (logged)."""
+        MAS (with the diagonal prior at weight ``alignment_prior``); items with fewer frames than
+        tokens get even durations instead (logged)."""
         lengths, counts = source_mask.sum(1), frame_mask.sum(1)
         fits = counts >= lengths  # (B,)
         path = torch.zeros(*means.shape[:2], frames.shape[1], device=means.device)
         if fits.any():
             mask = source_mask[fits][:, :, None] & frame_mask[fits][:, None, :]
-            path[fits] = maximum_path(gaussian_log_likelihood(means[fits], frames[fits]), mask)
+            value = gaussian_log_likelihood(means[fits], frames[fits])  # (b, Ns, F)
+            if self.alignment_prior > 0:
+                value = value + self.alignment_prior * diagonal_log_prior(lengths[fits], counts[fits], *value.shape[1:])
+            path[fits] = maximum_path(value, mask)
         if not fits.all():
             logger.warning("%d clip(s) have fewer frames than text tokens; their durations are even splits", int((~fits).sum()))
             durations = uniform_durations(lengths[~fits], counts[~fits], means.shape[1])  # (b, Ns)
