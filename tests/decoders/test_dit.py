@@ -1,4 +1,5 @@
-"""The flow decoders' DiT: its fixed positions against the sin-cos tables written out, and (slow) a
+"""The flow decoders' DiT: its fixed positions against the sin-cos tables written out, masked
+condition tokens against the real ones alone, and (slow) a
 small flow trained on bars at random places draws whole bars, which only patches that know where
 they are and read each other can do."""
 
@@ -34,6 +35,23 @@ def test_positions_are_fixed_full_strength_and_not_in_the_state():
     torch.testing.assert_close(network.positions.norm(dim=-1), torch.full((48,), math.sqrt(16)))
     assert all(p is not network.positions for p in network.parameters())
     assert "positions" not in network.state_dict()
+
+
+def test_masked_context_tokens_give_the_output_of_the_real_ones_alone():
+    torch.manual_seed(0)
+    network = FlowTransformer(5, (2, 3), 7, dim=16, num_layers=2, num_heads=2).double()
+    with torch.no_grad():  # every weight N(0, 0.3): the near-zero starts would hide what reaches the output
+        for p in network.parameters():
+            p.normal_(0, 0.3)
+    tokens, t = torch.randn(3, 6, 5, dtype=torch.float64), torch.rand(3, dtype=torch.float64)
+    context = 20 * torch.randn(3, 6, 7, dtype=torch.float64)  # loud padding, so reading it would show
+    real = torch.tensor([4, 2, 6])
+    mask = torch.arange(6)[None, :] < real[:, None]  # (3, 6): 4, 2 and 6 real tokens
+    masked = network(tokens, t, context=context, context_mask=mask)
+    for i, n in enumerate(real.tolist()):  # each item against its real tokens alone, no mask
+        alone = network(tokens[i : i + 1], t[i : i + 1], context=context[i : i + 1, :n])
+        torch.testing.assert_close(masked[i : i + 1], alone)
+    assert (network(tokens, t, context=context)[:2] - masked[:2]).abs().max() > 1e-3  # unmasked, the padding is read
 
 
 def test_bad_layouts_are_named():

@@ -69,6 +69,21 @@ def test_guidance_batched_equals_the_formula():
     torch.testing.assert_close(guided(velocity, condition, None, 3.0)(x, t), conditional)
 
 
+def test_guidance_passes_each_conditions_mask():
+    def velocity(x, t, condition, mask):  # the masked mean of the condition tokens, moved by x
+        return x + (condition * mask[..., None]).sum(1) / mask.sum(1, keepdim=True)
+
+    x, t = torch.randn(2, 3), torch.rand(2)
+    condition, mask = torch.randn(2, 4, 3), torch.tensor([[True, True, False, False], [True, True, True, True]])
+    empty, empty_mask = torch.randn(1, 4, 3), torch.tensor([[False, False, False, True]])
+    conditional, unconditional = velocity(x, t, condition, mask), velocity(x, t, empty.expand(2, 4, 3), empty_mask.expand(2, 4))
+    field = guided(velocity, condition, empty, 2.0, mask=mask, empty_mask=empty_mask)
+    torch.testing.assert_close(field(x, t), unconditional + 2.0 * (conditional - unconditional))
+    torch.testing.assert_close(guided(velocity, condition, empty, 1.0, mask=mask, empty_mask=empty_mask)(x, t), conditional)
+    with pytest.raises(ValueError, match="mask together"):
+        guided(velocity, condition, empty, 2.0, mask=mask)
+
+
 def test_bad_settings_are_named():
     with pytest.raises(ValueError, match="sampler 'rk4' is not valid; valid: euler, heun"):
         integrate(lambda x, t: x, torch.zeros(1), steps=2, sampler="rk4")

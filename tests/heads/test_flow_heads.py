@@ -9,6 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 from batches import SHAPES, make_batch
+from einops import rearrange
 from flow_oracles import mixture_velocity, nearest
 from torch import nn
 
@@ -62,7 +63,7 @@ def test_sampling_integrates_the_heads_velocity_with_guidance():
     made = model.generate(Modality.TEXT, Modality.IMAGE, ids, mask, steps=3, sampler="euler", guidance=2.5, generator=torch.Generator().manual_seed(3))
     flow = head.flow
     with torch.no_grad():
-        condition, empty = flow.queries(model, source, valid).condition, flow.queries.empty(model, source)
+        condition, empty = flow.queries(model, source, valid).condition, flow.queries.empty(model, source).condition
         noise = torch.randn((len(ids), *flow.shape), generator=torch.Generator().manual_seed(3))
 
         def velocity(x, t):  # classifier-free guidance written out with two calls
@@ -86,8 +87,8 @@ class _TokenSpy(nn.Module):
         super().__init__()
         self.answer, self.seen = answer, None
 
-    def forward(self, tokens, t, *, context=None):
-        self.seen = tokens
+    def forward(self, tokens, t, *, context=None, context_mask=None):
+        self.seen, self.context, self.context_mask = tokens, context, context_mask
         return self.answer(tokens, t)
 
 
@@ -155,6 +156,89 @@ def test_seeded_samples_repeat_and_seeds_differ():
     assert torch.equal(draw(0), draw(0))
     assert not torch.allclose(draw(0), draw(1))
     assert generation_options(model.head(Modality.IMAGE), generator=None, temperature=0.0) == {"generator": None}
+
+
+def _read_source_head(decoder: str, **settings: str) -> str:
+    head = IMAGE_HEAD[:-1].replace("decoder: {dim: 96, num_layers: 1, num_heads: 2}", f"decoder: {decoder}")
+    return head + ", read_source: true" + "".join(f", {k}: {v}" for k, v in settings.items()) + "}"
+
+
+UNET = "{name: unet, channels: 8, channel_mults: [1, 2], num_heads: 2}"
+DIT = "{dim: 96, num_layers: 1, num_heads: 2}"
+
+
+def _woken(network: nn.Module) -> nn.Module:
+    """Every weight N(0, 0.1): the near-zero starts would hide what reaches the output."""
+    with torch.no_grad():
+        for p in network.parameters():
+            p.normal_(0, 0.1, generator=torch.Generator().manual_seed(p.numel()))
+    return network
+
+
+@pytest.mark.parametrize("decoder", [DIT, UNET])
+def test_padding_the_source_changes_no_loss(decoder):
+    # Same noise, t and dropped items (half of them, so both paths run): extra masked source tokens
+    # change nothing, in either velocity network.
+    model = _model("text_to_image", _read_source_head(decoder, condition_dropout=0.5))
+    flow, batch = model.head(Modality.IMAGE).flow, make_batch()
+    _woken(flow.network)
+    source, valid = model.encode(Modality.TEXT, *_text(batch))
+    extra = 10.0 * torch.randn(len(source), 3, source.shape[-1])
+    padded, padded_valid = torch.cat([source, extra], dim=1), torch.cat([valid, valid.new_zeros(len(valid), 3)], dim=1)
+    losses = []
+    for seed in (5, 6):
+        for s, m in ((source, valid), (padded, padded_valid)):
+            torch.manual_seed(seed)
+            losses.append(flow.loss(model, s, m, batch.inputs[Modality.IMAGE])[1])
+    torch.testing.assert_close(losses[1], losses[0], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(losses[3], losses[2], rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(losses[0], losses[2])  # other draws, another loss: the comparison can fail
+
+
+def test_a_dropped_item_is_exactly_the_empty_condition():
+    model = _model("text_to_image", _read_source_head(UNET, condition_dropout=0.5))
+    flow, batch = model.head(Modality.IMAGE).flow, make_batch()
+    source, valid = model.encode(Modality.TEXT, *_text(batch))
+    made, empty = flow.queries(model, source, valid), flow.queries.empty(model, source, num_source=source.shape[1])
+    network, flow.network = flow.network, _TokenSpy(lambda tokens, t: torch.zeros_like(tokens))
+    torch.manual_seed(2)
+    flow.loss(model, source, valid, batch.inputs[Modality.IMAGE])
+    kinds = []
+    for i in range(len(source)):
+        context, mask = flow.network.context[i], flow.network.context_mask[i]
+        if torch.equal(context, empty.condition[0]) and torch.equal(mask, empty.mask[0]):
+            kinds.append("dropped")
+        else:
+            assert torch.equal(mask, made.mask[i])
+            torch.testing.assert_close(context, made.condition[i])
+            kinds.append("kept")
+    assert set(kinds) == {"dropped", "kept"}
+    # The padded empty condition draws as the bare one (the queries over no source, no padding).
+    bare, x, t = flow.queries.empty(model, source), torch.randn(1, *flow.shape), torch.rand(1)
+    for net in (network, _model("text_to_image", _read_source_head(DIT)).head(Modality.IMAGE).flow.network):
+        flow.network = _woken(net)
+        with torch.no_grad():
+            torch.testing.assert_close(flow.velocity(x, t, empty.condition, empty.mask), flow.velocity(x, t, bare.condition), rtol=1e-5, atol=1e-6)
+
+
+def test_with_read_source_off_the_loss_is_the_queries_alone_bitwise():
+    # The loss written out as before the setting: the queries' condition, no mask.
+    model = _model("text_to_image", IMAGE_HEAD[:-1] + ", condition_dropout: 0.5, noise_draws: 2}")
+    flow, batch = model.head(Modality.IMAGE).flow, make_batch()
+    source, valid = model.encode(Modality.TEXT, *_text(batch))
+    images = batch.inputs[Modality.IMAGE]
+    torch.manual_seed(5)
+    loss = flow.loss(model, source, valid, images)[1]
+    torch.manual_seed(5)
+    condition = flow.queries.connector(flow.queries._pass(model, source, valid)[:, source.shape[1] :])
+    dropped = torch.rand(len(images)) < 0.5
+    empty = flow.queries.connector(flow.queries._pass(model, source[:, :0], valid[:, :0]))
+    condition = torch.where(dropped[:, None, None], empty, condition).repeat_interleave(2, dim=0)
+    data = images.repeat_interleave(2, dim=0)
+    noise, t = torch.randn_like(data), training_times(len(data))
+    tokens = rearrange(interpolate(noise, data, t), "b c (h p) (w q) -> b (h w) (c p q)", p=8, q=8)
+    velocity = rearrange(flow.network(tokens, t, context=condition), "b (h w) (c p q) -> b c (h p) (w q)", h=4, p=8, q=8)
+    assert torch.equal(loss, flow_matching_loss(velocity, target_velocity(noise, data)))
 
 
 LATENT_VAE = "model.image_tokenizer={name: vae, channels: 16, num_downsamples: 2, num_res_blocks: 1, dim: 4}"

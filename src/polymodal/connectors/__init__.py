@@ -2,8 +2,10 @@
 (B, N, dim_out), as MetaQuery's "Enc-Proj" connector (Pan et al. 2025, arXiv:2504.06256).
 
 Built with wiring ``(dim_in, dim_out)``; settings keyword-only. Every connector has
-``forward(tokens) -> (B, N, dim_out)`` and ``init_weights()``; the query tokens have no padding, so
-there is no mask.
+``forward(tokens, mask=None) -> (B, N, dim_out)`` and ``init_weights()``. The query tokens have no
+padding; the mask (B, N), True on real tokens, comes with a condition that also carries the padded
+source's states (``heads/queries.py`` ``read_source``): a real token's output never depends on a
+padded one.
 """
 
 from polymodal.registry import Registry

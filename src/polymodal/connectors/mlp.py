@@ -39,5 +39,6 @@ class MLPConnector(nn.Module):
         self.mlp.init_weights()
         self.norm.init_weights()
 
-    def forward(self, tokens: Tensor) -> Tensor:
-        return self.norm(self.mlp(tokens))  # (B, N, dim_in) -> (B, N, dim_out)
+    def forward(self, tokens: Tensor, mask: Tensor | None = None) -> Tensor:
+        """(B, N, dim_in) -> (B, N, dim_out); per token, so the mask (B, N) changes nothing."""
+        return self.norm(self.mlp(tokens))

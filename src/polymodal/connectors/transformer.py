@@ -18,6 +18,7 @@ from polymodal.connectors import CONNECTORS
 from polymodal.connectors.mlp import MLPConnector
 from polymodal.layers.mlp import swiglu_hidden_dim
 from polymodal.layers.norms import RMSNorm
+from polymodal.models.sequence import source_attention
 
 
 @CONNECTORS.register("transformer")
@@ -54,7 +55,10 @@ class TransformerConnector(nn.Module):
         self.norm.init_weights()
         self.project.init_weights()
 
-    def forward(self, tokens: Tensor) -> Tensor:
+    def forward(self, tokens: Tensor, mask: Tensor | None = None) -> Tensor:
+        """(B, N, dim_in), (B, N) True on real tokens or None -> (B, N, dim_out): every real token
+        sees every real token; a padded one sees them and itself, and no one sees it."""
+        attend = None if mask is None else source_attention(mask)  # (B, 1, N, N)
         for block in self.blocks:
-            tokens = block(tokens, rotary=None, mask=None, cache=None)  # every query sees every query
-        return self.project(self.norm(tokens))  # (B, N, dim_in) -> (B, N, dim_out)
+            tokens = block(tokens, rotary=None, mask=attend, cache=None)
+        return self.project(self.norm(tokens))

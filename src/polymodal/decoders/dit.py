@@ -3,7 +3,9 @@ tokens of the noisy target (image patches, groups of log-mel frames).
 
 Each block: adaLN-Zero-modulated self-attention, cross-attention to the condition tokens (the
 connector's output; PixArt-alpha's way of reading text), adaLN-Zero-modulated MLP. The adaLN
-vector is the flow time's embedding plus a projection of the condition tokens' mean. A per-token
+vector is the flow time's embedding plus a projection of the condition tokens' mean. Condition
+tokens marked as padding (``context_mask``: a source of varying length read as the condition) are
+neither attended nor pooled, so the output equals that of the real tokens alone. A per-token
 ("aligned") condition, when the decoder has one (the length-regulated states of a mel decoder), is
 added to the tokens at the input. Modulation, cross-attention output and output layers start near
 zero (N(0, 1e-3) rather than DiT's exact zeros, so that every weight has a gradient from the first
@@ -40,6 +42,7 @@ from polymodal.layers.cross_attention import CrossAttention
 from polymodal.layers.mlp import INIT_STD, GeluMLP
 from polymodal.layers.norms import RMSNorm
 from polymodal.layers.positional import sincos_2d_embedding, sinusoidal_embedding
+from polymodal.models.sequence import masked_mean
 
 # Flow times in [0, 1] are scaled to [0, 1000] before the sinusoid, the range of DiT's timesteps,
 # so the embedding's frequencies resolve small steps in t.
@@ -88,12 +91,15 @@ class DiTBlock(nn.Module):
         nn.init.normal_(self.modulation.weight, std=NEAR_ZERO_STD)  # adaLN-Zero: every gate starts nearly closed
         nn.init.zeros_(self.modulation.bias)
 
-    def forward(self, x: Tensor, conditioning: Tensor, context: Tensor | None, mask: Tensor | None) -> Tensor:
-        """(B, N, D) tokens, (B, D) adaLN vector, (B, Nc, dim_context) context, (B, 1, 1, N) key mask."""
+    def forward(
+        self, x: Tensor, conditioning: Tensor, context: Tensor | None, mask: Tensor | None, context_mask: Tensor | None = None
+    ) -> Tensor:
+        """(B, N, D) tokens, (B, D) adaLN vector, (B, Nc, dim_context) context, (B, 1, 1, N) key
+        mask, (B, Nc) True on real context tokens (or None: every one real)."""
         shift1, scale1, gate1, shift2, scale2, gate2 = self.modulation(nn.functional.silu(conditioning)).chunk(MODULATIONS, dim=-1)
         x = x + gate1[:, None, :] * self.attn(_modulate(self.attn_norm(x), shift1, scale1), mask=mask)
         if self.cross is not None:
-            x = x + self.cross(self.cross_norm(x), context)
+            x = x + self.cross(self.cross_norm(x), context, mask=context_mask)
         return x + gate2[:, None, :] * self.mlp(_modulate(self.mlp_norm(x), shift2, scale2))
 
 
@@ -184,15 +190,18 @@ class FlowTransformer(nn.Module):
         context: Tensor | None = None,
         aligned: Tensor | None = None,
         mask: Tensor | None = None,
+        context_mask: Tensor | None = None,
     ) -> Tensor:
         """The velocity at (x, t).
 
         Args:
             x: (B, N, dim_in) noisy tokens, in the layout's order (N = rows * cols for a grid).
             t: (B,) flow times in [0, 1].
-            context: (B, Nc, dim_context) condition tokens (every one real), when built with them.
+            context: (B, Nc, dim_context) condition tokens, when built with them.
             aligned: (B, N, dim_aligned) per-token condition, when built with one.
             mask: (B, N) True on real tokens (padding is never attended), or None.
+            context_mask: (B, Nc) True on real condition tokens: padded ones are neither attended
+                nor pooled into the adaLN vector; None: every one real.
 
         Returns:
             (B, N, dim_in).
@@ -206,9 +215,10 @@ class FlowTransformer(nn.Module):
             tokens = tokens + self.aligned_proj(aligned)
         conditioning = self.time_mlp(sinusoidal_embedding(t * TIME_SCALE, self.dim).to(tokens.dtype))  # (B, D)
         if context is not None:
-            conditioning = conditioning + self.context_proj(context.mean(dim=1))
+            pooled = context.mean(dim=1) if context_mask is None else masked_mean(context, context_mask)  # (B, dim_context)
+            conditioning = conditioning + self.context_proj(pooled)
         attend = None if mask is None else mask[:, None, None, :]  # (B, 1, 1, N) keys
         for block in self.blocks:
-            tokens = block(tokens, conditioning, context, attend)
+            tokens = block(tokens, conditioning, context, attend, context_mask)
         shift, scale = self.out_modulation(nn.functional.silu(conditioning)).chunk(2, dim=-1)
         return self.out_proj(_modulate(self.out_norm(tokens), shift, scale))

@@ -2,7 +2,8 @@
 
 Both take the same wiring ``(dim_in, layout, dim_context)``, a (rows, cols) grid of patch tokens of
 ``dim_in`` values and the condition tokens' width, and the same call ``network(tokens (B, N,
-dim_in), t (B,), context=(B, Nc, dim_context)) -> (B, N, dim_in)``, so the heads, their condition
+dim_in), t (B,), context=(B, Nc, dim_context), context_mask=(B, Nc) or None) -> (B, N, dim_in)``
+(the mask True on real condition tokens, padded ones never read), so the heads, their condition
 dropout and the samplers do not depend on which. The DiT stays the default (a ``decoder`` mapping
 without ``name``), so existing configs and checkpoints read as before.
 

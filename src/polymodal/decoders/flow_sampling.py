@@ -15,7 +15,8 @@ layout is decided (small t) more of the budget; a flow trained with shifted time
 the same shift.
 
 Classifier-free guidance (Ho and Salimans 2022, arXiv:2207.12598): v = v_u + w (v_c - v_u) with
-v_u the velocity under the empty condition; w = 1 is the conditional model alone.
+v_u the velocity under the empty condition; w = 1 is the conditional model alone. A condition with
+padded tokens (a source of varying length) comes with its mask, and so does the empty one.
 """
 
 from __future__ import annotations
@@ -32,21 +33,34 @@ SAMPLERS = ("euler", "heun")
 Velocity = Callable[[Tensor, Tensor], Tensor]
 
 
-def guided(velocity: Callable[[Tensor, Tensor, Tensor], Tensor], condition: Tensor, empty: Tensor | None, scale: float) -> Velocity:
+def guided(
+    velocity: Callable[..., Tensor], condition: Tensor, empty: Tensor | None, scale: float, *, mask: Tensor | None = None,
+    empty_mask: Tensor | None = None,
+) -> Velocity:  # fmt: skip
     """The velocity under classifier-free guidance of ``scale``: the conditional and the empty
-    condition's velocities from one batched call of ``velocity(x, t, condition)``.
+    condition's velocities from one batched call of ``velocity(x, t, condition[, mask])``.
 
     Args:
-        velocity: the network, (x (B, ...), t (B,), condition (B, ...)) -> (B, ...).
-        condition: (B, ...) each item's condition; empty (1 or B, ...) the empty one, or None.
+        velocity: the network, (x (B, ...), t (B,), condition (B, Nc, ...)) -> (B, ...), called
+            with a fourth argument, the condition's mask (B, Nc), when masks are given.
+        condition: (B, Nc, ...) each item's condition; empty (1 or B, Nc, ...) the empty one, or None.
         scale: w; 1 (or no ``empty``) is the conditional velocity alone, one call per step.
+        mask: (B, Nc) True on the real tokens of ``condition``; empty_mask (1 or B, Nc) those of
+            ``empty``. Both or neither (every token real).
     """
+    if (mask is None) != (empty_mask is None) and empty is not None:
+        raise ValueError("give the condition's mask and the empty condition's mask together, or neither")
+
+    def call(x: Tensor, t: Tensor, tokens: Tensor, real: Tensor | None) -> Tensor:
+        return velocity(x, t, tokens) if real is None else velocity(x, t, tokens, real)
+
     if empty is None or scale == 1.0:
-        return lambda x, t: velocity(x, t, condition)
-    both_conditions = torch.cat([condition, empty.expand_as(condition)])  # (2B, ...)
+        return lambda x, t: call(x, t, condition, mask)
+    both_conditions = torch.cat([condition, empty.expand_as(condition)])  # (2B, Nc, ...)
+    both_masks = None if mask is None else torch.cat([mask, empty_mask.expand_as(mask)])  # (2B, Nc)
 
     def guided_velocity(x: Tensor, t: Tensor) -> Tensor:
-        both = velocity(torch.cat([x, x]), torch.cat([t, t]), both_conditions)  # (2B, ...)
+        both = call(torch.cat([x, x]), torch.cat([t, t]), both_conditions, both_masks)  # (2B, ...)
         conditional, unconditional = both.chunk(2)
         return unconditional + scale * (conditional - unconditional)
 

@@ -11,7 +11,9 @@ x1, t drawn by ``time_distribution`` (uniform or SD3's logit-normal) and moved t
 ``<task>_flow_matching``; each item's condition is the empty one (the queries over no source) with
 probability ``condition_dropout``. Generation integrates the velocity from noise in ``steps``
 Euler or Heun steps (on the grid moved by the same ``time_shift``) with classifier-free guidance
-``guidance`` (``decoders/flow_sampling.py``).
+``guidance`` (``decoders/flow_sampling.py``). With ``read_source`` the condition is the source
+tokens' final states then the queries' (``heads/queries.py``, which says why), with a mask that
+hides the source's padding; a dropped item's source slots are all padding, as the empty condition's.
 
 Pixels or latents: ``flow_matching`` works on pixels, ``flow_matching_latent`` on the latents of
 the run's VAE (``model.image_tokenizer: {name: vae}``, trained in the run's first stage), divided
@@ -83,8 +85,8 @@ class ImageFlowDecoder(nn.Module):
 
     def __init__(
         self, dim: int, shape: tuple[int, int, int], *, patch_size: int, num_queries: int, connector: dict,
-        train_backbone: bool, dim_condition: int, decoder: dict, condition_dropout: float, noise_draws: int,
-        sampling: tuple[int, str, float], times: tuple[str, float], where: str,
+        train_backbone: bool, read_source: bool, dim_condition: int, decoder: dict, condition_dropout: float,
+        noise_draws: int, sampling: tuple[int, str, float], times: tuple[str, float], where: str,
     ) -> None:  # fmt: skip
         super().__init__()
         channels, height, width = shape
@@ -102,35 +104,40 @@ class ImageFlowDecoder(nn.Module):
         self.shape, self.patch, self.condition_dropout = shape, patch_size, condition_dropout
         self.grid = (height // patch_size, width // patch_size)
         self.queries = LearnableQueries(
-            dim, dim_condition, Modality.IMAGE, num_queries=num_queries, connector=connector, train_backbone=train_backbone, where=where
-        )
+            dim, dim_condition, Modality.IMAGE, num_queries=num_queries, connector=connector, train_backbone=train_backbone,
+            read_source=read_source, where=where,
+        )  # fmt: skip
         self.network = FLOW_NETWORKS.build(network_spec(decoder), channels * patch_size**2, self.grid, dim_condition, where=f"{where}.decoder")
 
     def init_weights(self) -> None:
         self.queries.init_weights()
         self.network.init_weights()
 
-    def velocity(self, x: Tensor, t: Tensor, condition: Tensor) -> Tensor:
-        """v(x_t, t, condition): (B, C, h, w), (B,), (B, N, dim_condition) -> (B, C, h, w)."""
+    def velocity(self, x: Tensor, t: Tensor, condition: Tensor, mask: Tensor | None = None) -> Tensor:
+        """v(x_t, t, condition): (B, C, h, w), (B,), (B, Nc, dim_condition) and its mask (B, Nc)
+        (True on real tokens; None: every one) -> (B, C, h, w)."""
         p = self.patch
         tokens = rearrange(x, "b c (h p) (w q) -> b (h w) (c p q)", p=p, q=p)  # (B, h' w', C p p)
-        velocity = self.network(tokens, t, context=condition)
+        velocity = self.network(tokens, t, context=condition, context_mask=mask)
         return rearrange(velocity, "b (h w) (c p q) -> b c (h p) (w q)", h=self.grid[0], p=p, q=p)
 
     def loss(self, trunk, source: Tensor, source_mask: Tensor, data: Tensor) -> tuple[Tensor, Tensor]:
         """(the pass's states (B, Ns + N, D), the flow-matching loss) for data (B, C, h, w)."""
         made = self.queries(trunk, source, source_mask)
-        condition = made.condition
+        condition, mask = made.condition, made.mask
         if self.training and self.condition_dropout > 0:
             dropped = torch.rand(len(data), device=data.device) < self.condition_dropout  # (B,)
-            empty = self.queries.empty(trunk, source)
-            condition = torch.where(dropped[:, None, None], empty.to(condition.dtype), condition)
+            empty = self.queries.empty(trunk, source, num_source=source.shape[1])
+            condition = torch.where(dropped[:, None, None], empty.condition.to(condition.dtype), condition)
+            if mask is not None:  # a dropped item's source slots all padding: exactly the empty condition
+                mask = torch.where(dropped[:, None], empty.mask, mask)
         if self.noise_draws > 1:  # every item at several (noise, t) draws under one condition
             data = data.repeat_interleave(self.noise_draws, dim=0)  # (B k, C, h, w)
             condition = condition.repeat_interleave(self.noise_draws, dim=0)
+            mask = None if mask is None else mask.repeat_interleave(self.noise_draws, dim=0)
         noise = torch.randn_like(data)
         t = training_times(len(data), distribution=self.times[0], shift=self.times[1], device=data.device)
-        velocity = self.velocity(interpolate(noise, data, t), t, condition)
+        velocity = self.velocity(interpolate(noise, data, t), t, condition, mask)
         return made.hidden, flow_matching_loss(velocity, target_velocity(noise, data))
 
     @torch.no_grad()
@@ -142,13 +149,17 @@ class ImageFlowDecoder(nn.Module):
         configured steps, sampler and guidance where a call gives None."""
         default_steps, default_sampler, default_guidance = self.sampling
         guidance = default_guidance if guidance is None else guidance
-        condition = self.queries(trunk, source, source_mask).condition
-        empty = self.queries.empty(trunk, source) if guidance != 1.0 else None
+        made = self.queries(trunk, source, source_mask)
+        empty = self.queries.empty(trunk, source, num_source=source.shape[1]) if guidance != 1.0 else None
         device = generator.device if generator is not None else source.device
         noise = torch.randn((len(source), *self.shape), generator=generator, device=device).to(source.device, source.dtype)
+        velocity = guided(
+            self.velocity, made.condition, None if empty is None else empty.condition, guidance, mask=made.mask,
+            empty_mask=None if empty is None else empty.mask,
+        )  # fmt: skip
         return integrate(
-            guided(self.velocity, condition, empty, guidance), noise, steps=default_steps if steps is None else steps,
-            sampler=default_sampler if sampler is None else sampler, shift=self.times[1],
+            velocity, noise, steps=default_steps if steps is None else steps, sampler=default_sampler if sampler is None else sampler,
+            shift=self.times[1],
         )  # fmt: skip
 
 
@@ -162,6 +173,8 @@ class FlowImageHead(nn.Module):
         num_queries: learnable query tokens.
         connector: the connector's spec (``polymodal.connectors``).
         train_backbone: whether this loss trains the backbone and source encoders (MetaQuery: no).
+        read_source: whether the condition also carries the source tokens' final states before the
+            queries' (``heads/queries.py``; off: the queries' alone, as MetaQuery).
         dim_condition: the condition tokens' width.
         decoder: the velocity network (``decoders/flow_networks.py``): the DiT's settings
             (``FlowTransformer``: dim, num_layers, num_heads, mlp_ratio, conv_kernel) by default, or
@@ -184,7 +197,7 @@ class FlowImageHead(nn.Module):
 
     def __init__(
         self, wiring: HeadWiring, *, patch_size: int = 4, num_queries: int = 32, connector: dict | None = None,
-        train_backbone: bool = True, dim_condition: int = 128, decoder: dict | None = None,
+        train_backbone: bool = True, read_source: bool = False, dim_condition: int = 128, decoder: dict | None = None,
         condition_dropout: float = CONDITION_DROPOUT, noise_draws: int = 1, guidance: float = 2.0, sampler: str = "heun",
         steps: int = 10, time_distribution: str = "uniform", time_shift: float = 1.0,
     ) -> None:  # fmt: skip
@@ -192,7 +205,8 @@ class FlowImageHead(nn.Module):
         height, width = wiring.shapes.image_size
         self.flow = ImageFlowDecoder(
             wiring.dim, (wiring.shapes.image_channels, height, width), patch_size=patch_size, num_queries=num_queries,
-            connector=connector or DEFAULT_CONNECTOR, train_backbone=train_backbone, dim_condition=dim_condition,
+            connector=connector or DEFAULT_CONNECTOR, train_backbone=train_backbone, read_source=read_source,
+            dim_condition=dim_condition,
             decoder=decoder or {}, condition_dropout=condition_dropout, noise_draws=noise_draws,
             sampling=(steps, sampler, guidance), times=(time_distribution, time_shift), where="model.heads.image",
         )  # fmt: skip
@@ -235,9 +249,9 @@ class LatentFlowImageHead(nn.Module):
 
     def __init__(
         self, wiring: HeadWiring, *, latent_scale: float | None = None, patch_size: int = 1, num_queries: int = 32,
-        connector: dict | None = None, train_backbone: bool = True, dim_condition: int = 128, decoder: dict | None = None,
-        condition_dropout: float = CONDITION_DROPOUT, noise_draws: int = 1, guidance: float = 2.0, sampler: str = "heun",
-        steps: int = 10, time_distribution: str = "uniform", time_shift: float = 1.0,
+        connector: dict | None = None, train_backbone: bool = True, read_source: bool = False, dim_condition: int = 128,
+        decoder: dict | None = None, condition_dropout: float = CONDITION_DROPOUT, noise_draws: int = 1, guidance: float = 2.0,
+        sampler: str = "heun", steps: int = 10, time_distribution: str = "uniform", time_shift: float = 1.0,
     ) -> None:  # fmt: skip
         super().__init__()
         tokenizer = wiring.image_tokenizer
@@ -253,7 +267,8 @@ class LatentFlowImageHead(nn.Module):
         self.register_buffer("latent_scale", torch.tensor(float("nan") if latent_scale is None else float(latent_scale)))
         self.flow = ImageFlowDecoder(
             wiring.dim, (tokenizer.dim, height // factor, width // factor), patch_size=patch_size, num_queries=num_queries,
-            connector=connector or DEFAULT_CONNECTOR, train_backbone=train_backbone, dim_condition=dim_condition,
+            connector=connector or DEFAULT_CONNECTOR, train_backbone=train_backbone, read_source=read_source,
+            dim_condition=dim_condition,
             decoder=decoder or {}, condition_dropout=condition_dropout, noise_draws=noise_draws,
             sampling=(steps, sampler, guidance), times=(time_distribution, time_shift), where="model.heads.image",
         )  # fmt: skip

@@ -14,6 +14,17 @@ weights and of the source tokens, so gradients still flow through the backbone i
 states handed back for other tasks (the contrastive task pools them) then come from a separate,
 ordinary pass over the source alone, so their gradients are unchanged.
 
+With ``read_source`` the condition is the connector over the backbone's final states of the
+source tokens (the caption's own token states) followed by the queries' states, with a mask that
+hides the source's padding. MetaQuery passes only the queries; the reason here is measured: with a
+backbone trained from scratch for 1,000 steps on one CPU thread the queries do not carry the
+caption (the ``metaquery`` preset reads 2.7% of its images as the asked number while the same
+U-Net under a perfect per-slot condition reads 44.1%; BENCHMARKS.md, "A U-Net velocity network for
+the flow image heads"), whereas the caption's token states carry it position by position. The
+empty condition then has no source token: its source slots are zeros marked as padding, so a
+velocity network that never reads padding sees exactly the queries over no source, and an item
+dropped in training (condition dropout) is exactly the empty condition.
+
 Reference: Pan et al. 2025, Transfer between Modalities with MetaQueries, arXiv:2504.06256.
 """
 
@@ -38,12 +49,18 @@ class QueryCondition:
     """What the queries make of a source.
 
     Attributes:
-        hidden: (B, Ns + N, D) the pass's states, source first (``HeadOutput.hidden``).
-        condition: (B, N, dim_out) the connector's output, the generator's condition tokens.
+        hidden: (B, Ns + N, D) the pass's states, source first (``HeadOutput.hidden``); for the
+            empty condition (1, N, D), the queries over no source.
+        condition: (B, Nc, dim_out) the connector's output, the generator's condition tokens: the N
+            queries' (Nc = N), or with ``read_source`` the Ns source tokens' then the queries'
+            (Nc = Ns + N), zero on the source's padding.
+        mask: (B, Nc) True on real condition tokens, with ``read_source``; None (every token real)
+            without.
     """
 
     hidden: Tensor
     condition: Tensor
+    mask: Tensor | None = None
 
 
 class _DetachedWeights:
@@ -68,16 +85,19 @@ class LearnableQueries(nn.Module):
         num_queries: N (MetaQuery: 64 by default, quality levels off there).
         connector: the connector's spec (``{"name": "mlp" | "transformer", **settings}``).
         train_backbone: whether the generator's loss trains the backbone and the source encoders.
+        read_source: whether the condition also carries the source tokens' final states, before
+            the queries' (see the module's docstring).
         where: the config key of the head, for errors.
     """
 
     def __init__(
-        self, dim: int, dim_out: int, target: Modality, *, num_queries: int, connector: dict, train_backbone: bool, where: str
-    ) -> None:
+        self, dim: int, dim_out: int, target: Modality, *, num_queries: int, connector: dict, train_backbone: bool,
+        read_source: bool = False, where: str,
+    ) -> None:  # fmt: skip
         super().__init__()
         if num_queries < 1:
             raise ValueError(f"num_queries must be >= 1, got {num_queries}")
-        self.target, self.train_backbone = target, train_backbone
+        self.target, self.train_backbone, self.read_source = target, train_backbone, read_source
         self.queries = nn.Parameter(torch.zeros(num_queries, dim))
         self.connector = CONNECTORS.build(connector, dim, dim_out, where=f"{where}.connector")
         self.init_weights()
@@ -97,16 +117,34 @@ class LearnableQueries(nn.Module):
         routing = trunk.routing.options(len(source), source.shape[1], queries.shape[1], device=source.device)  # MoE: per-token modalities
         return prefix_lm_pass(frozen, source.detach(), source_mask, queries + type_row.detach(), every, routing=routing)
 
+    def _condition(self, states: Tensor, source_mask: Tensor) -> tuple[Tensor, Tensor | None]:
+        """The connector over the pass's states (B, Ns + N, D), the source's mask (B, Ns): the
+        condition (B, Nc, dim_out) and its mask (B, Nc) or None (``QueryCondition``)."""
+        num_source = source_mask.shape[1]
+        if not self.read_source:
+            return self.connector(states[:, num_source:]), None  # (B, N, D) -> (B, N, dim_out)
+        every = source_mask.new_ones(len(states), states.shape[1] - num_source)  # (B, N) the queries are real
+        mask = torch.cat([source_mask, every], dim=1)  # (B, Ns + N)
+        condition = self.connector(states, mask)  # (B, Ns + N, D) -> (B, Ns + N, dim_out)
+        return condition.masked_fill(~mask[:, :, None], 0.0), mask  # padding exactly zero, as the empty condition's
+
     def forward(self, trunk, source: Tensor, source_mask: Tensor) -> QueryCondition:
         """The condition of every item: source (B, Ns, D) and its mask (B, Ns)."""
         hidden = self._pass(trunk, source, source_mask)
-        condition = self.connector(hidden[:, source.shape[1] :])  # (B, N, D) -> (B, N, dim_out)
+        condition, mask = self._condition(hidden, source_mask)
         if not self.train_backbone:  # hand back ordinary source states (see the module's docstring)
             hidden = torch.cat([trunk.source_states(source, source_mask), hidden[:, source.shape[1] :]], dim=1)
-        return QueryCondition(hidden, condition)
+        return QueryCondition(hidden, condition, mask)
 
-    def empty(self, trunk, like: Tensor) -> Tensor:
-        """The empty condition (1, N, dim_out): the queries over no source token; ``like`` gives
-        the dtype and device."""
+    def empty(self, trunk, like: Tensor, *, num_source: int = 0) -> QueryCondition:
+        """The empty condition, one item: the queries over no source token; ``like`` gives the
+        dtype and device. With ``read_source`` it has ``num_source`` source slots (to line up with
+        the items' conditions), zeros marked as padding, then the queries' N tokens."""
         none = like.new_zeros(1, 0, like.shape[-1])  # (1, 0, D)
-        return self.connector(self._pass(trunk, none, none.new_zeros(1, 0, dtype=torch.bool)))
+        hidden = self._pass(trunk, none, none.new_zeros(1, 0, dtype=torch.bool))  # (1, N, D)
+        condition, mask = self._condition(hidden, none.new_zeros(1, 0, dtype=torch.bool))
+        if mask is None or num_source == 0:
+            return QueryCondition(hidden, condition, mask)
+        slots = condition.new_zeros(1, num_source, condition.shape[-1])  # (1, Ns, dim_out)
+        padding = mask.new_zeros(1, num_source)  # (1, Ns) every slot padding
+        return QueryCondition(hidden, torch.cat([slots, condition], dim=1), torch.cat([padding, mask], dim=1))
