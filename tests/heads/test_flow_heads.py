@@ -1,10 +1,13 @@
 """The flow-matching image heads and the MAS text -> audio head inside a small any-to-any model:
 the loss falls when a batch is fitted, sampling is the integration of the head's own velocity,
-seeded samples repeat and differ across seeds, MAS recovers durations known by construction. The
+seeded samples repeat and differ across seeds, MAS recovers durations known by construction and,
+with references, is MAS on the reference speech (whose timings it only compares with its own). The
 image head's patch tokens are row-major patches, back to the same pixels, in the order of the DiT's
 2-D positions, and under the exact velocity of two images its samples are those images."""
 
 from __future__ import annotations
+
+import dataclasses
 
 import pytest
 import torch
@@ -18,6 +21,7 @@ from polymodal.data.batch import Batch
 from polymodal.decoders.flow_sampling import integrate
 from polymodal.errors import ConfigError
 from polymodal.heads import Targets, generation_options
+from polymodal.heads.aligned_mel import mel_targets
 from polymodal.layers.positional import sincos_2d_embedding
 from polymodal.losses.flow_matching import flow_matching_loss, interpolate, target_velocity, training_times
 from polymodal.modality import Modality
@@ -317,6 +321,35 @@ def test_mas_alignment_prior_spreads_alike_tokens_and_is_checked():
     assert plain.max() == 17 and spread.max() <= 6  # ties stay on one token; the prior shares the frames out
     with pytest.raises(ValueError, match="alignment_prior must be >= 0"):
         _model("text_to_audio", "{name: mas_mel, alignment_prior: -1.0}")
+
+
+def test_mas_with_references_is_mas_on_the_reference_speech_and_compares_the_timings():
+    batch = make_batch()
+    speech = batch.references[Modality.AUDIO]
+    model = _model("text_to_audio", "{name: mas_mel, references: true}")
+    head = model.head(Modality.AUDIO)
+    assert head.reads_references and not _model("text_to_audio", "{name: mas_mel}").head(Modality.AUDIO).reads_references
+    out = model(batch)
+    # the same terms as the items' own speech would give, were the references the items' text and speech
+    swapped = dataclasses.replace(
+        batch,
+        inputs={**batch.inputs, Modality.TEXT: speech.ids, Modality.AUDIO: speech.values},
+        masks={**batch.masks, Modality.TEXT: speech.mask, Modality.AUDIO: speech.value_mask},
+        references={},
+    )
+    own = _model("text_to_audio", "{name: mas_mel}")
+    for name, term in own(swapped).losses.items():
+        torch.testing.assert_close(out.losses[name], term)
+    # the metric: MAS's frames per token against the references' own timings, which it never reads
+    source, valid = model.encode(Modality.TEXT, speech.ids, speech.mask)
+    means = head.prior_head(model.source_states(source, valid))
+    frames = mel_targets(speech.values, speech.value_mask, speech.values.shape[1], head.center, head.scale)
+    found = head.align(means, valid, frames, speech.value_mask).sum(-1)
+    assert out.metrics["text_to_audio_duration_error"] == pytest.approx(float((found - speech.durations)[valid].abs().mean()))
+    moved = dataclasses.replace(batch, references={Modality.AUDIO: dataclasses.replace(speech, durations=speech.durations + 1)})
+    assert torch.equal(model(moved).losses["text_to_audio"], out.losses["text_to_audio"])  # the timings train nothing
+    with pytest.raises(ConfigError, match="model.heads.audio: the mas_mel head learns from aligned references, which data.source=manifest"):
+        load_config(["tiny"], ["data.source=manifest", "data.manifest=a.jsonl", "model.tasks=[text_to_audio]", "model.heads.audio={name: mas_mel, references: true}"])
 
 
 def test_mas_handles_clips_shorter_than_their_text():

@@ -13,7 +13,10 @@ flow-matching DiT over groups of frames conditioned frame by frame on those stat
 (``decoder: flow``; its samples differ in voice from one draw of noise to the next). Generation
 predicts durations from the source alone, as ``aligned_mel``.
 
-Nothing here needs the data to know where words lie: any (text, speech) manifest trains it.
+Nothing here needs the data to know where words lie: any (text, speech) manifest trains it. With
+``references: true`` it learns from a dataset's reference speech instead of the items' own (one
+voice per text; the built-in data has them), still aligned by MAS: the references' own timings are
+only compared with MAS's durations (the ``duration_error`` metric, in frames per token).
 
 References: Kim et al. 2020, Glow-TTS, arXiv:2005.11129 (MAS and a duration predictor trained on
 its durations); Popov et al. 2021, Grad-TTS, arXiv:2105.06337 (the encoder's mean frames and
@@ -30,6 +33,7 @@ import torch
 from einops import rearrange
 from torch import Tensor, nn
 
+from polymodal.data.batch import AlignedTargets
 from polymodal.decoders.dit import FlowTransformer
 from polymodal.decoders.flow_sampling import SAMPLERS, integrate
 from polymodal.decoders.mel_head import MelFrameHead
@@ -61,6 +65,8 @@ class MASMelHead(nn.Module):
         alignment_prior: weight of RAD-TTS's diagonal prior (``alignment_search.diagonal_log_prior``)
             added to the frames' log-likelihoods before MAS; 0: MAS on the likelihoods alone, which
             collapses when the head trains from scratch (the first token takes nearly every frame).
+        references: learn from the dataset's reference speech (``AlignedTargets``) rather than the
+            items' own; their timings are not used.
     """
 
     target = Modality.AUDIO
@@ -70,8 +76,10 @@ class MASMelHead(nn.Module):
     def __init__(
         self, wiring: HeadWiring, *, frames_per_token: int = 8, decoder: str = "regression", flow: dict | None = None,
         steps: int = 10, sampler: str = "heun", noise_scale: float = 1.0, alignment_prior: float = 0.0,
+        references: bool = False,
     ) -> None:  # fmt: skip
         super().__init__()
+        self.reads_references = references
         if frames_per_token < 1:
             raise ValueError(f"frames_per_token must be >= 1, got {frames_per_token}")
         if decoder not in DECODERS or sampler not in SAMPLERS:
@@ -130,9 +138,10 @@ class MASMelHead(nn.Module):
         tokens, inside = regulated_tokens(source, durations, self.phase_embed, self.frames_per_token, self.max_tokens)
         return tokens + trunk.type_embedding(Modality.AUDIO, tokens), inside
 
-    def loss(self, trunk, source: Tensor, source_mask: Tensor, target: Targets) -> HeadOutput:
-        """The decoder's term (``""`` or ``flow_matching``), ``duration`` and ``prior``."""
-        frame_mask = target.mask
+    def loss(self, trunk, source: Tensor, source_mask: Tensor, target: Targets | AlignedTargets) -> HeadOutput:
+        """The decoder's term (``""`` or ``flow_matching``), ``duration`` and ``prior``; with
+        references, the metric ``duration_error``: mean |MAS's frames - the reference's| per token."""
+        frame_mask = target.value_mask if isinstance(target, AlignedTargets) else target.mask
         frames = mel_targets(target.values, frame_mask, target.values.shape[1], self.center, self.scale)  # (B, F, M)
         means = self.prior_head(trunk.source_states(source, source_mask))  # (B, Ns, M)
         with torch.no_grad():
@@ -146,6 +155,10 @@ class MASMelHead(nn.Module):
         goal = mel_targets(target.values, frame_mask, states.shape[1] * self.frames_per_token, self.center, self.scale)
         losses = {"duration": duration_loss(self.duration_head, hidden[:, : source.shape[1]], source_mask, durations), "prior": prior}
         counts = {"duration": source_mask.sum(), "prior": frame_mask.sum()}
+        metrics = {}
+        if isinstance(target, AlignedTargets):
+            error = (durations - target.durations[:, : durations.shape[1]]).abs()[source_mask]
+            metrics["duration_error"] = float(error.mean())
         if isinstance(self.decoder, MelFrameHead):
             goal_mask = padded_to(frame_mask, goal.shape[1])
             losses[""], counts[""] = mel_loss(self.decoder(states), goal, goal_mask), goal_mask.sum()
@@ -155,7 +168,7 @@ class MASMelHead(nn.Module):
             velocity = self.decoder(interpolate(noise, data, t), t, aligned=states, mask=token_mask)
             losses[FLOW_LOSS] = flow_matching_loss(velocity, target_velocity(noise, data), token_mask)
             counts[FLOW_LOSS] = token_mask.sum()
-        return HeadOutput(hidden, losses, counts=counts)
+        return HeadOutput(hidden, losses, metrics, counts=counts)
 
     @torch.no_grad()
     def generate(
