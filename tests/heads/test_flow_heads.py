@@ -17,11 +17,11 @@ from flow_oracles import mixture_velocity, nearest
 from torch import nn
 
 from polymodal.config import load_config
-from polymodal.data.batch import Batch
+from polymodal.data.batch import AlignedTargets, Batch
 from polymodal.decoders.flow_sampling import integrate
 from polymodal.errors import ConfigError
 from polymodal.heads import Targets, generation_options
-from polymodal.heads.aligned_mel import mel_targets
+from polymodal.heads.aligned_mel import SILENCE, mel_targets
 from polymodal.layers.positional import sincos_2d_embedding
 from polymodal.losses.flow_matching import flow_matching_loss, interpolate, target_velocity, training_times
 from polymodal.modality import Modality
@@ -311,6 +311,70 @@ def test_mas_recovers_durations_known_by_construction():
     frame_mask = torch.arange(21)[None, :] < durations.sum(1, keepdim=True)
     path = head.align(means, token_mask, frames, frame_mask)
     assert torch.equal(path.sum(-1).long(), durations)
+
+
+class _Fixed(nn.Module):
+    def __init__(self, value: torch.Tensor) -> None:
+        super().__init__()
+        self.value = value
+
+    def forward(self, states: torch.Tensor) -> torch.Tensor:
+        return self.value
+
+
+def test_mas_with_states_per_token_finds_each_tokens_frames_over_its_states():
+    """Reference speech made of 3 sounds per token, each sound's frames alike, the second token's
+    sounds the first's in another order; the head's prior layer made to give each token those 3
+    means in order. Its loss finds every token's duration (``duration_error`` 0); with one mean per
+    token (the sounds' average, alike for the first two tokens) MAS misplaces frames."""
+    k, durations = 3, torch.tensor([[2, 3, 1, 4, 2, 2, 3, 3, 1], [1, 1, 1, 5, 3, 2, 0, 0, 0]])  # per sound
+    torch.manual_seed(0)
+    sounds = torch.randn(2, 9, SHAPES.num_mels) * 2  # normalised units
+    sounds[:, 3:6] = sounds[:, [1, 2, 0]]  # the second token says the first's sounds in another order
+    frames = torch.zeros(2, 21, SHAPES.num_mels)
+    for b in range(2):
+        frames[b, : int(durations[b].sum())] = torch.repeat_interleave(sounds[b], durations[b], dim=0)
+    frames = frames + 0.05 * torch.randn_like(frames)
+    tokens = durations.view(2, 3, k).sum(-1).float()  # (2, 3) frames per token
+    present = torch.ones(2, dtype=torch.bool)
+    ids, token_mask = torch.tensor([[1, 5, 2], [1, 2, 0]]), tokens > 0
+    speech = AlignedTargets(ids, token_mask, tokens, frames * SHAPES.log_mel_scale + SHAPES.log_mel_center, tokens.sum(1, keepdim=True) > torch.arange(21), present)
+    batch = Batch({Modality.TEXT: ids}, {Modality.TEXT: token_mask}, {m: present for m in Modality}, torch.tensor([0, 1]), {Modality.AUDIO: speech})
+
+    def error(states_per_token: int, means: torch.Tensor) -> float:
+        model = _model("text_to_audio", f"{{name: mas_mel, references: true, states_per_token: {states_per_token}}}")
+        model.head(Modality.AUDIO).prior_head = _Fixed(means)  # (B, Ns, k M) whatever the states
+        return model(batch).metrics["text_to_audio_duration_error"]
+
+    assert error(3, rearrange(sounds, "b (n k) m -> b n (k m)", k=k)) == 0.0
+    assert error(1, sounds.view(2, 3, k, -1).mean(2)) > 0.5
+    with pytest.raises(ValueError, match="states_per_token must be >= 1"):
+        _model("text_to_audio", "{name: mas_mel, states_per_token: 0}")
+
+
+def test_mas_silent_edges_give_bos_and_eos_the_silence_whatever_their_states_say():
+    """Silence, two words of 2 sounds each, silence: with ``silent_edges`` [bos] and [eos] take
+    exactly the silent frames, whatever the prior layer says for them; with learned means that
+    match a word's sound, they take that word's frames."""
+    torch.manual_seed(0)
+    sounds = torch.randn(4, SHAPES.num_mels) * 2 + 3  # normalised units, far from silence
+    silence = (SILENCE - SHAPES.log_mel_center) / SHAPES.log_mel_scale
+    frames = torch.cat([torch.full((3, SHAPES.num_mels), silence), torch.repeat_interleave(sounds, torch.tensor([2, 4, 3, 2]), dim=0), torch.full((2, SHAPES.num_mels), silence)])[None]
+    tokens = torch.tensor([[3.0, 6.0, 5.0, 2.0]])  # frames of [bos], word, word, [eos]
+    ids, token_mask, present = torch.tensor([[1, 5, 6, 2]]), torch.ones(1, 4, dtype=torch.bool), torch.ones(1, dtype=torch.bool)
+    speech = AlignedTargets(ids, token_mask, tokens, frames * SHAPES.log_mel_scale + SHAPES.log_mel_center, torch.ones(1, 16, dtype=torch.bool), present)
+    batch = Batch({Modality.TEXT: ids}, {Modality.TEXT: token_mask}, {m: present for m in Modality}, torch.tensor([0]), {Modality.AUDIO: speech})
+    edge_says = sounds[[0, 1]]  # [bos] learned the first word's sounds, [eos] the second's
+    means = torch.stack([edge_says, sounds[:2], sounds[2:], sounds[2:]])[None].flatten(2)  # (1, 4, 2 M)
+
+    def error(silent_edges: bool) -> float:
+        head = f"{{name: mas_mel, references: true, states_per_token: 2, silent_edges: {str(silent_edges).lower()}}}"
+        model = _model("text_to_audio", head)
+        model.head(Modality.AUDIO).prior_head = _Fixed(means)
+        return model(batch).metrics["text_to_audio_duration_error"]
+
+    assert error(True) == 0.0
+    assert error(False) > 0.0  # [bos] or [eos] takes frames of a word
 
 
 def test_mas_alignment_prior_spreads_alike_tokens_and_is_checked():

@@ -1,9 +1,10 @@
 """Text -> audio from (text, speech) pairs alone: durations found by monotonic alignment search
 (Glow-TTS), then the length regulator, the duration head and a mel decoder as in ``aligned_mel``.
 
-Each source token's state gives a mean log-mel frame (the prior, a linear layer); MAS
-(``alignment_search.py``) finds the monotonic alignment of the item's own frames to the tokens
-under unit-variance Gaussians around those means, which gives each token its duration in frames.
+Each source token's state gives a mean log-mel frame, or several in order (``states_per_token``;
+the prior, a linear layer); MAS (``alignment_search.py``) finds the monotonic alignment of the
+item's own frames to those means under unit-variance Gaussians, which gives each token its
+duration in frames.
 Three terms train on it: the prior (the frames' squared distance to their token's mean, Grad-TTS's
 encoder loss; it is what makes the alignment mean something), the duration head
 (log(1 + frames), ``length_regulator.duration_loss``) and the decoder, which reads the
@@ -38,7 +39,7 @@ from polymodal.decoders.dit import FlowTransformer
 from polymodal.decoders.flow_sampling import SAMPLERS, integrate
 from polymodal.decoders.mel_head import MelFrameHead
 from polymodal.heads import HEADS, HeadOutput, HeadWiring, Targets
-from polymodal.heads.aligned_mel import INIT_STD, log_mel_frames, mel_targets, padded_to
+from polymodal.heads.aligned_mel import INIT_STD, SILENCE, log_mel_frames, mel_targets, padded_to
 from polymodal.heads.alignment_search import diagonal_log_prior, gaussian_log_likelihood, maximum_path, uniform_durations
 from polymodal.heads.length_regulator import PHASE_BUCKETS, duration_loss, predicted_durations, regulated_tokens
 from polymodal.losses.flow_matching import flow_matching_loss, interpolate, target_velocity
@@ -67,6 +68,12 @@ class MASMelHead(nn.Module):
             collapses when the head trains from scratch (the first token takes nearly every frame).
         references: learn from the dataset's reference speech (``AlignedTargets``) rather than the
             items' own; their timings are not used.
+        states_per_token: mean frames each token has, in order (the states of a left-to-right HMM
+            word model); MAS aligns the frames to every token's states and a token's duration is the
+            sum of its states'. 1: one mean per token, as Glow-TTS for phonemes; a word spans several
+            sounds, which one mean fits no better than it fits the neighbouring words' frames.
+        silent_edges: [bos] and [eos] have one fixed mean, the silence frame, instead of learned
+            ones: their states see the whole text, and learned means let them take any word's frames.
     """
 
     target = Modality.AUDIO
@@ -76,7 +83,7 @@ class MASMelHead(nn.Module):
     def __init__(
         self, wiring: HeadWiring, *, frames_per_token: int = 8, decoder: str = "regression", flow: dict | None = None,
         steps: int = 10, sampler: str = "heun", noise_scale: float = 1.0, alignment_prior: float = 0.0,
-        references: bool = False,
+        references: bool = False, states_per_token: int = 1, silent_edges: bool = False,
     ) -> None:  # fmt: skip
         super().__init__()
         self.reads_references = references
@@ -84,14 +91,16 @@ class MASMelHead(nn.Module):
             raise ValueError(f"frames_per_token must be >= 1, got {frames_per_token}")
         if decoder not in DECODERS or sampler not in SAMPLERS:
             raise ValueError(f"decoder must be one of {', '.join(DECODERS)} and sampler one of {', '.join(SAMPLERS)}")
+        if states_per_token < 1:
+            raise ValueError(f"states_per_token must be >= 1, got {states_per_token}")
         if alignment_prior < 0:
             raise ValueError(f"alignment_prior must be >= 0 (0: none), got {alignment_prior}")
-        self.alignment_prior = alignment_prior
+        self.alignment_prior, self.states_per_token, self.silent_edges = alignment_prior, states_per_token, silent_edges
         shapes, dim = wiring.shapes, wiring.dim
         self.frames_per_token, self.num_mels = frames_per_token, shapes.num_mels
         self.num_frames = shapes.num_audio_frames
         self.max_tokens = math.ceil(self.num_frames / frames_per_token)
-        self.prior_head = nn.Linear(dim, shapes.num_mels)  # each source token's mean frame, normalised
+        self.prior_head = nn.Linear(dim, states_per_token * shapes.num_mels)  # each token's mean frames, normalised
         self.duration_head = nn.Linear(dim, 1)  # log(1 + frames) per source token
         self.phase_embed = nn.Embedding(PHASE_BUCKETS, dim)
         if decoder == "regression":
@@ -109,6 +118,29 @@ class MASMelHead(nn.Module):
             nn.init.zeros_(linear.bias)
         nn.init.normal_(self.phase_embed.weight, std=INIT_STD)
         self.decoder.init_weights()
+
+    def state_means(self, states: Tensor, source_mask: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """What MAS aligns the frames to: each real token's ``states_per_token`` mean frames in
+        order; with ``silent_edges``, one fixed silence frame for the first and last real tokens
+        ([bos] and [eos] as the collator adds them). Returns the means (B, S, M), their mask (B, S),
+        real states first, and each state's token (B, S)."""
+        k, (batch, num_tokens) = self.states_per_token, source_mask.shape
+        means = rearrange(self.prior_head(states), "b n (k m) -> b n k m", k=k)
+        count = source_mask.long() * k  # (B, Ns) states per token
+        position = torch.arange(num_tokens, device=source_mask.device)
+        edge = source_mask & ((position == 0) | (position == source_mask.sum(1, keepdim=True) - 1))
+        if self.silent_edges:
+            count = torch.where(edge, 1, count)
+        ends = count.cumsum(1)  # (B, Ns) each token's last state + 1
+        slot = torch.arange(int(ends[:, -1].max()), device=source_mask.device)  # (S,)
+        owner = torch.searchsorted(ends, slot.expand(batch, -1).contiguous(), right=True).clamp(max=num_tokens - 1)
+        mask = slot < ends[:, -1:]  # (B, S)
+        state = (slot - (ends - count).gather(1, owner)).clamp(0, k - 1)  # (B, S) index among its token's states
+        picked = means[torch.arange(batch, device=means.device)[:, None], owner, state]  # (B, S, M)
+        if self.silent_edges:
+            silence = ((SILENCE - self.center) / self.scale).to(picked.dtype)
+            picked = torch.where(edge.gather(1, owner)[:, :, None], silence, picked)
+        return picked, mask, owner
 
     def align(self, means: Tensor, source_mask: Tensor, frames: Tensor, frame_mask: Tensor) -> Tensor:
         """(B, Ns, F) 0/1 path of the item's frames (B, F, M) to its tokens' means (B, Ns, M) by
@@ -143,12 +175,12 @@ class MASMelHead(nn.Module):
         references, the metric ``duration_error``: mean |MAS's frames - the reference's| per token."""
         frame_mask = target.value_mask if isinstance(target, AlignedTargets) else target.mask
         frames = mel_targets(target.values, frame_mask, target.values.shape[1], self.center, self.scale)  # (B, F, M)
-        means = self.prior_head(trunk.source_states(source, source_mask))  # (B, Ns, M)
+        means, state_mask, owner = self.state_means(trunk.source_states(source, source_mask), source_mask)
         with torch.no_grad():
-            path = self.align(means, source_mask, frames, frame_mask)  # (B, Ns, F)
-        aligned_means = torch.einsum("blf,blm->bfm", path, means.float())  # (B, F, M): each frame's token mean
+            path = self.align(means, state_mask, frames, frame_mask)  # (B, S, F)
+        aligned_means = torch.einsum("blf,blm->bfm", path, means.float())  # (B, F, M): each frame's state mean
         prior = mel_prior_loss(aligned_means, frames, frame_mask)
-        durations = path.sum(-1)  # (B, Ns) frames per token
+        durations = torch.zeros(source_mask.shape, device=path.device).scatter_add_(1, owner, path.sum(-1))  # (B, Ns)
         tokens, token_mask = self.frame_tokens(trunk, source, durations)
         hidden = trunk.run(source, source_mask, tokens, token_mask)
         states = hidden[:, source.shape[1] :]  # (B, J, D)
