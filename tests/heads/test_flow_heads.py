@@ -338,11 +338,13 @@ def test_mas_with_states_per_token_finds_each_tokens_frames_over_its_states():
     tokens = durations.view(2, 3, k).sum(-1).float()  # (2, 3) frames per token
     present = torch.ones(2, dtype=torch.bool)
     ids, token_mask = torch.tensor([[1, 5, 2], [1, 2, 0]]), tokens > 0
-    speech = AlignedTargets(ids, token_mask, tokens, frames * SHAPES.log_mel_scale + SHAPES.log_mel_center, tokens.sum(1, keepdim=True) > torch.arange(21), present)
+    log_mels, frame_mask = frames * SHAPES.log_mel_scale + SHAPES.log_mel_center, tokens.sum(1, keepdim=True) > torch.arange(21)
+    speech = AlignedTargets(ids, token_mask, tokens, log_mels, frame_mask, present)
     batch = Batch({Modality.TEXT: ids}, {Modality.TEXT: token_mask}, {m: present for m in Modality}, torch.tensor([0, 1]), {Modality.AUDIO: speech})
 
     def error(states_per_token: int, means: torch.Tensor) -> float:
-        model = _model("text_to_audio", f"{{name: mas_mel, references: true, states_per_token: {states_per_token}}}")
+        head = f"{{name: mas_mel, references: true, states_per_token: {states_per_token}, silent_edges: false}}"
+        model = _model("text_to_audio", head)
         model.head(Modality.AUDIO).prior_head = _Fixed(means)  # (B, Ns, k M) whatever the states
         return model(batch).metrics["text_to_audio_duration_error"]
 
@@ -359,10 +361,12 @@ def test_mas_silent_edges_give_bos_and_eos_the_silence_whatever_their_states_say
     torch.manual_seed(0)
     sounds = torch.randn(4, SHAPES.num_mels) * 2 + 3  # normalised units, far from silence
     silence = (SILENCE - SHAPES.log_mel_center) / SHAPES.log_mel_scale
-    frames = torch.cat([torch.full((3, SHAPES.num_mels), silence), torch.repeat_interleave(sounds, torch.tensor([2, 4, 3, 2]), dim=0), torch.full((2, SHAPES.num_mels), silence)])[None]
+    words = torch.repeat_interleave(sounds, torch.tensor([2, 4, 3, 2]), dim=0)
+    frames = torch.cat([torch.full((3, SHAPES.num_mels), silence), words, torch.full((2, SHAPES.num_mels), silence)])[None]
     tokens = torch.tensor([[3.0, 6.0, 5.0, 2.0]])  # frames of [bos], word, word, [eos]
     ids, token_mask, present = torch.tensor([[1, 5, 6, 2]]), torch.ones(1, 4, dtype=torch.bool), torch.ones(1, dtype=torch.bool)
-    speech = AlignedTargets(ids, token_mask, tokens, frames * SHAPES.log_mel_scale + SHAPES.log_mel_center, torch.ones(1, 16, dtype=torch.bool), present)
+    log_mels = frames * SHAPES.log_mel_scale + SHAPES.log_mel_center
+    speech = AlignedTargets(ids, token_mask, tokens, log_mels, torch.ones(1, 16, dtype=torch.bool), present)
     batch = Batch({Modality.TEXT: ids}, {Modality.TEXT: token_mask}, {m: present for m in Modality}, torch.tensor([0]), {Modality.AUDIO: speech})
     edge_says = sounds[[0, 1]]  # [bos] learned the first word's sounds, [eos] the second's
     means = torch.stack([edge_says, sounds[:2], sounds[2:], sounds[2:]])[None].flatten(2)  # (1, 4, 2 M)
@@ -380,7 +384,7 @@ def test_mas_silent_edges_give_bos_and_eos_the_silence_whatever_their_states_say
 def test_mas_alignment_prior_spreads_alike_tokens_and_is_checked():
     alike = torch.zeros(1, 4, SHAPES.num_mels)  # four tokens with one mean: the likelihood cannot tell them apart
     frames, tokens, steps = torch.randn(1, 20, SHAPES.num_mels), torch.ones(1, 4, dtype=torch.bool), torch.ones(1, 20, dtype=torch.bool)
-    plain = _model("text_to_audio", "{name: mas_mel}").head(Modality.AUDIO).align(alike, tokens, frames, steps).sum(-1)
+    plain = _model("text_to_audio", "{name: mas_mel, alignment_prior: 0.0}").head(Modality.AUDIO).align(alike, tokens, frames, steps).sum(-1)
     spread = _model("text_to_audio", "{name: mas_mel, alignment_prior: 1.0}").head(Modality.AUDIO).align(alike, tokens, frames, steps).sum(-1)
     assert plain.max() == 17 and spread.max() <= 6  # ties stay on one token; the prior shares the frames out
     with pytest.raises(ValueError, match="alignment_prior must be >= 0"):
@@ -390,7 +394,7 @@ def test_mas_alignment_prior_spreads_alike_tokens_and_is_checked():
 def test_mas_with_references_is_mas_on_the_reference_speech_and_compares_the_timings():
     batch = make_batch()
     speech = batch.references[Modality.AUDIO]
-    model = _model("text_to_audio", "{name: mas_mel, references: true}")
+    model = _model("text_to_audio", "{name: mas_mel, references: true, states_per_token: 2}")
     head = model.head(Modality.AUDIO)
     assert head.reads_references and not _model("text_to_audio", "{name: mas_mel}").head(Modality.AUDIO).reads_references
     out = model(batch)
@@ -401,19 +405,21 @@ def test_mas_with_references_is_mas_on_the_reference_speech_and_compares_the_tim
         masks={**batch.masks, Modality.TEXT: speech.mask, Modality.AUDIO: speech.value_mask},
         references={},
     )
-    own = _model("text_to_audio", "{name: mas_mel}")
+    own = _model("text_to_audio", "{name: mas_mel, states_per_token: 2}")
     for name, term in own(swapped).losses.items():
         torch.testing.assert_close(out.losses[name], term)
     # the metric: MAS's frames per token against the references' own timings, which it never reads
     source, valid = model.encode(Modality.TEXT, speech.ids, speech.mask)
-    means = head.prior_head(model.source_states(source, valid))
+    means, states, owner = head.state_means(model.source_states(source, valid), valid)
     frames = mel_targets(speech.values, speech.value_mask, speech.values.shape[1], head.center, head.scale)
-    found = head.align(means, valid, frames, speech.value_mask).sum(-1)
+    path = head.align(means, states, frames, speech.value_mask)
+    found = torch.stack([(path * (owner[:, :, None] == i)).sum((1, 2)) for i in range(valid.shape[1])], 1)  # frames per token
     assert out.metrics["text_to_audio_duration_error"] == pytest.approx(float((found - speech.durations)[valid].abs().mean()))
     moved = dataclasses.replace(batch, references={Modality.AUDIO: dataclasses.replace(speech, durations=speech.durations + 1)})
     assert torch.equal(model(moved).losses["text_to_audio"], out.losses["text_to_audio"])  # the timings train nothing
     with pytest.raises(ConfigError, match="model.heads.audio: the mas_mel head learns from aligned references, which data.source=manifest"):
-        load_config(["tiny"], ["data.source=manifest", "data.manifest=a.jsonl", "model.tasks=[text_to_audio]", "model.heads.audio={name: mas_mel, references: true}"])
+        on_manifest = ["data.source=manifest", "data.manifest=a.jsonl", "model.tasks=[text_to_audio]"]
+        load_config(["tiny"], [*on_manifest, "model.heads.audio={name: mas_mel, references: true}"])
 
 
 def test_mas_handles_clips_shorter_than_their_text():

@@ -74,6 +74,10 @@ class MASMelHead(nn.Module):
             sounds, which one mean fits no better than it fits the neighbouring words' frames.
         silent_edges: [bos] and [eos] have one fixed mean, the silence frame, instead of learned
             ones: their states see the whole text, and learned means let them take any word's frames.
+
+    The defaults (5 states per token, silent edges, the prior at 1) were measured on the built-in
+    data's own voices, text->audio alone for 1,000 steps: judged 84.2% (held-out numbers 70.8%),
+    against 3.6% for one learned mean per token and 77.8% for 3 states (BENCHMARKS.md).
     """
 
     target = Modality.AUDIO
@@ -82,8 +86,8 @@ class MASMelHead(nn.Module):
 
     def __init__(
         self, wiring: HeadWiring, *, frames_per_token: int = 8, decoder: str = "regression", flow: dict | None = None,
-        steps: int = 10, sampler: str = "heun", noise_scale: float = 1.0, alignment_prior: float = 0.0,
-        references: bool = False, states_per_token: int = 1, silent_edges: bool = False,
+        steps: int = 10, sampler: str = "heun", noise_scale: float = 1.0, alignment_prior: float = 1.0,
+        references: bool = False, states_per_token: int = 5, silent_edges: bool = True,
     ) -> None:  # fmt: skip
         super().__init__()
         self.reads_references = references
@@ -156,7 +160,8 @@ class MASMelHead(nn.Module):
                 value = value + self.alignment_prior * diagonal_log_prior(lengths[fits], counts[fits], *value.shape[1:])
             path[fits] = maximum_path(value, mask)
         if not fits.all():
-            logger.warning("%d clip(s) have fewer frames than text tokens; their durations are even splits", int((~fits).sum()))
+            short = int((~fits).sum())
+            logger.warning("%d clip(s) have fewer frames than states to align (tokens x states_per_token); even durations", short)
             durations = uniform_durations(lengths[~fits], counts[~fits], means.shape[1])  # (b, Ns)
             ends = durations.cumsum(1)  # (b, Ns) each token's last frame + 1
             frame = torch.arange(frames.shape[1], device=means.device)
