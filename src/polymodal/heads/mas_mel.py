@@ -5,7 +5,7 @@ Each source token's state gives a mean log-mel frame, or several in order (``sta
 the prior, a linear layer); MAS (``alignment_search.py``) finds the monotonic alignment of the
 item's own frames to those means under unit-variance Gaussians, which gives each token its
 duration in frames.
-Three terms train on it: the prior (the frames' squared distance to their token's mean, Grad-TTS's
+Three terms train on it: the prior (the frames' squared distance to their state's mean, Grad-TTS's
 encoder loss; it is what makes the alignment mean something), the duration head
 (log(1 + frames), ``length_regulator.duration_loss``) and the decoder, which reads the
 length-regulated frame tokens through one backbone pass. The decoder either regresses the frames
@@ -147,9 +147,9 @@ class MASMelHead(nn.Module):
         return picked, mask, owner
 
     def align(self, means: Tensor, source_mask: Tensor, frames: Tensor, frame_mask: Tensor) -> Tensor:
-        """(B, Ns, F) 0/1 path of the item's frames (B, F, M) to its tokens' means (B, Ns, M) by
-        MAS (with the diagonal prior at weight ``alignment_prior``); items with fewer frames than
-        tokens get even durations instead (logged)."""
+        """(B, S, F) 0/1 path of the item's frames (B, F, M) to the means (B, S, M) of its tokens'
+        states (``state_means``; mask (B, S)) by MAS, with the diagonal prior at weight
+        ``alignment_prior``; items with fewer frames than states get even durations instead (logged)."""
         lengths, counts = source_mask.sum(1), frame_mask.sum(1)
         fits = counts >= lengths  # (B,)
         path = torch.zeros(*means.shape[:2], frames.shape[1], device=means.device)
