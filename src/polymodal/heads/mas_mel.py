@@ -131,9 +131,9 @@ class MASMelHead(nn.Module):
         k, (batch, num_tokens) = self.states_per_token, source_mask.shape
         means = rearrange(self.prior_head(states), "b n (k m) -> b n k m", k=k)
         count = source_mask.long() * k  # (B, Ns) states per token
-        position = torch.arange(num_tokens, device=source_mask.device)
-        edge = source_mask & ((position == 0) | (position == source_mask.sum(1, keepdim=True) - 1))
         if self.silent_edges:
+            position = torch.arange(num_tokens, device=source_mask.device)
+            edge = source_mask & ((position == 0) | (position == source_mask.sum(1, keepdim=True) - 1))
             count = torch.where(edge, 1, count)
         ends = count.cumsum(1)  # (B, Ns) each token's last state + 1
         slot = torch.arange(int(ends[:, -1].max()), device=source_mask.device)  # (S,)
