@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from polymodal.backbones import BACKBONES, BackboneIntermediates, TransformerBackbone
+from polymodal.backbones import transformer
 from polymodal.backbones.transformer import MIN_SKIPPED, skip_padding
 from polymodal.errors import ConfigError
 from polymodal.layers.moe import MoEAux
@@ -122,11 +123,16 @@ def _padded_prefix_batch(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, tor
     return tokens, prefix_lm_mask(is_target, valid), positions, valid | is_target
 
 
-def test_skipping_padding_matches_computing_it():
+@pytest.mark.parametrize("multiple", [1, 7, 64])
+def test_skipping_padding_matches_computing_it(monkeypatch, multiple: int):
     """Per-token layers over the needed tokens only give those tokens the same states and every
-    weight the same gradient as the whole padded grid; skipped tokens come back as zeros."""
+    weight the same gradient as the whole padded grid; skipped tokens come back as zeros. So do they
+    with the packed count rounded up by a few skipped positions (``multiple`` 7: the 24 needed of 30
+    become 28; 64: all 30)."""
+    monkeypatch.setattr(transformer, "PACK_MULTIPLE", multiple)
     model = _backbone(qk_norm=True, bias=True).train()
     tokens, mask, positions, needed = _padded_prefix_batch()
+    assert int(needed.sum()) == 24 and skip_padding(needed).index.numel() == {1: 24, 7: 28, 64: 30}[multiple]
     states = []
     for given in (None, needed):
         model.zero_grad()

@@ -190,6 +190,18 @@ def test_token_layout_round_trip_by_hand():
     assert layout.unpack(packed).flatten().tolist() == [0.0, 0.0, 2.0, 0.0, 4.0, 0.0]
 
 
+def test_token_layout_rounded_up_by_hand():
+    """``multiple`` pads the packed tokens with the first left-out positions; unpack drops them."""
+    keep = torch.tensor([[True, False, True, False], [False, True, False, False]])
+    layout = TokenLayout.of(keep, multiple=2)
+    assert layout.index.tolist() == [0, 2, 5, 1] and layout.count == 3 and layout.fraction == 3 / 8
+    grid = torch.arange(8.0).reshape(2, 4, 1)
+    assert layout.pack(grid).flatten().tolist() == [0.0, 2.0, 5.0, 1.0]
+    assert torch.equal(layout.unpack(layout.pack(grid)), TokenLayout.of(keep).unpack(TokenLayout.of(keep).pack(grid)))
+    assert TokenLayout.of(keep, multiple=16).index.numel() == 8  # never more than the grid
+    assert TokenLayout.of(keep, multiple=3).index.tolist() == [0, 2, 5]  # already a multiple
+
+
 def test_attention_over_a_token_layout_matches_the_padded_grid():
     """Kept tokens attend as on the padded grid (left-out tokens are keys no one else may see), in
     outputs and in gradients to the kept tokens and every weight."""

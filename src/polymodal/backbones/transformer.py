@@ -39,6 +39,9 @@ from polymodal.layers.rope import RotaryAngles, RotaryEmbedding
 # gathers and scatters around each attention cost about as much as this share of the matmuls saves
 # (measured, BENCHMARKS.md "Training throughput").
 MIN_SKIPPED = 0.1
+# The packed token count is rounded up to a multiple of this, so that its matmuls' shapes repeat
+# across batches (``TokenLayout.of``).
+PACK_MULTIPLE = 64
 
 
 @dataclasses.dataclass(frozen=True)
@@ -328,7 +331,7 @@ class TransformerBackbone(nn.Module):
 def skip_padding(needed: Tensor) -> TokenLayout | None:
     """The layout that runs per-token layers on the ``needed`` (B, N) tokens only, or None when
     that would skip under ``MIN_SKIPPED`` of the grid (gathering then costs more than it saves)."""
-    layout = TokenLayout.of(needed)
+    layout = TokenLayout.of(needed, multiple=PACK_MULTIPLE)
     return layout if layout.fraction <= 1.0 - MIN_SKIPPED else None
 
 

@@ -91,6 +91,7 @@ class Collator:
             modality: {label: self._durations(modality, ref) for label, ref in table.items()}
             for modality, table in self.references.items()
         }
+        self._reference_rows: dict[tuple[Modality, int], tuple[Tensor, Tensor, Tensor]] = {}
         self.num_skipped = 0
 
     def __call__(self, samples: Sequence[Sample | None]) -> Batch:
@@ -177,8 +178,8 @@ class Collator:
         """(T,) waveforms or None -> log-mel (B, F, num_mels), zeros on padded frames; mask (B, F).
         With VTLP or SpecAugment on and every item keyed (training), each item's filterbank is warped
         and its frames masked as its key draws."""
-        waveforms, sample_mask = self._waveforms(clips)
-        lengths = sample_mask.sum(1)  # (B,)
+        waveforms, _ = self._waveforms(clips)
+        lengths = torch.tensor([0 if a is None else min(a.shape[0], self.max_audio_samples) for a in clips])  # (B,)
         keyed = bool(keys) and all(k is not None for k in keys)
         features = self.log_mel(waveforms, self._warped_filters(keys) if self.vtlp is not None and keyed else None)
         frames = torch.arange(features.shape[1])  # (F,)
@@ -213,24 +214,61 @@ class Collator:
         """Each labelled item's references as aligned targets, per modality that has any."""
         out = {}
         for modality, table in self.references.items():
-            found = [table.get(label) for label in labels]
-            if all(ref is None for ref in found):
+            rows = [self._reference_row(modality, label) if label in table else None for label in labels]
+            if all(row is None for row in rows):
                 continue
-            ids, mask = self._texts([None if ref is None else ref.text for ref in found])
-            durations = torch.zeros(ids.shape, dtype=torch.float32)  # (B, L)
-            for i, label in enumerate(labels):
-                if found[i] is not None:
-                    row = self.durations[modality][label]
-                    durations[i, : row.shape[0]] = row
-            if modality is Modality.AUDIO:
-                values, value_mask = self._audio([None if ref is None else torch.from_numpy(ref.value) for ref in found])
-            else:
-                pixels = [None if ref is None else torch.from_numpy(ref.value)[None].float() / 255.0 for ref in found]
-                values = self._images(pixels)  # (B, 1, H, W) normalised
-                value_mask = torch.ones(len(found), values.shape[-1], dtype=torch.bool)
-            present = torch.tensor([ref is not None for ref in found])
-            out[modality] = AlignedTargets(ids, mask, durations, values, value_mask, present)
+            out[modality] = self._stack_rows(modality, rows)
         return out
+
+    def _reference_row(self, modality: Modality, label: int) -> tuple[Tensor, Tensor, Tensor]:
+        """A reference's ids (L,), durations (L,) and value: log-mel frames (F, num_mels) or the
+        normalised image (1, H, W); worked out once per label, since references never change.
+
+        A reference clip's frames are those of the clip followed by zeros, as in a batch where a
+        longer clip pads it, so they do not depend on which other references share a batch."""
+        key = (modality, label)
+        if key not in self._reference_rows:
+            ref = self.references[modality][label]
+            ids = self._texts([ref.text])[0][0]  # (L,)
+            if modality is Modality.AUDIO:
+                clip = torch.from_numpy(ref.value)[: self.max_audio_samples].to(torch.float32)
+                padded = torch.nn.functional.pad(clip, (0, self.log_mel.n_fft // 2))[None]  # (1, T + n_fft/2)
+                frames = int(self.log_mel.frame_lengths(torch.tensor(clip.shape[0])))
+                value = self.log_mel(padded)[0, :frames] if clip.shape[0] > 0 else torch.zeros(0, self.log_mel.num_mels)
+            else:
+                value = normalize_images(torch.from_numpy(ref.value)[None].float() / 255.0)  # (1, H, W)
+            self._reference_rows[key] = (ids, self.durations[modality][label], value)
+        return self._reference_rows[key]
+
+    def _stack_rows(self, modality: Modality, rows: list[tuple[Tensor, Tensor, Tensor] | None]) -> AlignedTargets:
+        """Reference rows (None: the item has none) padded into one ``AlignedTargets``."""
+        real = [row for row in rows if row is not None]
+        length = max(row[0].shape[0] for row in real)
+        ids = torch.full((len(rows), length), self.tokenizer.pad_id, dtype=torch.long)  # (B, L)
+        mask = torch.zeros((len(rows), length), dtype=torch.bool)  # (B, L)
+        durations = torch.zeros((len(rows), length), dtype=torch.float32)  # (B, L)
+        value_shape = real[0][2].shape
+        if modality is Modality.AUDIO:
+            frames = max(1, max(row[2].shape[0] for row in real))
+            values = torch.zeros((len(rows), frames, value_shape[1]), dtype=torch.float32)  # (B, F, M)
+            value_mask = torch.zeros((len(rows), frames), dtype=torch.bool)  # (B, F)
+        else:
+            values = torch.zeros((len(rows), *value_shape), dtype=torch.float32)  # (B, 1, H, W)
+            value_mask = torch.ones((len(rows), value_shape[-1]), dtype=torch.bool)  # (B, W)
+        for i, row in enumerate(rows):
+            if row is None:
+                continue
+            row_ids, row_durations, value = row
+            ids[i, : row_ids.shape[0]] = row_ids
+            mask[i, : row_ids.shape[0]] = True
+            durations[i, : row_durations.shape[0]] = row_durations
+            if modality is Modality.AUDIO:
+                values[i, : value.shape[0]] = value
+                value_mask[i, : value.shape[0]] = True
+            else:
+                values[i] = value
+        present = torch.tensor([row is not None for row in rows])
+        return AlignedTargets(ids, mask, durations, values, value_mask, present)
 
     def _durations(self, modality: Modality, ref: Reference) -> Tensor:
         """(L,) float32 durations of ``ref``'s ``[bos] tokens [eos]``, its text truncated as

@@ -97,33 +97,55 @@ class TokenLayout:
     (projections, norms, feed-forward) run on those T tokens only and just attention sees the grid.
 
     Attributes:
-        index: (T,) long, row-major positions ``b * N + n`` of the kept tokens.
+        index: (P,) long, row-major positions ``b * N + n``: the T kept tokens first, in order, then
+            any positions of the grid carried only to round P up (``of``'s ``multiple``).
         batch: B.
         length: N.
+        kept: T, the tokens whose results ``unpack`` returns (None: all P).
     """
 
     index: Tensor
     batch: int
     length: int
+    kept: int | None = None
 
     @classmethod
-    def of(cls, keep: Tensor) -> TokenLayout:
-        """The layout of the True entries of ``keep`` (B, N) bool."""
-        return cls(keep.flatten().nonzero().squeeze(1), keep.shape[0], keep.shape[1])
+    def of(cls, keep: Tensor, multiple: int = 1) -> TokenLayout:
+        """The layout of the True entries of ``keep`` (B, N) bool.
+
+        ``multiple`` > 1 rounds the packed count up to a multiple of it (at most B N) with some of
+        the other positions, whose results ``unpack`` drops: the per-token matmuls then see a few
+        shapes that repeat from batch to batch instead of a new one each batch, and oneDNN builds a
+        kernel for each new shape (about 2 ms per bf16 matmul with AMX, BENCHMARKS.md).
+        """
+        flat = keep.flatten()
+        index = flat.nonzero().squeeze(1)
+        kept = index.numel()
+        padded = min(-(-kept // multiple) * multiple, flat.numel())
+        if padded > kept:
+            extra = (~flat).nonzero().squeeze(1)[: padded - kept]
+            index = torch.cat([index, extra])
+        return cls(index, keep.shape[0], keep.shape[1], kept)
 
     @property
     def fraction(self) -> float:
         """T / (B N): the share of the grid kept."""
-        return self.index.numel() / max(self.batch * self.length, 1)
+        return self.count / max(self.batch * self.length, 1)
+
+    @property
+    def count(self) -> int:
+        """T, the tokens kept (without the positions carried for rounding)."""
+        return self.index.numel() if self.kept is None else self.kept
 
     def pack(self, grid: Tensor) -> Tensor:
-        """(B, N, ...) -> (T, ...): the kept tokens, row-major."""
+        """(B, N, ...) -> (P, ...): the kept tokens, row-major, then the rounding positions."""
         return grid.flatten(0, 1).index_select(0, self.index)
 
     def unpack(self, tokens: Tensor) -> Tensor:
-        """(T, ...) -> (B, N, ...): the tokens in their places, zeros elsewhere."""
+        """(P, ...) -> (B, N, ...): the kept tokens in their places, zeros elsewhere."""
         grid = tokens.new_zeros((self.batch * self.length, *tokens.shape[1:]))  # (B N, ...)
-        return grid.index_copy(0, self.index, tokens).unflatten(0, (self.batch, self.length))
+        count = self.count
+        return grid.index_copy(0, self.index[:count], tokens[:count]).unflatten(0, (self.batch, self.length))
 
 
 class SelfAttention(nn.Module):

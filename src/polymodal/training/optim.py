@@ -40,7 +40,10 @@ def build_optimizer(model: nn.Module, train_cfg: TrainConfig) -> torch.optim.Ada
         {"params": decay, "weight_decay": train_cfg.weight_decay},
         {"params": no_decay, "weight_decay": 0.0},
     ]
-    return torch.optim.AdamW(groups, lr=train_cfg.lr, betas=tuple(train_cfg.betas))
+    # One fused kernel over all parameters: on CPU about a fifth of the time of the per-tensor loop
+    # on the default preset's ~5 M parameters (BENCHMARKS.md, "Training throughput").
+    fused = all(p.device.type in ("cpu", "cuda") and p.dtype.is_floating_point for p in decay + no_decay)
+    return torch.optim.AdamW(groups, lr=train_cfg.lr, betas=tuple(train_cfg.betas), fused=fused or None)
 
 
 def lr_factor(step: int, *, warmup_steps: int, total_steps: int, min_lr_ratio: float) -> float:

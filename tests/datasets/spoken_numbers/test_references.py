@@ -64,12 +64,18 @@ def test_speech_references_collate_as_aligned_targets(tokenizer):
     samples = [Sample(text="the number 42", label=42), Sample(text="9", label=9), Sample(text="105", label=105)]
     speech = collator(samples).references[Modality.AUDIO]
     assert speech.present.tolist() == [True, False, True]  # 9 has no reference: never trained on
-    # The targets are the clips collated as ordinary speech, and the ids their words.
-    alone = plain([Sample(text=references[n].text, audio=torch.from_numpy(references[n].value)) for n in (42, 105)])
+    # The targets are the clips collated as ordinary speech, each followed by zeros (a longer clip
+    # in the batch), and the ids their words; worked out once per number, the same every batch.
+    clips = [torch.from_numpy(references[n].value) for n in (42, 105)]
+    longer = torch.zeros(max(c.shape[0] for c in clips) + config.n_fft)
+    alone = plain([*(Sample(text=references[n].text, audio=c) for n, c in zip((42, 105), clips)), Sample(audio=longer)])
     real = speech.present
-    width = alone.inputs[Modality.AUDIO].shape[1]
-    torch.testing.assert_close(speech.values[real][:, :width], alone.inputs[Modality.AUDIO])
-    assert torch.equal(speech.ids[real][:, : alone.inputs[Modality.TEXT].shape[1]], alone.inputs[Modality.TEXT])
+    width = speech.values.shape[1]
+    torch.testing.assert_close(speech.values[real], alone.inputs[Modality.AUDIO][:2, :width])
+    torch.testing.assert_close(speech.value_mask[real], alone.masks[Modality.AUDIO][:2, :width])
+    assert torch.equal(speech.ids[real][:, : alone.inputs[Modality.TEXT].shape[1]], alone.inputs[Modality.TEXT][:2])
+    again = collator(samples[::-1]).references[Modality.AUDIO]
+    torch.testing.assert_close(again.values.flip(0), speech.values, rtol=0, atol=0)
     # Durations: none on padding; in all, the clip's T / hop frames (it has 1 + T // hop).
     frames, total = speech.value_mask.sum(1).float()[real], speech.durations.sum(1)[real]
     assert bool(((frames - 1 <= total) & (total < frames)).all())
