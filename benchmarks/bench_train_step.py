@@ -67,7 +67,10 @@ class Worker:
         self.state = start_state(self.model, self.config, run_dir, resume=False)
         self.dtype = self.state.dtype
         train = self.config.train
-        loader = build_loader(run.splits.train, CountedCollate(run.collator), batch_size=train.batch_size, seed=self.config.seed)
+        loader = build_loader(
+            run.splits.train, CountedCollate(run.collator), batch_size=train.batch_size, seed=self.config.seed,
+            num_workers=self.config.data.num_workers,
+        )
         self.pairs = iter(loader)
         if train.compile:  # as fit does: the blocks stay compiled for the worker's life
             from polymodal.training.compile import compiled_blocks
