@@ -1,8 +1,7 @@
 """The flow heads' U-Net velocity network: the DiT's call and shapes, padded condition tokens read
 as absent (against the network given only the real ones), the condition reaching the output only
-through cross-attention (and the time embedding, with ``pooled_condition``), and a tiny U-Net
-learning a two-class conditional flow whose exact field is known (``flow_oracles``); inside the
-image head it trains a step and is chosen by config."""
+through cross-attention, and a tiny U-Net learning a two-class conditional flow whose exact field
+is known (``flow_oracles``); inside the image head it trains a step and is chosen by config."""
 
 from __future__ import annotations
 
@@ -70,34 +69,6 @@ def test_with_cross_attention_silenced_the_condition_reaches_nothing():
         for reader in readers:
             reader.o_proj.weight.zero_()
     torch.testing.assert_close(network(tokens, t, context=first), network(tokens, t, context=second), rtol=0, atol=0)
-
-
-def test_a_pooled_condition_reaches_every_block_through_the_time_embedding():
-    """``pooled_condition``: with the cross-attention silenced the condition still reaches the
-    output, exactly as a time embedding shifted by the projected mean of the real tokens would;
-    padded tokens stay unread."""
-    network = _wake(_tiny(pooled_condition=True)).double()
-    readers = [m for m in network.modules() if isinstance(m, CrossAttention)]
-    with torch.no_grad():
-        for reader in readers:
-            reader.o_proj.weight.zero_()
-    tokens, t = torch.randn(2, 32, 3, dtype=torch.float64), torch.rand(2, dtype=torch.float64)
-    real = torch.randn(2, 3, 6, dtype=torch.float64)
-    padded = torch.cat([real, 50 * torch.randn(2, 1, 6, dtype=torch.float64)], dim=1)
-    mask = torch.tensor([[True, True, True, False]] * 2)
-    out = network(tokens, t, context=padded, context_mask=mask)
-    torch.testing.assert_close(out, network(tokens, t, context=real))
-    assert (out - network(tokens, t, context=torch.randn_like(real))).abs().max() > 1e-3
-    # Written out: the same network without the projection, its time MLP's output shifted by hand.
-    shift = network.condition_proj(real.mean(dim=1))  # (2, dim_time)
-    projection, network.condition_proj = network.condition_proj, None
-    last = network.time_mlp[-1]
-    handle = last.register_forward_hook(lambda module, inputs, output: output + shift)
-    torch.testing.assert_close(network(tokens, t, context=real), out)
-    handle.remove()
-    network.condition_proj = projection
-    with pytest.raises(ValueError, match="pooled_condition needs a condition"):
-        _tiny(dim_context=None, pooled_condition=True)
 
 
 def test_only_the_coarse_levels_read_the_condition():

@@ -22,10 +22,9 @@ concatenated (the U-Net's skip); GroupNorm, SiLU and a 3 x 3 output convolution.
 tokens are read only by cross-attention after each block of the ``attention_levels`` coarsest
 levels and in the middle (latent diffusion's conditioning), with fixed 2-D sin-cos positions added
 to the queries so that each place can ask for its own part of the condition. Nothing else sees the
-condition unless ``pooled_condition`` adds the tokens' mean to the time embedding, so with the
-cross-attention silenced (and no pooled vector) the output does not depend on it. Block outputs
-and the output convolution start near zero, so the network starts near the identity path and the
-zero velocity, with every weight alive (as the DiT).
+condition (no pooled vector in the time embedding), so with the cross-attention silenced the output
+does not depend on it. Block outputs and the output convolution start near zero, so the network
+starts near the identity path and the zero velocity, with every weight alive (as the DiT).
 
 The input is the DiT's: (B, rows * cols, dim_in) patch tokens of a (rows, cols) grid in row-major
 order, so the heads call either network alike; at patch size 1 they are the pixels (or latents).
@@ -94,9 +93,6 @@ class MapAttention(nn.Module):
         grid: (h, w) of the map.
         dim_context: the condition tokens' width; None for self-attention.
         num_heads: attention heads.
-        pooled_condition: also add a projection of the condition tokens' masked mean to the time
-            embedding, so that every residual block's AdaGN scale and shift read the condition (the
-            class embedding of Dhariwal and Nichol 2021); False: only the cross-attention reads it.
     """
 
     def __init__(self, channels: int, grid: tuple[int, int], dim_context: int | None, *, num_heads: int) -> None:
@@ -148,14 +144,6 @@ class Stage(nn.Module):
         return x
 
 
-def masked_mean(tokens: Tensor, mask: Tensor | None) -> Tensor:
-    """(B, N, D), (B, N) True on real tokens or None -> (B, D): the mean of the real tokens."""
-    if mask is None:
-        return tokens.mean(dim=1)
-    weights = mask.to(tokens.dtype)[:, :, None]  # (B, N, 1)
-    return (tokens * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1.0)
-
-
 class FlowUNet(nn.Module):
     """Velocity v(x_t, t, condition) over a grid of patch tokens, by a convolutional U-Net.
 
@@ -169,15 +157,11 @@ class FlowUNet(nn.Module):
         attention_levels: how many of the coarsest levels read the condition by cross-attention
             (the middle always does when there is a condition).
         num_heads: attention heads.
-        pooled_condition: also add a projection of the condition tokens' masked mean to the time
-            embedding, so that every residual block's AdaGN scale and shift read the condition (the
-            class embedding of Dhariwal and Nichol 2021); False: only the cross-attention reads it.
     """
 
     def __init__(
         self, dim_in: int, layout: int | tuple[int, int], dim_context: int | None = None, *, channels: int = 32,
         channel_mults: tuple[int, ...] = (1, 2, 2), num_res_blocks: int = 1, attention_levels: int = 2, num_heads: int = 4,
-        pooled_condition: bool = False,
     ) -> None:  # fmt: skip
         super().__init__()
         widths = [channels * m for m in channel_mults]
@@ -196,9 +180,6 @@ class FlowUNet(nn.Module):
         reads = [dim_context if i >= levels - attention_levels else None for i in range(levels)]
         dim_time = TIME_WIDTH * channels
         self.time_mlp = nn.Sequential(nn.Linear(channels, dim_time), nn.SiLU(), nn.Linear(dim_time, dim_time))
-        if pooled_condition and dim_context is None:
-            raise ValueError("pooled_condition needs a condition (dim_context); an unconditional network has none")
-        self.condition_proj = nn.Linear(dim_context, dim_time) if pooled_condition else None
         self.in_conv = nn.Conv2d(dim_in, channels, KERNEL, padding=KERNEL // 2)
         stage = {"dim_time": dim_time, "num_blocks": num_res_blocks, "num_heads": num_heads}
         self.down = nn.ModuleList(Stage(([channels] + widths)[i], widths[i], grid=grids[i], dim_context=reads[i], **stage) for i in range(levels))
@@ -215,8 +196,7 @@ class FlowUNet(nn.Module):
         self.init_weights()
 
     def init_weights(self) -> None:
-        pooled = (self.condition_proj,) if self.condition_proj is not None else ()
-        for layer in (*self.time_mlp, *pooled, self.in_conv, *self.downsample, *self.upsample, self.out_norm):
+        for layer in (*self.time_mlp, self.in_conv, *self.downsample, *self.upsample, self.out_norm):
             if hasattr(layer, "reset_parameters"):
                 layer.reset_parameters()
         for part in (*self.down, *self.up, *self.middle, self.middle_self, *((self.middle_cross,) if self.middle_cross is not None else ())):
@@ -242,8 +222,6 @@ class FlowUNet(nn.Module):
             raise ValueError(f"{x.shape[1]} tokens; the U-Net draws a {rows} x {cols} grid of {rows * cols}")
         h = self.in_conv(rearrange(x, "b (h w) c -> b c h w", h=rows))  # (B, channels, rows, cols)
         time = self.time_mlp(sinusoidal_embedding(t * TIME_SCALE, self.channels).to(h.dtype))  # (B, dim_time)
-        if self.condition_proj is not None:
-            time = time + self.condition_proj(masked_mean(context, context_mask))
         skips = []
         for i, stage in enumerate(self.down):
             h = stage(h, time, context, context_mask)
