@@ -7,7 +7,8 @@ set) with a frame mask, or, for an audio
 encoder that reads waveforms (its class says ``input_kind = "waveform"``), kept as (B, T) samples
 with a sample mask. A modality that only some items carry is filled with zeros/pad for the others
 and marked absent in ``present``. Given a dataset's aligned references (``references.py``), a batch
-also carries each labelled item's reference targets, for heads that learn from them.
+also carries each labelled item's reference targets, for heads that learn from them; each
+reference's targets are worked out once and kept, since references never change.
 
 Training items carry their key (``Sample.key``): the batch then holds their indices, and
 VTLP (``data.augment.audio.vtlp_p``) warps their filterbank and SpecAugment (``spec_augment_p``)
