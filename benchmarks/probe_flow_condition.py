@@ -4,8 +4,8 @@ Two measurements on a run trained with a ``flow_matching`` image head (the ``met
 
 1. Linear probes on the condition tokens the head's queries and connector make for a caption
    (mean-pooled, and flattened). Multinomial logistic regression (L-BFGS, a small L2 penalty)
-   fitted on the train split's captions, scored on the test split's. The targets are read from the item's number: its digit count, first digit
-   and last digit. High test accuracy means the number reaches the velocity network's input, so a
+   fitted on the train split's captions, scored on the test split's. The targets are read from
+   the item's number: its digit count, first digit and last digit. High test accuracy means the number reaches the velocity network's input, so a
    sample that misses the number is the network's doing, not the text path's.
 2. Text->image judged at several classifier-free guidance scales on the first test captions, with
    the Fréchet distance in the judge's features. Each scale starts from the same seed.

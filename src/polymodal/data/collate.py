@@ -23,6 +23,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor
+from torch.nn.utils.rnn import pad_sequence
 
 from polymodal.config import DataConfig
 from polymodal.data.audio import LogMel, load_audio, speech_bounds
@@ -164,23 +165,27 @@ class Collator:
         start, end = speech_bounds(clip, top_db=self.trim_db, frame_length=self.log_mel.n_fft, hop_length=self.log_mel.hop_length)
         return clip[start:end]
 
-    def _waveforms(self, clips: list[Tensor | None]) -> tuple[Tensor, Tensor]:
-        """(T,) waveforms or None -> (B, T) cut to ``max_audio_seconds``, zero-padded; mask (B, T)."""
+    def _padded(self, clips: list[Tensor | None]) -> tuple[Tensor, Tensor]:
+        """(T,) waveforms or None -> (B, T) float32 cut to ``max_audio_seconds``, zero-padded; and
+        the (B,) lengths after the cut (0 for None)."""
         cut = [None if a is None else a[: self.max_audio_samples] for a in clips]
         lengths = torch.tensor([0 if a is None else a.shape[0] for a in cut], dtype=torch.long)  # (B,)
         waveforms = torch.zeros((len(cut), int(lengths.max())), dtype=torch.float32)  # (B, T)
         for i, a in enumerate(cut):
             if a is not None:
                 waveforms[i, : a.shape[0]] = a.to(torch.float32)
-        mask = torch.arange(waveforms.shape[1])[None, :] < lengths[:, None]  # (B, T)
-        return waveforms, mask
+        return waveforms, lengths
+
+    def _waveforms(self, clips: list[Tensor | None]) -> tuple[Tensor, Tensor]:
+        """(T,) waveforms or None -> (B, T) cut to ``max_audio_seconds``, zero-padded; mask (B, T)."""
+        waveforms, lengths = self._padded(clips)
+        return waveforms, torch.arange(waveforms.shape[1])[None, :] < lengths[:, None]
 
     def _audio(self, clips: list[Tensor | None], keys: list[ItemKey | None] | None = None) -> tuple[Tensor, Tensor]:
         """(T,) waveforms or None -> log-mel (B, F, num_mels), zeros on padded frames; mask (B, F).
         With VTLP or SpecAugment on and every item keyed (training), each item's filterbank is warped
         and its frames masked as its key draws."""
-        waveforms, _ = self._waveforms(clips)
-        lengths = torch.tensor([0 if a is None else min(a.shape[0], self.max_audio_samples) for a in clips])  # (B,)
+        waveforms, lengths = self._padded(clips)
         keyed = bool(keys) and all(k is not None for k in keys)
         features = self.log_mel(waveforms, self._warped_filters(keys) if self.vtlp is not None and keyed else None)
         frames = torch.arange(features.shape[1])  # (F,)
@@ -232,44 +237,35 @@ class Collator:
             ref = self.references[modality][label]
             ids = self._texts([ref.text])[0][0]  # (L,)
             if modality is Modality.AUDIO:
-                clip = torch.from_numpy(ref.value)[: self.max_audio_samples].to(torch.float32)
-                padded = torch.nn.functional.pad(clip, (0, self.log_mel.n_fft // 2))[None]  # (1, T + n_fft/2)
-                frames = int(self.log_mel.frame_lengths(torch.tensor(clip.shape[0])))
-                value = self.log_mel(padded)[0, :frames] if clip.shape[0] > 0 else torch.zeros(0, self.log_mel.num_mels)
+                clip, length = self._padded([torch.from_numpy(ref.value)])  # (1, T), (1,)
+                padded = torch.nn.functional.pad(clip, (0, self.log_mel.n_fft // 2))  # (1, T + n_fft/2)
+                frames = int(self.log_mel.frame_lengths(length)) if length > 0 else 0
+                value = self.log_mel(padded)[0, :frames]  # (F, num_mels)
             else:
                 value = normalize_images(torch.from_numpy(ref.value)[None].float() / 255.0)  # (1, H, W)
             self._reference_rows[key] = (ids, self.durations[modality][label], value)
         return self._reference_rows[key]
 
     def _stack_rows(self, modality: Modality, rows: list[tuple[Tensor, Tensor, Tensor] | None]) -> AlignedTargets:
-        """Reference rows (None: the item has none) padded into one ``AlignedTargets``."""
-        real = [row for row in rows if row is not None]
-        length = max(row[0].shape[0] for row in real)
-        ids = torch.full((len(rows), length), self.tokenizer.pad_id, dtype=torch.long)  # (B, L)
-        mask = torch.zeros((len(rows), length), dtype=torch.bool)  # (B, L)
-        durations = torch.zeros((len(rows), length), dtype=torch.float32)  # (B, L)
-        value_shape = real[0][2].shape
-        if modality is Modality.AUDIO:
-            frames = max(1, max(row[2].shape[0] for row in real))
-            values = torch.zeros((len(rows), frames, value_shape[1]), dtype=torch.float32)  # (B, F, M)
-            value_mask = torch.zeros((len(rows), frames), dtype=torch.bool)  # (B, F)
-        else:
-            values = torch.zeros((len(rows), *value_shape), dtype=torch.float32)  # (B, 1, H, W)
-            value_mask = torch.ones((len(rows), value_shape[-1]), dtype=torch.bool)  # (B, W)
-        for i, row in enumerate(rows):
-            if row is None:
-                continue
-            row_ids, row_durations, value = row
-            ids[i, : row_ids.shape[0]] = row_ids
-            mask[i, : row_ids.shape[0]] = True
-            durations[i, : row_durations.shape[0]] = row_durations
-            if modality is Modality.AUDIO:
-                values[i, : value.shape[0]] = value
-                value_mask[i, : value.shape[0]] = True
-            else:
-                values[i] = value
-        present = torch.tensor([row is not None for row in rows])
-        return AlignedTargets(ids, mask, durations, values, value_mask, present)
+        """Reference rows (None: the item has none, read as an empty row) padded into one
+        ``AlignedTargets``."""
+        present = torch.tensor([row is not None for row in rows])  # (B,)
+        shape = next(row for row in rows if row is not None)[2].shape
+        audio = modality is Modality.AUDIO
+        empty = (torch.zeros(0, dtype=torch.long), torch.zeros(0), torch.zeros(0, *shape[1:]) if audio else torch.zeros(shape))
+        ids, durations, values = zip(*(empty if row is None else row for row in rows))
+        lengths = torch.tensor([row.shape[0] for row in ids])  # (B,)
+        mask = torch.arange(int(lengths.max()))[None, :] < lengths[:, None]  # (B, L)
+        ids = pad_sequence(ids, batch_first=True, padding_value=self.tokenizer.pad_id)  # (B, L)
+        durations = pad_sequence(durations, batch_first=True)  # (B, L)
+        if not audio:
+            return AlignedTargets(ids, mask, durations, torch.stack(values), torch.ones((len(rows), shape[-1]), dtype=torch.bool), present)
+        frames = torch.tensor([value.shape[0] for value in values])  # (B,)
+        padded = pad_sequence(values, batch_first=True)  # (B, F, M)
+        if padded.shape[1] == 0:  # every clip empty: one masked frame, as a collated batch has
+            padded = padded.new_zeros(len(rows), 1, shape[1])
+        value_mask = torch.arange(padded.shape[1])[None, :] < frames[:, None]  # (B, F)
+        return AlignedTargets(ids, mask, durations, padded, value_mask, present)
 
     def _durations(self, modality: Modality, ref: Reference) -> Tensor:
         """(L,) float32 durations of ``ref``'s ``[bos] tokens [eos]``, its text truncated as

@@ -101,13 +101,13 @@ class TokenLayout:
             any positions of the grid carried only to round P up (``of``'s ``multiple``).
         batch: B.
         length: N.
-        kept: T, the tokens whose results ``unpack`` returns (None: all P).
+        count: T, the kept tokens: the first T of ``index``, whose results ``unpack`` returns.
     """
 
     index: Tensor
     batch: int
     length: int
-    kept: int | None = None
+    count: int
 
     @classmethod
     def of(cls, keep: Tensor, multiple: int = 1) -> TokenLayout:
@@ -120,22 +120,17 @@ class TokenLayout:
         """
         flat = keep.flatten()
         index = flat.nonzero().squeeze(1)
-        kept = index.numel()
-        padded = min(-(-kept // multiple) * multiple, flat.numel())
-        if padded > kept:
-            extra = (~flat).nonzero().squeeze(1)[: padded - kept]
+        count = index.numel()
+        padded = min(-(-count // multiple) * multiple, flat.numel())
+        if padded > count:
+            extra = (~flat).nonzero().squeeze(1)[: padded - count]
             index = torch.cat([index, extra])
-        return cls(index, keep.shape[0], keep.shape[1], kept)
+        return cls(index, keep.shape[0], keep.shape[1], count)
 
     @property
     def fraction(self) -> float:
         """T / (B N): the share of the grid kept."""
         return self.count / max(self.batch * self.length, 1)
-
-    @property
-    def count(self) -> int:
-        """T, the tokens kept (without the positions carried for rounding)."""
-        return self.index.numel() if self.kept is None else self.kept
 
     def pack(self, grid: Tensor) -> Tensor:
         """(B, N, ...) -> (P, ...): the kept tokens, row-major, then the rounding positions."""
@@ -144,8 +139,8 @@ class TokenLayout:
     def unpack(self, tokens: Tensor) -> Tensor:
         """(P, ...) -> (B, N, ...): the kept tokens in their places, zeros elsewhere."""
         grid = tokens.new_zeros((self.batch * self.length, *tokens.shape[1:]))  # (B N, ...)
-        count = self.count
-        return grid.index_copy(0, self.index[:count], tokens[:count]).unflatten(0, (self.batch, self.length))
+        kept = slice(0, self.count)
+        return grid.index_copy(0, self.index[kept], tokens[kept]).unflatten(0, (self.batch, self.length))
 
 
 class SelfAttention(nn.Module):
