@@ -13,6 +13,11 @@ other worker's block), so collation done ahead never overlaps the other side's t
     python benchmarks/bench_train_step.py --old /tmp/wt-c4f5646 --profile 3      # + op profiles
     python benchmarks/bench_train_step.py --skip-steps --backbone                 # bf16 MFU only
     python benchmarks/bench_train_step.py --old /tmp/wt-c4f5646 --set train.compile=true --warmup 6   # compiled blocks
+    python benchmarks/bench_train_step.py --old /tmp/wt-c4f5646 --warm-cache    # the steps of the second epoch on
+
+The new version reads the training split as ``fit`` does (keyed items), so its collator keeps each
+clip's log-mel frames: the timed steps are those of the first epoch, every clip new, unless
+``--warm-cache`` first collates one whole epoch (the main job's 800 steps are 3.2 epochs).
 
 Each worker builds the preset's data (cached under ``$POLYMODAL_CACHE`` after the first time) and
 model (an untrained image tokenizer stands in for stage 1: the step's work does not depend on its
@@ -43,7 +48,7 @@ TOP_OPS = 15  # rows of each profile table
 class Worker:
     """One version's default-preset training step, driven by the parent over stdin/stdout."""
 
-    def __init__(self, precision: str, threads: int, run_dir: Path, overrides: list[str]) -> None:
+    def __init__(self, precision: str, threads: int, run_dir: Path, overrides: list[str], warm_cache: bool = False) -> None:
         import torch
 
         from polymodal.config import load_config
@@ -54,10 +59,14 @@ class Worker:
         self.config = load_config(overrides=base + overrides)
         self.new = _has("polymodal.training.loop", "optimizer_step")
         torch.manual_seed(self.config.seed)
-        (self._prepare_new if self.new else self._prepare_old)(run_dir)
+        if self.new:
+            self._prepare_new(run_dir, warm_cache)
+        else:
+            self._prepare_old(run_dir)
         self.model.train()
 
-    def _prepare_new(self, run_dir: Path) -> None:
+    def _prepare_new(self, run_dir: Path, warm_cache: bool) -> None:
+        from polymodal.data.keyed import TrainingItems, load_noise_clips
         from polymodal.training.loop import start_state
         from polymodal.training.run import prepare_run
         from polymodal.training.sampler import CountedCollate, build_loader
@@ -66,11 +75,19 @@ class Worker:
         self.model = run.model
         self.state = start_state(self.model, self.config, run_dir, resume=False)
         self.dtype = self.state.dtype
-        train = self.config.train
+        train, data = self.config.train, self.config.data
+        items = TrainingItems(
+            run.splits.train, augment=data.augment, seed=self.config.seed, sample_rate=data.sample_rate, noise_clips=load_noise_clips(data)
+        )  # fmt: skip
+        if warm_cache:  # one epoch collated: every clip's log-mel frames kept
+            epoch = build_loader(items, run.collator, batch_size=train.batch_size, seed=self.config.seed)
+            for _, _ in zip(range(-(-len(items) // train.batch_size)), epoch):
+                pass
+            kept = run.collator._log_mels.values()
+            print(f"new: {len(kept)} clips' log-mel frames kept, {sum(x.numel() * x.element_size() for x in kept) / 2**20:.0f} MiB", file=sys.stderr)
         loader = build_loader(
-            run.splits.train, CountedCollate(run.collator), batch_size=train.batch_size, seed=self.config.seed,
-            num_workers=self.config.data.num_workers,
-        )
+            items, CountedCollate(run.collator), batch_size=train.batch_size, seed=self.config.seed, num_workers=data.num_workers
+        )  # fmt: skip
         self.pairs = iter(loader)
         if train.compile:  # as fit does: the blocks stay compiled for the worker's life
             from polymodal.training.compile import compiled_blocks
@@ -165,10 +182,10 @@ def _has(module: str, name: str) -> bool:
     return hasattr(importlib.import_module(module), name)
 
 
-def serve(precision: str, threads: int, overrides: list[str]) -> None:
+def serve(precision: str, threads: int, overrides: list[str], warm_cache: bool) -> None:
     """The worker's loop: one JSON command per stdin line, one JSON answer per stdout line."""
     with tempfile.TemporaryDirectory() as run_dir:
-        worker = Worker(precision, threads, Path(run_dir), overrides)
+        worker = Worker(precision, threads, Path(run_dir), overrides, warm_cache)
         answer = {"ready": True, "new": worker.new, "dtype": str(worker.dtype or "torch.float32").removeprefix("torch.")}
         print(json.dumps(answer), flush=True)
         for line in sys.stdin:
@@ -192,10 +209,10 @@ def serve(precision: str, threads: int, overrides: list[str]) -> None:
 class Side:
     """A worker process for one source tree."""
 
-    def __init__(self, name: str, src: Path, precision: str, threads: int, overrides: list[str] = ()) -> None:
+    def __init__(self, name: str, src: Path, precision: str, threads: int, overrides: list[str] = (), warm_cache: bool = False) -> None:
         env = dict(os.environ, PYTHONPATH=str(src))
         command = [sys.executable, str(Path(__file__).resolve()), "--worker", precision, "--threads", str(threads)]
-        command += [f"--set={o}" for o in overrides]
+        command += [f"--set={o}" for o in overrides] + (["--warm-cache"] if warm_cache else [])
         self.name = name
         self.proc = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env, text=True)
         self.info = self._read()
@@ -218,7 +235,7 @@ class Side:
 
 def compare_steps(args: argparse.Namespace, precision: str) -> dict:
     """Alternate blocks of steps between the two versions; per-step times and the new step's MFU."""
-    sides = [Side("old", Path(args.old) / "src", precision, args.threads), Side("new", NEW_SRC, precision, args.threads, args.set)]
+    sides = [Side("old", Path(args.old) / "src", precision, args.threads), Side("new", NEW_SRC, precision, args.threads, args.set, args.warm_cache)]
     try:
         for side in sides:
             side.ask(do="block", steps=args.warmup)
@@ -299,15 +316,17 @@ def main() -> None:
     parser.add_argument("--seq", type=int, default=256)
     parser.add_argument("--steps", type=int, default=3, help="timed steps per backbone row")
     parser.add_argument("--set", action="append", default=[], help="a config override for the new version only (train.compile=true)")
+    parser.add_argument("--warm-cache", action="store_true", help="the new version collates one epoch first (its log-mel frames kept)")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
-        serve(args.worker, args.threads, args.set)
+        serve(args.worker, args.threads, args.set, args.warm_cache)
         return
     import torch
 
     print(f"torch {torch.__version__}, {args.threads} threads, CPU capability {torch.backends.cpu.get_cpu_capability()}, "
-          f"load average {os.getloadavg()[0]:.1f}; the new version with {args.set or 'the preset as it is'}")
+          f"load average {os.getloadavg()[0]:.1f}; the new version with {args.set or 'the preset as it is'}, "
+          f"{'after one epoch (log-mel frames kept)' if args.warm_cache else 'first epoch'}")
     if not args.skip_steps:
         for precision in args.precisions:
             report_steps(precision, compare_steps(args, precision), args)

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch.nn.utils.rnn import pad_sequence
 
 from polymodal.config import DataConfig
 from polymodal.data.audio import LogMel, speech_bounds
-from polymodal.data.batch import Sample
+from polymodal.data.augment import AudioAugmentSettings, AugmentSettings
+from polymodal.data.batch import ItemKey, Sample
 from polymodal.data.collate import Collator, build_collator
 from polymodal.data.image import normalize_images
 from polymodal.data.text import TextTokenizer
@@ -155,3 +157,43 @@ def test_trimmed_clip_equals_the_clip_cut_by_hand(tokenizer: TextTokenizer) -> N
     assert not torch.equal(trimmed.inputs[Modality.AUDIO], by_hand.inputs[Modality.AUDIO])  # the floor changed it
     config = build_collator(tokenizer, DataConfig(trim_db=30.0, top_db=40.0))
     assert (config.trim_db, config.log_mel.top_db) == (30.0, 40.0)
+
+
+def _keyed(lengths: list[int], epoch: int = 0, first: int = 0) -> list[Sample]:
+    return [Sample(audio=_wave(n, first + i), key=ItemKey(epoch, first + i)) for i, n in enumerate(lengths)]
+
+
+def test_kept_log_mels_equal_the_batched_path(tokenizer: TextTokenizer) -> None:
+    # Kept (cached) frames against the batched STFT, every clip followed by zeros in both: the
+    # batched batch gets one longer clip (last, its rows not compared). Then every later batch,
+    # in any grouping and from a fresh collator (a resumed run), reads the same values bitwise.
+    lengths = [1000, 2400, 3600, 640]  # each at least n_fft / 2 shorter than the batched batch's 4000
+    kept = Collator(tokenizer, **SETTINGS, cache_log_mel=True)
+    first = kept(_keyed(lengths))
+    batched = Collator(tokenizer, **SETTINGS)([*_keyed(lengths), Sample(audio=_wave(4000, 99), key=ItemKey(0, 99))])
+    audio, mask = first.inputs[Modality.AUDIO], first.masks[Modality.AUDIO]
+    torch.testing.assert_close(mask, batched.masks[Modality.AUDIO][:4, : mask.shape[1]])
+    torch.testing.assert_close(audio, batched.inputs[Modality.AUDIO][:4, : audio.shape[1]], atol=1e-5, rtol=0)
+    assert len(kept._log_mels) == 4
+    again = kept(_keyed(lengths, epoch=3))  # all hits
+    assert torch.equal(again.inputs[Modality.AUDIO], audio)
+    fresh = Collator(tokenizer, **SETTINGS, cache_log_mel=True)
+    regrouped = fresh(_keyed(lengths[2:], first=2))  # 3600 is now the longest, not followed by a longer clip
+    assert torch.equal(regrouped.inputs[Modality.AUDIO][0, : int(mask[2].sum())], audio[2, : int(mask[2].sum())])
+    assert torch.equal(regrouped.inputs[Modality.AUDIO][1, : int(mask[3].sum())], audio[3, : int(mask[3].sum())])
+
+
+def test_kept_log_mels_are_not_spec_augmented_in_place(tokenizer: TextTokenizer) -> None:
+    # SpecAugment masks the kept frames afresh each epoch; the kept frames stay clean. Evaluation
+    # items (no key) never touch the cache, and waveform augmentation turns it off.
+    masking = AudioAugmentSettings(spec_augment_p=1.0)
+    kept = Collator(tokenizer, **SETTINGS, spec_augment=masking, cache_log_mel=True)
+    clean = Collator(tokenizer, **SETTINGS, cache_log_mel=True)(_keyed([3000, 3600]))
+    epochs = [kept(_keyed([3000, 3600], epoch=e)).inputs[Modality.AUDIO] for e in (0, 1)]
+    assert not torch.equal(epochs[0], epochs[1]) and not torch.equal(epochs[0], clean.inputs[Modality.AUDIO])
+    assert torch.equal(pad_sequence([kept._log_mels[0], kept._log_mels[1]], batch_first=True), clean.inputs[Modality.AUDIO])
+    kept([Sample(audio=_wave(2000, 7))])
+    assert len(kept._log_mels) == 2
+    assert build_collator(tokenizer, DataConfig()).cache_log_mel
+    augmented = DataConfig(augment=AugmentSettings(audio=AudioAugmentSettings(noise_p=0.5)))
+    assert not build_collator(tokenizer, augmented).cache_log_mel

@@ -14,6 +14,14 @@ Training items carry their key (``Sample.key``): the batch then holds their indi
 VTLP (``data.augment.audio.vtlp_p``) warps their filterbank and SpecAugment (``spec_augment_p``)
 masks their log-mel frames, drawn from each item's key alone so that they replay on resume. Items
 without a key (evaluation) are never warped nor masked.
+
+When nothing changes a training item's waveform from epoch to epoch (no waveform augmentation and
+no VTLP: ``cache_log_mel``), its log-mel frames are worked out once, by key index, and kept: the
+main job draws each clip about three times, and the STFT was a tenth of its step (BENCHMARKS.md,
+"Training throughput on a CPU with AMX"). Each clip's frames are then computed on their own, as the
+clip followed by zeros (the references' rule), so that they never depend on which clips share a
+batch and a resumed run reads the same values as one that never stopped. SpecAugment masks the
+kept frames afresh in every batch.
 """
 
 from __future__ import annotations
@@ -71,6 +79,7 @@ class Collator:
         seed: int = 0,
         top_db: float | None = None,
         trim_db: float | None = None,
+        cache_log_mel: bool = False,
     ) -> None:
         if max_text_tokens < NUM_TEXT_SPECIALS:
             raise ValueError(f"max_text_tokens={max_text_tokens} leaves no room for <bos> and <eos>; use >= 2")
@@ -94,6 +103,9 @@ class Collator:
             for modality, table in self.references.items()
         }
         self._reference_rows: dict[tuple[Modality, int], tuple[Tensor, Tensor, Tensor]] = {}
+        # Training item index -> its (F, num_mels) log-mel frames, with cache_log_mel (never with VTLP).
+        self.cache_log_mel = cache_log_mel and self.vtlp is None
+        self._log_mels: dict[int, Tensor] = {}
         self.num_skipped = 0
 
     def __call__(self, samples: Sequence[Sample | None]) -> Batch:
@@ -185,17 +197,44 @@ class Collator:
         """(T,) waveforms or None -> log-mel (B, F, num_mels), zeros on padded frames; mask (B, F).
         With VTLP or SpecAugment on and every item keyed (training), each item's filterbank is warped
         and its frames masked as its key draws."""
-        waveforms, lengths = self._padded(clips)
         keyed = bool(keys) and all(k is not None for k in keys)
-        features = self.log_mel(waveforms, self._warped_filters(keys) if self.vtlp is not None and keyed else None)
-        frames = torch.arange(features.shape[1])  # (F,)
-        valid = self.log_mel.frame_lengths(lengths)  # (B,)
-        mask = (frames[None, :] < valid[:, None]) & (lengths > 0)[:, None]  # (B, F)
+        if self.cache_log_mel and keyed:
+            features, mask = self._kept_log_mels(clips, keys)
+        else:
+            waveforms, lengths = self._padded(clips)
+            features = self.log_mel(waveforms, self._warped_filters(keys) if self.vtlp is not None and keyed else None)
+            frames = torch.arange(features.shape[1])  # (F,)
+            valid = self.log_mel.frame_lengths(lengths)  # (B,)
+            mask = (frames[None, :] < valid[:, None]) & (lengths > 0)[:, None]  # (B, F)
         if self.spec_augment is not None and keyed:
             rngs = [sample_rng(self.seed, k.epoch, k.index, stream="spec_augment") for k in keys]
             features = spec_augment(features, mask, self.spec_augment, rngs)
         features = features.masked_fill(~mask[:, :, None], 0.0)  # padding reads as 0, as Batch documents
         return features, mask
+
+    def _kept_log_mels(self, clips: list[Tensor | None], keys: list[ItemKey]) -> tuple[Tensor, Tensor]:
+        """The training items' log-mel frames from the cache (computed on a miss): (B, F, num_mels)
+        zero-padded, as the batched path pads them, and the (B, F) mask."""
+        rows = []
+        for clip, key in zip(clips, keys):
+            if clip is None:
+                rows.append(torch.zeros(0, self.log_mel.num_mels))
+                continue
+            if key.index not in self._log_mels:
+                self._log_mels[key.index] = self._clip_log_mel(clip)
+            rows.append(self._log_mels[key.index])
+        counts = torch.tensor([row.shape[0] for row in rows])  # (B,)
+        features = pad_sequence(rows, batch_first=True)  # (B, F, num_mels)
+        return features, torch.arange(features.shape[1])[None, :] < counts[:, None]
+
+    def _clip_log_mel(self, clip: Tensor) -> Tensor:
+        """(T,) -> (F, num_mels): one clip's frames, cut to ``max_audio_seconds`` and followed by
+        zeros, as in a batch where a longer clip pads it; F = ``frame_lengths`` of its length."""
+        padded, length = self._padded([clip])  # (1, T), (1,)
+        if int(length) == 0:
+            return torch.zeros(0, self.log_mel.num_mels)
+        padded = torch.nn.functional.pad(padded, (0, self.log_mel.n_fft // 2))  # (1, T + n_fft/2)
+        return self.log_mel(padded)[0, : int(self.log_mel.frame_lengths(length))]
 
     def _warped_filters(self, keys: list[ItemKey]) -> Tensor:
         """(B, n_fft // 2 + 1, num_mels): each item's VTLP filterbank, its factor drawn from its key."""
@@ -237,10 +276,7 @@ class Collator:
             ref = self.references[modality][label]
             ids = self._texts([ref.text])[0][0]  # (L,)
             if modality is Modality.AUDIO:
-                clip, length = self._padded([torch.from_numpy(ref.value)])  # (1, T), (1,)
-                padded = torch.nn.functional.pad(clip, (0, self.log_mel.n_fft // 2))  # (1, T + n_fft/2)
-                frames = int(self.log_mel.frame_lengths(length)) if length > 0 else 0
-                value = self.log_mel(padded)[0, :frames]  # (F, num_mels)
+                value = self._clip_log_mel(torch.from_numpy(ref.value))  # (F, num_mels)
             else:
                 value = normalize_images(torch.from_numpy(ref.value)[None].float() / 255.0)  # (1, H, W)
             self._reference_rows[key] = (ids, self.durations[modality][label], value)
@@ -303,7 +339,8 @@ def build_collator(
 ) -> Collator:
     """A ``Collator`` with the settings of ``data_config`` (SpecAugment from its ``augment``), a
     dataset's ``references`` per target modality, its ``front_end``, what the audio encoder reads
-    (``audio_input``: log_mel | waveform) and the run's ``seed`` (SpecAugment's draws)."""
+    (``audio_input``: log_mel | waveform) and the run's ``seed`` (SpecAugment's draws). Training
+    items' log-mel frames are kept unless waveform augmentation or VTLP changes them each epoch."""
     return Collator(
         tokenizer,
         sample_rate=data_config.sample_rate,
@@ -319,6 +356,7 @@ def build_collator(
         seed=seed,
         top_db=data_config.top_db,
         trim_db=data_config.trim_db,
+        cache_log_mel=not data_config.augment.audio.active,
     )
 
 
