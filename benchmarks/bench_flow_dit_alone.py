@@ -32,6 +32,15 @@ about twice the DiT's time per step (``--timing`` with ``--decoder unet`` adds t
     OMP_NUM_THREADS=1 python benchmarks/bench_flow_dit_alone.py --decoder unet --vae VAE --patch 1 --channels 64 --channel-mults 1,2 --steps 1000 --out OUT
     OMP_NUM_THREADS=1 python benchmarks/bench_flow_dit_alone.py --timing 6 --conv-kernel 3 --decoder unet --patch 2
 
+Claim (BENCHMARKS.md, "The U-Net alone on a trained run's frozen condition"): with
+``--condition-run RUN`` (a ``metaquery`` run) the condition is not the slot embedding but the
+tokens the run's own queries and connector make of each item's caption, computed once and frozen
+(its empty condition for dropout and guidance). Against the slot condition at the same steps this
+tells whether the preset's failure lies in the form of its condition or in learning under a
+condition that moves while the backbone trains.
+
+    python benchmarks/bench_flow_dit_alone.py --decoder unet --patch 2 --channels 32 --channel-mults 1,2,2 --condition-run RUN --steps 1000 --out OUT
+
 One thread: about 0.75 s per step of 64 images x 2 noise draws at patch 8 (dim 128, 4 blocks).
 """
 
@@ -76,6 +85,45 @@ def digit_slots(numbers: torch.Tensor) -> torch.Tensor:
     return torch.arange(SLOTS)[None] * DIGIT_VALUES + torch.where(used, digits, DIGIT_VALUES - 1)
 
 
+class RunCondition(nn.Module):
+    """Frozen condition tokens (K, Nc, C), one row per key (an item), and the empty condition (Nc, C)."""
+
+    def __init__(self, table: torch.Tensor, empty: torch.Tensor) -> None:
+        super().__init__()
+        self.register_buffer("table", table)
+        self.register_buffer("empty", empty)
+
+    def forward(self, keys: torch.Tensor, dropout: float = 0.0) -> torch.Tensor:
+        tokens = self.table[keys]
+        if dropout:
+            dropped = torch.rand(len(keys)) < dropout
+            tokens = torch.where(dropped[:, None, None], self.empty.expand_as(tokens), tokens)
+        return tokens
+
+
+def run_conditions(
+    run_dir: Path, train_count: int, test_count: int, standardize: bool = False
+) -> tuple[RunCondition, torch.Tensor, torch.Tensor]:
+    """The frozen condition of a ``metaquery`` run for the first train and test items, and the
+    (train_count,), (test_count,) numbers they belong to (to check they line up with the images).
+    With ``standardize`` every (token, feature) is shifted and scaled to zero mean and unit spread
+    over the train items (the empty condition likewise): what differs between captions dominates."""
+    from probe_flow_condition import conditions, flow_head  # the sibling script: run as python benchmarks/...
+
+    run = load_run(run_dir)
+    head = flow_head(run)
+    if head.queries.read_source:
+        raise SystemExit("--condition-run takes a run whose condition is the queries' alone (read_source off)")
+    train_c, train_n = conditions(run, head, "train", train_count)
+    test_c, test_n = conditions(run, head, "test", test_count)
+    with torch.no_grad():
+        empty = head.queries.empty(run.model, head.queries.queries[None]).condition[0].float()
+    if standardize:
+        mean, std = train_c.mean(0), train_c.std(0) + 1e-6  # (Nc, C) each
+        train_c, test_c, empty = (train_c - mean) / std, (test_c - mean) / std, (empty - mean) / std
+    return RunCondition(torch.cat([train_c, test_c]), empty), torch.from_numpy(train_n), torch.from_numpy(test_n)
+
+
 class SlotCondition(nn.Module):
     """The condition tokens (B, 3, 128) of a number; a learned empty condition for dropout/guidance."""
 
@@ -115,7 +163,8 @@ def built_in_data(preset: str):
 def network_settings(args) -> dict:
     """The velocity network's spec: the preset's DiT (dim 128, 4 blocks, 4 heads) or the U-Net."""
     if args.decoder == "unet":
-        return {"name": "unet", "channels": args.channels, "channel_mults": [int(m) for m in args.channel_mults.split(",")]}
+        return {"name": "unet", "channels": args.channels, "channel_mults": [int(m) for m in args.channel_mults.split(",")],
+                "global_tokens": args.global_tokens}
     return {"name": "dit", "dim": 128, "num_layers": 4, "num_heads": 4, "conv_kernel": args.conv_kernel}
 
 
@@ -123,12 +172,13 @@ class SlotFlow(nn.Module):
     """The velocity network (DiT or U-Net) over patches of (C, H, W) maps (pixels, or a VAE's
     latents) and its slot condition."""
 
-    def __init__(self, shape: tuple[int, int, int], patch: int, network: dict) -> None:
+    def __init__(self, shape: tuple[int, int, int], patch: int, network: dict, condition: nn.Module | None = None) -> None:
         super().__init__()
         channels, height, width = shape
         self.patch, self.grid = patch, (height // patch, width // patch)
-        self.network = FLOW_NETWORKS.build(network, channels * patch * patch, self.grid, CONDITION_DIM)
-        self.condition = SlotCondition()
+        self.condition = condition if condition is not None else SlotCondition()  # called with each item's key
+        dim_condition = condition.table.shape[-1] if condition is not None else CONDITION_DIM
+        self.network = FLOW_NETWORKS.build(network, channels * patch * patch, self.grid, dim_condition)
 
     def velocity(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
         """(B, C, H, W), (B,), (B, 3, 128) -> (B, C, H, W)."""
@@ -164,18 +214,19 @@ def judged_share(judge, images: torch.Tensor, numbers: torch.Tensor) -> float:
 @torch.no_grad()
 def evaluate(flow: SlotFlow, test: tuple[torch.Tensor, torch.Tensor], judge, heldout: set[int], args, step: int) -> dict:
     """The fixed-time losses (own / empty condition) and the judged samples at ``step``; ``test``
-    holds what the flow runs on (images, or scaled latents that ``args.space`` decodes)."""
+    holds what the flow runs on (images, or scaled latents that ``args.space`` decodes), the
+    numbers and the condition's keys."""
     flow.eval()
-    images, numbers = test
+    images, numbers, keys = test
     row: dict = {"step": step}
     g = torch.Generator().manual_seed(5)
-    data, own = images[:LOSS_ITEMS], flow.condition(numbers[:LOSS_ITEMS])
+    data, own = images[:LOSS_ITEMS], flow.condition(keys[:LOSS_ITEMS])
     for t0 in LOSS_TIMES:
         noise = torch.randn(data.shape, generator=g)
         t = torch.full((LOSS_ITEMS,), t0)
         x_t, target = interpolate(noise, data, t), target_velocity(noise, data)
         row[f"loss_t{t0}"] = [round(flow_matching_loss(flow.velocity(x_t, t, c), target).item(), 4) for c in (own, flow.condition.empty.expand_as(own))]
-    own = flow.condition(numbers[:SAMPLED])
+    own = flow.condition(keys[:SAMPLED])
     noise = torch.randn((SAMPLED, *images.shape[1:]), generator=torch.Generator().manual_seed(0))
     held = torch.tensor([int(n) in heldout for n in numbers[:SAMPLED]])
     for w in (1.0, 2.0):
@@ -192,7 +243,7 @@ def evaluate(flow: SlotFlow, test: tuple[torch.Tensor, torch.Tensor], judge, hel
 
 def train(flow: SlotFlow, train_split: tuple[torch.Tensor, torch.Tensor], args, at_eval) -> None:
     """AdamW with warm-up and cosine; ``at_eval(step)`` at each of ``args.evals``."""
-    images, numbers = train_split
+    images, keys = train_split[0], train_split[2]
     params = list(flow.parameters())
     groups = [{"params": [q for q in params if q.ndim >= 2], "weight_decay": WEIGHT_DECAY}, {"params": [q for q in params if q.ndim < 2], "weight_decay": 0.0}]
     optimizer = torch.optim.AdamW(groups, lr=args.lr)
@@ -204,7 +255,7 @@ def train(flow: SlotFlow, train_split: tuple[torch.Tensor, torch.Tensor], args, 
             group["lr"] = args.lr * lr_factor(step - 1, warmup_steps=WARMUP, total_steps=args.steps, min_lr_ratio=MIN_LR_RATIO)
         pick = torch.randint(len(images), (args.batch,), generator=g)
         data = images[pick].repeat_interleave(args.noise_draws, 0)  # (B k, 1, H, W)
-        context = flow.condition(numbers[pick], CONDITION_DROPOUT).repeat_interleave(args.noise_draws, 0)
+        context = flow.condition(keys[pick], CONDITION_DROPOUT).repeat_interleave(args.noise_draws, 0)
         noise = torch.randn(data.shape, generator=g)
         t = training_times(len(data), distribution=args.time_distribution, shift=args.time_shift, generator=g)
         loss = flow_matching_loss(flow.velocity(interpolate(noise, data, t), t, context), target_velocity(noise, data))
@@ -276,6 +327,10 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--sample-steps", type=int, default=8)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--condition-run", type=Path, help="condition on this metaquery run's frozen query tokens, not digit slots")
+    parser.add_argument("--global-tokens", type=int, default=0, help="the U-Net's: also read the N condition tokens concatenated")
+    parser.add_argument("--standardize", action="store_true", help="with --condition-run: each condition feature to zero mean, unit spread")
+    parser.add_argument("--condition-items", type=int, default=8000, help="with --condition-run: the first train items to condition")
     parser.add_argument("--out", type=Path)
     parser.add_argument("--timing", type=int, default=0, help="only time N steps of the pixel and the latent DiT, interleaved")
     args = parser.parse_args()
@@ -294,16 +349,24 @@ def main() -> None:
         header |= {"latent_shape": list(x_train.shape[1:]), "latent_scale": round(args.space.scale, 4)}
         header["judged_reconstructed"] = judged_share(judge, args.space.decode(x_test[:SAMPLED]), y_test[:SAMPLED])
     logging.info("%s", json.dumps(header))
-    flow = SlotFlow(tuple(x_train.shape[1:]), args.patch, network_settings(args))
+    condition, train_keys, test_keys = None, y_train, y_test
+    if args.condition_run is not None:
+        condition, train_n, test_n = run_conditions(args.condition_run, min(args.condition_items, len(y_train)), SAMPLED, args.standardize)
+        x_train, y_train = x_train[: len(train_n)], y_train[: len(train_n)]
+        if not (torch.equal(train_n, y_train) and torch.equal(test_n, y_test[:SAMPLED])):
+            raise SystemExit("the run's captions do not line up with the built-in images")
+        train_keys, test_keys = torch.arange(len(train_n)), torch.arange(SAMPLED) + len(train_n)
+        header |= {"condition_tokens": list(condition.table.shape[1:])}
+    flow = SlotFlow(tuple(x_train.shape[1:]), args.patch, network_settings(args), condition)
     rows: list[dict] = []
 
     def at_eval(step: int, seconds: int) -> None:
-        rows.append({**evaluate(flow, (x_test, y_test), judge, heldout, args, step), "train_s": seconds})
+        rows.append({**evaluate(flow, (x_test, y_test, test_keys), judge, heldout, args, step), "train_s": seconds})
         logging.info("%s", json.dumps(rows[-1]))
         settings = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items() if k != "space"} | {"parameters": sum(p.numel() for p in flow.network.parameters())}
         (args.out / "figures.json").write_text(json.dumps({"settings": settings, "data": header, "evals": rows}, indent=1))
 
-    train(flow, (x_train, y_train), args, at_eval)
+    train(flow, (x_train, y_train, train_keys), args, at_eval)
     print("| step | judged w=1 | judged w=2 | held-out w=2 | " + " | ".join(f"loss t={t} own / empty" for t in LOSS_TIMES) + " |")
     for row in rows:
         losses = " | ".join(f"{row[f'loss_t{t}'][0]:.3f} / {row[f'loss_t{t}'][1]:.3f}" for t in LOSS_TIMES)
