@@ -37,9 +37,11 @@ Claim (BENCHMARKS.md, "The U-Net alone on a trained run's frozen condition"): wi
 tokens the run's own queries and connector make of each item's caption, computed once and frozen
 (its empty condition for dropout and guidance). Against the slot condition at the same steps this
 tells whether the preset's failure lies in the form of its condition or in learning under a
-condition that moves while the backbone trains.
+condition that moves while the backbone trains. ``--standardize`` moves every condition feature to
+zero mean and unit spread over the train items first.
 
-    python benchmarks/bench_flow_dit_alone.py --decoder unet --patch 2 --channels 32 --channel-mults 1,2,2 --condition-run RUN --steps 1000 --out OUT
+    python benchmarks/bench_flow_dit_alone.py --decoder unet --patch 2 --channels 32 --channel-mults 1,2,2 --condition-run RUN --steps 1000 --evals 250,500,1000 --out OUT
+    python benchmarks/bench_flow_dit_alone.py --decoder unet --patch 2 --channels 32 --channel-mults 1,2,2 --condition-run RUN --standardize --steps 1000 --evals 250,500,1000 --out OUT
 
 One thread: about 0.75 s per step of 64 images x 2 noise draws at patch 8 (dim 128, 4 blocks).
 """
@@ -163,8 +165,7 @@ def built_in_data(preset: str):
 def network_settings(args) -> dict:
     """The velocity network's spec: the preset's DiT (dim 128, 4 blocks, 4 heads) or the U-Net."""
     if args.decoder == "unet":
-        return {"name": "unet", "channels": args.channels, "channel_mults": [int(m) for m in args.channel_mults.split(",")],
-                "global_tokens": args.global_tokens}
+        return {"name": "unet", "channels": args.channels, "channel_mults": [int(m) for m in args.channel_mults.split(",")]}
     return {"name": "dit", "dim": 128, "num_layers": 4, "num_heads": 4, "conv_kernel": args.conv_kernel}
 
 
@@ -328,7 +329,6 @@ def main() -> None:
     parser.add_argument("--sample-steps", type=int, default=8)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--condition-run", type=Path, help="condition on this metaquery run's frozen query tokens, not digit slots")
-    parser.add_argument("--global-tokens", type=int, default=0, help="the U-Net's: also read the N condition tokens concatenated")
     parser.add_argument("--standardize", action="store_true", help="with --condition-run: each condition feature to zero mean, unit spread")
     parser.add_argument("--condition-items", type=int, default=8000, help="with --condition-run: the first train items to condition")
     parser.add_argument("--out", type=Path)

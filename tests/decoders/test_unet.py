@@ -5,8 +5,6 @@ is known (``flow_oracles``); inside the image head it trains a step and is chose
 
 from __future__ import annotations
 
-import copy
-
 import pytest
 import torch
 from batches import SHAPES, make_batch
@@ -71,42 +69,6 @@ def test_with_cross_attention_silenced_the_condition_reaches_nothing():
         for reader in readers:
             reader.o_proj.weight.zero_()
     torch.testing.assert_close(network(tokens, t, context=first), network(tokens, t, context=second), rtol=0, atol=0)
-
-
-class _Shift(nn.Module):
-    def __init__(self, shift: torch.Tensor) -> None:
-        super().__init__()
-        self.shift = shift
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x + self.shift
-
-
-def test_a_global_condition_moves_the_time_embedding_by_the_concatenated_tokens():
-    # global_tokens: with every cross-attention silenced the condition still reaches the output,
-    # exactly as the network without it whose time embedding is moved by proj(concatenation) by
-    # hand; the tokens' order matters (their mean would not see it); padded tokens read as zeros.
-    network = _wake(_tiny(global_tokens=3)).double()
-    with torch.no_grad():
-        for reader in (m for m in network.modules() if isinstance(m, CrossAttention)):
-            reader.o_proj.weight.zero_()
-    tokens, t = torch.randn(2, 32, 3, dtype=torch.float64), torch.rand(2, dtype=torch.float64)
-    context = torch.randn(2, 3, 6, dtype=torch.float64)
-    by_hand = copy.deepcopy(network)
-    by_hand.time_mlp = nn.Sequential(*by_hand.time_mlp, _Shift(network.global_proj(context.flatten(1))))
-    by_hand.global_proj, by_hand.global_tokens = None, 0
-    with torch.no_grad():
-        torch.testing.assert_close(network(tokens, t, context=context), by_hand(tokens, t, context=context))
-        swapped = network(tokens, t, context=context[:, [1, 0, 2]])
-        assert (swapped - network(tokens, t, context=context)).abs().max() > 1e-3
-        mask = torch.tensor([[True, True, False]] * 2)
-        zeroed = context.clone()
-        zeroed[:, 2] = 0.0
-        torch.testing.assert_close(network(tokens, t, context=context, context_mask=mask), network(tokens, t, context=zeroed))
-    with pytest.raises(ValueError, match="global_tokens=3 but the condition has 4 tokens"):
-        network(tokens, t, context=torch.randn(2, 4, 6, dtype=torch.float64))
-    with pytest.raises(ValueError, match="only with a condition"):
-        _tiny(dim_context=None, global_tokens=2)
 
 
 def test_only_the_coarse_levels_read_the_condition():

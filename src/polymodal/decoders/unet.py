@@ -19,22 +19,12 @@ GroupNorm scale and shift, "AdaGN") then a stride-2 convolution down; a middle o
 self-attention, residual block at the coarsest level; the mirror path up (nearest upsampling and a
 3 x 3 convolution), its first block of each level reading the down path's output of that level
 concatenated (the U-Net's skip); GroupNorm, SiLU and a 3 x 3 output convolution. The condition
-tokens are read by cross-attention after each block of the ``attention_levels`` coarsest
+tokens are read only by cross-attention after each block of the ``attention_levels`` coarsest
 levels and in the middle (latent diffusion's conditioning), with fixed 2-D sin-cos positions added
-to the queries so that each place can ask for its own part of the condition. With
-``global_tokens`` = N the network also reads the N condition tokens concatenated, through one
-linear map into the time embedding, so that every block's AdaGN sees the whole condition (as a
-class-conditional U-Net sees its class; "Why a global condition" below). Without it nothing else
-sees the condition, so with the cross-attention silenced the output does not depend on it. Block outputs and the output convolution start near zero, so the network
+to the queries so that each place can ask for its own part of the condition. Nothing else sees the
+condition (no pooled vector in the time embedding), so with the cross-attention silenced the output
+does not depend on it. Block outputs and the output convolution start near zero, so the network
 starts near the identity path and the zero velocity, with every weight alive (as the DiT).
-
-Why a global condition. A linear probe reads the number's digits at 99% from the flattened query
-tokens of a trained ``metaquery`` run (BENCHMARKS.md, "The `metaquery` preset on a CPU with
-AMX"), yet this U-Net trained alone on those frozen tokens, through cross-attention only, draws
-numbers the judge reads in 5.5% of samples after 1,000 steps, against 44.1% under one learned
-token per digit slot (BENCHMARKS.md, "The U-Net alone on a trained run's frozen condition"). The
-tokens' mean, added to the time embedding, lost the digits (the probe reads 81-88% from it) and
-did not help (2.7%). The concatenation keeps all of it, linearly.
 
 The input is the DiT's: (B, rows * cols, dim_in) patch tokens of a (rows, cols) grid in row-major
 order, so the heads call either network alike; at patch size 1 they are the pixels (or latents).
@@ -167,14 +157,11 @@ class FlowUNet(nn.Module):
         attention_levels: how many of the coarsest levels read the condition by cross-attention
             (the middle always does when there is a condition).
         num_heads: attention heads.
-        global_tokens: N > 0: the condition always has N tokens, and their concatenation also
-            enters the time embedding (see the module's docstring); 0: cross-attention only.
     """
 
     def __init__(
         self, dim_in: int, layout: int | tuple[int, int], dim_context: int | None = None, *, channels: int = 32,
         channel_mults: tuple[int, ...] = (1, 2, 2), num_res_blocks: int = 1, attention_levels: int = 2, num_heads: int = 4,
-        global_tokens: int = 0,
     ) -> None:  # fmt: skip
         super().__init__()
         widths = [channels * m for m in channel_mults]
@@ -188,15 +175,11 @@ class FlowUNet(nn.Module):
             raise ValueError(f"channels {widths} must divide by {NORM_GROUPS}, 4 and num_heads {num_heads}; num_res_blocks >= 1")
         if not 0 <= attention_levels <= levels:
             raise ValueError(f"attention_levels must lie in [0, {levels}], got {attention_levels}")
-        if global_tokens < 0 or (global_tokens and dim_context is None):
-            raise ValueError(f"global_tokens={global_tokens}: a count >= 0 of condition tokens, and > 0 only with a condition")
         self.channels, self.layout = channels, (rows, cols)
         grids = [(rows // 2**i, cols // 2**i) for i in range(levels)]
         reads = [dim_context if i >= levels - attention_levels else None for i in range(levels)]
         dim_time = TIME_WIDTH * channels
         self.time_mlp = nn.Sequential(nn.Linear(channels, dim_time), nn.SiLU(), nn.Linear(dim_time, dim_time))
-        self.global_tokens = global_tokens
-        self.global_proj = nn.Linear(global_tokens * dim_context, dim_time) if global_tokens else None
         self.in_conv = nn.Conv2d(dim_in, channels, KERNEL, padding=KERNEL // 2)
         stage = {"dim_time": dim_time, "num_blocks": num_res_blocks, "num_heads": num_heads}
         self.down = nn.ModuleList(Stage(([channels] + widths)[i], widths[i], grid=grids[i], dim_context=reads[i], **stage) for i in range(levels))
@@ -213,8 +196,7 @@ class FlowUNet(nn.Module):
         self.init_weights()
 
     def init_weights(self) -> None:
-        projections = (self.global_proj,) if self.global_proj is not None else ()
-        for layer in (*self.time_mlp, *projections, self.in_conv, *self.downsample, *self.upsample, self.out_norm):
+        for layer in (*self.time_mlp, self.in_conv, *self.downsample, *self.upsample, self.out_norm):
             if hasattr(layer, "reset_parameters"):
                 layer.reset_parameters()
         for part in (*self.down, *self.up, *self.middle, self.middle_self, *((self.middle_cross,) if self.middle_cross is not None else ())):
@@ -240,8 +222,6 @@ class FlowUNet(nn.Module):
             raise ValueError(f"{x.shape[1]} tokens; the U-Net draws a {rows} x {cols} grid of {rows * cols}")
         h = self.in_conv(rearrange(x, "b (h w) c -> b c h w", h=rows))  # (B, channels, rows, cols)
         time = self.time_mlp(sinusoidal_embedding(t * TIME_SCALE, self.channels).to(h.dtype))  # (B, dim_time)
-        if self.global_proj is not None:
-            time = time + self.global_proj(self._flat_condition(context, context_mask))
         skips = []
         for i, stage in enumerate(self.down):
             h = stage(h, time, context, context_mask)
@@ -258,14 +238,3 @@ class FlowUNet(nn.Module):
             h = self.up[i](torch.cat([h, skips.pop()], dim=1), time, context, context_mask)
         out = self.out_conv(nn.functional.silu(self.out_norm(h)))  # (B, dim_in, rows, cols)
         return rearrange(out, "b c h w -> b (h w) c")
-
-    def _flat_condition(self, context: Tensor, context_mask: Tensor | None) -> Tensor:
-        """(B, N, dim_context) and its mask -> (B, N dim_context), padded tokens zero."""
-        if context.shape[1] != self.global_tokens:
-            raise ValueError(
-                f"global_tokens={self.global_tokens} but the condition has {context.shape[1]} tokens; set it to the "
-                "head's num_queries (and leave read_source off: captions differ in length)"
-            )
-        if context_mask is not None:
-            context = context.masked_fill(~context_mask[:, :, None], 0.0)
-        return context.flatten(1)
