@@ -38,10 +38,12 @@ tokens the run's own queries and connector make of each item's caption, computed
 (its empty condition for dropout and guidance). Against the slot condition at the same steps this
 tells whether the preset's failure lies in the form of its condition or in learning under a
 condition that moves while the backbone trains. ``--standardize`` moves every condition feature to
-zero mean and unit spread over the train items first.
+zero mean and unit spread over the train items first. ``--frozen-slots`` keeps the slot embeddings
+as drawn (never trained), to see whether the slot condition works by its form or by being learned.
 
     python benchmarks/bench_flow_dit_alone.py --decoder unet --patch 2 --channels 32 --channel-mults 1,2,2 --condition-run RUN --steps 1000 --evals 250,500,1000 --out OUT
     python benchmarks/bench_flow_dit_alone.py --decoder unet --patch 2 --channels 32 --channel-mults 1,2,2 --condition-run RUN --standardize --steps 1000 --evals 250,500,1000 --out OUT
+    python benchmarks/bench_flow_dit_alone.py --decoder unet --patch 2 --channels 32 --channel-mults 1,2,2 --frozen-slots --steps 1000 --evals 500,1000 --out OUT
 
 One thread: about 0.75 s per step of 64 images x 2 noise draws at patch 8 (dim 128, 4 blocks).
 """
@@ -245,7 +247,7 @@ def evaluate(flow: SlotFlow, test: tuple[torch.Tensor, torch.Tensor], judge, hel
 def train(flow: SlotFlow, train_split: tuple[torch.Tensor, torch.Tensor], args, at_eval) -> None:
     """AdamW with warm-up and cosine; ``at_eval(step)`` at each of ``args.evals``."""
     images, keys = train_split[0], train_split[2]
-    params = list(flow.parameters())
+    params = [q for q in flow.parameters() if q.requires_grad]
     groups = [{"params": [q for q in params if q.ndim >= 2], "weight_decay": WEIGHT_DECAY}, {"params": [q for q in params if q.ndim < 2], "weight_decay": 0.0}]
     optimizer = torch.optim.AdamW(groups, lr=args.lr)
     evals = {int(s) for s in args.evals.split(",")}
@@ -329,6 +331,7 @@ def main() -> None:
     parser.add_argument("--sample-steps", type=int, default=8)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--condition-run", type=Path, help="condition on this metaquery run's frozen query tokens, not digit slots")
+    parser.add_argument("--frozen-slots", action="store_true", help="keep the slot embeddings as initialised (random, not learned)")
     parser.add_argument("--standardize", action="store_true", help="with --condition-run: each condition feature to zero mean, unit spread")
     parser.add_argument("--condition-items", type=int, default=8000, help="with --condition-run: the first train items to condition")
     parser.add_argument("--out", type=Path)
@@ -358,6 +361,8 @@ def main() -> None:
         train_keys, test_keys = torch.arange(len(train_n)), torch.arange(SAMPLED) + len(train_n)
         header |= {"condition_tokens": list(condition.table.shape[1:])}
     flow = SlotFlow(tuple(x_train.shape[1:]), args.patch, network_settings(args), condition)
+    if args.frozen_slots:  # the slot embeddings stay as drawn: only the network learns
+        flow.condition.requires_grad_(False)
     rows: list[dict] = []
 
     def at_eval(step: int, seconds: int) -> None:
