@@ -215,7 +215,7 @@ def judged_share(judge, images: torch.Tensor, numbers: torch.Tensor) -> float:
 
 
 @torch.no_grad()
-def evaluate(flow: SlotFlow, test: tuple[torch.Tensor, torch.Tensor], judge, heldout: set[int], args, step: int) -> dict:
+def evaluate(flow: SlotFlow, test: tuple[torch.Tensor, torch.Tensor, torch.Tensor], judge, heldout: set[int], args, step: int) -> dict:
     """The fixed-time losses (own / empty condition) and the judged samples at ``step``; ``test``
     holds what the flow runs on (images, or scaled latents that ``args.space`` decodes), the
     numbers and the condition's keys."""
@@ -244,9 +244,10 @@ def evaluate(flow: SlotFlow, test: tuple[torch.Tensor, torch.Tensor], judge, hel
     return row
 
 
-def train(flow: SlotFlow, train_split: tuple[torch.Tensor, torch.Tensor], args, at_eval) -> None:
-    """AdamW with warm-up and cosine; ``at_eval(step)`` at each of ``args.evals``."""
-    images, keys = train_split[0], train_split[2]
+def train(flow: SlotFlow, train_split: tuple[torch.Tensor, torch.Tensor, torch.Tensor], args, at_eval) -> None:
+    """AdamW with warm-up and cosine; ``at_eval(step)`` at each of ``args.evals``; ``train_split``
+    holds the images, their numbers and the condition's keys."""
+    images, _, keys = train_split
     params = [q for q in flow.parameters() if q.requires_grad]
     groups = [{"params": [q for q in params if q.ndim >= 2], "weight_decay": WEIGHT_DECAY}, {"params": [q for q in params if q.ndim < 2], "weight_decay": 0.0}]
     optimizer = torch.optim.AdamW(groups, lr=args.lr)

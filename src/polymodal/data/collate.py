@@ -18,10 +18,10 @@ without a key (evaluation) are never warped nor masked.
 When nothing changes a training item's waveform from epoch to epoch (no waveform augmentation and
 no VTLP: ``cache_log_mel``), its log-mel frames are worked out once, by key index, and kept: the
 main job draws each clip about three times, and its step is about 15 ms (5%) shorter once the
-frames are kept (BENCHMARKS.md, "Log-mel frames kept per training clip"). Each clip's frames are then computed on their own, as the
-clip followed by zeros (the references' rule), so that they never depend on which clips share a
-batch and a resumed run reads the same values as one that never stopped. SpecAugment masks the
-kept frames afresh in every batch.
+frames are kept (BENCHMARKS.md, "Log-mel frames kept per training clip"). Each clip's frames are
+then computed on their own, as the clip followed by zeros (the references' rule), so that they
+never depend on which clips share a batch and a resumed run reads the same values as one that
+never stopped. SpecAugment masks the kept frames afresh in every batch.
 """
 
 from __future__ import annotations
