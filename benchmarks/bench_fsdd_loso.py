@@ -79,7 +79,7 @@ def main() -> None:
     logging.basicConfig(level=logging.WARNING)
     if not (args.fsdd / "recordings").is_dir():
         raise SystemExit(f"no recordings in {args.fsdd}; give --fsdd (the folder of ../shared/data/fsdd-dev)")
-    lines = fsdd_lines(args.fsdd)
+    lines = fsdd_lines(args.fsdd.resolve())
     known = sorted({line["speaker"] for line in lines})
     speakers = args.folds or known
     unknown = [name for name in speakers if name not in known]

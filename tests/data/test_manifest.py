@@ -110,6 +110,26 @@ def test_missing_manifest_names_it(tmp_path) -> None:
     assert "nope.jsonl" in str(info.value)
 
 
+def test_media_all_missing_is_an_error_that_names_the_folder(tmp_path) -> None:
+    """Paths written relative to another folder: every file missing stops at once, one missing is a skip."""
+    (tmp_path / "clips").mkdir()
+    _write_wav(tmp_path / "clips" / "a.wav", seconds=0.2)
+    path = tmp_path / "lists" / "m.jsonl"
+    path.parent.mkdir()
+    lines = [{"audio": "clips/a.wav", "text": "a"}, {"audio": "clips/b.wav", "text": "b"}, {"text": "c"}]
+    path.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    with pytest.raises(DataError) as info:
+        ManifestDataset(path, **SETTINGS)
+    message = str(info.value)
+    assert str(path.parent / "clips" / "a.wav") in message and f"folder {path.parent}" in message
+
+    lines[0]["audio"] = "../clips/a.wav"  # now one of the two exists: the other is skipped when loaded
+    path.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    dataset = ManifestDataset(path, **SETTINGS)
+    assert [dataset[i] is None for i in range(3)] == [False, True, False]
+    assert dataset.num_skipped == 1
+
+
 def test_manifest_without_usable_lines(tmp_path) -> None:
     path = tmp_path / "m.jsonl"
     path.write_text('{"label": 1}\n[1, 2]\n{"image": 5}\n{"text": "x", "lable": 3}\n')

@@ -109,7 +109,8 @@ def check_manifest(lines: list[bytes], media: dict[str, Path], collator) -> None
         try:
             dataset = ManifestDataset(path, **SETTINGS)
         except DataError as exc:
-            assert str(path) in str(exc) and "no usable line" in str(exc)
+            assert str(path) in str(exc)
+            assert "no usable line" in str(exc) or "none of its media files exists" in str(exc)
             return
         nonblank = sum(bool(line.strip()) for line in resolved)
         assert len(dataset) + dataset.num_skipped == nonblank
@@ -147,11 +148,12 @@ def test_hand_picked_lines_are_skipped_with_their_reason(tmp_path, media):
         b'{"text": "\xff\xfe"}',  # not UTF-8
         b'{"image": "~no_such_user_xyz/a.png"}',
         b'{"text": "a\xe2\x80\xa8b"}',  # U+2028 inside a string: one line, not two
+        b'{"image": "' + str(media["good_png"]).encode() + b'"}',  # one media file exists: a missing one is a skip
     ]
     path = tmp_path / "m.jsonl"
     path.write_bytes("\ufeff".encode() + b"\n".join(lines))
     dataset = ManifestDataset(path, **SETTINGS)
-    assert [e.get("text") for e in dataset.entries] == ["kept", None, "a\u2028b"]
+    assert [e.get("text") for e in dataset.entries] == ["kept", None, "a\u2028b", None]
     reasons = list(dataset.skipped.values())
     assert reasons == [
         "'text' is not valid Unicode (a lone surrogate)",

@@ -82,6 +82,33 @@ class ManifestDataset(Dataset):
                 f"manifest {self.path} has no usable line ({len(self.skipped)} skipped); each line needs "
                 f'one of {", ".join(MODALITY_KEYS)}, e.g. {{"image": "a.png", "text": "a cat"}}'
             )
+        self._check_media_found()
+
+    def _check_media_found(self) -> None:
+        """Raise when the manifest names media files and not one of them exists.
+
+        A missing file is otherwise a damaged sample, skipped when it is loaded. When every one is
+        missing, the paths were written relative to another folder: training would go on with no
+        media at all (or only generated additions), and evaluation would score nothing. The scan
+        stops at the first file found, so a sound manifest costs one ``stat``.
+        """
+        first_missing = None
+        for entry in self.entries:
+            for key in MEDIA_KEYS:
+                if entry.get(key) is None:
+                    continue
+                path = self.media_path(entry[key])
+                try:
+                    if path.exists():
+                        return
+                except (OSError, ValueError):  # a name too long, a NUL byte: skipped when loaded
+                    pass
+                first_missing = first_missing or path
+        if first_missing is not None:
+            raise DataError(
+                f"manifest {self.path}: none of its media files exists (the first: {first_missing}); relative "
+                f"paths are read from the manifest's folder {self.root}: write them relative to it, or absolute"
+            )
 
     @classmethod
     def from_config(cls, path: str | Path, data: "DataConfig") -> "ManifestDataset":
