@@ -29,6 +29,7 @@ import soundfile
 import torch
 from torch import Tensor, nn
 
+from polymodal.data.files import is_file
 from polymodal.errors import DataError
 
 logger = logging.getLogger(__name__)
@@ -247,11 +248,7 @@ def load_audio(path: str | Path, *, sample_rate: int, max_seconds: float | None 
             sample rate, or has no or non-finite samples.
     """
     path = Path(path)
-    try:
-        exists = path.is_file()
-    except OSError:  # the name itself cannot be looked up (too long, ...)
-        exists = False
-    if not exists:
+    if not is_file(path):
         raise DataError(f"audio file {path} does not exist")
     try:
         info = soundfile.info(str(path))

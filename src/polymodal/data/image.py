@@ -18,6 +18,7 @@ import torch
 from PIL import Image
 from torch import Tensor
 
+from polymodal.data.files import is_file
 from polymodal.errors import DataError
 
 # Fixed, data-agnostic normalisation: maps [0, 1] to [-1, 1], so the first layer sees inputs
@@ -48,7 +49,7 @@ def load_image(path: str | Path, *, height: int, width: int, channels: int = 1) 
     if channels not in PIL_MODES:
         raise ValueError(f"channels={channels} is not supported; use 1 (grey) or 3 (RGB)")
     path = Path(path)
-    if not _is_file(path):
+    if not is_file(path):
         raise DataError(f"image file {path} does not exist")
     try:
         with Image.open(path) as img:
@@ -83,14 +84,6 @@ def load_image(path: str | Path, *, height: int, width: int, channels: int = 1) 
     if pixels.shape[2] != channels:
         pixels = np.repeat(pixels, channels, axis=2)  # 16-bit grey read as RGB: (H, W, 1) -> (H, W, 3)
     return torch.from_numpy(np.ascontiguousarray(pixels.transpose(2, 0, 1)))  # (H, W, C) -> (C, H, W)
-
-
-def _is_file(path: Path) -> bool:
-    """``path.is_file()``, False also where the name itself cannot be looked up (too long, ...)."""
-    try:
-        return path.is_file()
-    except OSError:
-        return False
 
 
 def normalize_images(images: Tensor) -> Tensor:

@@ -26,6 +26,7 @@ from torch.utils.data import Dataset
 from polymodal.config import DataConfig
 from polymodal.data.audio import load_audio
 from polymodal.data.batch import Sample
+from polymodal.data.files import is_file
 from polymodal.data.image import load_image
 from polymodal.errors import DataError
 from polymodal.modality import Modality
@@ -93,18 +94,14 @@ class ManifestDataset(Dataset):
         media at all (or only generated additions), and evaluation would score nothing. The scan
         stops at the first file found, so a sound manifest costs one ``stat``.
         """
+        paths = (
+            self.media_path(entry[key]) for entry in self.entries for key in MEDIA_KEYS if entry.get(key) is not None
+        )
         first_missing = None
-        for entry in self.entries:
-            for key in MEDIA_KEYS:
-                if entry.get(key) is None:
-                    continue
-                path = self.media_path(entry[key])
-                try:
-                    if path.exists():
-                        return
-                except (OSError, ValueError):  # a name too long, a NUL byte: skipped when loaded
-                    pass
-                first_missing = first_missing or path
+        for path in paths:
+            if is_file(path):
+                return
+            first_missing = first_missing or path
         if first_missing is not None:
             raise DataError(
                 f"manifest {self.path}: none of its media files exists (the first: {first_missing}); relative "
