@@ -17,6 +17,7 @@ from polymodal.data.manifest import ManifestDataset
 from polymodal.data.text import TextTokenizer
 from polymodal.datasets.base import build_source
 from polymodal.datasets.spoken_numbers.numbers import parse_number
+from polymodal.errors import DataError
 from polymodal.evaluation.manifest import caption_judge, evaluate_manifest, format_table
 from polymodal.modality import Modality
 from polymodal.models.architectures import build_model
@@ -116,3 +117,12 @@ def test_zero_shot_equals_the_nearest_label_text_computed_here(tmp_path):
         right.append(int((emb @ classes.T).argmax()) == lines[i]["label"])
     assert result["accuracy"] == pytest.approx(sum(right) / len(right))
     assert result["by"]["speaker"]["0"]["accuracy"] == pytest.approx(np.mean([right[i] for i in (0, 2, 4)]))
+
+
+def test_a_figure_with_no_line_loaded_stops_and_names_the_file(tmp_path):
+    run = _run(tmp_path, "any_to_any")
+    (tmp_path / "broken.wav").write_bytes(b"RIFF not a wave file")
+    manifest = tmp_path / "m.jsonl"
+    manifest.write_text(json.dumps({"audio": "broken.wav", "text": "zero"}) + "\n")
+    with pytest.raises(DataError, match=r"no line scored for audio_to_text could be loaded \(1 skipped\).*broken\.wav"):
+        evaluate_manifest(run, manifest)

@@ -14,7 +14,8 @@ What is scored, per item that carries a label or a caption:
   embeddings are averaged into one class vector, and the nearest class is the answer. The
   candidates are the labels the manifest's lines carry.
 
-Lines whose media fail to load are counted (``unreadable``) and left out of the figures.
+Lines whose media fail to load are counted (``unreadable``) and left out of the figures; when
+not one of a figure's lines loads, evaluation stops with the first failure named.
 """
 
 from __future__ import annotations
@@ -63,6 +64,7 @@ def evaluate_manifest(
             wanted = [i for i in rows if _scorable(dataset.entries[i], task.source)]
             if wanted:
                 captions = generate_captions(run, dataset, wanted, task.source, batch_size=batch_size)
+                _check_loaded(captions, dataset, manifest, name)
                 right = {i: judge(i, text) for i, text in captions.items()}
                 examples = [(_reference(dataset.entries[i]), captions[i]) for i in list(captions)[:EXAMPLES_KEPT]]
                 results[name] = {**summarize(right, dataset, by, "exact", len(wanted)), "examples": examples}
@@ -71,6 +73,7 @@ def evaluate_manifest(
             wanted = [i for i in rows if dataset.entries[i].get(modality.value) is not None and _label(dataset.entries[i]) >= 0]
             if wanted:
                 right = zero_shot_items(run, dataset, wanted, modality, batch_size=batch_size)
+                _check_loaded(right, dataset, manifest, f"zero_shot_{modality}")
                 results[f"zero_shot_{modality}"] = summarize(right, dataset, by, "accuracy", len(wanted))
     if not results:
         raise DataError(
@@ -78,6 +81,16 @@ def evaluate_manifest(
             "source the run reads (an X -> text task, or contrastive embeddings)"
         )
     return results
+
+
+def _check_loaded(scored: dict, dataset: ManifestDataset, manifest: str | Path, name: str) -> None:
+    """Stop when lines were asked for and not one loaded: a figure over no items says nothing."""
+    if not scored:
+        where, reason = next(iter(dataset.skipped.items()), ("?", "?"))
+        raise DataError(
+            f"{manifest}: no line scored for {name} could be loaded ({dataset.num_skipped} skipped); "
+            f"the first: {where}: {reason}"
+        )
 
 
 def _label(entry: dict) -> int:
