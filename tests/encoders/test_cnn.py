@@ -28,23 +28,3 @@ def test_column_tokens_read_left_to_right_from_the_same_feature_map():
 def test_an_unknown_token_layout_names_the_choices():
     with pytest.raises(ValueError, match="'cells' or 'columns'"):
         CNNEncoder(1, (32, 96), tokens="rows")
-
-
-def test_a_stem_reads_the_pixels_at_full_resolution_and_keeps_the_tokens():
-    torch.manual_seed(0)
-    plain = CNNEncoder(1, (32, 96), dim=16, num_stages=3, tokens="columns")
-    stemmed = CNNEncoder(1, (32, 96), dim=16, num_stages=3, tokens="columns", stem_channels=8)
-    seen = []
-    stemmed.stem.register_forward_hook(lambda module, args, out: seen.append(out.shape))
-    images = torch.randn(2, 1, 32, 96)
-    assert stemmed(images).tokens.shape == plain(images).tokens.shape == (2, 12, 16)
-    assert seen == [(2, 8, 32, 96)]  # stride 1: every pixel position kept
-    assert stemmed.stages[0].body[0].in_channels == 8
-    # Without a stem the parameters are those of an encoder built before the option: old runs load.
-    assert not any(name.startswith("stem") for name in plain.state_dict())
-    assert sum(p.numel() for p in stemmed.stem.parameters()) == 8 * 9 + 8 + 2 * 8
-
-
-def test_a_negative_stem_names_the_setting():
-    with pytest.raises(ValueError, match="stem_channels"):
-        CNNEncoder(1, (32, 96), stem_channels=-1)

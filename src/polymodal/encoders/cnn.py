@@ -34,11 +34,6 @@ class _ConvStage(nn.Module):
         return self.body(x)
 
 
-def _stem(in_channels: int, channels: int) -> nn.Sequential:
-    """Conv(stride 1) -> GroupNorm -> GELU at the input's resolution."""
-    return nn.Sequential(nn.Conv2d(in_channels, channels, 3, padding=1), nn.GroupNorm(min(8, channels), channels), nn.GELU())
-
-
 @ENCODERS.register("cnn")
 class CNNEncoder(nn.Module):
     """Images (B, C, H, W) -> tokens with learned positions: one per output cell (B, h * w, dim),
@@ -51,10 +46,6 @@ class CNNEncoder(nn.Module):
             projected, as a CRNN reads a line of text (Shi et al. 2015, arXiv:1507.05717), so the
             token order is the reading order and 1-D rotary positions in the backbone follow it.
         dropout: on the output tokens while training.
-        stem_channels: a stride-1 convolution with this many channels at full resolution before
-            the first stage (0: none, the first stage's stride-2 convolution reads the pixels).
-            Thin strokes are then seen at every position before any is dropped; in the main job
-            it lifted every caption and retrieval figure (BENCHMARKS.md, issue 14).
     """
 
     modality = Modality.IMAGE
@@ -68,7 +59,6 @@ class CNNEncoder(nn.Module):
         num_stages: int = 3,
         tokens: str = "cells",
         dropout: float = 0.0,
-        stem_channels: int = 0,
     ) -> None:
         super().__init__()
         if tokens not in ("cells", "columns"):
@@ -80,12 +70,8 @@ class CNNEncoder(nn.Module):
             raise ValueError(f"image size {height}x{width} is not divisible by 2**num_stages={scale}")
         widths = [max(dim // 2 ** (num_stages - 1 - i), 16) for i in range(num_stages)]
         widths[-1] = dim
-        if stem_channels < 0:
-            raise ValueError(f"stem_channels must be 0 (no stem) or a channel count, got {stem_channels}")
-        # Identity without a stem, so a model built before the option has the same parameters.
-        self.stem = _stem(in_channels, stem_channels) if stem_channels else nn.Identity()
         self.stages = nn.ModuleList(
-            _ConvStage(c_in, c_out) for c_in, c_out in zip([stem_channels or in_channels, *widths[:-1]], widths)
+            _ConvStage(c_in, c_out) for c_in, c_out in zip([in_channels, *widths[:-1]], widths)
         )
         self.grid = (height // scale, width // scale)
         self.tokens = tokens
@@ -102,7 +88,7 @@ class CNNEncoder(nn.Module):
         """Every stage's cells and the tokens; ``mask`` is accepted like every encoder's and unused
         (images have no padding)."""
         hidden = []
-        x = self.stem(images)
+        x = images
         for stage in self.stages:
             x = stage(x)
             hidden.append(rearrange(x, "b d h w -> b (h w) d"))
