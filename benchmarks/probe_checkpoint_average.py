@@ -21,6 +21,7 @@ import torch
 from safetensors.torch import load_file
 
 from polymodal.evaluation.manifest import evaluate_manifest
+from polymodal.training.checkpoint import CHECKPOINT_DIR, MODEL_FILE
 from polymodal.training.run import load_run
 
 
@@ -42,10 +43,16 @@ def main() -> None:
     args = parser.parse_args()
     steps = [int(s) for s in args.steps.split(",")]
     run = load_run(args.run_dir, checkpoint="latest")
-    states = [load_file(str(args.run_dir / "checkpoints" / f"step_{s:07d}" / "model.safetensors")) for s in steps]
+    states = [load_file(str(args.run_dir / CHECKPOINT_DIR / f"step_{s:07d}" / MODEL_FILE)) for s in steps]
 
     def score(state: dict[str, torch.Tensor]) -> dict[str, float]:
-        run.model.load_state_dict(state, strict=False)  # strict=False: the tied LM head is not stored
+        # A tensor shared with another (the tied LM head) is stored once: it may be missing, nothing else.
+        missing, unexpected = run.model.load_state_dict(state, strict=False)
+        own = run.model.state_dict()
+        stored = {own[name].data_ptr() for name in state}
+        untied = [name for name in missing if own[name].data_ptr() not in stored]
+        if untied or unexpected:
+            raise SystemExit(f"checkpoint does not match the run's model: missing {untied[:5]}, unexpected {unexpected[:5]}")
         return {name: figures.get("exact", figures.get("accuracy")) for name, figures in evaluate_manifest(run, args.manifest).items()}
 
     for step, state in zip(steps[-3:], states[-3:]):
