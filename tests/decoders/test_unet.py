@@ -1,6 +1,6 @@
 """The flow heads' U-Net velocity network: the DiT's call and shapes, padded condition tokens read
 as absent (against the network given only the real ones), the condition reaching the output only
-through cross-attention (or, with ``spatial_condition``, first where its token lies), and a tiny U-Net learning a two-class conditional flow whose exact field
+through cross-attention, and a tiny U-Net learning a two-class conditional flow whose exact field
 is known (``flow_oracles``); inside the image head it trains a step and is chosen by config."""
 
 from __future__ import annotations
@@ -16,7 +16,6 @@ from polymodal.decoders.flow_networks import FLOW_NETWORKS, network_spec
 from polymodal.decoders.flow_sampling import guided, integrate
 from polymodal.decoders.unet import FlowUNet
 from polymodal.errors import ConfigError
-from polymodal.layers.attention import SelfAttention
 from polymodal.layers.cross_attention import CrossAttention
 from polymodal.losses.flow_matching import flow_matching_loss, interpolate, target_velocity
 from polymodal.modality import Modality
@@ -79,39 +78,6 @@ def test_only_the_coarse_levels_read_the_condition():
     assert not any(isinstance(m, CrossAttention) for m in _tiny(dim_context=None).modules())
 
 
-def test_a_spatial_condition_token_changes_its_own_cells_most():
-    # One token per cell of the coarsest 2 x 16 level; every attention silenced, so the token
-    # reaches the output only as a map. Only GroupNorm's statistics carry it beyond its
-    # convolutions' reach, a little.
-    network = _wake(_tiny(layout=(4, 32), spatial_condition=True)).double()
-    with torch.no_grad():
-        for reader in (m for m in network.modules() if isinstance(m, (CrossAttention, SelfAttention))):
-            reader.o_proj.weight.zero_()
-    tokens, t = torch.randn(2, 128, 3, dtype=torch.float64), torch.rand(2, dtype=torch.float64)
-    first = torch.randn(2, 32, 6, dtype=torch.float64)
-    second = first.clone()
-    second[:, 0] += 3.0  # the token of the coarse cell (0, 0): fine cells (0-1, 0-1)
-    change = (network(tokens, t, context=first) - network(tokens, t, context=second)).abs().sum(-1)  # (2, 4 x 32)
-    by_column = change.reshape(2, 4, 32).mean(dim=(0, 1))  # (32,)
-    assert by_column[:4].mean() > 4 * by_column[16:].mean() > 0
-    plain = _wake(_tiny(layout=(4, 32)))
-    assert plain.condition_maps is None and not any(isinstance(m, nn.Conv2d) and m.in_channels == 6 for m in plain.modules())
-
-
-def test_a_spatial_condition_starts_near_silent_and_needs_one_token_per_coarse_cell():
-    network = _tiny(spatial_condition=True)  # (4, 8) at channel_mults (1, 2): a 2 x 4 coarsest level
-    maps = [layer for projection in network.condition_maps.values() for layer in projection]
-    assert len(maps) == 4 and all(layer.weight.abs().max() < 0.1 and not layer.bias.any() for layer in maps)
-    tokens, t = torch.randn(2, 32, 3), torch.rand(2)
-    assert network(tokens, t, context=torch.randn(2, 8, 6)).shape == (2, 32, 3)
-    with pytest.raises(ValueError, match=r"one condition token per cell of the coarsest 2 x 4 level: give 8 tokens"):
-        network(tokens, t, context=torch.randn(2, 5, 6))
-    with pytest.raises(ValueError, match="without padding"):
-        network(tokens, t, context=torch.randn(2, 8, 6), context_mask=torch.ones(2, 8, dtype=torch.bool))
-    with pytest.raises(ValueError, match="needs condition tokens"):
-        _tiny(dim_context=None, spatial_condition=True)
-
-
 def test_bad_settings_are_named():
     with pytest.raises(ValueError, match="does not halve 2 times"):
         FlowUNet(1, (6, 8), 4, channels=8, channel_mults=(1, 2, 2))
@@ -135,17 +101,6 @@ def test_the_head_chooses_the_unet_by_config_and_trains_a_step():
     torch.optim.SGD(model.parameters(), lr=0.1).step()
     after = model.head(Modality.IMAGE).flow.network.state_dict()
     assert torch.isfinite(loss) and any(not torch.equal(before[k], after[k]) for k in before)
-    spatial = head.replace("channel_mults: [1, 2, 2]", "channel_mults: [1, 2, 2], spatial_condition: true")
-    torch.manual_seed(0)
-    with pytest.raises(ConfigError, match=r"model.heads.image.num_queries=\d+ \(got 4\)"):
-        build_model(load_config(["tiny"], ["model.tasks=[text_to_image]", f"model.heads.image={spatial}"]), SHAPES)
-    rows, cols = FlowUNet(1, (SHAPES.image_size[0] // 2, SHAPES.image_size[1] // 2), 4, channels=8).coarse_grid
-    spatial = spatial.replace("num_queries: 4", f"num_queries: {rows * cols}")
-    model = build_model(load_config(["tiny"], ["model.tasks=[text_to_image]", f"model.heads.image={spatial}"]), SHAPES)
-    loss = model(make_batch()).losses["text_to_image_flow_matching"]
-    loss.backward()
-    maps = model.head(Modality.IMAGE).flow.network.condition_maps
-    assert torch.isfinite(loss) and all(layer.weight.grad.abs().sum() > 0 for projection in maps.values() for layer in projection)
     with pytest.raises(ConfigError, match=r"model.heads.image.decoder.conv_kernel: unknown setting of flow decoder 'unet'"):
         load_config(["tiny"], ["model.tasks=[text_to_image]", "model.heads.image={name: flow_matching, decoder: {name: unet, conv_kernel: 3}}"])
 

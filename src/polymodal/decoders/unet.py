@@ -23,16 +23,7 @@ tokens are read only by cross-attention after each block of the ``attention_leve
 levels and in the middle (latent diffusion's conditioning), with fixed 2-D sin-cos positions added
 to the queries so that each place can ask for its own part of the condition. Nothing else sees the
 condition (no pooled vector in the time embedding), so with the cross-attention silenced the output
-does not depend on it.
-
-With ``spatial_condition`` the condition tokens are also a map: there must be one per cell of the
-coarsest level, in row-major order, and each level adds them, upsampled to its size (nearest) and
-through its own 1 x 1 convolution (starting near zero), to the input of its stages down and up
-(SPADE's spatial conditioning, simplified to a shift). A token then speaks for its own part of the
-image first. Why: the U-Net reads 41-44% of its samples as the asked number under one token per
-digit slot that differs wholly between digits, and 5.5% under the ``metaquery`` preset's 16 query
-tokens, which carry the digits just as linearly but each mixes the whole caption (BENCHMARKS.md,
-"The U-Net alone on a trained run's frozen condition"). Block outputs and the output convolution start near zero, so the network
+does not depend on it. Block outputs and the output convolution start near zero, so the network
 starts near the identity path and the zero velocity, with every weight alive (as the DiT).
 
 The input is the DiT's: (B, rows * cols, dim_in) patch tokens of a (rows, cols) grid in row-major
@@ -41,8 +32,7 @@ order, so the heads call either network alike; at patch size 1 they are the pixe
 References: Ho et al. 2020, DDPM, arXiv:2006.11239 (the residual U-Net with time embedding);
 Ronneberger et al. 2015, U-Net, arXiv:1505.04597 (the skip connections); Rombach et al. 2022,
 latent diffusion, arXiv:2112.10752 (cross-attention to condition tokens); Dhariwal and Nichol
-2021, arXiv:2105.05233 (AdaGN); Wu and He 2018, Group Normalization, arXiv:1803.08494; Park et al. 2019, SPADE, arXiv:1903.07291
-(a condition map added per position at every scale).
+2021, arXiv:2105.05233 (AdaGN); Wu and He 2018, Group Normalization, arXiv:1803.08494.
 """
 
 from __future__ import annotations
@@ -147,7 +137,6 @@ class Stage(nn.Module):
             part.init_weights()
 
     def forward(self, x: Tensor, time: Tensor, context: Tensor | None, context_mask: Tensor | None) -> Tensor:
-        """(B, dim_in, h, w) -> (B, dim_out, h, w); ``context`` (B, Nc, dim_context) for the readers."""
         for i, block in enumerate(self.blocks):
             x = block(x, time)
             if self.readers is not None:
@@ -168,14 +157,11 @@ class FlowUNet(nn.Module):
         attention_levels: how many of the coarsest levels read the condition by cross-attention
             (the middle always does when there is a condition).
         num_heads: attention heads.
-        spatial_condition: also add the condition tokens, one per cell of the coarsest level, as a
-            map to every level's stages (see the module's docstring).
     """
 
     def __init__(
         self, dim_in: int, layout: int | tuple[int, int], dim_context: int | None = None, *, channels: int = 32,
         channel_mults: tuple[int, ...] = (1, 2, 2), num_res_blocks: int = 1, attention_levels: int = 2, num_heads: int = 4,
-        spatial_condition: bool = False,
     ) -> None:  # fmt: skip
         super().__init__()
         widths = [channels * m for m in channel_mults]
@@ -207,16 +193,6 @@ class FlowUNet(nn.Module):
         self.upsample = nn.ModuleList(nn.Conv2d(w, w, KERNEL, padding=KERNEL // 2) for w in widths[1:])
         self.out_norm = nn.GroupNorm(NORM_GROUPS, widths[0])
         self.out_conv = nn.Conv2d(widths[0], dim_in, KERNEL, padding=KERNEL // 2)
-        if spatial_condition and dim_context is None:
-            raise ValueError("spatial_condition needs condition tokens (dim_context)")
-        self.coarse_grid = grids[-1]
-        # Per level, the condition map's shift at the input of its down stage and of its up stage.
-        inputs = {"down": [([channels] + widths)[i] for i in range(levels)], "up": [below[i] + widths[i] for i in range(levels)]}
-        self.condition_maps = (
-            nn.ModuleDict({way: nn.ModuleList(nn.Conv2d(dim_context, c, 1) for c in dims) for way, dims in inputs.items()})
-            if spatial_condition
-            else None
-        )
         self.init_weights()
 
     def init_weights(self) -> None:
@@ -226,9 +202,6 @@ class FlowUNet(nn.Module):
         for part in (*self.down, *self.up, *self.middle, self.middle_self, *((self.middle_cross,) if self.middle_cross is not None else ())):
             part.init_weights()
         _near_zero(self.out_conv)  # the network starts near the zero velocity
-        for projection in self.condition_maps.values() if self.condition_maps is not None else ():
-            for layer in projection:
-                _near_zero(layer)
 
     def forward(self, x: Tensor, t: Tensor, *, context: Tensor | None = None, context_mask: Tensor | None = None) -> Tensor:
         """The velocity at (x, t).
@@ -249,11 +222,8 @@ class FlowUNet(nn.Module):
             raise ValueError(f"{x.shape[1]} tokens; the U-Net draws a {rows} x {cols} grid of {rows * cols}")
         h = self.in_conv(rearrange(x, "b (h w) c -> b c h w", h=rows))  # (B, channels, rows, cols)
         time = self.time_mlp(sinusoidal_embedding(t * TIME_SCALE, self.channels).to(h.dtype))  # (B, dim_time)
-        maps = self._condition_maps(context, context_mask)
         skips = []
         for i, stage in enumerate(self.down):
-            if maps is not None:
-                h = h + self.condition_maps["down"][i](maps[i])
             h = stage(h, time, context, context_mask)
             skips.append(h)
             if i < len(self.downsample):
@@ -265,24 +235,6 @@ class FlowUNet(nn.Module):
         for i in reversed(range(len(self.up))):
             if i < len(self.upsample):
                 h = self.upsample[i](nn.functional.interpolate(h, scale_factor=2.0, mode="nearest"))  # (B, C, 2 h, 2 w)
-            h = torch.cat([h, skips.pop()], dim=1)
-            if maps is not None:
-                h = h + self.condition_maps["up"][i](maps[i])
-            h = self.up[i](h, time, context, context_mask)
+            h = self.up[i](torch.cat([h, skips.pop()], dim=1), time, context, context_mask)
         out = self.out_conv(nn.functional.silu(self.out_norm(h)))  # (B, dim_in, rows, cols)
         return rearrange(out, "b c h w -> b (h w) c")
-
-    def _condition_maps(self, context: Tensor | None, context_mask: Tensor | None) -> list[Tensor] | None:
-        """With ``spatial_condition``, the condition tokens (B, h w, dim_context) of the coarsest
-        (h, w) grid as a map at every level's size, finest first: [(B, dim_context, h 2^i, w 2^i)]."""
-        if self.condition_maps is None:
-            return None
-        rows, cols = self.coarse_grid
-        if context.shape[1] != rows * cols or context_mask is not None:
-            raise ValueError(
-                f"spatial_condition reads one condition token per cell of the coarsest {rows} x {cols} level: give "
-                f"{rows * cols} tokens without padding (num_queries: {rows * cols}, read_source off); got {context.shape[1]}"
-            )
-        coarse = rearrange(context, "b (h w) c -> b c h w", h=rows)
-        levels = len(self.down)
-        return [nn.functional.interpolate(coarse, scale_factor=2.0 ** (levels - 1 - i), mode="nearest") for i in range(levels)]

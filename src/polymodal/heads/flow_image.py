@@ -108,13 +108,6 @@ class ImageFlowDecoder(nn.Module):
             read_source=read_source, where=where,
         )  # fmt: skip
         self.network = FLOW_NETWORKS.build(network_spec(decoder), channels * patch_size**2, self.grid, dim_condition, where=f"{where}.decoder")
-        if getattr(self.network, "condition_maps", None) is not None:  # the U-Net's spatial condition: one query per coarse cell
-            rows, cols = self.network.coarse_grid
-            if num_queries != rows * cols or read_source:
-                raise ConfigError(
-                    f"{where}.decoder.spatial_condition lays the queries on the U-Net's coarsest {rows} x {cols} grid: "
-                    f"set {where}.num_queries={rows * cols} (got {num_queries}) and leave read_source off"
-                )
 
     def init_weights(self) -> None:
         self.queries.init_weights()
