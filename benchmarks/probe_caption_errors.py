@@ -12,9 +12,12 @@ digit (a wrong digit count makes every digit of the item wrong). The script then
   would read if each image were always read the way it usually is;
 - the digit confusions, most frequent first.
 
-The number and the pool are the built-in data's, so this runs on built-in runs only.
+The number and the pool are the built-in data's, so this runs on built-in runs only. ``--split
+train --items 1024`` reads the first training items instead (their digits come from the 4,500
+training images): the gap between the two splits is what the reader has memorised.
 
     python benchmarks/probe_caption_errors.py runs/default
+    python benchmarks/probe_caption_errors.py runs/default --split train --items 1024
 """
 
 from __future__ import annotations
@@ -30,12 +33,13 @@ from polymodal.training.run import load_run
 
 
 @torch.no_grad()
-def digit_reads(run, batch_size: int = 128) -> list[tuple[int, str, str | None]]:
-    """(item, asked number, number read or None) for every test item."""
-    model, split = run.model.eval(), run.splits.test
+def digit_reads(run, split, items: int | None = None, batch_size: int = 128) -> list[tuple[int, str, str | None]]:
+    """(item, asked number, number read or None) for the first ``items`` items of ``split`` (None: every one)."""
+    model = run.model.eval()
+    count = len(split) if items is None else min(items, len(split))
     reads = []
-    for start in range(0, len(split), batch_size):
-        rows = range(start, min(start + batch_size, len(split)))
+    for start in range(0, count, batch_size):
+        rows = range(start, min(start + batch_size, count))
         batch = run.collator([split[i] for i in rows])
         captions = model.generate(Modality.IMAGE, Modality.TEXT, batch.inputs[Modality.IMAGE], None, max_new_tokens=24)
         for i, ids in zip(rows, captions):
@@ -48,12 +52,14 @@ def digit_reads(run, batch_size: int = 128) -> list[tuple[int, str, str | None]]
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("run_dir")
+    parser.add_argument("--split", choices=("test", "train"), default="test")
+    parser.add_argument("--items", type=int, default=None, help="read the split's first N items (default: every one)")
     args = parser.parse_args()
     run = load_run(args.run_dir)
-    split = run.splits.test
+    split = getattr(run.splits, args.split)
     uses, wrong, confusions = Counter(), Counter(), Counter()
     sources_of = {}
-    reads = digit_reads(run)
+    reads = digit_reads(run, split, args.items)
     for i, asked, read in reads:
         sources = [int(s) for s in split.data.digit_sources[split.indices[i]][: len(asked)]]
         sources_of[i] = sources
@@ -65,8 +71,8 @@ def main() -> None:
                 if same_length:
                     confusions[(asked[j], read[j])] += 1
     exact = sum(asked == read for _, asked, read in reads) / len(reads)
-    print(f"{args.run_dir}: image->text exact {exact:.1%} over {len(reads)} test items")
-    print(f"test digit images used: {len(uses)}; digit reads {sum(uses.values())}, wrong {sum(wrong.values())} "
+    print(f"{args.run_dir}: image->text exact {exact:.1%} over {len(reads)} {args.split} items")
+    print(f"{args.split} digit images used: {len(uses)}; digit reads {sum(uses.values())}, wrong {sum(wrong.values())} "
           f"({sum(wrong.values()) / sum(uses.values()):.1%})")  # fmt: skip
     rate = {source: wrong[source] / uses[source] for source in uses}
     for threshold in (0.5, 0.8):
