@@ -13,7 +13,7 @@ digit (a wrong digit count makes every digit of the item wrong). The script then
 - the digit confusions, most frequent first.
 
 The number and the pool are the built-in data's, so this runs on built-in runs only. ``--split
-train --items 1024`` reads the first training items instead (their digits come from the 4,500
+train --items 1024`` reads the first training items instead (their digits come from the 4,000
 training images): the gap between the two splits is what the reader has memorised.
 
     python benchmarks/probe_caption_errors.py runs/default
