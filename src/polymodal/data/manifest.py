@@ -210,6 +210,15 @@ class ManifestDataset(Dataset):
             pass
         return path if path.is_absolute() else self.root / path
 
+    def failure(self, index: int) -> tuple[str, str] | None:
+        """(the file, the reason) when the line at ``index`` failed to load, else None."""
+        for key in MEDIA_KEYS:
+            value = self.entries[index].get(key)
+            path = None if value is None else str(self.media_path(value))
+            if path in self.skipped:
+                return path, self.skipped[path]
+        return None
+
     def __getitem__(self, index: int) -> Sample | None:
         entry = self.entries[index]
         image = audio = None

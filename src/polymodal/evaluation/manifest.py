@@ -64,7 +64,7 @@ def evaluate_manifest(
             wanted = [i for i in rows if _scorable(dataset.entries[i], task.source)]
             if wanted:
                 captions = generate_captions(run, dataset, wanted, task.source, batch_size=batch_size)
-                _check_loaded(captions, dataset, manifest, name)
+                _check_loaded(captions, dataset, wanted, manifest, name)
                 right = {i: judge(i, text) for i, text in captions.items()}
                 examples = [(_reference(dataset.entries[i]), captions[i]) for i in list(captions)[:EXAMPLES_KEPT]]
                 results[name] = {**summarize(right, dataset, by, "exact", len(wanted)), "examples": examples}
@@ -73,7 +73,7 @@ def evaluate_manifest(
             wanted = [i for i in rows if dataset.entries[i].get(modality.value) is not None and _label(dataset.entries[i]) >= 0]
             if wanted:
                 right = zero_shot_items(run, dataset, wanted, modality, batch_size=batch_size)
-                _check_loaded(right, dataset, manifest, f"zero_shot_{modality}")
+                _check_loaded(right, dataset, wanted, manifest, f"zero_shot_{modality}")
                 results[f"zero_shot_{modality}"] = summarize(right, dataset, by, "accuracy", len(wanted))
     if not results:
         raise DataError(
@@ -83,10 +83,11 @@ def evaluate_manifest(
     return results
 
 
-def _check_loaded(scored: dict, dataset: ManifestDataset, manifest: str | Path, name: str) -> None:
-    """Stop when lines were asked for and not one loaded: a figure over no items says nothing."""
+def _check_loaded(scored: dict, dataset: ManifestDataset, wanted: Sequence[int], manifest: str | Path, name: str) -> None:
+    """Stop when lines were asked for and not one loaded: a figure over no items says nothing.
+    The error names the first of those lines' failed files."""
     if not scored:
-        where, reason = next(iter(dataset.skipped.items()), ("?", "?"))
+        where, reason = next(filter(None, map(dataset.failure, wanted)), ("?", "?"))
         raise DataError(
             f"{manifest}: no line scored for {name} could be loaded ({dataset.num_skipped} skipped); "
             f"the first: {where}: {reason}"
