@@ -21,7 +21,7 @@ import torch
 from safetensors.torch import load_file
 
 from polymodal.evaluation.manifest import evaluate_manifest
-from polymodal.training.checkpoint import CHECKPOINT_DIR, MODEL_FILE
+from polymodal.training.checkpoint import MODEL_FILE, step_folder
 from polymodal.training.run import load_run
 
 
@@ -43,7 +43,7 @@ def main() -> None:
     args = parser.parse_args()
     steps = [int(s) for s in args.steps.split(",")]
     run = load_run(args.run_dir, checkpoint="latest")
-    states = [load_file(str(args.run_dir / CHECKPOINT_DIR / f"step_{s:07d}" / MODEL_FILE)) for s in steps]
+    states = [load_file(str(step_folder(args.run_dir, s) / MODEL_FILE)) for s in steps]
 
     def score(state: dict[str, torch.Tensor]) -> dict[str, float]:
         # A tensor shared with another (the tied LM head) is stored once: it may be missing, nothing else.

@@ -39,13 +39,13 @@ from polymodal.distributed.collectives import sum_over_ranks
 from polymodal.distributed.process import active, barrier, is_main, world_size
 from polymodal.errors import ConfigError
 from polymodal.training.checkpoint import (
-    CHECKPOINT_DIR,
     MODEL_FILE,
     SHARDED_DIR,
     STATE_FILE,
     capture_rng_state,
     point_latest,
     prune_checkpoints,
+    step_folder,
 )
 
 log = logging.getLogger(__name__)
@@ -136,8 +136,9 @@ def save_sharded_checkpoint(
     """Every rank's shards of the model and optimiser into ``step_N/sharded/``, rank 0's
     ``state.pt`` beside them; written into a temporary folder and renamed into place by rank 0, as
     ``checkpoint.save_checkpoint`` does. Every rank must call it."""
-    ckpt_dir = Path(run_dir) / CHECKPOINT_DIR
-    final, tmp = ckpt_dir / f"step_{step:07d}", ckpt_dir / f"{TMP_PREFIX}step_{step:07d}"
+    final = step_folder(run_dir, step)
+    ckpt_dir = final.parent
+    tmp = ckpt_dir / f"{TMP_PREFIX}{final.name}"
     if is_main():
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)

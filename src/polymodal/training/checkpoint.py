@@ -57,6 +57,11 @@ class CheckpointError(DataError):
     """A checkpoint is missing, incomplete or corrupt. The message names the path and what to do."""
 
 
+def step_folder(run_dir: str | Path, step: int) -> Path:
+    """``run_dir/checkpoints/step_{step:07d}``: where the checkpoint of ``step`` is written."""
+    return Path(run_dir) / CHECKPOINT_DIR / f"step_{step:07d}"
+
+
 def one_line_reason(exc: BaseException) -> str:
     """An exception's message as one short line. ``torch.load`` explains a refused pickle over many
     lines; the line naming what was refused is the one worth keeping."""
@@ -188,8 +193,8 @@ def save_checkpoint(
         RunError: the files could not be written (disk full, read-only folder); the previous
             checkpoint and ``latest`` are left as they were.
     """
-    ckpt_dir = Path(run_dir) / CHECKPOINT_DIR
-    final = ckpt_dir / f"step_{step:07d}"
+    final = step_folder(run_dir, step)
+    ckpt_dir = final.parent
     tmp = ckpt_dir / f"{_TMP_PREFIX}{final.name}-{os.getpid()}"
     state = {
         "format": FORMAT_VERSION,

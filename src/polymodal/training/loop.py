@@ -29,7 +29,7 @@ from polymodal.distributed.fsdp import ShardedModel, gathered, save_sharded_chec
 from polymodal.distributed.global_mean import global_means
 from polymodal.distributed.process import is_main, local_device, rank, world_size
 from polymodal.errors import ConfigError
-from polymodal.training.checkpoint import CHECKPOINT_DIR, CheckpointError, latest_checkpoint, load_checkpoint, save_checkpoint
+from polymodal.training.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint, save_checkpoint, step_folder
 from polymodal.training.checkpoint_check import resumable_checkpoint
 from polymodal.training.compile import compiled_blocks
 from polymodal.training.gradient_surgery import GradientSurgery, build_gradient_surgery
@@ -189,7 +189,7 @@ class TrainState:
             return save_sharded_checkpoint(run_dir, step=self.step, model=model, optimizer=self.optimizer,
                                            scheduler=self.scheduler, extra_state=extra, keep=keep)  # fmt: skip
         if not is_main():
-            return run_dir / CHECKPOINT_DIR / f"step_{self.step:07d}"  # where rank 0 writes it
+            return step_folder(run_dir, self.step)  # where rank 0 writes it
         return save_checkpoint(
             run_dir, step=self.step, model=model, optimizer=self.optimizer, scheduler=self.scheduler,
             extra_state=extra, keep=keep,
