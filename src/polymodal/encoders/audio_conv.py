@@ -16,6 +16,13 @@ divided by its standard deviation over all its real values. A per-band variance 
 band a telephone channel emptied has almost no variance, and dividing by it would blow its
 rounding noise up to the level of speech.
 
+``lifter`` keeps the first ``lifter`` coefficients of each frame's discrete cosine transform over
+the mel bands and transforms back (cepstral liftering: the low quefrencies hold the vocal tract's
+spectral envelope, the high ones the ripple of the voice's pitch harmonics, which differs from
+talker to talker; Davis & Mermelstein 1980, IEEE TASSP, for the mel cepstrum; Juang, Rabiner &
+Wilpon 1987, IEEE TASSP, for liftering). It is one fixed (num_mels x num_mels) matrix, applied
+after ``input_norm``, and keeps the bands, so the convolutions read a smoothed log-mel, not MFCCs.
+
 Reference: the convolutional front end of Whisper (Radford et al. 2022, arXiv:2212.04356) and the
 conv subsampling of Conformer (Gulati et al. 2020, arXiv:2005.08100). The optional layers are the
 library's pre-norm ``TransformerBlock``, without RoPE since sinusoidal positions are already added.
@@ -55,6 +62,16 @@ def utterance_norm(mels: Tensor, mask: Tensor | None) -> Tensor:
     centered = (x - (x * weights).sum(1, keepdim=True) / count) * weights  # (B, F, M)
     var = centered.square().sum((1, 2), keepdim=True) / (count * x.shape[-1])  # (B, 1, 1)
     return (centered * torch.rsqrt(var + NORM_EPS)).to(mels.dtype)
+
+
+def cepstral_smoother(num_mels: int, keep: int) -> Tensor:
+    """(num_mels, num_mels) fp32 matrix S with ``frames @ S`` = inverse DCT of the first ``keep``
+    coefficients of each frame's orthonormal DCT-II over the bands (the rest zeroed). S is
+    symmetric and a projection: applying it twice is applying it once."""
+    band = torch.arange(num_mels, dtype=torch.float64)
+    basis = torch.cos(torch.pi * band[:, None] * (band + 0.5) / num_mels) * (2.0 / num_mels) ** 0.5
+    basis[0] /= 2**0.5  # (coefficient, band), orthonormal rows
+    return (basis[:keep].T @ basis[:keep]).float()
 
 
 def _band_convs(num_convs: int, channels: int) -> nn.Sequential:
@@ -100,6 +117,7 @@ class AudioConvEncoder(nn.Module):
         dropout: on the output tokens (and inside the optional blocks) while training.
         freq_channels: channels of 2-D convolutions over (band, frame) with a band max-pool of
             ``FREQ_POOL`` after each (see the module docstring); 0 keeps the 1-D convolutions.
+        lifter: cepstral coefficients kept per frame (see the module docstring); 0: off.
     """
 
     modality = Modality.AUDIO
@@ -115,13 +133,18 @@ class AudioConvEncoder(nn.Module):
         input_norm: bool = False,
         dropout: float = 0.0,
         freq_channels: int = 0,
+        lifter: int = 0,
     ) -> None:
         super().__init__()
+        if not 0 <= lifter <= num_mels:
+            raise ValueError(f"lifter must lie in 0..num_mels={num_mels} (0: off), got {lifter}")
         if num_layers < 0:
             raise ValueError(f"num_layers must be >= 0, got {num_layers}")
         if freq_channels < 0:
             raise ValueError(f"freq_channels must be >= 0 (0: 1-D convolutions), got {freq_channels}")
         self.input_norm = input_norm
+        # Not persistent: a fixed function of (num_mels, lifter), so checkpoints keep their keys.
+        self.register_buffer("smoother", cepstral_smoother(num_mels, lifter) if lifter else None, persistent=False)
         self.dropout = nn.Dropout(dropout)
         self.freq_channels = freq_channels
         if freq_channels:
@@ -185,6 +208,9 @@ class AudioConvEncoder(nn.Module):
         """
         if self.input_norm:
             mels = utterance_norm(mels, mask)
+        if self.smoother is not None:
+            with torch.autocast(mels.device.type, enabled=False):  # fp32: a sum over every band
+                mels = (mels.float() @ self.smoother).to(mels.dtype)
         x = mels.transpose(1, 2)  # (B, num_mels, F)
         if self.freq_channels:
             x = x[:, None]  # (B, 1, num_mels, F): bands as height, frames as width
