@@ -76,7 +76,8 @@ def main() -> None:
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for name, (folder, lines_of) in sets.items():
-            lines = lines_of(folder) if folder.is_dir() else []
+            # Absolute: a manifest reads relative paths from its own (temporary) folder.
+            lines = lines_of(folder.resolve()) if folder.is_dir() else []
             if not lines:
                 rows.append((name, "absent", "", "", ""))
                 continue
