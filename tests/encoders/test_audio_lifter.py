@@ -52,6 +52,17 @@ def test_encoder_reads_pre_smoothed_frames_alike():
     torch.testing.assert_close(lifted(x, mask).tokens, plain(x @ cepstral_smoother(MELS, 20), mask).tokens)
 
 
-def test_rejects_a_lifter_beyond_the_bands():
-    with pytest.raises(ValueError, match="lifter must lie in 0..num_mels=64"):
-        AudioConvEncoder(MELS, lifter=65)
+def test_a_lifter_of_every_band_or_more_changes_nothing():
+    torch.manual_seed(0)
+    plain = AudioConvEncoder(MELS, dim=32, freq_channels=4).eval()
+    x = torch.randn(2, 30, MELS)
+    for keep in (MELS, MELS + 7):
+        wide = AudioConvEncoder(MELS, dim=32, freq_channels=4, lifter=keep).eval()
+        wide.load_state_dict(plain.state_dict())
+        assert wide.smoother is None
+        assert torch.equal(wide(x).tokens, plain(x).tokens)
+
+
+def test_rejects_a_negative_lifter():
+    with pytest.raises(ValueError, match="lifter must be >= 0"):
+        AudioConvEncoder(MELS, lifter=-1)

@@ -117,7 +117,8 @@ class AudioConvEncoder(nn.Module):
         dropout: on the output tokens (and inside the optional blocks) while training.
         freq_channels: channels of 2-D convolutions over (band, frame) with a band max-pool of
             ``FREQ_POOL`` after each (see the module docstring); 0 keeps the 1-D convolutions.
-        lifter: cepstral coefficients kept per frame (see the module docstring); 0: off.
+        lifter: cepstral coefficients kept per frame (see the module docstring); 0, or num_mels
+            and more, keep every one.
     """
 
     modality = Modality.AUDIO
@@ -136,15 +137,16 @@ class AudioConvEncoder(nn.Module):
         lifter: int = 0,
     ) -> None:
         super().__init__()
-        if not 0 <= lifter <= num_mels:
-            raise ValueError(f"lifter must lie in 0..num_mels={num_mels} (0: off), got {lifter}")
+        if lifter < 0:
+            raise ValueError(f"lifter must be >= 0 (0: off), got {lifter}")
         if num_layers < 0:
             raise ValueError(f"num_layers must be >= 0, got {num_layers}")
         if freq_channels < 0:
             raise ValueError(f"freq_channels must be >= 0 (0: 1-D convolutions), got {freq_channels}")
         self.input_norm = input_norm
         # Not persistent: a fixed function of (num_mels, lifter), so checkpoints keep their keys.
-        self.register_buffer("smoother", cepstral_smoother(num_mels, lifter) if lifter else None, persistent=False)
+        smooths = 0 < lifter < num_mels  # keeping num_mels or more coefficients keeps every one
+        self.register_buffer("smoother", cepstral_smoother(num_mels, lifter) if smooths else None, persistent=False)
         self.dropout = nn.Dropout(dropout)
         self.freq_channels = freq_channels
         if freq_channels:
