@@ -1,11 +1,14 @@
 """Sampling speed of the flow-matching image head against its step count, sampler and guidance,
-with the aligned VQ head's one pass (the decoder it replaces) as the baseline, in one process.
+and of the VQ-code head (``vq_codes``: 48 codes drawn one by one through the KV cache, with and
+without guidance), with the aligned VQ head's one pass (the decoder both replace) as the baseline,
+in one process.
 
 Claim (BENCHMARKS.md, "Generation from any data"): a flow sample costs one pass of the queries
 through the backbone plus one DiT evaluation per Euler step (two per Heun step, each doubled by
 classifier-free guidance, batched), so images/s falls in inverse proportion to the evaluations; the
 table gives the figure for every setting the ``metaquery`` preset can pick. Weights are random (the
-speed of a pass does not depend on them); the model is the ``metaquery`` preset's.
+speed of a pass does not depend on them); the models are the ``metaquery`` and ``generation``
+presets'.
 
     python benchmarks/bench_flow_sampling.py
     python benchmarks/bench_flow_sampling.py --batch-size 50 --steps 4 8 16 --threads 2
@@ -61,6 +64,12 @@ def main() -> None:
                     rate = images_per_second(flow, ids, mask, repeats=args.repeats, steps=steps, sampler=sampler, guidance=guidance)
                     calls = evaluations(sampler, steps) * (1 if guidance == 1.0 else 2)
                     print(f"| {sampler} | {steps} | {guidance:g} | {calls} | {rate:.1f} | {rate / baseline:.3f} |")
+        codes = build_model(load_config(["generation"], ["model.tasks=[text_to_image]"]), SHAPES).eval()
+        steps = codes.head(Modality.IMAGE).num_positions
+        for guidance in (1.0, 3.0):
+            rate = images_per_second(codes, ids, mask, repeats=args.repeats, guidance=guidance)
+            calls = steps * (1 if guidance == 1.0 else 2)
+            print(f"| vq_codes (cached backbone steps) | {steps} | {guidance:g} | {calls} | {rate:.1f} | {rate / baseline:.3f} |")
 
 
 if __name__ == "__main__":

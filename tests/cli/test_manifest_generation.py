@@ -1,8 +1,9 @@
 """Every generation task on the user's own data, from the command line: a tiny manifest of PNG
 images, captions and WAV speech trains image->text, audio->text, text->image (learnable queries into
 a flow-matching DiT) and text->audio (durations by monotonic alignment search), evaluates with
-figures that need no judge, and generates every target; the ``captioning`` preset runs on audio +
-text pairs with ``data.manifest`` alone."""
+figures that need no judge, and generates every target; text->image also as VQ codes drawn one
+after another (a first stage trains the VQ-VAE on the manifest's images); the ``captioning`` preset
+runs on audio + text pairs with ``data.manifest`` alone."""
 
 from __future__ import annotations
 
@@ -76,6 +77,31 @@ def test_every_generation_task_trains_on_a_manifest_and_generates(tmp_path, caps
     assert main(["generate", str(run_dir), "--from", "audio", str(tmp_path / "clip0.wav"), "--to", "text"]) == 0
     # An option the head does not take is named, not ignored.
     assert main(["generate", str(run_dir), "--from", "text", "red", "--to", "audio", "--guidance", "2"]) == 2
+
+
+def test_text_to_image_as_vq_codes_trains_on_a_manifest_and_draws_from_the_cli(tmp_path, capsys):
+    manifest = _write_manifest(tmp_path, 24)
+    run_dir = tmp_path / "run"
+    head = "model.heads.image={name: vq_codes, condition_dropout: 0.2, guidance: 2.0, top_k: 4}"
+    quick_stage_one = ["tokenizer_train.steps=2", "tokenizer_train.batch_size=8", "tokenizer_train.progress=false"]
+    args = ["train", "--config", "tiny", "data.source=manifest", f"data.manifest={manifest}", f"run_dir={run_dir}", "model.tasks=[text_to_image]"]
+    assert main([*args, *SMALL, *quick_stage_one, head]) == 0
+    assert (run_dir / "image_tokenizer" / "eval.json").exists()  # the VQ-VAE trained first, on the manifest's images
+    image = json.loads((run_dir / "eval.json").read_text())["figures"]["text_to_image"]
+    assert image["count"] >= 2 and image["variety_l2"] > 0  # the head's configured sampling draws
+
+    capsys.readouterr()
+    made = []
+    for seed in ("1", "1", "2"):
+        out = tmp_path / f"drawn{len(made)}.png"
+        assert main(["generate", str(run_dir), "--from", "text", "red circle", "--to", "image", "--out", str(out), "--seed", seed]) == 0
+        made.append(np.asarray(Image.open(out)))
+    assert made[0].shape == (16, 32) and np.array_equal(made[0], made[1]) and not np.array_equal(made[0], made[2])
+    greedy = ["generate", str(run_dir), "--from", "text", "red circle", "--to", "image", "--temperature", "0", "--guidance", "1"]
+    assert main([*greedy, "--out", str(tmp_path / "g1.png"), "--seed", "1"]) == 0
+    assert main([*greedy, "--out", str(tmp_path / "g2.png"), "--seed", "2"]) == 0
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "g1.png")), np.asarray(Image.open(tmp_path / "g2.png")))
+    assert main(["generate", str(run_dir), "--from", "text", "red", "--to", "image", "--steps", "3"]) == 2  # a flow option
 
 
 def test_the_captioning_preset_on_speech_and_captions_alone(tmp_path):

@@ -8,9 +8,10 @@
 Text is printed. An image is written as a PNG at the data's size; speech as a 16-bit WAV (the
 predicted log-mel through Griffin-Lim). A generator reads the text as the run's dataset prepares it
 (the built-in data: the digits of the number a text names for an image, its words for speech).
-Text and image codes are the most likely ones unless --temperature is above 0; a flow decoder
-(``flow_matching``, ``mas_mel`` with ``decoder: flow``) draws its noise from --seed, and takes
---steps (and, for images, --guidance) in place of its configured ones.
+Text is the most likely tokens unless --temperature is above 0. An image head that draws (``vq_codes``:
+its configured temperature, top-k and guidance; a flow decoder, ``flow_matching``, ``mas_mel`` with
+``decoder: flow``: its noise) draws from --seed; --temperature, --top-k, --steps and --guidance
+replace the run's configured ones for heads that take them.
 """
 
 from __future__ import annotations
@@ -42,12 +43,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--to", dest="target", required=True, help="the target modality: text, image or audio")
     parser.add_argument("--out", help="where to write an image (PNG) or speech (WAV); default generated.png / .wav")
-    parser.add_argument("--temperature", type=float, default=0.0, help="sampling temperature; 0 = greedy (default)")
-    parser.add_argument("--top-k", type=int, default=0, help="sample among the k likeliest tokens; 0 = all")
+    parser.add_argument("--temperature", type=float, help="sampling temperature; 0 = greedy (default: the head's, greedy for text)")
+    parser.add_argument("--top-k", type=int, help="sample among the k likeliest tokens; 0 = all (default: the head's)")
     parser.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default 1.0: off)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the sampling and of Griffin-Lim's phases")
     parser.add_argument("--steps", type=int, help="a flow decoder's integration steps (default: the run's config)")
-    parser.add_argument("--guidance", type=float, help="a flow image decoder's classifier-free guidance scale (default: the run's config)")
+    parser.add_argument("--guidance", type=float, help="an image head's classifier-free guidance scale (default: the run's config)")
 
 
 def parse_route(source: str, target: str) -> tuple[Modality, Modality]:
@@ -108,7 +109,8 @@ def check_options(args: argparse.Namespace, target: Modality) -> Path | None:
     """The sampling settings in range and ``--out`` a file of the target's type (returned)."""
     from polymodal.errors import ConfigError
 
-    if not (math.isfinite(args.temperature) and args.temperature >= 0) or not 0 < args.top_p <= 1 or args.top_k < 0:
+    temperature = 0.0 if args.temperature is None else args.temperature
+    if not (math.isfinite(temperature) and temperature >= 0) or not 0 < args.top_p <= 1 or (args.top_k or 0) < 0:
         raise ConfigError("need a finite --temperature >= 0, --top-k >= 0 and 0 < --top-p <= 1")
     if not 0 <= args.seed <= MAX_SEED:
         raise ConfigError(f"--seed must be in 0..{MAX_SEED}, got {args.seed}")
@@ -133,8 +135,9 @@ def run(args: argparse.Namespace) -> int:
     run_dir = Path(args.run_dir)
     loaded = load_run(run_dir)
     generator = torch.Generator().manual_seed(args.seed)
-    sampling = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, generator=generator)
-    flow = {key: value for key, value in (("steps", args.steps), ("guidance", args.guidance)) if value is not None}
+    sampling = dict(top_p=args.top_p, generator=generator)
+    given = (("temperature", args.temperature), ("top_k", args.top_k), ("steps", args.steps), ("guidance", args.guidance))
+    flow = {key: value for key, value in given if value is not None}
     head = loaded.model.head(target) if hasattr(loaded.model, "head") else None
     unused = [f"--{key}" for key in flow if head is not None and key not in generation_options(head, **flow)]
     if unused:

@@ -111,7 +111,10 @@ class AlignedCodeHead(nn.Module):
         return codes.reshape(-1, *self.code_grid)
 
     @torch.no_grad()
-    def generate(self, trunk, source: Tensor, source_mask: Tensor, **sampling) -> Tensor:
-        """Images (B, C, H, W) in [-1, 1]: ``generate_codes`` (with its ``sampling`` options) decoded
-        by the VQ-VAE."""
-        return self.tokenizer.decode(self.generate_codes(trunk, source, source_mask, **sampling)).clamp(-1.0, 1.0)
+    def generate(
+        self, trunk, source: Tensor, source_mask: Tensor, *, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
+        generator: torch.Generator | None = None,
+    ) -> Tensor:  # fmt: skip
+        """Images (B, C, H, W) in [-1, 1]: ``generate_codes`` (with its sampling options) decoded by the VQ-VAE."""
+        codes = self.generate_codes(trunk, source, source_mask, temperature=temperature, top_k=top_k, top_p=top_p, generator=generator)
+        return self.tokenizer.decode(codes).clamp(-1.0, 1.0)
