@@ -137,12 +137,12 @@ def run(args: argparse.Namespace) -> int:
     generator = torch.Generator().manual_seed(args.seed)
     sampling = dict(top_p=args.top_p, generator=generator)
     given = (("temperature", args.temperature), ("top_k", args.top_k), ("steps", args.steps), ("guidance", args.guidance))
-    flow = {key: value for key, value in given if value is not None}
+    chosen = {key: value for key, value in given if value is not None}  # replace the head's configured ones
     head = loaded.model.head(target) if hasattr(loaded.model, "head") else None
-    unused = [f"--{key}" for key in flow if head is not None and key not in generation_options(head, **flow)]
+    unused = [f"--{key}" for key in chosen if head is not None and key not in generation_options(head, **chosen)]
     if unused:
         raise ConfigError(f"{' and '.join(unused)}: the {target} head of {run_dir} ({head.registry_name}) takes no such option")
-    result = generate(loaded, source, target, args.source[1], **sampling, **flow)
+    result = generate(loaded, source, target, args.source[1], **sampling, **chosen)
     if out is None:
         print(result)
         return 0
