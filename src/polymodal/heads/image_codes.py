@@ -27,7 +27,7 @@ from torch import Tensor, nn
 from polymodal.decoders.sampling import sample_next
 from polymodal.errors import ConfigError
 from polymodal.heads import HEADS, HeadOutput, HeadWiring, Targets
-from polymodal.heads.text import token_loss
+from polymodal.heads.text import cached_target_step, token_loss
 from polymodal.modality import Modality
 
 INIT_STD = 0.02  # GPT-2 (Radford et al. 2019) initialisation scale
@@ -148,11 +148,8 @@ class ImageCodeHead(nn.Module):
             codes.append(code)
             if step + 1 == self.num_positions:
                 break
-            previous = code.repeat(len(source) // batch_size)[:, None]
-            keys_valid = torch.cat([source_mask, torch.ones(len(source), step + 2, dtype=torch.bool, device=source.device)], dim=1)
-            positions = (source_mask.sum(1) + step + 1)[:, None]
-            token = self.embed_inputs(trunk, previous, step + 1)
-            hidden = trunk.step(token, mask=keys_valid[:, None, None, :], positions=positions, cache=cache)[:, -1]
+            token = self.embed_inputs(trunk, code.repeat(len(source) // batch_size)[:, None], step + 1)
+            hidden = cached_target_step(trunk, token, source_mask, step + 1, cache)[:, -1]
         return self.to_grid(torch.stack(codes, dim=1))
 
     @torch.no_grad()

@@ -96,8 +96,8 @@ class LanguageModelHead(nn.Module):
         for step in range(max_new_tokens):
             if cache is None or step == 0:  # recompute everything (the reference), or prefill source + BOS
                 hidden = trunk.run(source, source_mask, self.embed_targets(trunk, ids), torch.ones_like(ids, dtype=torch.bool), cache=cache)
-            else:
-                hidden = self._cached_step(trunk, ids, source_mask, step, cache)
+            else:  # the newest token, at target index `step`, reading the cache
+                hidden = cached_target_step(trunk, self.embed_targets(trunk, ids[:, -1:]), source_mask, step, cache)
             next_ids = sample_next(self.lm_head(hidden[:, -1]), temperature=temperature, top_k=top_k, top_p=top_p, generator=generator)
             next_ids = next_ids.masked_fill(finished, self.specials.pad_id)
             ids = torch.cat([ids, next_ids[:, None]], dim=1)
@@ -107,15 +107,17 @@ class LanguageModelHead(nn.Module):
         eos = self.specials.eos_id
         return [row[: row.index(eos)] if eos in row else row for row in ids[:, 1:].tolist()]
 
-    def _cached_step(self, trunk, ids: Tensor, source_mask: Tensor, step: int, cache) -> Tensor:
-        """The newest token through the backbone, reading the cache: (B, 1, D)."""
-        batch_size = ids.shape[0]
-        keys_valid = torch.cat(
-            [source_mask, torch.ones(batch_size, step + 1, dtype=torch.bool, device=ids.device)], dim=1
-        )  # (B, Ns + step + 1)
-        positions = (source_mask.sum(1) + step)[:, None]  # (B, 1): target index `step` after the source
-        token = self.embed_targets(trunk, ids[:, -1:])  # (B, 1, D)
-        return trunk.step(token, mask=keys_valid[:, None, None, :], positions=positions, cache=cache)
+
+
+def cached_target_step(trunk, token: Tensor, source_mask: Tensor, index: int, cache) -> Tensor:
+    """One new target token (B, 1, D), at target index ``index`` after the source, through the
+    backbone reading the KV cache of the source and the ``index`` target tokens before it: (B, 1, D).
+    Its keys are the real source tokens and every target token so far; its position follows the
+    source's real tokens, as in the prefix-LM pass that filled the cache."""
+    batch_size = token.shape[0]
+    keys_valid = torch.cat([source_mask, torch.ones(batch_size, index + 1, dtype=torch.bool, device=token.device)], dim=1)
+    positions = (source_mask.sum(1) + index)[:, None]  # (B, 1)
+    return trunk.step(token, mask=keys_valid[:, None, None, :], positions=positions, cache=cache)
 
 
 def token_loss(logits: Tensor, labels: Tensor, *, label_smoothing: float = 0.0) -> tuple[Tensor, dict[str, float]]:
