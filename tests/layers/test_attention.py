@@ -180,6 +180,18 @@ def test_attention_bias_is_the_boolean_mask():
     torch.testing.assert_close(attn(x, mask=bias), attn(x, mask=mask), rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+def test_float32_bias_with_queries_of_another_dtype_is_the_boolean_mask(dtype):
+    # SDPA reads a float mask whose dtype is not the queries' wrongly on some CPUs (an AVX2 EPYC:
+    # off by up to 3); attend casts it. A causal mask also makes the first 6 outputs those of 6 tokens.
+    torch.manual_seed(0)
+    q, k, v = torch.randn(3, 2, 4, 300, 8, dtype=dtype).unbind(0)  # 300 keys: SDPA in bf16 too
+    bias = attention_bias(causal_mask(300))
+    full = attend(q, k, v, bias)
+    torch.testing.assert_close(full, attend(q, k, v, causal_mask(300)), rtol=0, atol=0)
+    prefix = attend(q[:, :, :6], k[:, :, :6], v[:, :, :6], bias[:6, :6])
+    torch.testing.assert_close(full[:, :, :6], prefix, rtol=1e-2, atol=1e-2)
+
 def test_token_layout_round_trip_by_hand():
     keep = torch.tensor([[True, False, True], [False, True, False]])
     layout = TokenLayout.of(keep)

@@ -88,6 +88,11 @@ def attend(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, *, dropout: flo
     """
     if uses_explicit_attention(q, k.shape[-2]):
         return explicit_attention(q, k, v, mask, dropout=dropout)
+    if mask is not None and mask.is_floating_point() and mask.dtype != q.dtype:
+        # SDPA takes a float mask only in the query's dtype; given the float32 bias with fp64 (or
+        # bf16) queries, its CPU kernel reads it wrongly on some CPUs without a word (measured on an
+        # AVX2 EPYC: outputs off by up to 3 on a causal mask). 0 and -inf are exact in every dtype.
+        mask = mask.to(q.dtype)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)
 
 
