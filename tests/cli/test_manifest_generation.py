@@ -12,9 +12,13 @@ import json
 import numpy as np
 import pytest
 import soundfile
+import torch
 from PIL import Image
 
+from polymodal.cli.generate import generate
 from polymodal.cli.main import main
+from polymodal.modality import Modality
+from polymodal.training.run import load_run
 
 WORDS = ("red", "blue", "green", "small", "large", "circle", "square")
 SAMPLE_RATE = 16000
@@ -92,11 +96,16 @@ def test_text_to_image_as_vq_codes_trains_on_a_manifest_and_draws_from_the_cli(t
 
     capsys.readouterr()
     made = []
-    for seed in ("1", "1", "2"):
+    for _ in range(2):
         out = tmp_path / f"drawn{len(made)}.png"
-        assert main(["generate", str(run_dir), "--from", "text", "red circle", "--to", "image", "--out", str(out), "--seed", seed]) == 0
+        assert main(["generate", str(run_dir), "--from", "text", "red circle", "--to", "image", "--out", str(out), "--seed", "1"]) == 0
         made.append(np.asarray(Image.open(out)))
-    assert made[0].shape == (16, 32) and np.array_equal(made[0], made[1]) and not np.array_equal(made[0], made[2])
+    assert made[0].shape == (16, 32) and np.array_equal(made[0], made[1])
+    # Other seeds draw other codes. A first stage of 2 steps decodes any code to within a grey level
+    # of the others (equal PNGs on some CPUs), so the drawn images are compared before rounding.
+    loaded = load_run(run_dir)
+    drawn = [generate(loaded, Modality.TEXT, Modality.IMAGE, "red circle", generator=torch.Generator().manual_seed(s)) for s in (1, 2)]
+    assert not torch.equal(*drawn)
     greedy = ["generate", str(run_dir), "--from", "text", "red circle", "--to", "image", "--temperature", "0", "--guidance", "1"]
     assert main([*greedy, "--out", str(tmp_path / "g1.png"), "--seed", "1"]) == 0
     assert main([*greedy, "--out", str(tmp_path / "g2.png"), "--seed", "2"]) == 0

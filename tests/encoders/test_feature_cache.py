@@ -71,7 +71,8 @@ def test_cached_images_equal_the_encoder_and_skip_it(vit, tmp_path, on_disk):
     counter.items = 0
     first = cache([0, 1, 2], images[:3])
     assert counter.items == 3 and first.mask is None
-    torch.testing.assert_close(first.tokens, expected[:3], atol=0, rtol=0)
+    # A batch of 3 against one of 5: the last bit may differ (matmul blocking follows the batch on some CPUs).
+    torch.testing.assert_close(first.tokens, expected[:3], atol=1e-6, rtol=0)
     mixed = cache([2, 4, 0], images[[2, 4, 0]])  # one unseen item among two cached
     assert counter.items == 4 and (cache.hits, cache.misses) == (2, 4)
     torch.testing.assert_close(mixed.tokens, expected[[2, 4, 0]], atol=1e-6, rtol=0)
