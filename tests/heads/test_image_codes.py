@@ -1,12 +1,14 @@
 """The VQ-code image head (``vq_codes``) inside a small any-to-any model: its code order is a
 permutation of the grid and back; a code's logits never read that code or later ones; generating
 through the KV cache equals recomputing the whole sequence at every step; guidance at scale 0 is
-sampling from the empty source; seeded draws repeat; and the head learns a batch's codes."""
+sampling from the empty source; seeded draws repeat; reranking keeps the candidate with the largest
+log-likelihood ratio, which equals per-item cross-entropies; and the head learns a batch's codes."""
 
 from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 from batches import SHAPES, make_batch
 
 from polymodal.config import load_config
@@ -92,6 +94,42 @@ def test_seeded_draws_repeat_and_differ_across_seeds():
     assert draw[0].shape == (len(source), 1, *SHAPES.image_size) and draw[0].abs().max() <= 1
 
 
+def test_source_specificity_is_the_log_likelihood_ratio_by_per_item_cross_entropy():
+    model = _model("condition_dropout: 0.1")
+    head = model.head(Modality.IMAGE)
+    source, valid = _source(model)
+    codes = torch.randint(0, head.num_codes, (len(source), head.num_positions), generator=torch.Generator().manual_seed(0))
+
+    def log_likelihood(mask):  # one item at a time, through F.cross_entropy
+        per_item = []
+        for b in range(len(source)):
+            with torch.no_grad():
+                hidden = head.teacher_forced(model, source[b : b + 1], mask[b : b + 1], codes[b : b + 1])
+            per_item.append(-F.cross_entropy(head.code_head(hidden[0, source.shape[1] :]), codes[b], reduction="sum"))
+        return torch.stack(per_item)
+
+    expected = log_likelihood(valid) - log_likelihood(head.empty_source(valid))
+    torch.testing.assert_close(head.source_specificity(model, source, valid, codes), expected, rtol=1e-5, atol=1e-4)
+    assert expected.abs().min() > 0  # the source changes every item's likelihood
+
+
+def test_reranking_keeps_the_most_source_specific_of_the_candidates():
+    k = 3
+    model = _model("temperature: 1.0", "condition_dropout: 0.1", f"candidates: {k}")
+    head = model.head(Modality.IMAGE)
+    source, valid = _source(model)
+    kept = head.to_sequence(head.generate_codes(model, source, valid, generator=torch.Generator().manual_seed(5)))
+    # The same draws made directly: candidate c of item b is row c * B + b.
+    sources, masks = source.repeat(k, 1, 1), valid.repeat(k, 1)
+    sampling = dict(temperature=1.0, top_k=0, top_p=1.0, guidance=1.0, generator=torch.Generator().manual_seed(5))
+    drawn = head.draw_sequences(model, sources, masks, **sampling)
+    scores = head.source_specificity(model, sources, masks, drawn).view(k, len(source))
+    candidates = drawn.view(k, len(source), -1)
+    assert not torch.equal(candidates[0], candidates[1])  # there was a choice to make
+    for b in range(len(source)):
+        chosen = [c for c in range(k) if torch.equal(candidates[c, b], kept[b])]
+        assert chosen and scores[chosen[0], b] == scores[:, b].max()
+
 def test_the_head_learns_a_batchs_codes():
     model = _model("condition_dropout: 0.0").train()
     batch = make_batch()
@@ -119,3 +157,7 @@ def test_settings_out_of_range_name_the_key():
         _model("order: spiral")
     with pytest.raises(ConfigError, match="condition_dropout"):
         _model("condition_dropout: 1.5")
+    with pytest.raises(ConfigError, match="candidates"):
+        _model("candidates: 0")
+    with pytest.raises(ConfigError, match="candidates.*condition_dropout > 0"):
+        _model("candidates: 4")  # nothing trained the empty source
