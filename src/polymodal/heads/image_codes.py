@@ -187,7 +187,7 @@ class ImageCodeHead(nn.Module):
         hidden = trunk.run(source, source_mask, self.embed_inputs(trunk, previous, 0), every, cache=cache)[:, -1]
         codes = []
         for step in range(self.num_positions):
-            logits = self.code_head(hidden).float()  # (B or 2B, K)
+            logits = self.code_head(hidden).float()  # (B or 2B, num_codes)
             if guidance != 1.0:
                 conditional, empty = logits.chunk(2)
                 logits = empty + guidance * (conditional - empty)
