@@ -124,6 +124,10 @@ class ImageCodeHead(nn.Module):
         empty[:, 0] = True
         return empty
 
+    def with_empty_source(self, source: Tensor, source_mask: Tensor) -> tuple[Tensor, Tensor]:
+        """Each item twice, (2B, ...): first with its source, then with the empty one."""
+        return torch.cat([source, source]), torch.cat([source_mask, self.empty_source(source_mask)])
+
     def loss(self, trunk, source: Tensor, source_mask: Tensor, target: Targets) -> HeadOutput:
         """Next-code cross-entropy over every code of the item's image (teacher forcing)."""
         codes = self.to_sequence(self.tokenizer.encode(target.values))  # (B, h * w)
@@ -145,9 +149,7 @@ class ImageCodeHead(nn.Module):
     @torch.no_grad()
     def source_specificity(self, trunk, source: Tensor, source_mask: Tensor, codes: Tensor) -> Tensor:
         """log p(codes | source) - log p(codes | empty source) per item (B,), for codes (B, h * w) in ``order``."""
-        both = self.teacher_forced(
-            trunk, torch.cat([source, source]), torch.cat([source_mask, self.empty_source(source_mask)]), torch.cat([codes, codes])
-        )  # fmt: skip
+        both = self.teacher_forced(trunk, *self.with_empty_source(source, source_mask), torch.cat([codes, codes]))
         log_probs = self.code_head(both[:, source.shape[1] :]).float().log_softmax(-1)  # (2B, h * w, K)
         per_item = log_probs.gather(-1, torch.cat([codes, codes])[..., None]).squeeze(-1).sum(1)  # (2B,)
         conditional, empty = per_item.chunk(2)
@@ -180,7 +182,7 @@ class ImageCodeHead(nn.Module):
         """One code sequence (B, h * w) in ``order`` per item, drawn code by code through the KV cache."""
         batch_size = len(source)
         if guidance != 1.0:  # the conditional and the empty source side by side
-            source, source_mask = torch.cat([source, source]), torch.cat([source_mask, self.empty_source(source_mask)])
+            source, source_mask = self.with_empty_source(source, source_mask)
         cache = trunk.backbone.new_cache(len(source), source.shape[1] + self.num_positions, device=source.device, dtype=source.dtype)
         previous = torch.full((len(source), 1), self.num_codes, dtype=torch.long, device=source.device)
         every = torch.ones_like(previous, dtype=torch.bool)
