@@ -2,7 +2,9 @@
 permutation of the grid and back; a code's logits never read that code or later ones; generating
 through the KV cache equals recomputing the whole sequence at every step; guidance at scale 0 is
 sampling from the empty source; seeded draws repeat; reranking keeps the candidate with the largest
-log-likelihood ratio, which equals per-item cross-entropies; and the head learns a batch's codes."""
+log-likelihood ratio, which equals per-item cross-entropies; and the head learns a batch's codes.
+Each holds with blocks of codes per position (``group``) too, where the cached, code-by-code draw
+is checked against greedy filling through the teacher-forced logits."""
 
 from __future__ import annotations
 
@@ -30,15 +32,24 @@ def _source(model):
     return model.encode(Modality.TEXT, batch.inputs[Modality.TEXT], batch.masks[Modality.TEXT])
 
 
+GROUPS = ["group: [1, 1]", "group: [2, 2]", "group: [1, 3]"]
+
+
 def _recomputed_codes(model, source, valid) -> torch.Tensor:
-    """Greedy codes with no cache: the whole [source][start, codes so far] through the backbone at each step."""
+    """Greedy codes with no cache: the whole [source][start, blocks so far] through the backbone at
+    each position, then the block's codes filled one at a time through the teacher-forced logits
+    (slot j's logits read slots < j only, so the unfilled zeros after it do not matter)."""
     head = model.head(Modality.IMAGE)
-    previous = torch.full((len(source), 1), head.num_codes)
+    g = head.group_size
+    previous = torch.full((len(source), g), head.num_codes)
     for _ in range(head.num_positions):
         inputs = head.embed_inputs(model, previous, 0)
-        hidden = model.run(source, valid, inputs, torch.ones_like(previous, dtype=torch.bool))
-        previous = torch.cat([previous, head.code_head(hidden[:, -1]).argmax(-1, keepdim=True)], dim=1)
-    return head.to_grid(previous[:, 1:])
+        hidden = model.run(source, valid, inputs, torch.ones(inputs.shape[:2], dtype=torch.bool))[:, -1:]
+        block = torch.zeros(len(source), g, dtype=torch.long)
+        for slot in range(g):
+            block[:, slot] = head.code_logits(hidden, block)[:, slot].argmax(-1)
+        previous = torch.cat([previous, block], dim=1)
+    return head.to_grid(previous[:, g:])
 
 
 @pytest.mark.parametrize("order", ["columns", "raster"])
@@ -52,33 +63,53 @@ def test_the_code_order_is_a_permutation_of_the_grid(order):
     assert torch.equal(first_column, grid[0, :, 0])
 
 
-def test_a_codes_logits_never_read_that_code_or_later_ones():
-    model = _model()
+@pytest.mark.parametrize("order", ["columns", "raster"])
+def test_blocks_of_codes_are_read_whole_in_order(order):
+    head = _model(f"order: {order}", "group: [2, 3]").head(Modality.IMAGE)
+    height, width = head.code_grid
+    grid = torch.arange(height * width).reshape(1, height, width)
+    sequence = head.to_sequence(grid)
+    assert torch.equal(head.to_grid(sequence), grid)
+    blocks = sequence.view(head.num_positions, 6)
+    # Every position's block is one 2 x 3 tile of the grid, its codes in the order's own direction.
+    tile = grid[0, :2, :3]
+    assert torch.equal(blocks[0], (tile.T if order == "columns" else tile).flatten())
+    second = grid[0, 2:4, :3] if order == "columns" else grid[0, :2, 3:6]
+    assert torch.equal(blocks[1], (second.T if order == "columns" else second).flatten())
+
+
+@pytest.mark.parametrize("group", GROUPS)
+def test_a_codes_logits_never_read_that_code_or_later_ones(group):
+    model = _model(group)
     head = model.head(Modality.IMAGE)
     source, valid = _source(model)
-    codes = torch.randint(0, head.num_codes, (len(source), head.num_positions))
-    changed = codes.clone()
-    changed[:, 10:] = (changed[:, 10:] + 1) % head.num_codes
-    start = torch.full_like(codes[:, :1], head.num_codes)
-    every = torch.ones_like(codes, dtype=torch.bool)
+    codes = torch.randint(0, head.num_codes, (len(source), head.num_positions * head.group_size))
+    logits = []
+    for cut in (10, 11):  # codes from index `cut` on changed
+        changed = codes.clone()
+        changed[:, cut:] = (changed[:, cut:] + 1) % head.num_codes
+        with torch.no_grad():
+            hidden = head.teacher_forced(model, source, valid, changed)[:, source.shape[1] :]
+            logits.append(head.code_logits(hidden, changed))
     with torch.no_grad():
-        outs = [
-            model.run(source, valid, head.embed_inputs(model, torch.cat([start, c[:, :-1]], 1), 0), every)[:, source.shape[1] :]
-            for c in (codes, changed)
-        ]
-    torch.testing.assert_close(outs[0][:, :11], outs[1][:, :11])  # position i predicts code i from codes < i
-    assert not torch.allclose(outs[0][:, 11:], outs[1][:, 11:])
+        hidden = head.teacher_forced(model, source, valid, codes)[:, source.shape[1] :]
+        unchanged = head.code_logits(hidden, codes)
+    for cut, changed in zip((10, 11), logits):
+        torch.testing.assert_close(changed[:, : cut + 1], unchanged[:, : cut + 1])  # code i's logits read codes < i
+        assert not torch.allclose(changed[:, cut + 1 :], unchanged[:, cut + 1 :])
 
 
-def test_cached_generation_equals_recomputing_every_step():
-    model = _model("temperature: 0.0")
+@pytest.mark.parametrize("group", GROUPS)
+def test_cached_generation_equals_recomputing_every_step(group):
+    model = _model("temperature: 0.0", group)
     source, valid = _source(model)
     cached = model.head(Modality.IMAGE).generate_codes(model, source, valid)
     assert torch.equal(cached, _recomputed_codes(model, source, valid))
 
 
-def test_guidance_zero_samples_from_the_empty_source():
-    model = _model("temperature: 0.0")
+@pytest.mark.parametrize("group", GROUPS[:2])
+def test_guidance_zero_samples_from_the_empty_source(group):
+    model = _model("temperature: 0.0", group)
     head = model.head(Modality.IMAGE)
     source, valid = _source(model)
     guided = head.generate_codes(model, source, valid, guidance=0.0)
@@ -94,18 +125,21 @@ def test_seeded_draws_repeat_and_differ_across_seeds():
     assert draw[0].shape == (len(source), 1, *SHAPES.image_size) and draw[0].abs().max() <= 1
 
 
-def test_source_specificity_is_the_log_likelihood_ratio_by_per_item_cross_entropy():
-    model = _model("condition_dropout: 0.1")
+@pytest.mark.parametrize("group", GROUPS[:2])
+def test_source_specificity_is_the_log_likelihood_ratio_by_per_item_cross_entropy(group):
+    model = _model("condition_dropout: 0.1", group)
     head = model.head(Modality.IMAGE)
     source, valid = _source(model)
-    codes = torch.randint(0, head.num_codes, (len(source), head.num_positions), generator=torch.Generator().manual_seed(0))
+    size = (len(source), head.num_positions * head.group_size)
+    codes = torch.randint(0, head.num_codes, size, generator=torch.Generator().manual_seed(0))
 
     def log_likelihood(mask):  # one item at a time, through F.cross_entropy
         per_item = []
         for b in range(len(source)):
             with torch.no_grad():
                 hidden = head.teacher_forced(model, source[b : b + 1], mask[b : b + 1], codes[b : b + 1])
-            per_item.append(-F.cross_entropy(head.code_head(hidden[0, source.shape[1] :]), codes[b], reduction="sum"))
+            logits = head.code_logits(hidden[:, source.shape[1] :], codes[b : b + 1])[0]
+            per_item.append(-F.cross_entropy(logits, codes[b], reduction="sum"))
         return torch.stack(per_item)
 
     expected = log_likelihood(valid) - log_likelihood(head.empty_source(valid))
@@ -113,9 +147,10 @@ def test_source_specificity_is_the_log_likelihood_ratio_by_per_item_cross_entrop
     assert expected.abs().min() > 0  # the source changes every item's likelihood
 
 
-def test_reranking_keeps_the_most_source_specific_of_the_candidates():
+@pytest.mark.parametrize("group", GROUPS[:2])
+def test_reranking_keeps_the_most_source_specific_of_the_candidates(group):
     k = 3
-    model = _model("temperature: 1.0", "condition_dropout: 0.1", f"candidates: {k}")
+    model = _model("temperature: 1.0", "condition_dropout: 0.1", f"candidates: {k}", group)
     head = model.head(Modality.IMAGE)
     source, valid = _source(model)
     kept = head.to_sequence(head.generate_codes(model, source, valid, generator=torch.Generator().manual_seed(5)))
@@ -130,8 +165,10 @@ def test_reranking_keeps_the_most_source_specific_of_the_candidates():
         chosen = [c for c in range(k) if torch.equal(candidates[c, b], kept[b])]
         assert chosen and scores[chosen[0], b] == scores[:, b].max()
 
-def test_the_head_learns_a_batchs_codes():
-    model = _model("condition_dropout: 0.0").train()
+
+@pytest.mark.parametrize("group", GROUPS[:2])
+def test_the_head_learns_a_batchs_codes(group):
+    model = _model("condition_dropout: 0.0", group).train()
     batch = make_batch()
     head = model.head(Modality.IMAGE)
     source_ids, source_mask = batch.inputs[Modality.TEXT], batch.masks[Modality.TEXT]
@@ -161,3 +198,6 @@ def test_settings_out_of_range_name_the_key():
         _model("candidates: 0")
     with pytest.raises(ConfigError, match="candidates.*condition_dropout > 0"):
         _model("candidates: 4")  # nothing trained the empty source
+    for group in ("[3, 1]", "[0, 2]", "[2]", "[1.5, 2]"):  # the tiny grid is 4 x 12
+        with pytest.raises(ConfigError, match=r"model.heads.image.group.*divide the VQ-VAE's code grid \[4, 12\]"):
+            _model(f"group: {group}")

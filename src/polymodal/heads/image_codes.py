@@ -9,6 +9,13 @@ needs no alignment and no reference: it learns from any image-caption pairs. Eac
 images, so the codes are drawn (``temperature``, ``top_k``), not taken greedily: sampling gives
 the variety real handwriting has.
 
+Groups (``group: [gh, gw]``, default one code): each backbone position holds a gh x gw block of
+codes, so a finer code grid (a VQ-VAE with fewer downsamples, which reconstructs more of each
+image) costs the backbone no more positions. A position's input is the sum of the previous block's
+codes, each embedded by a table of its own slot; a small residual MLP on the position's state then
+predicts the block's codes one after another, each from the state plus the codes of the block drawn
+before it (the depth step of the RQ-Transformer, Lee et al. 2022, arXiv:2203.01941, as an MLP).
+
 Classifier-free guidance (``guidance`` > 1): training replaces the source by an empty one (its first
 token alone) for a share ``condition_dropout`` of items; sampling mixes the logits with and
 without the source, l_u + w (l_c - l_u), as text-to-image token models do.
@@ -29,6 +36,7 @@ top-k); Yu et al. 2022, Parti, arXiv:2206.10789 and Ho and Salimans 2022, arXiv:
 from __future__ import annotations
 
 import torch
+from einops import rearrange
 from torch import Tensor, nn
 
 from polymodal.decoders.sampling import sample_next
@@ -39,6 +47,49 @@ from polymodal.modality import Modality
 
 INIT_STD = 0.02  # GPT-2 (Radford et al. 2019) initialisation scale
 ORDERS = ("columns", "raster")
+# Code grid <-> sequence: positions in ``order``, and the codes of each position's block in the same order.
+_TO_SEQUENCE = {"columns": "b (ph gh) (pw gw) -> b (pw ph gw gh)", "raster": "b (ph gh) (pw gw) -> b (ph pw gh gw)"}
+_TO_GRID = {order: " -> ".join(pattern.split(" -> ")[::-1]) for order, pattern in _TO_SEQUENCE.items()}
+
+
+class BlockDepth(nn.Module):
+    """The codes of one position's block, one after another: slot j's state is the position's
+    backbone state, plus the sum of the block's codes before slot j (each embedded by its own slot's
+    table), plus slot j's embedding, through one residual MLP. ``code_head`` turns states into logits.
+
+    Args:
+        dim: the backbone width D.
+        num_codes: K, the codebook size.
+        group_size: codes per block, g.
+    """
+
+    def __init__(self, dim: int, num_codes: int, group_size: int) -> None:
+        super().__init__()
+        self.num_codes = num_codes
+        self.code_embed = nn.Embedding(group_size * num_codes, dim)  # slot s, code c -> s * K + c
+        self.slot_embed = nn.Embedding(group_size, dim)
+        self.norm = nn.LayerNorm(dim)
+        self.mlp = nn.Sequential(nn.Linear(dim, 4 * dim), nn.GELU(), nn.Linear(4 * dim, dim))
+        for table in (self.code_embed, self.slot_embed):
+            nn.init.normal_(table.weight, std=INIT_STD)
+
+    def state(self, hidden: Tensor, prefix: Tensor, slots: Tensor) -> Tensor:
+        """States (..., D) for ``slots`` (broadcast) from backbone states and prefix sums (..., D)."""
+        inputs = hidden + prefix + self.slot_embed(slots)
+        return inputs + self.mlp(self.norm(inputs))
+
+    def embed_code(self, codes: Tensor, slot: int) -> Tensor:
+        """(...) codes drawn in ``slot`` -> (..., D), the term they add to later slots' prefix."""
+        return self.code_embed(codes + slot * self.num_codes)
+
+    def forward(self, hidden: Tensor, codes: Tensor) -> Tensor:
+        """Teacher-forced states (B, n, g, D) of every slot, from backbone states (B, n, D) and the
+        blocks' codes (B, n, g): slot j reads codes 0 .. j - 1 of its block only."""
+        group_size = codes.shape[-1]
+        slots = torch.arange(group_size, device=codes.device)
+        embedded = self.code_embed(codes + slots * self.num_codes)  # (B, n, g, D)
+        prefix = torch.cat([torch.zeros_like(embedded[:, :, :1]), embedded[:, :, :-1].cumsum(2)], dim=2)
+        return self.state(hidden[:, :, None], prefix, slots)
 
 
 @HEADS.register("vq_codes")
@@ -49,6 +100,7 @@ class ImageCodeHead(nn.Module):
         wiring: needs ``image_tokenizer``: a trained VQ-VAE (``model.image_tokenizer: {name: vqvae}``),
             frozen and kept in eval mode here.
         order: ``columns`` or ``raster``: the order the codes are predicted in.
+        group: ``[gh, gw]``, the block of codes each backbone position holds ([1, 1]: one code).
         temperature, top_k: how ``generate`` draws each code unless told otherwise (0: the likeliest).
         guidance: classifier-free guidance scale at sampling (1: none).
         condition_dropout: share of training items whose source is emptied (for guidance).
@@ -61,7 +113,7 @@ class ImageCodeHead(nn.Module):
     needs_image_tokenizer = True
 
     def __init__(
-        self, wiring: HeadWiring, *, order: str = "columns", temperature: float = 1.0, top_k: int = 0,
+        self, wiring: HeadWiring, *, order: str = "columns", group: tuple[int, int] = (1, 1), temperature: float = 1.0, top_k: int = 0,
         guidance: float = 1.0, condition_dropout: float = 0.0, candidates: int = 1,
     ) -> None:  # fmt: skip
         super().__init__()
@@ -83,12 +135,16 @@ class ImageCodeHead(nn.Module):
         self.temperature, self.top_k, self.guidance, self.condition_dropout = temperature, top_k, guidance, condition_dropout
         self.candidates = candidates
         self.code_grid = tokenizer.token_grid(*wiring.shapes.image_size)  # (h, w)
+        self.group = check_group(group, self.code_grid)
+        self.group_size = self.group[0] * self.group[1]
         self.num_codes = tokenizer.num_codes
-        self.code_embed = nn.Embedding(self.num_codes + 1, wiring.dim)  # the last id is the start token
-        self.position_embed = nn.Embedding(self.code_grid[0] * self.code_grid[1], wiring.dim)
+        # Slot s's code c is input id s * (K + 1) + c; id K of every slot makes the start block.
+        self.code_embed = nn.Embedding(self.group_size * (self.num_codes + 1), wiring.dim)
+        self.position_embed = nn.Embedding(self.num_positions, wiring.dim)
         self.code_head = nn.Linear(wiring.dim, self.num_codes, bias=False)
         for table in (self.code_embed, self.position_embed, self.code_head):
             nn.init.normal_(table.weight, std=INIT_STD)
+        self.depth = BlockDepth(wiring.dim, self.num_codes, self.group_size) if self.group_size > 1 else None
 
     def train(self, mode: bool = True) -> "ImageCodeHead":
         """As ``nn.Module.train``, but the frozen tokenizer stays in eval mode (its EMA codebook must not move)."""
@@ -98,25 +154,39 @@ class ImageCodeHead(nn.Module):
 
     @property
     def num_positions(self) -> int:
-        return self.code_grid[0] * self.code_grid[1]
+        """Backbone positions per image: one per block of codes."""
+        return self.code_grid[0] * self.code_grid[1] // self.group_size
 
     def to_sequence(self, codes: Tensor) -> Tensor:
-        """(B, h, w) code grid -> (B, h * w) in ``order``."""
-        return (codes.transpose(1, 2) if self.order == "columns" else codes).flatten(1)
+        """(B, h, w) code grid -> (B, h * w) in ``order``: block by block, each block's codes together."""
+        return rearrange(codes, _TO_SEQUENCE[self.order], gh=self.group[0], gw=self.group[1])
 
     def to_grid(self, sequence: Tensor) -> Tensor:
         """(B, h * w) codes in ``order`` -> (B, h, w)."""
-        height, width = self.code_grid
-        if self.order == "columns":
-            return sequence.reshape(-1, width, height).transpose(1, 2)
-        return sequence.reshape(-1, height, width)
+        (gh, gw), height = self.group, self.code_grid[0]
+        return rearrange(sequence, _TO_GRID[self.order], gh=gh, gw=gw, ph=height // gh)
 
     def embed_inputs(self, trunk, previous: Tensor, start: int) -> Tensor:
-        """Input tokens (B, n, D) for positions ``start ..``: the previous code (or the start token)
-        and the position each predicts, with the image type embedding."""
-        positions = torch.arange(start, start + previous.shape[1], device=previous.device)
-        tokens = self.code_embed(previous) + self.position_embed(positions)
+        """Input tokens (B, n, D) for positions ``start ..``: the previous block's codes (B, n * g),
+        each slot by its own table (code K everywhere: the start block), plus the position each
+        predicts and the image type embedding."""
+        blocks = previous.unflatten(1, (-1, self.group_size))  # (B, n, g)
+        slots = torch.arange(self.group_size, device=previous.device) * (self.num_codes + 1)
+        positions = torch.arange(start, start + blocks.shape[1], device=previous.device)
+        tokens = self.code_embed(blocks + slots).sum(2) + self.position_embed(positions)
         return tokens + trunk.type_embedding(Modality.IMAGE, tokens)
+
+    def start_block(self, batch_size: int, device) -> Tensor:
+        """(B, g) ids of the start block, the input of the first position."""
+        return torch.full((batch_size, self.group_size), self.num_codes, dtype=torch.long, device=device)
+
+    def code_logits(self, hidden: Tensor, codes: Tensor) -> Tensor:
+        """Teacher-forced logits (B, n * g, K) of codes (B, n * g) from the states (B, n, D) of
+        their positions: a block's code reads the position's state and that block's earlier codes."""
+        if self.depth is None:
+            return self.code_head(hidden)
+        states = self.depth(hidden, codes.unflatten(1, (-1, self.group_size)))  # (B, n, g, D)
+        return self.code_head(states.flatten(1, 2))
 
     def empty_source(self, source_mask: Tensor) -> Tensor:
         """The mask of an empty condition: each item's first source token alone."""
@@ -135,23 +205,24 @@ class ImageCodeHead(nn.Module):
             dropped = torch.rand(len(codes), device=codes.device) < self.condition_dropout
             source_mask = torch.where(dropped[:, None], self.empty_source(source_mask), source_mask)
         hidden = self.teacher_forced(trunk, source, source_mask, codes)
-        loss, metrics = token_loss(self.code_head(hidden[:, source.shape[1] :]), codes)
+        loss, metrics = token_loss(self.code_logits(hidden[:, source.shape[1] :], codes), codes)
         return HeadOutput(hidden, {"": loss}, metrics)
 
     def teacher_forced(self, trunk, source: Tensor, source_mask: Tensor, codes: Tensor) -> Tensor:
-        """The backbone over the source and every code's input at once: (B, Ns + h * w, D); the
-        state at source length + i predicts ``codes[:, i]`` (B, h * w) in ``order``."""
-        start = torch.full_like(codes[:, :1], self.num_codes)
-        inputs = self.embed_inputs(trunk, torch.cat([start, codes[:, :-1]], dim=1), 0)
-        every = torch.ones(codes.shape, dtype=torch.bool, device=codes.device)
+        """The backbone over the source and every position's input at once: (B, Ns + n, D); the
+        state at source length + i predicts block i of ``codes`` (B, n * g) in ``order``."""
+        start = self.start_block(len(codes), codes.device)
+        inputs = self.embed_inputs(trunk, torch.cat([start, codes[:, : -self.group_size]], dim=1), 0)
+        every = torch.ones(inputs.shape[:2], dtype=torch.bool, device=codes.device)
         return trunk.run(source, source_mask, inputs, every)
 
     @torch.no_grad()
     def source_specificity(self, trunk, source: Tensor, source_mask: Tensor, codes: Tensor) -> Tensor:
         """log p(codes | source) - log p(codes | empty source) per item (B,), for codes (B, h * w) in ``order``."""
-        both = self.teacher_forced(trunk, *self.with_empty_source(source, source_mask), torch.cat([codes, codes]))
-        log_probs = self.code_head(both[:, source.shape[1] :]).float().log_softmax(-1)  # (2B, h * w, K)
-        per_item = log_probs.gather(-1, torch.cat([codes, codes])[..., None]).squeeze(-1).sum(1)  # (2B,)
+        twice = torch.cat([codes, codes])
+        both = self.teacher_forced(trunk, *self.with_empty_source(source, source_mask), twice)
+        log_probs = self.code_logits(both[:, source.shape[1] :], twice).float().log_softmax(-1)  # (2B, h * w, K)
+        per_item = log_probs.gather(-1, twice[..., None]).squeeze(-1).sum(1)  # (2B,)
         conditional, empty = per_item.chunk(2)
         return conditional - empty
 
@@ -181,24 +252,36 @@ class ImageCodeHead(nn.Module):
     ) -> Tensor:  # fmt: skip
         """One code sequence (B, h * w) in ``order`` per item, drawn code by code through the KV cache."""
         batch_size = len(source)
+        sampling = dict(temperature=temperature, top_k=top_k, top_p=top_p, generator=generator)
         if guidance != 1.0:  # the conditional and the empty source side by side
             source, source_mask = self.with_empty_source(source, source_mask)
         cache = trunk.backbone.new_cache(len(source), source.shape[1] + self.num_positions, device=source.device, dtype=source.dtype)
-        previous = torch.full((len(source), 1), self.num_codes, dtype=torch.long, device=source.device)
-        every = torch.ones_like(previous, dtype=torch.bool)
-        hidden = trunk.run(source, source_mask, self.embed_inputs(trunk, previous, 0), every, cache=cache)[:, -1]
-        codes = []
+        every = torch.ones(len(source), 1, dtype=torch.bool, device=source.device)
+        inputs = self.embed_inputs(trunk, self.start_block(len(source), source.device), 0)
+        hidden = trunk.run(source, source_mask, inputs, every, cache=cache)[:, -1]
+        blocks = []
         for step in range(self.num_positions):
-            logits = self.code_head(hidden).float()  # (B or 2B, num_codes)
+            block = self.draw_block(hidden, guidance, sampling)  # (B, g)
+            blocks.append(block)
+            if step + 1 == self.num_positions:
+                break
+            token = self.embed_inputs(trunk, block.repeat(len(source) // batch_size, 1), step + 1)
+            hidden = cached_target_step(trunk, token, source_mask, step + 1, cache)[:, -1]
+        return torch.cat(blocks, dim=1)
+
+    def draw_block(self, hidden: Tensor, guidance: float, sampling: dict) -> Tensor:
+        """One position's block (B, g), code after code, from its states (B or, guided, 2B, D),
+        each code drawn by ``sample_next`` with ``sampling``."""
+        prefix, codes = torch.zeros_like(hidden), []
+        for slot in range(self.group_size):
+            state = hidden if self.depth is None else self.depth.state(hidden, prefix, torch.tensor(slot, device=hidden.device))
+            logits = self.code_head(state).float()  # (B or 2B, K)
             if guidance != 1.0:
                 conditional, empty = logits.chunk(2)
                 logits = empty + guidance * (conditional - empty)
-            code = sample_next(logits, temperature=temperature, top_k=top_k, top_p=top_p, generator=generator)  # (B,)
-            codes.append(code)
-            if step + 1 == self.num_positions:
-                break
-            token = self.embed_inputs(trunk, code.repeat(len(source) // batch_size)[:, None], step + 1)
-            hidden = cached_target_step(trunk, token, source_mask, step + 1, cache)[:, -1]
+            codes.append(sample_next(logits, **sampling))
+            if self.depth is not None:
+                prefix = prefix + self.depth.embed_code(codes[-1].repeat(len(hidden) // len(logits)), slot)
         return torch.stack(codes, dim=1)
 
     @torch.no_grad()
@@ -211,3 +294,13 @@ class ImageCodeHead(nn.Module):
             trunk, source, source_mask, temperature=temperature, top_k=top_k, top_p=top_p, guidance=guidance, generator=generator
         )
         return self.tokenizer.decode(codes).clamp(-1.0, 1.0)
+
+
+def check_group(group, grid: tuple[int, int]) -> tuple[int, int]:
+    """``group`` as (gh, gw), or a ConfigError naming the key unless it tiles the code grid (h, w)."""
+    if len(group) != 2 or not all(isinstance(g, int) and g >= 1 for g in group) or grid[0] % group[0] or grid[1] % group[1]:
+        raise ConfigError(
+            f"model.heads.image.group: {list(group)} must be two positive integers [gh, gw] that divide the "
+            f"VQ-VAE's code grid {list(grid)} (height, width)"
+        )
+    return group[0], group[1]
