@@ -1,0 +1,63 @@
+"""Where a run's text -> image samples go wrong: the judge's reading of images drawn from test
+captions, exact by the asked number's digit count, and, where the judge reads as many digits as
+were asked, right by digit place (issue 18: does a wrong number miss all of its digits, or the
+later ones?). Built-in data only: the judge reads the spoken-numbers images.
+
+    python benchmarks/probe_image_digit_places.py RUN --limit 600
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+
+import torch
+
+from polymodal.datasets.spoken_numbers import judges
+from polymodal.evaluation.samples import generate_from_captions
+from polymodal.modality import Modality
+from polymodal.training.run import load_run
+
+
+def tally(asked: list[int], read: list[int]) -> tuple[dict, dict, dict]:
+    """(exact, length right, digit right by (length, place)) as {key: [right, total]}."""
+    exact, length, place = (collections.defaultdict(lambda: [0, 0]) for _ in range(3))
+    for wanted, got in zip(map(str, asked), map(str, read)):
+        exact[len(wanted)][0] += wanted == got
+        length[len(wanted)][0] += len(wanted) == len(got)
+        exact[len(wanted)][1] += 1
+        length[len(wanted)][1] += 1
+        if len(wanted) == len(got):
+            for i, (a, b) in enumerate(zip(wanted, got)):
+                place[(len(wanted), i)][0] += a == b
+                place[(len(wanted), i)][1] += 1
+    return exact, length, place
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("run_dir")
+    parser.add_argument("--limit", type=int, default=600, help="test captions drawn from (default 600)")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    run = load_run(args.run_dir)
+    run.model.eval()
+    source, collator, test = run.source, run.collator.log_mel_view(), run.splits.test
+    found = judges.load_judges(
+        source.data, source.seed, run.splits.train, test, collator, max_digits=source.max_digits, recorded_share=source.recorded_share
+    )  # fmt: skip
+    torch.manual_seed(args.seed)
+    device = next(run.model.parameters()).device
+    samples = generate_from_captions(run, test, Modality.IMAGE, limit=args.limit, device=device, repeats=1)
+    read = judges.read_images(found.image, samples.images)
+    exact, length, place = tally(samples.labels.tolist(), read.tolist())
+    for digits in sorted(exact):
+        places = ", ".join(f"{place[(digits, i)][0] / max(place[(digits, i)][1], 1):.1%}" for i in range(digits))
+        print(
+            f"{digits} digit(s), {exact[digits][1]} captions: exact {exact[digits][0] / exact[digits][1]:.1%}, "
+            f"length read right {length[digits][0] / length[digits][1]:.1%}, digit right by place (first on) {places}"
+        )
+
+
+if __name__ == "__main__":
+    main()
