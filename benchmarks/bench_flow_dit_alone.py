@@ -152,9 +152,7 @@ def built_in_data(preset: str):
     splits = source.load()
     tokenizer = TextTokenizer.train(splits.train_texts, vocab_size=config.data.vocab_size)
     collator = build_collator(tokenizer, config.data, front_end=source.source_text, seed=config.seed).log_mel_view()
-    found = judges.load_judges(
-        source.data, source.seed, splits.train, splits.test, collator, max_digits=source.max_digits, recorded_share=source.recorded_share
-    )  # fmt: skip
+    found = source.load_judges(splits, collator)
     built = source.built
 
     def split(name: str) -> tuple[torch.Tensor, torch.Tensor]:

@@ -46,9 +46,7 @@ def main() -> None:
     run = load_run(args.run_dir)
     run.model.eval()
     source, collator, test = run.source, run.collator.log_mel_view(), run.splits.test
-    found = judges.load_judges(
-        source.data, source.seed, run.splits.train, test, collator, max_digits=source.max_digits, recorded_share=source.recorded_share
-    )  # fmt: skip
+    found = source.load_judges(run.splits, collator)
     torch.manual_seed(args.seed)
     device = next(run.model.parameters()).device
     samples = generate_from_captions(run, test, Modality.IMAGE, limit=args.limit, device=device, repeats=1)

@@ -42,10 +42,7 @@ def main() -> None:
     load_checkpoint(latest_checkpoint(stage.run_dir), model=run.model)
     run.model.eval()
     source, collator = run.source, run.collator.log_mel_view()
-    found = judges.load_judges(
-        source.data, source.seed, run.splits.train, run.splits.test, collator, max_digits=source.max_digits,
-        recorded_share=source.recorded_share,
-    )  # fmt: skip
+    found = source.load_judges(run.splits, collator)
     with torch.no_grad():
         kept = judges.reconstructed_probe_accuracy(run.model.tokenizer, found.image, run.splits.test, collator, device="cpu", limit=args.limit)
     figures = json.loads((stage.run_dir / EVAL_FILE).read_text())["figures"]["reconstruction"]

@@ -78,8 +78,8 @@ class BlockDepth(nn.Module):
         inputs = hidden + prefix + self.slot_embed(slots)
         return inputs + self.mlp(self.norm(inputs))
 
-    def embed_code(self, codes: Tensor, slot: int) -> Tensor:
-        """(...) codes drawn in ``slot`` -> (..., D), the term they add to later slots' prefix."""
+    def embed_code(self, codes: Tensor, slot: int | Tensor) -> Tensor:
+        """(...) codes drawn in ``slot`` (broadcast) -> (..., D), the term they add to later slots' prefix."""
         return self.code_embed(codes + slot * self.num_codes)
 
     def forward(self, hidden: Tensor, codes: Tensor) -> Tensor:
@@ -87,7 +87,7 @@ class BlockDepth(nn.Module):
         blocks' codes (B, n, g): slot j reads codes 0 .. j - 1 of its block only."""
         group_size = codes.shape[-1]
         slots = torch.arange(group_size, device=codes.device)
-        embedded = self.code_embed(codes + slots * self.num_codes)  # (B, n, g, D)
+        embedded = self.embed_code(codes, slots)  # (B, n, g, D)
         prefix = torch.cat([torch.zeros_like(embedded[:, :, :1]), embedded[:, :, :-1].cumsum(2)], dim=2)
         return self.state(hidden[:, :, None], prefix, slots)
 

@@ -143,9 +143,7 @@ class SpokenNumbersSource:
 
         splits, device = run.splits, next(run.model.parameters()).device
         collator = run.collator.log_mel_view()  # the judges read log-mel, whatever the model reads
-        found = judges.load_judges(
-            self.data, self.seed, splits.train, splits.test, collator, max_digits=self.max_digits, recorded_share=self.recorded_share
-        )  # fmt: skip
+        found = self.load_judges(splits, collator)
         results: dict[str, dict] = {}
         for task, samples in generated.items():
             if samples.images is not None:
@@ -164,6 +162,15 @@ class SpokenNumbersSource:
                 read = predict_numbers(found.audio, samples.heard, samples.heard_mask).cpu()
                 results[task] = {**judges.score(read, samples.labels, splits.heldout_labels), "judge_accuracy_on_real_test": found.audio_accuracy}
         return results
+
+    def load_judges(self, splits: Splits, collator: Any) -> Any:
+        """The image and audio judges of this data (``judges.Judges``), cached once trained;
+        ``collator`` must make log-mel (``Collator.log_mel_view``), which the judges read."""
+        from polymodal.datasets.spoken_numbers import judges
+
+        return judges.load_judges(
+            self.data, self.seed, splits.train, splits.test, collator, max_digits=self.max_digits, recorded_share=self.recorded_share
+        )  # fmt: skip
 
     def describe(self, splits: Splits) -> str:
         from polymodal.datasets.spoken_numbers.preview import format_stats
