@@ -410,7 +410,7 @@ def test_mas_with_references_is_mas_on_the_reference_speech_and_compares_the_tim
         torch.testing.assert_close(out.losses[name], term)
     # the metric: MAS's frames per token against the references' own timings, which it never reads
     source, valid = model.encode(Modality.TEXT, speech.ids, speech.mask)
-    means, states, owner = head.state_means(model.source_states(source, valid), valid)
+    means, states, owner = head.state_means(model.source_states(source, valid), valid, head.edge_frame())
     frames = mel_targets(speech.values, speech.value_mask, speech.values.shape[1], head.center, head.scale)
     path = head.align(means, states, frames, speech.value_mask)
     found = torch.stack([(path * (owner[:, :, None] == i)).sum((1, 2)) for i in range(valid.shape[1])], 1)  # frames per token

@@ -27,7 +27,6 @@ arXiv:1905.09263 (length regulator); Lipman et al. 2022, arXiv:2210.02747 (flow 
 
 from __future__ import annotations
 
-import logging
 import math
 
 import torch
@@ -40,20 +39,18 @@ from polymodal.decoders.flow_sampling import SAMPLERS, integrate
 from polymodal.decoders.mel_head import MelFrameHead
 from polymodal.heads import HEADS, HeadOutput, HeadWiring, Targets
 from polymodal.heads.aligned_mel import INIT_STD, SILENCE, log_mel_frames, mel_targets, padded_to
-from polymodal.heads.alignment_search import diagonal_log_prior, gaussian_log_likelihood, maximum_path, uniform_durations
 from polymodal.heads.length_regulator import PHASE_BUCKETS, duration_loss, predicted_durations, regulated_tokens
+from polymodal.heads.state_alignment import TokenStateAlignment
 from polymodal.losses.flow_matching import flow_matching_loss, interpolate, target_velocity
 from polymodal.losses.mel import mel_loss
 from polymodal.modality import Modality
-
-logger = logging.getLogger(__name__)
 
 DECODERS = ("regression", "flow")
 FLOW_LOSS = "flow_matching"
 
 
 @HEADS.register("mas_mel")
-class MASMelHead(nn.Module):
+class MASMelHead(TokenStateAlignment, nn.Module):
     """Log-mel frames with durations from monotonic alignment search.
 
     Args:
@@ -123,52 +120,9 @@ class MASMelHead(nn.Module):
         nn.init.normal_(self.phase_embed.weight, std=INIT_STD)
         self.decoder.init_weights()
 
-    def state_means(self, states: Tensor, source_mask: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """What MAS aligns the frames to: each real token's ``states_per_token`` mean frames in
-        order; with ``silent_edges``, one fixed silence frame for the first and last real tokens
-        ([bos] and [eos] as the collator adds them). Returns the means (B, S, M), their mask (B, S),
-        real states first, and each state's token (B, S)."""
-        k, (batch, num_tokens) = self.states_per_token, source_mask.shape
-        means = rearrange(self.prior_head(states), "b n (k m) -> b n k m", k=k)
-        count = source_mask.long() * k  # (B, Ns) states per token
-        if self.silent_edges:
-            position = torch.arange(num_tokens, device=source_mask.device)
-            edge = source_mask & ((position == 0) | (position == source_mask.sum(1, keepdim=True) - 1))
-            count = torch.where(edge, 1, count)
-        ends = count.cumsum(1)  # (B, Ns) each token's last state + 1
-        slot = torch.arange(int(ends[:, -1].max()), device=source_mask.device)  # (S,)
-        owner = torch.searchsorted(ends, slot.expand(batch, -1).contiguous(), right=True).clamp(max=num_tokens - 1)
-        mask = slot < ends[:, -1:]  # (B, S)
-        state = (slot - (ends - count).gather(1, owner)).clamp(0, k - 1)  # (B, S) index among its token's states
-        picked = means[torch.arange(batch, device=means.device)[:, None], owner, state]  # (B, S, M)
-        if self.silent_edges:
-            silence = ((SILENCE - self.center) / self.scale).to(picked.dtype)
-            picked = torch.where(edge.gather(1, owner)[:, :, None], silence, picked)
-        return picked, mask, owner
-
-    def align(self, means: Tensor, source_mask: Tensor, frames: Tensor, frame_mask: Tensor) -> Tensor:
-        """(B, S, F) 0/1 path of the item's frames (B, F, M) to the means (B, S, M) of its tokens'
-        states (``state_means``; mask (B, S)) by MAS, with the diagonal prior at weight
-        ``alignment_prior``; items with fewer frames than states get even durations instead (logged)."""
-        lengths, counts = source_mask.sum(1), frame_mask.sum(1)
-        fits = counts >= lengths  # (B,)
-        path = torch.zeros(*means.shape[:2], frames.shape[1], device=means.device)
-        if fits.any():
-            mask = source_mask[fits][:, :, None] & frame_mask[fits][:, None, :]
-            value = gaussian_log_likelihood(means[fits], frames[fits])  # (b, Ns, F)
-            if self.alignment_prior > 0:
-                value = value + self.alignment_prior * diagonal_log_prior(lengths[fits], counts[fits], *value.shape[1:])
-            path[fits] = maximum_path(value, mask)
-        if not fits.all():
-            short = int((~fits).sum())
-            logger.warning("%d clip(s) have fewer frames than states to align (tokens x states_per_token); even durations", short)
-            durations = uniform_durations(lengths[~fits], counts[~fits], means.shape[1])  # (b, Ns)
-            ends = durations.cumsum(1)  # (b, Ns) each token's last frame + 1
-            frame = torch.arange(frames.shape[1], device=means.device)
-            owner = torch.searchsorted(ends, frame.expand(len(ends), -1).float().contiguous(), right=True)  # (b, F)
-            path[~fits] = nn.functional.one_hot(owner.clamp(max=means.shape[1] - 1), means.shape[1]).transpose(1, 2).float()
-            path[~fits] *= frame_mask[~fits][:, None, :]
-        return path
+    def edge_frame(self) -> Tensor | None:
+        """With ``silent_edges``: the silence frame, normalised, for [bos] and [eos]."""
+        return ((SILENCE - self.center) / self.scale) if self.silent_edges else None
 
     def frame_tokens(self, trunk, source: Tensor, durations: Tensor) -> tuple[Tensor, Tensor]:
         """Frame-group tokens (B, J, D) with the audio type embedding, and their mask (B, J)."""
@@ -180,12 +134,8 @@ class MASMelHead(nn.Module):
         references, the metric ``duration_error``: mean |MAS's frames - the reference's| per token."""
         frame_mask = target.value_mask if isinstance(target, AlignedTargets) else target.mask
         frames = mel_targets(target.values, frame_mask, target.values.shape[1], self.center, self.scale)  # (B, F, M)
-        means, state_mask, owner = self.state_means(trunk.source_states(source, source_mask), source_mask)
-        with torch.no_grad():
-            path = self.align(means, state_mask, frames, frame_mask)  # (B, S, F)
-        aligned_means = torch.einsum("blf,blm->bfm", path, means.float())  # (B, F, M): each frame's state mean
-        prior = mel_prior_loss(aligned_means, frames, frame_mask)
-        durations = torch.zeros(source_mask.shape, device=path.device).scatter_add_(1, owner, path.sum(-1))  # (B, Ns)
+        read = trunk.source_states(source, source_mask)
+        durations, prior = self.aligned_durations(read, source_mask, frames, frame_mask, self.edge_frame())
         tokens, token_mask = self.frame_tokens(trunk, source, durations)
         hidden = trunk.run(source, source_mask, tokens, token_mask)
         states = hidden[:, source.shape[1] :]  # (B, J, D)
@@ -231,9 +181,3 @@ class MASMelHead(nn.Module):
             frames = rearrange(made, "b j (r m) -> b (j r) m", r=self.frames_per_token)
         return log_mel_frames(frames[:, : self.num_frames], durations.sum(1), self.center, self.scale)
 
-
-def mel_prior_loss(aligned_means: Tensor, frames: Tensor, frame_mask: Tensor) -> Tensor:
-    """Mean squared distance of the real frames (B, F, M) to their token's mean (B, F, M), an fp32
-    island; the negative log-likelihood of unit Gaussians up to a constant and a factor 2."""
-    error = (aligned_means.float() - frames.float()).square().where(frame_mask[:, :, None], 0.0)
-    return error.sum() / (frame_mask.sum() * frames.shape[-1]).clamp(min=1)
