@@ -2,7 +2,8 @@
 images, captions and WAV speech trains image->text, audio->text, text->image (learnable queries into
 a flow-matching DiT) and text->audio (durations by monotonic alignment search), evaluates with
 figures that need no judge, and generates every target; text->image also as VQ codes drawn one
-after another (a first stage trains the VQ-VAE on the manifest's images); the ``captioning`` preset
+after another (a first stage trains the VQ-VAE on the manifest's images), alone and told each
+column's caption word by alignment search (``mas_vq``); the ``captioning`` preset
 runs on audio + text pairs with ``data.manifest`` alone."""
 
 from __future__ import annotations
@@ -83,10 +84,11 @@ def test_every_generation_task_trains_on_a_manifest_and_generates(tmp_path, caps
     assert main(["generate", str(run_dir), "--from", "text", "red", "--to", "audio", "--guidance", "2"]) == 2
 
 
-def test_text_to_image_as_vq_codes_trains_on_a_manifest_and_draws_from_the_cli(tmp_path, capsys):
+@pytest.mark.parametrize("name", ["vq_codes", "mas_vq"])
+def test_text_to_image_as_vq_codes_trains_on_a_manifest_and_draws_from_the_cli(tmp_path, capsys, name):
     manifest = _write_manifest(tmp_path, 24)
     run_dir = tmp_path / "run"
-    head = "model.heads.image={name: vq_codes, condition_dropout: 0.2, guidance: 2.0, top_k: 4}"
+    head = f"model.heads.image={{name: {name}, condition_dropout: 0.2, guidance: 2.0, top_k: 4}}"
     quick_stage_one = ["tokenizer_train.steps=2", "tokenizer_train.batch_size=8", "tokenizer_train.progress=false"]
     args = ["train", "--config", "tiny", "data.source=manifest", f"data.manifest={manifest}", f"run_dir={run_dir}", "model.tasks=[text_to_image]"]
     assert main([*args, *SMALL, *quick_stage_one, head]) == 0

@@ -16,6 +16,8 @@ A head is built with one wiring argument, ``HeadWiring``, and keyword-only setti
 Heads that learn from aligned references: ``aligned_vq`` (images) and ``aligned_mel`` (speech), the
 defaults, for the built-in data. Heads that learn from any data's items: ``lm`` (text),
 ``vq_codes`` (images: the item's own VQ codes drawn one after another, ``image_codes.py``),
+``mas_vq`` (the same, each position also given the caption token its column draws, by monotonic
+alignment search over the image's pixel columns, ``mas_codes.py``),
 ``flow_matching`` / ``flow_matching_latent`` (images: learnable queries, a connector and a
 flow-matching DiT or U-Net, ``flow_image.py``) and ``mas_mel`` (speech: durations by monotonic
 alignment search, ``mas_mel.py``). A head's main loss term is ``""`` (named after the task) or a named term
@@ -103,6 +105,6 @@ def generation_options(head: nn.Module, **options: Any) -> dict[str, Any]:
     return {key: value for key, value in options.items() if key in accepted}
 
 
-from polymodal.heads import aligned_codes, aligned_mel, flow_image, image_codes, mas_mel, text  # noqa: E402,F401  (register parts)
+from polymodal.heads import aligned_codes, aligned_mel, flow_image, image_codes, mas_codes, mas_mel, text  # noqa: E402,F401  (register parts)
 
 __all__ = ["DEFAULT_HEADS", "HEADS", "HeadOutput", "HeadWiring", "Targets", "generation_options"]

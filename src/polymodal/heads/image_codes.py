@@ -166,14 +166,17 @@ class ImageCodeHead(nn.Module):
         (gh, gw), height = self.group, self.code_grid[0]
         return rearrange(sequence, _TO_GRID[self.order], gh=gh, gw=gw, ph=height // gh)
 
-    def embed_inputs(self, trunk, previous: Tensor, start: int) -> Tensor:
+    def embed_inputs(self, trunk, previous: Tensor, start: int, extra: Tensor | None = None) -> Tensor:
         """Input tokens (B, n, D) for positions ``start ..``: the previous block's codes (B, n * g),
         each slot by its own table (code K everywhere: the start block), plus the position each
-        predicts and the image type embedding."""
+        predicts, that position's row of ``extra`` (B, num_positions, D) when given (what a
+        subclass adds per position), and the image type embedding."""
         blocks = previous.unflatten(1, (-1, self.group_size))  # (B, n, g)
         slots = torch.arange(self.group_size, device=previous.device) * (self.num_codes + 1)
         positions = torch.arange(start, start + blocks.shape[1], device=previous.device)
         tokens = self.code_embed(blocks + slots).sum(2) + self.position_embed(positions)
+        if extra is not None:
+            tokens = tokens + extra[:, start : start + blocks.shape[1]]
         return tokens + trunk.type_embedding(Modality.IMAGE, tokens)
 
     def start_block(self, batch_size: int, device) -> Tensor:
@@ -200,19 +203,24 @@ class ImageCodeHead(nn.Module):
 
     def loss(self, trunk, source: Tensor, source_mask: Tensor, target: Targets) -> HeadOutput:
         """Next-code cross-entropy over every code of the item's image (teacher forcing)."""
-        codes = self.to_sequence(self.tokenizer.encode(target.values))  # (B, h * w)
+        return self.code_loss(trunk, source, source_mask, self.to_sequence(self.tokenizer.encode(target.values)))
+
+    def code_loss(self, trunk, source: Tensor, source_mask: Tensor, codes: Tensor, extra: Tensor | None = None) -> HeadOutput:
+        """``loss`` for codes (B, h * w) in ``order``, with ``embed_inputs``'s ``extra``; an item
+        whose source is emptied (``condition_dropout``) has no ``extra`` either."""
         if self.training and self.condition_dropout > 0:
             dropped = torch.rand(len(codes), device=codes.device) < self.condition_dropout
             source_mask = torch.where(dropped[:, None], self.empty_source(source_mask), source_mask)
-        hidden = self.teacher_forced(trunk, source, source_mask, codes)
+            extra = None if extra is None else extra.masked_fill(dropped[:, None, None], 0.0)
+        hidden = self.teacher_forced(trunk, source, source_mask, codes, extra)
         loss, metrics = token_loss(self.code_logits(hidden[:, source.shape[1] :], codes), codes)
         return HeadOutput(hidden, {"": loss}, metrics)
 
-    def teacher_forced(self, trunk, source: Tensor, source_mask: Tensor, codes: Tensor) -> Tensor:
+    def teacher_forced(self, trunk, source: Tensor, source_mask: Tensor, codes: Tensor, extra: Tensor | None = None) -> Tensor:
         """The backbone over the source and every position's input at once: (B, Ns + n, D); the
         state at source length + i predicts block i of ``codes`` (B, n * g) in ``order``."""
         start = self.start_block(len(codes), codes.device)
-        inputs = self.embed_inputs(trunk, torch.cat([start, codes[:, : -self.group_size]], dim=1), 0)
+        inputs = self.embed_inputs(trunk, torch.cat([start, codes[:, : -self.group_size]], dim=1), 0, extra)
         every = torch.ones(inputs.shape[:2], dtype=torch.bool, device=codes.device)
         return trunk.run(source, source_mask, inputs, every)
 
@@ -248,16 +256,18 @@ class ImageCodeHead(nn.Module):
 
     def draw_sequences(
         self, trunk, source: Tensor, source_mask: Tensor, *, temperature: float, top_k: int, top_p: float, guidance: float,
-        generator: torch.Generator | None,
+        generator: torch.Generator | None, extra: Tensor | None = None,
     ) -> Tensor:  # fmt: skip
-        """One code sequence (B, h * w) in ``order`` per item, drawn code by code through the KV cache."""
+        """One code sequence (B, h * w) in ``order`` per item, drawn code by code through the KV
+        cache; ``extra`` as ``embed_inputs`` (zeros beside the empty source when guided)."""
         batch_size = len(source)
         sampling = dict(temperature=temperature, top_k=top_k, top_p=top_p, generator=generator)
         if guidance != 1.0:  # the conditional and the empty source side by side
             source, source_mask = self.with_empty_source(source, source_mask)
+            extra = None if extra is None else torch.cat([extra, torch.zeros_like(extra)])
         cache = trunk.backbone.new_cache(len(source), source.shape[1] + self.num_positions, device=source.device, dtype=source.dtype)
         every = torch.ones(len(source), 1, dtype=torch.bool, device=source.device)
-        inputs = self.embed_inputs(trunk, self.start_block(len(source), source.device), 0)
+        inputs = self.embed_inputs(trunk, self.start_block(len(source), source.device), 0, extra)
         hidden = trunk.run(source, source_mask, inputs, every, cache=cache)[:, -1]
         blocks = []
         for step in range(self.num_positions):
@@ -265,7 +275,7 @@ class ImageCodeHead(nn.Module):
             blocks.append(block)
             if step + 1 == self.num_positions:
                 break
-            token = self.embed_inputs(trunk, block.repeat(len(source) // batch_size, 1), step + 1)
+            token = self.embed_inputs(trunk, block.repeat(len(source) // batch_size, 1), step + 1, extra)
             hidden = cached_target_step(trunk, token, source_mask, step + 1, cache)[:, -1]
         return torch.cat(blocks, dim=1)
 

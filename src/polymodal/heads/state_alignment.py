@@ -28,6 +28,10 @@ from polymodal.heads.alignment_search import diagonal_log_prior, gaussian_log_li
 
 logger = logging.getLogger(__name__)
 
+# What a state of an inner token pays, in log-likelihood, for each margin frame it takes: far more
+# than any frame's likelihood differs, yet finite, so an item that is all margin still aligns.
+MARGIN_PENALTY = 1.0e4
+
 
 class TokenStateAlignment:
     """Mixin for a head with ``prior_head`` (D -> states_per_token * M), ``states_per_token`` and
@@ -59,10 +63,11 @@ class TokenStateAlignment:
             picked = torch.where(edge.gather(1, owner)[:, :, None], edge_frame.to(picked.dtype), picked)
         return picked, mask, owner
 
-    def align(self, means: Tensor, source_mask: Tensor, frames: Tensor, frame_mask: Tensor) -> Tensor:
+    def align(self, means: Tensor, source_mask: Tensor, frames: Tensor, frame_mask: Tensor, bias: Tensor | None = None) -> Tensor:
         """(B, S, F) 0/1 path of the item's frames (B, F, M) to the means (B, S, M) of its tokens'
         states (``state_means``; mask (B, S)) by MAS, with the diagonal prior at weight
-        ``alignment_prior``; items with fewer frames than states get even durations instead (logged)."""
+        ``alignment_prior`` and ``bias`` (B, S, F) added to the log-likelihoods when given; items
+        with fewer frames than states get even durations instead (logged)."""
         lengths, counts = source_mask.sum(1), frame_mask.sum(1)
         fits = counts >= lengths  # (B,)
         path = torch.zeros(*means.shape[:2], frames.shape[1], device=means.device)
@@ -71,6 +76,8 @@ class TokenStateAlignment:
             value = gaussian_log_likelihood(means[fits], frames[fits])  # (b, Ns, F)
             if self.alignment_prior > 0:
                 value = value + self.alignment_prior * diagonal_log_prior(lengths[fits], counts[fits], *value.shape[1:])
+            if bias is not None:
+                value = value + bias[fits]
             path[fits] = maximum_path(value, mask)
         if not fits.all():
             short = int((~fits).sum())
@@ -84,13 +91,21 @@ class TokenStateAlignment:
         return path
 
     def aligned_durations(
-        self, states: Tensor, source_mask: Tensor, frames: Tensor, frame_mask: Tensor, edge_frame: Tensor | None
-    ) -> tuple[Tensor, Tensor]:
+        self, states: Tensor, source_mask: Tensor, frames: Tensor, frame_mask: Tensor, edge_frame: Tensor | None,
+        margins: Tensor | None = None,
+    ) -> tuple[Tensor, Tensor]:  # fmt: skip
         """(durations (B, Ns) in frames, the prior term) for frames (B, F, M) under the source
-        tokens' ``states`` (B, Ns, D) (``edge_frame`` as ``state_means``); the path carries no gradient."""
+        tokens' ``states`` (B, Ns, D) (``edge_frame`` as ``state_means``); the path carries no
+        gradient. ``margins`` (B, F) marks frames that only the first and last tokens may take
+        (any other state pays ``MARGIN_PENALTY`` a frame there)."""
         means, state_mask, owner = self.state_means(states, source_mask, edge_frame)
+        bias = None
+        if margins is not None:
+            last = source_mask.sum(1, keepdim=True) - 1
+            inner = (owner > 0) & (owner < last)  # (B, S) states of neither edge token
+            bias = -MARGIN_PENALTY * (inner[:, :, None] & margins[:, None, :]).float()
         with torch.no_grad():
-            path = self.align(means, state_mask, frames, frame_mask)  # (B, S, F)
+            path = self.align(means, state_mask, frames, frame_mask, bias)  # (B, S, F)
         aligned_means = torch.einsum("blf,blm->bfm", path, means.float())  # (B, F, M): each frame's state mean
         durations = torch.zeros(source_mask.shape, device=path.device).scatter_add_(1, owner, path.sum(-1))
         return durations, frame_prior_loss(aligned_means, frames, frame_mask)
