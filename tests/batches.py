@@ -5,6 +5,7 @@ on it, so it must not change)."""
 from __future__ import annotations
 
 import torch
+from torch import nn
 
 from polymodal.data.batch import AlignedTargets, Batch
 from polymodal.modality import Modality
@@ -90,3 +91,15 @@ def assert_task_pass_embeddings_equal_embed(model, batch: Batch) -> dict[Modalit
             alone[modality] = model.embed(modality, batch.inputs[modality], batch.masks.get(modality))
             torch.testing.assert_close(captured[modality], alone[modality], atol=1e-5, rtol=1e-5)
     return alone
+
+
+class Fixed(nn.Module):
+    """A layer that returns ``value`` whatever its input: stands in for a head's learned layer
+    (a prior's mean frames) so a test knows exactly what the layer says."""
+
+    def __init__(self, value: torch.Tensor) -> None:
+        super().__init__()
+        self.value = value
+
+    def forward(self, states: torch.Tensor) -> torch.Tensor:
+        return self.value

@@ -11,7 +11,7 @@ import dataclasses
 
 import pytest
 import torch
-from batches import SHAPES, make_batch
+from batches import SHAPES, Fixed, make_batch
 from einops import rearrange
 from flow_oracles import mixture_velocity, nearest
 from torch import nn
@@ -313,15 +313,6 @@ def test_mas_recovers_durations_known_by_construction():
     assert torch.equal(path.sum(-1).long(), durations)
 
 
-class _Fixed(nn.Module):
-    def __init__(self, value: torch.Tensor) -> None:
-        super().__init__()
-        self.value = value
-
-    def forward(self, states: torch.Tensor) -> torch.Tensor:
-        return self.value
-
-
 def test_mas_with_states_per_token_finds_each_tokens_frames_over_its_states():
     """Reference speech made of 3 sounds per token, each sound's frames alike, the second token's
     sounds the first's in another order; the head's prior layer made to give each token those 3
@@ -345,7 +336,7 @@ def test_mas_with_states_per_token_finds_each_tokens_frames_over_its_states():
     def error(states_per_token: int, means: torch.Tensor) -> float:
         head = f"{{name: mas_mel, references: true, states_per_token: {states_per_token}, silent_edges: false}}"
         model = _model("text_to_audio", head)
-        model.head(Modality.AUDIO).prior_head = _Fixed(means)  # (B, Ns, k M) whatever the states
+        model.head(Modality.AUDIO).prior_head = Fixed(means)  # (B, Ns, k M) whatever the states
         return model(batch).metrics["text_to_audio_duration_error"]
 
     assert error(3, rearrange(sounds, "b (n k) m -> b n (k m)", k=k)) == 0.0
@@ -374,7 +365,7 @@ def test_mas_silent_edges_give_bos_and_eos_the_silence_whatever_their_states_say
     def error(silent_edges: bool) -> float:
         head = f"{{name: mas_mel, references: true, states_per_token: 2, silent_edges: {str(silent_edges).lower()}}}"
         model = _model("text_to_audio", head)
-        model.head(Modality.AUDIO).prior_head = _Fixed(means)
+        model.head(Modality.AUDIO).prior_head = Fixed(means)
         return model(batch).metrics["text_to_audio_duration_error"]
 
     assert error(True) == 0.0

@@ -8,8 +8,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from batches import SHAPES, make_batch
-from torch import nn
+from batches import SHAPES, Fixed, make_batch
 
 from polymodal.config import load_config
 from polymodal.errors import ConfigError
@@ -34,17 +33,6 @@ def _source(model):
     return model.encode(Modality.TEXT, batch.inputs[Modality.TEXT], batch.masks[Modality.TEXT])
 
 
-class _Fixed(nn.Module):
-    """A prior layer that says ``value`` whatever the states."""
-
-    def __init__(self, value: torch.Tensor) -> None:
-        super().__init__()
-        self.value = value
-
-    def forward(self, states: torch.Tensor) -> torch.Tensor:
-        return self.value
-
-
 def test_mas_finds_the_widths_an_image_was_drawn_with_and_the_edges_take_the_margins():
     """[bos], three tokens of 2 strokes each, [eos]; the image: a blank margin, each token's strokes
     over known widths, a blank margin. The prior layer gives each token its strokes in order (and
@@ -58,7 +46,7 @@ def test_mas_finds_the_widths_an_image_was_drawn_with_and_the_edges_take_the_mar
     columns = torch.repeat_interleave(torch.cat([blank, strokes, blank]), widths, dim=0)[None]  # (1, W, H)
     columns = columns + 0.05 * torch.randn_like(columns)
     head = _model("states_per_token: 2").head(Modality.IMAGE)
-    head.prior_head = _Fixed(torch.cat([torch.randn(1, 2 * HEIGHT), strokes.view(3, 2 * HEIGHT), torch.randn(1, 2 * HEIGHT)])[None])
+    head.prior_head = Fixed(torch.cat([torch.randn(1, 2 * HEIGHT), strokes.view(3, 2 * HEIGHT), torch.randn(1, 2 * HEIGHT)])[None])
     margin = (columns[:, :1] + columns[:, -1:]) / 2
     found, prior = head.aligned_durations(torch.zeros(1, 5, 8), torch.ones(1, 5, dtype=torch.bool), columns, torch.ones(1, WIDTH, dtype=torch.bool), margin)
     assert found.tolist() == [[left, 14, 16, 30, right]]
@@ -189,7 +177,7 @@ def test_the_margins_go_to_bos_and_eos_even_when_a_tokens_first_stroke_is_blank(
     assert margins[0].tolist() == [True] * 20 + [False] * 26 + [True] * 50
     head = _model("states_per_token: 2").head(Modality.IMAGE)
     means = torch.cat([torch.randn(1, 2 * HEIGHT), torch.cat([blank, ink[:1]], 1), torch.cat([blank, ink[1:]], 1), torch.randn(1, 2 * HEIGHT)])
-    head.prior_head = _Fixed(means[None])  # (1, 4, 2 H): each word a blank column, then its ink
+    head.prior_head = Fixed(means[None])  # (1, 4, 2 H): each word a blank column, then its ink
     every, valid = torch.ones(1, WIDTH, dtype=torch.bool), torch.ones(1, 4, dtype=torch.bool)
     free, _ = head.aligned_durations(torch.zeros(1, 4, 8), valid, columns, every, edge)
     kept, _ = head.aligned_durations(torch.zeros(1, 4, 8), valid, columns, every, edge, margins)
