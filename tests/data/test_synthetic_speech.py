@@ -1,6 +1,7 @@
 """Synthetic speech of a manifest's transcripts: the same utterances cached and uncached and for the
 same seed, transcripts spoken in turn, nothing above the manifest's band, the channel read from the
-clips, and the manifest's training split grown by exactly the utterances asked for."""
+clips, the manifest's training split grown by exactly the utterances asked for, and a flite share
+that swaps exactly that many voices and is cached apart."""
 
 from __future__ import annotations
 
@@ -12,8 +13,11 @@ import pytest
 import soundfile
 
 from polymodal.config import load_config
-from polymodal.data.synthetic_speech import channel_rate, synthesize_transcripts, synthetic_speech_for
+from polymodal.data.synthetic_speech import channel_rate, draw_voices, synthesize_transcripts, synthetic_speech_for
 from polymodal.datasets.base import build_source
+from polymodal.datasets.spoken_numbers import flite
+from polymodal.datasets.spoken_numbers.espeak import VoiceConfig
+from polymodal.datasets.spoken_numbers.flite import FliteVoice
 
 RATE = 16000
 TEXTS = ("one", "seven", "three")
@@ -94,3 +98,39 @@ def test_a_negative_count_names_the_setting(tmp_path):
     manifest.write_text(json.dumps({"audio": _clip(tmp_path / "c.wav", 8000), "text": "one"}) + "\n")
     with pytest.raises(Exception, match="synthetic_speech"):
         load_config(["tiny"], [f"data.manifest={manifest}", "data.source=manifest", "data.options.synthetic_speech=-1"])
+
+
+def test_a_flite_share_swaps_exactly_that_many_voices():
+    espeak_only, seeds = draw_voices(40, seed=2)
+    mixed, mixed_seeds = draw_voices(40, seed=2, flite_share=0.25)
+    assert all(isinstance(v, VoiceConfig) for v in espeak_only)
+    swapped = [i for i, v in enumerate(mixed) if isinstance(v, FliteVoice)]
+    assert len(swapped) == 10 and np.array_equal(seeds, mixed_seeds)
+    assert all(mixed[i] == espeak_only[i] for i in range(40) if i not in swapped)
+    assert draw_voices(40, seed=2, flite_share=0.0)[0] == espeak_only
+    with pytest.raises(ValueError, match="flite_share"):
+        draw_voices(4, seed=0, flite_share=1.5)
+
+
+@pytest.mark.skipif(not flite.available(), reason="flite is not installed (apt-get install flite)")
+def test_flite_speech_is_cached_apart_and_keeps_to_the_band(tmp_path):
+    entries = [{"audio": "x.wav", "text": t, "label": i} for i, t in enumerate(TEXTS)]
+    media = [tmp_path / _clip(tmp_path / "x.wav", 8000)]
+    mixed = synthetic_speech_for(entries, media, 6, sample_rate=RATE, seed=1, flite_share=0.5, cache_dir=tmp_path / "cache")
+    plain = synthetic_speech_for(entries, media, 6, sample_rate=RATE, seed=1, cache_dir=tmp_path / "cache")
+    again = synthetic_speech_for(entries, media, 6, sample_rate=RATE, seed=1, flite_share=0.5, cache_dir=tmp_path / "cache")
+    assert len(list((tmp_path / "cache").iterdir())) == 2
+    assert [s.text for s in mixed] == [s.text for s in plain]  # transcripts in turn either way
+    assert all(np.array_equal(a.audio.numpy(), b.audio.numpy()) for a, b in zip(mixed, again))
+    assert sum(not np.array_equal(a.audio.numpy(), b.audio.numpy()) for a, b in zip(mixed, plain)) >= 3
+    assert max(_high_share(s.audio.numpy()) for s in mixed) < 1e-4
+
+
+def test_flite_share_settings_are_checked(tmp_path):
+    manifest = tmp_path / "train.jsonl"
+    manifest.write_text(json.dumps({"audio": _clip(tmp_path / "c.wav", 8000), "text": "one"}) + "\n")
+    overrides = [f"data.manifest={manifest}", "data.source=manifest"]
+    with pytest.raises(Exception, match="set synthetic_speech too"):
+        load_config(["tiny"], [*overrides, "data.options.synthetic_flite=0.5"])
+    with pytest.raises(Exception, match=r"synthetic_flite.*\[0, 1\]"):
+        load_config(["tiny"], [*overrides, "data.options.synthetic_speech=10", "data.options.synthetic_flite=2"])

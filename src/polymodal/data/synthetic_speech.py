@@ -9,7 +9,9 @@ Systems, arXiv:1912.09257) gives the model speech whose words it knows and whose
 widely, so it has to learn the words rather than the talkers.
 
 The voices are espeak-ng's (8 English accents x about 100 variants, drawn rate and pitch; the
-built-in data's ``TRAINING_VOICES``), each utterance "recorded" as the built-in training speech is
+built-in data's ``TRAINING_VOICES``) and, for a share ``flite_share`` of the utterances, flite's
+(``spoken_numbers/flite.py``: diphone and clustergen voices of four real talkers, drawn pace and
+pitch; needs the system's ``flite``). Each utterance is "recorded" as the built-in training speech is
 (talker speed, silence, room, noise, level, microphone: ``spoken_numbers/recording.py``). The speech
 is English: for a manifest in another language, leave ``synthetic_speech`` at 0. Utterances then
 pass through the manifest's own channel: resampled down to the native rate of most of its
@@ -35,7 +37,8 @@ from torch.utils.data import Dataset
 from polymodal.data import cache
 from polymodal.data.augment_audio import band_limit
 from polymodal.data.batch import Sample
-from polymodal.datasets.spoken_numbers.speech import INT16_SCALE, TRAINING_VOICES, espeak_version, random_voice, synthesize_many, to_int16
+from polymodal.datasets.spoken_numbers.flite import flite_version, random_flite_voice
+from polymodal.datasets.spoken_numbers.speech import INT16_SCALE, TRAINING_VOICES, Voice, espeak_version, random_voice, synthesize_many, to_int16
 
 logger = logging.getLogger(__name__)
 
@@ -57,8 +60,27 @@ def channel_rate(paths: Sequence[str | Path], *, sample_rate: int) -> int:
     return min(rates.most_common(1)[0][0], sample_rate)
 
 
+def draw_voices(count: int, *, seed: int, flite_share: float = 0.0) -> tuple[list[Voice], np.ndarray]:
+    """The voices of ``count`` utterances and their (2, count) noise and recording seeds.
+
+    The espeak-ng voices and the seeds come from ``seed`` alone; a share ``flite_share`` of the
+    utterances (rounded), drawn from a seed of their own, take a flite voice instead, so 0 gives
+    what this gave before flite was added and the other utterances keep their espeak voices.
+    """
+    if not 0.0 <= flite_share <= 1.0:
+        raise ValueError(f"flite_share must lie in [0, 1], got {flite_share}")
+    rng = np.random.default_rng(np.random.SeedSequence([seed, count]))
+    voices: list[Voice] = [random_voice(rng, digits=VOICE_DIGITS, ranges=TRAINING_VOICES) for _ in range(count)]
+    seeds = rng.integers(0, 2**31 - 1, size=(2, count))
+    if flite_share > 0:
+        flite_rng = np.random.default_rng(np.random.SeedSequence([seed, count, 1]))
+        for i in sorted(flite_rng.permutation(count)[: int(round(flite_share * count))].tolist()):
+            voices[i] = random_flite_voice(flite_rng)
+    return voices, seeds
+
+
 def synthesize_transcripts(
-    texts: Sequence[str], count: int, *, sample_rate: int, channel: int, seed: int
+    texts: Sequence[str], count: int, *, sample_rate: int, channel: int, seed: int, flite_share: float = 0.0
 ) -> tuple[list[np.ndarray], list[int]]:
     """``count`` utterances of ``texts`` (spoken in turn), each by a drawn voice, recorded.
 
@@ -68,6 +90,8 @@ def synthesize_transcripts(
         sample_rate: the rate of the output, in Hz.
         channel: the rate the speech passes through (down and back up) when below ``sample_rate``.
         seed: draws voices and recordings.
+        flite_share: the share of utterances spoken by flite voices instead of espeak-ng ones,
+            drawn from their own seed (0 leaves every utterance as it was without flite).
 
     Returns:
         waves: ``count`` (T_i,) float32 arrays in [-1, 1] at ``sample_rate``, on the 16-bit grid
@@ -77,9 +101,7 @@ def synthesize_transcripts(
     if not texts:
         raise ValueError("synthetic speech needs at least one transcript")
     which = [i % len(texts) for i in range(count)]
-    rng = np.random.default_rng(np.random.SeedSequence([seed, count]))
-    voices = [random_voice(rng, digits=VOICE_DIGITS, ranges=TRAINING_VOICES) for _ in which]
-    seeds = rng.integers(0, 2**31 - 1, size=(2, count))
+    voices, seeds = draw_voices(count, seed=seed, flite_share=flite_share)
     audio, offsets = synthesize_many([texts[i] for i in which], voices, seeds[0].tolist(), sample_rate=sample_rate, recordings=seeds[1].tolist())
     waves = []
     for start, stop in zip(offsets[:-1], offsets[1:]):
@@ -113,10 +135,18 @@ class SyntheticSpeech(Dataset):
 
 
 def synthetic_speech_for(
-    entries: Sequence[dict], media: Sequence[Path], count: int, *, sample_rate: int, seed: int, cache_dir: str | Path | None = None
+    entries: Sequence[dict],
+    media: Sequence[Path],
+    count: int,
+    *,
+    sample_rate: int,
+    seed: int,
+    flite_share: float = 0.0,
+    cache_dir: str | Path | None = None,
 ) -> SyntheticSpeech:
     """``count`` synthetic utterances of the transcripts of ``entries`` (manifest lines with audio and
-    text), at ``sample_rate`` through the channel of ``media`` (their audio files), cached.
+    text), at ``sample_rate`` through the channel of ``media`` (their audio files), a share
+    ``flite_share`` of them by flite voices, cached.
 
     Raises:
         ValueError: no entry has both audio and text.
@@ -130,10 +160,12 @@ def synthetic_speech_for(
     texts = sorted(labels)
     channel = channel_rate(media, sample_rate=sample_rate)
     params = {"texts": texts, "count": count, "sample_rate": sample_rate, "channel": channel, "seed": seed, "espeak": espeak_version()}
+    if flite_share > 0:  # absent at 0, so caches made before flite stay valid
+        params.update(flite_share=flite_share, flite=flite_version())
     path = cache.cache_path(CACHE_NAME, params, cache_dir=cache_dir)
     found = cache.load_entry(path)
     if found is None:
-        waves, which = synthesize_transcripts(texts, count, sample_rate=sample_rate, channel=channel, seed=seed)
+        waves, which = synthesize_transcripts(texts, count, sample_rate=sample_rate, channel=channel, seed=seed, flite_share=flite_share)
         lengths = np.array([w.shape[0] for w in waves], dtype=np.int64)
         cache.save_entry(path, {"audio": to_int16(np.concatenate(waves)), "lengths": lengths, "which": np.array(which)}, {})
     else:
@@ -141,5 +173,5 @@ def synthetic_speech_for(
         audio = arrays["audio"].astype(np.float32) / np.float32(INT16_SCALE)
         waves = np.split(audio, np.cumsum(arrays["lengths"])[:-1])
         which = arrays["which"].tolist()
-    logger.info("synthetic speech: %d utterances of %d transcripts through a %d Hz channel", count, len(texts), channel)
+    logger.info("synthetic speech: %d utterances (%.0f%% flite) of %d transcripts through a %d Hz channel", count, 100 * flite_share, len(texts), channel)
     return SyntheticSpeech(waves, [texts[i] for i in which], [labels[texts[i]] for i in which])

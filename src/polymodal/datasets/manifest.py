@@ -39,19 +39,28 @@ class ManifestSource:
             ``data.val_manifest`` is not given.
         synthetic_speech: utterances of the training transcripts spoken by synthetic English
             voices added to the training split (0: none); validation and test stay the manifest's.
+        synthetic_flite: the share of those utterances spoken by flite voices rather than espeak-ng
+            ones (needs the system's flite: ``apt-get install flite``).
     """
 
     references_for: ClassVar[frozenset[Modality]] = frozenset()
     label_parser = None
 
-    def __init__(self, data: DataConfig, seed: int, *, holdout: float = MANIFEST_HOLDOUT, synthetic_speech: int = 0) -> None:
+    def __init__(
+        self, data: DataConfig, seed: int, *, holdout: float = MANIFEST_HOLDOUT, synthetic_speech: int = 0, synthetic_flite: float = 0.0
+    ) -> None:
         if not data.manifest:  # checked with the config, before anything is built
             raise ConfigError("data.manifest: needed when data.source=manifest (a JSONL file of samples), e.g. data.manifest=train.jsonl")
         if not 0.0 < holdout < 1.0:
             raise ValueError(f"holdout must lie in (0, 1), got {holdout}")
         if synthetic_speech < 0:
             raise ValueError(f"synthetic_speech must be >= 0 (utterances), got {synthetic_speech}")
+        if not 0.0 <= synthetic_flite <= 1.0:
+            raise ConfigError(f"data.options.synthetic_flite: the share of synthetic utterances spoken by flite voices, in [0, 1]; got {synthetic_flite}")
+        if synthetic_flite and not synthetic_speech:
+            raise ConfigError("data.options.synthetic_flite: a share of data.options.synthetic_speech's utterances, which is 0; set synthetic_speech too")
         self.data, self.seed, self.holdout, self.synthetic_speech = data, seed, holdout, synthetic_speech
+        self.synthetic_flite = float(synthetic_flite)
 
     def load(self) -> Splits:
         full = ManifestDataset.from_config(self.data.manifest, self.data)
@@ -69,7 +78,9 @@ class ManifestSource:
             from polymodal.data.synthetic_speech import synthetic_speech_for  # loads espeak-ng: only when asked
 
             media = [full.media_path(e["audio"]) for e in train_entries if e.get("audio") is not None]
-            spoken = synthetic_speech_for(train_entries, media, self.synthetic_speech, sample_rate=self.data.sample_rate, seed=self.seed)
+            spoken = synthetic_speech_for(
+                train_entries, media, self.synthetic_speech, sample_rate=self.data.sample_rate, seed=self.seed, flite_share=self.synthetic_flite
+            )
             train = ConcatDataset([train, spoken])
         return Splits(train=train, val=held, test=held, train_texts=texts, train_labels=labels)
 

@@ -21,6 +21,7 @@ per utterance of ~1.3 s (about 600x real time per core), plus ~2 ms to record a 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import logging
@@ -32,9 +33,10 @@ from collections.abc import Sequence
 import numpy as np
 
 from polymodal.data.augment_audio import resample
-from polymodal.datasets.spoken_numbers import recording
+from polymodal.datasets.spoken_numbers import flite, recording
 from polymodal.datasets.spoken_numbers.espeak import ENGINE_LOCK
 from polymodal.datasets.spoken_numbers.espeak import ACCENTS, EspeakEngine, VoiceConfig, data_path
+from polymodal.datasets.spoken_numbers.flite import FliteVoice
 from polymodal.errors import DataError
 
 logger = logging.getLogger(__name__)
@@ -93,7 +95,7 @@ def _speech_span(wave: np.ndarray, native_rate: int) -> tuple[int, int]:
     """[start, stop) of ``wave`` (native int16) with its silent ends trimmed, EDGE_MARGIN_S kept."""
     loud = np.flatnonzero(np.abs(wave.astype(np.float32) / INT16_SCALE) > SILENCE_LEVEL)
     if loud.size == 0:
-        raise RuntimeError("espeak-ng produced silence")
+        raise RuntimeError("the synthesizer produced silence")
     margin = int(EDGE_MARGIN_S * native_rate)
     return max(0, int(loud[0]) - margin), int(loud[-1]) + 1 + margin
 
@@ -150,12 +152,14 @@ def espeak_version() -> str:
         return engine.version
 
 
-Job = tuple[list[str], list[VoiceConfig], list[int], int, list[int]]
+Voice = VoiceConfig | FliteVoice  # an espeak-ng voice or a flite one
+Job = tuple[list[str], list[Voice], list[int], int, list[int]]
 
 
 def synth_chunk(job: Job) -> tuple[np.ndarray, np.ndarray]:
-    """Speak one chunk (from ``chunk_jobs``) with one fresh engine; runs in a pool worker. An
-    utterance with a recording seed (>= 0) is then recorded (``recording.record``).
+    """Speak one chunk (from ``chunk_jobs``) with one fresh espeak engine (and flite for the
+    ``FliteVoice`` requests); runs in a pool worker. An utterance with a recording seed (>= 0) is
+    then recorded (``recording.record``).
 
     Returns:
         audio: (sum T_i,) int16 at the job's sample rate.
@@ -163,9 +167,14 @@ def synth_chunk(job: Job) -> tuple[np.ndarray, np.ndarray]:
     """
     texts, voices, seeds, sample_rate, recordings = job
     waves = []
-    with ENGINE_LOCK, EspeakEngine() as engine:
+    with ENGINE_LOCK, contextlib.ExitStack() as stack:
+        engine = None
         for text, voice, seed, recorded in zip(texts, voices, seeds, recordings):
-            wave = _postprocess(engine.synthesize(text, voice, seed=seed), engine.native_rate, sample_rate)
+            if isinstance(voice, FliteVoice):
+                wave = _postprocess(*flite.synthesize_native(text, voice, seed=seed), sample_rate)
+            else:
+                engine = engine or stack.enter_context(EspeakEngine())  # opened once a chunk has an espeak voice
+                wave = _postprocess(engine.synthesize(text, voice, seed=seed), engine.native_rate, sample_rate)
             if recorded >= 0:
                 wave = recording.record(wave, sample_rate, recorded)
             waves.append(to_int16(wave))
@@ -175,7 +184,7 @@ def synth_chunk(job: Job) -> tuple[np.ndarray, np.ndarray]:
 
 def chunk_jobs(
     texts: Sequence[str],
-    voices: Sequence[VoiceConfig],
+    voices: Sequence[Voice],
     seeds: Sequence[int],
     *,
     sample_rate: int,
@@ -229,7 +238,7 @@ def worker_pool(num_workers: int | None) -> multiprocessing.pool.Pool | None:
 
 def synthesize_many(
     texts: Sequence[str],
-    voices: Sequence[VoiceConfig],
+    voices: Sequence[Voice],
     seeds: Sequence[int],
     *,
     sample_rate: int = 16000,
@@ -240,7 +249,7 @@ def synthesize_many(
 
     Args:
         texts: N texts.
-        voices: N voice configs.
+        voices: N voices (espeak-ng ``VoiceConfig`` or ``FliteVoice``).
         seeds: N noise seeds.
         sample_rate: output rate in Hz.
         recordings: N recording seeds (-1: clean), or None for all clean.
