@@ -37,8 +37,9 @@ from torch.utils.data import Dataset
 from polymodal.data import cache
 from polymodal.data.augment_audio import band_limit
 from polymodal.data.batch import Sample
-from polymodal.datasets.spoken_numbers.flite import flite_version, random_flite_voice
-from polymodal.datasets.spoken_numbers.speech import INT16_SCALE, TRAINING_VOICES, Voice, espeak_version, random_voice, synthesize_many, to_int16
+from polymodal.datasets.spoken_numbers.espeak import VoiceConfig
+from polymodal.datasets.spoken_numbers.flite import FliteVoice, flite_version, random_flite_voice
+from polymodal.datasets.spoken_numbers.speech import INT16_SCALE, TRAINING_VOICES, espeak_version, random_voice, synthesize_many, to_int16
 
 logger = logging.getLogger(__name__)
 
@@ -60,23 +61,25 @@ def channel_rate(paths: Sequence[str | Path], *, sample_rate: int) -> int:
     return min(rates.most_common(1)[0][0], sample_rate)
 
 
-def draw_voices(count: int, *, seed: int, flite_share: float = 0.0) -> tuple[list[Voice], np.ndarray]:
-    """The voices of ``count`` utterances and their (2, count) noise and recording seeds.
+def draw_voices(count: int, *, seed: int, flite_share: float = 0.0) -> tuple[list[VoiceConfig], list[FliteVoice | None], np.ndarray]:
+    """The voices of ``count`` utterances: espeak-ng's, flite's where flite speaks instead (None
+    elsewhere), and their (2, count) noise and recording seeds.
 
     The espeak-ng voices and the seeds come from ``seed`` alone; a share ``flite_share`` of the
-    utterances (rounded), drawn from a seed of their own, take a flite voice instead, so 0 gives
-    what this gave before flite was added and the other utterances keep their espeak voices.
+    utterances (rounded), drawn from a seed of their own, are spoken by flite instead, so 0 gives
+    what this gave before flite was added, and the others are spoken as they are without flite.
     """
     if not 0.0 <= flite_share <= 1.0:
         raise ValueError(f"flite_share must lie in [0, 1], got {flite_share}")
     rng = np.random.default_rng(np.random.SeedSequence([seed, count]))
-    voices: list[Voice] = [random_voice(rng, digits=VOICE_DIGITS, ranges=TRAINING_VOICES) for _ in range(count)]
+    voices = [random_voice(rng, digits=VOICE_DIGITS, ranges=TRAINING_VOICES) for _ in range(count)]
     seeds = rng.integers(0, 2**31 - 1, size=(2, count))
+    flite_voices: list[FliteVoice | None] = [None] * count
     if flite_share > 0:
         flite_rng = np.random.default_rng(np.random.SeedSequence([seed, count, 1]))
         for i in sorted(flite_rng.permutation(count)[: int(round(flite_share * count))].tolist()):
-            voices[i] = random_flite_voice(flite_rng)
-    return voices, seeds
+            flite_voices[i] = random_flite_voice(flite_rng)
+    return voices, flite_voices, seeds
 
 
 def synthesize_transcripts(
@@ -101,8 +104,10 @@ def synthesize_transcripts(
     if not texts:
         raise ValueError("synthetic speech needs at least one transcript")
     which = [i % len(texts) for i in range(count)]
-    voices, seeds = draw_voices(count, seed=seed, flite_share=flite_share)
-    audio, offsets = synthesize_many([texts[i] for i in which], voices, seeds[0].tolist(), sample_rate=sample_rate, recordings=seeds[1].tolist())
+    voices, flite_voices, seeds = draw_voices(count, seed=seed, flite_share=flite_share)
+    audio, offsets = synthesize_many(
+        [texts[i] for i in which], voices, seeds[0].tolist(), sample_rate=sample_rate, recordings=seeds[1].tolist(), flite_voices=flite_voices
+    )
     waves = []
     for start, stop in zip(offsets[:-1], offsets[1:]):
         wave = audio[start:stop].astype(np.float32) / INT16_SCALE

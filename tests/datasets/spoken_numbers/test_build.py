@@ -9,6 +9,7 @@ import soundfile
 from PIL import Image
 
 from polymodal.cli import data as data_cli
+from polymodal.datasets.spoken_numbers import flite
 from polymodal.datasets.spoken_numbers.mnist import load_mnist
 from polymodal.datasets.spoken_numbers.numbers import parse_number
 from polymodal.datasets.spoken_numbers.build import SPLIT_NAMES, build_spoken_numbers
@@ -238,3 +239,18 @@ def test_recorded_share_changes_training_speech_only():
     assert peaks.min() < 0.3 < peaks.max()  # recorded at -20..0 dB
     with pytest.raises(ValueError, match="recorded_share"):
         build_spoken_numbers(num_samples=60, seed=5, recorded_share=1.5, use_cache=False)
+
+
+@pytest.mark.skipif(not flite.available(), reason="flite is not installed (apt-get install flite)")
+def test_flite_share_changes_training_speech_only():
+    """Every training utterance spoken by flite (share 1): validation and test speech, images and
+    captions are byte-identical to the espeak-only build; every training utterance differs and
+    stays inside the data's 2 s crop, recorded or not."""
+    espeak = build_spoken_numbers(num_samples=60, seed=5, use_cache=False)
+    spoken = build_spoken_numbers(num_samples=60, seed=5, flite_share=1.0, recorded_share=0.5, use_cache=False)
+    assert espeak.images.tobytes() == spoken.images.tobytes() and espeak.captions == spoken.captions
+    for i, split in enumerate(espeak.splits):
+        assert np.array_equal(espeak.speech(i), spoken.speech(i)) == (split != 0), (i, SPLIT_NAMES[split])
+        assert spoken.speech(i).size <= 2 * 16000
+    with pytest.raises(ValueError, match="flite_share"):
+        build_spoken_numbers(num_samples=60, seed=5, flite_share=-0.1, use_cache=False)

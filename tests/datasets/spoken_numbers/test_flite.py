@@ -1,6 +1,6 @@
 """Flite voices: each voice speaks at its rate, a request gives the same samples whatever was spoken
 before (in this process or a fresh one), the seed moves only the voices that draw noise, stretch
-and pitch do what they say, mixed espeak/flite batches equal their requests spoken one by one, and
+and pitch do what they say, flite requests in a batch leave its espeak ones as they were, and
 a machine without flite gets an error that says how to install it. Skipped where flite is missing
 (it comes from the system: ``apt-get install flite``), except that error's test."""
 
@@ -82,7 +82,9 @@ def test_drawn_voices_stay_in_their_ranges():
     rng = np.random.default_rng(0)
     voices = [random_flite_voice(rng) for _ in range(200)]
     assert {v.name for v in voices} == set(flite.VOICES)
-    assert all(flite.STRETCH[0] <= v.stretch <= flite.STRETCH[1] for v in voices)
+    assert all(flite.STRETCH[0][0] <= v.stretch <= flite.STRETCH[0][1] for v in voices)
+    longest = [random_flite_voice(rng, digits=5) for _ in range(50)]
+    assert all(flite.STRETCH[-1][0] <= v.stretch <= flite.STRETCH[-1][1] for v in longest)
     assert all(flite.VOICE_PITCH[v.name][0] <= v.pitch <= flite.VOICE_PITCH[v.name][1] for v in voices)
     again = np.random.default_rng(0)
     assert voices == [random_flite_voice(again) for _ in range(200)]
@@ -95,19 +97,25 @@ def test_unknown_voice_is_named():
 
 
 @needs_flite
-def test_mixed_batch_equals_flite_requests_one_by_one(monkeypatch):
+def test_flite_requests_leave_the_espeak_ones_as_they_were(monkeypatch):
     from polymodal.datasets.spoken_numbers import speech
 
     monkeypatch.setattr(speech, "SYNTH_CHUNK", 3)
     texts = ["one", "two", "three", "four", "five"]
-    voices = [FliteVoice("slt", 1.1, 200.0), VoiceConfig("en-us+m3"), FliteVoice("awb"), FliteVoice("kal", 1.3), VoiceConfig("en")]
+    voices = [VoiceConfig("en-us+m3"), VoiceConfig("en+klatt4", 120), VoiceConfig("en-029+f2"), VoiceConfig("en"), VoiceConfig("en-gb-x-rp+m1")]
+    others = [FliteVoice("slt", 1.1, 200.0), None, FliteVoice("awb"), FliteVoice("kal", 1.3), None]
     seeds = [4, 5, 6, 7, 8]
-    audio, offsets = speech.synthesize_many(texts, voices, seeds, sample_rate=16000, num_workers=1)
-    pooled, pooled_offsets = speech.synthesize_many(texts, voices, seeds, sample_rate=16000, num_workers=2)
+    audio, offsets = speech.synthesize_many(texts, voices, seeds, sample_rate=16000, num_workers=1, flite_voices=others)
+    pooled, pooled_offsets = speech.synthesize_many(texts, voices, seeds, sample_rate=16000, num_workers=2, flite_voices=others)
+    plain, plain_offsets = speech.synthesize_many(texts, voices, seeds, sample_rate=16000, num_workers=1)
     assert np.array_equal(audio, pooled) and np.array_equal(offsets, pooled_offsets)
-    for i in (0, 2, 3):
-        alone = speech.to_int16(speech._postprocess(*synthesize_native(texts[i], voices[i], seed=seeds[i]), 16000))
-        assert np.array_equal(audio[offsets[i] : offsets[i + 1]], alone)
+    for i, other in enumerate(others):
+        mixed, alone = audio[offsets[i] : offsets[i + 1]], plain[plain_offsets[i] : plain_offsets[i + 1]]
+        if other is None:
+            assert np.array_equal(mixed, alone)  # the espeak engine's history is untouched
+        else:
+            flite_alone = speech.to_int16(speech._postprocess(*synthesize_native(texts[i], other, seed=seeds[i]), 16000))
+            assert np.array_equal(mixed, flite_alone)
 
 
 def test_missing_flite_names_the_install(monkeypatch):

@@ -10,7 +10,9 @@ espeak-ng (``speech.py``) reading the numeral with a random accent (each accent 
 own way: "one hundred and five" in British English, "one hundred five" in American), voice
 variant, rate and pitch. A share of the training speech (``recorded_share``, default none) can be
 recorded through a drawn talker, room, noise, channel, level and microphone (``recording.py``),
-which makes a model read real recordings better; validation and test speech stay clean.
+which makes a model read real recordings better; validation and test speech stay clean. A share
+of the training speech (``flite_share``, default none) can be spoken by flite's voices instead
+(``flite.py``; needs the system's flite): a second way of making speech, from other real talkers.
 
 What the splits test:
 - train/val/test (80/10/10) take their digit images from disjoint pools of the 5,000 MNIST images
@@ -45,7 +47,7 @@ from torch.utils.data import Dataset
 
 from polymodal.data import cache
 from polymodal.data.batch import Sample
-from polymodal.datasets.spoken_numbers import speech
+from polymodal.datasets.spoken_numbers import flite, speech
 from polymodal.datasets.spoken_numbers.drawing import (
     BOX_HEIGHT_RANGE,
     GAP_RANGE,
@@ -87,9 +89,9 @@ class SpokenNumbers:
         heldout_numbers: (K,) int64 sorted, the numbers never in train.
         digit_sources: (N, max_digits) int32, the MNIST index of each digit image, left to right;
             -1 pads shorter numbers.
-        voices: N espeak voice names ``"<accent>+<variant>"``.
-        rates: (N,) int16 words per minute.
-        pitches: (N,) int16 on espeak's 0..100 scale.
+        voices: N espeak voice names ``"<accent>+<variant>"``, or ``"flite:<name> x<stretch> <pitch> Hz"``.
+        rates: (N,) int16 words per minute (-1 for a flite voice).
+        pitches: (N,) int16 on espeak's 0..100 scale (-1 for a flite voice).
         sample_rate: audio samples per second.
     """
 
@@ -186,6 +188,7 @@ def build_spoken_numbers(
     image_width: int = 96,
     sample_rate: int = 16000,
     recorded_share: float = RECORDED_SHARE,
+    flite_share: float = 0.0,
     cache_dir: str | Path | None = None,
     use_cache: bool = True,
     num_workers: int | None = None,
@@ -201,6 +204,8 @@ def build_spoken_numbers(
         sample_rate: audio rate in Hz.
         recorded_share: the share of the training speech recorded through a drawn talker, room,
             noise, channel and microphone (``recording.py``); 0 keeps it as espeak says it.
+        flite_share: the share of the training speech spoken by a drawn flite voice instead of an
+            espeak-ng one (``flite.py``); validation and test speech stay espeak's.
         cache_dir: cache folder; None: ``$POLYMODAL_CACHE`` or ~/.cache/polymodal.
         use_cache: False builds afresh and neither reads nor writes the cache.
         num_workers: processes for speech synthesis; None: every available core. Does not change
@@ -210,6 +215,8 @@ def build_spoken_numbers(
         ValueError: a parameter is out of range; the message says which and what would work.
     """
     _check_parameters(num_samples, max_digits, image_height, image_width, sample_rate, recorded_share)
+    if not 0.0 <= flite_share <= 1.0:
+        raise ValueError(f"flite_share must lie in [0, 1], got {flite_share}")
     params = {
         "num_samples": int(num_samples),
         "seed": int(seed),
@@ -222,6 +229,8 @@ def build_spoken_numbers(
         "espeak_version": speech.espeak_version(),
         "synth_chunk": speech.SYNTH_CHUNK,
     }
+    if flite_share > 0:  # absent at 0, so earlier builds stay valid
+        params.update(flite_share=float(flite_share), flite_version=flite.flite_version())
     path = cache.cache_path(CACHE_NAME, params, cache_dir=cache_dir)
     if use_cache:
         entry = cache.load_entry(path)
@@ -265,8 +274,8 @@ def _check_parameters(
 def _generate(params: dict[str, Any], *, num_workers: int | None) -> SpokenNumbers:
     num_samples, max_digits = params["num_samples"], params["max_digits"]
     height, width = params["image_height"], params["image_width"]
-    streams = [np.random.default_rng(s) for s in np.random.SeedSequence(params["seed"]).spawn(8)]
-    rng_heldout, rng_numbers, rng_pools, rng_picks, rng_layout, rng_captions, rng_voices, rng_rooms = streams
+    streams = [np.random.default_rng(s) for s in np.random.SeedSequence(params["seed"]).spawn(9)]  # the first 8 as before the 9th
+    rng_heldout, rng_numbers, rng_pools, rng_picks, rng_layout, rng_captions, rng_voices, rng_rooms, rng_flite = streams
 
     heldout = choose_heldout(rng_heldout, max_digits)
     labels_all, splits_all = _draw_labels(rng_numbers, heldout, num_samples, max_digits)
@@ -280,13 +289,19 @@ def _generate(params: dict[str, Any], *, num_workers: int | None) -> SpokenNumbe
         for n, split in zip(labels_all, splits_all)
     ]
     noise_seeds = rng_voices.integers(0, 2**31 - 1, size=num_samples)
+    # flite_share of the training speech takes a flite voice (flite.py) in place of its espeak one.
+    flite_voices: list[flite.FliteVoice | None] = [None] * num_samples
+    if params.get("flite_share", 0.0) > 0:
+        spoken_by_flite = (splits_all == 0) & (rng_flite.random(num_samples) < params["flite_share"])
+        for i in np.flatnonzero(spoken_by_flite).tolist():
+            flite_voices[i] = flite.random_flite_voice(rng_flite, digits=len(str(int(labels_all[i]))))
     # recorded_share of the training speech is recorded (recording.py); the rest, validation and test stay clean.
     recorded = (splits_all == 0) & (rng_rooms.random(num_samples) < params["recorded_share"])
     recordings = np.where(recorded, rng_rooms.integers(0, 2**31 - 1, size=num_samples), -1)
 
     speech_jobs = speech.chunk_jobs(
         [str(int(n)) for n in labels_all], voice_configs, noise_seeds.tolist(), sample_rate=params["sample_rate"],
-        recordings=recordings.tolist(),
+        recordings=recordings.tolist(), flite_voices=flite_voices,
     )  # fmt: skip
     image_jobs = [
         (sources[i : i + IMAGE_CHUNK], {k: v[i : i + IMAGE_CHUNK] for k, v in layouts.items()}, height, width)
@@ -311,9 +326,9 @@ def _generate(params: dict[str, Any], *, num_workers: int | None) -> SpokenNumbe
         splits=splits_all,
         heldout_numbers=heldout,
         digit_sources=sources,
-        voices=[v.voice for v in voice_configs],
-        rates=np.array([v.rate for v in voice_configs], dtype=np.int16),
-        pitches=np.array([v.pitch for v in voice_configs], dtype=np.int16),
+        voices=[v.voice if f is None else f"flite:{f.name} x{f.stretch:.2f} {f.pitch:.0f} Hz" for v, f in zip(voice_configs, flite_voices)],
+        rates=np.array([v.rate if f is None else -1 for v, f in zip(voice_configs, flite_voices)], dtype=np.int16),
+        pitches=np.array([v.pitch if f is None else -1 for v, f in zip(voice_configs, flite_voices)], dtype=np.int16),
         sample_rate=params["sample_rate"],
     )
 

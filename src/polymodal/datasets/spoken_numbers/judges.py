@@ -53,10 +53,10 @@ class Judges:
 
 def load_judges(
     data: DataConfig, seed: int, train_split: Dataset, test_split: Dataset, collate_fn: Callable[..., Batch], *,
-    max_digits: int, recorded_share: float,
+    max_digits: int, recorded_share: float, flite_share: float = 0.0,
 ) -> Judges:
     """The cached judges of this data, or train them (on ``train_split``, built with
-    ``recorded_share`` of its speech recorded) and cache them."""
+    ``recorded_share`` of its speech recorded and ``flite_share`` spoken by flite) and cache them."""
     cap = max(1, JUDGE_MAX_EPOCHS * len(train_split) // JUDGE_BATCH)
     image_steps, audio_steps = min(IMAGE_PROBE_STEPS, cap), min(AUDIO_PROBE_STEPS, cap)
     # The judges read the data as built (never augmented): the key holds the build's version, not data.augment.
@@ -65,6 +65,8 @@ def load_judges(
         "data": settings, "seed": seed, "steps": [image_steps, audio_steps], "generator": GENERATOR_VERSION,
         "recorded_share": recorded_share,  # the training speech they learn from, whatever the options spelt
     }  # fmt: skip
+    if flite_share > 0:  # absent at 0, so judges trained before flite stay valid
+        params["flite_share"] = flite_share
     path = cache_path("judges", {**params, "version": JUDGE_VERSION, "format": FORMAT_VERSION}).with_suffix(".safetensors")
     image = ImageProbe(image_height=data.image_height, max_digits=max_digits)
     audio = AudioProbe(num_mels=data.num_mels, max_digits=max_digits)

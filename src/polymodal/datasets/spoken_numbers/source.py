@@ -58,18 +58,30 @@ class SpokenNumbersSource:
         max_digits: numbers have 1..max_digits digits (at most 6).
         recorded_share: the share of the training speech "recorded" at build time (talker, room,
             noise, channel, microphone: ``recording.py``); validation and test speech stay clean.
+        flite_share: the share of the training speech spoken by flite voices rather than espeak-ng
+            ones (``flite.py``; needs the system's flite: ``apt-get install flite``).
     """
 
     references_for: ClassVar[frozenset[Modality]] = frozenset({Modality.IMAGE, Modality.AUDIO})
     label_parser = staticmethod(parse_number)
 
     def __init__(
-        self, data: DataConfig, seed: int, *, num_samples: int = 20000, max_digits: int = 3, recorded_share: float = 0.0
+        self,
+        data: DataConfig,
+        seed: int,
+        *,
+        num_samples: int = 20000,
+        max_digits: int = 3,
+        recorded_share: float = 0.0,
+        flite_share: float = 0.0,
     ) -> None:
         if num_samples < 1 or not 1 <= max_digits <= 6:
             raise ValueError(f"need num_samples >= 1 and max_digits in 1..6, got {num_samples} and {max_digits}")
         if not 0.0 <= recorded_share <= 1.0:
             raise ValueError(f"recorded_share must lie in [0, 1], got {recorded_share}")
+        if not 0.0 <= flite_share <= 1.0:
+            raise ValueError(f"flite_share must lie in [0, 1], got {flite_share}")
+        self.flite_share = float(flite_share)
         self.data, self.seed = data, seed
         self.num_samples, self.max_digits, self.recorded_share = num_samples, max_digits, recorded_share
         self._built = None
@@ -84,7 +96,7 @@ class SpokenNumbersSource:
             self._built = build_spoken_numbers(
                 num_samples=self.num_samples, seed=self.seed, max_digits=self.max_digits,
                 image_height=data.image_height, image_width=data.image_width, sample_rate=data.sample_rate,
-                recorded_share=self.recorded_share,
+                recorded_share=self.recorded_share, flite_share=self.flite_share,
             )  # fmt: skip
         return self._built
 
@@ -169,7 +181,8 @@ class SpokenNumbersSource:
         from polymodal.datasets.spoken_numbers import judges
 
         return judges.load_judges(
-            self.data, self.seed, splits.train, splits.test, collator, max_digits=self.max_digits, recorded_share=self.recorded_share
+            self.data, self.seed, splits.train, splits.test, collator, max_digits=self.max_digits,
+            recorded_share=self.recorded_share, flite_share=self.flite_share,
         )  # fmt: skip
 
     def describe(self, splits: Splits) -> str:

@@ -21,7 +21,6 @@ per utterance of ~1.3 s (about 600x real time per core), plus ~2 ms to record a 
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import functools
 import logging
@@ -152,29 +151,29 @@ def espeak_version() -> str:
         return engine.version
 
 
-Voice = VoiceConfig | FliteVoice  # an espeak-ng voice or a flite one
-Job = tuple[list[str], list[Voice], list[int], int, list[int]]
+Job = tuple[list[str], list[VoiceConfig], list[int], int, list[int], list[FliteVoice | None]]
 
 
 def synth_chunk(job: Job) -> tuple[np.ndarray, np.ndarray]:
-    """Speak one chunk (from ``chunk_jobs``) with one fresh espeak engine (and flite for the
-    ``FliteVoice`` requests); runs in a pool worker. An utterance with a recording seed (>= 0) is
-    then recorded (``recording.record``).
+    """Speak one chunk (from ``chunk_jobs``) with one fresh engine; runs in a pool worker. A request
+    with a flite voice is spoken by flite instead (``flite.py``), and one with a recording seed
+    (>= 0) is then recorded (``recording.record``).
 
     Returns:
         audio: (sum T_i,) int16 at the job's sample rate.
         lengths: (n,) int64 samples per utterance.
     """
-    texts, voices, seeds, sample_rate, recordings = job
+    texts, voices, seeds, sample_rate, recordings, flite_voices = job
     waves = []
-    with ENGINE_LOCK, contextlib.ExitStack() as stack:
-        engine = None
-        for text, voice, seed, recorded in zip(texts, voices, seeds, recordings):
-            if isinstance(voice, FliteVoice):
-                wave = _postprocess(*flite.synthesize_native(text, voice, seed=seed), sample_rate)
+    with ENGINE_LOCK, EspeakEngine() as engine:
+        for text, voice, seed, recorded, other in zip(texts, voices, seeds, recordings, flite_voices):
+            # espeak speaks every request, even one flite then speaks: the engine's history, and so
+            # every other utterance of the chunk, stays what it is without flite.
+            wave = engine.synthesize(text, voice, seed=seed)
+            if other is None:
+                wave = _postprocess(wave, engine.native_rate, sample_rate)
             else:
-                engine = engine or stack.enter_context(EspeakEngine())  # opened once a chunk has an espeak voice
-                wave = _postprocess(engine.synthesize(text, voice, seed=seed), engine.native_rate, sample_rate)
+                wave = _postprocess(*flite.synthesize_native(text, other, seed=seed), sample_rate)
             if recorded >= 0:
                 wave = recording.record(wave, sample_rate, recorded)
             waves.append(to_int16(wave))
@@ -184,19 +183,23 @@ def synth_chunk(job: Job) -> tuple[np.ndarray, np.ndarray]:
 
 def chunk_jobs(
     texts: Sequence[str],
-    voices: Sequence[Voice],
+    voices: Sequence[VoiceConfig],
     seeds: Sequence[int],
     *,
     sample_rate: int,
     recordings: Sequence[int] | None = None,
+    flite_voices: Sequence[FliteVoice | None] | None = None,
 ) -> list[Job]:
     """Cut N requests into jobs of SYNTH_CHUNK for ``synth_chunk``. The cut is fixed (it decides
     where fresh engines start), so the audio does not depend on how the jobs are scheduled.
-    ``recordings``: per request a recording seed, or -1 to keep it clean (None: all clean)."""
+    ``recordings``: per request a recording seed, or -1 to keep it clean (None: all clean).
+    ``flite_voices``: per request a flite voice that speaks it instead, or None (None: espeak
+    speaks every request)."""
     recordings = [-1] * len(texts) if recordings is None else list(recordings)
-    if not len(texts) == len(voices) == len(seeds) == len(recordings):
-        lengths = ", ".join(str(len(x)) for x in (texts, voices, seeds, recordings))
-        raise ValueError(f"texts, voices, seeds and recordings differ in length: {lengths}")
+    flite_voices = [None] * len(texts) if flite_voices is None else list(flite_voices)
+    if not len(texts) == len(voices) == len(seeds) == len(recordings) == len(flite_voices):
+        lengths = ", ".join(str(len(x)) for x in (texts, voices, seeds, recordings, flite_voices))
+        raise ValueError(f"texts, voices, seeds, recordings and flite voices differ in length: {lengths}")
     return [
         (
             list(texts[i : i + SYNTH_CHUNK]),
@@ -204,6 +207,7 @@ def chunk_jobs(
             [int(s) for s in seeds[i : i + SYNTH_CHUNK]],
             sample_rate,
             [int(r) for r in recordings[i : i + SYNTH_CHUNK]],
+            flite_voices[i : i + SYNTH_CHUNK],
         )
         for i in range(0, len(texts), SYNTH_CHUNK)
     ]
@@ -238,28 +242,31 @@ def worker_pool(num_workers: int | None) -> multiprocessing.pool.Pool | None:
 
 def synthesize_many(
     texts: Sequence[str],
-    voices: Sequence[Voice],
+    voices: Sequence[VoiceConfig],
     seeds: Sequence[int],
     *,
     sample_rate: int = 16000,
     num_workers: int | None = None,
     recordings: Sequence[int] | None = None,
+    flite_voices: Sequence[FliteVoice | None] | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Speak many texts, in chunks of SYNTH_CHUNK spread over a fork process pool.
 
     Args:
         texts: N texts.
-        voices: N voices (espeak-ng ``VoiceConfig`` or ``FliteVoice``).
+        voices: N voice configs.
         seeds: N noise seeds.
         sample_rate: output rate in Hz.
         recordings: N recording seeds (-1: clean), or None for all clean.
+        flite_voices: N flite voices that speak their request instead of espeak (None where
+            espeak does), or None for espeak throughout.
         num_workers: processes; None uses every core this process may use. Does not change the output.
 
     Returns:
         audio: (sum T_i,) int16, the utterances one after another.
         offsets: (N + 1,) int64; utterance i is ``audio[offsets[i]:offsets[i + 1]]``.
     """
-    jobs = chunk_jobs(texts, voices, seeds, sample_rate=sample_rate, recordings=recordings)
+    jobs = chunk_jobs(texts, voices, seeds, sample_rate=sample_rate, recordings=recordings, flite_voices=flite_voices)
     pool = worker_pool(min(num_workers or default_workers(), len(jobs)))
     if pool is None:
         return join_chunks([synth_chunk(job) for job in jobs])
