@@ -19,7 +19,6 @@ Needs flite (``apt-get install flite``) for a share above 0.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import tempfile
 import time
@@ -33,21 +32,10 @@ from polymodal.evaluation.manifest import evaluate_manifest
 from polymodal.training.job import train
 from polymodal.training.run import load_run
 
-REPO = Path(__file__).resolve().parents[1]
-FSDD = REPO.parent / "shared" / "data" / "fsdd-dev"
-WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
+from bench_fsdd_loso import FSDD, WORDS, fsdd_lines, write  # this folder is on the path when run as a script
+
 RATE = 16000
 CHANNEL = 8000  # FSDD's rate: the synthetic speech has its band, as synthetic_speech gives a manifest of it
-
-
-def fsdd_manifest(folder: Path, out: Path) -> Path:
-    """Every recording ``{digit}_{speaker}_{take}.wav`` as a line with its word and speaker."""
-    lines = []
-    for path in sorted((folder / "recordings").glob("*.wav")):
-        digit, speaker, _ = path.stem.split("_")
-        lines.append({"audio": str(path), "text": WORDS[int(digit)], "label": int(digit), "speaker": speaker})
-    out.write_text("".join(json.dumps(line) + "\n" for line in lines))
-    return out
 
 
 def synthetic_manifest(count: int, share: float, seed: int, folder: Path) -> Path:
@@ -59,9 +47,7 @@ def synthetic_manifest(count: int, share: float, seed: int, folder: Path) -> Pat
         path = folder / f"{i:05d}.wav"
         soundfile.write(path, wave, RATE, subtype="PCM_16")
         lines.append({"audio": path.name, "text": WORDS[word], "label": word})
-    manifest = folder / "train.jsonl"
-    manifest.write_text("".join(json.dumps(line) + "\n" for line in lines))
-    return manifest
+    return write(lines, folder / "train.jsonl")
 
 
 def main() -> None:
@@ -80,7 +66,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         folder = args.out or Path(tmp)
         folder.mkdir(parents=True, exist_ok=True)
-        real = fsdd_manifest(args.fsdd.resolve(), folder / "fsdd.jsonl")
+        real = write(fsdd_lines(args.fsdd.resolve()), folder / "fsdd.jsonl")
         for share in args.shares:
             name = f"flite{share:g}"
             start = time.perf_counter()
