@@ -54,7 +54,7 @@ def test_exponent_notation_without_a_dot_is_a_number():
         ("train.steps=many", "train.steps: expected an integer, got 'many'"),
         ("train.precision=fp8", "train.precision: 'fp8' is not valid; valid: auto, bf16, fp32"),
         ("data.source=imagenet", "data.source: 'imagenet' is not valid; valid: manifest, spoken_numbers"),
-        ("data.options.num_smaples=9", "data.options.num_smaples: unknown setting of dataset 'spoken_numbers'; valid: max_digits, num_samples"),
+        ("data.options.num_smaples=9", "data.options.num_smaples: unknown setting of dataset 'spoken_numbers'; valid: flite_share, max_digits, num_samples, recorded_share"),
         ("train.steps=0", "train.steps: must be > 0"),
         ("tokenizer_train.steps=0", "tokenizer_train.steps: must be > 0"),
         ("data.top_db=-5", "data.top_db: must be > 0"),
