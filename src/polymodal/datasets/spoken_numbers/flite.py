@@ -36,6 +36,7 @@ import threading
 
 import numpy as np
 
+from polymodal.datasets.spoken_numbers.espeak import ENGINE_LOCK
 from polymodal.errors import DataError
 
 # Every English voice Debian's flite ships, with the mean pitch (Hz) drawn for each: the female
@@ -118,12 +119,13 @@ class _Flite:
     def voice(self, name: str):
         if name not in VOICE_PITCH:
             raise ValueError(f"flite has no voice {name!r} here; voices: {', '.join(VOICES)}")
-        if name not in self.voices:
-            register = getattr(_open(f"libflite_cmu_us_{name}.so.1"), f"register_cmu_us_{name}")
-            register.argtypes = [ctypes.c_char_p]
-            register.restype = ctypes.POINTER(_Voice)
-            self.voices[name] = register(None)
-        return self.voices[name]
+        with _LOCK:
+            if name not in self.voices:
+                register = getattr(_open(f"libflite_cmu_us_{name}.so.1"), f"register_cmu_us_{name}")
+                register.argtypes = [ctypes.c_char_p]
+                register.restype = ctypes.POINTER(_Voice)
+                self.voices[name] = register(None)
+            return self.voices[name]
 
 
 @functools.lru_cache(maxsize=1)
@@ -162,11 +164,9 @@ def synthesize_native(text: str, voice: FliteVoice, *, seed: int) -> tuple[np.nd
     Returns:
         (T,) int16 at the voice's own rate, and that rate in Hz (8,000 for ``kal``, else 16,000).
     """
-    from polymodal.datasets.spoken_numbers.espeak import ENGINE_LOCK  # libc's rand() is shared
-
     loaded = _flite()
     handle = loaded.voice(voice.name)
-    with ENGINE_LOCK:
+    with ENGINE_LOCK:  # libc's rand() is shared with espeak's engines
         features = handle.contents.features
         loaded.lib.flite_feat_set_float(features, b"duration_stretch", float(voice.stretch))
         loaded.lib.flite_feat_set_float(features, b"int_f0_target_mean", float(voice.pitch))
