@@ -214,9 +214,7 @@ def build_spoken_numbers(
     Raises:
         ValueError: a parameter is out of range; the message says which and what would work.
     """
-    _check_parameters(num_samples, max_digits, image_height, image_width, sample_rate, recorded_share)
-    if not 0.0 <= flite_share <= 1.0:
-        raise ValueError(f"flite_share must lie in [0, 1], got {flite_share}")
+    _check_parameters(num_samples, max_digits, image_height, image_width, sample_rate, recorded_share, flite_share)
     params = {
         "num_samples": int(num_samples),
         "seed": int(seed),
@@ -246,7 +244,7 @@ def build_spoken_numbers(
 
 
 def _check_parameters(
-    num_samples: int, max_digits: int, image_height: int, image_width: int, sample_rate: int, recorded_share: float
+    num_samples: int, max_digits: int, image_height: int, image_width: int, sample_rate: int, recorded_share: float, flite_share: float
 ) -> None:
     if num_samples < MIN_SAMPLES:
         raise ValueError(f"num_samples must be at least {MIN_SAMPLES} (one per split), got {num_samples}")
@@ -254,8 +252,9 @@ def _check_parameters(
         raise ValueError(f"max_digits must be in 1..{MAX_DIGITS_LIMIT}, got {max_digits}")
     if sample_rate < 8000:
         raise ValueError(f"sample_rate must be at least 8000 Hz for intelligible speech, got {sample_rate}")
-    if not 0.0 <= recorded_share <= 1.0:
-        raise ValueError(f"recorded_share must lie in [0, 1], got {recorded_share}")
+    for name, share in (("recorded_share", recorded_share), ("flite_share", flite_share)):
+        if not 0.0 <= share <= 1.0:
+            raise ValueError(f"{name} must lie in [0, 1], got {share}")
     if image_height < MIN_BOX + 2 * MARGIN:
         raise ValueError(f"image_height must be at least {MIN_BOX + 2 * MARGIN} pixels, got {image_height}")
     # Worst case: every digit as wide as its box at the largest size, widest gaps; the layout then

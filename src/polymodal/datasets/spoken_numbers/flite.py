@@ -6,7 +6,7 @@ Debian package ``flite``) makes speech in two other ways: diphone concatenation 
 recordings (``kal``, ``kal16``) and statistical parametric "clustergen" voices trained on the CMU
 ARCTIC recordings of three talkers (``awb``, Scottish male; ``rms``, US male; ``slt``, US female).
 Half espeak and half flite read real spoken digits better than espeak alone at the same size
-(BENCHMARKS.md, "Which synthetic voices transfer"). No PyPI package ships flite or an offline
+(BENCHMARKS.md, "Flite voices"). No PyPI package ships flite or an offline
 neural voice, so it comes from the system: ``apt-get install flite``; without it this module
 raises a ``DataError`` that says so.
 
@@ -47,7 +47,7 @@ VOICES = tuple(VOICE_PITCH)
 # (longer numbers take the last): the slowest voice says "7" in 1.33 s at 1.5, "77" in 1.65 s at
 # 1.2 and "777" in 1.76 s at 0.85, inside the data's 2 s crop.
 STRETCH = ((0.8, 1.5), (0.7, 1.2), (0.6, 0.85))
-INSTALL = "apt-get install flite (Debian/Ubuntu), or leave data.options.synthetic_flite at 0"
+INSTALL = "apt-get install flite (Debian/Ubuntu), or leave data.options.synthetic_flite (a manifest) or data.options.flite_share (the built-in data) at 0"
 _LOCK = threading.Lock()  # loading and registering
 
 

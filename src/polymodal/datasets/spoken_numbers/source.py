@@ -81,9 +81,8 @@ class SpokenNumbersSource:
             raise ValueError(f"recorded_share must lie in [0, 1], got {recorded_share}")
         if not 0.0 <= flite_share <= 1.0:
             raise ValueError(f"flite_share must lie in [0, 1], got {flite_share}")
-        self.flite_share = float(flite_share)
         self.data, self.seed = data, seed
-        self.num_samples, self.max_digits, self.recorded_share = num_samples, max_digits, recorded_share
+        self.num_samples, self.max_digits, self.recorded_share, self.flite_share = num_samples, max_digits, recorded_share, flite_share
         self._built = None
 
     @property
