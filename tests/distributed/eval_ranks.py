@@ -69,6 +69,16 @@ def evaluate_here(run_dir: Path, out: Path) -> None:
     torch.save({"figures": figures, "small": small, "collated": counting.items, "num_test": len(test)}, out / f"rank{rank()}.pt")
 
 
+def evaluate_with_samples(run_dir: Path, out: Path) -> None:
+    """The figures training's end computes, samples included (the built-in judges replaced by none:
+    they train on rank 0 alone and are not what is shared out), on at most LIMIT test items, into
+    ``out/samples{r}.pt``."""
+    run = tiny_run(run_dir, fresh=False)
+    run.source.evaluate_generation = lambda *args, **kwargs: {}
+    figures = evaluate_run(run, split="test", limit=LIMIT, generate=True)
+    torch.save(figures, out / f"samples{rank()}.pt")
+
+
 def map_numbers(num_items: int, batch_size: int, stop_at: int | None, out: Path) -> None:
     """``map_batches`` over the numbers 0..num_items-1: each batch's (its numbers, the rank that
     computed it), stopped once the numbers sum past ``stop_at``; into ``out/map{r}.pt``."""

@@ -53,9 +53,17 @@ def _rank_main(rank: int, world: int, port: int, fn: Callable[..., None], args: 
         fn(*args)
 
 
-def run_ranks(fn: Callable[..., None], world: int, *args: Any) -> None:
-    """``fn(*args)`` in each of ``world`` processes joined in one gloo group; raises if one fails."""
-    mp.spawn(_rank_main, args=(world, free_port(), fn, args), nprocs=world, join=True)
+def run_ranks(fn: Callable[..., None], world: int, *args: Any, timeout: float | None = None) -> None:
+    """``fn(*args)`` in each of ``world`` processes joined in one gloo group; raises if one fails,
+    or (``timeout`` in seconds) if they have not all finished by then: a collective that some rank
+    never reaches waits forever, and a test should fail instead."""
+    ranks = mp.spawn(_rank_main, args=(world, free_port(), fn, args), nprocs=world, join=False)
+    deadline = None if timeout is None else time.monotonic() + timeout
+    while not ranks.join(timeout=None if deadline is None else max(deadline - time.monotonic(), 0.0)):
+        if deadline is not None and time.monotonic() >= deadline:
+            for process in ranks.processes:
+                process.kill()
+            raise TimeoutError(f"{world} ranks of {fn.__name__} still running after {timeout} s: one waits in a collective?")
 
 
 class Items(Dataset):

@@ -59,26 +59,32 @@ def evaluate_any_to_any(run: Any, *, split: str, limit: int | None, generate: bo
     if model.contrastive is not None:
         embedded = embed_dataset(model, dataset, run.collator, model.contrastive.modalities, device=device, limit=limit)
         results.update({f"retrieval_{name}": recall for name, recall in retrieval_figures(embedded).items()})
-    if generate and is_main():  # sampling and judging are not shared out: rank 0 alone
-        results.update(_generation_figures(run, dataset, limit=limit, device=device))
+    tasks = {name: t.target for name, t in model.generation_tasks.items() if t.source is Modality.TEXT and t.target is not Modality.TEXT}
+    if generate and tasks:
+        # Reconstruction is shared out, so every rank takes part (rank 0 alone would wait for the others forever).
+        tokenizer_figures = None
+        if model.image_tokenizer is not None:
+            tokenizer_figures, _ = reconstruction_figures(model.image_tokenizer, dataset, run.collator, device=device)
+        if is_main():  # sampling and judging are not shared out: rank 0 alone
+            results.update(_generation_figures(run, dataset, tasks, tokenizer_figures, limit=limit, device=device))
     return results
 
 
-def _generation_figures(run: Any, dataset, *, limit: int | None, device: torch.device) -> dict:
-    """Samples from the split's captions for every text -> X task, their figures that need no
-    judge (``evaluation.generation``), the dataset's judgement of them and the image tokenizer's
-    figures; the first samples go to ``samples/``."""
+def _generation_figures(
+    run: Any, dataset, tasks: dict[str, Modality], tokenizer_figures: dict | None, *, limit: int | None, device: torch.device
+) -> dict:
+    """Samples from the split's captions for every text -> X task in ``tasks`` (name: target),
+    their figures that need no judge (``evaluation.generation``), the image tokenizer's figures
+    (``tokenizer_figures``, when it has one) and the dataset's judgement of them all; the first
+    samples go to ``samples/``."""
     model = run.model
-    tasks = {name: t.target for name, t in model.generation_tasks.items() if t.source is Modality.TEXT and t.target is not Modality.TEXT}
-    if not tasks:
-        return {}
     generated = {
         name: generate_from_captions(run, dataset, target, limit=limit, device=device, repeats=VARIETY_REPEATS)
         for name, target in tasks.items()
     }  # fmt: skip
     results: dict = {name: generation_figures(run, tasks[name], samples, device=device) for name, samples in generated.items()}
-    if model.image_tokenizer is not None:
-        results["image_tokenizer"], _ = reconstruction_figures(model.image_tokenizer, dataset, run.collator, device=device)
+    if tokenizer_figures is not None:
+        results["image_tokenizer"] = tokenizer_figures
     for section, figures in run.source.evaluate_generation(run, dataset, generated, limit=limit).items():
         results.setdefault(section, {}).update(figures)
     by_target = {tasks[name]: samples for name, samples in generated.items()}
