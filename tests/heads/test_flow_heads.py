@@ -47,16 +47,27 @@ def test_the_image_head_fits_a_batch():
     batch = make_batch()
     # Each item's image one grey level (random pixels would leave the flow a large irreducible loss).
     batch.inputs[Modality.IMAGE] = torch.linspace(-0.9, 0.9, 4)[:, None, None, None].expand(4, 1, 32, 96).clone()
+
+    def loss_on_fixed_draws() -> float:
+        """The loss averaged over 8 seeded draws of (t, noise), the same draws each time it is asked:
+        a running training loss moves as much with its draws as with the weights."""
+        model.eval()
+        with torch.no_grad():
+            values = []
+            for seed in range(8):
+                torch.manual_seed(100 + seed)
+                values.append(model(batch).losses["text_to_image_flow_matching"].item())
+        model.train()
+        return sum(values) / len(values)
+
+    before = loss_on_fixed_draws()
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
     torch.manual_seed(1)
-    losses = []
-    for _ in range(40):
+    for _ in range(80):
         optimizer.zero_grad()
-        loss = model(batch).losses["text_to_image_flow_matching"]
-        loss.backward()
+        model(batch).losses["text_to_image_flow_matching"].backward()
         optimizer.step()
-        losses.append(loss.item())
-    assert sum(losses[-5:]) / 5 < 0.75 * sum(losses[:5]) / 5
+    assert loss_on_fixed_draws() < 0.8 * before  # 0.68x on a 2-core EPYC
 
 
 def test_sampling_integrates_the_heads_velocity_with_guidance():
