@@ -60,3 +60,25 @@ def test_a_job_stopped_inside_stage_one_resumes_from_the_command_line(tmp_path, 
     assert main(["train", "--resume", f"run_dir={run_dir}"]) == 0
     assert (run_dir / TOKENIZER_STAGE_DIR / "eval.json").is_file()
     assert latest_checkpoint(run_dir).name == "step_0000004"
+
+
+
+@pytest.mark.parametrize(
+    ("settings", "key"),
+    [
+        (["train.diagnostics.every=5"], "train.diagnostics"),
+        (["train.select=image_to_text/exact", "train.eval_every=5"], "train.select"),
+        (["train.gradient_surgery.name=pcgrad"], "train.gradient_surgery"),
+    ],
+)
+def test_sharding_that_the_second_stage_refuses_stops_the_job_before_the_first_trains(tmp_path, monkeypatch, settings, key):
+    """``train.fsdp`` with a setting it does not support fails at once, before stage 1's training,
+    whose minutes the user would otherwise lose."""
+    import polymodal.distributed.fsdp as fsdp
+
+    monkeypatch.setattr(fsdp, "world_size", lambda: 2)  # as one of 2 ranks; the check needs no process group
+    run_dir = tmp_path / "run"
+    config = load_config(["tiny"], [f"run_dir={run_dir}", "train.fsdp=true", *settings])
+    with pytest.raises(ConfigError, match=f"train.fsdp=true does not support {key} yet"):
+        train(config)
+    assert latest_checkpoint(run_dir / TOKENIZER_STAGE_DIR) is None

@@ -74,15 +74,16 @@ class ShardedModel:
             param.grad = part.view_as(param).clone()
 
 
-def start_sharding(model: nn.Module, train: Any) -> ShardedModel | None:
-    """``model`` sharded when ``train.fsdp`` asks for it and several ranks train; else None.
+def check_sharding(train: Any) -> None:
+    """Refuse ``train.fsdp`` (when several ranks train) with a setting that runs the model on rank 0
+    alone (live diagnostics, checkpoint selection) or differentiates each term apart (gradient
+    surgery). The job asks this of every stage before the first one trains.
 
     Raises:
-        ConfigError: ``train.fsdp`` with a setting that runs the model on rank 0 alone (live
-            diagnostics, checkpoint selection) or differentiates each term apart (gradient surgery).
+        ConfigError: naming the setting.
     """
     if not train.fsdp or world_size() == 1:
-        return None
+        return
     clashes = {
         "train.diagnostics": bool(train.diagnostics.get("every", 0)),
         "train.select": train.select is not None,
@@ -91,6 +92,17 @@ def start_sharding(model: nn.Module, train: Any) -> ShardedModel | None:
     for key, clash in clashes.items():
         if clash:
             raise ConfigError(f"train.fsdp=true does not support {key} yet; turn one of them off")
+
+
+def start_sharding(model: nn.Module, train: Any) -> ShardedModel | None:
+    """``model`` sharded when ``train.fsdp`` asks for it and several ranks train; else None.
+
+    Raises:
+        ConfigError: as ``check_sharding``.
+    """
+    check_sharding(train)
+    if not train.fsdp or world_size() == 1:
+        return None
     return shard_model(model)
 
 

@@ -27,7 +27,7 @@ from torch.utils.tensorboard import SummaryWriter
 from polymodal.config import Config, dump_config
 from polymodal.data.keyed import TrainingItems, load_noise_clips
 from polymodal.diagnostics.live_hook import live_diagnostics
-from polymodal.distributed.fsdp import export_whole, gathered, is_sharded
+from polymodal.distributed.fsdp import check_sharding, export_whole, gathered, is_sharded
 from polymodal.distributed.process import barrier, is_main
 from polymodal.errors import ConfigError
 from polymodal.evaluation.run import EVAL_FILE, RECONSTRUCTION_FILE, evaluate_run, flat_figures, write_eval
@@ -84,6 +84,8 @@ def train(config: Config, *, resume: bool = False) -> Path:
 
 def _train_stages(config: Config, *, resume: bool) -> Path:
     stages = plan_stages(config)
+    for stage in stages:  # before any stage trains: a clash found at the last stage would waste the first
+        check_sharding(stage.config.train)
     started_before = any(latest_checkpoint(stage.run_dir) is not None for stage in stages)
     if resume and not started_before:
         raise ConfigError(f"--resume: {config.run_dir} has no checkpoint to resume from; start it without --resume")
