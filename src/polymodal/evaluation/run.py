@@ -77,7 +77,6 @@ def _generation_figures(
     their figures that need no judge (``evaluation.generation``), the image tokenizer's figures
     (``tokenizer_figures``, when it has one) and the dataset's judgement of them all; the first
     samples go to ``samples/``."""
-    model = run.model
     generated = {
         name: generate_from_captions(run, dataset, target, limit=limit, device=device, repeats=VARIETY_REPEATS)
         for name, target in tasks.items()
