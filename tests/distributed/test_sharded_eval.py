@@ -16,7 +16,6 @@ from nested import assert_same  # noqa: E402
 from ranks import run_ranks  # noqa: E402
 
 
-
 @contextlib.contextmanager
 def one_thread():
     """One intra-op thread, as each rank has: a matmul split over more threads may round otherwise."""

@@ -62,7 +62,6 @@ def test_a_job_stopped_inside_stage_one_resumes_from_the_command_line(tmp_path, 
     assert latest_checkpoint(run_dir).name == "step_0000004"
 
 
-
 @pytest.mark.parametrize(
     ("settings", "key"),
     [
