@@ -25,6 +25,9 @@ def sample_next(
         temperature: 0 means greedy (argmax); otherwise logits are divided by it.
         top_k: keep only the k most likely tokens (0 keeps all).
         top_p: keep the smallest set of tokens whose probability reaches top_p (1.0 keeps all).
+        generator: the draw's; it may live on another device than ``logits`` (a CPU generator with a
+            model on a GPU): the draw is then made on the generator's device, so a seed picks the
+            same tokens on either.
 
     Returns:
         (B,) long token ids.
@@ -43,4 +46,5 @@ def sample_next(
         drop = drop_sorted.scatter(-1, order, drop_sorted)
         scores = scores.masked_fill(drop, float("-inf"))
     probs = scores.softmax(dim=-1)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    where = probs.device if generator is None else generator.device
+    return torch.multinomial(probs.to(where), 1, generator=generator).squeeze(-1).to(probs.device)

@@ -161,7 +161,8 @@ class GriffinLimVocoder(nn.Module):
                 return magnitude * spec / spec.abs().clamp_min(_TINY)
 
             if self.random_phase:
-                angles = torch.rand(magnitude.shape, generator=generator, device=magnitude.device) * (2 * math.pi)
+                where = magnitude.device if generator is None else generator.device  # a CPU generator on a GPU
+                angles = torch.rand(magnitude.shape, generator=generator, device=where).to(magnitude.device) * (2 * math.pi)
                 estimate = torch.polar(torch.ones_like(magnitude), angles)  # (B, K, F) complex
             else:
                 estimate = torch.ones_like(magnitude, dtype=torch.complex64)

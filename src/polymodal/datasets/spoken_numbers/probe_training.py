@@ -115,10 +115,12 @@ def train_probe(
 
 @torch.no_grad()
 def predict_numbers(probe: nn.Module, *inputs: Tensor) -> Tensor:
-    """The numbers a probe reads: (B,) long. Inputs as the probe's ``forward`` takes them."""
+    """The numbers a probe reads: (B,) long, on the probe's device. Inputs as the probe's
+    ``forward`` takes them, from any device (a model's samples on a GPU, a judge on the CPU)."""
     was_training = probe.training
     probe.eval()
-    numbers = decode_digit_slots(probe(*inputs))
+    where = next(probe.parameters()).device
+    numbers = decode_digit_slots(probe(*(x.to(where) for x in inputs)))
     probe.train(was_training)
     return numbers
 
