@@ -8,6 +8,7 @@ measured here with a large ``F.linear`` in each dtype.
 
     python benchmarks/bench_backbone.py                      # both sizes, fp32 and bf16
     python benchmarks/bench_backbone.py --sizes small --precisions fp32 --steps 3
+    python benchmarks/bench_backbone.py --device cuda --sizes small large xl --steps 20 --bf16-steps 20
 
 Needs ``pip install x-transformers`` (a benchmark-only dependency).
 """
@@ -25,7 +26,7 @@ from torch import nn
 from polymodal.backbones import TransformerBackbone
 from polymodal.models.masks import causal_mask
 
-PEAK_SIZE = 2048  # square matmul large enough to reach the BLAS / oneDNN plateau
+PEAK_SIZE = {"cpu": 2048, "cuda": 8192}  # square matmuls large enough to reach the plateau (BLAS / oneDNN, cuBLAS)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -39,21 +40,30 @@ class Size:
 SIZES = {
     "small": Size("small", 256, 4, 4),
     "large": Size("large", 512, 6, 8),
+    "xl": Size("xl", 1024, 8, 16),  # a GPU's size: the small ones leave most of its units idle
 }
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16}
 
 
-def matmul_peak(dtype: torch.dtype, repeats: int = 3) -> float:
-    """Best FLOP/s of a PEAK_SIZE^2 x PEAK_SIZE^2 ``F.linear`` (the kernel nn.Linear uses)."""
-    a = torch.randn(PEAK_SIZE, PEAK_SIZE, dtype=dtype)
-    b = torch.randn(PEAK_SIZE, PEAK_SIZE, dtype=dtype)
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def matmul_peak(dtype: torch.dtype, device: torch.device, repeats: int = 3) -> float:
+    """Best FLOP/s of a square ``F.linear`` (the kernel nn.Linear uses) of PEAK_SIZE on ``device``."""
+    size = PEAK_SIZE[device.type]
+    a = torch.randn(size, size, dtype=dtype, device=device)
+    b = torch.randn(size, size, dtype=dtype, device=device)
     F.linear(a, b)
     best = float("inf")
     for _ in range(repeats):
+        synchronize(device)
         start = time.perf_counter()
         F.linear(a, b)
+        synchronize(device)
         best = min(best, time.perf_counter() - start)
-    return 2 * PEAK_SIZE**3 / best
+    return 2 * size**3 / best
 
 
 class OursWrapper(nn.Module):
@@ -131,19 +141,22 @@ def port_weights(ours: TransformerBackbone, peer: nn.Module) -> None:
         copy_gain(peer.final_norm, ours.final_norm.weight)
 
 
-def make_train_step(model: nn.Module, batch: int, seq: int, dim: int, dtype: torch.dtype | None):
+def make_train_step(model: nn.Module, batch: int, seq: int, dim: int, dtype: torch.dtype | None, device: torch.device):
     """A closure running one train step (forward + backward + AdamW) and returning its seconds."""
+    model.to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    tokens = torch.randn(batch, seq, dim, generator=torch.Generator().manual_seed(0))
+    tokens = torch.randn(batch, seq, dim, generator=torch.Generator().manual_seed(0)).to(device)
 
     def step() -> float:
+        synchronize(device)
         start = time.perf_counter()
         optimizer.zero_grad(set_to_none=True)
-        with torch.autocast("cpu", dtype=dtype or torch.bfloat16, enabled=dtype is not None):
+        with torch.autocast(device.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None):
             out = model(tokens)
         loss = out.float().pow(2).mean()  # a stand-in loss touching every output
         loss.backward()
         optimizer.step()
+        synchronize(device)
         return time.perf_counter() - start
 
     return step
@@ -173,14 +186,17 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=2)
     parser.add_argument("--bf16-steps", type=int, default=1, help="timed steps under bf16 (slow on CPUs without bf16 units)")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
 
     # The cores are shared: the peak is re-measured after every configuration and the highest
     # figure seen is used, so MFU is not flattered by a peak measured during a busy moment.
-    peaks = {name: matmul_peak(dtype or torch.float32) for name, dtype in PRECISIONS.items() if name in args.precisions}
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, CPU capability "
-          f"{torch.backends.cpu.get_cpu_capability()}")
+    peaks = {name: matmul_peak(dtype or torch.float32, device) for name, dtype in PRECISIONS.items() if name in args.precisions}
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU capability {torch.backends.cpu.get_cpu_capability()}"
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {where}"
+          + (" (fp32 matmuls in full fp32, no TF32)" if device.type == "cuda" else ""))
     print(f"batch {args.batch}, seq {args.seq}, train step = forward + backward + AdamW; fastest of "
           f"{args.steps} (fp32) / {args.bf16_steps} (bf16) alternating timed steps after {args.warmup} warmup")
     rows = []
@@ -202,19 +218,19 @@ def main() -> None:
                 with torch.no_grad():
                     mismatch = (ours(probe) - peer(probe)).abs().max().item()
                 t_ours, t_peer = time_pair(
-                    make_train_step(ours, args.batch, args.seq, size.dim, dtype),
-                    make_train_step(peer, args.batch, args.seq, size.dim, dtype),
+                    make_train_step(ours, args.batch, args.seq, size.dim, dtype, device),
+                    make_train_step(peer, args.batch, args.seq, size.dim, dtype, device),
                     args.warmup,
                     steps,
                 )
-                peaks[precision] = max(peaks[precision], matmul_peak(dtype or torch.float32))
+                peaks[precision] = max(peaks[precision], matmul_peak(dtype or torch.float32, device))
                 rows.append((size, kind, precision, params_ours, params_peer, t_ours, t_peer, mismatch))
                 print(f"  done {size.name} {kind} {precision}: ours {t_ours:.2f} s/step, x-tf {t_peer:.2f} s/step",
                       flush=True)
 
     print()
     for name, peak in peaks.items():
-        print(f"measured {name} matmul peak (best {PEAK_SIZE}^3 F.linear seen): {peak / 1e9:.1f} GFLOP/s")
+        print(f"measured {name} matmul peak (best {PEAK_SIZE[device.type]}^3 F.linear seen): {peak / 1e9:.1f} GFLOP/s")
     print("ratio = ours tok/s / x-transformers tok/s; max diff = |ours - x-tf| in fp32 after porting our weights")
     header = f"{'size':<6} {'kind':<8} {'prec':<5} {'params (M)':>11} {'ours tok/s':>11} {'x-tf tok/s':>11} " \
              f"{'ratio':>6} {'ours MFU':>9} {'x-tf MFU':>9} {'max diff':>9}"

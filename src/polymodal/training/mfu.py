@@ -23,8 +23,9 @@ import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
 # Square sizes of the peak probe: the best of them is the peak (a small matmul can beat a large one
-# on a busy machine, whose caches other processes share).
-PEAK_SIZES = (512, 1024, 2048)
+# on a busy machine, whose caches other processes share). A GPU reaches its plateau only with larger
+# ones: a 2048^3 product takes tens of microseconds there, of the order of a kernel launch.
+PEAK_SIZES = {"cpu": (512, 1024, 2048), "cuda": (2048, 4096, 8192)}
 PEAK_REPEATS = 3
 
 
@@ -39,7 +40,7 @@ def matmul_peak(dtype: torch.dtype = torch.float32, device: str = "cpu") -> floa
     ``PEAK_REPEATS`` each (measured once per process, dtype and device)."""
     where = torch.device(device)
     best = 0.0
-    for size in PEAK_SIZES:
+    for size in PEAK_SIZES.get(where.type, PEAK_SIZES["cpu"]):
         generator = torch.Generator().manual_seed(size)
         a = torch.randn(size, size, generator=generator).to(device=where, dtype=dtype)
         b = torch.randn(size, size, generator=generator).to(device=where, dtype=dtype)
