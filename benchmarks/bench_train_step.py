@@ -75,6 +75,7 @@ class Worker:
         self.model = run.model
         self.state = start_state(self.model, self.config, run_dir, resume=False)
         self.dtype = self.state.dtype
+        self.device = self.state.device
         train, data = self.config.train, self.config.data
         items = TrainingItems(
             run.splits.train, augment=data.augment, seed=self.config.seed, sample_rate=data.sample_rate, noise_clips=load_noise_clips(data)
@@ -113,20 +114,29 @@ class Worker:
         loader = build_loader(run.data.train, run.collator, batch_size=self.config.train.batch_size, seed=self.config.seed)
         self.batches = iter(loader)
 
+    def _synchronize(self) -> None:
+        if self.device.type == "cuda":
+            self.torch.cuda.synchronize(self.device)
+
     def block(self, steps: int) -> float:
-        """Seconds for ``steps`` optimiser steps, the loop started afresh (as ``fit`` starts it)."""
+        """Seconds for ``steps`` optimiser steps, the loop started afresh (as ``fit`` starts it);
+        on a GPU, until its queued work has finished."""
         if not self.new:
+            self._synchronize()
             start = time.perf_counter()
             for _ in range(steps):
                 self._old_step()
+            self._synchronize()
             return time.perf_counter() - start
         from polymodal.training.loop import optimizer_step
         from polymodal.training.sampler import Prefetcher
 
+        self._synchronize()
         start = time.perf_counter()
         batches = Prefetcher(self.pairs, depth=self.config.train.prefetch)
         for _ in range(steps):
             optimizer_step(self.model, self.state, batches, self.config.train)
+        self._synchronize()
         seconds = time.perf_counter() - start
         batches.close()
         return seconds
@@ -159,10 +169,11 @@ class Worker:
         return float(mode.get_total_flops())
 
     def peak(self, dtype: str) -> float:
-        """This machine's matmul FLOP/s in ``dtype`` (asked of the new worker: the old tree has no probe)."""
+        """This machine's matmul FLOP/s in ``dtype`` on the step's device (asked of the new worker:
+        the old tree has no probe)."""
         from polymodal.training.mfu import matmul_peak
 
-        return matmul_peak(getattr(self.torch, dtype), "cpu")
+        return matmul_peak(getattr(self.torch, dtype), self.device.type)
 
     def profile(self, steps: int) -> list[tuple[str, float, float]]:
         """The top ops of ``steps`` steps by self CPU time: (name, share of the total, ms per step)."""
@@ -210,7 +221,7 @@ class Side:
     """A worker process for one source tree."""
 
     def __init__(self, name: str, src: Path, precision: str, threads: int, overrides: list[str] = (), warm_cache: bool = False) -> None:
-        env = dict(os.environ, PYTHONPATH=str(src))
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(src), os.environ.get("PYTHONPATH")])))  # its tree first
         command = [sys.executable, str(Path(__file__).resolve()), "--worker", precision, "--threads", str(threads)]
         command += [f"--set={o}" for o in overrides] + (["--warm-cache"] if warm_cache else [])
         self.name = name
@@ -287,11 +298,11 @@ def backbone_mfu(args: argparse.Namespace) -> None:
     print(f"\nbackbone train step (forward + backward + AdamW), batch {args.batch} x seq {args.seq}, best of {args.steps}")
     print(f"{'size':<6} {'kind':<8} {'prec':<5} {'ms/step':>8} {'GFLOP':>7} {'peak GFLOP/s':>12} {'MFU':>6}")
     for precision, dtype in (("bf16", torch.bfloat16), ("fp32", None)):
-        for size in SIZES.values():
+        for size in (SIZES["small"], SIZES["large"]):
             for kind in ("encoder", "decoder"):
                 torch.manual_seed(0)
                 model = OursWrapper(size, causal=kind == "decoder")
-                step = make_train_step(model, args.batch, args.seq, size.dim, dtype)
+                step = make_train_step(model, args.batch, args.seq, size.dim, dtype, torch.device("cpu"))
                 step()
                 seconds = min(step() for _ in range(args.steps))
                 params = sum(p.numel() for p in model.parameters())
@@ -324,7 +335,8 @@ def main() -> None:
         return
     import torch
 
-    print(f"torch {torch.__version__}, {args.threads} threads, CPU capability {torch.backends.cpu.get_cpu_capability()}, "
+    where = f"GPU {torch.cuda.get_device_name()}, " if torch.cuda.is_available() else ""
+    print(f"torch {torch.__version__}, {where}{args.threads} threads, CPU capability {torch.backends.cpu.get_cpu_capability()}, "
           f"load average {os.getloadavg()[0]:.1f}; the new version with {args.set or 'the preset as it is'}, "
           f"{'after one epoch (log-mel frames kept)' if args.warm_cache else 'first epoch'}")
     if not args.skip_steps:
