@@ -7,12 +7,15 @@
   either device.
 - Compiled transformer blocks (inductor, Triton kernels on a GPU) compute what the eager ones do.
 - The command line trains, evaluates, resumes and generates a tiny run on the GPU, and the run
-  loads again on the CPU.
+  loads again on the CPU; launched with one rank per GPU, it trains and evaluates over NCCL.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -210,3 +213,18 @@ def test_the_cli_trains_evaluates_resumes_and_generates_on_the_gpu(tmp_path, mon
         on_cpu = cpu_run.model.eval().generate(Modality.IMAGE, Modality.TEXT, images)
         on_gpu = gpu_run.model.eval().generate(Modality.IMAGE, Modality.TEXT, images.to(GPU))
     assert on_cpu == on_gpu
+
+
+def test_one_rank_per_gpu_trains_and_evaluates_over_nccl(tmp_path):
+    """``--nproc-per-node`` with every GPU: NCCL's process group, DDP on the GPUs, gathered
+    contrastive negatives and the evaluation shared out over the ranks."""
+    env = dict(os.environ, POLYMODAL_CACHE=str(tmp_path / "cache"), OMP_NUM_THREADS="4")
+    run_dir = tmp_path / "run"
+    command = [
+        sys.executable, "-m", "polymodal", "train", "--nproc-per-node", str(torch.cuda.device_count()), "--config", "tiny",
+        "device=cuda", f"run_dir={run_dir}", "data.options.num_samples=200", "train.progress=false",
+    ]  # fmt: skip
+    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    figures = json.loads((run_dir / "eval.json").read_text())["figures"]
+    assert 0.0 <= figures["audio_to_text"]["exact"] <= 1.0 and set(figures["retrieval_image_to_text"]) >= {"R@1"}
