@@ -2,7 +2,7 @@
 
 - Every head inside a small model, and every shipped preset's model: the losses that draw nothing
   are the CPU's on the GPU (fp32, TF32 off), with the CPU's gradients; every loss trains a step
-  under bf16 autocast (finite, a gradient on every trainable parameter).
+  under bf16 autocast (finite, a gradient on every parameter the CPU's fp32 step reaches).
 - Generation on the GPU is the CPU's: a seeded CPU generator draws the same noise and tokens on
   either device.
 - Compiled transformer blocks (inductor, Triton kernels on a GPU) compute what the eager ones do.
