@@ -286,17 +286,20 @@ def report_steps(precision: str, result: dict, args: argparse.Namespace) -> None
 
 
 def backbone_mfu(args: argparse.Namespace) -> None:
-    """bf16 (and fp32) MFU of our backbone's train step on ``bench_backbone.py``'s shapes."""
+    """bf16 (and fp32) MFU of our backbone's train step on ``bench_backbone.py``'s shapes, eager and
+    with its blocks compiled as ``train.compile=true`` compiles them."""
     import torch
 
     sys.path.insert(0, str(HERE))
     from bench_backbone import SIZES, OursWrapper, make_train_step, model_flops_per_step
 
+    from polymodal.training.compile import compiled_blocks
     from polymodal.training.mfu import matmul_peak
 
     torch.set_num_threads(args.threads)
-    print(f"\nbackbone train step (forward + backward + AdamW), batch {args.batch} x seq {args.seq}, best of {args.steps}")
-    print(f"{'size':<6} {'kind':<8} {'prec':<5} {'ms/step':>8} {'GFLOP':>7} {'peak GFLOP/s':>12} {'MFU':>6}")
+    print(f"\nbackbone train step (forward + backward + AdamW), batch {args.batch} x seq {args.seq}, best of {args.steps}; "
+          "compiled: the blocks compiled as train.compile=true does, after two steps of compilation")
+    print(f"{'size':<6} {'kind':<8} {'prec':<5} {'GFLOP':>7} {'peak GFLOP/s':>12} {'eager ms':>9} {'MFU':>6} {'compiled ms':>12} {'MFU':>6}")
     for precision, dtype in (("bf16", torch.bfloat16), ("fp32", None)):
         for size in (SIZES["small"], SIZES["large"]):
             for kind in ("encoder", "decoder"):
@@ -304,12 +307,16 @@ def backbone_mfu(args: argparse.Namespace) -> None:
                 model = OursWrapper(size, causal=kind == "decoder")
                 step = make_train_step(model, args.batch, args.seq, size.dim, dtype, torch.device("cpu"))
                 step()
-                seconds = min(step() for _ in range(args.steps))
+                eager = min(step() for _ in range(args.steps))
+                torch._dynamo.reset()  # each row's model compiles afresh (else dynamo's recompile limit turns later rows eager)
+                with compiled_blocks(model.backbone):
+                    step(), step()
+                    compiled = min(step() for _ in range(args.steps))
                 params = sum(p.numel() for p in model.parameters())
                 flops = model_flops_per_step(params, size, args.batch, args.seq)
                 peak = matmul_peak(dtype or torch.float32, "cpu")
-                print(f"{size.name:<6} {kind:<8} {precision:<5} {seconds * 1e3:>8.0f} {flops / 1e9:>7.1f} "
-                      f"{peak / 1e9:>12.1f} {flops / seconds / peak:>6.1%}", flush=True)
+                print(f"{size.name:<6} {kind:<8} {precision:<5} {flops / 1e9:>7.1f} {peak / 1e9:>12.1f} {eager * 1e3:>9.0f} "
+                      f"{flops / eager / peak:>6.1%} {compiled * 1e3:>12.0f} {flops / compiled / peak:>6.1%}", flush=True)
 
 
 def main() -> None:
