@@ -57,5 +57,5 @@ def export_run(run_dir: str | Path, *, out: str | Path | None = None, checkpoint
     ``latest``) as one whole file, ``out`` or ``RUN/model.safetensors``. Reads no data."""
     from polymodal.training.run import load_run
 
-    run = load_run(run_dir, checkpoint=checkpoint)  # builds the model and loads the checkpoint, shards or not
+    run = load_run(run_dir, checkpoint=checkpoint, device="cpu")  # the model and its checkpoint, shards or not
     return write_weights(run.model, out if out is not None else Path(run_dir) / MODEL_FILE, source=Path(run.checkpoint))

@@ -122,11 +122,11 @@ def chosen_checkpoint(run_dir: str | Path, config: Config, checkpoint: str = "au
     return latest_checkpoint(run_dir)
 
 
-def load_run(run_dir: str | Path, config: Config | None = None, *, checkpoint: str = "auto") -> Run:
+def load_run(run_dir: str | Path, config: Config | None = None, *, checkpoint: str = "auto", device: str = "auto") -> Run:
     """A trained run rebuilt from its folder: ``config.yaml`` (or ``config``), the tokenizer and a
     checkpoint's weights (``chosen_checkpoint``: by default the best by ``train.select`` if the run
-    keeps one, else the latest), on this machine's GPU when it has one, else on the CPU (wherever
-    the run was trained). Reads no data."""
+    keeps one, else the latest), on ``device``: by default this machine's GPU when it has one, else
+    the CPU, wherever the run was trained. Reads no data."""
     run_dir = Path(run_dir)
     config = config or load_run_config(run_dir)
     found = chosen_checkpoint(run_dir, config, checkpoint)
@@ -137,5 +137,5 @@ def load_run(run_dir: str | Path, config: Config | None = None, *, checkpoint: s
     collator = run_collator(config, tokenizer, source)
     model = build_model(config, data_shapes(config, tokenizer, collator))  # statistics come with the weights
     restore_progress(model, load_checkpoint(found, model=model).get("step"), config.train.steps)
-    model.to(resolve_device("auto"))
+    model.to(resolve_device(device))
     return Run(config, run_dir, source, tokenizer, collator, model, checkpoint=str(found))
