@@ -52,9 +52,8 @@ def worker_argv(args: argparse.Namespace) -> list[str]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from polymodal.distributed.process import is_main, process_group
+    from polymodal.distributed.process import is_main, process_group, resolve_device
     from polymodal.training.job import train
-    from polymodal.training.loop import resolve_device
 
     if launch.requested(args):
         return launch.relaunch(args, worker_argv(args))

@@ -81,6 +81,16 @@ def local_device(device: torch.device) -> torch.device:
     return device
 
 
+def resolve_device(name: str) -> torch.device:
+    """``auto`` -> ``cuda`` when available, else ``cpu``; ``cuda[:N]`` must be available. A bare
+    ``cuda`` in a launched data-parallel run is this rank's GPU, ``cuda:LOCAL_RANK``."""
+    if name == "auto":
+        return local_device(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"device={name}: CUDA is not available on this machine; use device=cpu or device=auto")
+    return local_device(torch.device(name))
+
+
 def setup(device: torch.device) -> None:
     """Join the run's process group (from the launcher's environment) with the backend ``device``
     needs; a GPU rank also makes its own GPU the current one.

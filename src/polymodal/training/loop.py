@@ -27,8 +27,7 @@ from polymodal.distributed.collectives import any_rank, mean_over_ranks
 from polymodal.distributed.data_parallel import data_parallel, gradient_sync
 from polymodal.distributed.fsdp import ShardedModel, gathered, save_sharded_checkpoint, start_sharding
 from polymodal.distributed.global_mean import global_means
-from polymodal.distributed.process import is_main, local_device, rank, world_size
-from polymodal.errors import ConfigError
+from polymodal.distributed.process import is_main, rank, resolve_device, world_size
 from polymodal.training.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint, save_checkpoint, step_folder
 from polymodal.training.checkpoint_check import resumable_checkpoint
 from polymodal.training.compile import compiled_blocks
@@ -72,16 +71,6 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
-
-
-def resolve_device(name: str) -> torch.device:
-    """``auto`` -> ``cuda`` when available, else ``cpu``; ``cuda[:N]`` must be available. A bare
-    ``cuda`` in a launched data-parallel run is this rank's GPU, ``cuda:LOCAL_RANK``."""
-    if name == "auto":
-        return local_device(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError(f"device={name}: CUDA is not available on this machine; use device=cpu or device=auto")
-    return local_device(torch.device(name))
 
 
 def accumulate_gradients(

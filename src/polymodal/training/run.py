@@ -25,9 +25,9 @@ from polymodal.errors import ConfigError
 from polymodal.modality import Modality
 from polymodal.models.architectures import build_model, check_model
 from polymodal.models.shapes import DataShapes, TextSpecials
+from polymodal.distributed.process import resolve_device
 from polymodal.encoders import ENCODERS
 from polymodal.training.checkpoint import latest_checkpoint, load_checkpoint
-from polymodal.training.loop import resolve_device
 from polymodal.training.schedules import restore_progress
 from polymodal.training.selection import best_dir, read_best
 
