@@ -25,6 +25,7 @@ from torch import nn
 
 from polymodal.backbones import TransformerBackbone
 from polymodal.models.masks import causal_mask
+from polymodal.training.mfu import synchronize
 
 PEAK_SIZE = {"cpu": 2048, "cuda": 8192}  # square matmuls large enough to reach the plateau (BLAS / oneDNN, cuBLAS)
 
@@ -43,11 +44,6 @@ SIZES = {
     "xl": Size("xl", 1024, 8, 16),  # a GPU's size: the small ones leave most of its units idle
 }
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16}
-
-
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def matmul_peak(dtype: torch.dtype, device: torch.device, repeats: int = 3) -> float:

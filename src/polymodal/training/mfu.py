@@ -29,7 +29,8 @@ PEAK_SIZES = {"cpu": (512, 1024, 2048), "cuda": (2048, 4096, 8192)}
 PEAK_REPEATS = 3
 
 
-def _synchronize(device: torch.device) -> None:
+def synchronize(device: torch.device) -> None:
+    """Wait for the device's queued work (a GPU's); nothing on the CPU."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
@@ -46,10 +47,10 @@ def matmul_peak(dtype: torch.dtype = torch.float32, device: str = "cpu") -> floa
         b = torch.randn(size, size, generator=generator).to(device=where, dtype=dtype)
         F.linear(a, b)  # warm-up: kernel choice, JIT, first-touch pages
         for _ in range(PEAK_REPEATS):
-            _synchronize(where)
+            synchronize(where)
             start = time.perf_counter()
             F.linear(a, b)
-            _synchronize(where)
+            synchronize(where)
             best = max(best, 2 * size**3 / max(time.perf_counter() - start, 1e-12))
     return best
 
