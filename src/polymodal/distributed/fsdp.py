@@ -74,16 +74,17 @@ class ShardedModel:
             param.grad = part.view_as(param).clone()
 
 
-def check_sharding(train: Any) -> None:
-    """Refuse ``train.fsdp`` (when several ranks train) with a setting that runs the model on rank 0
-    alone (live diagnostics, checkpoint selection) or differentiates each term apart (gradient
-    surgery). The job asks this of every stage before the first one trains.
+def check_sharding(train: Any) -> bool:
+    """Whether ``train`` shards the model (``train.fsdp`` with several ranks training). Refuses
+    ``train.fsdp`` with a setting that runs the model on rank 0 alone (live diagnostics, checkpoint
+    selection) or differentiates each term apart (gradient surgery). The job asks this of every stage
+    before the first one trains.
 
     Raises:
         ConfigError: naming the setting.
     """
     if not train.fsdp or world_size() == 1:
-        return
+        return False
     clashes = {
         "train.diagnostics": bool(train.diagnostics.get("every", 0)),
         "train.select": train.select is not None,
@@ -92,6 +93,7 @@ def check_sharding(train: Any) -> None:
     for key, clash in clashes.items():
         if clash:
             raise ConfigError(f"train.fsdp=true does not support {key} yet; turn one of them off")
+    return True
 
 
 def start_sharding(model: nn.Module, train: Any) -> ShardedModel | None:
@@ -100,8 +102,7 @@ def start_sharding(model: nn.Module, train: Any) -> ShardedModel | None:
     Raises:
         ConfigError: as ``check_sharding``.
     """
-    check_sharding(train)
-    if not train.fsdp or world_size() == 1:
+    if not check_sharding(train):
         return None
     return shard_model(model)
 
