@@ -65,6 +65,22 @@ def make_batch() -> Batch:
     )
 
 
+# Settings a head needs beyond ``tiny``'s: a VAE for the head that flows in its latent space.
+HEAD_EXTRAS = {"flow_matching_latent": ["model.image_tokenizer={name: vae, channels: 16, num_res_blocks: 1, dim: 4}"]}
+
+
+def head_config(name: str, *extra: str):
+    """``tiny`` with one task, the one whose target the registered head ``name`` makes (from text, or
+    image -> text for a text head), and that head; returns the config and the task's name."""
+    from polymodal.config import load_config
+    from polymodal.heads import HEADS
+
+    target = HEADS.get(name).target
+    task = "image_to_text" if target is Modality.TEXT else f"text_to_{target}"
+    overrides = [f"model.tasks=[{task}]", f"model.heads.{target}={{name: {name}}}", *HEAD_EXTRAS.get(name, []), *extra]
+    return load_config(["tiny"], overrides), task
+
+
 def preset_needs(name: str) -> list[str]:
     """The overrides a shipped preset needs to load: a preset for the user's own data names no
     manifest (``data.manifest=...`` is the one thing its user adds), so tests give a path; the

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from batches import SHAPES, make_batch, preset_needs
+from batches import SHAPES, head_config, make_batch, preset_needs
 from torch import nn
 
 from polymodal.config import load_config, preset_names
@@ -48,17 +48,6 @@ def test_image_tokenizer_conforms(name):
         assert torch.equal(tokenizer.eval().reconstruct(IMAGES), clone.eval().reconstruct(IMAGES))
 
 
-# Settings a head needs beyond ``tiny``'s: a VAE for the head that flows in its latent space.
-HEAD_EXTRAS = {"flow_matching_latent": ["model.image_tokenizer={name: vae, channels: 16, num_res_blocks: 1, dim: 4}"]}
-
-
-def _head_config(name: str):
-    target = HEADS.get(name).target
-    task = "image_to_text" if target is Modality.TEXT else f"text_to_{target}"
-    overrides = [f"model.tasks=[{task}]", f"model.heads.{target}={{name: {name}}}", *HEAD_EXTRAS.get(name, [])]
-    return load_config(["tiny"], overrides), task
-
-
 def _main_loss(losses: dict, task: str) -> str:
     """The head's main term: ``task`` itself, or its first named sub-term (``text_to_image_flow_matching``)."""
     names = [k for k in losses if k == task or k.startswith(f"{task}_")]
@@ -68,7 +57,7 @@ def _main_loss(losses: dict, task: str) -> str:
 
 @pytest.mark.parametrize("name", HEADS.names())
 def test_head_conforms_inside_a_model(name):
-    config, task = _head_config(name)
+    config, task = head_config(name)
     build = lambda: build_model(config, SHAPES)  # noqa: E731
     _meta_matches(build)
     torch.manual_seed(0)

@@ -19,7 +19,7 @@ import sys
 
 import pytest
 import torch
-from batches import SHAPES, make_batch, preset_needs
+from batches import SHAPES, head_config, make_batch, preset_needs
 from torch import nn
 
 from polymodal.config import load_config, preset_names
@@ -29,11 +29,8 @@ from polymodal.models.architectures import build_model
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 GPU = torch.device("cuda")
-# Settings a head needs beyond ``tiny``'s: a VAE and a latent scale (else set by the first training
-# batch) for the latent flow head.
-HEAD_EXTRAS = {
-    "flow_matching_latent": ["model.image_tokenizer={name: vae, channels: 16, num_res_blocks: 1, dim: 4}", "model.heads.image.latent_scale=1.0"]
-}
+# The latent flow head's scale, else set by its first training batch (these tests start in eval mode).
+LATENT_SCALE = {"flow_matching_latent": ["model.heads.image.latent_scale=1.0"]}
 
 
 @pytest.fixture(autouse=True)
@@ -47,9 +44,7 @@ def _exact_fp32():
 
 
 def _head_config(name: str):
-    target = HEADS.get(name).target
-    task = "image_to_text" if target is Modality.TEXT else f"text_to_{target}"
-    return load_config(["tiny"], [f"model.tasks=[{task}]", f"model.heads.{target}={{name: {name}}}", *HEAD_EXTRAS.get(name, [])])
+    return head_config(name, *LATENT_SCALE.get(name, []))[0]
 
 
 def _pair(config) -> tuple[nn.Module, nn.Module]:
