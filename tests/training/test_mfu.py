@@ -29,3 +29,33 @@ def test_meter_and_peak():
     assert meter.mfu(samples_per_second=5.0) == pytest.approx(0.5)
     peak = matmul_peak(torch.float32, "cpu")
     assert peak > 1e8 and matmul_peak(torch.float32, "cpu") == peak  # measured once
+
+
+def test_a_counted_first_call_leaves_a_compiled_module_to_compile():
+    """fit counts its first step; a compiled block first called under the counting dispatch mode was
+    never compiled afterwards, so ``train.compile`` left whole runs eager. The counted call runs
+    eagerly and the next one compiles (a recording backend stands in for Inductor)."""
+    torch._dynamo.reset()
+    graphs = []
+
+    def backend(graph_module, example_inputs):
+        graphs.append(graph_module)
+        return graph_module.forward
+
+    block = _Block()  # not a torch.nn class: Dynamo never traces torch's own module code
+    block.compile(backend=backend)
+    x = torch.randn(4, 8)
+    with counting() as flops:
+        block(x)
+    assert flops.total == 2 * 4 * 8 * 16 and not graphs  # counted, and eagerly
+    block(x)
+    assert len(graphs) == 1
+
+
+class _Block(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = nn.Linear(8, 16)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear(x).relu()
