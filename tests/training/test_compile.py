@@ -74,6 +74,60 @@ def test_fit_with_train_compile_compiles_its_units(tmp_path, monkeypatch):
     assert model.unit._compiled_call_impl is None  # eager again after training
 
 
+class _BlockRegression(nn.Module):
+    """The toy regression through one transformer block (a compile unit) with two loss terms."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.inp = nn.Linear(4, 2 * DIM)
+        self.backbone = BACKBONES.build({"name": "transformer", "num_layers": 1, "num_heads": 4}, DIM)
+        self.out = nn.Linear(DIM, 1)
+
+    def forward(self, batch) -> StepOutput:
+        tokens = self.inp(batch.x).unflatten(1, (2, DIM))  # (B, 2, D)
+        err = self.out(self.backbone(tokens).mean(1)).squeeze(-1) - batch.y
+        return StepOutput(losses={"mse": err.square().mean(), "l1": err.abs().mean()})
+
+
+@pytest.fixture
+def aot_blocks(monkeypatch):
+    """Transformer blocks compiled through AOTAutograd without Inductor (its backward, donated
+    buffers included, as Inductor's; fast to build)."""
+    block_type = type(BACKBONES.build({"name": "transformer", "num_layers": 1, "num_heads": 4}, DIM).blocks[0])
+    torch._dynamo.reset()
+    monkeypatch.setattr(block_type, "compile", lambda self, **options: nn.Module.compile(self, backend="aot_eager", **options))
+
+
+@pytest.mark.parametrize("surgery", ["pcgrad", "gradnorm"])
+def test_compiled_blocks_train_with_gradient_surgery(tmp_path, aot_blocks, surgery):
+    """Surgery takes one gradient per loss from the same graph (retain_graph): a compiled backward
+    with donated buffers refused it on the second step."""
+    config = toy_config(steps=3, compile=True, gradient_surgery={"name": surgery})
+    result = fit(_BlockRegression(), Points(poisoned=()), collate, config, tmp_path)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] > 0
+    assert all(torch.isfinite(torch.tensor(value)) for value in result.losses.values())
+
+
+def test_a_diagnose_hook_runs_the_compiled_model_eagerly(tmp_path, aot_blocks):
+    """The live diagnostics take several gradients from one pass of the model, as evaluation
+    measures it: eagerly, not through the blocks compiled for training."""
+    graphs, seen = torch._dynamo.utils.counters["stats"], []
+
+    def diagnose(model, step, logger):
+        before = graphs["unique_graphs"]
+        model.eval()  # as the live diagnostics measure: compiled, this would make an eval-mode graph
+        batch = collate([Points(poisoned=())[i] for i in range(4)])
+        losses = model(batch).losses
+        grads = [torch.autograd.grad(loss, list(model.parameters()), retain_graph=True) for loss in losses.values()]
+        model.train()
+        seen.append((len(grads), graphs["unique_graphs"] - before))
+
+    fit(_BlockRegression(), Points(poisoned=()), collate, toy_config(steps=3, compile=True), tmp_path, diagnose=diagnose)
+    assert seen == [(2, 0)] * 3  # two gradients each time, and no graph compiled for them
+    assert graphs["unique_graphs"] > 0  # the training steps' blocks were compiled
+
+
 def _step(model: torch.nn.Module, lengths: list[int], needed: bool) -> list[torch.Tensor]:
     generator = torch.Generator().manual_seed(sum(lengths))
     n = max(lengths) + 3  # three target tokens after each source

@@ -22,6 +22,7 @@ import contextlib
 import logging
 from collections.abc import Iterator
 
+import torch
 from torch import nn
 
 log = logging.getLogger(__name__)
@@ -38,8 +39,12 @@ def compiled_blocks(model: nn.Module, *, enabled: bool = True) -> Iterator[int]:
         module.compile(dynamic=True)
     if units:
         log.info("train.compile: %d blocks compiled with dynamic shapes (the first steps take longer)", len(units))
+    # Gradient surgery takes one gradient per loss from the same graph (retain_graph=True), which a
+    # backward compiled with donated buffers refuses; they save memory, not time, so they are off.
+    donation = torch._functorch.config.patch(donated_buffer=False) if units else contextlib.nullcontext()
     try:
-        yield len(units)
+        with donation:
+            yield len(units)
     finally:
         for module in units:
             module._compiled_call_impl = None  # what nn.Module.compile set: back to the eager forward

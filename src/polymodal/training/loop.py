@@ -322,7 +322,8 @@ def fit(
                 if evaluate is not None and ((train.eval_every > 0 and state.step % train.eval_every == 0) or done):
                     stopped = evaluate_once(model, evaluate, should_stop, record.logger, state.step)
                 if diagnose is not None and is_main():
-                    diagnose(model, state.step, record.logger)
+                    with torch.compiler.set_stance("force_eager"):  # a measurement, like evaluation
+                        diagnose(model, state.step, record.logger)
                 # After logging and evaluation, so the saved RNG state is the one the next step starts from.
                 if stop.agreed() or state.step % train.ckpt_every == 0 or done or stopped:  # agreed() on every step
                     stop.raise_if_requested(state.step, state.save(run_dir, model, keep=train.keep_checkpoints))
