@@ -298,6 +298,7 @@ def fit(
             every ``train.eval_every`` steps (if > 0) and at the end, on every rank; logged as ``val``.
         diagnose: ``diagnose(model, step, logger)`` after every step (and evaluation), e.g. the live
             diagnostics (:mod:`polymodal.diagnostics.live_hook`); it must leave the RNGs as it found them.
+            Blocks compiled for training run eagerly inside it, as in ``evaluate``.
         should_stop: ``should_stop(step) -> bool``, asked after each evaluation (and before the
             first step of a resumed run): True ends training there, with a checkpoint (early stopping).
 
