@@ -3,6 +3,8 @@ second without retraining the first, and the frozen tokenizer inside the model i
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import safetensors.torch
 import torch
@@ -10,6 +12,7 @@ import torch
 from polymodal.config import load_config
 from polymodal.errors import ConfigError
 from polymodal.training.checkpoint import latest_checkpoint
+from polymodal.training.compile import check_compiler
 from polymodal.training.job import TOKENIZER_STAGE_DIR, plan_stages, train, train_stage
 
 
@@ -81,3 +84,17 @@ def test_sharding_that_the_second_stage_refuses_stops_the_job_before_the_first_t
     with pytest.raises(ConfigError, match=f"train.fsdp=true does not support {key} yet"):
         train(config)
     assert latest_checkpoint(run_dir / TOKENIZER_STAGE_DIR) is None
+
+
+def test_train_compile_without_a_cpp_compiler_stops_the_job_before_the_first_trains(tmp_path, monkeypatch):
+    """TorchInductor builds its CPU kernels with a C++ compiler; without one, ``train.compile``
+    would fail at stage 2's first compiled step, after stage 1 had trained."""
+    import torch._inductor.config as inductor_config
+
+    monkeypatch.setattr(inductor_config.cpp, "cxx", ("polymodal-no-such-compiler",))
+    run_dir = tmp_path / "run"
+    config = load_config(["tiny"], [f"run_dir={run_dir}", "train.compile=true", "device=cpu"])
+    with pytest.raises(ConfigError, match=r"train.compile=true: .* found none .* or set train.compile=false"):
+        train(config)
+    assert latest_checkpoint(run_dir / TOKENIZER_STAGE_DIR) is None
+    check_compiler(dataclasses.replace(config.train, compile=False), "cpu")  # off: nothing asked of the machine

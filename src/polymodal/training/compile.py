@@ -26,7 +26,33 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
+from polymodal.distributed.process import resolve_device
+from polymodal.errors import ConfigError
+
 log = logging.getLogger(__name__)
+
+
+def check_compiler(train, device: str) -> None:
+    """With ``train.compile`` on a CPU, refuse at once when TorchInductor finds no C++ compiler (it
+    builds its CPU kernels with one); otherwise the first compiled step fails, after the stages
+    before it have trained.
+
+    Raises:
+        ConfigError: naming the setting and the fix.
+    """
+    if not train.compile or resolve_device(device).type != "cpu":
+        return
+    try:
+        from torch._inductor.cpp_builder import get_cpp_compiler
+    except ImportError:  # another torch: Inductor names the problem at the first compiled step
+        return
+    try:
+        get_cpp_compiler()
+    except Exception as exc:  # torch's InvalidCxxCompiler
+        raise ConfigError(
+            f"train.compile=true: TorchInductor builds its CPU kernels with a C++ compiler and found none ({exc}); "
+            "install one (Debian: apt install g++) or set train.compile=false"
+        ) from None
 
 
 @contextlib.contextmanager

@@ -35,6 +35,7 @@ from polymodal.models.architectures import ARCHITECTURES
 from polymodal.models.image_tokenizer import ImageTokenizerModel
 from polymodal.training.checkpoint import latest_checkpoint, load_checkpoint
 from polymodal.training.loop import fit
+from polymodal.training.compile import check_compiler
 from polymodal.training.step_record import FitResult
 from polymodal.training.features import attach_feature_caches
 from polymodal.training.metrics_log import TENSORBOARD_DIR
@@ -86,6 +87,7 @@ def _train_stages(config: Config, *, resume: bool) -> Path:
     stages = plan_stages(config)
     for stage in stages:  # before any stage trains: a clash found at the last stage would waste the first
         check_sharding(stage.config.train)
+        check_compiler(stage.config.train, stage.config.device)
     started_before = any(latest_checkpoint(stage.run_dir) is not None for stage in stages)
     if resume and not started_before:
         raise ConfigError(f"--resume: {config.run_dir} has no checkpoint to resume from; start it without --resume")
