@@ -4,10 +4,12 @@ gradient, padded grid and skipped padding), and run eagerly again after training
 
 from __future__ import annotations
 
+import shutil
 import sys
 from pathlib import Path
 
 import pytest
+import safetensors.torch
 import torch
 from torch import nn
 
@@ -39,11 +41,11 @@ def test_nothing_is_compiled_when_off_or_absent():
 class _BlockRegression(nn.Module):
     """The toy regression through one transformer block (a compile unit) with two loss terms."""
 
-    def __init__(self) -> None:
+    def __init__(self, dropout: float = 0.0) -> None:
         super().__init__()
         torch.manual_seed(0)
         self.inp = nn.Linear(4, 2 * DIM)
-        self.backbone = BACKBONES.build({"name": "transformer", "num_layers": 1, "num_heads": 4}, DIM)
+        self.backbone = BACKBONES.build({"name": "transformer", "num_layers": 1, "num_heads": 4, "dropout": dropout}, DIM)
         self.out = nn.Linear(DIM, 1)
 
     def forward(self, batch) -> StepOutput:
@@ -118,3 +120,22 @@ def test_compiled_blocks_match_eager_then_run_eagerly_again():
         for got, want in zip(got_step, want_step):
             torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     assert all(block._compiled_call_impl is None for block in model.blocks)
+
+
+@pytest.mark.slow  # two runs compiled by Inductor: about a minute on 2 cores
+def test_a_compiled_run_with_dropout_resumes_bitwise(tmp_path):
+    """Inductor draws the compiled blocks' dropout masks itself; a run resumed from its middle
+    checkpoint still ends with bitwise the weights of the run that never stopped."""
+    config = toy_config(steps=6, ckpt_every=3, compile=True)
+    whole = tmp_path / "whole"
+    torch._dynamo.reset()
+    fit(_BlockRegression(dropout=0.2), Points(poisoned=()), collate, config, whole)
+    resumed = tmp_path / "resumed"
+    shutil.copytree(whole, resumed)
+    shutil.rmtree(resumed / "checkpoints" / "step_0000006")
+    (resumed / "checkpoints" / "latest").write_text("step_0000003")
+    torch._dynamo.reset()
+    fit(_BlockRegression(dropout=0.2), Points(poisoned=()), collate, config, resumed, resume=True)
+    want = safetensors.torch.load_file(whole / "checkpoints" / "step_0000006" / "model.safetensors")
+    got = safetensors.torch.load_file(resumed / "checkpoints" / "step_0000006" / "model.safetensors")
+    assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want)
