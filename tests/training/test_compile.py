@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from polymodal.backbones import BACKBONES
+from polymodal.backbones.transformer import TransformerBlock
 from polymodal.models.masks import prefix_lm_mask
 from polymodal.models.output import StepOutput
 from polymodal.training.compile import compiled_blocks
@@ -58,9 +59,8 @@ class _BlockRegression(nn.Module):
 def aot_blocks(monkeypatch):
     """Transformer blocks compiled through AOTAutograd without Inductor (its backward, donated
     buffers included, as Inductor's; fast to build)."""
-    block_type = type(BACKBONES.build({"name": "transformer", "num_layers": 1, "num_heads": 4}, DIM).blocks[0])
     torch._dynamo.reset()
-    monkeypatch.setattr(block_type, "compile", lambda self, **options: nn.Module.compile(self, backend="aot_eager", **options))
+    monkeypatch.setattr(TransformerBlock, "compile", lambda self, **options: nn.Module.compile(self, backend="aot_eager", **options))
 
 
 @pytest.mark.parametrize("surgery", ["pcgrad", "gradnorm"])

@@ -34,8 +34,8 @@ from polymodal.evaluation.run import EVAL_FILE, RECONSTRUCTION_FILE, evaluate_ru
 from polymodal.models.architectures import ARCHITECTURES
 from polymodal.models.image_tokenizer import ImageTokenizerModel
 from polymodal.training.checkpoint import latest_checkpoint, load_checkpoint
-from polymodal.training.loop import fit
 from polymodal.training.compile import check_compiler
+from polymodal.training.loop import fit
 from polymodal.training.step_record import FitResult
 from polymodal.training.features import attach_feature_caches
 from polymodal.training.metrics_log import TENSORBOARD_DIR

@@ -21,11 +21,11 @@ from polymodal.config import Config, load_run_config
 from polymodal.data.collate import Collator, build_collator
 from polymodal.data.text import TextTokenizer
 from polymodal.datasets.base import DataSource, Splits, build_source
+from polymodal.distributed.process import resolve_device
 from polymodal.errors import ConfigError
 from polymodal.modality import Modality
 from polymodal.models.architectures import build_model, check_model
 from polymodal.models.shapes import DataShapes, TextSpecials
-from polymodal.distributed.process import resolve_device
 from polymodal.encoders import ENCODERS
 from polymodal.training.checkpoint import latest_checkpoint, load_checkpoint
 from polymodal.training.schedules import restore_progress
