@@ -16,11 +16,15 @@ built-in test split. Two readers:
   layout each time. The test images are the test items' digits, drawn once. Its error is what the
   same parts reach on digits without neighbours.
 
+``slots`` draws its training images through ``data.augment`` as ``fit`` does (``--set
+data.augment.image.affine_p=0.5``); the preset augments nothing.
+
 The image tokenizer, audio and text parts are built with the model but unused. One run per
 reader and seed, on the current process's threads:
 
     python benchmarks/probe_reader_bounds.py --seeds 0 1
     python benchmarks/probe_reader_bounds.py --readers slots --set train.steps=1600
+    python benchmarks/probe_reader_bounds.py --readers slots --set data.augment.image.affine_p=0.5 --set data.augment.image.elastic_p=0.5
 """
 
 from __future__ import annotations
@@ -37,7 +41,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from polymodal.config import load_config
+from polymodal.data.batch import ItemKey
 from polymodal.data.image import normalize_images
+from polymodal.data.keyed import TrainingItems
 from polymodal.datasets.spoken_numbers.drawing import crop_to_ink, draw_digits, draw_layouts
 from polymodal.datasets.spoken_numbers.mnist import load_mnist
 from polymodal.modality import Modality
@@ -92,8 +98,11 @@ def read(reader_name: str, config, seed: int) -> dict[str, float]:
     optimizer = build_optimizer(reader, train)  # the preset's AdamW groups, lr and decay
     scheduler = build_scheduler(optimizer, train)  # and its warmup-cosine over train.steps
 
-    def labelled(split, rows) -> tuple[torch.Tensor, torch.Tensor]:
-        items = [split[i] for i in rows]
+    # training items augmented as fit augments them (data.augment; off in the preset), drawn anew each step
+    augmented = TrainingItems(splits.train, augment=config.data.augment, seed=seed, sample_rate=config.data.sample_rate)
+
+    def labelled(split, rows, step: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        items = [split[i] for i in rows] if step is None else [augmented[ItemKey(step, int(i))] for i in rows]
         numbers = [int(split.data.labels[split.indices[i]]) for i in rows]
         return run.collator(items).inputs[Modality.IMAGE], torch.tensor([digits_of(n, slots) for n in numbers])
 
@@ -108,13 +117,13 @@ def read(reader_name: str, config, seed: int) -> dict[str, float]:
         test_targets = torch.from_numpy(mnist_labels[sources(splits.test)])[:, None]
     start = time.perf_counter()
     reader.train()
-    for _ in range(train.steps):
+    for step in range(train.steps):
         if reader_name == "single":
             picks = train_pool[rng.integers(0, len(train_pool), train.batch_size)]
             images = single_digit_images(picks, rng, height, width)
             targets = torch.from_numpy(mnist_labels[picks])[:, None]
         else:
-            images, targets = labelled(splits.train, rng.integers(0, len(splits.train), train.batch_size))
+            images, targets = labelled(splits.train, rng.integers(0, len(splits.train), train.batch_size), step)
         loss = F.cross_entropy(reader(images).flatten(0, 1), targets.flatten())
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
