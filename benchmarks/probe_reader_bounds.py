@@ -44,7 +44,7 @@ from polymodal.config import load_config
 from polymodal.data.batch import ItemKey
 from polymodal.data.image import normalize_images
 from polymodal.data.keyed import TrainingItems
-from polymodal.datasets.spoken_numbers.drawing import crop_to_ink, draw_digits, draw_layouts
+from polymodal.datasets.spoken_numbers.drawing import compose_chunk, draw_layouts
 from polymodal.datasets.spoken_numbers.mnist import load_mnist
 from polymodal.modality import Modality
 from polymodal.training.optim import build_optimizer, build_scheduler
@@ -79,11 +79,7 @@ def digits_of(number: int, slots: int) -> list[int]:
 
 def single_digit_images(mnist_indices: np.ndarray, rng: np.random.Generator, height: int, width: int) -> torch.Tensor:
     """One MNIST digit per canvas, drawn as the built-in data draws its digits: (N, 1, H, W) in [-1, 1]."""
-    mnist_images, _ = load_mnist()
-    layouts = draw_layouts(rng, len(mnist_indices), 1)
-    canvases = np.zeros((len(mnist_indices), height, width), dtype=np.uint8)
-    for i, index in enumerate(mnist_indices):
-        draw_digits(canvases[i], [crop_to_ink(mnist_images[index])], {k: v[i] for k, v in layouts.items()})
+    canvases = compose_chunk((mnist_indices[:, None], draw_layouts(rng, len(mnist_indices), 1), height, width))
     return normalize_images(torch.from_numpy(canvases)[:, None].float() / 255.0)
 
 
@@ -101,8 +97,8 @@ def read(reader_name: str, config, seed: int) -> dict[str, float]:
     # training items augmented as fit augments them (data.augment; off in the preset), drawn anew each step
     augmented = TrainingItems(splits.train, augment=config.data.augment, seed=seed, sample_rate=config.data.sample_rate)
 
-    def labelled(split, rows, step: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        items = [split[i] for i in rows] if step is None else [augmented[ItemKey(step, int(i))] for i in rows]
+    def labelled(split, rows, items) -> tuple[torch.Tensor, torch.Tensor]:
+        """The images of ``items`` (rows ``rows`` of ``split``) and their numbers' digits."""
         numbers = [int(split.data.labels[split.indices[i]]) for i in rows]
         return run.collator(items).inputs[Modality.IMAGE], torch.tensor([digits_of(n, slots) for n in numbers])
 
@@ -112,9 +108,9 @@ def read(reader_name: str, config, seed: int) -> dict[str, float]:
     height, width = config.data.image_height, config.data.image_width
     _, mnist_labels = load_mnist()
     if reader_name == "single":
-        train_pool = sources(splits.train)
-        test_images = single_digit_images(sources(splits.test), np.random.default_rng(10_000 + seed), height, width)
-        test_targets = torch.from_numpy(mnist_labels[sources(splits.test)])[:, None]
+        train_pool, test_pool = sources(splits.train), sources(splits.test)
+        test_images = single_digit_images(test_pool, np.random.default_rng(10_000 + seed), height, width)
+        test_targets = torch.from_numpy(mnist_labels[test_pool])[:, None]
     start = time.perf_counter()
     reader.train()
     for step in range(train.steps):
@@ -123,7 +119,8 @@ def read(reader_name: str, config, seed: int) -> dict[str, float]:
             images = single_digit_images(picks, rng, height, width)
             targets = torch.from_numpy(mnist_labels[picks])[:, None]
         else:
-            images, targets = labelled(splits.train, rng.integers(0, len(splits.train), train.batch_size), step)
+            rows = rng.integers(0, len(splits.train), train.batch_size)
+            images, targets = labelled(splits.train, rows, [augmented[ItemKey(step, int(i))] for i in rows])
         loss = F.cross_entropy(reader(images).flatten(0, 1), targets.flatten())
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -139,7 +136,7 @@ def read(reader_name: str, config, seed: int) -> dict[str, float]:
             if reader_name == "single":
                 images, targets = test_images[begin : rows.stop], test_targets[begin : rows.stop]
             else:
-                images, targets = labelled(splits.test, rows)
+                images, targets = labelled(splits.test, rows, [splits.test[i] for i in rows])
             guess = reader(images).argmax(-1)
             real = targets != NO_DIGIT
             wrong += int(((guess != targets) & real).sum())
