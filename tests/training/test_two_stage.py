@@ -98,3 +98,14 @@ def test_train_compile_without_a_cpp_compiler_stops_the_job_before_the_first_tra
         train(config)
     assert latest_checkpoint(run_dir / TOKENIZER_STAGE_DIR) is None
     check_compiler(dataclasses.replace(config.train, compile=False), "cpu")  # off: nothing asked of the machine
+
+
+def test_the_tokenizer_stage_trains_on_images_as_they_are_and_the_model_on_augmented_ones(tmp_path):
+    """``data.augment`` is for the model: the image tokenizer's stage gets the same data settings
+    with augmentation off, since its codes are the targets text->image learns."""
+    overrides = [f"run_dir={tmp_path / 'run'}", "data.augment.image.affine_p=0.5", "data.augment.audio.speed_p=0.5"]
+    config = load_config(["tiny"], overrides)
+    first, second = plan_stages(config)
+    assert second.config == config
+    assert first.config.data.augment == load_config(["tiny"], []).data.augment  # all off
+    assert dataclasses.replace(first.config.data, augment=config.data.augment) == config.data

@@ -25,6 +25,7 @@ from torch import nn
 from torch.utils.tensorboard import SummaryWriter
 
 from polymodal.config import Config, dump_config
+from polymodal.data.augment import AugmentSettings
 from polymodal.data.keyed import TrainingItems, load_noise_clips
 from polymodal.diagnostics.live_hook import live_diagnostics
 from polymodal.distributed.fsdp import check_sharding, export_whole, gathered, is_sharded
@@ -66,13 +67,20 @@ class Stage:
 
 def plan_stages(config: Config) -> list[Stage]:
     """The run's stages in order: ``model.image_tokenizer`` under ``tokenizer_train`` in the run's
-    ``image_tokenizer/`` subfolder (on the same data and seed) when the model decodes with one, then
-    the model itself."""
+    ``image_tokenizer/`` subfolder (on the same data and seed, not augmented) when the model decodes
+    with one, then the model itself.
+
+    ``data.augment`` is for the model: the tokenizer's codes are text->image's targets, and warped
+    training images cost it fidelity on the real ones (the `default` preset with affine and elastic
+    warps: test PSNR 22.06 -> 21.90 dB, its reconstructed reference images judged 94.6% -> 90.3%).
+    """
     stages = []
     if ARCHITECTURES.get(config.model.architecture).needs_image_tokenizer(config):
         model = dataclasses.replace(config.model, architecture="image_tokenizer")
+        data = dataclasses.replace(config.data, augment=AugmentSettings())
         tokenizer_dir = str(Path(config.run_dir) / TOKENIZER_STAGE_DIR)
-        stages.append(Stage("image tokenizer", dataclasses.replace(config, run_dir=tokenizer_dir, model=model, train=config.tokenizer_train)))
+        stage = dataclasses.replace(config, run_dir=tokenizer_dir, data=data, model=model, train=config.tokenizer_train)
+        stages.append(Stage("image tokenizer", stage))
     return [*stages, Stage(config.model.architecture.replace("_", "-") + " model", config)]
 
 
