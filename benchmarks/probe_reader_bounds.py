@@ -19,8 +19,9 @@ built-in test split. Two readers:
 ``slots`` draws its training images through ``data.augment`` as ``fit`` does (``--set
 data.augment.image.affine_p=0.5``); the preset augments nothing.
 
-The image tokenizer, audio and text parts are built with the model but unused. One run per
-reader and seed, on the current process's threads:
+The reader autocasts as ``fit`` does (``train.precision``; ``auto`` is bf16 on a CPU that runs it
+fast; ``--set train.precision=fp32`` for full precision). The image tokenizer, audio and text parts
+are built with the model but unused. One run per reader and seed, on the current process's threads:
 
     python benchmarks/probe_reader_bounds.py --seeds 0 1
     python benchmarks/probe_reader_bounds.py --readers slots --set train.steps=1600
@@ -48,6 +49,7 @@ from polymodal.datasets.spoken_numbers.drawing import compose_chunk, draw_layout
 from polymodal.datasets.spoken_numbers.mnist import load_mnist
 from polymodal.modality import Modality
 from polymodal.training.optim import build_optimizer, build_scheduler
+from polymodal.training.precision import autocast, resolve_precision
 from polymodal.training.run import prepare_run
 
 NO_DIGIT = 10  # the class of a query past the number's last digit
@@ -111,6 +113,8 @@ def read(reader_name: str, config, seed: int) -> dict[str, float]:
         train_pool, test_pool = sources(splits.train), sources(splits.test)
         test_images = single_digit_images(test_pool, np.random.default_rng(10_000 + seed), height, width)
         test_targets = torch.from_numpy(mnist_labels[test_pool])[:, None]
+    device = torch.device("cpu")
+    dtype = resolve_precision(train.precision, device)  # as fit autocasts (auto: bf16 where fast)
     start = time.perf_counter()
     reader.train()
     for step in range(train.steps):
@@ -121,7 +125,9 @@ def read(reader_name: str, config, seed: int) -> dict[str, float]:
         else:
             rows = rng.integers(0, len(splits.train), train.batch_size)
             images, targets = labelled(splits.train, rows, [augmented[ItemKey(step, int(i))] for i in rows])
-        loss = F.cross_entropy(reader(images).flatten(0, 1), targets.flatten())
+        with autocast(device, dtype):
+            logits = reader(images)
+        loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(reader.parameters(), train.grad_clip if train.grad_clip > 0 else math.inf)
@@ -137,7 +143,8 @@ def read(reader_name: str, config, seed: int) -> dict[str, float]:
                 images, targets = test_images[begin : rows.stop], test_targets[begin : rows.stop]
             else:
                 images, targets = labelled(splits.test, rows, [splits.test[i] for i in rows])
-            guess = reader(images).argmax(-1)
+            with autocast(device, dtype):
+                guess = reader(images).argmax(-1)
             real = targets != NO_DIGIT
             wrong += int(((guess != targets) & real).sum())
             digits += int(real.sum())
