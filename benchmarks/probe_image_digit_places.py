@@ -5,6 +5,11 @@ later ones?). Built-in data only: the judge reads the spoken-numbers images. (Wh
 caption's wording, the data's front end hands the image generator the number as digits, one token
 each: ``Collator.source_texts``.)
 
+Then, by seen or held-out number and digit count, the generated exact match beside its ceiling:
+the judge's reading of each asked number's reference drawing as drawn, and after the run's image
+tokenizer encodes and decodes it (a head that draws the reference's codes perfectly reads no
+better than that round trip).
+
     python benchmarks/probe_image_digit_places.py RUN --limit 600
 """
 
@@ -15,7 +20,9 @@ import collections
 
 import torch
 
+from polymodal.data.image import normalize_images
 from polymodal.datasets.spoken_numbers import judges
+from polymodal.datasets.spoken_numbers.probe_training import predict_numbers
 from polymodal.evaluation.samples import generate_from_captions
 from polymodal.modality import Modality
 from polymodal.training.run import load_run
@@ -52,6 +59,34 @@ def main() -> None:
     read = judges.read_images(found.image, samples.images)
     asked, read = samples.labels.tolist(), read.tolist()
     report(*tally(asked, read))
+    if run.model.image_tokenizer is not None:
+        report_ceiling(run, found.image, asked, read)
+
+
+@torch.no_grad()
+def report_ceiling(run, judge, asked: list[int], read: list[int]) -> None:
+    """Per (held-out?, digit count): numbers, the reference drawing read as drawn and after the
+    tokenizer's round trip (share of numbers), and the generated images read right (mean per number)."""
+    numbers = sorted(set(asked))
+    drawings = run.source.reference_images(set(numbers))
+    pixels = torch.stack([torch.from_numpy(drawings[n].value) for n in numbers])[:, None].float() / 255.0
+    images = normalize_images(pixels)
+    as_drawn = predict_numbers(judge, images).tolist()
+    round_trip = predict_numbers(judge, run.model.image_tokenizer.reconstruct(images).clamp(-1, 1)).tolist()
+    generated = collections.defaultdict(list)
+    for wanted, got in zip(asked, read):
+        generated[wanted].append(wanted == got)
+    rows = collections.defaultdict(lambda: [0, 0, 0, 0.0])
+    for number, drawn, trip in zip(numbers, as_drawn, round_trip):
+        row = rows[(number in run.splits.heldout_labels, len(str(number)))]
+        row[0] += 1
+        row[1] += drawn == number
+        row[2] += trip == number
+        row[3] += sum(generated[number]) / len(generated[number])
+    print("numbers | digits | count | reference as drawn | after the tokenizer's round trip | generated")
+    for (heldout, digits), (count, drawn, trip, right) in sorted(rows.items()):
+        kind = "held-out" if heldout else "seen"
+        print(f"  {kind:8s} | {digits} | {count:4d} | {drawn / count:6.1%} | {trip / count:6.1%} | {right / count:6.1%}")
 
 
 def report(exact: dict, length: dict, place: dict) -> None:
