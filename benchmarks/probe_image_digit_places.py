@@ -20,8 +20,8 @@ import collections
 
 import torch
 
-from polymodal.data.image import normalize_images
 from polymodal.datasets.spoken_numbers import judges
+from polymodal.datasets.spoken_numbers.generation_figures import reference_renderings
 from polymodal.datasets.spoken_numbers.probe_training import predict_numbers
 from polymodal.evaluation.samples import generate_from_captions
 from polymodal.modality import Modality
@@ -68,9 +68,7 @@ def report_ceiling(run, judge, asked: list[int], read: list[int]) -> None:
     """Per (held-out?, digit count): numbers, the reference drawing read as drawn and after the
     tokenizer's round trip (share of numbers), and the generated images read right (mean per number)."""
     numbers = sorted(set(asked))
-    drawings = run.source.reference_images(set(numbers))
-    pixels = torch.stack([torch.from_numpy(drawings[n].value) for n in numbers])[:, None].float() / 255.0
-    images = normalize_images(pixels)
+    images = reference_renderings(run.source.reference_images(set(numbers)), torch.tensor(numbers))
     as_drawn = predict_numbers(judge, images).tolist()
     round_trip = predict_numbers(judge, run.model.image_tokenizer.reconstruct(images).clamp(-1, 1)).tolist()
     generated = collections.defaultdict(list)

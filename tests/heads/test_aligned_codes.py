@@ -12,6 +12,7 @@ from batches import SHAPES, make_batch
 
 from polymodal.config import load_config
 from polymodal.errors import ConfigError
+from polymodal.heads.length_regulator import predicted_durations
 from polymodal.modality import Modality
 from polymodal.models.architectures import build_model
 
@@ -59,7 +60,7 @@ def test_the_loss_is_cross_entropy_code_by_code_through_each_slots_read_out(grou
         out = head.loss(trunk, source, source_mask, target)
         states = out.hidden[:, source.shape[1] :]  # one per block
     assert states.shape[1] == head.block_grid[0] * head.block_grid[1]
-    slots, weight = group[0] * group[1], head.code_head.weight  # (slots * K, D)
+    slots, weight = head.group_size, head.code_head.weight  # (slots * K, D)
     total = 0.0
     for block in range(states.shape[1]):
         for slot in range(slots):
@@ -77,8 +78,6 @@ def test_generation_puts_each_slots_most_likely_code_at_its_place(group):
     source, source_mask = model.encode(Modality.TEXT, batch.inputs[Modality.TEXT], batch.masks[Modality.TEXT])
     drawn = head.generate_codes(trunk, source, source_mask)
     assert drawn.shape == (len(source), *head.code_grid)
-    from polymodal.heads.length_regulator import predicted_durations
-
     with torch.no_grad():
         widths = predicted_durations(head.width_head, trunk, source, source_mask)
         states = head._code_states(trunk, source, source_mask, widths)[:, source.shape[1] :]

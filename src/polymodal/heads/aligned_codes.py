@@ -62,13 +62,14 @@ class AlignedCodeHead(nn.Module):
         height, width = wiring.shapes.image_size
         self.code_grid = tokenizer.token_grid(height, width)  # (h, w)
         self.group = check_group(group, self.code_grid)
+        self.group_size = self.group[0] * self.group[1]
         self.block_grid = (self.code_grid[0] // self.group[0], self.code_grid[1] // self.group[1])  # target tokens
         self.column_pixels = width / self.block_grid[1]
         self.num_codes = tokenizer.num_codes
         self.column_phase_embed = nn.Embedding(PHASE_BUCKETS, wiring.dim)
         self.row_embed = nn.Embedding(self.block_grid[0], wiring.dim)
         self.width_head = nn.Linear(wiring.dim, 1)  # log(1 + pixel columns) per source token
-        self.code_head = nn.Linear(wiring.dim, self.group[0] * self.group[1] * self.num_codes, bias=False)
+        self.code_head = nn.Linear(wiring.dim, self.group_size * self.num_codes, bias=False)
         self.init_weights()
 
     def init_weights(self) -> None:
@@ -134,7 +135,7 @@ class AlignedCodeHead(nn.Module):
         hidden = self._code_states(trunk, source, source_mask, widths)
         logits = self.code_logits(hidden[:, source.shape[1] :]).float()  # (B, h * w, K)
         codes = sample_next(logits.flatten(0, 1), temperature=temperature, top_k=top_k, top_p=top_p, generator=generator)
-        return self.to_grid(codes.reshape(len(source), -1, self.group[0] * self.group[1]))
+        return self.to_grid(codes.reshape(len(source), -1, self.group_size))
 
     @torch.no_grad()
     def generate(
