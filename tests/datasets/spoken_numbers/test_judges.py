@@ -14,6 +14,7 @@ from polymodal.data.collate import build_collator
 from polymodal.data.text import TextTokenizer
 from polymodal.datasets.spoken_numbers import judges
 from polymodal.datasets.spoken_numbers.probe_training import predict_numbers
+from polymodal.datasets.spoken_numbers.references import reference_speech
 from polymodal.datasets.spoken_numbers.source import SpokenNumbersSource
 from polymodal.evaluation import samples
 from polymodal.modality import Modality
@@ -96,3 +97,38 @@ def test_generated_images_that_are_the_real_ones_score_as_the_judge_reads_real_i
     assert figures["probe_correct"] == pytest.approx(float((real == labels).float().mean()))
     assert figures["judge_accuracy_on_real_test"] == found.image_accuracy
     assert torch.equal(made.labels, labels)
+
+
+def test_speech_figures_carry_the_judges_reading_of_the_reference_voice(small, monkeypatch):
+    config, source, splits, collator, cache = small
+    monkeypatch.setenv("POLYMODAL_CACHE", str(cache))
+    batches = list(DataLoader(splits.test, batch_size=samples.GENERATION_BATCH, collate_fn=collator))
+    run = _Run(_Replay(batches), collator, dataclasses.make_dataclass("C", [("data", object)])(config), splits)
+    made = samples.generate_from_captions(run, splits.test, Modality.AUDIO)
+    figures = source.evaluate_generation(run, splits.test, {"text_to_audio": made})["text_to_audio"]
+    found = judges.load_judges(config, 0, splits.train, splits.test, collator, max_digits=3, recorded_share=0.0)
+    # By hand: each asked number once, in the reference voice, through the vocoder as generated speech goes.
+    asked = sorted(set(made.labels.tolist()))
+    references = reference_speech(asked, sample_rate=config.sample_rate)
+    assert len(asked) <= judges.ROUND_TRIP_BATCH  # one batch, so its padding and phases are the function's
+    waves = [torch.from_numpy(references[n].value) for n in asked]
+    audio = torch.zeros(len(waves), max(len(w) for w in waves))
+    for row, wave in zip(audio, waves):
+        row[: len(wave)] = wave
+    view, vocoder = collator.log_mel_view(), samples.vocoder_for(config)
+    mels = view.log_mel(audio)
+    heard = view.log_mel(vocoder(mels, generator=torch.Generator().manual_seed(0)))[:, : mels.shape[1]]
+    mask = torch.arange(mels.shape[1])[None, :] < samples.voiced_frames(mels)[:, None]
+    read = predict_numbers(found.audio, heard, mask).cpu()
+    assert figures["judge_accuracy_on_reference_voice"] == pytest.approx(float((read == torch.tensor(asked)).float().mean()))
+    # The judge is handed what a listener hears, and each distinct number counts once: a judge that
+    # reads every clip as the first number scores 1 / numbers.
+    given = []
+
+    def constant(judge, clips, clip_mask):
+        given.append((clips, clip_mask))
+        return torch.full((len(clips),), asked[0])
+
+    monkeypatch.setattr(judges, "predict_numbers", constant)
+    assert judges.reference_voice_accuracy(found.audio, references, view, vocoder) == pytest.approx(1 / len(asked))
+    assert torch.allclose(given[0][0], heard) and torch.equal(given[0][1], mask)

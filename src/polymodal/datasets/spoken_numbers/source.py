@@ -151,6 +151,8 @@ class SpokenNumbersSource:
         from polymodal.datasets.spoken_numbers import judges
         from polymodal.datasets.spoken_numbers.generation_figures import image_generation_figures
         from polymodal.datasets.spoken_numbers.probe_training import predict_numbers
+        from polymodal.datasets.spoken_numbers.references import reference_speech
+        from polymodal.evaluation.samples import vocoder_for
 
         splits, device = run.splits, next(run.model.parameters()).device
         collator = run.collator.log_mel_view()  # the judges read log-mel, whatever the model reads
@@ -171,7 +173,11 @@ class SpokenNumbersSource:
                 results[task] = figures
             elif samples.heard is not None:
                 read = predict_numbers(found.audio, samples.heard, samples.heard_mask).cpu()
-                results[task] = {**judges.score(read, samples.labels, splits.heldout_labels), "judge_accuracy_on_real_test": found.audio_accuracy}
+                figures = {**judges.score(read, samples.labels, splits.heldout_labels), "judge_accuracy_on_real_test": found.audio_accuracy}
+                # The judge on the reference voice of the numbers just asked for, through the vocoder.
+                asked = reference_speech(set(samples.labels.tolist()), sample_rate=self.data.sample_rate)
+                figures["judge_accuracy_on_reference_voice"] = judges.reference_voice_accuracy(found.audio, asked, collator, vocoder_for(run.config.data))
+                results[task] = figures
         return results
 
     def load_judges(self, splits: Splits, collator: Any) -> Any:
