@@ -155,23 +155,30 @@ def reference_round_trip_accuracy(tokenizer: nn.Module, judge: ImageProbe, refer
 
 
 @torch.no_grad()
-def reference_voice_accuracy(judge: AudioProbe, references: dict, collate_fn: Any, vocoder: nn.Module) -> float:
-    """Share of reference recordings (label -> ``Reference``) whose number ``judge`` reads after the
-    round trip generated speech takes (log-mel, the vocoder, the log-mel a listener's ear extracts,
-    ``evaluation.samples``): the ceiling of text -> audio. ``collate_fn`` makes log-mel
-    (``Collator.log_mel_view``); the vocoder's phases are seeded, so the figure repeats."""
+def read_reference_voice(judge: AudioProbe, references: dict, collate_fn: Any, vocoder: nn.Module) -> dict[int, int]:
+    """The number ``judge`` reads in each reference recording (label -> ``Reference``) after the
+    round trip generated speech takes: log-mel, the vocoder, the log-mel a listener's ear extracts
+    (``evaluation.samples``). ``collate_fn`` makes log-mel (``Collator.log_mel_view``); the
+    vocoder's phases are seeded, so the reading repeats."""
     from torch.nn.utils.rnn import pad_sequence
 
     from polymodal.evaluation.samples import voiced_frames
 
     labels = sorted(references)
     phases = torch.Generator(device="cpu").manual_seed(0)
-    right = 0
+    read: dict[int, int] = {}
     for start in range(0, len(labels), ROUND_TRIP_BATCH):
         chunk = labels[start : start + ROUND_TRIP_BATCH]
         audio = pad_sequence([torch.from_numpy(references[n].value).float() for n in chunk], batch_first=True)  # (B, T)
         mels = collate_fn.log_mel(audio)  # (B, F, M)
         heard = collate_fn.log_mel(vocoder(mels, generator=phases))[:, : mels.shape[1]]
         mask = torch.arange(mels.shape[1])[None, :] < voiced_frames(mels)[:, None]  # (B, F)
-        right += int((predict_numbers(judge, heard, mask).cpu() == torch.tensor(chunk)).sum())
-    return right / max(len(labels), 1)
+        read.update(zip(chunk, predict_numbers(judge, heard, mask).cpu().tolist()))
+    return read
+
+
+def reference_voice_accuracy(judge: AudioProbe, references: dict, collate_fn: Any, vocoder: nn.Module) -> float:
+    """Share of the reference recordings whose number ``judge`` reads (``read_reference_voice``):
+    the ceiling of text -> audio."""
+    read = read_reference_voice(judge, references, collate_fn, vocoder)
+    return sum(read[n] == n for n in read) / max(len(read), 1)
