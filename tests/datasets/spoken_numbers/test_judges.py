@@ -83,14 +83,23 @@ class _Run:
     splits: object
 
 
-def test_generated_images_that_are_the_real_ones_score_as_the_judge_reads_real_images(small, monkeypatch):
+def _replayed(small, monkeypatch, target: Modality):
+    """The test split's own items 'generated' for every caption, their judged figures, the judges
+    and the replayed batches."""
     config, source, splits, collator, cache = small
     monkeypatch.setenv("POLYMODAL_CACHE", str(cache))
     batches = list(DataLoader(splits.test, batch_size=samples.GENERATION_BATCH, collate_fn=collator))
     run = _Run(_Replay(batches), collator, dataclasses.make_dataclass("C", [("data", object)])(config), splits)
-    made = samples.generate_from_captions(run, splits.test, Modality.IMAGE)
-    figures = source.evaluate_generation(run, splits.test, {"text_to_image": made})["text_to_image"]
+    made = samples.generate_from_captions(run, splits.test, target)
+    task = f"text_to_{target}"
+    figures = source.evaluate_generation(run, splits.test, {task: made})[task]
     found = judges.load_judges(config, 0, splits.train, splits.test, collator, max_digits=3, recorded_share=0.0)
+    return made, figures, found, batches
+
+
+def test_generated_images_that_are_the_real_ones_score_as_the_judge_reads_real_images(small, monkeypatch):
+    splits = small[2]
+    made, figures, found, batches = _replayed(small, monkeypatch, Modality.IMAGE)
     real = torch.cat([predict_numbers(found.image, b.inputs[Modality.IMAGE]) for b in batches])
     labels = torch.cat([b.labels for b in batches])
     assert figures["count"] == len(splits.test) == len(made.captions)
@@ -100,13 +109,8 @@ def test_generated_images_that_are_the_real_ones_score_as_the_judge_reads_real_i
 
 
 def test_speech_figures_carry_the_judges_reading_of_the_reference_voice(small, monkeypatch):
-    config, source, splits, collator, cache = small
-    monkeypatch.setenv("POLYMODAL_CACHE", str(cache))
-    batches = list(DataLoader(splits.test, batch_size=samples.GENERATION_BATCH, collate_fn=collator))
-    run = _Run(_Replay(batches), collator, dataclasses.make_dataclass("C", [("data", object)])(config), splits)
-    made = samples.generate_from_captions(run, splits.test, Modality.AUDIO)
-    figures = source.evaluate_generation(run, splits.test, {"text_to_audio": made})["text_to_audio"]
-    found = judges.load_judges(config, 0, splits.train, splits.test, collator, max_digits=3, recorded_share=0.0)
+    config, collator = small[0], small[3]
+    made, figures, found, _ = _replayed(small, monkeypatch, Modality.AUDIO)
     # By hand: each asked number once, in the reference voice, through the vocoder as generated speech goes.
     asked = sorted(set(made.labels.tolist()))
     references = reference_speech(asked, sample_rate=config.sample_rate)
