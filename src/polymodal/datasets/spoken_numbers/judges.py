@@ -34,7 +34,7 @@ logger = logging.getLogger(__name__)
 
 IMAGE_PROBE_STEPS = 800  # 1,200 steps gave 90.8% on real test images, at 1.5x the time
 # 1,200 steps: 98.5-98.6% on real test speech (3 seeds), and 98.8-99.7% of the reference voice's
-# numbers 0-999 read after the vocoder; at 600 steps 96.8-97.1% and 96.4-97.2%, misreading
+# numbers 0-999 read after the vocoder; at 600 steps 96.8-97.1% and 95.6-97.2%, misreading
 # "X hundred and six" as X66 (BENCHMARKS.md, "Text->audio's judge misread the reference voice").
 AUDIO_PROBE_STEPS = 1200
 JUDGE_VERSION = 2  # bump when a probe's architecture or training changes
