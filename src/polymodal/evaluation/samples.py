@@ -77,6 +77,16 @@ def voiced_frames(log_mel: Tensor) -> Tensor:
     return (voiced * index).amax(dim=1).clamp(min=1)
 
 
+def hear(log_mels: Tensor, vocoder: GriffinLimVocoder, collate_fn, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    """Speech as a listener gets it: the vocoder's waveforms of ``log_mels`` (B, F, M), the log-mel
+    ``collate_fn`` extracts from them (B, F, M), and the mask (B, F) of the frames up to each clip's
+    last voiced one (``voiced_frames`` of ``log_mels``)."""
+    frames = voiced_frames(log_mels)  # (B,)
+    audio = vocoder(log_mels, generator=generator)  # (B, T)
+    heard = collate_fn.log_mel(audio)[:, : log_mels.shape[1]]
+    return audio, heard, torch.arange(log_mels.shape[1])[None, :] < frames[:, None]
+
+
 def caption_batches(dataset: Dataset, collate_fn, batch_size: int, limit: int | None, target: Modality | None = None):
     """(captions, labels, real) of the split's items that have a caption, in order, up to
     ``limit``; ``real`` is (values, mask, present) of the items' own ``target`` (None without one)."""
@@ -133,12 +143,10 @@ def generate_from_captions(
         if target is Modality.IMAGE:
             images.append(made.cpu())  # (B, C, H, W)
         else:
-            mels = made.cpu()  # (B, F, M)
-            frames = voiced_frames(mels)  # (B,)
-            audio = vocoder(mels, generator=phases)  # (B, T)
-            heard.append(collator.log_mel(audio)[:, : mels.shape[1]])  # what a listener's ear would extract
-            heard_masks.append(torch.arange(mels.shape[1])[None, :] < frames[:, None])
-            out.waveforms += [clip[: int(n) * vocoder.hop_length] for clip, n in zip(audio, frames)]
+            audio, clips_heard, voiced = hear(made.cpu(), vocoder, collator, phases)  # what a listener's ear would extract
+            heard.append(clips_heard)
+            heard_masks.append(voiced)
+            out.waveforms += [clip[: int(n) * vocoder.hop_length] for clip, n in zip(audio, voiced.sum(1))]
         out.captions += captions
         labels.append(batch_labels)
     out.labels = torch.cat(labels) if labels else out.labels

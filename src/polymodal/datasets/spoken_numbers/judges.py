@@ -162,7 +162,7 @@ def read_reference_voice(judge: AudioProbe, references: dict, collate_fn: Any, v
     vocoder's phases are seeded, so the reading repeats."""
     from torch.nn.utils.rnn import pad_sequence
 
-    from polymodal.evaluation.samples import voiced_frames
+    from polymodal.evaluation.samples import hear
 
     labels = sorted(references)
     phases = torch.Generator(device="cpu").manual_seed(0)
@@ -170,9 +170,7 @@ def read_reference_voice(judge: AudioProbe, references: dict, collate_fn: Any, v
     for start in range(0, len(labels), ROUND_TRIP_BATCH):
         chunk = labels[start : start + ROUND_TRIP_BATCH]
         audio = pad_sequence([torch.from_numpy(references[n].value).float() for n in chunk], batch_first=True)  # (B, T)
-        mels = collate_fn.log_mel(audio)  # (B, F, M)
-        heard = collate_fn.log_mel(vocoder(mels, generator=phases))[:, : mels.shape[1]]
-        mask = torch.arange(mels.shape[1])[None, :] < voiced_frames(mels)[:, None]  # (B, F)
+        _, heard, mask = hear(collate_fn.log_mel(audio), vocoder, collate_fn, phases)
         read.update(zip(chunk, predict_numbers(judge, heard, mask).cpu().tolist()))
     return read
 
