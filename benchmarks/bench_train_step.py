@@ -14,6 +14,10 @@ other worker's block), so collation done ahead never overlaps the other side's t
     python benchmarks/bench_train_step.py --skip-steps --backbone                 # bf16 MFU only
     python benchmarks/bench_train_step.py --old /tmp/wt-c4f5646 --set train.compile=true --warmup 6   # compiled blocks
     python benchmarks/bench_train_step.py --old /tmp/wt-c4f5646 --warm-cache    # the steps of the second epoch on
+    python benchmarks/bench_train_step.py --old this --set train.compile=true --warm-cache --warmup 12 --blocks 10  # compiled vs eager
+
+``--old this`` makes the "old" side this tree without the ``--set`` overrides (and with the same
+``--warm-cache``), to time one setting against the preset as it is.
 
 The new version reads the training split as ``fit`` does (keyed items), so its collator keeps each
 clip's log-mel frames: the timed steps are those of the first epoch, every clip new, unless
@@ -246,7 +250,8 @@ class Side:
 
 def compare_steps(args: argparse.Namespace, precision: str) -> dict:
     """Alternate blocks of steps between the two versions; per-step times and the new step's MFU."""
-    sides = [Side("old", Path(args.old) / "src", precision, args.threads), Side("new", NEW_SRC, precision, args.threads, args.set, args.warm_cache)]
+    old = Side("old", NEW_SRC, precision, args.threads, [], args.warm_cache) if args.old == "this" else Side("old", Path(args.old) / "src", precision, args.threads)
+    sides = [old, Side("new", NEW_SRC, precision, args.threads, args.set, args.warm_cache)]
     try:
         for side in sides:
             side.ask(do="block", steps=args.warmup)
@@ -321,7 +326,7 @@ def backbone_mfu(args: argparse.Namespace) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--old", default="/tmp/wt-c4f5646", help="a worktree of commit c4f5646")
+    parser.add_argument("--old", default="/tmp/wt-c4f5646", help="a worktree of commit c4f5646, or 'this': this tree without --set")
     parser.add_argument("--precisions", nargs="+", default=["auto", "fp32", "bf16"])
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--warmup", type=int, default=2)
