@@ -8,6 +8,7 @@ image head's patch tokens are row-major patches, back to the same pixels, in the
 from __future__ import annotations
 
 import dataclasses
+import logging
 
 import pytest
 import torch
@@ -424,11 +425,16 @@ def test_mas_with_references_is_mas_on_the_reference_speech_and_compares_the_tim
         load_config(["tiny"], [*on_manifest, "model.heads.audio={name: mas_mel, references: true}"])
 
 
-def test_mas_handles_clips_shorter_than_their_text():
+def test_mas_handles_clips_shorter_than_their_text(caplog):
     head = _model("text_to_audio", "{name: mas_mel}").head(Modality.AUDIO)
     means, frames = torch.randn(1, 5, SHAPES.num_mels), torch.randn(1, 3, SHAPES.num_mels)
-    path = head.align(means, torch.ones(1, 5, dtype=torch.bool), frames, torch.ones(1, 3, dtype=torch.bool))
-    assert torch.equal(path.sum(1), torch.ones(1, 3))  # every frame still belongs to one token
+    with caplog.at_level(logging.DEBUG, logger="polymodal.heads.state_alignment"):
+        for _ in range(3):
+            path = head.align(means, torch.ones(1, 5, dtype=torch.bool), frames, torch.ones(1, 3, dtype=torch.bool))
+            assert torch.equal(path.sum(1), torch.ones(1, 3))  # every frame still belongs to one token
+    levels = [record.levelno for record in caplog.records if "fewer frames" in record.getMessage()]
+    assert levels == [logging.WARNING, logging.DEBUG, logging.DEBUG]  # warned once, then counted
+    assert "(3 so far" in caplog.records[-1].getMessage()
 
 
 def test_the_flow_mel_decoder_varies_with_its_noise():

@@ -67,7 +67,9 @@ class TokenStateAlignment:
         """(B, S, F) 0/1 path of the item's frames (B, F, M) to the means (B, S, M) of its tokens'
         states (``state_means``; mask (B, S)) by MAS, with the diagonal prior at weight
         ``alignment_prior`` and ``bias`` (B, S, F) added to the log-likelihoods when given; items
-        with fewer frames than states get even durations instead (logged)."""
+        with fewer frames than states get even durations instead (the first such batch logged as a
+        warning, later ones at debug level with the running count: in the `generation` preset about
+        every second step has one, which flooded the log)."""
         lengths, counts = source_mask.sum(1), frame_mask.sum(1)
         fits = counts >= lengths  # (B,)
         path = torch.zeros(*means.shape[:2], frames.shape[1], device=means.device)
@@ -80,8 +82,13 @@ class TokenStateAlignment:
                 value = value + bias[fits]
             path[fits] = maximum_path(value, mask)
         if not fits.all():
-            short = int((~fits).sum())
-            logger.warning("%d target(s) have fewer frames than states to align (tokens x states_per_token); even durations", short)
+            short, before = int((~fits).sum()), getattr(self, "short_targets", 0)
+            self.short_targets = before + short
+            log = logger.warning if before == 0 else logger.debug
+            log(
+                "%d target(s) have fewer frames than states to align (tokens x states_per_token); they get even durations "
+                "(%d so far; later ones are logged at debug level)", short, self.short_targets,
+            )  # fmt: skip
             durations = uniform_durations(lengths[~fits], counts[~fits], means.shape[1])  # (b, Ns)
             ends = durations.cumsum(1)  # (b, Ns) each token's last frame + 1
             frame = torch.arange(frames.shape[1], device=means.device)
