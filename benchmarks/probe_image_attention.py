@@ -9,8 +9,8 @@ in each column, with the weight it gives that token. Built-in data: the generato
 number as digits, one token each between [bos] and [eos] (``Collator.source_texts``), so the
 digit tokens are source positions 1 .. d.
 
-The weights are recorded by swapping the backbone's ``attend`` for the same softmax written out in
-float32 (``explicit_attention``'s arithmetic), so every shape goes through one path.
+The weights are recorded by swapping the backbone's ``attend`` for ``attention_weights`` (the
+explicit path's float32 softmax) times the values, so every shape goes through one path.
 
     python benchmarks/probe_image_attention.py RUN --limit 300 [--digits 3]
 """
@@ -32,10 +32,7 @@ recorded: list[torch.Tensor] = []
 
 def recording_attend(q, k, v, mask, *, dropout: float = 0.0):
     """``attend`` in float32 that keeps its weights (B, H, N, N_kv) in ``recorded``."""
-    scores = (q.float() * q.shape[-1] ** -0.5) @ k.float().transpose(-1, -2)
-    if mask is not None:
-        scores = scores + mask.float() if mask.is_floating_point() else scores.masked_fill(~mask, float("-inf"))
-    weights = scores.softmax(-1)
+    weights = attention.attention_weights(q, k, mask)
     recorded.append(weights)
     return (weights @ v.float()).to(q.dtype)
 

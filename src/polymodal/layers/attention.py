@@ -59,16 +59,21 @@ def uses_explicit_attention(query: Tensor, num_keys: int) -> bool:
     return query.device.type == "cpu" and query.dtype in REDUCED_PRECISION and num_keys <= EXPLICIT_MAX_KEYS
 
 
+def attention_weights(q: Tensor, k: Tensor, mask: Tensor | None) -> Tensor:
+    """``softmax(q k^T / sqrt(head_dim) + bias)`` in float32: (B, H, N, N_kv); arguments as ``attend``'s."""
+    scores = (q.float() * q.shape[-1] ** -0.5) @ k.float().transpose(-1, -2)  # (B, H, N, N_kv)
+    if mask is not None:
+        scores = scores + mask if mask.is_floating_point() else scores.masked_fill(~mask, float("-inf"))
+    return scores.softmax(dim=-1)
+
+
 def explicit_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, *, dropout: float = 0.0) -> Tensor:
-    """``softmax(q k^T / sqrt(head_dim) + bias) v`` written out, computed in float32; arguments and
-    shapes as ``attend``'s, the result in the dtype of ``q``."""
+    """``attention_weights(q, k, mask) v`` written out, computed in float32; arguments and shapes as
+    ``attend``'s, the result in the dtype of ``q``."""
     # fp32 island: bf16 scores (8 significant bits) would shift attention weights by percents; on
     # short sequences the fp32 matmuls cost little. Autocast is off so they stay fp32.
     with torch.autocast(q.device.type, enabled=False):
-        scores = (q.float() * q.shape[-1] ** -0.5) @ k.float().transpose(-1, -2)  # (B, H, N, N_kv)
-        if mask is not None:
-            scores = scores + mask if mask.is_floating_point() else scores.masked_fill(~mask, float("-inf"))
-        weights = scores.softmax(dim=-1)
+        weights = attention_weights(q, k, mask)
         if dropout > 0.0:
             weights = F.dropout(weights, dropout)
         return (weights @ v.float()).to(q.dtype)  # (B, H, N, head_dim)
