@@ -1,7 +1,8 @@
 """Sampling speed of the flow-matching image head against its step count, sampler and guidance,
-and of the VQ-code head (``vq_codes``: 48 codes drawn one by one through the KV cache, with and
-without guidance), with the aligned VQ head's one pass (the decoder both replace) as the baseline,
-in one process.
+and of the VQ-code head (``vq_codes``: one backbone position per code (48) or per code column (12,
+the ``generation`` preset), drawn one by one through the KV cache, with and without guidance, and
+the best of 4 grids per caption as the preset draws), with the aligned VQ head's one pass (the
+decoder both replace) as the baseline, in one process.
 
 Claim (BENCHMARKS.md, "Generation from any data"): a flow sample costs one pass of the queries
 through the backbone plus one DiT evaluation per Euler step (two per Heun step, each doubled by
@@ -64,12 +65,18 @@ def main() -> None:
                     rate = images_per_second(flow, ids, mask, repeats=args.repeats, steps=steps, sampler=sampler, guidance=guidance)
                     calls = evaluations(sampler, steps) * (1 if guidance == 1.0 else 2)
                     print(f"| {sampler} | {steps} | {guidance:g} | {calls} | {rate:.1f} | {rate / baseline:.3f} |")
-        codes = build_model(load_config(["generation"], ["model.tasks=[text_to_image]"]), SHAPES).eval()
-        steps = codes.head(Modality.IMAGE).num_positions
-        for guidance in (1.0, 3.0):
-            rate = images_per_second(codes, ids, mask, repeats=args.repeats, guidance=guidance)
-            calls = steps * (1 if guidance == 1.0 else 2)
-            print(f"| vq_codes (cached backbone steps) | {steps} | {guidance:g} | {calls} | {rate:.1f} | {rate / baseline:.3f} |")
+        for group, candidates in ((None, 1), ("[4, 1]", 1), ("[4, 1]", 4)):
+            overrides = ["model.tasks=[text_to_image]", f"model.heads.image.candidates={candidates}"]
+            overrides += [f"model.heads.image.group={group or '[1, 1]'}"]
+            codes = build_model(load_config(["generation"], overrides), SHAPES).eval()
+            steps = codes.head(Modality.IMAGE).num_positions
+            for guidance in (1.0, 3.0) if candidates == 1 else (3.0,):
+                rate = images_per_second(codes, ids, mask, repeats=args.repeats, guidance=guidance)
+                calls = steps * (1 if guidance == 1.0 else 2) * candidates
+                name = f"vq_codes, {'one position per code' if group is None else 'one position per column'}"
+                if candidates > 1:
+                    name += f", best of {candidates} (+ one teacher-forced scoring pass)"
+                print(f"| {name} | {steps} | {guidance:g} | {calls} | {rate:.1f} | {rate / baseline:.3f} |")
 
 
 if __name__ == "__main__":
