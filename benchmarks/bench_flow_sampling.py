@@ -65,17 +65,18 @@ def main() -> None:
                     rate = images_per_second(flow, ids, mask, repeats=args.repeats, steps=steps, sampler=sampler, guidance=guidance)
                     calls = evaluations(sampler, steps) * (1 if guidance == 1.0 else 2)
                     print(f"| {sampler} | {steps} | {guidance:g} | {calls} | {rate:.1f} | {rate / baseline:.3f} |")
-        for group, candidates in ((None, 1), ("[4, 1]", 1), ("[4, 1]", 4)):
-            overrides = ["model.tasks=[text_to_image]", f"model.heads.image.candidates={candidates}"]
-            overrides += [f"model.heads.image.group={group or '[1, 1]'}"]
+        settings = (  # (group, candidates, guidance scales, row name)
+            ("[1, 1]", 1, (1.0, 3.0), "vq_codes, one position per code"),
+            ("[4, 1]", 1, (1.0, 3.0), "vq_codes, one position per column"),
+            ("[4, 1]", 4, (3.0,), "vq_codes, one position per column, best of 4 (+ one teacher-forced scoring pass)"),
+        )
+        for group, candidates, scales, name in settings:
+            overrides = ["model.tasks=[text_to_image]", f"model.heads.image.group={group}", f"model.heads.image.candidates={candidates}"]
             codes = build_model(load_config(["generation"], overrides), SHAPES).eval()
             steps = codes.head(Modality.IMAGE).num_positions
-            for guidance in (1.0, 3.0) if candidates == 1 else (3.0,):
+            for guidance in scales:
                 rate = images_per_second(codes, ids, mask, repeats=args.repeats, guidance=guidance)
                 calls = steps * (1 if guidance == 1.0 else 2) * candidates
-                name = f"vq_codes, {'one position per code' if group is None else 'one position per column'}"
-                if candidates > 1:
-                    name += f", best of {candidates} (+ one teacher-forced scoring pass)"
                 print(f"| {name} | {steps} | {guidance:g} | {calls} | {rate:.1f} | {rate / baseline:.3f} |")
 
 
