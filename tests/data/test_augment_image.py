@@ -19,6 +19,7 @@ from polymodal.data.augment_image import (
     affine,
     affine_matrix,
     augment_image,
+    augment_images,
     dilate,
     displace,
     elastic_displacement,
@@ -132,6 +133,24 @@ def test_turning_a_transform_on_leaves_the_others_draws_alone():
     a = augment_image(image, contrast_only, sample_rng(0, 0, 9, stream="image"))
     b = augment_image(image, with_identity_stroke, sample_rng(0, 0, 9, stream="image"))
     assert torch.equal(a, b) and not torch.equal(a, image)
+
+
+def test_a_batch_is_augmented_image_by_image_bit_for_bit():
+    """augment_images warps a batch together; each image equals augment_image on it alone, across
+    shapes, channel counts and dtypes in one batch, whatever else fires beside it."""
+    torch.manual_seed(3)
+    half = ImageAugmentSettings(stroke_p=0.5, elastic_p=0.5, affine_p=0.5, contrast_p=0.5)
+    images = [_digits() * torch.rand(()) for _ in range(20)] + [_digits(24, 40, channels=3), _digits().double(), _digits()]
+    for settings in (ALL_ON, half):
+        rngs = lambda: [sample_rng(1, 0, i, stream="image") for i in range(len(images))]  # noqa: E731
+        together = augment_images(images, settings, rngs())
+        alone = [augment_image(image, settings, rng) for image, rng in zip(images, rngs())]
+        for a, b, image in zip(together, alone, images):
+            assert torch.equal(a, b) and a.shape == image.shape and a.dtype == image.dtype
+        reordered = augment_images(images[::-1], settings, rngs()[::-1])[::-1]
+        assert all(torch.equal(a, b) for a, b in zip(together, reordered))
+    with pytest.raises(ValueError, match="one generator per image"):
+        augment_images(images, ALL_ON, [])
 
 
 def test_settings_are_checked_with_the_key_named():

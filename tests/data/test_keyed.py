@@ -15,7 +15,7 @@ import torch
 from torch.utils.data import Dataset
 
 from polymodal.config import DataConfig
-from polymodal.data.augment import AudioAugmentSettings, AugmentSettings, augment_sample, sample_rng, spec_augment
+from polymodal.data.augment import AudioAugmentSettings, AugmentSettings, ImageAugmentSettings, augment_sample, sample_rng, spec_augment
 from polymodal.data.batch import ItemKey, Sample
 from polymodal.data.collate import Collator
 from polymodal.data.keyed import TrainingItems, load_noise_clips
@@ -71,6 +71,37 @@ def test_an_items_augmentation_is_its_keys_whatever_the_order():
     assert items[ItemKey(0, 3)] is None  # a failed item stays failed
     plain = TrainingItems(Clips())
     assert torch.equal(plain[4].audio, Clips()[4].audio) and plain[4].key == ItemKey(0, 4)
+
+
+class Pictures(Clips):
+    """Clips with an image each (item 3 still fails)."""
+
+    def __getitem__(self, index: int) -> Sample | None:
+        sample = super().__getitem__(index)
+        if sample is None:
+            return None
+        image = torch.zeros(1, 16, 24)
+        image[:, 4:12, 3 + 2 * index : 6 + 2 * index] = 1.0
+        return dataclasses.replace(sample, image=image)
+
+
+def test_a_batch_of_items_equals_its_items_one_by_one():
+    """The DataLoader asks for a batch at once (``__getitems__``), which warps its images together;
+    each item equals ``items[key]`` and the library's ``augment_sample`` on it alone."""
+    both = dataclasses.replace(CHAIN, image=ImageAugmentSettings(elastic_p=0.7, affine_p=0.7, stroke_p=0.5))
+    items = TrainingItems(Pictures(), augment=both, seed=4, sample_rate=RATE)
+    keys = [ItemKey(1, 2), ItemKey(1, 3), ItemKey(0, 5), ItemKey(2, 2), 4, ItemKey(1, 0)]
+    batch = items.__getitems__(keys)
+    assert batch[1] is None and batch[4].key == ItemKey(0, 4)
+    for key, got in zip(keys, batch):
+        if got is None:
+            continue
+        alone = items[key]
+        expected = augment_sample(Pictures()[got.key.index], both, seed=4, epoch=got.key.epoch, index=got.key.index, sample_rate=RATE)
+        for other in (alone, expected):
+            assert torch.equal(got.image, other.image) and torch.equal(got.audio, other.audio)
+        assert not torch.equal(got.image, Pictures()[got.key.index].image)  # something fired
+    assert not torch.equal(batch[0].image, batch[3].image)  # item 2 in epochs 1 and 2: drawn afresh
 
 
 def test_the_loader_gives_the_same_batches_in_worker_processes(tokenizer):

@@ -8,7 +8,8 @@ for distinct keys). The same key always gives the same augmentation, whatever th
 order the item is loaded in.
 
 The transforms live in ``augment_audio`` (waveform chain and SpecAugment, with their papers) and
-``augment_image``; ``augment_sample`` applies both to one raw ``Sample``.
+``augment_image``; ``augment_sample`` applies both to one raw ``Sample``, ``augment_samples`` to a
+batch of them (the images warped together).
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import numpy as np
 from torch import Tensor
 
 from polymodal.data.augment_audio import AudioAugmentSettings, augment_waveform, spec_augment
-from polymodal.data.augment_image import ImageAugmentSettings, augment_image
+from polymodal.data.augment_image import ImageAugmentSettings, augment_images
 from polymodal.data.batch import Sample
 from polymodal.errors import ConfigError
 
@@ -35,6 +36,7 @@ __all__ = [
     "ImageAugmentSettings",
     "STREAMS",
     "augment_sample",
+    "augment_samples",
     "sample_rng",
     "spec_augment",
 ]
@@ -105,10 +107,39 @@ def augment_sample(
     Returns:
         A new Sample; the input is not modified. An absent modality stays None.
     """
-    image, audio = sample.image, sample.audio
-    if image is not None and settings.image.active:
-        image = augment_image(image, settings.image, sample_rng(seed, epoch, index, stream="image"))
-    if audio is not None and settings.audio.active:
-        rng = sample_rng(seed, epoch, index, stream="audio")
-        audio = augment_waveform(audio, settings.audio, rng, sample_rate=sample_rate, noise_clips=noise_clips)
-    return dataclasses.replace(sample, image=image, audio=audio)
+    return augment_samples([sample], settings, seed=seed, keys=[(epoch, index)], sample_rate=sample_rate, noise_clips=noise_clips)[0]
+
+
+def augment_samples(
+    samples: Sequence[Sample],
+    settings: AugmentSettings,
+    *,
+    seed: int,
+    keys: Sequence[tuple[int, int]],
+    sample_rate: int,
+    noise_clips: Sequence[np.ndarray | Tensor] = (),
+) -> list[Sample]:
+    """``augment_sample`` for many samples, their images warped together (``augment_images``);
+    each comes out as ``augment_sample`` makes it alone.
+
+    Args:
+        samples: as ``augment_sample``'s.
+        keys: (epoch, index) of each sample.
+        settings, seed, sample_rate, noise_clips: as ``augment_sample``'s.
+    """
+    if len(samples) != len(keys):
+        raise ValueError(f"need one key per sample, got {len(samples)} samples and {len(keys)} keys")
+    images = [s.image for s in samples]
+    if settings.image.active:
+        warp = [i for i, image in enumerate(images) if image is not None]
+        rngs = [sample_rng(seed, *keys[i], stream="image") for i in warp]
+        for i, image in zip(warp, augment_images([images[i] for i in warp], settings.image, rngs)):
+            images[i] = image
+    out = []
+    for sample, image, (epoch, index) in zip(samples, images, keys):
+        audio = sample.audio
+        if audio is not None and settings.audio.active:
+            rng = sample_rng(seed, epoch, index, stream="audio")
+            audio = augment_waveform(audio, settings.audio, rng, sample_rate=sample_rate, noise_clips=noise_clips)
+        out.append(dataclasses.replace(sample, image=image, audio=audio))
+    return out

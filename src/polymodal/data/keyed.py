@@ -18,7 +18,7 @@ import numpy as np
 from torch.utils.data import Dataset
 
 from polymodal.config import DataConfig
-from polymodal.data.augment import AugmentSettings, augment_sample
+from polymodal.data.augment import AugmentSettings, augment_samples
 from polymodal.data.batch import ItemKey, Sample
 from polymodal.data.manifest import ManifestDataset
 from polymodal.errors import DataError
@@ -61,16 +61,22 @@ class TrainingItems(Dataset):
 
     def __getitem__(self, key: ItemKey | int) -> Sample | None:
         """The item at ``key.index`` drawn in ``key.epoch`` (a plain index: epoch 0), augmented and keyed."""
-        key = key if isinstance(key, ItemKey) else ItemKey(0, int(key))
-        sample = self.dataset[key.index]
-        if sample is None:
-            return None
-        if self.augment is not None:
-            sample = augment_sample(
-                sample, self.augment, seed=self.seed, epoch=key.epoch, index=key.index,
+        return self.__getitems__([key])[0]
+
+    def __getitems__(self, keys: Sequence[ItemKey | int]) -> list[Sample | None]:
+        """The items of one batch (the DataLoader asks for them together), their images augmented in
+        one pass (``augment_samples``); each equals ``self[key]``."""
+        keys = [key if isinstance(key, ItemKey) else ItemKey(0, int(key)) for key in keys]
+        samples = [self.dataset[key.index] for key in keys]
+        found = [i for i, sample in enumerate(samples) if sample is not None]
+        if self.augment is not None and found:
+            made = augment_samples(
+                [samples[i] for i in found], self.augment, seed=self.seed, keys=[(keys[i].epoch, keys[i].index) for i in found],
                 sample_rate=self.sample_rate, noise_clips=self.noise_clips,
             )  # fmt: skip
-        return dataclasses.replace(sample, key=key)
+            for i, sample in zip(found, made):
+                samples[i] = sample
+        return [None if sample is None else dataclasses.replace(sample, key=key) for sample, key in zip(samples, keys)]
 
 
 def load_noise_clips(data: DataConfig) -> list[np.ndarray]:
