@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import itertools
 
+import numpy as np
 import pytest
 import torch
 
@@ -99,6 +100,23 @@ def test_diagonal_prior_equals_scipy_beta_binomial():
         torch.testing.assert_close(prior[b, :tokens, :steps], torch.tensor(expected, dtype=torch.float32), atol=1e-5, rtol=1e-5)
         assert prior[b, tokens:].abs().max() == 0 and prior[b, :, steps:].abs().max() == 0  # padding adds nothing
         torch.testing.assert_close(prior[b, :tokens, :steps].exp().sum(0), torch.ones(steps))  # a distribution per frame
+
+
+def test_diagonal_prior_from_its_cached_tables_equals_scipy_at_every_size():
+    """The prior reads lgamma values from tables cached by size; calls of growing and shrinking
+    sizes (a table reused, then a larger one) still give scipy's beta-binomial."""
+    betabinom = pytest.importorskip("scipy.stats").betabinom
+    generator = torch.Generator().manual_seed(2)
+    for num_tokens, num_frames, scaling in ((3, 5, 1.0), (45, 170, 1.0), (7, 20, 1.0), (64, 300, 0.5), (40, 141, 1.0)):
+        lengths = torch.randint(1, num_tokens + 1, (6,), generator=generator)
+        frames = (lengths + torch.randint(0, num_frames - num_tokens + 1, (6,), generator=generator)).clamp(max=num_frames)
+        lengths[0], frames[0] = num_tokens, num_frames  # one item fills the padded sizes
+        prior = diagonal_log_prior(lengths, frames, num_tokens, num_frames, scaling=scaling)
+        for b, (tokens, steps) in enumerate(zip(lengths.tolist(), frames.tolist())):
+            k, j = np.arange(tokens)[:, None], np.arange(1, steps + 1)[None, :]
+            expected = betabinom.logpmf(k, tokens - 1, scaling * j, scaling * (steps - j + 1))
+            torch.testing.assert_close(prior[b, :tokens, :steps].double(), torch.from_numpy(expected), atol=1e-4, rtol=1e-6)
+            assert prior[b, tokens:].abs().sum() == 0 and prior[b, :, steps:].abs().sum() == 0
 
 
 def test_diagonal_prior_decides_ties_and_yields_to_clear_evidence():
