@@ -47,8 +47,9 @@ def maximum_path(log_likelihood: Tensor, mask: Tensor) -> Tensor:
     lengths, frames = mask[:, :, 0].sum(1), mask[:, 0, :].sum(1)  # (B,) real tokens, real frames
     if bool((lengths < 1).any() | (frames < lengths).any()):
         raise ValueError("every item needs at least one token and at least as many frames as tokens; see uniform_durations")
-    # On the host, in numpy: F small steps of arrays of B x L, where torch's per-op cost (about 8
-    # microseconds) made the search 7.3 ms of the `generation` preset's step against 3.0 ms here.
+    # On the host, in numpy: F small steps of arrays of B x L, where torch's per-op cost made the
+    # search 7.3 ms of the `generation` preset's step against 3.0 ms here (2.1 ms alone against the
+    # monotonic-align package's Cython 1.6 ms: benchmarks/bench_alignment_search.py).
     # fp32 island: scores summed over up to hundreds of frames lose their ties and order in bf16.
     value = log_likelihood.detach().float().masked_fill(~mask, float("-inf")).cpu().numpy()
     batch, num_tokens, num_frames = value.shape
@@ -108,7 +109,8 @@ def diagonal_log_prior(lengths: Tensor, frames: Tensor, num_tokens: int, num_fra
     = scaling * (F_b + 1) does not depend on j. The two terms of size (B, L, F) are both
     lgamma(m + scaling * i) for whole m and i (m = k, i = j; m = n - k, i = F_b - j + 1), so they are
     read from one cached table of those values instead of computed per item: 2.4-2.9 ms instead of
-    6.5-6.9 ms for 64 items of up to 40 states and 141 frames, equal values.
+    6.5-6.9 ms for 64 items of up to 40 states and 141 frames, equal values (1.6 ms against scipy's
+    ``betabinom.logpmf`` item by item at 30.5 ms: ``benchmarks/bench_alignment_search.py``).
 
     Args:
         lengths, frames: (B,) long, each item's real tokens and frames.
