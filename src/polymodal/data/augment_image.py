@@ -19,7 +19,8 @@ transform draws from its own child generator, so turning one on or off leaves th
 A batch is augmented at once (``augment_images``): the draws are made image by image, then each
 transform resamples all the images it fires on in one call: 10.5 ms for a batch of 64 in the
 `generation` preset's settings against 18.8 ms one image at a time, one thread
-(``benchmarks/bench_image_augment.py``; the prefetch thread shares the training step's cores). Every op
+(``benchmarks/bench_image_augment.py``; collation runs inside the training step unless
+``train.prefetch`` is set). Every op
 works per image (element-wise grids, line-by-line smoothing, ``grid_sample`` image by image), so an
 image comes out bit for bit as it would alone, whatever else is in its batch.
 """
@@ -261,25 +262,23 @@ def augment_images(
         groups.setdefault((tuple(image.shape), image.dtype, image.device), []).append(i)
     for members in groups.values():
         for dilated in (True, False):
-            chosen = [i for i in members if draws[i].dilate is dilated]
-            if chosen:
-                stack = torch.stack([out[i] for i in chosen])
-                out = _scatter(out, chosen, (dilate if dilated else erode)(stack, settings.stroke_kernel))
-        chosen = [i for i in members if draws[i].noise is not None]
-        if chosen:
-            fields = smooth_fields(np.stack([draws[i].noise for i in chosen]), alpha=settings.elastic_alpha, sigma=settings.elastic_sigma)
-            out = _scatter(out, chosen, displace_many(torch.stack([out[i] for i in chosen]), fields))
-        chosen = [i for i in members if draws[i].theta is not None]
-        if chosen:
-            theta = np.stack([draws[i].theta for i in chosen])
-            out = _scatter(out, chosen, warp_affine(torch.stack([out[i] for i in chosen]), theta))
+            stroke = dilate if dilated else erode
+            _warp(out, [i for i in members if draws[i].dilate is dilated], lambda stack: stroke(stack, settings.stroke_kernel))
+        elastic = [i for i in members if draws[i].noise is not None]
+        if elastic:
+            noise = np.stack([draws[i].noise for i in elastic])
+            fields = smooth_fields(noise, alpha=settings.elastic_alpha, sigma=settings.elastic_sigma)
+            _warp(out, elastic, lambda stack: displace_many(stack, fields))
+        moved = [i for i in members if draws[i].theta is not None]
+        _warp(out, moved, lambda stack: warp_affine(stack, np.stack([draws[i].theta for i in moved])))
     for i, d in enumerate(draws):
         if d.contrast is not None:  # one image at a time: its mean is then reduced as it would be alone
             out[i] = adjust_contrast(out[i], gamma=d.contrast[0], contrast=d.contrast[1])
     return [x.clamp(0.0, 1.0) for x in out]
 
 
-def _scatter(out: list[Tensor], chosen: list[int], stack: Tensor) -> list[Tensor]:
-    for i, x in zip(chosen, stack):
-        out[i] = x
-    return out
+def _warp(out: list[Tensor], chosen: list[int], transform) -> None:
+    """Replace the ``chosen`` images of ``out`` by ``transform`` of their stack (N, C, H, W); none chosen: nothing."""
+    if chosen:
+        for i, x in zip(chosen, transform(torch.stack([out[i] for i in chosen]))):
+            out[i] = x

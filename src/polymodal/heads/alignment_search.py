@@ -49,7 +49,7 @@ def maximum_path(log_likelihood: Tensor, mask: Tensor) -> Tensor:
         raise ValueError("every item needs at least one token and at least as many frames as tokens; see uniform_durations")
     # On the host, in numpy: F small steps of arrays of B x L, where torch's per-op cost made the
     # search 7.3 ms of the `generation` preset's step against 3.0 ms here (2.1 ms alone against the
-    # monotonic-align package's Cython 1.6 ms: benchmarks/bench_alignment_search.py).
+    # monotonic-align package's Cython 0.9-2.2 ms: benchmarks/bench_alignment_search.py).
     # fp32 island: scores summed over up to hundreds of frames lose their ties and order in bf16.
     value = log_likelihood.detach().float().masked_fill(~mask, float("-inf")).cpu().numpy()
     batch, num_tokens, num_frames = value.shape
@@ -109,8 +109,8 @@ def diagonal_log_prior(lengths: Tensor, frames: Tensor, num_tokens: int, num_fra
     = scaling * (F_b + 1) does not depend on j. The two terms of size (B, L, F) are both
     lgamma(m + scaling * i) for whole m and i (m = k, i = j; m = n - k, i = F_b - j + 1), so they are
     read from one cached table of those values instead of computed per item: 2.4-2.9 ms instead of
-    6.5-6.9 ms for 64 items of up to 40 states and 141 frames, equal values (1.6 ms against scipy's
-    ``betabinom.logpmf`` item by item at 30.5 ms: ``benchmarks/bench_alignment_search.py``).
+    6.5-6.9 ms for 64 items of up to 40 states and 141 frames, equal values (1.6-2.9 ms against
+    scipy's ``betabinom.logpmf`` item by item at 30.5-31.4 ms: ``benchmarks/bench_alignment_search.py``).
 
     Args:
         lengths, frames: (B,) long, each item's real tokens and frames.
@@ -129,9 +129,8 @@ def diagonal_log_prior(lengths: Tensor, frames: Tensor, num_tokens: int, num_fra
     n_k, rest = (n - k).clamp(min=0), (count - j + 1).clamp(min=1)  # padding: any index the table has
     per_item = table[n_k, rest]  # (B, L, F) lgamma(n - k + beta)
     per_frame = table[: num_tokens, 1 : num_frames + 1][None]  # (1, L, F) lgamma(k + alpha)
-    jf, total = j.double(), scaling * (count.double() + 1.0)  # alpha + beta, (B, 1, 1)
-    nf, kf = n.double(), k.double()
-    log_choose = torch.lgamma(nf + 1.0) - torch.lgamma(kf + 1.0) - torch.lgamma((nf - kf).clamp(min=0.0) + 1.0)  # (B, L, 1)
+    jf, nf, total = j.double(), n.double(), scaling * (count.double() + 1.0)  # total: alpha + beta, (B, 1, 1)
+    log_choose = torch.lgamma(nf + 1.0) - torch.lgamma(k.double() + 1.0) - torch.lgamma(n_k.double() + 1.0)  # (B, L, 1)
     beta = (scaling * (count.double() - jf + 1.0)).clamp(min=scaling)  # (B, 1, F)
     per_column = torch.lgamma(total) - torch.lgamma(nf + total) - torch.lgamma(scaling * jf) - torch.lgamma(beta)  # (B, 1, F)
     log_prior = log_choose + per_frame + per_item + per_column
