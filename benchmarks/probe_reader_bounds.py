@@ -16,8 +16,8 @@ built-in test split. Two readers:
   layout each time. The test images are the test items' digits, drawn once. Its error is what the
   same parts reach on digits without neighbours.
 
-``slots`` draws its training images through ``data.augment`` as ``fit`` does (``--set
-data.augment.image.affine_p=0.5``); the preset augments nothing.
+``slots`` draws its training images through ``data.augment`` as ``fit`` does: the preset warps half
+of them (``--set data.augment.image.affine_p=0 --set data.augment.image.elastic_p=0`` for none).
 
 The reader autocasts as ``fit`` does (``train.precision``; ``auto`` is bf16 on a CPU that runs it
 fast; ``--set train.precision=fp32`` for full precision). The image tokenizer, audio and text parts
@@ -25,7 +25,7 @@ are built with the model but unused. One run per reader and seed, on the current
 
     python benchmarks/probe_reader_bounds.py --seeds 0 1
     python benchmarks/probe_reader_bounds.py --readers slots --set train.steps=1600
-    python benchmarks/probe_reader_bounds.py --readers slots --set data.augment.image.affine_p=0.5 --set data.augment.image.elastic_p=0.5
+    python benchmarks/probe_reader_bounds.py --readers slots --set data.augment.image.affine_p=0 --set data.augment.image.elastic_p=0
 """
 
 from __future__ import annotations
@@ -96,7 +96,7 @@ def read(reader_name: str, config, seed: int) -> dict[str, float]:
     optimizer = build_optimizer(reader, train)  # the preset's AdamW groups, lr and decay
     scheduler = build_scheduler(optimizer, train)  # and its warmup-cosine over train.steps
 
-    # training items augmented as fit augments them (data.augment; off in the preset), drawn anew each step
+    # training items augmented as fit augments them (data.augment), drawn anew each step
     augmented = TrainingItems(splits.train, augment=config.data.augment, seed=seed, sample_rate=config.data.sample_rate)
 
     def labelled(split, rows, items) -> tuple[torch.Tensor, torch.Tensor]:
