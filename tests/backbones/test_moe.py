@@ -12,7 +12,7 @@ import torch
 
 from polymodal.backbones import BACKBONES
 from polymodal.errors import ConfigError
-from polymodal.layers.moe import MODALITIES, NO_MODALITY, ModalityMoE, MoEAux
+from polymodal.layers.moe import MODALITIES, NO_MODALITY, ModalityMoE, MoEAux, _run_padded
 from polymodal.losses.moe import load_balancing_loss, router_z_loss
 from polymodal.modality import MODALITY_INDEX
 from polymodal.models.masks import causal_mask
@@ -64,6 +64,23 @@ def test_grouped_dispatch_equals_dense_computation(top_k, private):
         assert (ours is None) == (theirs is None)
         if ours is not None:
             torch.testing.assert_close(ours, theirs, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("rows", [0, 1, 7, 8, 9, 23])
+def test_an_expert_on_a_padded_slice_equals_it_on_the_slice(rows):
+    """The slice padded with zero rows to a multiple (8 here, 64 in use) gives the same rows and
+    the same gradients as the slice alone, at every remainder and at an exact multiple."""
+    expert = _moe(num_shared_experts=2, top_k=1).experts[0]
+    part = torch.randn(rows, DIM, dtype=torch.float64, requires_grad=True)
+    padded = _run_padded(expert, part, multiple=8)
+    plain = expert(part)
+    assert padded.shape == (rows, DIM)
+    torch.testing.assert_close(padded, plain, rtol=1e-12, atol=1e-12)
+    weights = torch.randn_like(plain)
+    ours = torch.autograd.grad((padded * weights).sum(), [part, *expert.parameters()])
+    theirs = torch.autograd.grad((plain * weights).sum(), [part, *expert.parameters()])
+    for a, b in zip(ours, theirs):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
 
 
 def _drop_reference(expert: torch.Tensor, capacity: torch.Tensor) -> torch.Tensor:

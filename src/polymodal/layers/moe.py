@@ -26,7 +26,11 @@ drops nothing.
 
 Dispatch is grouped: the T * k assignments are sorted by expert, each expert runs one SwiGLU (one
 fused input matmul, one output matmul) on its contiguous slice, and the weighted results are added
-back per token. Compute is k/E of running every expert on every token.
+back per token. Compute is k/E of running every expert on every token. Each slice is padded with
+zero rows to a multiple of ``SLICE_MULTIPLE`` (their outputs are dropped): the slices' sizes change
+every step, and oneDNN builds a new bf16 matmul kernel for every new shape (about 2 ms each on a
+2-core Xeon with AMX, where unrounded slices made the expert matmuls 8x the dense step's;
+BENCHMARKS.md, "The modality MoE's step").
 """
 
 from __future__ import annotations
@@ -44,6 +48,7 @@ from polymodal.modality import Modality
 
 MODALITIES = tuple(Modality)  # modality id i is MODALITIES[i], the rows of MODALITY_INDEX
 NO_MODALITY = -1  # the modality id of tokens that belong to no modality (BOS, SEP, padding)
+SLICE_MULTIPLE = 64  # an expert's slice of assignments is padded to a multiple of this (shapes repeat)
 
 
 def check_moe_settings(
@@ -306,7 +311,7 @@ class ModalityMoE(nn.Module):
         # index_select, not tensor indexing: its backward is one index_add, not an accumulating index_put.
         inputs = tokens.index_select(0, kept_token)  # (A, D)
         outputs = torch.cat(
-            [expert(part) for expert, part in zip(self.experts, inputs.split(kept_counts.tolist()))]
+            [_run_padded(expert, part) for expert, part in zip(self.experts, inputs.split(kept_counts.tolist()))]
         )  # (A, D): one SwiGLU per expert on its contiguous slice
         weights = routing.gates.T.reshape(-1).index_select(0, chosen).to(outputs.dtype)  # (A,)
         # Zeros in the experts' dtype (bf16 under autocast, as the dense feed-forward would return).
@@ -330,3 +335,13 @@ class ModalityMoE(nn.Module):
             dropped_tokens=(~kept.any(dim=1)).sum(),
             num_tokens=rows.numel(),
         )
+
+
+def _run_padded(expert: nn.Module, part: Tensor, multiple: int = SLICE_MULTIPLE) -> Tensor:
+    """``expert(part)`` row by row, run on ``part`` padded with zero rows to a multiple of
+    ``multiple`` so that the matmuls' shapes repeat across steps; the padding's rows are dropped."""
+    rows = part.shape[0]
+    padded = -(-rows // multiple) * multiple
+    if padded == rows:
+        return expert(part)
+    return expert(F.pad(part, (0, 0, 0, padded - rows)))[:rows]
