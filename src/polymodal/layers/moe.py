@@ -29,7 +29,7 @@ fused input matmul, one output matmul) on its contiguous slice, and the weighted
 back per token. Compute is k/E of running every expert on every token. Each slice is padded with
 zero rows to a multiple of ``SLICE_MULTIPLE`` (their outputs are dropped): the slices' sizes change
 every step, and oneDNN builds a new bf16 matmul kernel for every new shape (about 2 ms each on a
-2-core Xeon with AMX, where unrounded slices made the expert matmuls 8x the dense step's;
+2-core Xeon with AMX, where unrounded slices made the step's matmuls take 8x as long as the dense step's;
 BENCHMARKS.md, "The modality MoE's step").
 """
 
