@@ -21,7 +21,7 @@ other worker's block), so collation done ahead never overlaps the other side's t
 
 The new version reads the training split as ``fit`` does (keyed items), so its collator keeps each
 clip's log-mel frames: the timed steps are those of the first epoch, every clip new, unless
-``--warm-cache`` first collates one whole epoch (the main job's 800 steps are 3.2 epochs).
+``--warm-cache`` first collates one whole epoch (the main job's 1,200 steps are 4.8 epochs).
 
 Each worker builds the preset's data (cached under ``$POLYMODAL_CACHE`` after the first time) and
 model (an untrained image tokenizer stands in for stage 1: the step's work does not depend on its

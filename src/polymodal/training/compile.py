@@ -8,9 +8,10 @@ on one of them (torch 2.13, a value-range error); a block is one clean graph ove
 compiled with dynamic shapes: one compilation serves every batch. Measured against the old step
 (BENCHMARKS.md, "`train.compile` against commit c4f5646" and "Training throughput on a CPU with
 AMX"): 1.24-1.25x against 1.03x uncompiled in fp32 without AMX, 1.77x against 1.51-1.62x in bf16
-with AMX, after a first compilation of about 45 s. Off by default: over the main job's 800 steps
-that start-up costs what the faster steps save (BENCHMARKS.md, "`train.compile` in `fit`": 7 min
-43 s compiled against 7 min 54 s eager, figures within run-to-run noise). Blocks compile without
+with AMX, after a first compilation of about 45 s. Off by default: over the main job's steps that
+start-up costs about what the faster steps save (BENCHMARKS.md, "`train.compile` in `fit`": 7 min
+43 s compiled against 7 min 54 s eager at 800 steps, within run-to-run noise; at 1,200 steps on a
+Xeon with AMX stage 2 took 353 s compiled against 404 s eager). Blocks compile without
 donated buffers, so that gradient surgery can take several gradients from one graph.
 
 Reference: Ansel et al. 2024, PyTorch 2: Faster Machine Learning Through Dynamic Python Bytecode
