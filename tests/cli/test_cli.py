@@ -103,11 +103,12 @@ def _generate_every_route(run_dir, tmp_path, capsys):
     assert main(["generate", str(run_dir), "--from", "text", "forty two", "--to", "audio", "--out", str(wav)]) == 0
     samples, rate = soundfile.read(str(wav))
     assert rate == 16000 and 0 < len(samples) <= 2 * 16000 and abs(samples).max() > 0
-    for source, path, *sampling in (("image", png), ("audio", wav, "--temperature", "0.8")):
+    for source, path, *sampling in (("image", png), ("audio", wav, "--temperature", "0.8"), ("image", png, "--beams", "3")):
         capsys.readouterr()
         assert main(["generate", str(run_dir), "--from", source, str(path), "--to", "text", *sampling]) == 0
         assert capsys.readouterr().out.count("\n") == 1  # one line of text (a 6-step model's may be empty)
     assert main(["generate", str(run_dir), "--from", "text", "seven", "--to", "text"]) == 2
+    assert main(["generate", str(run_dir), "--from", "image", str(png), "--to", "text", "--beams", "2", "--temperature", "0.5"]) == 2
     assert main(["generate", str(run_dir), "--from", "image", str(tmp_path / "missing.png"), "--to", "text"]) == 2
 
 

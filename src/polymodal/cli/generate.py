@@ -8,7 +8,8 @@
 Text is printed. An image is written as a PNG at the data's size; speech as a 16-bit WAV (the
 predicted log-mel through Griffin-Lim). A generator reads the text as the run's dataset prepares it
 (the built-in data: the digits of the number a text names for an image, its words for speech).
-Text is the most likely tokens unless --temperature is above 0. An image head that draws (``vq_codes``:
+Text is decoded greedily, or by beam search over --beams N (default: the text head's ``num_beams``),
+unless --temperature is above 0. An image head that draws (``vq_codes``:
 its configured temperature, top-k and guidance; a flow decoder, ``flow_matching``, ``mas_mel`` with
 ``decoder: flow``: its noise) draws from --seed; --temperature, --top-k, --steps and --guidance
 replace the run's configured ones for heads that take them.
@@ -46,6 +47,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--temperature", type=float, help="sampling temperature; 0 = greedy (default: the head's, greedy for text)")
     parser.add_argument("--top-k", type=int, help="sample among the k likeliest tokens; 0 = all (default: the head's)")
     parser.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default 1.0: off)")
+    parser.add_argument("--beams", dest="num_beams", type=int, help="beam search over N beams at temperature 0; 1 = greedy (default: the head's)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the sampling and of Griffin-Lim's phases")
     parser.add_argument("--steps", type=int, help="a flow decoder's integration steps (default: the run's config)")
     parser.add_argument("--guidance", type=float, help="an image head's classifier-free guidance scale (default: the run's config)")
@@ -112,6 +114,8 @@ def check_options(args: argparse.Namespace, target: Modality) -> Path | None:
     temperature = 0.0 if args.temperature is None else args.temperature
     if not (math.isfinite(temperature) and temperature >= 0) or not 0 < args.top_p <= 1 or (args.top_k or 0) < 0:
         raise ConfigError("need a finite --temperature >= 0, --top-k >= 0 and 0 < --top-p <= 1")
+    if args.num_beams is not None and (args.num_beams < 1 or temperature > 0):
+        raise ConfigError(f"--beams {args.num_beams}: give N >= 1, with --temperature 0 (beams search for the likeliest text; they do not sample)")
     if not 0 <= args.seed <= MAX_SEED:
         raise ConfigError(f"--seed must be in 0..{MAX_SEED}, got {args.seed}")
     if target is Modality.TEXT:
@@ -136,7 +140,7 @@ def run(args: argparse.Namespace) -> int:
     loaded = load_run(run_dir)
     generator = torch.Generator().manual_seed(args.seed)
     sampling = dict(top_p=args.top_p, generator=generator)
-    given = (("temperature", args.temperature), ("top_k", args.top_k), ("steps", args.steps), ("guidance", args.guidance))
+    given = (("temperature", args.temperature), ("top_k", args.top_k), ("steps", args.steps), ("guidance", args.guidance), ("num_beams", args.num_beams))
     chosen = {key: value for key, value in given if value is not None}  # replace the head's configured ones
     head = loaded.model.head(target) if hasattr(loaded.model, "head") else None
     unused = [f"--{key}" for key in chosen if head is not None and key not in generation_options(head, **chosen)]

@@ -6,7 +6,9 @@ and output embeddings, Press & Wolf 2016, arXiv:1608.05859; the KV cache of auto
 transformers, Pope et al. 2022, arXiv:2211.05102; label smoothing, Szegedy et al. 2016, Rethinking
 the Inception Architecture, arXiv:1512.00567 (section 7): the target is 1 - eps on the true token
 plus eps spread evenly over the vocabulary, which keeps a small model from becoming certain of a
-caption it has memorised.
+caption it has memorised; beam search, the K likeliest prefixes kept at each step (Graves 2012,
+Sequence Transduction with Recurrent Neural Networks, arXiv:1211.3711; Sutskever et al. 2014,
+arXiv:1409.3215, section 3.2), scored by their summed log-probability without a length penalty.
 """
 
 from __future__ import annotations
@@ -31,16 +33,21 @@ class LanguageModelHead(nn.Module):
         wiring: the vocabulary and special ids come from ``wiring.shapes.text``.
         label_smoothing: eps of the training loss's smoothed targets (0: plain cross-entropy).
         dropout: on the backbone's target states before the LM head, while training.
+        num_beams: beams of deterministic decoding (temperature 0); 1 is greedy. A ``generate``
+            call may give its own.
     """
 
     target = Modality.TEXT
     reads_references = False
     needs_image_tokenizer = False
 
-    def __init__(self, wiring: HeadWiring, *, label_smoothing: float = 0.0, dropout: float = 0.0) -> None:
+    def __init__(self, wiring: HeadWiring, *, label_smoothing: float = 0.0, dropout: float = 0.0, num_beams: int = 1) -> None:
         super().__init__()
         if not 0.0 <= label_smoothing < 1.0:
             raise ValueError(f"label_smoothing must lie in [0, 1), got {label_smoothing}")
+        if not (isinstance(num_beams, int) and num_beams >= 1):
+            raise ValueError(f"num_beams must be an integer >= 1 (1: greedy), got {num_beams!r}")
+        self.num_beams = num_beams
         self.label_smoothing = label_smoothing
         self.dropout = nn.Dropout(dropout)
         self.specials = wiring.shapes.text
@@ -84,9 +91,16 @@ class LanguageModelHead(nn.Module):
         top_p: float = 1.0,
         use_cache: bool = True,
         generator: torch.Generator | None = None,
+        num_beams: int | None = None,
     ) -> list[list[int]]:
         """Autoregressive text after the source: per item, the ids after ``[bos]``, cut at (and
-        without) ``[eos]``; greedy at temperature 0, else drawn as ``sample_next`` draws."""
+        without) ``[eos]``. At temperature 0 the likeliest text by beam search over ``num_beams``
+        beams (default: the head's; 1 is greedy), else drawn as ``sample_next`` draws."""
+        num_beams = self.num_beams if num_beams is None else num_beams
+        if num_beams < 1:
+            raise ValueError(f"num_beams must be >= 1, got {num_beams}")
+        if num_beams > 1 and temperature <= 0:
+            return self.beam_search(trunk, source, source_mask, num_beams=num_beams, max_new_tokens=max_new_tokens, use_cache=use_cache)
         batch_size, num_source = source_mask.shape
         ids = torch.full((batch_size, 1), self.specials.bos_id, dtype=torch.long, device=source.device)
         finished = torch.zeros(batch_size, dtype=torch.bool, device=source.device)
@@ -104,8 +118,52 @@ class LanguageModelHead(nn.Module):
             finished |= next_ids == self.specials.eos_id
             if finished.all():
                 break
+        return self._cut(ids[:, 1:].tolist())
+
+    def _cut(self, rows: list[list[int]]) -> list[list[int]]:
         eos = self.specials.eos_id
-        return [row[: row.index(eos)] if eos in row else row for row in ids[:, 1:].tolist()]
+        return [row[: row.index(eos)] if eos in row else row for row in rows]
+
+    @torch.no_grad()
+    def beam_search(
+        self, trunk, source: Tensor, source_mask: Tensor, *, num_beams: int, max_new_tokens: int = 24, use_cache: bool = True
+    ) -> list[list[int]]:
+        """Per item, the text of highest summed log-probability (``[eos]`` included) among
+        ``num_beams`` beams kept at every step; a text that has ended stays a beam, extended by
+        padding at no cost. Beam search with as many beams as there are texts of up to
+        ``max_new_tokens`` tokens is the exhaustive search."""
+        batch_size, num_source = source_mask.shape
+        k, device = num_beams, source.device
+        pad, eos = self.specials.pad_id, self.specials.eos_id
+        source, source_mask = source.repeat_interleave(k, 0), source_mask.repeat_interleave(k, 0)  # (B * K, ...)
+        ids = torch.full((batch_size * k, 1), self.specials.bos_id, dtype=torch.long, device=device)
+        scores = torch.full((batch_size, k), float("-inf"), device=device)
+        scores[:, 0] = 0.0  # one live beam per item at the start: the K copies would tie
+        finished = torch.zeros(batch_size * k, dtype=torch.bool, device=device)
+        offsets = torch.arange(batch_size, device=device)[:, None] * k  # (B, 1): each item's first row
+        cache = trunk.backbone.new_cache(batch_size * k, num_source + max_new_tokens + 1, device=device, dtype=source.dtype) if use_cache else None
+        for step in range(max_new_tokens):
+            if cache is None or step == 0:
+                hidden = trunk.run(source, source_mask, self.embed_targets(trunk, ids), torch.ones_like(ids, dtype=torch.bool), cache=cache)
+            else:
+                hidden = cached_target_step(trunk, self.embed_targets(trunk, ids[:, -1:]), source_mask, step, cache)
+            # fp32 island: summed log-probabilities over many steps; bf16 would tie distinct texts.
+            logp = self.lm_head(hidden[:, -1]).float().log_softmax(-1)  # (B * K, V)
+            ended = torch.full_like(logp, float("-inf"))
+            ended[:, pad] = 0.0
+            logp = torch.where(finished[:, None], ended, logp)
+            vocab = logp.shape[-1]
+            scores, flat = (scores.reshape(-1, 1) + logp).reshape(batch_size, k * vocab).topk(k, dim=1)
+            rows = (offsets + flat // vocab).reshape(-1)  # (B * K): the beam each survivor extends
+            tokens = (flat % vocab).reshape(-1, 1)
+            ids = torch.cat([ids[rows], tokens], dim=1)
+            finished = finished[rows] | (tokens[:, 0] == eos)
+            if cache is not None:
+                cache.select(rows)
+            if finished.all():
+                break
+        best = (offsets[:, 0] + scores.argmax(dim=1)).tolist()  # topk sorts, so this is each item's first beam
+        return self._cut(ids[best, 1:].tolist())
 
 
 
