@@ -106,8 +106,10 @@ def any_to_any_outputs(model: nn.Module, batch: Batch) -> dict[str, Tensor]:
     model.eval()
     with torch.no_grad():
         for modality in (Modality.IMAGE, Modality.AUDIO):
+            # Greedy, as when the files were written: a preset's beams are a decoding setting, not the
+            # model's function (beam search has its own tests, tests/heads/test_text_head.py).
             generated = model.generate(
-                modality, Modality.TEXT, batch.inputs[modality], batch.masks.get(modality), max_new_tokens=NEW_TOKENS
+                modality, Modality.TEXT, batch.inputs[modality], batch.masks.get(modality), max_new_tokens=NEW_TOKENS, num_beams=1
             )
             out[f"generate_text_from_{modality}"] = _padded(generated)
         for modality in Modality:
