@@ -108,17 +108,24 @@ class LanguageModelHead(nn.Module):
         if use_cache:
             cache = trunk.backbone.new_cache(batch_size, num_source + max_new_tokens + 1, device=source.device, dtype=source.dtype)
         for step in range(max_new_tokens):
-            if cache is None or step == 0:  # recompute everything (the reference), or prefill source + BOS
-                hidden = trunk.run(source, source_mask, self.embed_targets(trunk, ids), torch.ones_like(ids, dtype=torch.bool), cache=cache)
-            else:  # the newest token, at target index `step`, reading the cache
-                hidden = cached_target_step(trunk, self.embed_targets(trunk, ids[:, -1:]), source_mask, step, cache)
-            next_ids = sample_next(self.lm_head(hidden[:, -1]), temperature=temperature, top_k=top_k, top_p=top_p, generator=generator)
+            last = self.last_state(trunk, source, source_mask, ids, step, cache)
+            next_ids = sample_next(self.lm_head(last), temperature=temperature, top_k=top_k, top_p=top_p, generator=generator)
             next_ids = next_ids.masked_fill(finished, self.specials.pad_id)
             ids = torch.cat([ids, next_ids[:, None]], dim=1)
             finished |= next_ids == self.specials.eos_id
             if finished.all():
                 break
         return self._cut(ids[:, 1:].tolist())
+
+    def last_state(self, trunk, source: Tensor, source_mask: Tensor, ids: Tensor, step: int, cache) -> Tensor:
+        """The backbone's state (B, D) at the last of the (B, step + 1) target ``ids``: the whole
+        prefix-LM pass without a cache (the reference) or at step 0 (which fills the cache with
+        source + [bos]), else the newest token alone, at target index ``step``, reading the cache."""
+        if cache is None or step == 0:
+            hidden = trunk.run(source, source_mask, self.embed_targets(trunk, ids), torch.ones_like(ids, dtype=torch.bool), cache=cache)
+        else:
+            hidden = cached_target_step(trunk, self.embed_targets(trunk, ids[:, -1:]), source_mask, step, cache)
+        return hidden[:, -1]
 
     def _cut(self, rows: list[list[int]]) -> list[list[int]]:
         eos = self.specials.eos_id
@@ -135,20 +142,24 @@ class LanguageModelHead(nn.Module):
         batch_size, num_source = source_mask.shape
         k, device = num_beams, source.device
         pad, eos = self.specials.pad_id, self.specials.eos_id
-        source, source_mask = source.repeat_interleave(k, 0), source_mask.repeat_interleave(k, 0)  # (B * K, ...)
+        per_item = torch.arange(batch_size, device=device).repeat_interleave(k)  # (B * K,): each beam's item
+        beam_source, beam_mask = source.index_select(0, per_item), source_mask.index_select(0, per_item)
         ids = torch.full((batch_size * k, 1), self.specials.bos_id, dtype=torch.long, device=device)
         scores = torch.full((batch_size, k), float("-inf"), device=device)
         scores[:, 0] = 0.0  # one live beam per item at the start: the K copies would tie
         finished = torch.zeros(batch_size * k, dtype=torch.bool, device=device)
         offsets = torch.arange(batch_size, device=device)[:, None] * k  # (B, 1): each item's first row
-        cache = trunk.backbone.new_cache(batch_size * k, num_source + max_new_tokens + 1, device=device, dtype=source.dtype) if use_cache else None
+        # One cache row per item for the first pass, repeated per beam after it.
+        cache = trunk.backbone.new_cache(batch_size, num_source + max_new_tokens + 1, device=device, dtype=source.dtype) if use_cache else None
         for step in range(max_new_tokens):
-            if cache is None or step == 0:
-                hidden = trunk.run(source, source_mask, self.embed_targets(trunk, ids), torch.ones_like(ids, dtype=torch.bool), cache=cache)
+            if step == 0:  # source + [bos] once per item: its K beams start from the same state
+                last = self.last_state(trunk, source, source_mask, ids[:batch_size], step, cache).index_select(0, per_item)
+                if cache is not None:
+                    cache.select(per_item)
             else:
-                hidden = cached_target_step(trunk, self.embed_targets(trunk, ids[:, -1:]), source_mask, step, cache)
+                last = self.last_state(trunk, beam_source, beam_mask, ids, step, cache)
             # fp32 island: summed log-probabilities over many steps; bf16 would tie distinct texts.
-            logp = self.lm_head(hidden[:, -1]).float().log_softmax(-1)  # (B * K, V)
+            logp = self.lm_head(last).float().log_softmax(-1)  # (B * K, V)
             ended = torch.full_like(logp, float("-inf"))
             ended[:, pad] = 0.0
             logp = torch.where(finished[:, None], ended, logp)
