@@ -45,6 +45,14 @@ as drawn (never trained), to see whether the slot condition works by its form or
     python benchmarks/bench_flow_dit_alone.py --decoder unet --patch 2 --channels 32 --channel-mults 1,2,2 --condition-run RUN --standardize --steps 1000 --evals 250,500,1000 --out OUT
     python benchmarks/bench_flow_dit_alone.py --decoder unet --patch 2 --channels 32 --channel-mults 1,2,2 --frozen-slots --steps 1000 --evals 500,1000 --out OUT
 
+Claim (BENCHMARKS.md, "The U-Net alone under each item's own caption tokens"): with ``--caption
+learned`` the condition is each item's own caption, its BPE tokens embedded with fixed positions
+and read by no backbone (``--caption-layers N`` adds N transformer layers over them, trained by the
+flow loss). Against the slot condition and a run's query tokens at the same steps, this tells how
+much of the gap is the caption's form (words, templates) and how much the path through the backbone.
+
+    python benchmarks/bench_flow_dit_alone.py --decoder unet --patch 2 --channels 32 --channel-mults 1,2,2 --caption learned [--caption-layers 2] --steps 1000 --evals 500,1000 --out OUT
+
 One thread: about 0.75 s per step of 64 images x 2 noise draws at patch 8 (dim 128, 4 blocks).
 """
 
@@ -144,6 +152,63 @@ class SlotCondition(nn.Module):
         return tokens
 
 
+class CaptionCondition(nn.Module):
+    """Each item's own caption as the condition, read by no backbone: its token ids (K, L) embedded
+    (a table learned by the flow loss, or left as drawn with ``frozen``) plus fixed 1-D sin-cos
+    positions, optionally through ``layers`` pre-norm transformer layers (a small text encoder
+    the flow loss trains). The empty condition is the empty caption ([bos][eos] then padding),
+    through the same path. Nothing here knows digits: the tokens are the BPE's."""
+
+    def __init__(self, ids: torch.Tensor, empty_ids: torch.Tensor, vocab: int, *, frozen: bool = False, layers: int = 0) -> None:
+        super().__init__()
+        from polymodal.layers.positional import sinusoidal_embedding
+
+        self.register_buffer("ids", ids)  # (K, L) one caption per key, padded
+        self.register_buffer("empty_ids", empty_ids)  # (L,)
+        self.register_buffer("positions", sinusoidal_embedding(torch.arange(ids.shape[1]).float(), CONDITION_DIM))  # (L, C)
+        self.embedding = nn.Embedding(vocab, CONDITION_DIM)
+        nn.init.normal_(self.embedding.weight, std=1.0)  # as the slot embeddings: tokens that differ wholly
+        self.embedding.requires_grad_(not frozen)
+        layer = nn.TransformerEncoderLayer(CONDITION_DIM, 4, 4 * CONDITION_DIM, dropout=0.0, batch_first=True, norm_first=True)
+        self.encoder = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False) if layers else None
+
+    def encode(self, ids: torch.Tensor) -> torch.Tensor:
+        tokens = self.embedding(ids) + self.positions  # (B, L, C)
+        return tokens if self.encoder is None else self.encoder(tokens)
+
+    @property
+    def empty(self) -> torch.Tensor:
+        """(L, C) the empty caption's condition tokens."""
+        return self.encode(self.empty_ids[None])[0]
+
+    def forward(self, keys: torch.Tensor, dropout: float = 0.0) -> torch.Tensor:
+        ids = self.ids[keys]
+        if dropout:
+            dropped = torch.rand(len(keys)) < dropout
+            ids = torch.where(dropped[:, None], self.empty_ids.expand_as(ids), ids)
+        return self.encode(ids)
+
+
+def caption_conditions(preset: str, *, frozen: bool, layers: int) -> tuple[CaptionCondition, torch.Tensor, torch.Tensor]:
+    """The caption condition over the train then test items of ``preset``'s data, and the keys of
+    the train and test items into it (the tokenizer trained on the train captions, as a run's)."""
+    config = load_config([preset])
+    source = build_source(config.data, config.seed)
+    splits = source.load()
+    tokenizer = TextTokenizer.train(splits.train_texts, vocab_size=config.data.vocab_size)
+    built = source.built
+    index = {name: built.split_indices(name) for name in ("train", "test")}
+    rows = [[tokenizer.bos_id, *tokenizer.encode(built.captions[i]), tokenizer.eos_id] for name in ("train", "test") for i in index[name]]
+    width = max(map(len, rows))
+    ids = torch.full((len(rows), width), tokenizer.pad_id, dtype=torch.long)
+    for k, row in enumerate(rows):
+        ids[k, : len(row)] = torch.tensor(row)
+    empty = torch.full((width,), tokenizer.pad_id, dtype=torch.long)
+    empty[:2] = torch.tensor([tokenizer.bos_id, tokenizer.eos_id])
+    count = len(index["train"])
+    return CaptionCondition(ids, empty, tokenizer.vocab_size, frozen=frozen, layers=layers), torch.arange(count), torch.arange(len(index["test"])) + count
+
+
 def built_in_data(preset: str):
     """(train images, train numbers, test images, test numbers, image judge, held-out numbers);
     images (N, 1, H, W) in [-1, 1] as the collator makes them."""
@@ -178,7 +243,7 @@ class SlotFlow(nn.Module):
         channels, height, width = shape
         self.patch, self.grid = patch, (height // patch, width // patch)
         self.condition = condition if condition is not None else SlotCondition()  # called with each item's key
-        dim_condition = condition.table.shape[-1] if condition is not None else CONDITION_DIM
+        dim_condition = condition.table.shape[-1] if isinstance(condition, RunCondition) else CONDITION_DIM
         self.network = FLOW_NETWORKS.build(network, channels * patch * patch, self.grid, dim_condition)
 
     def velocity(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
@@ -333,6 +398,8 @@ def main() -> None:
     parser.add_argument("--frozen-slots", action="store_true", help="keep the slot embeddings as initialised (random, not learned)")
     parser.add_argument("--standardize", action="store_true", help="with --condition-run: each condition feature to zero mean, unit spread")
     parser.add_argument("--condition-items", type=int, default=8000, help="with --condition-run: the first train items to condition")
+    parser.add_argument("--caption", choices=("learned", "frozen"), help="condition on each item's caption tokens (no backbone), not digit slots")
+    parser.add_argument("--caption-layers", type=int, default=0, help="with --caption: transformer layers over the caption tokens")
     parser.add_argument("--out", type=Path)
     parser.add_argument("--timing", type=int, default=0, help="only time N steps of the pixel and the latent DiT, interleaved")
     args = parser.parse_args()
@@ -359,6 +426,9 @@ def main() -> None:
             raise SystemExit("the run's captions do not line up with the built-in images")
         train_keys, test_keys = torch.arange(len(train_n)), torch.arange(SAMPLED) + len(train_n)
         header |= {"condition_tokens": list(condition.table.shape[1:])}
+    if args.caption is not None:
+        condition, train_keys, test_keys = caption_conditions(args.preset, frozen=args.caption == "frozen", layers=args.caption_layers)
+        header |= {"condition_tokens": list(condition.ids.shape[1:])}
     flow = SlotFlow(tuple(x_train.shape[1:]), args.patch, network_settings(args), condition)
     if args.frozen_slots:  # the slot embeddings stay as drawn: only the network learns
         flow.condition.requires_grad_(False)
