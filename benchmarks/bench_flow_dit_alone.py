@@ -189,16 +189,21 @@ class CaptionCondition(nn.Module):
         return self.encode(ids)
 
 
-def caption_conditions(preset: str, *, frozen: bool, layers: int) -> tuple[CaptionCondition, torch.Tensor, torch.Tensor]:
+def caption_conditions(
+    preset: str, *, frozen: bool, layers: int, numerals: bool = False
+) -> tuple[CaptionCondition, torch.Tensor, torch.Tensor]:
     """The caption condition over the train then test items of ``preset``'s data, and the keys of
-    the train and test items into it (the tokenizer trained on the train captions, as a run's)."""
+    the train and test items into it (the tokenizer trained on the train captions, as a run's).
+    ``numerals``: every caption replaced by its number in digits ("412"), one BPE token per digit:
+    a diagnostic that knows the data, to part the words' composition from the rest."""
     config = load_config([preset])
     source = build_source(config.data, config.seed)
     splits = source.load()
     tokenizer = TextTokenizer.train(splits.train_texts, vocab_size=config.data.vocab_size)
     built = source.built
     index = {name: built.split_indices(name) for name in ("train", "test")}
-    rows = [[tokenizer.bos_id, *tokenizer.encode(built.captions[i]), tokenizer.eos_id] for name in ("train", "test") for i in index[name]]
+    texts = [str(int(built.labels[i])) if numerals else built.captions[i] for name in ("train", "test") for i in index[name]]
+    rows = [[tokenizer.bos_id, *tokenizer.encode(text), tokenizer.eos_id] for text in texts]
     width = max(map(len, rows))
     ids = torch.full((len(rows), width), tokenizer.pad_id, dtype=torch.long)
     for k, row in enumerate(rows):
@@ -399,6 +404,7 @@ def main() -> None:
     parser.add_argument("--standardize", action="store_true", help="with --condition-run: each condition feature to zero mean, unit spread")
     parser.add_argument("--condition-items", type=int, default=8000, help="with --condition-run: the first train items to condition")
     parser.add_argument("--caption", choices=("learned", "frozen"), help="condition on each item's caption tokens (no backbone), not digit slots")
+    parser.add_argument("--numerals", action="store_true", help="with --caption: every caption replaced by its number in digits (a diagnostic)")
     parser.add_argument("--caption-layers", type=int, default=0, help="with --caption: transformer layers over the caption tokens")
     parser.add_argument("--out", type=Path)
     parser.add_argument("--timing", type=int, default=0, help="only time N steps of the pixel and the latent DiT, interleaved")
@@ -427,7 +433,9 @@ def main() -> None:
         train_keys, test_keys = torch.arange(len(train_n)), torch.arange(SAMPLED) + len(train_n)
         header |= {"condition_tokens": list(condition.table.shape[1:])}
     if args.caption is not None:
-        condition, train_keys, test_keys = caption_conditions(args.preset, frozen=args.caption == "frozen", layers=args.caption_layers)
+        condition, train_keys, test_keys = caption_conditions(
+            args.preset, frozen=args.caption == "frozen", layers=args.caption_layers, numerals=args.numerals
+        )
         header |= {"condition_tokens": list(condition.ids.shape[1:])}
     flow = SlotFlow(tuple(x_train.shape[1:]), args.patch, network_settings(args), condition)
     if args.frozen_slots:  # the slot embeddings stay as drawn: only the network learns
