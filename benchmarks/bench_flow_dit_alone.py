@@ -136,6 +136,34 @@ def run_conditions(
     return RunCondition(torch.cat([train_c, test_c]), empty), torch.from_numpy(train_n), torch.from_numpy(test_n)
 
 
+@torch.no_grad()
+def state_conditions(run_dir: Path, preset: str, train_count: int, test_count: int) -> tuple[RunCondition, torch.Tensor, torch.Tensor]:
+    """Each caption's final backbone states in a trained run of any preset (the caption as a source
+    alone, as a text -> X task reads it: (L, D) per item, zeros past its end), frozen, for the first
+    train and test items of ``preset``'s data; the empty caption ([bos][eos]) as the empty
+    condition. The run must have trained on the same built data (checked by its numbers)."""
+    from polymodal.modality import Modality
+
+    run = load_run(run_dir, device="cpu")
+    model, tokenizer = run.model.eval(), run.tokenizer
+    config = load_config([preset])
+    built = build_source(config.data, config.seed).built
+    items = [(name, i) for name, count in (("train", train_count), ("test", test_count)) for i in built.split_indices(name)[:count]]
+    rows = [[tokenizer.bos_id, *tokenizer.encode(built.captions[i]), tokenizer.eos_id] for _, i in items] + [[tokenizer.bos_id, tokenizer.eos_id]]
+    width = max(map(len, rows))
+    ids = torch.full((len(rows), width), tokenizer.pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.bool)
+    for k, row in enumerate(rows):
+        ids[k, : len(row)], mask[k, : len(row)] = torch.tensor(row), True
+    states = []
+    for chunk, valid in zip(ids.split(ENCODE_CHUNK), mask.split(ENCODE_CHUNK)):
+        tokens, keep = model.encode(Modality.TEXT, chunk, valid)
+        states.append(model.source_states(tokens, keep).float().masked_fill(~keep[:, :, None], 0.0))
+    table = torch.cat(states)  # (K + 1, L, D)
+    numbers = torch.from_numpy(built.labels[[i for _, i in items]])
+    return RunCondition(table[:-1], table[-1]), numbers[:train_count], numbers[train_count:]
+
+
 class SlotCondition(nn.Module):
     """The condition tokens (B, 3, 128) of a number; a learned empty condition for dropout/guidance."""
 
@@ -404,6 +432,7 @@ def main() -> None:
     parser.add_argument("--standardize", action="store_true", help="with --condition-run: each condition feature to zero mean, unit spread")
     parser.add_argument("--condition-items", type=int, default=8000, help="with --condition-run: the first train items to condition")
     parser.add_argument("--caption", choices=("learned", "frozen"), help="condition on each item's caption tokens (no backbone), not digit slots")
+    parser.add_argument("--condition-states", type=Path, help="condition on a trained run's frozen backbone states over each caption")
     parser.add_argument("--numerals", action="store_true", help="with --caption: every caption replaced by its number in digits (a diagnostic)")
     parser.add_argument("--caption-layers", type=int, default=0, help="with --caption: transformer layers over the caption tokens")
     parser.add_argument("--out", type=Path)
@@ -432,6 +461,12 @@ def main() -> None:
             raise SystemExit("the run's captions do not line up with the built-in images")
         train_keys, test_keys = torch.arange(len(train_n)), torch.arange(SAMPLED) + len(train_n)
         header |= {"condition_tokens": list(condition.table.shape[1:])}
+    if args.condition_states is not None:
+        condition, train_n, test_n = state_conditions(args.condition_states, args.preset, min(args.condition_items, len(y_train)), SAMPLED)
+        x_train, y_train = x_train[: len(train_n)], y_train[: len(train_n)]
+        if not (torch.equal(train_n, y_train) and torch.equal(test_n, y_test[:SAMPLED])):
+            raise SystemExit("the run's captions do not line up with the built-in images")
+        train_keys, test_keys = torch.arange(len(train_n)), torch.arange(SAMPLED) + len(train_n)
     if args.caption is not None:
         condition, train_keys, test_keys = caption_conditions(
             args.preset, frozen=args.caption == "frozen", layers=args.caption_layers, numerals=args.numerals
