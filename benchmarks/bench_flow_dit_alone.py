@@ -45,13 +45,21 @@ as drawn (never trained), to see whether the slot condition works by its form or
     python benchmarks/bench_flow_dit_alone.py --decoder unet --patch 2 --channels 32 --channel-mults 1,2,2 --condition-run RUN --standardize --steps 1000 --evals 250,500,1000 --out OUT
     python benchmarks/bench_flow_dit_alone.py --decoder unet --patch 2 --channels 32 --channel-mults 1,2,2 --frozen-slots --steps 1000 --evals 500,1000 --out OUT
 
-Claim (BENCHMARKS.md, "The U-Net alone under each item's own caption tokens"): with ``--caption
-learned`` the condition is each item's own caption, its BPE tokens embedded with fixed positions
-and read by no backbone (``--caption-layers N`` adds N transformer layers over them, trained by the
-flow loss). Against the slot condition and a run's query tokens at the same steps, this tells how
-much of the gap is the caption's form (words, templates) and how much the path through the backbone.
+Claim (BENCHMARKS.md, "The U-Net alone under each item's own caption tokens"): with ``--caption``
+the condition is each item's own caption, its BPE tokens embedded by a table the flow loss trains,
+with fixed positions, read by no backbone (``--caption-layers N`` adds N transformer layers over
+them). Against the slot condition and a run's query tokens at the same steps, this tells how much
+of the gap is the caption's words and how much the path through the backbone. ``--numerals`` (a
+diagnostic that knows the data) writes every caption as its number in digits, one token per digit.
 
-    python benchmarks/bench_flow_dit_alone.py --decoder unet --patch 2 --channels 32 --channel-mults 1,2,2 --caption learned [--caption-layers 2] --steps 1000 --evals 500,1000 --out OUT
+    python benchmarks/bench_flow_dit_alone.py --decoder unet --patch 2 --channels 32 --channel-mults 1,2,2 --caption [--caption-layers 2 | --numerals] --steps 1000 --evals 500,1000 --out OUT
+
+Claim (BENCHMARKS.md, "A trained backbone's caption states as the U-Net's condition"): with
+``--condition-states RUN`` the condition is a trained run's final backbone states over each caption,
+read as a source alone and frozen (MetaQuery's frozen pretrained model, without the queries): a run
+whose backbone learnt to draw from captions gives the U-Net what the digit slots give.
+
+    python benchmarks/bench_flow_dit_alone.py --decoder unet --patch 2 --channels 32 --channel-mults 1,2,2 --condition-states RUN --steps 1000 --evals 500,1000 --out OUT
 
 One thread: about 0.75 s per step of 64 images x 2 noise draws at patch 8 (dim 128, 4 blocks).
 """
@@ -136,6 +144,16 @@ def run_conditions(
     return RunCondition(torch.cat([train_c, test_c]), empty), torch.from_numpy(train_n), torch.from_numpy(test_n)
 
 
+def padded(rows: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token rows -> ids (K, L) padded with ``pad`` and mask (K, L) True on real tokens."""
+    width = max(map(len, rows))
+    ids = torch.full((len(rows), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.bool)
+    for k, row in enumerate(rows):
+        ids[k, : len(row)], mask[k, : len(row)] = torch.tensor(row), True
+    return ids, mask
+
+
 @torch.no_grad()
 def state_conditions(run_dir: Path, preset: str, train_count: int, test_count: int) -> tuple[RunCondition, torch.Tensor, torch.Tensor]:
     """Each caption's final backbone states in a trained run of any preset (the caption as a source
@@ -150,11 +168,7 @@ def state_conditions(run_dir: Path, preset: str, train_count: int, test_count: i
     built = build_source(config.data, config.seed).built
     items = [(name, i) for name, count in (("train", train_count), ("test", test_count)) for i in built.split_indices(name)[:count]]
     rows = [[tokenizer.bos_id, *tokenizer.encode(built.captions[i]), tokenizer.eos_id] for _, i in items] + [[tokenizer.bos_id, tokenizer.eos_id]]
-    width = max(map(len, rows))
-    ids = torch.full((len(rows), width), tokenizer.pad_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.bool)
-    for k, row in enumerate(rows):
-        ids[k, : len(row)], mask[k, : len(row)] = torch.tensor(row), True
+    ids, mask = padded(rows, tokenizer.pad_id)
     states = []
     for chunk, valid in zip(ids.split(ENCODE_CHUNK), mask.split(ENCODE_CHUNK)):
         tokens, keep = model.encode(Modality.TEXT, chunk, valid)
@@ -182,12 +196,11 @@ class SlotCondition(nn.Module):
 
 class CaptionCondition(nn.Module):
     """Each item's own caption as the condition, read by no backbone: its token ids (K, L) embedded
-    (a table learned by the flow loss, or left as drawn with ``frozen``) plus fixed 1-D sin-cos
-    positions, optionally through ``layers`` pre-norm transformer layers (a small text encoder
-    the flow loss trains). The empty condition is the empty caption ([bos][eos] then padding),
+    by a table the flow loss trains, plus fixed 1-D sin-cos positions, optionally through
+    ``layers`` pre-norm transformer layers (a small text encoder the flow loss trains). The empty condition is the empty caption ([bos][eos] then padding),
     through the same path. Nothing here knows digits: the tokens are the BPE's."""
 
-    def __init__(self, ids: torch.Tensor, empty_ids: torch.Tensor, vocab: int, *, frozen: bool = False, layers: int = 0) -> None:
+    def __init__(self, ids: torch.Tensor, empty_ids: torch.Tensor, vocab: int, *, layers: int = 0) -> None:
         super().__init__()
         from polymodal.layers.positional import sinusoidal_embedding
 
@@ -196,7 +209,6 @@ class CaptionCondition(nn.Module):
         self.register_buffer("positions", sinusoidal_embedding(torch.arange(ids.shape[1]).float(), CONDITION_DIM))  # (L, C)
         self.embedding = nn.Embedding(vocab, CONDITION_DIM)
         nn.init.normal_(self.embedding.weight, std=1.0)  # as the slot embeddings: tokens that differ wholly
-        self.embedding.requires_grad_(not frozen)
         layer = nn.TransformerEncoderLayer(CONDITION_DIM, 4, 4 * CONDITION_DIM, dropout=0.0, batch_first=True, norm_first=True)
         self.encoder = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False) if layers else None
 
@@ -217,9 +229,7 @@ class CaptionCondition(nn.Module):
         return self.encode(ids)
 
 
-def caption_conditions(
-    preset: str, *, frozen: bool, layers: int, numerals: bool = False
-) -> tuple[CaptionCondition, torch.Tensor, torch.Tensor]:
+def caption_conditions(preset: str, *, layers: int, numerals: bool = False) -> tuple[CaptionCondition, torch.Tensor, torch.Tensor]:
     """The caption condition over the train then test items of ``preset``'s data, and the keys of
     the train and test items into it (the tokenizer trained on the train captions, as a run's).
     ``numerals``: every caption replaced by its number in digits ("412"), one BPE token per digit:
@@ -232,14 +242,9 @@ def caption_conditions(
     index = {name: built.split_indices(name) for name in ("train", "test")}
     texts = [str(int(built.labels[i])) if numerals else built.captions[i] for name in ("train", "test") for i in index[name]]
     rows = [[tokenizer.bos_id, *tokenizer.encode(text), tokenizer.eos_id] for text in texts]
-    width = max(map(len, rows))
-    ids = torch.full((len(rows), width), tokenizer.pad_id, dtype=torch.long)
-    for k, row in enumerate(rows):
-        ids[k, : len(row)] = torch.tensor(row)
-    empty = torch.full((width,), tokenizer.pad_id, dtype=torch.long)
-    empty[:2] = torch.tensor([tokenizer.bos_id, tokenizer.eos_id])
+    ids, _ = padded(rows + [[tokenizer.bos_id, tokenizer.eos_id]], tokenizer.pad_id)  # the empty caption last
     count = len(index["train"])
-    return CaptionCondition(ids, empty, tokenizer.vocab_size, frozen=frozen, layers=layers), torch.arange(count), torch.arange(len(index["test"])) + count
+    return CaptionCondition(ids[:-1], ids[-1], tokenizer.vocab_size, layers=layers), torch.arange(count), torch.arange(len(index["test"])) + count
 
 
 def built_in_data(preset: str):
@@ -430,8 +435,8 @@ def main() -> None:
     parser.add_argument("--condition-run", type=Path, help="condition on this metaquery run's frozen query tokens, not digit slots")
     parser.add_argument("--frozen-slots", action="store_true", help="keep the slot embeddings as initialised (random, not learned)")
     parser.add_argument("--standardize", action="store_true", help="with --condition-run: each condition feature to zero mean, unit spread")
-    parser.add_argument("--condition-items", type=int, default=8000, help="with --condition-run: the first train items to condition")
-    parser.add_argument("--caption", choices=("learned", "frozen"), help="condition on each item's caption tokens (no backbone), not digit slots")
+    parser.add_argument("--condition-items", type=int, default=8000, help="with --condition-run or --condition-states: the first train items to condition")
+    parser.add_argument("--caption", action="store_true", help="condition on each item's caption tokens (no backbone), not digit slots")
     parser.add_argument("--condition-states", type=Path, help="condition on a trained run's frozen backbone states over each caption")
     parser.add_argument("--numerals", action="store_true", help="with --caption: every caption replaced by its number in digits (a diagnostic)")
     parser.add_argument("--caption-layers", type=int, default=0, help="with --caption: transformer layers over the caption tokens")
@@ -443,6 +448,10 @@ def main() -> None:
         return step_seconds(args)
     if args.out is None:
         parser.error("--out is required for a training run")
+    if sum(map(bool, (args.condition_run, args.condition_states, args.caption))) > 1:
+        parser.error("give at most one of --condition-run, --condition-states and --caption")
+    if (args.numerals or args.caption_layers) and not args.caption:
+        parser.error("--numerals and --caption-layers go with --caption")
     args.out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(args.seed)
     x_train, y_train, x_test, y_test, judge, heldout = built_in_data(args.preset)
@@ -454,23 +463,19 @@ def main() -> None:
         header["judged_reconstructed"] = judged_share(judge, args.space.decode(x_test[:SAMPLED]), y_test[:SAMPLED])
     logging.info("%s", json.dumps(header))
     condition, train_keys, test_keys = None, y_train, y_test
-    if args.condition_run is not None:
-        condition, train_n, test_n = run_conditions(args.condition_run, min(args.condition_items, len(y_train)), SAMPLED, args.standardize)
+    if args.condition_run is not None or args.condition_states is not None:
+        count = min(args.condition_items, len(y_train))
+        if args.condition_run is not None:
+            condition, train_n, test_n = run_conditions(args.condition_run, count, SAMPLED, args.standardize)
+        else:
+            condition, train_n, test_n = state_conditions(args.condition_states, args.preset, count, SAMPLED)
         x_train, y_train = x_train[: len(train_n)], y_train[: len(train_n)]
         if not (torch.equal(train_n, y_train) and torch.equal(test_n, y_test[:SAMPLED])):
             raise SystemExit("the run's captions do not line up with the built-in images")
         train_keys, test_keys = torch.arange(len(train_n)), torch.arange(SAMPLED) + len(train_n)
         header |= {"condition_tokens": list(condition.table.shape[1:])}
-    if args.condition_states is not None:
-        condition, train_n, test_n = state_conditions(args.condition_states, args.preset, min(args.condition_items, len(y_train)), SAMPLED)
-        x_train, y_train = x_train[: len(train_n)], y_train[: len(train_n)]
-        if not (torch.equal(train_n, y_train) and torch.equal(test_n, y_test[:SAMPLED])):
-            raise SystemExit("the run's captions do not line up with the built-in images")
-        train_keys, test_keys = torch.arange(len(train_n)), torch.arange(SAMPLED) + len(train_n)
-    if args.caption is not None:
-        condition, train_keys, test_keys = caption_conditions(
-            args.preset, frozen=args.caption == "frozen", layers=args.caption_layers, numerals=args.numerals
-        )
+    if args.caption:
+        condition, train_keys, test_keys = caption_conditions(args.preset, layers=args.caption_layers, numerals=args.numerals)
         header |= {"condition_tokens": list(condition.ids.shape[1:])}
     flow = SlotFlow(tuple(x_train.shape[1:]), args.patch, network_settings(args), condition)
     if args.frozen_slots:  # the slot embeddings stay as drawn: only the network learns
