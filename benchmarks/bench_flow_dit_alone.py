@@ -84,7 +84,9 @@ from polymodal.datasets.spoken_numbers import judges
 from polymodal.decoders.flow_networks import FLOW_NETWORKS
 from polymodal.decoders.flow_sampling import guided, integrate
 from polymodal.evaluation.reconstruction import image_grid, save_png
+from polymodal.layers.positional import sinusoidal_embedding
 from polymodal.losses.flow_matching import flow_matching_loss, interpolate, target_velocity, training_times
+from polymodal.modality import Modality
 from polymodal.tokenizers.vae import VAETokenizer, measure_latent_scale
 from polymodal.training.optim import lr_factor
 from polymodal.training.run import load_run
@@ -155,17 +157,13 @@ def padded(rows: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]
 
 
 @torch.no_grad()
-def state_conditions(run_dir: Path, preset: str, train_count: int, test_count: int) -> tuple[RunCondition, torch.Tensor, torch.Tensor]:
+def state_conditions(run_dir: Path, built, train_count: int, test_count: int) -> tuple[RunCondition, torch.Tensor, torch.Tensor]:
     """Each caption's final backbone states in a trained run of any preset (the caption as a source
     alone, as a text -> X task reads it: (L, D) per item, zeros past its end), frozen, for the first
-    train and test items of ``preset``'s data; the empty caption ([bos][eos]) as the empty
+    train and test items of the ``built`` data; the empty caption ([bos][eos]) as the empty
     condition. The run must have trained on the same built data (checked by its numbers)."""
-    from polymodal.modality import Modality
-
     run = load_run(run_dir, device="cpu")
     model, tokenizer = run.model.eval(), run.tokenizer
-    config = load_config([preset])
-    built = build_source(config.data, config.seed).built
     items = [(name, i) for name, count in (("train", train_count), ("test", test_count)) for i in built.split_indices(name)[:count]]
     rows = [[tokenizer.bos_id, *tokenizer.encode(built.captions[i]), tokenizer.eos_id] for _, i in items] + [[tokenizer.bos_id, tokenizer.eos_id]]
     ids, mask = padded(rows, tokenizer.pad_id)
@@ -197,13 +195,12 @@ class SlotCondition(nn.Module):
 class CaptionCondition(nn.Module):
     """Each item's own caption as the condition, read by no backbone: its token ids (K, L) embedded
     by a table the flow loss trains, plus fixed 1-D sin-cos positions, optionally through
-    ``layers`` pre-norm transformer layers (a small text encoder the flow loss trains). The empty condition is the empty caption ([bos][eos] then padding),
-    through the same path. Nothing here knows digits: the tokens are the BPE's."""
+    ``layers`` pre-norm transformer layers (a small text encoder the flow loss trains). The empty
+    condition is the empty caption ([bos][eos] then padding), through the same path. Nothing here
+    knows digits: the tokens are the BPE's."""
 
     def __init__(self, ids: torch.Tensor, empty_ids: torch.Tensor, vocab: int, *, layers: int = 0) -> None:
         super().__init__()
-        from polymodal.layers.positional import sinusoidal_embedding
-
         self.register_buffer("ids", ids)  # (K, L) one caption per key, padded
         self.register_buffer("empty_ids", empty_ids)  # (L,)
         self.register_buffer("positions", sinusoidal_embedding(torch.arange(ids.shape[1]).float(), CONDITION_DIM))  # (L, C)
@@ -229,16 +226,13 @@ class CaptionCondition(nn.Module):
         return self.encode(ids)
 
 
-def caption_conditions(preset: str, *, layers: int, numerals: bool = False) -> tuple[CaptionCondition, torch.Tensor, torch.Tensor]:
-    """The caption condition over the train then test items of ``preset``'s data, and the keys of
-    the train and test items into it (the tokenizer trained on the train captions, as a run's).
-    ``numerals``: every caption replaced by its number in digits ("412"), one BPE token per digit:
-    a diagnostic that knows the data, to part the words' composition from the rest."""
-    config = load_config([preset])
-    source = build_source(config.data, config.seed)
-    splits = source.load()
-    tokenizer = TextTokenizer.train(splits.train_texts, vocab_size=config.data.vocab_size)
-    built = source.built
+def caption_conditions(
+    built, tokenizer: TextTokenizer, *, layers: int, numerals: bool = False
+) -> tuple[CaptionCondition, torch.Tensor, torch.Tensor]:
+    """The caption condition over the train then test items of the ``built`` data, and the keys of
+    the train and test items into it. ``numerals``: every caption replaced by its number in digits
+    ("412"), one BPE token per digit: a diagnostic that knows the data, to part the words'
+    composition from the rest."""
     index = {name: built.split_indices(name) for name in ("train", "test")}
     texts = [str(int(built.labels[i])) if numerals else built.captions[i] for name in ("train", "test") for i in index[name]]
     rows = [[tokenizer.bos_id, *tokenizer.encode(text), tokenizer.eos_id] for text in texts]
@@ -248,8 +242,9 @@ def caption_conditions(preset: str, *, layers: int, numerals: bool = False) -> t
 
 
 def built_in_data(preset: str):
-    """(train images, train numbers, test images, test numbers, image judge, held-out numbers);
-    images (N, 1, H, W) in [-1, 1] as the collator makes them."""
+    """(train images, train numbers, test images, test numbers, image judge, held-out numbers, the
+    built data, a BPE trained on the train captions as a run's); images (N, 1, H, W) in [-1, 1] as
+    the collator makes them."""
     config = load_config([preset])
     source = build_source(config.data, config.seed)
     splits = source.load()
@@ -262,7 +257,7 @@ def built_in_data(preset: str):
         index = built.split_indices(name)
         return torch.from_numpy(built.images[index]).float().div(127.5).sub(1)[:, None], torch.from_numpy(built.labels[index])
 
-    return (*split("train"), *split("test"), found.image.eval(), set(int(n) for n in splits.heldout_labels))
+    return (*split("train"), *split("test"), found.image.eval(), set(int(n) for n in splits.heldout_labels), built, tokenizer)
 
 
 def network_settings(args) -> dict:
@@ -454,7 +449,7 @@ def main() -> None:
         parser.error("--numerals and --caption-layers go with --caption")
     args.out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(args.seed)
-    x_train, y_train, x_test, y_test, judge, heldout = built_in_data(args.preset)
+    x_train, y_train, x_test, y_test, judge, heldout, built, tokenizer = built_in_data(args.preset)
     args.space, header = None, {"judged_real": judged_share(judge, x_test[:SAMPLED], y_test[:SAMPLED])}
     if args.vae is not None:
         args.space = LatentSpace(args.vae, x_train)
@@ -468,14 +463,14 @@ def main() -> None:
         if args.condition_run is not None:
             condition, train_n, test_n = run_conditions(args.condition_run, count, SAMPLED, args.standardize)
         else:
-            condition, train_n, test_n = state_conditions(args.condition_states, args.preset, count, SAMPLED)
+            condition, train_n, test_n = state_conditions(args.condition_states, built, count, SAMPLED)
         x_train, y_train = x_train[: len(train_n)], y_train[: len(train_n)]
         if not (torch.equal(train_n, y_train) and torch.equal(test_n, y_test[:SAMPLED])):
             raise SystemExit("the run's captions do not line up with the built-in images")
         train_keys, test_keys = torch.arange(len(train_n)), torch.arange(SAMPLED) + len(train_n)
         header |= {"condition_tokens": list(condition.table.shape[1:])}
     if args.caption:
-        condition, train_keys, test_keys = caption_conditions(args.preset, layers=args.caption_layers, numerals=args.numerals)
+        condition, train_keys, test_keys = caption_conditions(built, tokenizer, layers=args.caption_layers, numerals=args.numerals)
         header |= {"condition_tokens": list(condition.ids.shape[1:])}
     flow = SlotFlow(tuple(x_train.shape[1:]), args.patch, network_settings(args), condition)
     if args.frozen_slots:  # the slot embeddings stay as drawn: only the network learns
