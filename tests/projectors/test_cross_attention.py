@@ -9,6 +9,7 @@ import math
 import pytest
 import torch
 
+from polymodal.layers import attention
 from polymodal.layers.cross_attention import CrossAttention
 from polymodal.projectors import PROJECTORS
 from polymodal.projectors.cross_attention import CrossAttentionProjector
@@ -86,6 +87,36 @@ def test_layer_gradients_agree_between_paths():
     for fast, explicit in zip(*grads):
         torch.testing.assert_close(fast, explicit)
     assert torch.equal(grads[0][1][1, 4:], torch.zeros(3, DIM_IN, dtype=torch.float64))  # padding gets no gradient
+
+
+def test_bf16_layer_on_the_explicit_kernel_is_close_to_float64_with_its_gradients(monkeypatch):
+    """In bf16 on a CPU ``forward`` takes the explicit fp32 kernel (``attend``); its outputs and
+    gradients stay within bf16 rounding of the float64 layer's, padding and an item with no real
+    key included."""
+    torch.manual_seed(0)
+    reference = CrossAttention(DIM_OUT, DIM_IN, num_heads=4, bias=True).double()
+    reference.init_weights(std=0.3, out_std=0.3)
+    low = CrossAttention(DIM_OUT, DIM_IN, num_heads=4, bias=True).to(torch.bfloat16)
+    low.load_state_dict({k: v.to(torch.bfloat16) for k, v in reference.state_dict().items()})
+    reference.load_state_dict({k: v.double() for k, v in low.state_dict().items()})  # the same rounded weights
+    queries = torch.randn(3, 5, DIM_OUT, dtype=torch.bfloat16)
+    context = torch.randn(3, 7, DIM_IN, dtype=torch.bfloat16)
+    mask = _padding_mask()
+    mask[0] = False  # an item with no real key
+    q_low, c_low = queries.clone().requires_grad_(), context.clone().requires_grad_()
+    q_ref, c_ref = queries.double().requires_grad_(), context.double().requires_grad_()
+    calls = []
+    explicit = attention.explicit_attention
+    monkeypatch.setattr(attention, "explicit_attention", lambda *a, **k: calls.append(a[0].dtype) or explicit(*a, **k))
+    out_low, out_ref = low(q_low, c_low, mask=mask), reference(q_ref, c_ref, mask=mask)
+    assert calls == [torch.bfloat16]  # the bf16 layer took the explicit kernel, the float64 one SDPA
+    torch.testing.assert_close(out_low.double(), out_ref, atol=0.03, rtol=0.03)
+    assert torch.equal(out_low[0], low.o_proj.bias.expand(5, -1))  # the empty item: nothing but the bias
+    target = torch.randn(3, 5, DIM_OUT, dtype=torch.float64)
+    (out_low.double() * target).sum().backward()
+    (out_ref * target).sum().backward()
+    for ours, exact in ((q_low.grad, q_ref.grad), (c_low.grad, c_ref.grad)):
+        torch.testing.assert_close(ours.double(), exact, atol=0.05, rtol=0.05)
 
 
 def test_item_without_real_tokens_contributes_nothing_and_stays_finite():

@@ -1,8 +1,10 @@
 """Multi-head cross-attention: queries read a second token set (the context), with a key padding mask.
 
-Two paths compute the same thing: ``forward`` goes through ``F.scaled_dot_product_attention`` (the
-fast path, fused kernels where the device has them) and ``forward_with_weights`` writes the softmax
-out explicitly so the (B, H, Nq, Nk) attention weights can be returned for diagnostics.
+Two paths compute the same thing: ``forward`` goes through the self-attention's kernel chosen per
+shape (``layers.attention.attend``: SDPA, or an explicit fp32 matmul-softmax for few keys in bf16
+on a CPU, where SDPA's flash kernel is 4-10x slower forward + backward over a U-Net's 48-192
+positions reading 28 condition tokens) and ``forward_with_weights`` writes the softmax out in the
+inputs' dtype so the (B, H, Nq, Nk) attention weights can be returned for diagnostics.
 
 Reference: Vaswani et al. 2017, Attention Is All You Need, arXiv:1706.03762 (encoder-decoder
 attention); query-key normalisation as in Dehghani et al. 2023, Scaling Vision Transformers to 22
@@ -19,6 +21,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
+from polymodal.layers.attention import attend as attend_kernel
 from polymodal.layers.attention import init_attention_weights
 from polymodal.layers.norms import RMSNorm
 
@@ -114,7 +117,7 @@ class CrossAttention(nn.Module):
         return attend[:, None, None, :], gate
 
     def forward(self, queries: Tensor, context: Tensor, *, mask: Tensor | None = None) -> Tensor:
-        """Attend from every query to the context through SDPA.
+        """Attend from every query to the context through the kernel chosen for the shape (``attend``).
 
         Args:
             queries: (B, Nq, D).
@@ -126,9 +129,7 @@ class CrossAttention(nn.Module):
         """
         q, k, v = self._heads(queries, context)
         attend, gate = self._key_mask(mask, context)
-        out = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=attend, dropout_p=self.dropout if self.training else 0.0
-        )  # (B, H, Nq, hd)
+        out = attend_kernel(q, k, v, attend, dropout=self.dropout if self.training else 0.0)  # (B, H, Nq, hd)
         if gate is not None:
             out = out * gate.to(out.dtype)
         return self.o_proj(rearrange(out, "b h n d -> b n (h d)"))
