@@ -63,6 +63,9 @@ class ModelConfig:
     ``architecture`` picks what a run trains: ``any_to_any`` (encoders, projector, shared backbone,
     tasks), ``clip`` (contrastive towers: encoders, projector, shared backbone, ``contrastive``
     settings) or ``image_tokenizer`` (only ``image_tokenizer``: a VQ-VAE or VAE on the images).
+
+    ``init_from`` starts a fresh run from a trained run's folder: its text tokenizer, and every
+    tensor of its checkpoint whose name the new model shares (``training.run``).
     """
 
     architecture: str = "any_to_any"
@@ -76,6 +79,7 @@ class ModelConfig:
     task_fractions: dict[str, float] = dataclasses.field(default_factory=dict)  # task -> share of each batch
     heads: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)  # target modality -> head spec
     decoupler: dict[str, Any] = dataclasses.field(default_factory=dict)  # a decoupler spec; {} for none
+    init_from: str | None = None  # a trained run's folder: the tokenizer and the weights that fit
 
 
 @dataclasses.dataclass

@@ -76,7 +76,7 @@ def plan_stages(config: Config) -> list[Stage]:
     """
     stages = []
     if ARCHITECTURES.get(config.model.architecture).needs_image_tokenizer(config):
-        model = dataclasses.replace(config.model, architecture="image_tokenizer")
+        model = dataclasses.replace(config.model, architecture="image_tokenizer", init_from=None)  # the model stage's
         data = dataclasses.replace(config.data, augment=AugmentSettings())
         tokenizer_dir = str(Path(config.run_dir) / TOKENIZER_STAGE_DIR)
         stage = dataclasses.replace(config, run_dir=tokenizer_dir, data=data, model=model, train=config.tokenizer_train)

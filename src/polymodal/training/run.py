@@ -2,6 +2,15 @@
 (data read, tokenizer trained, references made) or loaded from its folder for use (no data read:
 the splits load on first use, so ``generate`` starts in about a second plus the checkpoint load).
 
+A fresh run with ``model.init_from=RUN`` starts from another trained run instead of from scratch:
+it takes that run's text tokenizer (the ids its embeddings and LM head index) and, from the
+checkpoint ``load_run`` would use, every tensor whose name the new model shares (a shared name of
+another shape is an error: the shared parts must be configured alike). The rest keep their
+initialisation, and the log names them. That is fine-tuning when the configs agree, and
+MetaQuery's setup (a trained backbone under a new generator, Pan et al. 2025, arXiv:2504.06256)
+with a new head whose ``train_backbone: false`` keeps the loaded backbone as it is. Every rank
+loads the same weights; a resumed run loads its own checkpoint instead.
+
 Which weights a loaded run has: a run trained with ``train.select`` keeps its best checkpoint by
 that validation figure in ``checkpoints/best/`` (``training.selection``), and ``load_run`` (so
 ``polymodal eval`` and ``generate``) loads it; any other run loads its latest ``step_*``
@@ -10,10 +19,12 @@ checkpoint. ``load_run(run_dir, checkpoint="latest")`` loads the latest either w
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import logging
 from pathlib import Path
 
+import safetensors
 import torch
 from torch import nn
 
@@ -27,7 +38,7 @@ from polymodal.modality import Modality
 from polymodal.models.architectures import build_model, check_model
 from polymodal.models.shapes import DataShapes, TextSpecials
 from polymodal.encoders import ENCODERS
-from polymodal.training.checkpoint import latest_checkpoint, load_checkpoint
+from polymodal.training.checkpoint import MODEL_FILE, latest_checkpoint, load_checkpoint, one_line_reason
 from polymodal.training.schedules import restore_progress
 from polymodal.training.selection import best_dir, read_best
 
@@ -91,11 +102,15 @@ def prepare_run(config: Config, run_dir: Path, *, resume: bool) -> Run:
     """Everything a training stage needs: the data, the tokenizer (trained on the training captions,
     or the run's own on resume), the dataset's references for heads that learn from them, its
     log-mel statistics, and the model (weights as initialised)."""
+    initial = initial_checkpoint(config.model.init_from) if config.model.init_from and not resume else None
     source = build_source(config.data, config.seed)
     splits = source.load()
     tokenizer_path = run_dir / TOKENIZER_FILE
     if resume:
         tokenizer = TextTokenizer.load(tokenizer_path)
+    elif initial is not None:  # the ids the loaded embeddings and LM head index
+        tokenizer = TextTokenizer.load(Path(config.model.init_from) / TOKENIZER_FILE)
+        tokenizer.save(tokenizer_path)
     else:
         if not splits.train_texts:
             raise ConfigError('the training data has no captions: the text tokenizer needs some (add "text" lines)')
@@ -107,7 +122,65 @@ def prepare_run(config: Config, run_dir: Path, *, resume: bool) -> Run:
     collator = run_collator(config, tokenizer, source, references)
     log_mel = source.log_mel_statistics(splits, collator) if Modality.AUDIO.value in heads else (0.0, 1.0)
     model = build_model(config, data_shapes(config, tokenizer, collator, log_mel))
+    if config.model.init_from and latest_checkpoint(run_dir) is None:  # every rank of a fresh run
+        load_matching_weights(model, initial or initial_checkpoint(config.model.init_from))
     return Run(config, run_dir, source, tokenizer, collator, model, splits)
+
+
+def initial_checkpoint(init_from: str) -> Path:
+    """The checkpoint folder ``model.init_from`` names: the run's best by ``train.select`` if it
+    keeps one, else its latest (as ``load_run``).
+
+    Raises:
+        ConfigError: the folder is not a trained run (no config, tokenizer or checkpoint).
+    """
+    run_dir = Path(init_from)
+    missing = [name for name in ("config.yaml", TOKENIZER_FILE) if not (run_dir / name).is_file()]
+    if missing:
+        raise ConfigError(f"model.init_from={init_from}: not a trained run's folder (no {' or '.join(missing)}); give the run_dir of a finished `polymodal train`")
+    found = chosen_checkpoint(run_dir, load_run_config(run_dir))
+    if found is None or not (found / MODEL_FILE).is_file():
+        raise ConfigError(f"model.init_from={init_from}: the run has no whole checkpoint (model.safetensors) to start from; train it first")
+    return found
+
+
+def load_matching_weights(model: nn.Module, checkpoint: Path) -> int:
+    """Copy into ``model`` every tensor of ``checkpoint``'s weights whose name it shares
+    (parameters and buffers); the log names the model's tensors left as initialised. Returns how
+    many were copied.
+
+    Raises:
+        ConfigError: the file cannot be read, a shared name has another shape (the shared parts are
+            configured otherwise), or no name is shared (another kind of model).
+    """
+    own = model.state_dict()
+    path = checkpoint / MODEL_FILE
+    copied, other_shape = [], []
+    try:
+        with safetensors.safe_open(str(path), framework="pt") as saved, torch.no_grad():
+            for name in saved.keys():
+                if name not in own:
+                    continue
+                tensor = saved.get_tensor(name)
+                if tensor.shape != own[name].shape:
+                    other_shape.append(f"{name} {tuple(tensor.shape)} -> {tuple(own[name].shape)}")
+                    continue
+                own[name].copy_(tensor)
+                copied.append(name)
+    except (safetensors.SafetensorError, OSError) as exc:
+        raise ConfigError(f"model.init_from: {path} is corrupt or unreadable ({one_line_reason(exc)})") from None
+    if other_shape:  # a part both models have, configured otherwise: loading around it would hide that
+        raise ConfigError(
+            f"model.init_from: {len(other_shape)} tensors of {path} have another shape here ({'; '.join(other_shape[:3])}); "
+            "the parts both runs share need the same settings (model.dim, model.encoders, model.backbone)"
+        )
+    if not copied:
+        raise ConfigError(f"model.init_from: no tensor of {path} has a name this model shares; was it trained with another model.architecture?")
+    loaded = {own[name].data_ptr() for name in copied}  # tied tensors are saved once, under one name
+    kept = collections.Counter(".".join(name.split(".")[:2]) for name, tensor in own.items() if tensor.data_ptr() not in loaded)
+    parts = ", ".join(f"{part} ({count})" for part, count in sorted(kept.items()))
+    logger.info("model.init_from: %d tensors from %s; kept as initialised: %s", len(copied), checkpoint, parts or "none")
+    return len(copied)
 
 
 def chosen_checkpoint(run_dir: str | Path, config: Config, checkpoint: str = "auto") -> Path | None:
