@@ -2,7 +2,7 @@
 
 Two paths compute the same thing: ``forward`` goes through the self-attention's kernel chosen per
 shape (``layers.attention.attend``: SDPA, or an explicit fp32 matmul-softmax for few keys in bf16
-on a CPU, where SDPA's flash kernel is 4-10x slower forward + backward over a U-Net's 48-192
+on a CPU, where SDPA's flash kernel is 4-11x slower forward + backward over a U-Net's 48-192
 positions reading 28 condition tokens) and ``forward_with_weights`` writes the softmax out in the
 inputs' dtype so the (B, H, Nq, Nk) attention weights can be returned for diagnostics.
 
@@ -21,8 +21,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
-from polymodal.layers.attention import attend as attend_kernel
-from polymodal.layers.attention import init_attention_weights
+from polymodal.layers.attention import attend, init_attention_weights
 from polymodal.layers.norms import RMSNorm
 
 INIT_STD = 0.02  # GPT-2 (Radford et al. 2019) initialisation scale
@@ -102,7 +101,7 @@ class CrossAttention(nn.Module):
         weights and output, so they contribute exactly nothing and stay finite.
 
         Returns:
-            attend: (B, 1, 1, Nk) bool, True = may attend, or None for every key.
+            allowed: (B, 1, 1, Nk) bool, True = may attend, or None for every key.
             gate: (B, 1, 1, 1) in the context dtype, 0 for items with no real key, or None.
         """
         if mask is None:
@@ -112,9 +111,9 @@ class CrossAttention(nn.Module):
                 f"mask must be bool of shape (B, Nk) = {tuple(context.shape[:2])}, got {mask.dtype} {tuple(mask.shape)}"
             )
         has_key = mask.any(dim=-1)  # (B,)
-        attend = mask | ~has_key[:, None]  # empty items attend everywhere, then get gated to zero
+        allowed = mask | ~has_key[:, None]  # empty items attend everywhere, then get gated to zero
         gate = has_key.to(context.dtype)[:, None, None, None]  # (B, 1, 1, 1)
-        return attend[:, None, None, :], gate
+        return allowed[:, None, None, :], gate
 
     def forward(self, queries: Tensor, context: Tensor, *, mask: Tensor | None = None) -> Tensor:
         """Attend from every query to the context through the kernel chosen for the shape (``attend``).
@@ -128,8 +127,8 @@ class CrossAttention(nn.Module):
             (B, Nq, D).
         """
         q, k, v = self._heads(queries, context)
-        attend, gate = self._key_mask(mask, context)
-        out = attend_kernel(q, k, v, attend, dropout=self.dropout if self.training else 0.0)  # (B, H, Nq, hd)
+        allowed, gate = self._key_mask(mask, context)
+        out = attend(q, k, v, allowed, dropout=self.dropout if self.training else 0.0)  # (B, H, Nq, hd)
         if gate is not None:
             out = out * gate.to(out.dtype)
         return self.o_proj(rearrange(out, "b h n d -> b n (h d)"))
@@ -148,10 +147,10 @@ class CrossAttention(nn.Module):
             CrossAttentionOutput with tokens (B, Nq, D) and weights (B, H, Nq, Nk).
         """
         q, k, v = self._heads(queries, context)
-        attend, gate = self._key_mask(mask, context)
+        allowed, gate = self._key_mask(mask, context)
         scores = q @ k.transpose(-1, -2) / math.sqrt(self.head_dim)  # (B, H, Nq, Nk)
-        if attend is not None:
-            scores = scores.masked_fill(~attend, float("-inf"))
+        if allowed is not None:
+            scores = scores.masked_fill(~allowed, float("-inf"))
         weights = scores.softmax(dim=-1)  # exp(-inf) = 0: padded keys get exactly zero weight
         if gate is not None:
             weights = weights * gate.to(weights.dtype)
