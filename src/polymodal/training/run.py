@@ -101,8 +101,9 @@ def run_collator(config: Config, tokenizer: TextTokenizer, source: DataSource, r
 def prepare_run(config: Config, run_dir: Path, *, resume: bool) -> Run:
     """Everything a training stage needs: the data, the tokenizer (trained on the training captions,
     or the run's own on resume), the dataset's references for heads that learn from them, its
-    log-mel statistics, and the model (weights as initialised)."""
-    initial = initial_checkpoint(config.model.init_from) if config.model.init_from and not resume else None
+    log-mel statistics, and the model (weights as initialised, or from ``model.init_from`` on a fresh run)."""
+    fresh = config.model.init_from and latest_checkpoint(run_dir) is None  # every rank of a fresh run
+    initial = initial_checkpoint(config.model.init_from) if fresh else None
     source = build_source(config.data, config.seed)
     splits = source.load()
     tokenizer_path = run_dir / TOKENIZER_FILE
@@ -122,8 +123,8 @@ def prepare_run(config: Config, run_dir: Path, *, resume: bool) -> Run:
     collator = run_collator(config, tokenizer, source, references)
     log_mel = source.log_mel_statistics(splits, collator) if Modality.AUDIO.value in heads else (0.0, 1.0)
     model = build_model(config, data_shapes(config, tokenizer, collator, log_mel))
-    if config.model.init_from and latest_checkpoint(run_dir) is None:  # every rank of a fresh run
-        load_matching_weights(model, initial or initial_checkpoint(config.model.init_from))
+    if initial is not None:
+        load_matching_weights(model, initial)
     return Run(config, run_dir, source, tokenizer, collator, model, splits)
 
 
