@@ -5,6 +5,8 @@ is known (``flow_oracles``); inside the image head it trains a step and is chose
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from batches import SHAPES, make_batch
@@ -14,7 +16,7 @@ from torch import nn
 from polymodal.config import load_config
 from polymodal.decoders.flow_networks import FLOW_NETWORKS, network_spec
 from polymodal.decoders.flow_sampling import guided, integrate
-from polymodal.decoders.unet import FlowUNet
+from polymodal.decoders.unet import FlowUNet, MapNorm
 from polymodal.errors import ConfigError
 from polymodal.layers.cross_attention import CrossAttention
 from polymodal.losses.flow_matching import flow_matching_loss, interpolate, target_velocity
@@ -131,3 +133,46 @@ def test_a_tiny_unet_learns_a_two_class_conditional_flow():
     which, distance = nearest(drawn.transpose(1, 2).reshape(32, 1, 4, 8), means)
     assert (which == label).float().mean() >= 0.9  # each sample is the class it was asked for
     assert distance.median() < 0.3  # and near that image, not a blend (the means are 2 apart per value)
+
+
+def test_the_map_norm_is_groupnorm_computed_wide_and_returned_in_the_maps_precision():
+    torch.manual_seed(0)
+    ours, plain = MapNorm(2, 6), nn.GroupNorm(2, 6)
+    with torch.no_grad():
+        for p in (*ours.parameters(), *plain.parameters()):
+            p.copy_(torch.linspace(-1.0, 2.0, 6))
+    maps = torch.randn(3, 6, 4, 5).contiguous(memory_format=torch.channels_last)  # as the U-Net's maps are
+    torch.testing.assert_close(ours(maps), plain(maps))
+    assert ours(maps.double()).dtype == torch.float64
+    torch.testing.assert_close(ours(maps.double()), copy.deepcopy(plain).double()(maps.double()))
+    low = maps.bfloat16()
+    out = ours(low)
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out, plain(low.float()).bfloat16())  # the fp32 norm of the bf16 map, rounded once
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert ours(low).dtype == torch.bfloat16
+
+
+@pytest.mark.slow  # Inductor compiles six blocks: about 50 s on 2 cores
+def test_compiled_residual_blocks_compute_what_the_eager_ones_do():
+    """train.compile compiles the U-Net's residual blocks (``compile_unit``): outputs and every
+    gradient match the eager network's, and the blocks run eagerly again after."""
+    from polymodal.training.compile import compiled_blocks
+
+    network = _wake(_tiny())
+    tokens, t, context = torch.randn(2, 32, 3), torch.rand(2), torch.randn(2, 5, 6)
+
+    def step() -> list[torch.Tensor]:
+        network.zero_grad()
+        out = network(tokens, t, context=context)
+        out.square().mean().backward()
+        return [out.detach(), *(p.grad.clone() for p in network.parameters())]
+
+    eager = step()
+    torch._dynamo.reset()
+    with compiled_blocks(network) as count:
+        assert count == 6  # a residual block per level down (2) and up (2), two in the middle
+        compiled = step()
+    for got, want in zip(compiled, eager):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+    assert all(getattr(m, "_compiled_call_impl", None) is None for m in network.modules())

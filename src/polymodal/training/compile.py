@@ -1,5 +1,6 @@
 """``train.compile``: ``torch.compile`` (TorchInductor; C++/OpenMP kernels on CPU) over the model's
-repeated blocks, the modules whose class sets ``compile_unit = True`` (the transformer block).
+repeated blocks, the modules whose class sets ``compile_unit = True`` (the transformer block and the flow
+U-Net's residual block).
 
 Why blocks and not the whole model: the model's forward picks items by masks and reads values back
 (task selection, lengths), which splits a whole-model graph into many pieces, and Inductor failed
