@@ -19,9 +19,14 @@ from polymodal.decoders.flow_sampling import guided, integrate
 from polymodal.decoders.unet import FlowUNet, MapNorm
 from polymodal.errors import ConfigError
 from polymodal.layers.cross_attention import CrossAttention
-from polymodal.losses.flow_matching import flow_matching_loss, interpolate, target_velocity
+from polymodal.losses.flow_matching import (
+    flow_matching_loss,
+    interpolate,
+    target_velocity,
+)
 from polymodal.modality import Modality
 from polymodal.models.architectures import build_model
+from polymodal.training.compile import compiled_blocks
 
 TINY = {"channels": 8, "channel_mults": (1, 2), "num_heads": 2}
 
@@ -153,12 +158,10 @@ def test_the_map_norm_is_groupnorm_computed_wide_and_returned_in_the_maps_precis
         assert ours(low).dtype == torch.bfloat16
 
 
-@pytest.mark.slow  # Inductor compiles six blocks: about 50 s on 2 cores
+@pytest.mark.slow  # Inductor compiles six blocks: about 40 s on 2 cores
 def test_compiled_residual_blocks_compute_what_the_eager_ones_do():
     """train.compile compiles the U-Net's residual blocks (``compile_unit``): outputs and every
     gradient match the eager network's, and the blocks run eagerly again after."""
-    from polymodal.training.compile import compiled_blocks
-
     network = _wake(_tiny())
     tokens, t, context = torch.randn(2, 32, 3), torch.rand(2), torch.randn(2, 5, 6)
 

@@ -62,7 +62,7 @@ class MapNorm(nn.GroupNorm):
     """GroupNorm computed in fp32 (or wider) whatever the map's precision, returned in it.
 
     The U-Net's maps are channels-last: the view of its (B, h w, C) tokens, which the convolutions
-    keep (in fp32 the pass is 1.2x faster so than with NCHW maps). torch's CPU GroupNorm on a
+    keep (in fp32 the pass is 1.2x faster that way than with NCHW maps). torch's CPU GroupNorm on a
     channels-last bf16 map is slow: 24 ms forward and backward on 128 x 32 x 16 x 48, against 7.7 ms
     in fp32 and 2.9 ms on an NCHW bf16 map. Upcast, the U-Net's bf16 training pass is 1.09x faster
     (`benchmarks/bench_flow_unet_step.py`)."""
