@@ -19,11 +19,7 @@ from polymodal.decoders.flow_sampling import guided, integrate
 from polymodal.decoders.unet import FlowUNet, MapNorm
 from polymodal.errors import ConfigError
 from polymodal.layers.cross_attention import CrossAttention
-from polymodal.losses.flow_matching import (
-    flow_matching_loss,
-    interpolate,
-    target_velocity,
-)
+from polymodal.losses.flow_matching import flow_matching_loss, interpolate, target_velocity
 from polymodal.modality import Modality
 from polymodal.models.architectures import build_model
 from polymodal.training.compile import compiled_blocks
