@@ -2,12 +2,12 @@
 (``decoders/unet.py``'s ``MapNorm``) against torch's own ``nn.GroupNorm`` forward on the same
 maps, in bf16 autocast and in fp32, alternated in one process.
 
-Claim (BENCHMARKS.md, "The flow U-Net's GroupNorm in fp32"): the U-Net's maps are channels-last (the
-view of its (B, h w, C) tokens, which the convolutions keep), and torch's CPU GroupNorm on a
-channels-last bf16 map is several times slower than in fp32, so the bf16 pass is faster with the
-norm upcast; in fp32 the two are the same computation. The shape is the ``metaquery`` preset's
-image head: 32 x 96 pixels at patch 2 (a 16 x 48 grid of 4 values), channels 32 x (1, 2, 2),
-28 condition tokens of width 128, batch 64 images x 2 noise draws.
+Claim (BENCHMARKS.md, "The flow U-Net: its GroupNorm in fp32, its blocks compiled, ..."): the
+U-Net's maps are channels-last (the view of its (B, h w, C) tokens, which the convolutions keep),
+and torch's CPU GroupNorm on a channels-last bf16 map is several times slower than in fp32, so the
+bf16 pass is faster with the norm upcast; in fp32 the two are the same computation. The shape is
+the ``metaquery`` preset's image head: 32 x 96 pixels at patch 2 (a 16 x 48 grid of 4 values),
+channels 32 x (1, 2, 2), 28 condition tokens of width 128, batch 64 images x 2 noise draws.
 
     python benchmarks/bench_flow_unet_step.py
     python benchmarks/bench_flow_unet_step.py --batch 128 --rounds 6 --steps 5
