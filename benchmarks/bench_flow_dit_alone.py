@@ -61,6 +61,17 @@ whose backbone learnt to draw from captions gives the U-Net what the digit slots
 
     python benchmarks/bench_flow_dit_alone.py --decoder unet --patch 2 --channels 32 --channel-mults 1,2,2 --condition-states RUN --steps 1000 --evals 500,1000 --out OUT
 
+Claim (BENCHMARKS.md, "The U-Net alone: averaged weights, shifted times and a learned start do not
+draw more readable numbers"): on a trained run's caption states (``--condition-states``), in bf16
+(``--precision bf16``, 1.6x faster per step than fp32 here), an exponential moving average of the
+weights (``--ema``, evaluated beside the trained weights of the same run), SD3's time shift
+(``--time-shift 3``) and a path that starts at a learned mean image of the condition plus noise
+(``--prior``, Grad-TTS's prior) each read no more after 1,000 steps than the plain U-Net.
+
+    python benchmarks/bench_flow_dit_alone.py --decoder unet --patch 2 --channels 32 --channel-mults 1,2,2 --condition-states RUN --precision bf16 --ema 0.99,0.998 --steps 1000 --evals 500,1000 --out OUT
+    python benchmarks/bench_flow_dit_alone.py ... --precision bf16 --time-shift 3 ...
+    python benchmarks/bench_flow_dit_alone.py ... --precision bf16 --prior --evals 250,500 ...
+
 One thread: about 0.75 s per step of 64 images x 2 noise draws at patch 8 (dim 128, 4 blocks).
 """
 
@@ -75,6 +86,7 @@ from pathlib import Path
 import torch
 from einops import rearrange
 from torch import nn
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from polymodal.config import load_config
 from polymodal.data.collate import build_collator
@@ -84,7 +96,7 @@ from polymodal.datasets.spoken_numbers import judges
 from polymodal.decoders.flow_networks import FLOW_NETWORKS
 from polymodal.decoders.flow_sampling import guided, integrate
 from polymodal.evaluation.reconstruction import image_grid, save_png
-from polymodal.layers.positional import sinusoidal_embedding
+from polymodal.layers.positional import sincos_2d_embedding, sinusoidal_embedding
 from polymodal.losses.flow_matching import flow_matching_loss, interpolate, target_velocity, training_times
 from polymodal.modality import Modality
 from polymodal.tokenizers.vae import VAETokenizer, measure_latent_scale
@@ -267,17 +279,55 @@ def network_settings(args) -> dict:
     return {"name": "dit", "dim": 128, "num_layers": 4, "num_heads": 4, "conv_kernel": args.conv_kernel}
 
 
+class PriorMap(nn.Module):
+    """The path's start mean from the condition (Grad-TTS's prior, Popov et al. 2021,
+    arXiv:2105.06337): one query per ``cell`` x ``cell`` block of the (C, H, W) map, fixed 2-D
+    sin-cos positions, reads the condition tokens through ``layers`` pre-norm cross-attention and
+    MLP layers; each query's state becomes its block's values. Trained by mean squared error
+    against the data, so it learns the condition's mean image."""
+
+    def __init__(self, shape: tuple[int, int, int], dim_condition: int, *, cell: int = 4, dim: int = 128, layers: int = 2) -> None:
+        super().__init__()
+        channels, height, width = shape
+        self.cell, self.grid = cell, (height // cell, width // cell)
+        self.register_buffer("positions", sincos_2d_embedding(*self.grid, dim))  # (h w, dim)
+        self.keys = nn.Linear(dim_condition, dim)
+        self.norms = nn.ModuleList(nn.LayerNorm(dim) for _ in range(2 * layers))
+        self.reads = nn.ModuleList(nn.MultiheadAttention(dim, 4, batch_first=True) for _ in range(layers))
+        self.mlps = nn.ModuleList(nn.Sequential(nn.Linear(dim, 4 * dim), nn.GELU(), nn.Linear(4 * dim, dim)) for _ in range(layers))
+        self.out = nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, channels * cell * cell))
+
+    def forward(self, context: torch.Tensor) -> torch.Tensor:
+        """(B, Nc, Cc) -> (B, C, H, W)."""
+        keys = self.keys(context)
+        h = self.positions.expand(len(context), -1, -1)
+        for k, (read, mlp) in enumerate(zip(self.reads, self.mlps)):
+            h = h + read(self.norms[2 * k](h), keys, keys, need_weights=False)[0]
+            h = h + mlp(self.norms[2 * k + 1](h))
+        c = self.cell
+        return rearrange(self.out(h), "b (h w) (c p q) -> b c (h p) (w q)", h=self.grid[0], p=c, q=c)
+
+
 class SlotFlow(nn.Module):
     """The velocity network (DiT or U-Net) over patches of (C, H, W) maps (pixels, or a VAE's
-    latents) and its slot condition."""
+    latents) and its slot condition; with ``prior`` the path starts at the condition's learned
+    mean map plus noise, not at noise alone."""
 
-    def __init__(self, shape: tuple[int, int, int], patch: int, network: dict, condition: nn.Module | None = None) -> None:
+    def __init__(self, shape: tuple[int, int, int], patch: int, network: dict, condition: nn.Module | None = None, *, prior: bool = False) -> None:
         super().__init__()
         channels, height, width = shape
         self.patch, self.grid = patch, (height // patch, width // patch)
         self.condition = condition if condition is not None else SlotCondition()  # called with each item's key
         dim_condition = condition.table.shape[-1] if isinstance(condition, RunCondition) else CONDITION_DIM
         self.network = FLOW_NETWORKS.build(network, channels * patch * patch, self.grid, dim_condition)
+        self.prior = PriorMap(shape, dim_condition) if prior else None
+
+    def start(self, noise: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        """The path's start: ``noise``, plus the condition's mean map (no gradient) with a prior."""
+        if self.prior is None:
+            return noise
+        with torch.no_grad():
+            return noise + self.prior(context).to(noise.dtype)
 
     def velocity(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
         """(B, C, H, W), (B,), (B, 3, 128) -> (B, C, H, W)."""
@@ -311,28 +361,33 @@ def judged_share(judge, images: torch.Tensor, numbers: torch.Tensor) -> float:
 
 
 @torch.no_grad()
-def evaluate(flow: SlotFlow, test: tuple[torch.Tensor, torch.Tensor, torch.Tensor], judge, heldout: set[int], args, step: int) -> dict:
+def evaluate(flow: SlotFlow, test: tuple[torch.Tensor, torch.Tensor, torch.Tensor], judge, heldout: set[int], args, step: int, tag: str = "") -> dict:
     """The fixed-time losses (own / empty condition) and the judged samples at ``step``; ``test``
     holds what the flow runs on (images, or scaled latents that ``args.space`` decodes), the
-    numbers and the condition's keys."""
+    numbers and the condition's keys. ``tag`` ends the sample PNGs' names."""
     flow.eval()
     images, numbers, keys = test
     row: dict = {"step": step}
     g = torch.Generator().manual_seed(5)
     data, own = images[:LOSS_ITEMS], flow.condition(keys[:LOSS_ITEMS])
     for t0 in LOSS_TIMES:
-        noise = torch.randn(data.shape, generator=g)
+        noise = flow.start(torch.randn(data.shape, generator=g), own)
         t = torch.full((LOSS_ITEMS,), t0)
         x_t, target = interpolate(noise, data, t), target_velocity(noise, data)
         row[f"loss_t{t0}"] = [round(flow_matching_loss(flow.velocity(x_t, t, c), target).item(), 4) for c in (own, flow.condition.empty.expand_as(own))]
     own = flow.condition(keys[:SAMPLED])
-    noise = torch.randn((SAMPLED, *images.shape[1:]), generator=torch.Generator().manual_seed(0))
+    noise = flow.start(torch.randn((SAMPLED, *images.shape[1:]), generator=torch.Generator().manual_seed(0)), own)
     held = torch.tensor([int(n) in heldout for n in numbers[:SAMPLED]])
+    if flow.prior is not None:  # the mean map alone, judged
+        mean = flow.prior(own)
+        mean = args.space.decode(mean) if args.space is not None else mean.clamp(-1, 1)
+        save_png(image_grid(mean[:SHOWN]), args.out / f"step{step}_prior{tag}.png")
+        row["judged_prior"] = judged_share(judge, mean, numbers[:SAMPLED])
     for w in (1.0, 2.0):
         field = guided(flow.velocity, own, flow.condition.empty[None], w)
         drawn = integrate(field, noise, steps=args.sample_steps, sampler="heun", shift=args.time_shift)
         drawn = args.space.decode(drawn) if args.space is not None else drawn.clamp(-1, 1)
-        save_png(image_grid(drawn[:SHOWN]), args.out / f"step{step}_w{w}.png")
+        save_png(image_grid(drawn[:SHOWN]), args.out / f"step{step}_w{w}{tag}.png")
         right = judges.read_images(judge, drawn) == numbers[:SAMPLED]
         row[f"judged_w{w}"] = round(right.float().mean().item(), 4)
         row[f"heldout_w{w}"] = round(right[held].float().mean().item(), 4) if held.any() else None
@@ -340,9 +395,10 @@ def evaluate(flow: SlotFlow, test: tuple[torch.Tensor, torch.Tensor, torch.Tenso
     return row
 
 
-def train(flow: SlotFlow, train_split: tuple[torch.Tensor, torch.Tensor, torch.Tensor], args, at_eval) -> None:
+def train(flow: SlotFlow, train_split: tuple[torch.Tensor, torch.Tensor, torch.Tensor], args, at_eval, averages=()) -> None:
     """AdamW with warm-up and cosine; ``at_eval(step)`` at each of ``args.evals``; ``train_split``
-    holds the images, their numbers and the condition's keys."""
+    holds the images, their numbers and the condition's keys. Each of ``averages`` (torch's
+    ``AveragedModel``) is updated after every optimiser step."""
     images, _, keys = train_split
     params = [q for q in flow.parameters() if q.requires_grad]
     groups = [{"params": [q for q in params if q.ndim >= 2], "weight_decay": WEIGHT_DECAY}, {"params": [q for q in params if q.ndim < 2], "weight_decay": 0.0}]
@@ -355,14 +411,26 @@ def train(flow: SlotFlow, train_split: tuple[torch.Tensor, torch.Tensor, torch.T
             group["lr"] = args.lr * lr_factor(step - 1, warmup_steps=WARMUP, total_steps=args.steps, min_lr_ratio=MIN_LR_RATIO)
         pick = torch.randint(len(images), (args.batch,), generator=g)
         data = images[pick].repeat_interleave(args.noise_draws, 0)  # (B k, 1, H, W)
-        context = flow.condition(keys[pick], CONDITION_DROPOUT).repeat_interleave(args.noise_draws, 0)
-        noise = torch.randn(data.shape, generator=g)
-        t = training_times(len(data), distribution=args.time_distribution, shift=args.time_shift, generator=g)
-        loss = flow_matching_loss(flow.velocity(interpolate(noise, data, t), t, context), target_velocity(noise, data))
+        context = flow.condition(keys[pick], CONDITION_DROPOUT)
+        with torch.autocast("cpu", torch.bfloat16, enabled=args.precision == "bf16"):
+            prior_loss = 0.0
+            if flow.prior is not None:
+                mean = flow.prior(context)  # (B, C, H, W)
+                prior_loss = flow_matching_loss(mean, images[pick])
+                start_mean = mean.detach().float().repeat_interleave(args.noise_draws, 0)
+            context = context.repeat_interleave(args.noise_draws, 0)
+            noise = torch.randn(data.shape, generator=g)
+            if flow.prior is not None:
+                noise = noise + start_mean
+            t = training_times(len(data), distribution=args.time_distribution, shift=args.time_shift, generator=g)
+            loss = flow_matching_loss(flow.velocity(interpolate(noise, data, t), t, context), target_velocity(noise, data))
+            loss = loss + prior_loss
         optimizer.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, CLIP)
         optimizer.step()
+        for average in averages:
+            average.update_parameters(flow)
         running += loss.item()
         if step % 50 == 0:
             logging.info("step %d loss (mean of 50) %.4f %.0f s", step, running / 50, time.perf_counter() - start)
@@ -422,9 +490,12 @@ def main() -> None:
     parser.add_argument("--channel-mults", default="1,2,2", help="the U-Net's levels")
     parser.add_argument("--time-distribution", default="uniform")
     parser.add_argument("--time-shift", type=float, default=1.0, help="training times and the sampling grid")
+    parser.add_argument("--prior", action="store_true", help="start the path at a learned mean map of the condition plus noise (Grad-TTS's prior)")
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--noise-draws", type=int, default=2)
     parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--precision", choices=("fp32", "bf16"), default="fp32", help="training forward under bf16 autocast or not (evaluation is fp32)")
+    parser.add_argument("--ema", default="", help="comma-separated decays: an exponential moving average of the weights per decay, each evaluated beside the trained weights")
     parser.add_argument("--sample-steps", type=int, default=8)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--condition-run", type=Path, help="condition on this metaquery run's frozen query tokens, not digit slots")
@@ -472,22 +543,25 @@ def main() -> None:
     if args.caption:
         condition, train_keys, test_keys = caption_conditions(built, tokenizer, layers=args.caption_layers, numerals=args.numerals)
         header |= {"condition_tokens": list(condition.ids.shape[1:])}
-    flow = SlotFlow(tuple(x_train.shape[1:]), args.patch, network_settings(args), condition)
+    flow = SlotFlow(tuple(x_train.shape[1:]), args.patch, network_settings(args), condition, prior=args.prior)
     if args.frozen_slots:  # the slot embeddings stay as drawn: only the network learns
         flow.condition.requires_grad_(False)
     rows: list[dict] = []
+    averages = {float(d): AveragedModel(flow, multi_avg_fn=get_ema_multi_avg_fn(float(d))) for d in filter(None, args.ema.split(","))}
 
     def at_eval(step: int, seconds: int) -> None:
-        rows.append({**evaluate(flow, (x_test, y_test, test_keys), judge, heldout, args, step), "train_s": seconds})
-        logging.info("%s", json.dumps(rows[-1]))
+        for decay, model in [(None, flow), *averages.items()]:
+            row = evaluate(model if decay is None else model.module, (x_test, y_test, test_keys), judge, heldout, args, step, tag="" if decay is None else f"_ema{decay}")
+            rows.append({**row, "ema": decay, "train_s": seconds})
+            logging.info("%s", json.dumps(rows[-1]))
         settings = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items() if k != "space"} | {"parameters": sum(p.numel() for p in flow.network.parameters())}
         (args.out / "figures.json").write_text(json.dumps({"settings": settings, "data": header, "evals": rows}, indent=1))
 
-    train(flow, (x_train, y_train, train_keys), args, at_eval)
-    print("| step | judged w=1 | judged w=2 | held-out w=2 | " + " | ".join(f"loss t={t} own / empty" for t in LOSS_TIMES) + " |")
+    train(flow, (x_train, y_train, train_keys), args, at_eval, list(averages.values()))
+    print("| step | weights | judged w=1 | judged w=2 | held-out w=2 | " + " | ".join(f"loss t={t} own / empty" for t in LOSS_TIMES) + " |")
     for row in rows:
         losses = " | ".join(f"{row[f'loss_t{t}'][0]:.3f} / {row[f'loss_t{t}'][1]:.3f}" for t in LOSS_TIMES)
-        print(f"| {row['step']} | {row['judged_w1.0']:.1%} | {row['judged_w2.0']:.1%} | {row['heldout_w2.0']} | {losses} |")
+        print(f"| {row['step']} | {'trained' if row['ema'] is None else 'EMA ' + str(row['ema'])} | {row['judged_w1.0']:.1%} | {row['judged_w2.0']:.1%} | {row['heldout_w2.0']} | {losses} |")
 
 
 if __name__ == "__main__":
