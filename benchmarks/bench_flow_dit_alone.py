@@ -376,13 +376,14 @@ def evaluate(flow: SlotFlow, test: tuple[torch.Tensor, torch.Tensor, torch.Tenso
         x_t, target = interpolate(noise, data, t), target_velocity(noise, data)
         row[f"loss_t{t0}"] = [round(flow_matching_loss(flow.velocity(x_t, t, c), target).item(), 4) for c in (own, flow.condition.empty.expand_as(own))]
     own = flow.condition(keys[:SAMPLED])
-    noise = flow.start(torch.randn((SAMPLED, *images.shape[1:]), generator=torch.Generator().manual_seed(0)), own)
+    noise = torch.randn((SAMPLED, *images.shape[1:]), generator=torch.Generator().manual_seed(0))
     held = torch.tensor([int(n) in heldout for n in numbers[:SAMPLED]])
-    if flow.prior is not None:  # the mean map alone, judged
+    if flow.prior is not None:  # the samples start at the mean map, which is also judged alone
         mean = flow.prior(own)
-        mean = args.space.decode(mean) if args.space is not None else mean.clamp(-1, 1)
-        save_png(image_grid(mean[:SHOWN]), args.out / f"step{step}_prior{tag}.png")
-        row["judged_prior"] = judged_share(judge, mean, numbers[:SAMPLED])
+        noise = noise + mean
+        shown = args.space.decode(mean) if args.space is not None else mean.clamp(-1, 1)
+        save_png(image_grid(shown[:SHOWN]), args.out / f"step{step}_prior{tag}.png")
+        row["judged_prior"] = judged_share(judge, shown, numbers[:SAMPLED])
     for w in (1.0, 2.0):
         field = guided(flow.velocity, own, flow.condition.empty[None], w)
         drawn = integrate(field, noise, steps=args.sample_steps, sampler="heun", shift=args.time_shift)
