@@ -384,9 +384,9 @@ def evaluate(flow: SlotFlow, test: tuple[torch.Tensor, torch.Tensor, torch.Tenso
         shown = args.space.decode(mean) if args.space is not None else mean.clamp(-1, 1)
         save_png(image_grid(shown[:SHOWN]), args.out / f"step{step}_prior{tag}.png")
         row["judged_prior"] = judged_share(judge, shown, numbers[:SAMPLED])
-    for w in (1.0, 2.0):
+    for w in args.guidance:
         field = guided(flow.velocity, own, flow.condition.empty[None], w)
-        drawn = integrate(field, noise, steps=args.sample_steps, sampler="heun", shift=args.time_shift)
+        drawn = integrate(field, noise, steps=args.sample_steps, sampler="heun", shift=args.sample_shift)
         drawn = args.space.decode(drawn) if args.space is not None else drawn.clamp(-1, 1)
         save_png(image_grid(drawn[:SHOWN]), args.out / f"step{step}_w{w}{tag}.png")
         right = judges.read_images(judge, drawn) == numbers[:SAMPLED]
@@ -491,6 +491,7 @@ def main() -> None:
     parser.add_argument("--channel-mults", default="1,2,2", help="the U-Net's levels")
     parser.add_argument("--time-distribution", default="uniform")
     parser.add_argument("--time-shift", type=float, default=1.0, help="training times and the sampling grid")
+    parser.add_argument("--sample-shift", type=float, help="the sampling grid's own shift (default: --time-shift)")
     parser.add_argument("--prior", action="store_true", help="start the path at a learned mean map of the condition plus noise (Grad-TTS's prior)")
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--noise-draws", type=int, default=2)
@@ -498,6 +499,7 @@ def main() -> None:
     parser.add_argument("--precision", choices=("fp32", "bf16"), default="fp32", help="training forward under bf16 autocast or not (evaluation is fp32)")
     parser.add_argument("--ema", default="", help="comma-separated decays: an exponential moving average of the weights per decay, each evaluated beside the trained weights")
     parser.add_argument("--sample-steps", type=int, default=8)
+    parser.add_argument("--guidance", default="1,2", help="comma-separated classifier-free guidance weights, each judged")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--condition-run", type=Path, help="condition on this metaquery run's frozen query tokens, not digit slots")
     parser.add_argument("--frozen-slots", action="store_true", help="keep the slot embeddings as initialised (random, not learned)")
@@ -511,6 +513,9 @@ def main() -> None:
     parser.add_argument("--timing", type=int, default=0, help="only time N steps of the pixel and the latent DiT, interleaved")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    args.guidance = [float(w) for w in args.guidance.split(",")]
+    if args.sample_shift is None:
+        args.sample_shift = args.time_shift
     if args.timing:
         return step_seconds(args)
     if args.out is None:
@@ -559,10 +564,12 @@ def main() -> None:
         (args.out / "figures.json").write_text(json.dumps({"settings": settings, "data": header, "evals": rows}, indent=1))
 
     train(flow, (x_train, y_train, train_keys), args, at_eval, list(averages.values()))
-    print("| step | weights | judged w=1 | judged w=2 | held-out w=2 | " + " | ".join(f"loss t={t} own / empty" for t in LOSS_TIMES) + " |")
+    judged = " | ".join(f"judged w={w:g} | held-out w={w:g}" for w in args.guidance)
+    print(f"| step | weights | {judged} | " + " | ".join(f"loss t={t} own / empty" for t in LOSS_TIMES) + " |")
     for row in rows:
+        judged = " | ".join(f"{row[f'judged_w{w}']:.1%} | {row[f'heldout_w{w}']}" for w in args.guidance)
         losses = " | ".join(f"{row[f'loss_t{t}'][0]:.3f} / {row[f'loss_t{t}'][1]:.3f}" for t in LOSS_TIMES)
-        print(f"| {row['step']} | {'trained' if row['ema'] is None else 'EMA ' + str(row['ema'])} | {row['judged_w1.0']:.1%} | {row['judged_w2.0']:.1%} | {row['heldout_w2.0']} | {losses} |")
+        print(f"| {row['step']} | {'trained' if row['ema'] is None else 'EMA ' + str(row['ema'])} | {judged} | {losses} |")
 
 
 if __name__ == "__main__":

@@ -108,9 +108,12 @@ class _TokenSpy(nn.Module):
         return self.answer(tokens, t)
 
 
-def test_the_time_settings_reach_the_training_times_and_the_sampling_grid():
-    # The head's loss and samples written out with the shifted logit-normal times and grid.
-    shifted = IMAGE_HEAD[:-1] + ", time_distribution: logit_normal, time_shift: 3.0, condition_dropout: 0.0}"
+@pytest.mark.parametrize("sample_shift", [None, 2.0])
+def test_the_time_settings_reach_the_training_times_and_the_sampling_grid(sample_shift):
+    # The head's loss and samples written out with the shifted logit-normal times and the grid's own
+    # shift: uniform unless sample_shift is set, whatever the training times' shift.
+    grid = "" if sample_shift is None else f", sample_shift: {sample_shift}"
+    shifted = IMAGE_HEAD[:-1] + f", time_distribution: logit_normal, time_shift: 3.0, condition_dropout: 0.0{grid}}}"
     model = _model("text_to_image", shifted)
     flow, batch = model.head(Modality.IMAGE).flow, make_batch()
     source, valid = model.encode(Modality.TEXT, *_text(batch))
@@ -130,8 +133,10 @@ def test_the_time_settings_reach_the_training_times_and_the_sampling_grid():
         condition = flow.queries(model, source, valid).condition
         start = torch.randn((len(images), *flow.shape), generator=torch.Generator().manual_seed(3))
         velocity = lambda x, t: flow.velocity(x, t, condition)  # noqa: E731
-        torch.testing.assert_close(made, integrate(velocity, start, steps=3, sampler="euler", shift=3.0).clamp(-1, 1))
-        assert not torch.allclose(made, integrate(velocity, start, steps=3, sampler="euler").clamp(-1, 1), atol=1e-3)
+        expected = integrate(velocity, start, steps=3, sampler="euler", shift=sample_shift or 1.0).clamp(-1, 1)
+        torch.testing.assert_close(made, expected)
+        other = integrate(velocity, start, steps=3, sampler="euler", shift=3.0 if sample_shift is None else 1.0).clamp(-1, 1)
+        assert not torch.allclose(made, other, atol=1e-3)
 
 
 def test_patch_tokens_are_row_major_round_trip_and_match_the_positions():
@@ -457,3 +462,5 @@ def test_bad_time_settings_are_named_at_config_load():
         load_config(["tiny"], ["model.tasks=[text_to_image]", "model.heads.image={name: flow_matching, time_distribution: beta}"])
     with pytest.raises(ConfigError, match="time_shift > 0, got"):
         load_config(["tiny"], ["model.tasks=[text_to_image]", "model.heads.image={name: flow_matching, time_shift: 0.0}"])
+    with pytest.raises(ConfigError, match="sample_shift must be > 0, got"):
+        load_config(["tiny"], ["model.tasks=[text_to_image]", "model.heads.image={name: flow_matching, sample_shift: -1.0}"])

@@ -11,8 +11,8 @@ suffice (Liu et al. 2022, arXiv:2209.03003).
 
 The time grid is uniform, or moved toward noise by SD3's shift (``losses/flow_matching.py``
 ``shift_times``; Esser et al. 2024, arXiv:2403.03206), which gives the steps where the image's
-layout is decided (small t) more of the budget; a flow trained with shifted times is sampled with
-the same shift.
+layout is decided (small t) more of the budget. SD3 samples with the shift it trained with; the
+flow image heads keep the two apart (``heads/flow_image.py`` says why).
 
 Classifier-free guidance (Ho and Salimans 2022, arXiv:2207.12598): v = v_u + w (v_c - v_u) with
 v_u the velocity under the empty condition; w = 1 is the conditional model alone. A condition with
