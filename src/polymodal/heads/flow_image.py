@@ -15,9 +15,10 @@ classifier-free guidance ``guidance`` (``decoders/flow_sampling.py``). The two s
 because they pull opposite ways here: the U-Net alone, trained with times shifted toward noise
 (s = 3), read 41.8% of its samples after 1,000 steps on a uniform 8-step grid against 30.1%
 unshifted, and 4.3% on the shifted grid, whose large steps near the data leave grain
-(BENCHMARKS.md, "Guidance 4 and training times shifted toward noise"). With ``read_source`` the condition is the source
-tokens' final states then the queries' (``heads/queries.py``, which says why), with a mask that
-hides the source's padding; a dropped item's source slots are all padding, as the empty condition's.
+(BENCHMARKS.md, "Guidance 4 and training times shifted toward noise"). With ``read_source`` the
+condition is the source tokens' final states then the queries' (``heads/queries.py``, which says
+why), with a mask that hides the source's padding; a dropped item's source slots are all padding,
+as the empty condition's.
 
 Pixels or latents: ``flow_matching`` works on pixels, ``flow_matching_latent`` on the latents of
 the run's VAE (``model.image_tokenizer: {name: vae}``, trained in the run's first stage), divided
