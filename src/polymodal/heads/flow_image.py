@@ -91,19 +91,20 @@ class ImageFlowDecoder(nn.Module):
     def __init__(
         self, dim: int, shape: tuple[int, int, int], *, patch_size: int, num_queries: int, connector: dict,
         train_backbone: bool, read_source: bool, dim_condition: int, decoder: dict, condition_dropout: float,
-        noise_draws: int, sampling: tuple[int, str, float, float], times: tuple[str, float], where: str,
+        noise_draws: int, sampling: tuple[int, str, float], times: tuple[str, float], sample_shift: float, where: str,
     ) -> None:  # fmt: skip
         super().__init__()
         channels, height, width = shape
         if times[0] not in TIME_DISTRIBUTIONS or times[1] <= 0:
             raise ValueError(f"time_distribution must be one of {', '.join(TIME_DISTRIBUTIONS)} and time_shift > 0, got {times}")
         self.times = times  # (distribution, shift) of the training times
-        if sampling[3] <= 0:
-            raise ValueError(f"sample_shift must be > 0, got {sampling[3]}")
+        if sample_shift <= 0:
+            raise ValueError(f"sample_shift must be > 0, got {sample_shift}")
+        self.sample_shift = sample_shift  # of the sampling grid
         if noise_draws < 1:
             raise ValueError(f"noise_draws must be >= 1, got {noise_draws}")
         self.noise_draws = noise_draws
-        self.sampling = sampling  # (steps, sampler, guidance unless a call gives its own; the grid's shift)
+        self.sampling = sampling  # (steps, sampler, guidance) unless a call gives its own
         if patch_size < 1 or height % patch_size or width % patch_size:
             raise ValueError(f"patch_size {patch_size} must divide the flow's map {height} x {width}")
         if not 0.0 <= condition_dropout < 1.0:
@@ -154,7 +155,7 @@ class ImageFlowDecoder(nn.Module):
     ) -> Tensor:  # fmt: skip
         """(B, C, h, w) from noise (drawn from ``generator``) under the source's condition; the
         configured steps, sampler and guidance where a call gives None."""
-        default_steps, default_sampler, default_guidance, grid_shift = self.sampling
+        default_steps, default_sampler, default_guidance = self.sampling
         guidance = default_guidance if guidance is None else guidance
         made = self.queries(trunk, source, source_mask)
         empty = self.queries.empty(trunk, source, num_source=source.shape[1]) if guidance != 1.0 else None
@@ -166,7 +167,7 @@ class ImageFlowDecoder(nn.Module):
         )  # fmt: skip
         return integrate(
             velocity, noise, steps=default_steps if steps is None else steps, sampler=default_sampler if sampler is None else sampler,
-            shift=grid_shift,
+            shift=self.sample_shift,
         )  # fmt: skip
 
 
@@ -218,7 +219,8 @@ class FlowImageHead(nn.Module):
             connector=connector or DEFAULT_CONNECTOR, train_backbone=train_backbone, read_source=read_source,
             dim_condition=dim_condition,
             decoder=decoder or {}, condition_dropout=condition_dropout, noise_draws=noise_draws,
-            sampling=(steps, sampler, guidance, sample_shift), times=(time_distribution, time_shift), where="model.heads.image",
+            sampling=(steps, sampler, guidance), times=(time_distribution, time_shift), sample_shift=sample_shift,
+            where="model.heads.image",
         )  # fmt: skip
 
     def init_weights(self) -> None:
@@ -281,7 +283,8 @@ class LatentFlowImageHead(nn.Module):
             connector=connector or DEFAULT_CONNECTOR, train_backbone=train_backbone, read_source=read_source,
             dim_condition=dim_condition,
             decoder=decoder or {}, condition_dropout=condition_dropout, noise_draws=noise_draws,
-            sampling=(steps, sampler, guidance, sample_shift), times=(time_distribution, time_shift), where="model.heads.image",
+            sampling=(steps, sampler, guidance), times=(time_distribution, time_shift), sample_shift=sample_shift,
+            where="model.heads.image",
         )  # fmt: skip
 
     def init_weights(self) -> None:
