@@ -119,7 +119,7 @@ def test_the_time_settings_reach_the_training_times_and_the_sampling_grid(sample
     source, valid = model.encode(Modality.TEXT, *_text(batch))
     images = batch.inputs[Modality.IMAGE]
     torch.manual_seed(5)
-    loss = flow.loss(model, source, valid, images)[1]["flow_matching"]
+    _, loss = flow.loss(model, source, valid, images)
     torch.manual_seed(5)
     condition = flow.queries(model, source, valid).condition
     noise = torch.randn_like(images)
@@ -210,7 +210,7 @@ def test_padding_the_source_changes_no_loss(decoder):
     for seed in (5, 6):
         for s, m in ((source, valid), (padded, padded_valid)):
             torch.manual_seed(seed)
-            losses.append(flow.loss(model, s, m, batch.inputs[Modality.IMAGE])[1]["flow_matching"])
+            losses.append(flow.loss(model, s, m, batch.inputs[Modality.IMAGE])[1])
     torch.testing.assert_close(losses[1], losses[0], rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(losses[3], losses[2], rtol=1e-5, atol=1e-6)
     assert not torch.allclose(losses[0], losses[2])  # other draws, another loss: the comparison can fail
@@ -249,7 +249,7 @@ def test_with_read_source_off_the_loss_is_the_queries_alone_bitwise():
     source, valid = model.encode(Modality.TEXT, *_text(batch))
     images = batch.inputs[Modality.IMAGE]
     torch.manual_seed(5)
-    loss = flow.loss(model, source, valid, images)[1]["flow_matching"]
+    loss = flow.loss(model, source, valid, images)[1]
     torch.manual_seed(5)
     condition = flow.queries.connector(flow.queries._pass(model, source, valid)[:, source.shape[1] :])
     dropped = torch.rand(len(images)) < 0.5

@@ -174,14 +174,11 @@ class FlowUNet(nn.Module):
         attention_levels: how many of the coarsest levels read the condition by cross-attention
             (the middle always does when there is a condition).
         num_heads: attention heads.
-        dim_guide: values per token of a guide map read beside the noisy tokens (the flow image
-            heads' coarse preview, upsampled); 0: none.
     """
 
     def __init__(
         self, dim_in: int, layout: int | tuple[int, int], dim_context: int | None = None, *, channels: int = 32,
         channel_mults: tuple[int, ...] = (1, 2, 2), num_res_blocks: int = 1, attention_levels: int = 2, num_heads: int = 4,
-        dim_guide: int = 0,
     ) -> None:  # fmt: skip
         super().__init__()
         widths = [channels * m for m in channel_mults]
@@ -195,14 +192,12 @@ class FlowUNet(nn.Module):
             raise ValueError(f"channels {widths} must divide by {NORM_GROUPS}, 4 and num_heads {num_heads}; num_res_blocks >= 1")
         if not 0 <= attention_levels <= levels:
             raise ValueError(f"attention_levels must lie in [0, {levels}], got {attention_levels}")
-        if dim_guide < 0:
-            raise ValueError(f"dim_guide must be >= 0, got {dim_guide}")
-        self.channels, self.layout, self.dim_guide = channels, (rows, cols), dim_guide
+        self.channels, self.layout = channels, (rows, cols)
         grids = [(rows // 2**i, cols // 2**i) for i in range(levels)]
         reads = [dim_context if i >= levels - attention_levels else None for i in range(levels)]
         dim_time = TIME_WIDTH * channels
         self.time_mlp = nn.Sequential(nn.Linear(channels, dim_time), nn.SiLU(), nn.Linear(dim_time, dim_time))
-        self.in_conv = nn.Conv2d(dim_in + dim_guide, channels, KERNEL, padding=KERNEL // 2)
+        self.in_conv = nn.Conv2d(dim_in, channels, KERNEL, padding=KERNEL // 2)
         stage = {"dim_time": dim_time, "num_blocks": num_res_blocks, "num_heads": num_heads}
         self.down = nn.ModuleList(Stage(([channels] + widths)[i], widths[i], grid=grids[i], dim_context=reads[i], **stage) for i in range(levels))
         self.downsample = nn.ModuleList(nn.Conv2d(w, w, KERNEL, stride=2, padding=KERNEL // 2) for w in widths[:-1])
@@ -225,9 +220,7 @@ class FlowUNet(nn.Module):
             part.init_weights()
         _near_zero(self.out_conv)  # the network starts near the zero velocity
 
-    def forward(
-        self, x: Tensor, t: Tensor, *, context: Tensor | None = None, context_mask: Tensor | None = None, guide: Tensor | None = None,
-    ) -> Tensor:  # fmt: skip
+    def forward(self, x: Tensor, t: Tensor, *, context: Tensor | None = None, context_mask: Tensor | None = None) -> Tensor:
         """The velocity at (x, t).
 
         Args:
@@ -235,7 +228,6 @@ class FlowUNet(nn.Module):
             t: (B,) flow times in [0, 1].
             context: (B, Nc, dim_context) condition tokens, when built with them.
             context_mask: (B, Nc) True on real condition tokens (padding is never read), or None.
-            guide: (B, rows * cols, dim_guide) the guide map's tokens, when built with ``dim_guide``.
 
         Returns:
             (B, rows * cols, dim_in).
@@ -245,10 +237,6 @@ class FlowUNet(nn.Module):
         rows, cols = self.layout
         if x.shape[1] != rows * cols:
             raise ValueError(f"{x.shape[1]} tokens; the U-Net draws a {rows} x {cols} grid of {rows * cols}")
-        if (guide is None) != (self.dim_guide == 0):
-            raise ValueError("give guide exactly when the network was built with dim_guide")
-        if guide is not None:
-            x = torch.cat([x, guide.to(x.dtype)], dim=-1)  # (B, rows cols, dim_in + dim_guide)
         h = self.in_conv(rearrange(x, "b (h w) c -> b c h w", h=rows))  # (B, channels, rows, cols)
         time = self.time_mlp(sinusoidal_embedding(t * TIME_SCALE, self.channels).to(h.dtype))  # (B, dim_time)
         skips = []

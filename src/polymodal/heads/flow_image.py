@@ -60,7 +60,6 @@ from polymodal.tokenizers.vae import measure_latent_scale
 DEFAULT_CONNECTOR = {"name": "mlp"}
 CONDITION_DROPOUT = 0.1  # MetaQuery's share of empty captions in training
 LOSS_NAME = "flow_matching"
-PREVIEW_LOSS = "preview"
 
 
 def check_flow_settings(settings: Mapping[str, Any], where: str) -> None:
@@ -73,8 +72,6 @@ def check_flow_settings(settings: Mapping[str, Any], where: str) -> None:
     FLOW_NETWORKS.check(network_spec(decoder), where=f"{where}.decoder")
     if settings.get("sampler", "heun") not in SAMPLERS:
         raise ConfigError(f"{where}.sampler: {settings['sampler']!r} is not valid; valid: {', '.join(SAMPLERS)}")
-    if settings.get("preview", 0) and network_spec(decoder)["name"] != "unet":
-        raise ConfigError(f"{where}.preview: the preview guides a U-Net only; set {where}.decoder.name: unet, or preview: 0")
     if settings.get("time_distribution", "uniform") not in TIME_DISTRIBUTIONS:
         raise ConfigError(
             f"{where}.time_distribution: {settings['time_distribution']!r} is not valid; valid: {', '.join(TIME_DISTRIBUTIONS)}"
@@ -95,13 +92,9 @@ class ImageFlowDecoder(nn.Module):
         self, dim: int, shape: tuple[int, int, int], *, patch_size: int, num_queries: int, connector: dict,
         train_backbone: bool, read_source: bool, dim_condition: int, decoder: dict, condition_dropout: float,
         noise_draws: int, sampling: tuple[int, str, float], times: tuple[str, float], sample_shift: float, where: str,
-        preview: int = 0,
     ) -> None:  # fmt: skip
         super().__init__()
         channels, height, width = shape
-        if preview < 0 or (preview and (height % preview or width % preview)):
-            raise ValueError(f"preview must be 0 (none) or a factor that divides the flow's map {height} x {width}, got {preview}")
-        self.preview = preview
         if times[0] not in TIME_DISTRIBUTIONS or times[1] <= 0:
             raise ValueError(f"time_distribution must be one of {', '.join(TIME_DISTRIBUTIONS)} and time_shift > 0, got {times}")
         self.times = times  # (distribution, shift) of the training times
@@ -120,49 +113,26 @@ class ImageFlowDecoder(nn.Module):
         self.grid = (height // patch_size, width // patch_size)
         self.queries = LearnableQueries(
             dim, dim_condition, Modality.IMAGE, num_queries=num_queries, connector=connector, train_backbone=train_backbone,
-            read_source=read_source, teach=bool(preview), where=where,
+            read_source=read_source, where=where,
         )  # fmt: skip
-        dim_token = channels * patch_size**2
-        guide = {"dim_guide": dim_token} if preview else {}  # the upsampled preview, patch by patch beside the noisy tokens
-        self.network = FLOW_NETWORKS.build(network_spec(decoder), dim_token, self.grid, dim_condition, where=f"{where}.decoder", **guide)
-        self.preview_shape = (channels, height // preview, width // preview) if preview else None
-        # The queries' condition tokens, flattened, to the preview's values: one linear map.
-        self.preview_map = nn.Linear(num_queries * dim_condition, channels * height * width // preview**2) if preview else None
+        self.network = FLOW_NETWORKS.build(network_spec(decoder), channels * patch_size**2, self.grid, dim_condition, where=f"{where}.decoder")
 
     def init_weights(self) -> None:
         self.queries.init_weights()
         self.network.init_weights()
-        if self.preview_map is not None:
-            self.preview_map.reset_parameters()
-
-    def preview_of(self, condition: Tensor) -> Tensor:
-        """The coarse preview (B, C, h / f, w / f) the condition's query tokens (its last N) say."""
-        queries = condition[:, -self.queries.queries.shape[0] :].flatten(1)  # (B, N dim_condition)
-        return self.preview_map(queries).view(len(condition), *self.preview_shape)
-
-    def _guide(self, condition: Tensor) -> Tensor:
-        """(B, h' w', C p p) the condition's preview, detached, upsampled to the map and cut into patch tokens."""
-        preview = nn.functional.interpolate(self.preview_of(condition).detach(), size=self.shape[1:], mode="bilinear", align_corners=False)
-        return rearrange(preview, "b c (h p) (w q) -> b (h w) (c p q)", p=self.patch, q=self.patch)
 
     def velocity(self, x: Tensor, t: Tensor, condition: Tensor, mask: Tensor | None = None) -> Tensor:
         """v(x_t, t, condition): (B, C, h, w), (B,), (B, Nc, dim_condition) and its mask (B, Nc)
         (True on real tokens; None: every one) -> (B, C, h, w)."""
         p = self.patch
         tokens = rearrange(x, "b c (h p) (w q) -> b (h w) (c p q)", p=p, q=p)  # (B, h' w', C p p)
-        guide = {"guide": self._guide(condition)} if self.preview else {}
-        velocity = self.network(tokens, t, context=condition, context_mask=mask, **guide)
+        velocity = self.network(tokens, t, context=condition, context_mask=mask)
         return rearrange(velocity, "b (h w) (c p q) -> b c (h p) (w q)", h=self.grid[0], p=p, q=p)
 
-    def loss(self, trunk, source: Tensor, source_mask: Tensor, data: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
-        """(the pass's states (B, Ns + N, D), the loss terms: flow matching and, with a preview,
-        the preview's MSE to the data pooled ``preview`` x ``preview``) for data (B, C, h, w)."""
+    def loss(self, trunk, source: Tensor, source_mask: Tensor, data: Tensor) -> tuple[Tensor, Tensor]:
+        """(the pass's states (B, Ns + N, D), the flow-matching loss) for data (B, C, h, w)."""
         made = self.queries(trunk, source, source_mask)
         condition, mask = made.condition, made.mask
-        terms = {}
-        if self.preview:
-            coarse = nn.functional.avg_pool2d(data.float(), self.preview)  # (B, C, h / f, w / f)
-            terms[PREVIEW_LOSS] = nn.functional.mse_loss(self.preview_of(made.taught).float(), coarse)
         if self.training and self.condition_dropout > 0:
             dropped = torch.rand(len(data), device=data.device) < self.condition_dropout  # (B,)
             empty = self.queries.empty(trunk, source, num_source=source.shape[1])
@@ -176,7 +146,7 @@ class ImageFlowDecoder(nn.Module):
         noise = torch.randn_like(data)
         t = training_times(len(data), distribution=self.times[0], shift=self.times[1], device=data.device)
         velocity = self.velocity(interpolate(noise, data, t), t, condition, mask)
-        return made.hidden, {LOSS_NAME: flow_matching_loss(velocity, target_velocity(noise, data)), **terms}
+        return made.hidden, flow_matching_loss(velocity, target_velocity(noise, data))
 
     @torch.no_grad()
     def sample(
@@ -228,11 +198,6 @@ class FlowImageHead(nn.Module):
         time_shift: SD3's shift of the training times toward noise (1: none).
         sample_shift: the same shift of the sampling grid (1: uniform), apart from the training
             times' (the module docstring says why).
-        preview: f > 0: the queries also say a coarse preview, the image averaged over f x f
-            blocks, by one linear map from their condition tokens, trained by MSE (logged as
-            ``<task>_preview``) through the queries into the backbone whatever
-            ``train_backbone`` says; the U-Net reads it, upsampled and detached, beside the noisy
-            image (the module docstring says why). 0: none. Needs the U-Net.
     """
 
     target = Modality.IMAGE
@@ -245,7 +210,7 @@ class FlowImageHead(nn.Module):
         train_backbone: bool = True, read_source: bool = False, dim_condition: int = 128, decoder: dict | None = None,
         condition_dropout: float = CONDITION_DROPOUT, noise_draws: int = 1, guidance: float = 2.0, sampler: str = "heun",
         steps: int = 10, time_distribution: str = "uniform", time_shift: float = 1.0,
-        sample_shift: float = 1.0, preview: int = 0,
+        sample_shift: float = 1.0,
     ) -> None:  # fmt: skip
         super().__init__()
         height, width = wiring.shapes.image_size
@@ -255,15 +220,15 @@ class FlowImageHead(nn.Module):
             dim_condition=dim_condition,
             decoder=decoder or {}, condition_dropout=condition_dropout, noise_draws=noise_draws,
             sampling=(steps, sampler, guidance), times=(time_distribution, time_shift), sample_shift=sample_shift,
-            preview=preview, where="model.heads.image",
+            where="model.heads.image",
         )  # fmt: skip
 
     def init_weights(self) -> None:
         self.flow.init_weights()
 
     def loss(self, trunk, source: Tensor, source_mask: Tensor, target: Targets) -> HeadOutput:
-        hidden, terms = self.flow.loss(trunk, source, source_mask, target.values)
-        return HeadOutput(hidden, terms)
+        hidden, loss = self.flow.loss(trunk, source, source_mask, target.values)
+        return HeadOutput(hidden, {LOSS_NAME: loss})
 
     @torch.no_grad()
     def generate(
@@ -299,7 +264,7 @@ class LatentFlowImageHead(nn.Module):
         connector: dict | None = None, train_backbone: bool = True, read_source: bool = False, dim_condition: int = 128,
         decoder: dict | None = None, condition_dropout: float = CONDITION_DROPOUT, noise_draws: int = 1, guidance: float = 2.0,
         sampler: str = "heun", steps: int = 10, time_distribution: str = "uniform", time_shift: float = 1.0,
-        sample_shift: float = 1.0, preview: int = 0,
+        sample_shift: float = 1.0,
     ) -> None:  # fmt: skip
         super().__init__()
         tokenizer = wiring.image_tokenizer
@@ -319,7 +284,7 @@ class LatentFlowImageHead(nn.Module):
             dim_condition=dim_condition,
             decoder=decoder or {}, condition_dropout=condition_dropout, noise_draws=noise_draws,
             sampling=(steps, sampler, guidance), times=(time_distribution, time_shift), sample_shift=sample_shift,
-            preview=preview, where="model.heads.image",
+            where="model.heads.image",
         )  # fmt: skip
 
     def init_weights(self) -> None:
@@ -342,8 +307,8 @@ class LatentFlowImageHead(nn.Module):
         if self.training and torch.isnan(self.latent_scale):
             self.latent_scale.fill_(measure_latent_scale(latents).item())
         latents = latents / self.scale()
-        hidden, terms = self.flow.loss(trunk, source, source_mask, latents)
-        return HeadOutput(hidden, terms)
+        hidden, loss = self.flow.loss(trunk, source, source_mask, latents)
+        return HeadOutput(hidden, {LOSS_NAME: loss})
 
     @torch.no_grad()
     def generate(

@@ -14,13 +14,6 @@ weights and of the source tokens, so gradients still flow through the backbone i
 states handed back for other tasks (the contrastive task pools them) then come from a separate,
 ordinary pass over the source alone, so their gradients are unchanged.
 
-With ``teach`` (the flow image heads' ``preview``) the pass runs on the backbone's own weights
-whatever ``train_backbone`` says, and the condition comes back twice: ``taught``, the connector
-over the pass's states, for a loss that should train the backbone through the queries (the
-preview's regression), and ``condition``, the connector over the same states detached when
-``train_backbone`` is False, so the generator's loss still stops at the connector. The source
-positions of such a pass are ordinary states, handed back as they are.
-
 With ``read_source`` the condition is the connector over the backbone's final states of the
 source tokens (the caption's own token states) followed by the queries' states, with a mask that
 hides the source's padding. MetaQuery passes only the queries; the reason here is measured: with a
@@ -63,14 +56,11 @@ class QueryCondition:
             (Nc = Ns + N), zero on the source's padding.
         mask: (B, Nc) True on real condition tokens, with ``read_source``; None (every token real)
             without.
-        taught: with ``teach``, the connector over the pass's states with their gradients (equal
-            to ``condition`` in value); None without.
     """
 
     hidden: Tensor
     condition: Tensor
     mask: Tensor | None = None
-    taught: Tensor | None = None
 
 
 class _DetachedWeights:
@@ -97,19 +87,17 @@ class LearnableQueries(nn.Module):
         train_backbone: whether the generator's loss trains the backbone and the source encoders.
         read_source: whether the condition also carries the source tokens' final states, before
             the queries' (see the module's docstring).
-        teach: whether the pass trains the backbone for ``QueryCondition.taught`` whatever
-            ``train_backbone`` says (see the module's docstring).
         where: the config key of the head, for errors.
     """
 
     def __init__(
         self, dim: int, dim_out: int, target: Modality, *, num_queries: int, connector: dict, train_backbone: bool,
-        read_source: bool = False, teach: bool = False, where: str,
+        read_source: bool = False, where: str,
     ) -> None:  # fmt: skip
         super().__init__()
         if num_queries < 1:
             raise ValueError(f"num_queries must be >= 1, got {num_queries}")
-        self.target, self.train_backbone, self.read_source, self.teach = target, train_backbone, read_source, teach
+        self.target, self.train_backbone, self.read_source = target, train_backbone, read_source
         self.queries = nn.Parameter(torch.zeros(num_queries, dim))
         self.connector = CONNECTORS.build(connector, dim, dim_out, where=f"{where}.connector")
         self.init_weights()
@@ -123,7 +111,7 @@ class LearnableQueries(nn.Module):
         queries = self.queries.expand(source.shape[0], -1, -1)  # (N, D) -> (B, N, D)
         type_row = trunk.type_embedding(self.target, queries)  # (D,), shared with the trunk's inputs
         every = torch.ones(queries.shape[:2], dtype=torch.bool, device=queries.device)
-        if self.train_backbone or self.teach:
+        if self.train_backbone:
             return trunk.run(source, source_mask, queries + type_row, every)
         frozen = _DetachedWeights(trunk.backbone)
         routing = trunk.routing.options(len(source), source.shape[1], queries.shape[1], device=source.device)  # MoE: per-token modalities
@@ -143,10 +131,6 @@ class LearnableQueries(nn.Module):
     def forward(self, trunk, source: Tensor, source_mask: Tensor) -> QueryCondition:
         """The condition of every item: source (B, Ns, D) and its mask (B, Ns)."""
         hidden = self._pass(trunk, source, source_mask)
-        if self.teach:
-            taught, mask = self._condition(hidden, source_mask)
-            condition = taught if self.train_backbone else self._condition(hidden.detach(), source_mask)[0]
-            return QueryCondition(hidden, condition, mask, taught)
         condition, mask = self._condition(hidden, source_mask)
         if not self.train_backbone:  # hand back ordinary source states (see the module's docstring)
             hidden = torch.cat([trunk.source_states(source, source_mask), hidden[:, source.shape[1] :]], dim=1)
@@ -158,8 +142,6 @@ class LearnableQueries(nn.Module):
         the items' conditions), zeros marked as padding, then the queries' N tokens."""
         none = like.new_zeros(1, 0, like.shape[-1])  # (1, 0, D)
         hidden = self._pass(trunk, none, none.new_zeros(1, 0, dtype=torch.bool))  # (1, N, D)
-        if self.teach and not self.train_backbone:
-            hidden = hidden.detach()  # the generator's loss stops at the connector, as for the items
         condition, mask = self._condition(hidden, none.new_zeros(1, 0, dtype=torch.bool))
         if mask is None or num_source == 0:
             return QueryCondition(hidden, condition, mask)
