@@ -79,6 +79,13 @@ U-Net reads 41.8% after 1,000 steps at guidance 2 against 30.1% unshifted, and a
 
     python benchmarks/bench_flow_dit_alone.py ... --precision bf16 --time-shift 3 --sample-shift 1 --guidance 1,2,3,4 --steps 2000 --evals 1000,2000 --out OUT
 
+Claim (BENCHMARKS.md, "The flow U-Net at patch 4"): at ``--patch 4`` (an 8 x 24 first level) the
+U-Net's step takes a third of the time it takes at patch 2, and per second of training it reads as
+much or more: 78.9% at guidance 4 after 3,000 of 6,000 steps (387 s) against 59.8% at patch 2
+after 1,000 of 2,000 (388 s), and 88.3% after 6,000 (786 s) against 84.0% after 2,000 (848 s).
+
+    python benchmarks/bench_flow_dit_alone.py --decoder unet --patch 4 --channels 32 --channel-mults 1,2,2 --condition-states RUN --precision bf16 --time-shift 3 --sample-shift 1 --guidance 2,4 --steps 6000 --evals 3000,6000 --out OUT
+
 One thread: about 0.75 s per step of 64 images x 2 noise draws at patch 8 (dim 128, 4 blocks).
 """
 
