@@ -508,7 +508,7 @@ def main() -> None:
     parser.add_argument("--channels", type=int, default=32, help="the U-Net's first level")
     parser.add_argument("--channel-mults", default="1,2,2", help="the U-Net's levels")
     parser.add_argument("--time-distribution", default="uniform")
-    parser.add_argument("--time-shift", type=float, default=1.0, help="training times and the sampling grid")
+    parser.add_argument("--time-shift", type=float, default=1.0, help="the training times, and the sampling grid unless --sample-shift is given")
     parser.add_argument("--sample-shift", type=float, help="the sampling grid's own shift (default: --time-shift)")
     parser.add_argument("--prior", action="store_true", help="start the path at a learned mean map of the condition plus noise (Grad-TTS's prior)")
     parser.add_argument("--batch", type=int, default=64)
