@@ -52,7 +52,9 @@ from polymodal.decoders.flow_networks import FLOW_NETWORKS, network_spec
 from polymodal.decoders.flow_sampling import SAMPLERS, guided, integrate
 from polymodal.errors import ConfigError
 from polymodal.heads import HEADS, HeadOutput, HeadWiring, Targets
+from polymodal.heads.image_codes import ImageCodeHead
 from polymodal.heads.queries import LearnableQueries
+from polymodal.heads.text import token_loss
 from polymodal.losses.flow_matching import TIME_DISTRIBUTIONS, flow_matching_loss, interpolate, target_velocity, training_times
 from polymodal.modality import Modality
 from polymodal.tokenizers.vae import measure_latent_scale
@@ -60,6 +62,9 @@ from polymodal.tokenizers.vae import measure_latent_scale
 DEFAULT_CONNECTOR = {"name": "mlp"}
 CONDITION_DROPOUT = 0.1  # MetaQuery's share of empty captions in training
 LOSS_NAME = "flow_matching"
+CODE_LOSS_NAME = "codes"  # flow_matching_codes: the queries' cross-entropy on the item's VQ codes
+INIT_STD = 0.02  # GPT-2 (Radford et al. 2019) initialisation scale
+CODE_TEACHERS = ("linear", "sequence")  # flow_matching_codes: how the queries' states predict the codes
 
 
 def check_flow_settings(settings: Mapping[str, Any], where: str) -> None:
@@ -92,6 +97,7 @@ class ImageFlowDecoder(nn.Module):
         self, dim: int, shape: tuple[int, int, int], *, patch_size: int, num_queries: int, connector: dict,
         train_backbone: bool, read_source: bool, dim_condition: int, decoder: dict, condition_dropout: float,
         noise_draws: int, sampling: tuple[int, str, float], times: tuple[str, float], sample_shift: float, where: str,
+        condition_grad: bool = True,
     ) -> None:  # fmt: skip
         super().__init__()
         channels, height, width = shape
@@ -113,7 +119,7 @@ class ImageFlowDecoder(nn.Module):
         self.grid = (height // patch_size, width // patch_size)
         self.queries = LearnableQueries(
             dim, dim_condition, Modality.IMAGE, num_queries=num_queries, connector=connector, train_backbone=train_backbone,
-            read_source=read_source, where=where,
+            read_source=read_source, condition_grad=condition_grad, where=where,
         )  # fmt: skip
         self.network = FLOW_NETWORKS.build(network_spec(decoder), channels * patch_size**2, self.grid, dim_condition, where=f"{where}.decoder")
 
@@ -229,6 +235,98 @@ class FlowImageHead(nn.Module):
     def loss(self, trunk, source: Tensor, source_mask: Tensor, target: Targets) -> HeadOutput:
         hidden, loss = self.flow.loss(trunk, source, source_mask, target.values)
         return HeadOutput(hidden, {LOSS_NAME: loss})
+
+    @torch.no_grad()
+    def generate(
+        self, trunk, source: Tensor, source_mask: Tensor, *, steps: int | None = None, sampler: str | None = None,
+        guidance: float | None = None, generator: torch.Generator | None = None,
+    ) -> Tensor:  # fmt: skip
+        """Images (B, C, H, W) in [-1, 1]; the configured sampling unless given here."""
+        images = self.flow.sample(trunk, source, source_mask, steps=steps, sampler=sampler, guidance=guidance, generator=generator)
+        return images.clamp(-1.0, 1.0)
+
+
+@HEADS.register("flow_matching_codes")
+class CodedFlowImageHead(nn.Module):
+    """Images by flow matching in pixel space, from learnable queries that the item's own VQ codes
+    teach: one query per column of the run's code grid (stage 1's frozen VQ-VAE), whose final state
+    predicts that column's codes by cross-entropy (logged as ``<task>_codes``). That loss trains the
+    queries, the backbone and the source encoders; the flow loss trains only the connector and the
+    velocity network (``LearnableQueries(condition_grad=False)``).
+
+    Why: from scratch, the flow loss alone does not teach the text path what a caption draws where
+    (the ``metaquery`` preset reads 3-7% of its images as the asked number), while a velocity
+    network conditioned on the caption states of a backbone that cross-entropy on VQ codes has
+    trained draws the asked number (BENCHMARKS.md, "The `metaquery` head on a trained `generation`
+    run's backbone"). Here one run gives the backbone that signal and trains the generator on it.
+
+    Args:
+        wiring: needs ``image_tokenizer``: a trained VQ-VAE (``model.image_tokenizer: {name: vqvae}``).
+        the rest: as ``FlowImageHead``; the queries are as many as the code grid's columns, and the
+            backbone always learns from the codes' loss.
+    """
+
+    target = Modality.IMAGE
+    reads_references = False
+    needs_image_tokenizer = True
+    check_settings = staticmethod(check_flow_settings)
+
+    def __init__(
+        self, wiring: HeadWiring, *, patch_size: int = 4, connector: dict | None = None, read_source: bool = False,
+        dim_condition: int = 128, decoder: dict | None = None, condition_dropout: float = CONDITION_DROPOUT,
+        noise_draws: int = 1, guidance: float = 2.0, sampler: str = "heun", steps: int = 10,
+        time_distribution: str = "uniform", time_shift: float = 1.0, sample_shift: float = 1.0, code_teacher: str = "linear",
+    ) -> None:  # fmt: skip
+        super().__init__()
+        if code_teacher not in CODE_TEACHERS:
+            raise ConfigError(f"model.heads.image.code_teacher: {code_teacher!r} is not valid; valid: {', '.join(CODE_TEACHERS)}")
+        tokenizer = wiring.image_tokenizer
+        if tokenizer is None or not hasattr(tokenizer, "num_codes"):
+            raise ConfigError("the flow_matching_codes head needs a trained VQ image tokenizer: set model.image_tokenizer: {name: vqvae}")
+        tokenizer.requires_grad_(False)
+        self.tokenizer = tokenizer.eval()
+        height, width = wiring.shapes.image_size
+        self.code_grid = tokenizer.token_grid(height, width)  # (h, w)
+        rows, columns = self.code_grid
+        self.num_codes = tokenizer.num_codes
+        self.flow = ImageFlowDecoder(
+            wiring.dim, (wiring.shapes.image_channels, height, width), patch_size=patch_size, num_queries=columns,
+            connector=connector or DEFAULT_CONNECTOR, train_backbone=True, read_source=read_source, dim_condition=dim_condition,
+            decoder=decoder or {}, condition_dropout=condition_dropout, noise_draws=noise_draws,
+            sampling=(steps, sampler, guidance), times=(time_distribution, time_shift), sample_shift=sample_shift,
+            where="model.heads.image", condition_grad=False,
+        )  # fmt: skip
+        self.code_head = nn.Linear(wiring.dim, rows * self.num_codes)  # a query's state -> its column's codes
+        # sequence: the codes column after column through the backbone, reading the queries' states alone as their source
+        self.teacher = ImageCodeHead(wiring, order="columns", group=(rows, 1)) if code_teacher == "sequence" else None
+
+    def init_weights(self) -> None:
+        self.flow.init_weights()
+        nn.init.normal_(self.code_head.weight, std=INIT_STD)
+        nn.init.zeros_(self.code_head.bias)
+
+    def train(self, mode: bool = True) -> "CodedFlowImageHead":
+        """As ``nn.Module.train``, but the frozen tokenizer stays in eval mode (its EMA codebook must not move)."""
+        super().train(mode)
+        self.tokenizer.eval()
+        return self
+
+    def code_logits(self, queries: Tensor) -> Tensor:
+        """(B, w, D) the queries' final states -> (B, w, h, K) logits of each column's codes, top to bottom."""
+        return rearrange(self.code_head(queries), "b w (h k) -> b w h k", k=self.num_codes)
+
+    def loss(self, trunk, source: Tensor, source_mask: Tensor, target: Targets) -> HeadOutput:
+        hidden, flow = self.flow.loss(trunk, source, source_mask, target.values)
+        grid = self.tokenizer.encode(target.values)  # (B, h, w)
+        queries = hidden[:, source.shape[1] :]  # (B, w, D)
+        if self.teacher is not None:
+            every = torch.ones(queries.shape[:2], dtype=torch.bool, device=queries.device)
+            taught = self.teacher.code_loss(trunk, queries, every, self.teacher.to_sequence(grid))
+            codes_loss, metrics = taught.losses[""], taught.metrics
+        else:
+            logits = self.code_logits(queries)  # (B, w, h, K)
+            codes_loss, metrics = token_loss(logits.flatten(1, 2), rearrange(grid, "b h w -> b (w h)"))
+        return HeadOutput(hidden, {LOSS_NAME: flow, CODE_LOSS_NAME: codes_loss}, {"code_acc": metrics["token_acc"]})
 
     @torch.no_grad()
     def generate(

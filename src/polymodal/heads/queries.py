@@ -25,6 +25,10 @@ empty condition then has no source token: its source slots are zeros marked as p
 velocity network that never reads padding sees exactly the queries over no source, and an item
 dropped in training (condition dropout) is exactly the empty condition.
 
+With ``condition_grad`` False the connector reads detached states: the generator's loss trains the
+connector and the generator and stops there, so the queries and the backbone learn only from what
+other losses ask of the queries' states (``flow_matching_codes`` in ``heads/flow_image.py``).
+
 Reference: Pan et al. 2025, Transfer between Modalities with MetaQueries, arXiv:2504.06256.
 """
 
@@ -87,17 +91,20 @@ class LearnableQueries(nn.Module):
         train_backbone: whether the generator's loss trains the backbone and the source encoders.
         read_source: whether the condition also carries the source tokens' final states, before
             the queries' (see the module's docstring).
+        condition_grad: whether the generator's loss reaches past the connector (see the
+            module's docstring).
         where: the config key of the head, for errors.
     """
 
     def __init__(
         self, dim: int, dim_out: int, target: Modality, *, num_queries: int, connector: dict, train_backbone: bool,
-        read_source: bool = False, where: str,
+        read_source: bool = False, condition_grad: bool = True, where: str,
     ) -> None:  # fmt: skip
         super().__init__()
         if num_queries < 1:
             raise ValueError(f"num_queries must be >= 1, got {num_queries}")
         self.target, self.train_backbone, self.read_source = target, train_backbone, read_source
+        self.condition_grad = condition_grad
         self.queries = nn.Parameter(torch.zeros(num_queries, dim))
         self.connector = CONNECTORS.build(connector, dim, dim_out, where=f"{where}.connector")
         self.init_weights()
@@ -121,6 +128,8 @@ class LearnableQueries(nn.Module):
         """The connector over the pass's states (B, Ns + N, D), the source's mask (B, Ns): the
         condition (B, Nc, dim_out) and its mask (B, Nc) or None (``QueryCondition``)."""
         num_source = source_mask.shape[1]
+        if not self.condition_grad:
+            states = states.detach()
         if not self.read_source:
             return self.connector(states[:, num_source:]), None  # (B, N, D) -> (B, N, dim_out)
         every = source_mask.new_ones(len(states), states.shape[1] - num_source)  # (B, N) the queries are real

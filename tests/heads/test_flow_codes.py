@@ -1,0 +1,114 @@
+"""The ``flow_matching_codes`` head: its codes loss is the cross-entropy, written out here, of each
+query's column of the item's own VQ codes; that loss trains the queries, backbone and text encoder
+while the flow loss reaches only the connector and the velocity network; it samples images and
+names a tokenizer without codes at build time."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from batches import SHAPES, make_batch
+
+from polymodal.config import load_config
+from polymodal.errors import ConfigError
+from polymodal.heads import Targets
+from polymodal.modality import Modality
+from polymodal.models.architectures import build_model
+
+# The tiny preset's VQ-VAE: 3 downsamples of a 32 x 96 image, a 4 x 12 code grid of 32 codes.
+HEAD = "{name: flow_matching_codes, patch_size: 8, dim_condition: 32, decoder: {name: unet, channels: 8, channel_mults: [1, 2], num_heads: 2}}"
+
+
+def _model(*extra: str):
+    config = load_config(["tiny"], ["model.tasks=[text_to_image]", f"model.heads.image={HEAD}", *extra])
+    torch.manual_seed(0)
+    return build_model(config, SHAPES)
+
+
+def _source(model, batch):
+    return model.encode(Modality.TEXT, batch.inputs[Modality.TEXT], batch.masks[Modality.TEXT])
+
+
+def test_one_query_per_code_column():
+    head = _model().head(Modality.IMAGE)
+    assert head.code_grid == (4, 12)
+    assert head.flow.queries.queries.shape[0] == 12
+
+
+def test_the_codes_loss_is_each_querys_cross_entropy_on_its_column():
+    model = _model().eval()
+    head, batch = model.head(Modality.IMAGE), make_batch()
+    source, mask = _source(model, batch)
+    images = batch.inputs[Modality.IMAGE]
+    with torch.no_grad():
+        out = head.loss(model, source, mask, Targets(images, None))
+        codes = head.tokenizer.encode(images)  # (B, 4, 12)
+        queries = out.hidden[:, source.shape[1] :]  # (B, 12, D)
+        terms = []
+        for column in range(12):
+            logits = head.code_head(queries[:, column]).view(len(images), 4, head.num_codes)  # rows top to bottom
+            for row in range(4):
+                terms.append(F.cross_entropy(logits[:, row].float(), codes[:, row, column], reduction="none"))
+    expected = torch.stack(terms, dim=1).mean()
+    torch.testing.assert_close(out.losses["codes"], expected, rtol=1e-5, atol=1e-6)
+    assert 0.0 <= out.metrics["code_acc"] <= 1.0
+
+
+def _grads(model, loss: torch.Tensor) -> dict[str, bool]:
+    model.zero_grad(set_to_none=True)
+    loss.backward(retain_graph=True)
+    return {name: p.grad is not None and bool(p.grad.abs().sum() > 0) for name, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize("teacher", ["linear", "sequence"])
+@pytest.mark.parametrize("condition_dropout", [0.0, 0.5])
+def test_the_codes_train_the_text_path_and_the_flow_only_the_generator(condition_dropout, teacher):
+    model = _model(f"model.heads.image.condition_dropout={condition_dropout}", f"model.heads.image.code_teacher={teacher}").train()
+    torch.manual_seed(1)
+    losses = model(make_batch()).losses
+    flow, codes = _grads(model, losses["text_to_image_flow_matching"]), _grads(model, losses["text_to_image_codes"])
+
+    def touched(grads: dict[str, bool], part: str) -> bool:
+        return any(hit for name, hit in grads.items() if name.startswith(part))
+
+    generator = ("heads.image.flow.network", "heads.image.flow.queries.connector")
+    text_path = ("heads.image.flow.queries.queries", "backbone", "inputs")
+    for part in generator:
+        assert touched(flow, part) and not touched(codes, part), part
+    for part in text_path:
+        assert touched(codes, part) and not touched(flow, part), part
+    assert not touched(flow, "heads.image.tokenizer") and not touched(codes, "heads.image.tokenizer")
+    if teacher == "sequence":  # the codes follow the queries' states through the backbone: a second pass
+        assert touched(codes, "heads.image.teacher.code_embed") and not touched(flow, "heads.image.teacher")
+
+
+def test_the_sequence_teacher_reads_the_queries_states_as_its_source():
+    model = _model("model.heads.image.code_teacher=sequence").eval()
+    head, batch = model.head(Modality.IMAGE), make_batch()
+    source, mask = _source(model, batch)
+    images = batch.inputs[Modality.IMAGE]
+    with torch.no_grad():
+        out = head.loss(model, source, mask, Targets(images, None))
+        queries = out.hidden[:, source.shape[1] :]
+        every = torch.ones(queries.shape[:2], dtype=torch.bool)
+        direct = head.teacher.loss(model, queries, every, Targets(images, None))  # vq_codes' own loss on that source
+    torch.testing.assert_close(out.losses["codes"], direct.losses[""])
+    assert head.teacher.num_positions == 12  # one backbone position per code column
+
+
+def test_an_unknown_teacher_is_named():
+    with pytest.raises(ConfigError, match="code_teacher: 'tree' is not valid; valid: linear, sequence"):
+        _model("model.heads.image.code_teacher=tree")
+
+
+def test_it_samples_images_in_range():
+    model = _model().eval()
+    batch = make_batch()
+    images = model.generate(Modality.TEXT, Modality.IMAGE, batch.inputs[Modality.TEXT], batch.masks[Modality.TEXT], steps=2)
+    assert images.shape == (4, 1, 32, 96) and images.abs().max() <= 1.0
+
+
+def test_a_tokenizer_without_codes_is_named():
+    with pytest.raises(ConfigError, match="model.image_tokenizer: {name: vqvae}"):
+        _model("model.image_tokenizer={name: vae, channels: 16, num_downsamples: 3, num_res_blocks: 1, dim: 4}")
