@@ -312,14 +312,7 @@ class CodedFlowImageHead(nn.Module):
         taught = self.teacher.loss(trunk, queries, every, target)
         return HeadOutput(hidden, {LOSS_NAME: flow, CODE_LOSS_NAME: taught.losses[""]}, {"code_acc": taught.metrics["token_acc"]})
 
-    @torch.no_grad()
-    def generate(
-        self, trunk, source: Tensor, source_mask: Tensor, *, steps: int | None = None, sampler: str | None = None,
-        guidance: float | None = None, generator: torch.Generator | None = None,
-    ) -> Tensor:  # fmt: skip
-        """Images (B, C, H, W) in [-1, 1] by the flow path; the configured sampling unless given here."""
-        images = self.flow.sample(trunk, source, source_mask, steps=steps, sampler=sampler, guidance=guidance, generator=generator)
-        return images.clamp(-1.0, 1.0)
+    generate = FlowImageHead.generate  # the flow path alone: the codes teach, they are never drawn
 
 
 @HEADS.register("flow_matching_latent")
