@@ -6,7 +6,7 @@ is what the caption tells the head. For a ``flow_matching_codes`` head it also g
 loss, whose gap says how much of the caption reaches the queries. Works on any run with a flow
 image head, built-in or manifest.
 
-    python benchmarks/probe_flow_captions.py RUN [--checkpoint PATH] [--items 256]
+    python benchmarks/probe_flow_captions.py RUN [--checkpoint auto|best|latest] [--items 256]
 """
 
 from __future__ import annotations

@@ -261,8 +261,9 @@ class CodedFlowImageHead(nn.Module):
     cross-entropy on VQ codes has trained, the same velocity network draws the asked number
     (BENCHMARKS.md, "The `metaquery` head on a trained `generation` run's backbone"). This head
     does both in one run: text->image alone from scratch reads 82.8% / 66.9% (held-out numbers
-    70.0% / 47.0%) at seeds 0 / 1 after 4,000 steps. A linear map from each query's state to its column's codes taught the queries
-    far less (36.95%; BENCHMARKS.md, "Flow image heads whose queries the VQ codes teach").
+    70.0% / 47.0%) at seeds 0 / 1 after 4,000 steps. A linear map from each query's state to its
+    column's codes taught the queries far less (36.95%; BENCHMARKS.md, "Flow image heads whose
+    queries the VQ codes teach").
 
     Args:
         wiring: needs ``image_tokenizer``: a trained VQ-VAE (``model.image_tokenizer: {name: vqvae}``).
