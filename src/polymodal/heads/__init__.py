@@ -21,8 +21,8 @@ alignment search over the image's pixel columns, ``mas_codes.py``),
 ``flow_matching`` / ``flow_matching_latent`` (images: learnable queries, a connector and a
 flow-matching DiT or U-Net, ``flow_image.py``), ``flow_matching_codes`` (the same on pixels,
 its queries taught by the item's VQ codes, ``flow_image.py``) and ``mas_mel`` (speech: durations
-by monotonic alignment search, ``mas_mel.py``). A head's main loss term is ``""`` (named after the task) or a named term
-(the flow heads log ``<task>_flow_matching``).
+by monotonic alignment search, ``mas_mel.py``). A head's main loss term is ``""`` (named after the
+task) or a named term (the flow heads log ``<task>_flow_matching``).
 
 ``trunk`` is the model the head serves (``AnyToAnyModel``): ``trunk.run`` (the prefix-LM pass),
 ``trunk.source_states`` (a pass over a source alone), ``trunk.step`` (new target tokens reading a

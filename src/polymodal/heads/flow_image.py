@@ -262,8 +262,8 @@ class CodedFlowImageHead(nn.Module):
     (BENCHMARKS.md, "The `metaquery` head on a trained `generation` run's backbone"). This head
     does both in one run: text->image alone from scratch reads 82.8% / 66.9% (held-out numbers
     70.0% / 47.0%) at seeds 0 / 1 after 4,000 steps, and seed 0 88.1% (77.7%) sampled at guidance 6
-    with 16 Heun steps, the ``metaquery`` preset's setting. A linear map from each query's state to its
-    column's codes taught the queries far less (36.95%; BENCHMARKS.md, "Flow image heads whose
+    with 16 Heun steps, the ``metaquery`` preset's setting. A linear map from each query's state to
+    its column's codes taught the queries far less (36.95%; BENCHMARKS.md, "Flow image heads whose
     queries the VQ codes teach").
 
     Args:

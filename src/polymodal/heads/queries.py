@@ -20,8 +20,8 @@ hides the source's padding. MetaQuery passes only the queries; the reason here i
 backbone trained from scratch for 1,000 steps on one CPU thread the queries do not carry the
 caption (the ``metaquery`` preset's ``flow_matching`` head read 2.7% of its images as the asked
 number while the same U-Net under a perfect per-slot condition reads 44.1%; BENCHMARKS.md, "A
-U-Net velocity network for the flow image heads"), whereas the caption's token states carry it position by position. The
-empty condition then has no source token: its source slots are zeros marked as padding, so a
+U-Net velocity network for the flow image heads"), whereas the caption's token states carry it
+position by position. The empty condition then has no source token: its source slots are zeros marked as padding, so a
 velocity network that never reads padding sees exactly the queries over no source, and an item
 dropped in training (condition dropout) is exactly the empty condition.
 
