@@ -98,3 +98,35 @@ def test_it_samples_images_in_range():
 def test_a_tokenizer_without_codes_is_named():
     with pytest.raises(ConfigError, match="model.image_tokenizer: {name: vqvae}"):
         _model("model.image_tokenizer={name: vae, channels: 16, num_downsamples: 3, num_res_blocks: 1, dim: 4}")
+
+
+def test_candidates_keep_the_image_whose_codes_the_teacher_finds_likeliest():
+    model = _model("model.heads.image.candidates=3").eval()
+    head, batch = model.head(Modality.IMAGE), make_batch()
+    source, mask = _source(model, batch)
+    with torch.no_grad():
+        kept = head.generate(model, source, mask, steps=2, generator=torch.Generator().manual_seed(5))
+        # The same noise by hand: 3 candidates for each of the 4 items, each item's scores compared.
+        sources, masks = source.repeat(3, 1, 1), mask.repeat(3, 1)
+        drawn = head.flow.sample(model, sources, masks, steps=2, sampler=None, guidance=None, generator=torch.Generator().manual_seed(5))
+        scores = head.code_log_likelihood(model, sources, masks, drawn.clamp(-1, 1)).view(3, 4)
+    assert kept.shape == (4, 1, 32, 96)
+    for item in range(4):
+        torch.testing.assert_close(kept[item], drawn[int(scores[:, item].argmax()) * 4 + item].clamp(-1, 1))
+    assert len({round(float(x), 3) for x in scores.flatten()}) > 1  # the candidates differ
+
+
+def test_the_likelihood_the_candidates_are_ranked_by_is_the_codes_loss():
+    model = _model().eval()
+    head, batch = model.head(Modality.IMAGE), make_batch()
+    source, mask = _source(model, batch)
+    images = batch.inputs[Modality.IMAGE]
+    with torch.no_grad():
+        loss = head.loss(model, source, mask, Targets(images, None)).losses["codes"]  # the mean over 4 items x 48 codes
+        per_item = head.code_log_likelihood(model, source, mask, images)
+    torch.testing.assert_close(-per_item.mean() / 48, loss)
+
+
+def test_candidates_must_be_a_positive_count():
+    with pytest.raises(ConfigError, match="model.heads.image.candidates"):
+        _model("model.heads.image.candidates=0")

@@ -254,7 +254,9 @@ class CodedFlowImageHead(nn.Module):
     reading the image only through the queries). That cross-entropy (logged as ``<task>_codes``)
     trains the queries, the backbone and the source encoders; the flow loss trains only the
     connector and the velocity network (``LearnableQueries(condition_grad=False)``). Generation
-    uses the flow path alone: the codes teach, they are never drawn.
+    uses the flow path; the codes are never drawn. With ``candidates`` K > 1 it draws K images per
+    item and keeps the one whose VQ codes the teacher finds likeliest after the item's queries (the
+    head's own reranker, where DALL-E reranked with a separately trained CLIP).
 
     Why: from scratch, the flow loss alone does not teach the text path what a caption draws where
     (a ``flow_matching`` head reads 3-7% of its images as the asked number). Under a backbone that
@@ -268,6 +270,8 @@ class CodedFlowImageHead(nn.Module):
 
     Args:
         wiring: needs ``image_tokenizer``: a trained VQ-VAE (``model.image_tokenizer: {name: vqvae}``).
+        candidates: images drawn per item at generation, of which the one the teacher finds
+            likeliest is kept (1: no reranking).
         the rest: as ``FlowImageHead``; the queries are as many as the code grid's columns, and the
             backbone always learns from the codes' loss.
     """
@@ -281,9 +285,12 @@ class CodedFlowImageHead(nn.Module):
         self, wiring: HeadWiring, *, patch_size: int = 4, connector: dict | None = None, read_source: bool = False,
         dim_condition: int = 128, decoder: dict | None = None, condition_dropout: float = CONDITION_DROPOUT,
         noise_draws: int = 1, guidance: float = 2.0, sampler: str = "heun", steps: int = 10,
-        time_distribution: str = "uniform", time_shift: float = 1.0, sample_shift: float = 1.0,
+        time_distribution: str = "uniform", time_shift: float = 1.0, sample_shift: float = 1.0, candidates: int = 1,
     ) -> None:  # fmt: skip
         super().__init__()
+        if not isinstance(candidates, int) or candidates < 1:
+            raise ConfigError(f"model.heads.image.candidates: {candidates!r} must be an integer >= 1 (images drawn per item, the likeliest kept)")
+        self.candidates = candidates
         tokenizer = wiring.image_tokenizer
         if tokenizer is None or not hasattr(tokenizer, "num_codes"):
             raise ConfigError("the flow_matching_codes head needs a trained VQ image tokenizer: set model.image_tokenizer: {name: vqvae}")
@@ -314,7 +321,36 @@ class CodedFlowImageHead(nn.Module):
         taught = self.teacher.loss(trunk, queries, every, target)
         return HeadOutput(hidden, {LOSS_NAME: flow, CODE_LOSS_NAME: taught.losses[""]}, {"code_acc": taught.metrics["token_acc"]})
 
-    generate = FlowImageHead.generate  # the flow path alone: the codes teach, they are never drawn
+    @torch.no_grad()
+    def code_log_likelihood(self, trunk, source: Tensor, source_mask: Tensor, images: Tensor) -> Tensor:
+        """log p(codes of each image | the queries' states over its source) under the teacher: (B,)
+        for images (B, C, H, W) and their sources (B, Ns, D), (B, Ns)."""
+        queries = self.flow.queries(trunk, source, source_mask).hidden[:, source.shape[1] :]  # (B, w, D)
+        every = torch.ones(queries.shape[:2], dtype=torch.bool, device=queries.device)
+        teacher = self.teacher
+        codes = teacher.to_sequence(teacher.tokenizer.encode(images))  # (B, h * w), column after column
+        hidden = teacher.teacher_forced(trunk, queries, every, codes)[:, queries.shape[1] :]
+        log_probs = teacher.code_logits(hidden, codes).float().log_softmax(-1)  # (B, h * w, K)
+        return log_probs.gather(-1, codes[..., None]).squeeze(-1).sum(1)
+
+    @torch.no_grad()
+    def generate(
+        self, trunk, source: Tensor, source_mask: Tensor, *, steps: int | None = None, sampler: str | None = None,
+        guidance: float | None = None, generator: torch.Generator | None = None,
+    ) -> Tensor:  # fmt: skip
+        """Images (B, C, H, W) in [-1, 1] by the flow path (the configured sampling unless given
+        here); with ``candidates`` K > 1, of K drawn per item the one whose codes the teacher finds
+        likeliest under the item's source."""
+        k, batch_size = self.candidates, len(source)
+        if k > 1:
+            source, source_mask = source.repeat(k, 1, 1), source_mask.repeat(k, 1)  # candidate c of item b at c * B + b
+        images = self.flow.sample(trunk, source, source_mask, steps=steps, sampler=sampler, guidance=guidance, generator=generator)
+        images = images.clamp(-1.0, 1.0)
+        if k == 1:
+            return images
+        scores = self.code_log_likelihood(trunk, source, source_mask, images).view(k, batch_size)
+        best = scores.argmax(0) * batch_size + torch.arange(batch_size, device=images.device)  # (B,)
+        return images[best]
 
 
 @HEADS.register("flow_matching_latent")
