@@ -75,7 +75,9 @@ def test_the_sequence_teacher_reads_the_queries_states_as_its_source():
         codes = head.teacher.to_sequence(head.tokenizer.encode(images))
         states = head.teacher.teacher_forced(model, queries, every, codes)[:, 12:]  # the code positions'
         others = head.teacher.teacher_forced(model, queries.flip(0), every, codes)[:, 12:]  # under other items' queries
+        per_item = head.code_log_likelihood(model, source, mask, images)  # what candidates are ranked by
     torch.testing.assert_close(out.losses["codes"], direct.losses[""])
+    torch.testing.assert_close(-per_item.mean() / 48, out.losses["codes"])  # 4 items x 48 codes
     assert (states - others).abs().amax(dim=(1, 2)).min() > 1e-3  # every item's codes read its queries' states
     assert head.teacher.num_positions == 12  # one backbone position per code column
 
@@ -114,17 +116,6 @@ def test_candidates_keep_the_image_whose_codes_the_teacher_finds_likeliest():
     for item in range(4):
         torch.testing.assert_close(kept[item], drawn[int(scores[:, item].argmax()) * 4 + item].clamp(-1, 1))
     assert len({round(float(x), 3) for x in scores.flatten()}) > 1  # the candidates differ
-
-
-def test_the_likelihood_the_candidates_are_ranked_by_is_the_codes_loss():
-    model = _model().eval()
-    head, batch = model.head(Modality.IMAGE), make_batch()
-    source, mask = _source(model, batch)
-    images = batch.inputs[Modality.IMAGE]
-    with torch.no_grad():
-        loss = head.loss(model, source, mask, Targets(images, None)).losses["codes"]  # the mean over 4 items x 48 codes
-        per_item = head.code_log_likelihood(model, source, mask, images)
-    torch.testing.assert_close(-per_item.mean() / 48, loss)
 
 
 def test_candidates_must_be_a_positive_count():
