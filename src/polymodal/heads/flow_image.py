@@ -52,7 +52,7 @@ from polymodal.decoders.flow_networks import FLOW_NETWORKS, network_spec
 from polymodal.decoders.flow_sampling import SAMPLERS, guided, integrate
 from polymodal.errors import ConfigError
 from polymodal.heads import HEADS, HeadOutput, HeadWiring, Targets
-from polymodal.heads.image_codes import ImageCodeHead
+from polymodal.heads.image_codes import ImageCodeHead, best_of
 from polymodal.heads.queries import LearnableQueries
 from polymodal.losses.flow_matching import TIME_DISTRIBUTIONS, flow_matching_loss, interpolate, target_velocity, training_times
 from polymodal.modality import Modality
@@ -289,7 +289,9 @@ class CodedFlowImageHead(nn.Module):
     ) -> None:  # fmt: skip
         super().__init__()
         if not isinstance(candidates, int) or candidates < 1:
-            raise ConfigError(f"model.heads.image.candidates: {candidates!r} must be an integer >= 1 (images drawn per item, the likeliest kept)")
+            raise ConfigError(
+                f"model.heads.image.candidates: {candidates!r} must be an integer >= 1 (images drawn per item, the likeliest kept)"
+            )
         self.candidates = candidates
         tokenizer = wiring.image_tokenizer
         if tokenizer is None or not hasattr(tokenizer, "num_codes"):
@@ -327,11 +329,8 @@ class CodedFlowImageHead(nn.Module):
         for images (B, C, H, W) and their sources (B, Ns, D), (B, Ns)."""
         queries = self.flow.queries(trunk, source, source_mask).hidden[:, source.shape[1] :]  # (B, w, D)
         every = torch.ones(queries.shape[:2], dtype=torch.bool, device=queries.device)
-        teacher = self.teacher
-        codes = teacher.to_sequence(teacher.tokenizer.encode(images))  # (B, h * w), column after column
-        hidden = teacher.teacher_forced(trunk, queries, every, codes)[:, queries.shape[1] :]
-        log_probs = teacher.code_logits(hidden, codes).float().log_softmax(-1)  # (B, h * w, K)
-        return log_probs.gather(-1, codes[..., None]).squeeze(-1).sum(1)
+        codes = self.teacher.to_sequence(self.tokenizer.encode(images))  # (B, h * w), column after column
+        return self.teacher.log_likelihood(trunk, queries, every, codes)
 
     @torch.no_grad()
     def generate(
@@ -341,16 +340,13 @@ class CodedFlowImageHead(nn.Module):
         """Images (B, C, H, W) in [-1, 1] by the flow path (the configured sampling unless given
         here); with ``candidates`` K > 1, of K drawn per item the one whose codes the teacher finds
         likeliest under the item's source."""
-        k, batch_size = self.candidates, len(source)
-        if k > 1:
-            source, source_mask = source.repeat(k, 1, 1), source_mask.repeat(k, 1)  # candidate c of item b at c * B + b
+        k = self.candidates
+        source, source_mask = source.repeat(k, 1, 1), source_mask.repeat(k, 1)  # candidate c of item b at c * B + b
         images = self.flow.sample(trunk, source, source_mask, steps=steps, sampler=sampler, guidance=guidance, generator=generator)
         images = images.clamp(-1.0, 1.0)
         if k == 1:
             return images
-        scores = self.code_log_likelihood(trunk, source, source_mask, images).view(k, batch_size)
-        best = scores.argmax(0) * batch_size + torch.arange(batch_size, device=images.device)  # (B,)
-        return images[best]
+        return best_of(images, self.code_log_likelihood(trunk, source, source_mask, images), k)
 
 
 @HEADS.register("flow_matching_latent")

@@ -225,13 +225,16 @@ class ImageCodeHead(nn.Module):
         return trunk.run(source, source_mask, inputs, every)
 
     @torch.no_grad()
+    def log_likelihood(self, trunk, source: Tensor, source_mask: Tensor, codes: Tensor) -> Tensor:
+        """log p(codes | source) per item (B,), for codes (B, h * w) in ``order``: one teacher-forced pass."""
+        hidden = self.teacher_forced(trunk, source, source_mask, codes)[:, source.shape[1] :]
+        log_probs = self.code_logits(hidden, codes).float().log_softmax(-1)  # (B, h * w, K)
+        return log_probs.gather(-1, codes[..., None]).squeeze(-1).sum(1)
+
+    @torch.no_grad()
     def source_specificity(self, trunk, source: Tensor, source_mask: Tensor, codes: Tensor) -> Tensor:
         """log p(codes | source) - log p(codes | empty source) per item (B,), for codes (B, h * w) in ``order``."""
-        twice = torch.cat([codes, codes])
-        both = self.teacher_forced(trunk, *self.with_empty_source(source, source_mask), twice)
-        log_probs = self.code_logits(both[:, source.shape[1] :], twice).float().log_softmax(-1)  # (2B, h * w, K)
-        per_item = log_probs.gather(-1, twice[..., None]).squeeze(-1).sum(1)  # (2B,)
-        conditional, empty = per_item.chunk(2)
+        conditional, empty = self.log_likelihood(trunk, *self.with_empty_source(source, source_mask), torch.cat([codes, codes])).chunk(2)
         return conditional - empty
 
     @torch.no_grad()
@@ -247,12 +250,10 @@ class ImageCodeHead(nn.Module):
         sampling = dict(temperature=temperature, top_k=top_k, top_p=top_p, guidance=guidance, generator=generator)
         if self.candidates == 1:
             return self.to_grid(self.draw_sequences(trunk, source, source_mask, **sampling))
-        k, batch_size = self.candidates, len(source)
+        k = self.candidates
         source, source_mask = source.repeat(k, 1, 1), source_mask.repeat(k, 1)  # candidate c of item b at c * B + b
         drawn = self.draw_sequences(trunk, source, source_mask, **sampling)  # (K B, h * w)
-        scores = self.source_specificity(trunk, source, source_mask, drawn).view(k, batch_size)
-        best = scores.argmax(0) * batch_size + torch.arange(batch_size, device=drawn.device)  # (B,)
-        return self.to_grid(drawn[best])
+        return self.to_grid(best_of(drawn, self.source_specificity(trunk, source, source_mask, drawn), k))
 
     def draw_sequences(
         self, trunk, source: Tensor, source_mask: Tensor, *, temperature: float, top_k: int, top_p: float, guidance: float,
@@ -304,6 +305,14 @@ class ImageCodeHead(nn.Module):
             trunk, source, source_mask, temperature=temperature, top_k=top_k, top_p=top_p, guidance=guidance, generator=generator
         )
         return self.tokenizer.decode(codes).clamp(-1.0, 1.0)
+
+
+def best_of(drawn: Tensor, scores: Tensor, k: int) -> Tensor:
+    """Of K candidates per item, laid out as candidate c of item b at row c * B + b of ``drawn``
+    (K B, ...) and ``scores`` (K B,), the best-scoring one of each item: (B, ...)."""
+    batch_size = len(drawn) // k
+    best = scores.view(k, batch_size).argmax(0) * batch_size + torch.arange(batch_size, device=drawn.device)  # (B,)
+    return drawn[best]
 
 
 def check_group(group, grid: tuple[int, int]) -> tuple[int, int]:
