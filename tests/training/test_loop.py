@@ -5,6 +5,7 @@ step; and the precision policy."""
 import dataclasses
 import json
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -13,6 +14,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from torch import nn
 from torch.utils.data import Dataset
 
+import polymodal.training.step_record as step_record
 from polymodal.config import Config, TrainConfig
 from polymodal.models.output import StepOutput
 from polymodal.training.checkpoint import CheckpointError
@@ -240,3 +242,19 @@ def test_prefetching_batches_ahead_trains_exactly_as_collating_in_step(tmp_path)
         losses.append(result.losses)
     assert weights[0].keys() == weights[1].keys() and all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
     assert losses[0] == losses[1]
+
+
+def test_the_mfu_peak_is_timed_before_the_prefetch_thread_collates(tmp_path, monkeypatch):
+    """The matmul peak behind MFU is probed while no collation thread shares the cores, which would
+    read the peak low and every logged MFU high."""
+    threads_at_probe = []
+
+    def probe(dtype, device):
+        threads_at_probe.append([t.name for t in threading.enumerate()])
+        return 1e9
+
+    monkeypatch.setattr(step_record, "matmul_peak", probe)
+    config = _config(steps=3, log_every=1)
+    config = dataclasses.replace(config, train=dataclasses.replace(config.train, prefetch=2))
+    fit(_model(), ToyData(), ToyCollate(), config, tmp_path / "run")
+    assert len(threads_at_probe) == 1 and "polymodal-prefetch" not in threads_at_probe[0]

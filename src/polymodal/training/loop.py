@@ -309,9 +309,12 @@ def fit(
     train, run_dir = config.train, Path(run_dir)
     state = start_state(model, config, run_dir, resume=resume)
     log.info("training on %s, autocast %s, from step %d of %d", state.device, state.dtype or "off (fp32)", state.step, train.steps)
+    # The recorder times its matmul peak (MFU's denominator) before the prefetch thread starts
+    # collating: on 2 cores a collating thread beside the probe can read the peak low (BENCHMARKS.md,
+    # "The main job on the EPYC with AVX-512 BF16 again").
+    record = StepRecorder.start(run_dir, state, train, resume=resume, counts_skips=hasattr(collate_fn, "num_skipped"))
     batches = data_stream(dataset, collate_fn, config, state)
     trainer = data_parallel(model, state.device, gradient_surgery=state.surgery is not None)  # model itself in one process
-    record = StepRecorder.start(run_dir, state, train, resume=resume, counts_skips=hasattr(collate_fn, "num_skipped"))
     losses: dict[str, float] = {}
     model.train()
     stopped = any_rank(should_stop is not None and state.step > 0 and should_stop(state.step))
