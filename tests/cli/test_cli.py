@@ -165,3 +165,19 @@ def test_a_selected_augmented_speech_run_scores_a_manifest_by_speaker(tmp_path, 
     saved = json.loads((run_dir / "eval_real.json").read_text())
     assert saved["checkpoint"].endswith("best") and saved["figures"]["audio_to_text"]["count"] == 3
     assert main(["eval", str(run_dir), "--by", "speaker"]) == 2  # --by needs --manifest
+
+
+def test_a_resumed_run_reads_its_overrides_against_its_own_config(tmp_path):
+    """`--resume` with a setting only the run's own head has: checked against the run's saved
+    config, not the default preset's (whose `aligned_vq` head refused `candidates`)."""
+    from polymodal.cli.main import build_parser
+    from polymodal.cli.train import resolve
+    from polymodal.config import dump_config, load_config
+
+    run_dir = tmp_path / "mq"
+    run_dir.mkdir()
+    dump_config(load_config(["metaquery"], [f"run_dir={run_dir}"]), run_dir / "config.yaml")
+    args = build_parser().parse_args(["train", "--resume", f"run_dir={run_dir}", "model.heads.image.candidates=2", "train.steps=7"])
+    config = resolve(args)
+    assert config.model.heads["image"]["candidates"] == 2 and config.train.steps == 7
+    assert config.model.heads["image"]["name"] == "flow_matching_codes"

@@ -15,6 +15,7 @@ import argparse
 
 from polymodal.config import Config, load_config, load_run_config
 from polymodal.distributed import launch
+from polymodal.overrides import parse_override
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -35,11 +36,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def resolve(args: argparse.Namespace) -> Config:
-    config = load_config(args.config, args.overrides)
     if not args.resume:
-        return config
-    # A resumed run keeps the config it started with; key=value (e.g. train.steps=3000) still applies.
-    return load_run_config(config.run_dir, args.overrides)
+        return load_config(args.config, args.overrides)
+    # A resumed run keeps the config it started with; key=value (e.g. train.steps=3000) still applies,
+    # checked against that config: against the presets, a setting of the run's own head would be refused.
+    run_dir = load_config(args.config, [item for item in args.overrides if "run_dir" in parse_override(item)]).run_dir
+    return load_run_config(run_dir, args.overrides)
 
 
 def worker_argv(args: argparse.Namespace) -> list[str]:
