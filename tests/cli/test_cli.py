@@ -11,8 +11,9 @@ import pytest
 import safetensors.torch
 import torch
 
-from polymodal.cli.main import main
-from polymodal.config import preset_names
+from polymodal.cli.main import build_parser, main
+from polymodal.cli.train import resolve
+from polymodal.config import dump_config, load_config, preset_names
 from polymodal.training.checkpoint import latest_checkpoint
 
 
@@ -170,10 +171,6 @@ def test_a_selected_augmented_speech_run_scores_a_manifest_by_speaker(tmp_path, 
 def test_a_resumed_run_reads_its_overrides_against_its_own_config(tmp_path):
     """`--resume` with a setting only the run's own head has: checked against the run's saved
     config, not the default preset's (whose `aligned_vq` head refused `candidates`)."""
-    from polymodal.cli.main import build_parser
-    from polymodal.cli.train import resolve
-    from polymodal.config import dump_config, load_config
-
     run_dir = tmp_path / "mq"
     run_dir.mkdir()
     dump_config(load_config(["metaquery"], [f"run_dir={run_dir}"]), run_dir / "config.yaml")
