@@ -178,3 +178,17 @@ def test_a_resumed_run_reads_its_overrides_against_its_own_config(tmp_path):
     config = resolve(args)
     assert config.model.heads["image"]["candidates"] == 2 and config.train.steps == 7
     assert config.model.heads["image"]["name"] == "flow_matching_codes"
+
+
+def test_overrides_may_follow_an_option():
+    """`train run_dir=R --resume a=1 --config x b=2`: every key=value reaches the overrides in the
+    order given, wherever the options fall; a stray word or unknown option is still refused."""
+    parse = build_parser().parse_args
+    args = parse(["train", "run_dir=r", "--resume", "train.steps=9", "--config", "clip", "seed=3"])
+    assert args.resume and args.config == ["clip"]
+    assert args.overrides == ["run_dir=r", "train.steps=9", "seed=3"]
+    assert parse(["train", "--resume", "run_dir=r", "seed=3"]).overrides == ["run_dir=r", "seed=3"]
+    for bad in (["train", "run_dir=r", "--resume", "stray"], ["train", "run_dir=r", "--nope"], ["eval", "r", "--limit", "3", "x=1"]):
+        with pytest.raises(SystemExit) as stopped:
+            parse(bad)
+        assert stopped.value.code == 2

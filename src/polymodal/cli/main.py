@@ -25,6 +25,19 @@ class OneLineParser(argparse.ArgumentParser):
     def error(self, message: str) -> NoReturn:
         self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
+    def parse_args(self, args=None, namespace=None) -> argparse.Namespace:
+        """As argparse's, but ``key=value`` overrides may also follow an option (``train
+        run_dir=R --resume train.steps=9``): argparse fills a ``nargs="*"`` positional from its
+        first run of values only and refuses the rest, so later ones join ``overrides`` in order."""
+        parsed, extra = self.parse_known_args(args, namespace)
+        overrides = getattr(parsed, "overrides", None)
+        stray = [a for a in extra if overrides is None or a.startswith("-") or "=" not in a]
+        if stray:
+            self.error(f"unrecognized arguments: {' '.join(stray)}")
+        if extra:
+            parsed.overrides = [*overrides, *extra]
+        return parsed
+
 
 def build_parser() -> argparse.ArgumentParser:
     from polymodal.cli import configs, data, embed, export, generate, report, search, train
