@@ -258,3 +258,22 @@ def test_the_mfu_peak_is_timed_before_the_prefetch_thread_collates(tmp_path, mon
     config = dataclasses.replace(config, train=dataclasses.replace(config.train, prefetch=2))
     fit(_model(), ToyData(), ToyCollate(), config, tmp_path / "run")
     assert len(threads_at_probe) == 1 and "polymodal-prefetch" not in threads_at_probe[0]
+
+
+def test_a_long_fit_probes_the_peak_again_and_reports_against_the_better_reading(tmp_path, monkeypatch):
+    """The first probe read half the peak (as on a shared host); a fit past REPROBE_AFTER_SECONDS
+    probes again at its end, and its result's MFU is against the better reading. The logged
+    windows keep the first probe's."""
+    calls = []
+
+    def probe(dtype, device, again=False):
+        calls.append(again)
+        return 2e9 if again else 1e9
+
+    monkeypatch.setattr(step_record, "matmul_peak", probe)
+    monkeypatch.setattr(step_record, "REPROBE_AFTER_SECONDS", 0.0)
+    result = fit(_model(), ToyData(), ToyCollate(), _config(steps=4, log_every=2), tmp_path)
+    assert calls == [False, True]
+    assert result.mfu == pytest.approx(16 * result.samples_per_second / 2e9, rel=1e-9)
+    entries = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert all(entry["mfu"] == pytest.approx(16 * entry["samples_per_s"] / 1e9, rel=1e-9) for entry in entries)

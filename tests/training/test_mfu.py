@@ -7,6 +7,7 @@ import pytest
 import torch
 from torch import nn
 
+from polymodal.training import mfu
 from polymodal.training.mfu import MFUMeter, counting, matmul_peak
 
 
@@ -59,3 +60,15 @@ class _Block(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.linear(x).relu()
+
+
+def test_the_peak_is_the_best_reading_of_the_process(monkeypatch):
+    """Probed at the first call, then only when asked again, keeping the better reading: a probe
+    that reads low (the host's cores shared for a while) does not lower the peak."""
+    readings = iter([2e9, 1e9, 3e9])
+    monkeypatch.setattr(mfu, "probe_matmul_peak", lambda dtype, device: next(readings))
+    monkeypatch.setattr(mfu, "_PEAKS", {})
+    assert mfu.matmul_peak(torch.bfloat16, "cpu") == 2e9
+    assert mfu.matmul_peak(torch.bfloat16, "cpu") == 2e9  # cached: no probe
+    assert mfu.matmul_peak(torch.bfloat16, "cpu", again=True) == 2e9  # read 1e9: kept 2e9
+    assert mfu.matmul_peak(torch.bfloat16, "cpu", again=True) == 3e9

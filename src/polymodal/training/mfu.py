@@ -8,7 +8,11 @@ arXiv:2204.02311, appendix B). The FLOPs are counted, not estimated: ``torch.uti
 padding is counted without it). The count comes from the first step of a ``fit`` call; batches
 differ in padding, so later steps differ from it by a few percent. Element-wise work is not
 counted, by the convention. The peak is the fastest ``F.linear`` measured here on square matrices
-of a few sizes, in the precision the step's matmuls run in, once per process.
+of a few sizes, in the precision the step's matmuls run in: probed once per process, and again at
+the end of a long ``fit``, the best reading kept. On a shared 2-core host (a cloud VM) the bf16
+probe reads 290-430 GFLOP/s from one moment to the next, and about one probe in seven read about
+half, 220-240 (a probe run for a whole second as well), so that a run logged MFU twice too high
+(BENCHMARKS.md, "MFU's peak read low on a shared host").
 
 The counted step runs eagerly, even with ``train.compile``: a compiled module whose first call
 happens under a dispatch mode such as ``FlopCounterMode`` is never compiled afterwards (TorchDynamo,
@@ -19,7 +23,6 @@ would leave the whole run eager. Later steps compile as usual.
 from __future__ import annotations
 
 import contextlib
-import functools
 import time
 from collections.abc import Iterator
 
@@ -40,10 +43,21 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-@functools.lru_cache(maxsize=8)
-def matmul_peak(dtype: torch.dtype = torch.float32, device: str = "cpu") -> float:
+_PEAKS: dict[tuple[torch.dtype, str], float] = {}
+
+
+def matmul_peak(dtype: torch.dtype = torch.float32, device: str = "cpu", *, again: bool = False) -> float:
+    """This process's best reading of the matmul peak for ``dtype`` on ``device``: probed at the
+    first call, and again (the best reading kept) when ``again``."""
+    key = (dtype, device)
+    if again or key not in _PEAKS:
+        _PEAKS[key] = max(_PEAKS.get(key, 0.0), probe_matmul_peak(dtype, device))
+    return _PEAKS[key]
+
+
+def probe_matmul_peak(dtype: torch.dtype, device: str) -> float:
     """The best FLOP/s of an ``F.linear`` of ``PEAK_SIZES`` square matrices in ``dtype``, fastest of
-    ``PEAK_REPEATS`` each (measured once per process, dtype and device)."""
+    ``PEAK_REPEATS`` each."""
     where = torch.device(device)
     best = 0.0
     for size in PEAK_SIZES.get(where.type, PEAK_SIZES["cpu"]):

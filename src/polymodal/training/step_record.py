@@ -60,6 +60,9 @@ def step_values(
     return values
 
 
+REPROBE_AFTER_SECONDS = 60.0  # a probe (about 0.5 s) is under 1% of a fit this long
+
+
 @dataclasses.dataclass
 class StepRecorder:
     """What a :func:`fit` call measures and writes after each step: the progress bar, throughput,
@@ -70,17 +73,19 @@ class StepRecorder:
     throughput: Throughput
     mfu: MFUMeter
     counts_skips: bool
+    precision: tuple[torch.dtype, str]  # the matmuls' dtype and device, whose peak MFU is against
 
     @classmethod
     def start(cls, run_dir: Path, state: TrainState, train: TrainConfig, *, resume: bool, counts_skips: bool) -> StepRecorder:
         bar = tqdm(total=train.steps, initial=state.step, disable=not (train.progress and is_main()), file=sys.stderr,
                    unit="step", dynamic_ncols=True)  # fmt: skip
-        peak = matmul_peak(state.dtype or torch.float32, str(state.device))
+        precision = (state.dtype or torch.float32, str(state.device))
+        peak = matmul_peak(*precision)
         # Rank 0 of a data-parallel run writes the logs; the others log nothing.
         logger = MetricsLogger(run_dir, resume_step=state.step if resume else None) if is_main() else NullMetricsLogger()
         meter = MFUMeter(peak)
         meter.flops_per_sample = state.flops_per_sample  # a resumed run's, from its checkpoint
-        return cls(logger, bar, Throughput(), meter, counts_skips)
+        return cls(logger, bar, Throughput(), meter, counts_skips, precision)
 
     def step(
         self, step: int, out: AccumulatedStep, losses: dict[str, float], *, lr: float, grad_norm: float, skipped: int,
@@ -105,8 +110,12 @@ class StepRecorder:
         self.logger.close()
 
     def result(self, step: int, losses: dict[str, float]) -> FitResult:
-        """The call's result; its throughput and MFU also go to the log."""
+        """The call's result; its throughput and MFU also go to the log. A call of at least
+        ``REPROBE_AFTER_SECONDS`` probes the peak again first and keeps the better reading: the first
+        probe can read low on a shared host (``training/mfu.py``)."""
         rate = self.throughput.overall()
+        if self.throughput.seconds() >= REPROBE_AFTER_SECONDS:
+            self.mfu.peak = matmul_peak(*self.precision, again=True)
         result = FitResult(step, losses, self.throughput.seconds(), rate, self.mfu.mfu(rate))
         log.info(
             "at step %d after %.0f s: %.1f samples/s, MFU %.1f%% (%.2f GFLOP per sample, peak %.1f GFLOP/s)",
