@@ -113,10 +113,10 @@ class StepRecorder:
         """The call's result; its throughput and MFU also go to the log. A call of at least
         ``REPROBE_AFTER_SECONDS`` probes the peak again first and keeps the better reading: the first
         probe can read low on a shared host (``training/mfu.py``)."""
-        rate = self.throughput.overall()
-        if self.throughput.seconds() >= REPROBE_AFTER_SECONDS:
+        seconds, rate = self.throughput.seconds(), self.throughput.overall()
+        if seconds >= REPROBE_AFTER_SECONDS:
             self.mfu.peak = matmul_peak(*self.precision, again=True)
-        result = FitResult(step, losses, self.throughput.seconds(), rate, self.mfu.mfu(rate))
+        result = FitResult(step, losses, seconds, rate, self.mfu.mfu(rate))
         log.info(
             "at step %d after %.0f s: %.1f samples/s, MFU %.1f%% (%.2f GFLOP per sample, peak %.1f GFLOP/s)",
             step, result.wall_seconds, rate, 100 * result.mfu, self.mfu.flops_per_sample / 1e9, self.mfu.peak / 1e9,
