@@ -52,7 +52,11 @@ TOP_OPS = 15  # rows of each profile table
 class Worker:
     """One version's default-preset training step, driven by the parent over stdin/stdout."""
 
-    def __init__(self, precision: str, threads: int, run_dir: Path, overrides: list[str], warm_cache: bool = False) -> None:
+    def __init__(
+        self, precision: str, threads: int, run_dir: Path, overrides: list[str], warm_cache: bool = False, configs: list[str] = ()
+    ) -> None:
+        """``configs``: presets or YAML files under the overrides (none: the ``default`` preset; this
+        tree only, for other scripts' workers)."""
         import torch
 
         from polymodal.config import load_config
@@ -60,7 +64,7 @@ class Worker:
         torch.set_num_threads(threads)
         self.torch = torch
         base = [f"train.precision={precision}", f"run_dir={run_dir}", "train.progress=false"]
-        self.config = load_config(overrides=base + overrides)
+        self.config = load_config(list(configs), overrides=base + overrides) if configs else load_config(overrides=base + overrides)
         self.new = _has("polymodal.training.loop", "optimizer_step")
         torch.manual_seed(self.config.seed)
         if self.new:
