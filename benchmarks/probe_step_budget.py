@@ -61,16 +61,21 @@ def flops_by_kind(worker: Worker, steps: int) -> dict[str, float]:
     return total
 
 
-def seconds_by_kind(worker: Worker, steps: int) -> dict[str, float]:
-    """Self CPU seconds per step of each kind, profiled over ``steps`` steps (every thread's ops)."""
+def seconds_by_kind(worker: Worker, steps: int) -> tuple[dict[str, float], list[tuple[str, float, int]]]:
+    """Self CPU seconds per step of each kind, profiled over ``steps`` steps (every thread's ops),
+    and the ops of ``OTHER`` as (name, seconds per step, calls per step), largest first."""
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         worker.block(steps)
     total: dict[str, float] = defaultdict(float)
+    other = []
     for event in prof.key_averages():
-        total[kind(event.key)] += event.self_cpu_time_total / 1e6 / steps
-    return total
+        seconds = event.self_cpu_time_total / 1e6 / steps
+        total[kind(event.key)] += seconds
+        if kind(event.key) == OTHER:
+            other.append((event.key, seconds, event.count // steps))
+    return total, sorted(other, key=lambda row: -row[1])
 
 
 def main() -> None:
@@ -84,6 +89,7 @@ def main() -> None:
     parser.add_argument("--block-steps", type=int, default=5)
     parser.add_argument("--profile-steps", type=int, default=5)
     parser.add_argument("--flop-steps", type=int, default=3)
+    parser.add_argument("--top", type=int, default=0, help="also list the N largest ops of everything else")
     args = parser.parse_args()
 
     with tempfile.TemporaryDirectory() as run_dir:
@@ -94,7 +100,7 @@ def main() -> None:
         worker.block(args.warmup)
         step = statistics.median(worker.block(args.block_steps) / args.block_steps for _ in range(args.blocks))
         flops = flops_by_kind(worker, args.flop_steps)
-        seconds = seconds_by_kind(worker, args.profile_steps)
+        seconds, others = seconds_by_kind(worker, args.profile_steps)
 
     profiled = sum(seconds.values())
     print(f"preset {args.config} {' '.join(args.set)}: {dtype}, compiled blocks: {train.compile}, batch {train.batch_size}")
@@ -114,6 +120,10 @@ def main() -> None:
     minutes = train.steps / 60
     print(f"\ntrain.steps={train.steps}: {step * minutes:.1f} min at this step; {carrying * minutes:.1f} min if only the FLOP-carrying ops "
           f"ran at their in-step rate; {total_flops / peak * minutes:.1f} min at the matmul peak")  # fmt: skip
+    if args.top:
+        print(f"\nthe largest ops of {OTHER}:\n| op | ms/step | calls/step |\n| --- | ---: | ---: |")
+        for name, seconds_per_step, calls in others[: args.top]:
+            print(f"| `{name[:70]}` | {seconds_per_step * 1e3:.1f} | {calls} |")
 
 
 if __name__ == "__main__":
