@@ -50,7 +50,8 @@ TOP_OPS = 15  # rows of each profile table
 
 
 class Worker:
-    """One version's default-preset training step, driven by the parent over stdin/stdout."""
+    """One version's training step of the ``default`` preset (or of ``configs``), driven by the parent
+    over stdin/stdout."""
 
     def __init__(
         self, precision: str, threads: int, run_dir: Path, overrides: list[str], warm_cache: bool = False, configs: list[str] = ()
