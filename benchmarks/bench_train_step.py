@@ -56,8 +56,7 @@ class Worker:
     def __init__(
         self, precision: str, threads: int, run_dir: Path, overrides: list[str], warm_cache: bool = False, configs: list[str] = ()
     ) -> None:
-        """``configs``: presets or YAML files under the overrides (none: the ``default`` preset; this
-        tree only, for other scripts' workers)."""
+        """``configs``: presets or YAML files under the overrides (none: the ``default`` preset)."""
         import torch
 
         from polymodal.config import load_config
@@ -65,7 +64,7 @@ class Worker:
         torch.set_num_threads(threads)
         self.torch = torch
         base = [f"train.precision={precision}", f"run_dir={run_dir}", "train.progress=false"]
-        self.config = load_config(list(configs), overrides=base + overrides) if configs else load_config(overrides=base + overrides)
+        self.config = load_config(list(configs), overrides=base + overrides)
         self.new = _has("polymodal.training.loop", "optimizer_step")
         torch.manual_seed(self.config.seed)
         if self.new:

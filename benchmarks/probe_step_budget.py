@@ -71,9 +71,9 @@ def seconds_by_kind(worker: Worker, steps: int) -> tuple[dict[str, float], list[
     total: dict[str, float] = defaultdict(float)
     other = []
     for event in prof.key_averages():
-        seconds = event.self_cpu_time_total / 1e6 / steps
-        total[kind(event.key)] += seconds
-        if kind(event.key) == OTHER:
+        seconds, which = event.self_cpu_time_total / 1e6 / steps, kind(event.key)
+        total[which] += seconds
+        if which == OTHER:
             other.append((event.key, seconds, event.count // steps))
     return total, sorted(other, key=lambda row: -row[1])
 
