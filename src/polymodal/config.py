@@ -48,6 +48,9 @@ class DataConfig:
     hop_length: int = 160  # 10 ms hop at 16 kHz
     top_db: float | None = None  # floor each clip's log-mel this many dB below its peak (None: no floor)
     trim_db: float | None = None  # cut leading/trailing audio this many dB below the loudest frame (None: keep)
+    # Normalise log-mel frames by their speaker's statistics (a manifest line's "speaker"), a clip
+    # without one by its own: polymodal.data.speaker_norm. The audio encoder's input_norm must be off.
+    speaker_norm: bool = False
     max_text_tokens: int = 24
     vocab_size: int = 512  # BPE vocabulary trained on the training captions
     num_workers: int = 0

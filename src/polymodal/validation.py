@@ -20,6 +20,7 @@ def check_parts(config: Config) -> None:
 
     if config.data.source not in DATASETS:
         raise ConfigError(f"data.source: {config.data.source!r} is not valid; valid: {', '.join(DATASETS.names())}")
+    check_speaker_norm(config)
     provided = {m.value for m in type(build_source(config.data, config.seed)).references_for}
     heads = getattr(check_model(config), "heads", {})
     missing = [key for key, head in heads.items() if getattr(head, "reads_references", False) and key not in provided]
@@ -32,4 +33,24 @@ def check_parts(config: Config) -> None:
             f"model.heads.{missing[0]}: the {heads[missing[0]].registry_name} head learns from aligned references, "
             f"which data.source={config.data.source} does not have; pick a head that learns from the items "
             f"(model.heads.{missing[0]}={{name: {own[0] if own else '...'}}}; valid: {', '.join(own) or 'none'}) or drop the task"
+        )
+
+
+def check_speaker_norm(config: Config) -> None:
+    """``data.speaker_norm`` normalises log-mel frames by speaker: the audio encoder must read
+    log-mel frames and must not normalise each clip again (``input_norm``)."""
+    from polymodal.training.run import audio_input
+
+    audio = config.model.encoders.get("audio")
+    if not config.data.speaker_norm or audio is None:
+        return
+    if audio_input(config) != "log_mel":
+        raise ConfigError(
+            f"data.speaker_norm normalises log-mel frames, but model.encoders.audio={audio['name']} reads waveforms; "
+            "set data.speaker_norm=false, or pick an encoder that reads log-mel (audio_conv)"
+        )
+    if audio.get("input_norm"):
+        raise ConfigError(
+            "data.speaker_norm normalises each speaker's clips, and model.encoders.audio.input_norm=true would "
+            "normalise each clip again on top; set model.encoders.audio.input_norm=false"
         )

@@ -13,7 +13,7 @@ import pytest
 import soundfile
 
 from polymodal.config import load_config
-from polymodal.data.synthetic_speech import channel_rate, draw_voices, synthesize_transcripts, synthetic_speech_for
+from polymodal.data.synthetic_speech import SPEAKER_UTTERANCES, channel_rate, draw_voices, synthesize_transcripts, synthetic_speech_for
 from polymodal.datasets.base import build_source
 from polymodal.datasets.spoken_numbers import flite
 from polymodal.datasets.spoken_numbers.espeak import VoiceConfig
@@ -132,3 +132,27 @@ def test_flite_share_settings_are_checked(tmp_path):
         load_config(["tiny"], [*overrides, "data.options.synthetic_flite=0.5"])
     with pytest.raises(Exception, match=r"synthetic_flite.*\[0, 1\]"):
         load_config(["tiny"], [*overrides, "data.options.synthetic_speech=10", "data.options.synthetic_flite=2"])
+
+
+def test_speakers_share_the_voice_of_their_first_utterance(tmp_path, monkeypatch):
+    """With speakers, each run of SPEAKER_UTTERANCES utterances is one voice, named as one speaker."""
+    import polymodal.data.synthetic_speech as synthetic
+
+    run = SPEAKER_UTTERANCES
+    asked = []
+    speak = synthetic.synthesize_many
+    monkeypatch.setattr(synthetic, "synthesize_many", lambda texts, voices, *a, **k: asked.append(voices) or speak(texts, voices, *a, **k))
+    _, which = synthesize_transcripts(TEXTS, run + 2, sample_rate=RATE, channel=RATE, seed=5)
+    _, grouped_which = synthesize_transcripts(TEXTS, run + 2, sample_rate=RATE, channel=RATE, seed=5, speakers=True)
+    plain, grouped = asked
+    assert grouped_which == which  # the same transcripts, in turn
+    assert grouped == [plain[0]] * run + [plain[run]] * 2
+    assert len(set(map(repr, plain[:run]))) > 1  # without speakers, every utterance its own voice
+    entries = [{"audio": "x.wav", "text": t, "label": i} for i, t in enumerate(TEXTS)]
+    media = [tmp_path / _clip(tmp_path / "x.wav", 8000)]
+    spoken = synthetic_speech_for(entries, media, run + 2, sample_rate=RATE, seed=5, speakers=True, cache_dir=tmp_path / "cache")
+    unnamed = synthetic_speech_for(entries, media, run + 2, sample_rate=RATE, seed=5, cache_dir=tmp_path / "cache")
+    assert len(list((tmp_path / "cache").iterdir())) == 2  # cached apart
+    names = [spoken[i].speaker for i in range(run + 2)]
+    assert len(set(names[:run])) == 1 and names[run] == names[run + 1] != names[0]
+    assert all(unnamed[i].speaker is None for i in range(run + 2))

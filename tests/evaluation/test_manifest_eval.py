@@ -38,7 +38,7 @@ def _write_clips(folder: Path, count: int) -> list[str]:
     return names
 
 
-def _run(tmp_path: Path, architecture: str) -> Run:
+def _run(tmp_path: Path, architecture: str, extra: tuple[str, ...] = ()) -> Run:
     """A freshly initialised tiny run on a manifest (its own texts), in eval mode."""
     _write_clips(tmp_path, 1)
     train = tmp_path / "train.jsonl"
@@ -46,7 +46,7 @@ def _run(tmp_path: Path, architecture: str) -> Run:
     overrides = [f"data.manifest={train}", "data.source=manifest", f"model.architecture={architecture}", "model.tasks=[audio_to_text]"]
     if architecture == "clip":
         overrides.append("model.contrastive={embed_dim: 16}")
-    config = load_config(["tiny"], overrides)
+    config = load_config(["tiny"], [*overrides, *extra])
     torch.manual_seed(0)
     source = build_source(config.data, config.seed)
     tokenizer = TextTokenizer.train(list(TEXTS) * 4, vocab_size=config.data.vocab_size)
@@ -59,6 +59,26 @@ def _alone(run: Run, dataset: ManifestDataset, index: int) -> str:
     batch = run.collator([dataset[index]])
     (ids,) = run.model.generate(Modality.AUDIO, Modality.TEXT, batch.inputs[Modality.AUDIO], batch.masks[Modality.AUDIO], max_new_tokens=run.config.data.max_text_tokens)
     return run.tokenizer.decode(ids)
+
+
+@torch.no_grad()
+def test_speaker_norm_reads_the_manifests_own_speakers(tmp_path):
+    """With data.speaker_norm, scoring a manifest first measures its speakers on their own clips;
+    each batched item then reads as it does alone under those statistics."""
+    run = _run(tmp_path, "any_to_any", ("data.speaker_norm=true", "model.encoders.audio.input_norm=false"))
+    names = _write_clips(tmp_path, 6)
+    unlabelled = tmp_path / "unlabelled.jsonl"
+    unlabelled.write_text("".join(json.dumps({"audio": n, "speaker": "a" if i < 3 else "b"}) + "\n" for i, n in enumerate(names)))
+    dataset = ManifestDataset.from_config(unlabelled, run.config.data)
+    run.collator.fit_speakers([dataset])
+    said = [_alone(run, dataset, i) for i in range(len(names))]
+    run.collator.speakers.clear()
+    lines = [{"audio": n, "text": said[i] if i % 2 == 0 else said[i] + " x", "speaker": "a" if i < 3 else "b"} for i, n in enumerate(names)]
+    manifest = tmp_path / "m.jsonl"
+    manifest.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    figures = evaluate_manifest(run, manifest, batch_size=4)["audio_to_text"]
+    assert set(run.collator.speakers) == {"a", "b"}
+    assert figures["exact"] == pytest.approx(0.5) and figures["count"] == 6
 
 
 @torch.no_grad()

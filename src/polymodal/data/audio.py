@@ -115,6 +115,24 @@ def mel_filterbank(
     return torch.from_numpy(weights.T.copy()).float()
 
 
+NORM_EPS = 1e-5  # added to a clip's log-mel variance (natural-log units squared; speech's is ~10)
+
+
+def utterance_norm(mels: Tensor, mask: Tensor | None) -> Tensor:
+    """Each clip's bands minus their mean over its real frames, over its std: (B, F, M) -> (B, F, M).
+    The audio encoders' ``input_norm``, and ``data.speaker_norm``'s rule for a clip of no known speaker.
+
+    fp32 island: a variance over ~200 frames x 64 bands loses its digits in bf16. Padded frames
+    come back 0.
+    """
+    x = mels.float()
+    weights = torch.ones_like(x[..., :1]) if mask is None else mask[..., None].float()  # (B, F, 1)
+    count = weights.sum(1, keepdim=True).clamp(min=1)  # (B, 1, 1) real frames
+    centered = (x - (x * weights).sum(1, keepdim=True) / count) * weights  # (B, F, M)
+    var = centered.square().sum((1, 2), keepdim=True) / (count * x.shape[-1])  # (B, 1, 1)
+    return (centered * torch.rsqrt(var + NORM_EPS)).to(mels.dtype)
+
+
 class LogMel(nn.Module):
     """Waveforms -> natural-log mel power spectrogram, centred Hann-windowed STFT frames."""
 

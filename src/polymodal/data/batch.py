@@ -30,6 +30,8 @@ class Sample:
         audio: (T,) float waveform in [-1, 1] at the dataset's sample rate.
         label: the class of the item (the spoken number for the built-in data); -1 when unknown.
         key: the training item's key; None outside training (evaluation data is never augmented).
+        speaker: who speaks the audio (a manifest line's ``speaker``), for ``data.speaker_norm``;
+            None when unknown.
     """
 
     image: Tensor | None = None
@@ -37,6 +39,7 @@ class Sample:
     audio: Tensor | None = None
     label: int = -1
     key: ItemKey | None = None
+    speaker: str | None = None
 
 
 @dataclasses.dataclass

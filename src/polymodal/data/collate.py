@@ -32,6 +32,7 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import Tensor
 from torch.nn.utils.rnn import pad_sequence
+from torch.utils.data import Dataset
 
 from polymodal.config import DataConfig
 from polymodal.data.audio import LogMel, load_audio, speech_bounds
@@ -40,6 +41,7 @@ from polymodal.data.augment_vtlp import draw_warp, vtlp_filterbanks
 from polymodal.data.batch import AlignedTargets, Batch, ItemKey, Sample
 from polymodal.data.image import load_image, normalize_images
 from polymodal.data.references import Reference, token_durations
+from polymodal.data.speaker_norm import SpeakerStatistics, speaker_normalised
 from polymodal.data.text import TextTokenizer
 from polymodal.errors import DataError
 from polymodal.modality import Modality
@@ -80,6 +82,7 @@ class Collator:
         top_db: float | None = None,
         trim_db: float | None = None,
         cache_log_mel: bool = False,
+        speaker_norm: bool = False,
     ) -> None:
         if max_text_tokens < NUM_TEXT_SPECIALS:
             raise ValueError(f"max_text_tokens={max_text_tokens} leaves no room for <bos> and <eos>; use >= 2")
@@ -106,6 +109,9 @@ class Collator:
         # Training item index -> its (F, num_mels) log-mel frames, with cache_log_mel (never with VTLP).
         self.cache_log_mel = cache_log_mel and self.vtlp is None
         self._log_mels: dict[int, Tensor] = {}
+        # Speaker -> (mean log-mel (num_mels,), 1 / std), from fit_speakers, with speaker_norm.
+        self.speaker_norm = speaker_norm
+        self.speakers: dict[str, tuple[Tensor, Tensor]] = {}
         self.num_skipped = 0
 
     def __call__(self, samples: Sequence[Sample | None]) -> Batch:
@@ -135,7 +141,7 @@ class Collator:
             if self.audio_input == "waveform":
                 inputs[Modality.AUDIO], masks[Modality.AUDIO] = self._waveforms(clips)
             else:
-                inputs[Modality.AUDIO], masks[Modality.AUDIO] = self._audio(clips, keys=[s.key for s in kept])
+                inputs[Modality.AUDIO], masks[Modality.AUDIO] = self._audio(clips, [s.key for s in kept], [s.speaker for s in kept])
 
         keyed = all(s.key is not None for s in kept)
         indices = torch.tensor([s.key.index for s in kept], dtype=torch.long) if keyed else None  # (B,)
@@ -193,10 +199,13 @@ class Collator:
         waveforms, lengths = self._padded(clips)
         return waveforms, torch.arange(waveforms.shape[1])[None, :] < lengths[:, None]
 
-    def _audio(self, clips: list[Tensor | None], keys: list[ItemKey | None] | None = None) -> tuple[Tensor, Tensor]:
+    def _audio(
+        self, clips: list[Tensor | None], keys: list[ItemKey | None] | None = None, speakers: list[str | None] | None = None
+    ) -> tuple[Tensor, Tensor]:
         """(T,) waveforms or None -> log-mel (B, F, num_mels), zeros on padded frames; mask (B, F).
         With VTLP or SpecAugment on and every item keyed (training), each item's filterbank is warped
-        and its frames masked as its key draws."""
+        and its frames masked as its key draws. With ``speaker_norm``, each item's frames are
+        normalised by its speaker's statistics (``fit_speakers``), or by its own, before masking."""
         keyed = bool(keys) and all(k is not None for k in keys)
         if self.cache_log_mel and keyed:
             features, mask = self._kept_log_mels(clips, keys)
@@ -206,11 +215,29 @@ class Collator:
             frames = torch.arange(features.shape[1])  # (F,)
             valid = self.log_mel.frame_lengths(lengths)  # (B,)
             mask = (frames[None, :] < valid[:, None]) & (lengths > 0)[:, None]  # (B, F)
+        if self.speaker_norm:
+            features = speaker_normalised(features, mask, speakers or [None] * len(clips), self.speakers)
         if self.spec_augment is not None and keyed:
             rngs = [sample_rng(self.seed, k.epoch, k.index, stream="spec_augment") for k in keys]
             features = spec_augment(features, mask, self.spec_augment, rngs)
         features = features.masked_fill(~mask[:, :, None], 0.0)  # padding reads as 0, as Batch documents
         return features, mask
+
+    def fit_speakers(self, datasets: Sequence[Dataset]) -> None:
+        """With ``speaker_norm``: take each speaker's log-mel statistics over his clips in
+        ``datasets`` (each read once, unaugmented, trimmed as in a batch), for the batches to come.
+        A speaker seen before is measured afresh over these datasets. Without it, nothing."""
+        if not self.speaker_norm:
+            return
+        statistics = SpeakerStatistics()
+        for dataset in {id(d): d for d in datasets}.values():  # a split given twice (val as test) counts once
+            for index in range(len(dataset)):
+                sample = dataset[index]
+                if sample is None or sample.speaker is None or sample.audio is None:
+                    continue
+                clip = sample.audio if self.trim_db is None else self._trim(sample.audio)
+                statistics.add(sample.speaker, self._clip_log_mel(clip))
+        self.speakers.update(statistics.table())
 
     def _kept_log_mels(self, clips: list[Tensor | None], keys: list[ItemKey]) -> tuple[Tensor, Tensor]:
         """The training items' log-mel frames from the cache (computed on a miss): (B, F, num_mels)
@@ -357,6 +384,7 @@ def build_collator(
         top_db=data_config.top_db,
         trim_db=data_config.trim_db,
         cache_log_mel=not data_config.augment.audio.active,
+        speaker_norm=data_config.speaker_norm,
     )
 
 

@@ -2,8 +2,9 @@
 
 Each line is a JSON object such as ``{"image": "a.png", "text": "a cat", "audio": "a.wav", "label": 3}``;
 media paths are relative to the manifest's folder (absolute paths are kept). Any other field
-(``"speaker": "george"``) is metadata: kept in ``entries`` and ``metadata(i)``, read by nothing in
-training, and available to break evaluation figures down (``polymodal eval --by``). Bad lines are
+(``"speaker": "george"``) is metadata: kept in ``entries`` and ``metadata(i)``, and available to
+break evaluation figures down (``polymodal eval --by``); ``speaker`` alone is also read by
+``data.speaker_norm`` (``Sample.speaker``). Bad lines are
 skipped when the manifest is read, bad media files when a sample is loaded; both are counted with the
 reason in ``skipped`` and logged once, so one broken file never stops a training run (a manifest
 none of whose media files exists does stop: its relative paths were written from another folder). A line is
@@ -28,6 +29,7 @@ from polymodal.data.audio import load_audio
 from polymodal.data.batch import Sample
 from polymodal.data.files import is_file
 from polymodal.data.image import load_image
+from polymodal.data.speaker_norm import SPEAKER_KEY
 from polymodal.errors import DataError
 from polymodal.modality import Modality
 
@@ -236,7 +238,11 @@ class ManifestDataset(Dataset):
             self._skip(str(current), str(exc))
             return None
         text = entry.get(Modality.TEXT.value)
-        return Sample(image=image, text=text, audio=audio, label=entry.get(LABEL_KEY, UNKNOWN_LABEL))
+        speaker = entry.get(SPEAKER_KEY)
+        return Sample(
+            image=image, text=text, audio=audio, label=entry.get(LABEL_KEY, UNKNOWN_LABEL),
+            speaker=None if speaker is None else str(speaker),
+        )  # fmt: skip
 
     def scan(self) -> int:
         """Load every sample once so ``skipped`` lists every bad file. Returns the number loadable."""

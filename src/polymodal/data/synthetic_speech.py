@@ -18,7 +18,12 @@ pass through the manifest's own channel: resampled down to the native rate of mo
 training clips and back, so the synthetic speech has nothing above the band real clips have.
 
 Nothing here knows the manifest's content: transcripts are spoken as written, in turn (utterance i
-speaks the i-th distinct transcript modulo their number). Synthesis runs once per set of
+speaks the i-th distinct transcript modulo their number).
+
+With ``speakers`` (what ``data.speaker_norm`` asks for), the utterances come as synthetic speakers:
+each run of ``SPEAKER_UTTERANCES`` consecutive utterances is spoken by one voice (the run's first
+utterance's), and names that speaker, so speaker-level normalisation treats them as it treats the
+manifest's real speakers. Pace, room and microphone are still drawn per utterance. Synthesis runs once per set of
 parameters and is cached (``polymodal.data.cache``): about 17 ms per utterance on one core.
 """
 
@@ -45,6 +50,7 @@ logger = logging.getLogger(__name__)
 
 CACHE_NAME = "synthetic_speech"
 VOICE_DIGITS = 1  # the rate range of a one-digit number: 100-260 words per minute
+SPEAKER_UTTERANCES = 10  # utterances per synthetic speaker (``speakers``): a digit manifest's every word
 
 
 def channel_rate(paths: Sequence[str | Path], *, sample_rate: int) -> int:
@@ -82,8 +88,13 @@ def draw_voices(count: int, *, seed: int, flite_share: float = 0.0) -> tuple[lis
     return voices, flite_voices, seeds
 
 
+def synthetic_speaker(index: int) -> str:
+    """The speaker of synthetic utterance ``index`` with ``speakers`` (never a manifest's own name)."""
+    return f"<synthetic voice {index // SPEAKER_UTTERANCES}>"
+
+
 def synthesize_transcripts(
-    texts: Sequence[str], count: int, *, sample_rate: int, channel: int, seed: int, flite_share: float = 0.0
+    texts: Sequence[str], count: int, *, sample_rate: int, channel: int, seed: int, flite_share: float = 0.0, speakers: bool = False
 ) -> tuple[list[np.ndarray], list[int]]:
     """``count`` utterances of ``texts`` (spoken in turn), each by a drawn voice, recorded.
 
@@ -95,6 +106,7 @@ def synthesize_transcripts(
         seed: draws voices and recordings.
         flite_share: the share of utterances spoken by flite voices instead of espeak-ng ones,
             drawn from their own seed (0 leaves every utterance as it was without flite).
+        speakers: each run of ``SPEAKER_UTTERANCES`` utterances spoken by one voice.
 
     Returns:
         waves: ``count`` (T_i,) float32 arrays in [-1, 1] at ``sample_rate``, on the 16-bit grid
@@ -105,6 +117,9 @@ def synthesize_transcripts(
         raise ValueError("synthetic speech needs at least one transcript")
     which = [i % len(texts) for i in range(count)]
     voices, flite_voices, seeds = draw_voices(count, seed=seed, flite_share=flite_share)
+    if speakers:  # the voice of each run's first utterance speaks the run
+        first = [i - i % SPEAKER_UTTERANCES for i in range(count)]
+        voices, flite_voices = [voices[j] for j in first], [flite_voices[j] for j in first]
     audio, offsets = synthesize_many(
         [texts[i] for i in which], voices, seeds[0].tolist(), sample_rate=sample_rate, recordings=seeds[1].tolist(), flite_voices=flite_voices
     )
@@ -125,18 +140,21 @@ class SyntheticSpeech(Dataset):
         waves: N (T_i,) float32 waveforms at the data's rate.
         texts: N transcripts.
         labels: N labels (-1 when unknown), taken from a training line with the same transcript.
+        speakers: the utterances were spoken as synthetic speakers (``synthetic_speaker`` names them).
     """
 
-    def __init__(self, waves: Sequence[np.ndarray], texts: Sequence[str], labels: Sequence[int]) -> None:
+    def __init__(self, waves: Sequence[np.ndarray], texts: Sequence[str], labels: Sequence[int], *, speakers: bool = False) -> None:
         if not len(waves) == len(texts) == len(labels):
             raise ValueError(f"waves, texts and labels differ in length: {len(waves)}, {len(texts)}, {len(labels)}")
         self.waves, self.texts, self.labels = list(waves), list(texts), [int(x) for x in labels]
+        self.speakers = speakers
 
     def __len__(self) -> int:
         return len(self.waves)
 
     def __getitem__(self, index: int) -> Sample:
-        return Sample(audio=torch.from_numpy(self.waves[index]), text=self.texts[index], label=self.labels[index])
+        speaker = synthetic_speaker(index) if self.speakers else None
+        return Sample(audio=torch.from_numpy(self.waves[index]), text=self.texts[index], label=self.labels[index], speaker=speaker)
 
 
 def synthetic_speech_for(
@@ -147,11 +165,12 @@ def synthetic_speech_for(
     sample_rate: int,
     seed: int,
     flite_share: float = 0.0,
+    speakers: bool = False,
     cache_dir: str | Path | None = None,
 ) -> SyntheticSpeech:
     """``count`` synthetic utterances of the transcripts of ``entries`` (manifest lines with audio and
     text), at ``sample_rate`` through the channel of ``media`` (their audio files), a share
-    ``flite_share`` of them by flite voices, cached.
+    ``flite_share`` of them by flite voices, as synthetic speakers with ``speakers``, cached.
 
     Raises:
         ValueError: no entry has both audio and text.
@@ -167,10 +186,14 @@ def synthetic_speech_for(
     params = {"texts": texts, "count": count, "sample_rate": sample_rate, "channel": channel, "seed": seed, "espeak": espeak_version()}
     if flite_share > 0:  # absent at 0, so caches made before flite stay valid
         params.update(flite_share=flite_share, flite=flite_version())
+    if speakers:  # absent without, so caches made before stay valid
+        params.update(speaker_utterances=SPEAKER_UTTERANCES)
     path = cache.cache_path(CACHE_NAME, params, cache_dir=cache_dir)
     found = cache.load_entry(path)
     if found is None:
-        waves, which = synthesize_transcripts(texts, count, sample_rate=sample_rate, channel=channel, seed=seed, flite_share=flite_share)
+        waves, which = synthesize_transcripts(
+            texts, count, sample_rate=sample_rate, channel=channel, seed=seed, flite_share=flite_share, speakers=speakers
+        )
         lengths = np.array([w.shape[0] for w in waves], dtype=np.int64)
         cache.save_entry(path, {"audio": to_int16(np.concatenate(waves)), "lengths": lengths, "which": np.array(which)}, {})
     else:
@@ -179,4 +202,4 @@ def synthetic_speech_for(
         waves = np.split(audio, np.cumsum(arrays["lengths"])[:-1])
         which = arrays["which"].tolist()
     logger.info("synthetic speech: %d utterances (%.0f%% flite) of %d transcripts through a %d Hz channel", count, 100 * flite_share, len(texts), channel)
-    return SyntheticSpeech(waves, [texts[i] for i in which], [labels[texts[i]] for i in which])
+    return SyntheticSpeech(waves, [texts[i] for i in which], [labels[texts[i]] for i in which], speakers=speakers)

@@ -79,8 +79,9 @@ class ManifestSource:
 
             media = [full.media_path(e["audio"]) for e in train_entries if e.get("audio") is not None]
             spoken = synthetic_speech_for(
-                train_entries, media, self.synthetic_speech, sample_rate=self.data.sample_rate, seed=self.seed, flite_share=self.synthetic_flite
-            )
+                train_entries, media, self.synthetic_speech, sample_rate=self.data.sample_rate, seed=self.seed, flite_share=self.synthetic_flite,
+                speakers=self.data.speaker_norm,
+            )  # fmt: skip
             train = ConcatDataset([train, spoken])
         return Splits(train=train, val=held, test=held, train_texts=texts, train_labels=labels)
 

@@ -36,6 +36,7 @@ from einops import rearrange
 from torch import Tensor, nn
 
 from polymodal.backbones.transformer import TransformerBlock, init_blocks
+from polymodal.data.audio import NORM_EPS, utterance_norm  # noqa: F401 (NORM_EPS: the tests' reference)
 from polymodal.encoders import ENCODERS
 from polymodal.encoders.output import EncoderIntermediates, EncoderOutput
 from polymodal.layers.mlp import swiglu_hidden_dim
@@ -47,23 +48,6 @@ from polymodal.modality import Modality
 SUBSAMPLING = 4
 FREQ_POOL = 2  # bands max-pooled after each 2-D conv: a formant may move a band per conv
 MLP_RATIO = 4.0  # the optional layers' feed-forward width, as in Vaswani et al. 2017
-NORM_EPS = 1e-5  # added to a clip's log-mel variance (natural-log units squared; speech's is ~10)
-
-
-def utterance_norm(mels: Tensor, mask: Tensor | None) -> Tensor:
-    """Each clip's bands minus their mean over its real frames, over its std: (B, F, M) -> (B, F, M).
-
-    fp32 island: a variance over ~200 frames x 64 bands loses its digits in bf16. Padded frames
-    come back 0.
-    """
-    x = mels.float()
-    weights = torch.ones_like(x[..., :1]) if mask is None else mask[..., None].float()  # (B, F, 1)
-    count = weights.sum(1, keepdim=True).clamp(min=1)  # (B, 1, 1) real frames
-    centered = (x - (x * weights).sum(1, keepdim=True) / count) * weights  # (B, F, M)
-    var = centered.square().sum((1, 2), keepdim=True) / (count * x.shape[-1])  # (B, 1, 1)
-    return (centered * torch.rsqrt(var + NORM_EPS)).to(mels.dtype)
-
-
 def cepstral_smoother(num_mels: int, keep: int) -> Tensor:
     """(num_mels, num_mels) fp32 matrix S with ``frames @ S`` = inverse DCT of the first ``keep``
     coefficients of each frame's orthonormal DCT-II over the bands (the rest zeroed). S is

@@ -54,6 +54,7 @@ def evaluate_manifest(
         "accuracy", "count", "unreadable", "by": {field: {value: {figure, "count"}}}, "examples"}``.
     """
     dataset = ManifestDataset.from_config(manifest, run.config.data)
+    run.collator.fit_speakers([dataset])  # data.speaker_norm: the manifest's speakers, from their own clips
     rows = range(len(dataset) if limit is None else min(limit, len(dataset)))
     model = run.model.eval()
     generation = {n: t for n, t in getattr(model, "generation_tasks", {}).items() if t.target is Modality.TEXT}

@@ -65,6 +65,7 @@ class Run:
     def splits(self) -> Splits:
         if self.loaded_splits is None:
             self.loaded_splits = self.source.load()
+            fit_speakers(self.collator, self.loaded_splits)
         return self.loaded_splits
 
 
@@ -98,6 +99,11 @@ def run_collator(config: Config, tokenizer: TextTokenizer, source: DataSource, r
     )
 
 
+def fit_speakers(collator: Collator, splits: Splits) -> None:
+    """``data.speaker_norm``'s statistics of every speaker in the run's splits (nothing without it)."""
+    collator.fit_speakers([splits.train, splits.val, splits.test])
+
+
 def prepare_run(config: Config, run_dir: Path, *, resume: bool) -> Run:
     """Everything a training stage needs: the data, the tokenizer (trained on the training captions,
     or the run's own on resume), the dataset's references for heads that learn from them, its
@@ -121,6 +127,7 @@ def prepare_run(config: Config, run_dir: Path, *, resume: bool) -> Run:
     targets = [Modality(key) for key, head in heads.items() if head.reads_references]
     references = source.references(splits, targets) if targets else {}
     collator = run_collator(config, tokenizer, source, references)
+    fit_speakers(collator, splits)
     log_mel = source.log_mel_statistics(splits, collator) if Modality.AUDIO.value in heads else (0.0, 1.0)
     model = build_model(config, data_shapes(config, tokenizer, collator, log_mel))
     if initial is not None:
