@@ -11,13 +11,15 @@ this process's CPU time (user + system, every thread), the latter less sensitive
 
     python benchmarks/bench_fsdd_loso.py
     python benchmarks/bench_fsdd_loso.py train.steps=1000 --folds nicolas lucas
-    python benchmarks/bench_fsdd_loso.py --equalise-speakers model.encoders.audio.input_norm=false
+    python benchmarks/bench_fsdd_loso.py --equalise-speakers data.speaker_norm=false data.options.synthetic_speech=0
 
 ``--equalise-speakers`` first writes a copy of the recordings in which each speaker's mean log power
 spectrum over his speech frames is moved to the mean of all the folder's speakers' (one zero-phase
 correction per speaker, applied to each clip by FFT): speaker-level cepstral mean normalisation,
 done on the waveform and outside the library. It reads no labels; the held-out speaker's own clips
-set his correction, as a recogniser adapting to a new speaker's microphone and voice would.
+set his correction, as a recogniser adapting to a new speaker's microphone and voice would. The
+preset now normalises by speaker in the library (``data.speaker_norm``, whose input_norm is off),
+so the equalised copies are read without it (``data.speaker_norm=false``), as they were measured.
 """
 
 from __future__ import annotations

@@ -108,6 +108,35 @@ def test_nothing_without_speaker_norm(tokenizer) -> None:
 def test_config_checks() -> None:
     """Checked when a config is loaded: per-clip normalisation on top of the speaker's is refused."""
     with pytest.raises(ConfigError, match="model.encoders.audio.input_norm=false"):
-        load_config(["speech"], ["data.speaker_norm=true"])
-    config = load_config(["speech"], ["data.speaker_norm=true", "model.encoders.audio.input_norm=false", "data.manifest=train.jsonl"])
-    assert config.data.speaker_norm
+        load_config(["speech"], ["model.encoders.audio.input_norm=true"])
+    config = load_config(["speech"], ["data.manifest=train.jsonl"])  # the preset as it ships
+    assert config.data.speaker_norm and not config.model.encoders["audio"]["input_norm"]
+
+
+def test_a_run_measures_its_speakers_and_trains(tmp_path) -> None:
+    """prepare_run measures every speaker of the manifest's splits; a short run then trains and
+    its test figures come out (a clip without a speaker among them)."""
+    import json
+
+    import soundfile
+
+    from polymodal.cli.main import main
+    from polymodal.training.run import prepare_run
+
+    lines = []
+    for i in range(12):
+        soundfile.write(tmp_path / f"{i}.wav", _voice(i, 3000, 0.9 if i % 3 == 0 else -0.4).numpy(), 8000)
+        line = {"audio": f"{i}.wav", "text": ["one", "two"][i % 2], "label": i % 2}
+        if i % 3:
+            line["speaker"] = "ann" if i % 3 == 1 else "bob"
+        lines.append(json.dumps(line))
+    manifest = tmp_path / "train.jsonl"
+    manifest.write_text("\n".join(lines) + "\n")
+    overrides = [
+        f"run_dir={tmp_path / 'run'}", "data.source=manifest", f"data.manifest={manifest}", "model.tasks=[audio_to_text]",
+        "data.speaker_norm=true", "model.encoders.audio.input_norm=false", "train.steps=3", "train.progress=false",
+    ]  # fmt: skip
+    run = prepare_run(load_config(["tiny"], overrides), tmp_path / "prepared", resume=False)
+    assert set(run.collator.speakers) == {"ann", "bob"}
+    assert main(["train", "--config", "tiny", *overrides]) == 0
+    assert (tmp_path / "run" / "eval.json").is_file()
