@@ -4,10 +4,10 @@ Each line is a JSON object such as ``{"image": "a.png", "text": "a cat", "audio"
 media paths are relative to the manifest's folder (absolute paths are kept). Any other field
 (``"speaker": "george"``) is metadata: kept in ``entries`` and ``metadata(i)``, and available to
 break evaluation figures down (``polymodal eval --by``); ``speaker`` alone is also read by
-``data.speaker_norm`` (``Sample.speaker``). Bad lines are
-skipped when the manifest is read, bad media files when a sample is loaded; both are counted with the
-reason in ``skipped`` and logged once, so one broken file never stops a training run (a manifest
-none of whose media files exists does stop: its relative paths were written from another folder). A line is
+``data.speaker_norm`` (``Sample.speaker``). Bad lines are skipped when the manifest is read, bad
+media files when a sample is loaded; both are counted with the reason in ``skipped`` and logged
+once, so one broken file never stops a training run (a manifest none of whose media files exists
+does stop: its relative paths were written from another folder). A line is
 usable when it is a JSON object with no near-miss of a known key ("imgae"), its media paths and
 text are strings (valid Unicode), and its label is an integer that fits in int64; anything else in
 a line is a reason to skip it, never an error: lines are split on newlines only and decoded one by one, so a line that

@@ -23,8 +23,10 @@ speaks the i-th distinct transcript modulo their number).
 With ``speakers`` (what ``data.speaker_norm`` asks for), the utterances come as synthetic speakers:
 each run of ``SPEAKER_UTTERANCES`` consecutive utterances is spoken by one voice (the run's first
 utterance's), and names that speaker, so speaker-level normalisation treats them as it treats the
-manifest's real speakers. Pace, room and microphone are still drawn per utterance. Synthesis runs once per set of
-parameters and is cached (``polymodal.data.cache``): about 17 ms per utterance on one core.
+manifest's real speakers (leave-one-speaker-out on FSDD: mean 88.7% against 84.55% with each
+utterance normalised alone, BENCHMARKS.md). Pace, room and microphone are still drawn per
+utterance. Synthesis runs once per set of parameters and is cached (``polymodal.data.cache``):
+about 17 ms per utterance on one core.
 """
 
 from __future__ import annotations
