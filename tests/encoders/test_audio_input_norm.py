@@ -7,7 +7,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from polymodal.encoders.audio_conv import NORM_EPS, AudioConvEncoder, utterance_norm
+from polymodal.data.audio import NORM_EPS, utterance_norm
+from polymodal.encoders.audio_conv import AudioConvEncoder
 
 
 def _reference(mels: np.ndarray) -> np.ndarray:

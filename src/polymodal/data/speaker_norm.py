@@ -63,9 +63,13 @@ class SpeakerStatistics:
 def speaker_normalised(features: Tensor, mask: Tensor, speakers: list[str | None], table: dict[str, tuple[Tensor, Tensor]]) -> Tensor:
     """(B, F, M) log-mel frames, each item by its speaker's statistics in ``table``, or by its own
     (``utterance_norm``) when it has no speaker there. Padded frames come back 0. fp32."""
-    out = utterance_norm(features.float(), mask)
+    x = features.float()
+    out = torch.empty_like(x)
+    alone = [i for i, speaker in enumerate(speakers) if speaker not in table]
+    if alone:
+        out[alone] = utterance_norm(x[alone], mask[alone])
     for i, speaker in enumerate(speakers):
         if speaker in table:
             mean, inv_std = table[speaker]
-            out[i] = (features[i].float() - mean) * inv_std * mask[i, :, None]
+            out[i] = (x[i] - mean) * inv_std * mask[i, :, None]
     return out

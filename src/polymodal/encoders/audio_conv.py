@@ -36,7 +36,7 @@ from einops import rearrange
 from torch import Tensor, nn
 
 from polymodal.backbones.transformer import TransformerBlock, init_blocks
-from polymodal.data.audio import NORM_EPS, utterance_norm  # noqa: F401 (NORM_EPS: the tests' reference)
+from polymodal.data.audio import utterance_norm
 from polymodal.encoders import ENCODERS
 from polymodal.encoders.output import EncoderIntermediates, EncoderOutput
 from polymodal.layers.mlp import swiglu_hidden_dim
