@@ -35,17 +35,6 @@ def average(states: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
     }  # fmt: skip
 
 
-def load_weights(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
-    """``state`` (a checkpoint's model file) into ``model``. A tensor shared with another (the tied LM
-    head) is stored once: it may be missing, nothing else."""
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    own = model.state_dict()
-    stored = {own[name].data_ptr() for name in state}
-    untied = [name for name in missing if own[name].data_ptr() not in stored]
-    if untied or unexpected:
-        raise SystemExit(f"checkpoint does not match the run's model: missing {untied[:5]}, unexpected {unexpected[:5]}")
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("run_dir", type=Path)
@@ -57,7 +46,13 @@ def main() -> None:
     states = [load_file(str(step_folder(args.run_dir, s) / MODEL_FILE)) for s in steps]
 
     def score(state: dict[str, torch.Tensor]) -> dict[str, float]:
-        load_weights(run.model, state)
+        # A tensor shared with another (the tied LM head) is stored once: it may be missing, nothing else.
+        missing, unexpected = run.model.load_state_dict(state, strict=False)
+        own = run.model.state_dict()
+        stored = {own[name].data_ptr() for name in state}
+        untied = [name for name in missing if own[name].data_ptr() not in stored]
+        if untied or unexpected:
+            raise SystemExit(f"checkpoint does not match the run's model: missing {untied[:5]}, unexpected {unexpected[:5]}")
         return {name: figures.get("exact", figures.get("accuracy")) for name, figures in evaluate_manifest(run, args.manifest).items()}
 
     for step, state in zip(steps[-3:], states[-3:]):

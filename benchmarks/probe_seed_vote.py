@@ -26,15 +26,14 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from probe_checkpoint_average import load_weights  # this folder is on the path when run as a script
-from safetensors.torch import load_file
 
 from polymodal.data.augment_audio import change_speed
 from polymodal.data.manifest import ManifestDataset
 from polymodal.evaluation.manifest import caption_judge, generate_captions
 from polymodal.modality import Modality
-from polymodal.training.checkpoint import MODEL_FILE, step_folder
+from polymodal.training.checkpoint import load_checkpoint, step_folder
 from polymodal.training.run import load_run
+from polymodal.training.schedules import restore_progress
 
 
 class SpedClips(torch.utils.data.Dataset):
@@ -64,8 +63,9 @@ def main() -> None:
     for member in args.members:
         run_dir, _, step = member.partition("@")
         run = load_run(run_dir)
-        if step:
-            load_weights(run.model, load_file(str(step_folder(Path(run_dir), int(step)) / MODEL_FILE)))
+        if step:  # that checkpoint's weights and training progress instead, as load_run takes the chosen one's
+            saved = load_checkpoint(step_folder(Path(run_dir), int(step)), model=run.model)
+            restore_progress(run.model, saved.get("step"), run.config.train.steps)
         run.model.eval()
         dataset = ManifestDataset.from_config(args.manifest, run.config.data)
         judge = caption_judge(dataset, run.source.label_parser)
