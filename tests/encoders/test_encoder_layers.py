@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from polymodal.encoders import ENCODERS
+from polymodal.encoders.audio_conv import BandResBlock
 from polymodal.layers.positional import sinusoidal_embedding
 
 DIM = 16
@@ -21,9 +22,10 @@ def _text(num_layers: int = 2):
     return ENCODERS.build({"name": "text_embedding", "dim": DIM, "num_layers": num_layers, "num_heads": 2}, VOCAB)
 
 
-def _audio(num_layers: int = 2, freq_channels: int = 0, num_mels: int = NUM_MELS):
+def _audio(num_layers: int = 2, freq_channels: int = 0, num_mels: int = NUM_MELS, res_blocks: int = 0):
     torch.manual_seed(0)
     spec = {"name": "audio_conv", "dim": DIM, "num_layers": num_layers, "num_heads": 2, "freq_channels": freq_channels}
+    spec["res_blocks"] = res_blocks
     return ENCODERS.build(spec, num_mels)
 
 
@@ -59,9 +61,9 @@ def test_text_padding_does_not_change_real_tokens(num_layers, pad_id):
 
 @pytest.mark.parametrize("num_layers", [0, 2])
 @pytest.mark.parametrize("pad_value", [0.0, 3.0])
-@pytest.mark.parametrize("freq_channels", [0, 3])
-def test_audio_padding_does_not_change_real_tokens(num_layers, pad_value, freq_channels):
-    encoder = _audio(num_layers, freq_channels).eval()
+@pytest.mark.parametrize("freq_channels, res_blocks", [(0, 0), (3, 0), (3, 2)])
+def test_audio_padding_does_not_change_real_tokens(num_layers, pad_value, freq_channels, res_blocks):
+    encoder = _audio(num_layers, freq_channels, res_blocks=res_blocks).eval()
     torch.manual_seed(1)
     # 13 frames -> 7 -> 4: both convs' last real output sits at the item's edge, reading padding.
     item = torch.randn(13, NUM_MELS)
@@ -79,10 +81,10 @@ def test_audio_padding_does_not_change_real_tokens(num_layers, pad_value, freq_c
     torch.testing.assert_close(out.tokens[0, :4], alone, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("freq_channels", [0, 3])
-def test_audio_without_mask_is_unchanged_by_the_masking(freq_channels):
+@pytest.mark.parametrize("freq_channels, res_blocks", [(0, 0), (3, 0), (3, 1)])
+def test_audio_without_mask_is_unchanged_by_the_masking(freq_channels, res_blocks):
     # An all-True mask takes the masked path; no mask the plain one: same tokens.
-    encoder = _audio(2, freq_channels).eval()
+    encoder = _audio(2, freq_channels, res_blocks=res_blocks).eval()
     mels = torch.randn(2, 21, NUM_MELS)
     with torch.no_grad():
         plain = encoder(mels).tokens
@@ -144,6 +146,35 @@ def test_band_convs_written_out():
     with torch.no_grad():
         expected = encoder.norm(encoder.flatten(features) + positions)
         torch.testing.assert_close(encoder(mels).tokens, expected)
+
+
+def test_band_res_blocks_written_out():
+    # Residual blocks after each strided conv, against F.conv2d by hand; one hidden state per stage.
+    encoder = _audio(0, freq_channels=3, num_mels=10, res_blocks=2).eval()
+    mels = torch.randn(1, 9, 10)
+    x = mels.transpose(1, 2)[:, None]  # (1, 1, bands, F)
+    stages = []
+    for layer in encoder.convs:
+        if isinstance(layer, torch.nn.Conv2d):
+            x = F.conv2d(x, layer.weight, layer.bias, stride=(1, 2), padding=1)
+            if x.shape[2] % 2:  # ceil mode: the odd last band is pooled alone
+                x = torch.cat([x, x[:, :, -1:]], 2)
+            x = F.gelu(x.unflatten(2, (-1, 2)).amax(3))
+        elif isinstance(layer, BandResBlock):
+            inner = F.gelu(F.conv2d(x, layer.conv1.weight, layer.conv1.bias, padding=1))
+            x = x + F.conv2d(inner, layer.conv2.weight, layer.conv2.bias, padding=1)
+            stages.append(x)
+    with torch.no_grad():
+        inter = encoder.forward_intermediates(mels)
+    assert sum(isinstance(layer, BandResBlock) for layer in encoder.convs) == 4
+    assert len(inter.hidden) == 2
+    torch.testing.assert_close(inter.hidden[-1], x.permute(0, 3, 1, 2).flatten(2))
+    torch.testing.assert_close(inter.hidden[0], stages[1].permute(0, 3, 1, 2).flatten(2))
+
+
+def test_res_blocks_need_band_convs():
+    with pytest.raises(ValueError, match="res_blocks=1.*freq_channels"):
+        _audio(0, freq_channels=0, res_blocks=1)
 
 
 def test_no_layers_keeps_the_old_parameters_and_outputs():

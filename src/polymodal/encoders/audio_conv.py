@@ -8,6 +8,12 @@ his formants along the mel axis; weights shared across bands and the pooling let
 or two away read the same (Abdel-Hamid et al. 2014, Convolutional neural networks for speech
 recognition, IEEE/ACM TASLP; the 2-D subsampling of Conformer, Gulati et al. 2020, arXiv:2005.08100).
 
+``res_blocks`` adds, after each of those strided 2-D convolutions, that many residual blocks of two
+3 x 3 convolutions at stride 1 with a GELU between (He et al. 2016, arXiv:1512.03385), as
+keyword-spotting networks stack them over (band, frame) maps (Tang & Lin 2018, Deep Residual
+Learning for Small-Footprint Keyword Spotting, arXiv:1710.10361): more depth over the bands at the
+convolutions' own width, for a few percent of the step's FLOPs.
+
 ``input_norm`` normalises each clip first: every mel band's mean over the clip's real frames is
 subtracted (cepstral mean normalisation carried to log-mel bands: a fixed channel or microphone
 response, and a gain, are a constant added to a band's log power, so this removes them; Atal 1974,
@@ -32,6 +38,7 @@ from __future__ import annotations
 
 
 import torch
+import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
@@ -58,10 +65,29 @@ def cepstral_smoother(num_mels: int, keep: int) -> Tensor:
     return (basis[:keep].T @ basis[:keep]).float()
 
 
-def _band_convs(num_convs: int, channels: int) -> nn.Sequential:
+class BandResBlock(nn.Module):
+    """``x + conv(gelu(conv(x)))`` over (band, frame) maps, 3 x 3 at stride 1: the shape stays.
+    Padded frames are zeroed before each conv, so real frames never read what follows an item."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(channels, channels, 3, padding=1)
+        self.conv2 = nn.Conv2d(channels, channels, 3, padding=1)
+
+    def reset_parameters(self) -> None:
+        self.conv1.reset_parameters()
+        self.conv2.reset_parameters()
+
+    def forward(self, x: Tensor, valid: Tensor | None = None) -> Tensor:
+        """x: (B, C, bands, F); valid: (B, F) True on real frames, or None when all are."""
+        keep = (lambda y: y) if valid is None else (lambda y: _keep_frames(y, valid))  # noqa: E731
+        return keep(x + self.conv2(keep(F.gelu(self.conv1(x)))))
+
+
+def _band_convs(num_convs: int, channels: int, res_blocks: int = 0) -> nn.Sequential:
     """2-D convs over (band, frame), 3 x 3, stride 2 along frames only, each then a max-pool of
-    ``FREQ_POOL`` along bands and a GELU. The pool never mixes frames, so the mask zeroes padded
-    frames after the GELU as it does for the 1-D convs."""
+    ``FREQ_POOL`` along bands, a GELU and ``res_blocks`` ``BandResBlock``s. The pool never mixes
+    frames, so the mask zeroes padded frames after the GELU as it does for the 1-D convs."""
     layers: list[nn.Module] = []
     channels_in = 1
     for _ in range(num_convs):
@@ -69,6 +95,7 @@ def _band_convs(num_convs: int, channels: int) -> nn.Sequential:
             nn.Conv2d(channels_in, channels, 3, stride=(1, 2), padding=1),
             nn.MaxPool2d((FREQ_POOL, 1), ceil_mode=True),
             nn.GELU(),
+            *(BandResBlock(channels) for _ in range(res_blocks)),
         ]
         channels_in = channels
     return nn.Sequential(*layers)
@@ -103,6 +130,8 @@ class AudioConvEncoder(nn.Module):
             ``FREQ_POOL`` after each (see the module docstring); 0 keeps the 1-D convolutions.
         lifter: cepstral coefficients kept per frame (see the module docstring); 0, or num_mels
             and more, keep every one.
+        res_blocks: residual 2-D conv blocks after each strided 2-D conv (see the module
+            docstring); needs ``freq_channels``.
     """
 
     modality = Modality.AUDIO
@@ -119,8 +148,11 @@ class AudioConvEncoder(nn.Module):
         dropout: float = 0.0,
         freq_channels: int = 0,
         lifter: int = 0,
+        res_blocks: int = 0,
     ) -> None:
         super().__init__()
+        if res_blocks < 0 or (res_blocks and not freq_channels):
+            raise ValueError(f"res_blocks={res_blocks}: give 0, or a positive count with freq_channels > 0 (2-D convolutions)")
         if lifter < 0:
             raise ValueError(f"lifter must be >= 0 (0: off), got {lifter}")
         if num_layers < 0:
@@ -134,7 +166,7 @@ class AudioConvEncoder(nn.Module):
         self.dropout = nn.Dropout(dropout)
         self.freq_channels = freq_channels
         if freq_channels:
-            self.convs = _band_convs(num_convs, freq_channels)
+            self.convs = _band_convs(num_convs, freq_channels, res_blocks)
             # ceil: the pool keeps an odd last band, and nested ceils of halving are one ceil
             bands = -(-num_mels // FREQ_POOL**num_convs)
             self.flatten = nn.Linear(freq_channels * bands, dim)
@@ -164,7 +196,7 @@ class AudioConvEncoder(nn.Module):
         """Convs and LayerNorm with PyTorch's defaults (as the conv-only encoder always had); the
         optional blocks GPT-2 style, residual outputs scaled by 1/sqrt(2 L)."""
         for layer in self.convs:
-            if isinstance(layer, (nn.Conv1d, nn.Conv2d)):
+            if isinstance(layer, (nn.Conv1d, nn.Conv2d, BandResBlock)):
                 layer.reset_parameters()
         if self.freq_channels:
             self.flatten.reset_parameters()
@@ -200,7 +232,7 @@ class AudioConvEncoder(nn.Module):
         x = mels.transpose(1, 2)  # (B, num_mels, F)
         if self.freq_channels:
             x = x[:, None]  # (B, 1, num_mels, F): bands as height, frames as width
-        lengths = None
+        lengths = valid = None
         if mask is not None:
             # Zero the padded frames before every conv, so a frame at the edge of an item reads the
             # same zeros as the conv's own padding would give it: real outputs do not depend on
@@ -208,14 +240,19 @@ class AudioConvEncoder(nn.Module):
             lengths = mask.sum(1)  # (B,)
             x = _keep_frames(x, mask)
         hidden = []
-        for layer in self.convs:
-            x = layer(x)
-            if isinstance(layer, nn.GELU):
-                if lengths is not None:
-                    lengths = (lengths + 1) // 2  # ceil(L / 2), as in output_lengths
-                    valid = torch.arange(x.shape[-1], device=x.device)[None] < lengths[:, None]  # (B, F_i)
-                    x = _keep_frames(x, valid)
-                hidden.append(_frames_last(x))
+        layers = list(self.convs)
+        for i, layer in enumerate(layers):
+            if isinstance(layer, BandResBlock):
+                x = layer(x, valid)
+            else:
+                x = layer(x)
+            if isinstance(layer, nn.GELU) and lengths is not None:
+                lengths = (lengths + 1) // 2  # ceil(L / 2), as in output_lengths
+                valid = torch.arange(x.shape[-1], device=x.device)[None] < lengths[:, None]  # (B, F_i)
+                x = _keep_frames(x, valid)
+            stage_ends = i + 1 == len(layers) or not isinstance(layers[i + 1], BandResBlock)
+            if isinstance(layer, (nn.GELU, BandResBlock)) and stage_ends:
+                hidden.append(_frames_last(x))  # one state per strided conv, after its blocks
         tokens = self.flatten(_frames_last(x)) if self.freq_channels else x.transpose(1, 2)  # (B, F', dim)
         positions = sinusoidal_embedding(
             torch.arange(tokens.shape[1], device=tokens.device), tokens.shape[-1]
