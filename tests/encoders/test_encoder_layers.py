@@ -130,28 +130,9 @@ def test_band_convs_move_with_the_bands():
     assert pooled[1, ..., 0].abs().max() == 0
 
 
-def test_band_convs_written_out():
-    # The 2-D path against F.conv2d, a max over band pairs, the flatten and the positions, by hand.
-    encoder = _audio(0, freq_channels=3, num_mels=10).eval()
-    mels = torch.randn(1, 9, 10)
-    x = mels.transpose(1, 2)[:, None]  # (1, 1, bands, F)
-    for layer in encoder.convs:
-        if isinstance(layer, torch.nn.Conv2d):
-            x = F.conv2d(x, layer.weight, layer.bias, stride=(1, 2), padding=1)
-            if x.shape[2] % 2:  # ceil mode: the odd last band is pooled alone
-                x = torch.cat([x, x[:, :, -1:]], 2)
-            x = F.gelu(x.unflatten(2, (-1, 2)).amax(3))
-    features = x.permute(0, 3, 1, 2).flatten(2)  # (1, F', C * bands), channel-major
-    positions = sinusoidal_embedding(torch.arange(features.shape[1]), DIM)
-    with torch.no_grad():
-        expected = encoder.norm(encoder.flatten(features) + positions)
-        torch.testing.assert_close(encoder(mels).tokens, expected)
-
-
-def test_band_res_blocks_written_out():
-    # Residual blocks after each strided conv, against F.conv2d by hand; one hidden state per stage.
-    encoder = _audio(0, freq_channels=3, num_mels=10, res_blocks=2).eval()
-    mels = torch.randn(1, 9, 10)
+def _band_stages_by_hand(encoder, mels: torch.Tensor) -> list[torch.Tensor]:
+    """Each strided stage's (1, C, bands, F') output, after its residual blocks: F.conv2d, a max
+    over band pairs and GELU, then x + conv(gelu(conv(x))) per block."""
     x = mels.transpose(1, 2)[:, None]  # (1, 1, bands, F)
     stages = []
     for layer in encoder.convs:
@@ -160,16 +141,29 @@ def test_band_res_blocks_written_out():
             if x.shape[2] % 2:  # ceil mode: the odd last band is pooled alone
                 x = torch.cat([x, x[:, :, -1:]], 2)
             x = F.gelu(x.unflatten(2, (-1, 2)).amax(3))
+            stages.append(x)
         elif isinstance(layer, BandResBlock):
             inner = F.gelu(F.conv2d(x, layer.conv1.weight, layer.conv1.bias, padding=1))
-            x = x + F.conv2d(inner, layer.conv2.weight, layer.conv2.bias, padding=1)
-            stages.append(x)
+            x = stages[-1] = x + F.conv2d(inner, layer.conv2.weight, layer.conv2.bias, padding=1)
+    return stages
+
+
+@pytest.mark.parametrize("res_blocks", [0, 2])
+def test_band_convs_written_out(res_blocks):
+    # The 2-D path (with residual blocks after each strided conv) by hand, then the flatten and the
+    # positions; one hidden state per strided conv, after its blocks.
+    encoder = _audio(0, freq_channels=3, num_mels=10, res_blocks=res_blocks).eval()
+    assert sum(isinstance(layer, BandResBlock) for layer in encoder.convs) == 2 * res_blocks
+    mels = torch.randn(1, 9, 10)
+    stages = [x.permute(0, 3, 1, 2).flatten(2) for x in _band_stages_by_hand(encoder, mels)]  # (1, F', C * bands)
+    positions = sinusoidal_embedding(torch.arange(stages[-1].shape[1]), DIM)
     with torch.no_grad():
+        expected = encoder.norm(encoder.flatten(stages[-1]) + positions)
         inter = encoder.forward_intermediates(mels)
-    assert sum(isinstance(layer, BandResBlock) for layer in encoder.convs) == 4
-    assert len(inter.hidden) == 2
-    torch.testing.assert_close(inter.hidden[-1], x.permute(0, 3, 1, 2).flatten(2))
-    torch.testing.assert_close(inter.hidden[0], stages[1].permute(0, 3, 1, 2).flatten(2))
+    torch.testing.assert_close(inter.output.tokens, expected)
+    assert len(inter.hidden) == len(stages) == 2
+    for hidden, stage in zip(inter.hidden, stages):
+        torch.testing.assert_close(hidden, stage)
 
 
 def test_res_blocks_need_band_convs():
