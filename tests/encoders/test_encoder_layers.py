@@ -24,8 +24,7 @@ def _text(num_layers: int = 2):
 
 def _audio(num_layers: int = 2, freq_channels: int = 0, num_mels: int = NUM_MELS, res_blocks: int = 0):
     torch.manual_seed(0)
-    spec = {"name": "audio_conv", "dim": DIM, "num_layers": num_layers, "num_heads": 2, "freq_channels": freq_channels}
-    spec["res_blocks"] = res_blocks
+    spec = {"name": "audio_conv", "dim": DIM, "num_layers": num_layers, "num_heads": 2, "freq_channels": freq_channels, "res_blocks": res_blocks}
     return ENCODERS.build(spec, num_mels)
 
 

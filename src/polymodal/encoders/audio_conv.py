@@ -244,8 +244,7 @@ class AudioConvEncoder(nn.Module):
             lengths = mask.sum(1)  # (B,)
             x = _keep_frames(x, mask)
         hidden = []
-        layers = list(self.convs)
-        for i, layer in enumerate(layers):
+        for i, layer in enumerate(self.convs):
             if isinstance(layer, BandResBlock):
                 x = layer(x, valid)
             else:
@@ -254,7 +253,7 @@ class AudioConvEncoder(nn.Module):
                 lengths = (lengths + 1) // 2  # ceil(L / 2), as in output_lengths
                 valid = torch.arange(x.shape[-1], device=x.device)[None] < lengths[:, None]  # (B, F_i)
                 x = _keep_frames(x, valid)
-            stage_ends = i + 1 == len(layers) or not isinstance(layers[i + 1], BandResBlock)
+            stage_ends = i + 1 == len(self.convs) or not isinstance(self.convs[i + 1], BandResBlock)
             if isinstance(layer, (nn.GELU, BandResBlock)) and stage_ends:
                 hidden.append(_frames_last(x))  # one state per strided conv, after its blocks
         tokens = self.flatten(_frames_last(x)) if self.freq_channels else x.transpose(1, 2)  # (B, F', dim)
