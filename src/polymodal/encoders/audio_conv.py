@@ -243,19 +243,19 @@ class AudioConvEncoder(nn.Module):
             # how much padding (or what values in it) follows.
             lengths = mask.sum(1)  # (B,)
             x = _keep_frames(x, mask)
-        hidden = []
-        for i, layer in enumerate(self.convs):
+        stages = []  # one map per strided conv, after its residual blocks
+        for layer in self.convs:
             if isinstance(layer, BandResBlock):
-                x = layer(x, valid)
-            else:
-                x = layer(x)
-            if isinstance(layer, nn.GELU) and lengths is not None:
-                lengths = (lengths + 1) // 2  # ceil(L / 2), as in output_lengths
-                valid = torch.arange(x.shape[-1], device=x.device)[None] < lengths[:, None]  # (B, F_i)
-                x = _keep_frames(x, valid)
-            stage_ends = i + 1 == len(self.convs) or not isinstance(self.convs[i + 1], BandResBlock)
-            if isinstance(layer, (nn.GELU, BandResBlock)) and stage_ends:
-                hidden.append(_frames_last(x))  # one state per strided conv, after its blocks
+                x = stages[-1] = layer(x, valid)
+                continue
+            x = layer(x)
+            if isinstance(layer, nn.GELU):
+                if lengths is not None:
+                    lengths = (lengths + 1) // 2  # ceil(L / 2), as in output_lengths
+                    valid = torch.arange(x.shape[-1], device=x.device)[None] < lengths[:, None]  # (B, F_i)
+                    x = _keep_frames(x, valid)
+                stages.append(x)
+        hidden = [_frames_last(stage) for stage in stages]
         tokens = self.flatten(_frames_last(x)) if self.freq_channels else x.transpose(1, 2)  # (B, F', dim)
         positions = sinusoidal_embedding(
             torch.arange(tokens.shape[1], device=tokens.device), tokens.shape[-1]
