@@ -269,9 +269,8 @@ def augment_waveform(
         ir = synthetic_impulse_response(sample_rate, rt60, drr_db, r)
         x = reverberate(x, ir)
     if fires["noise"]:
-        clips = [np.asarray(c, dtype=np.float64) for c in noise_clips]
         snr = _uniform(rngs["noise"], settings.noise_snr_db)
-        x = add_noise(x, _noise(x.shape[0], settings, rngs["noise"], clips), snr)
+        x = add_noise(x, _noise(x.shape[0], settings, rngs["noise"], noise_clips), snr)  # noise_clip converts the one drawn
     if fires["band_limit"]:
         x = band_limit(x, sample_rate, settings.band_limit_rate)
     if fires["gain"]:
