@@ -80,7 +80,6 @@ class ModelConfig:
     tasks: list[str] = dataclasses.field(default_factory=lambda: ["image_to_text", "audio_to_text"])
     contrastive: dict[str, Any] = dataclasses.field(default_factory=dict)  # settings of the contrastive task
     task_fractions: dict[str, float] = dataclasses.field(default_factory=dict)  # task -> share of each batch
-    task_mixup: dict[str, float] = dataclasses.field(default_factory=dict)  # task -> mixup's Beta alpha (0: none)
     heads: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)  # target modality -> head spec
     decoupler: dict[str, Any] = dataclasses.field(default_factory=dict)  # a decoupler spec; {} for none
     init_from: str | None = None  # a trained run's folder: the tokenizer and the weights that fit

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import math
 
-import pytest
 import torch
 
 from batches import assert_task_pass_embeddings_equal_embed
@@ -12,12 +11,10 @@ from batches import assert_task_pass_embeddings_equal_embed
 from polymodal.config import load_config
 from polymodal.data.batch import AlignedTargets, Batch
 from polymodal.modality import Modality
-from polymodal.heads import Targets
 from polymodal.heads.aligned_mel import SILENCE
 from polymodal.heads.length_regulator import PHASE_BUCKETS, align_frames, predicted_durations
 from polymodal.models.architectures import build_model
 from polymodal.models.shapes import DataShapes, TextSpecials
-from polymodal.tasks import GenerationTask
 
 VOCAB = 40
 SPECIALS = TextSpecials(vocab_size=VOCAB, pad_id=0, bos_id=1, eos_id=2)
@@ -304,41 +301,3 @@ def test_a_task_fraction_trains_that_task_on_the_first_items_only():
         whole, first_two = model(batch).losses, model(head).losses
     torch.testing.assert_close(part["text_to_audio"], first_two["text_to_audio"])
     torch.testing.assert_close(part["image_to_text"], whole["image_to_text"])  # other tasks see every item
-
-
-def test_mixup_blends_two_items_sources_and_weighs_their_captions_losses_by_lam():
-    config = load_config(["tiny"], ["model.tasks=[audio_to_text]", "model.task_mixup={audio_to_text: 0.4}"])
-    torch.manual_seed(0)
-    model = build_model(config, SHAPES).train()
-    batch = make_batch(batch_size=4)
-    torch.manual_seed(5)
-    mixed = model(batch).losses["audio_to_text"]
-    # By hand, from the same draws: lam ~ Beta(0.4, 0.4), then the partners.
-    torch.manual_seed(5)
-    lam = float(torch.distributions.Beta(0.4, 0.4).sample())
-    partners = torch.randperm(4)
-    audio, mask = batch.inputs[Modality.AUDIO], batch.masks[Modality.AUDIO]
-    blended = lam * audio + (1 - lam) * audio[partners]
-    source, source_mask = model.encode(Modality.AUDIO, blended, mask | mask[partners])
-    ids, text_mask = batch.inputs[Modality.TEXT], batch.masks[Modality.TEXT]
-    head = model.head(Modality.TEXT)
-    own = head.loss(model, source, source_mask, Targets(ids, text_mask)).losses[""]
-    theirs = head.loss(model, source, source_mask, Targets(ids[partners], text_mask[partners])).losses[""]
-    assert not torch.equal(partners, torch.arange(4)) and 0.0 < lam < 1.0  # the draw mixes something
-    torch.testing.assert_close(mixed, lam * own + (1 - lam) * theirs)
-    mixed.backward()
-    assert all(p.grad is not None for p in model.inputs.encoders["audio"].parameters())  # the encoder learns from the blend
-
-
-def test_mixup_is_off_outside_training_and_text_sources_are_refused():
-    plain = load_config(["tiny"], ["model.tasks=[audio_to_text]"])
-    mixing = load_config(["tiny"], ["model.tasks=[audio_to_text]", "model.task_mixup={audio_to_text: 0.4}"])
-    torch.manual_seed(0)
-    a = build_model(plain, SHAPES).eval()
-    torch.manual_seed(0)
-    b = build_model(mixing, SHAPES).eval()
-    batch = make_batch()
-    with torch.no_grad():
-        torch.testing.assert_close(a(batch).losses["audio_to_text"], b(batch).losses["audio_to_text"], rtol=0, atol=0)
-    with pytest.raises(ValueError, match="a text source is token ids"):
-        GenerationTask(Modality.TEXT, Modality.AUDIO, 64, [Modality.TEXT, Modality.AUDIO], mixup=0.4)

@@ -110,7 +110,7 @@ def test_sigkill_then_resume_matches_uninterrupted_run_bitwise(tmp_path):
 
 
 def test_resume_with_augmentation_matches_the_uninterrupted_run_bitwise(tmp_path):
-    """The audio chain, SpecAugment, mixup and dropout on, items loaded in a worker process: a run resumed
+    """The audio chain, SpecAugment and dropout on, items loaded in a worker process: a run resumed
     from its middle checkpoint ends with the uninterrupted run's weights, bitwise (an augmentation
     drawn from a worker's own RNG would not replay: the resumed loader seeds its workers anew)."""
     augment = [
@@ -118,7 +118,7 @@ def test_resume_with_augmentation_matches_the_uninterrupted_run_bitwise(tmp_path
         "data.augment.audio.gain_p=1.0", "data.augment.audio.spec_augment_p=1.0", "data.augment.audio.time_mask_width=5",
     ]  # fmt: skip
     settings = [
-        "model.tasks=[audio_to_text]", "model.task_mixup={audio_to_text: 0.4}", "model.backbone.dropout=0.1", "train.steps=8", "train.ckpt_every=4",
+        "model.tasks=[audio_to_text]", "model.backbone.dropout=0.1", "train.steps=8", "train.ckpt_every=4",
         "train.batch_size=4", "train.keep_checkpoints=0", "train.progress=false", "train.precision=fp32",
         "device=cpu", "data.num_workers=1", "seed=5", "train.prefetch=0",
     ]  # fmt: skip

@@ -15,8 +15,6 @@ of Raffel et al. 2019, T5, arXiv:1910.10683 (section 3.2.1).
 
 from __future__ import annotations
 
-import dataclasses
-
 from torch import Tensor, nn
 
 from polymodal.data.batch import Batch
@@ -107,15 +105,9 @@ class AnyToAnyModel(nn.Module):
             chosen = task.select(batch, reads_references=head.reads_references)
             if chosen is None:
                 continue
-            partner_target, lam = None, 1.0
-            if task.mixup > 0.0 and self.training:
-                chosen, partner_target, lam = task.mixed(chosen)
             source, source_mask = self.encode(task.source, chosen.inputs, chosen.mask, indices=chosen.indices)
             with self.routing.of(task.source, task.target):
                 out = head.loss(self, source, source_mask, chosen.target)
-                if partner_target is not None:
-                    partner = head.loss(self, source, source_mask, partner_target)
-                    out = dataclasses.replace(out, losses={k: lam * v + (1.0 - lam) * partner.losses[k] for k, v in out.losses.items()})
             losses.update({name if not k else f"{name}_{k}": v for k, v in out.losses.items()})
             items = chosen.keep.sum()
             counts.update({name if not k else f"{name}_{k}": out.counts.get(k, items) for k in out.losses})

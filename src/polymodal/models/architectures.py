@@ -32,7 +32,6 @@ from polymodal.tasks import TASKS, GenerationTask
 from polymodal.tokenizers import IMAGE_TOKENIZERS
 
 ARCHITECTURES: Registry = Registry("architecture")
-TASK_SETTINGS = {"fraction": "task_fractions", "mixup": "task_mixup"}  # a generation task's setting -> its model.* mapping
 # Random fills that do nothing to a meta tensor. Run there, torch's reference ``normal_`` imports
 # its compiler (about 3 s); skipping them keeps checking a config fast.
 _RANDOM_FILLS = {
@@ -150,17 +149,15 @@ def _build_decoupler(config: Config, modalities: list[Modality]) -> nn.Module | 
 
 def _build_task(config: Config, name: str, modalities: list[Modality], decoupler: nn.Module | None) -> nn.Module:
     """Task ``name`` with its settings: ``model.contrastive`` (and the decoupler) for the contrastive
-    task, its share of each batch (``model.task_fractions``) and its mixup (``model.task_mixup``)
-    for a generation task."""
+    task, its share of each batch (``model.task_fractions``) for a generation task."""
     model = config.model
     index = f"model.tasks[{model.tasks.index(name)}]"
     TASKS.check({"name": name}, where=index)
     if name == "contrastive":
         spec = {"name": name, **model.contrastive}
         return TASKS.build(spec, model.dim, modalities, decoupler=decoupler, where="model.contrastive")
-    given = {setting: getattr(model, key)[name] for setting, key in TASK_SETTINGS.items() if name in getattr(model, key)}
-    where = " / ".join(f"model.{TASK_SETTINGS[setting]}.{name}" for setting in given) or index
-    task = TASKS.build({"name": name, **given}, model.dim, modalities, where=where)
+    settings = {"fraction": model.task_fractions[name]} if name in model.task_fractions else {}
+    task = TASKS.build({"name": name, **settings}, model.dim, modalities, where=f"model.task_fractions.{name}")
     if isinstance(task, GenerationTask) and task.source not in modalities:
         raise ConfigError(f"{index}: {name} needs a {task.source} encoder; add model.encoders.{task.source} or drop the task")
     return task
@@ -197,10 +194,9 @@ def check_model(config: Config) -> nn.Module:
     fails here with a ConfigError naming its key, before any data or weights exist."""
     if config.model.architecture not in ARCHITECTURES:
         raise ConfigError(f"model.architecture: {config.model.architecture!r} is not valid; valid: {', '.join(ARCHITECTURES.names())}")
-    for key in TASK_SETTINGS.values():
-        for name in getattr(config.model, key):
-            if name not in config.model.tasks or name == "contrastive":
-                valid = ", ".join(t for t in config.model.tasks if t != "contrastive")
-                raise ConfigError(f"model.{key}.{name}: not a generation task of this model; valid: {valid}")
+    for name in config.model.task_fractions:
+        if name not in config.model.tasks or name == "contrastive":
+            valid = ", ".join(t for t in config.model.tasks if t != "contrastive")
+            raise ConfigError(f"model.task_fractions.{name}: not a generation task of this model; valid: {valid}")
     with on_meta():
         return build_model(config, placeholder_shapes(config))

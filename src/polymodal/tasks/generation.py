@@ -5,13 +5,6 @@ does the rest (``polymodal.heads``).
 A head that learns from aligned references (``reads_references``) gets the dataset's references
 (``Batch.references[target]``: the source text as the reference says it, and the reference itself);
 any other head gets the items' own source input and target modality.
-
-Mixup (Zhang et al. 2018, mixup: Beyond Empirical Risk Minimization, arXiv:1710.09412), as an
-option of a task whose source is images or audio: each training batch's source inputs are blended
-with the same batch in a shuffled order, x = lam x_i + (1 - lam) x_perm(i), one lam ~ Beta(alpha,
-alpha) per batch as in the paper, and the head's loss is lam times the loss of the item's own
-target plus (1 - lam) times that of its partner's. Written here rather than taken from a library:
-the peers (timm's ``Mixup``) mix one-hot class labels, not a caption's teacher-forced tokens.
 """
 
 from __future__ import annotations
@@ -20,7 +13,6 @@ import dataclasses
 import functools
 import math
 
-import torch
 from torch import Tensor, nn
 
 from polymodal.data.batch import AlignedTargets, Batch
@@ -61,21 +53,13 @@ class GenerationTask(nn.Module):
             generation task has no weights of its own; the assembler checks ``source`` is encoded).
         fraction: the share of a batch's usable items the task trains on (the first ones of the
             shuffled batch): long-target tasks can take fewer items per step.
-        mixup: alpha of the Beta(alpha, alpha) mixing weight of mixup while training (0: none);
-            an image or audio source only, whose inputs are numbers that blend.
     """
 
-    def __init__(
-        self, source: Modality, target: Modality, dim: int, modalities: list[Modality], *, fraction: float = 1.0, mixup: float = 0.0
-    ) -> None:
+    def __init__(self, source: Modality, target: Modality, dim: int, modalities: list[Modality], *, fraction: float = 1.0) -> None:
         super().__init__()
         if not 0.0 < fraction <= 1.0:
             raise ValueError(f"fraction must lie in (0, 1], got {fraction}")
-        if not mixup >= 0.0:
-            raise ValueError(f"mixup must be >= 0 (0: none), got {mixup}")
-        if mixup > 0.0 and source is Modality.TEXT:
-            raise ValueError(f"mixup blends the source inputs, and a {source} source is token ids, which do not blend; mix a task from images or audio")
-        self.source, self.target, self.fraction, self.mixup = source, target, fraction, mixup
+        self.source, self.target, self.fraction = source, target, fraction
 
     def select(self, batch: Batch, *, reads_references: bool) -> TaskBatch | None:
         """The items this task trains on and their inputs, or None when the batch has none."""
@@ -99,19 +83,6 @@ class GenerationTask(nn.Module):
         mask = None if chosen.mask is None else chosen.mask[keep]
         indices = batch.indices[keep] if chosen.own_source and batch.indices is not None else None
         return TaskBatch(keep, chosen.inputs[keep], mask, chosen.target.select(keep), chosen.own_source, indices)
-
-    def mixed(self, chosen: TaskBatch) -> tuple[TaskBatch, Targets, float]:
-        """Mixup of the items ``select`` chose: the blended batch, each item's partner's target and
-        lam, the weight of the item's own. Draws lam and the partners from torch's generators, as
-        dropout does, so a resumed run draws what the uninterrupted one did. The blended batch is
-        no item's own source (``own_source`` False: its states are not the items' to align), and
-        a cached encoder cannot read it (no ``indices``); a mask keeps every frame either item has."""
-        lam = float(torch.distributions.Beta(self.mixup, self.mixup).sample())
-        partners = torch.randperm(chosen.inputs.shape[0], device=chosen.inputs.device)
-        inputs = lam * chosen.inputs + (1.0 - lam) * chosen.inputs[partners]
-        mask = None if chosen.mask is None else chosen.mask | chosen.mask[partners]
-        blended = dataclasses.replace(chosen, inputs=inputs, mask=mask, own_source=False, indices=None)
-        return blended, chosen.target.select(partners), lam
 
 
 for _source, _target in (
